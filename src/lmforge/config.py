@@ -1,0 +1,441 @@
+"""One ``Config`` dataclass that describes every decoder family lmforge builds.
+
+GPT-2 and the Llama family (SmolLM2, Qwen2, Mistral, Llama 3) differ only in a handful of switches: how positions
+are encoded, which norm, which MLP, where biases sit, whether keys/values are shared between heads, and whether
+the output head reuses the embedding. Each switch is a field here, so the model file never forks per family.
+``from_hf`` / ``to_hf`` translate Hugging Face ``config.json`` dictionaries; named presets cover common models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
+
+HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    # Which Hugging Face model_type this maps to; decides the weight names on export.
+    model_type: Literal["gpt2", "llama", "qwen2", "mistral"] = "llama"
+    vocab_size: int = 32000
+    block_size: int = 2048  # context length in tokens
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # < n_head means grouped-query attention; None means n_head
+    n_embd: int = 768
+    head_dim: int | None = None  # None means n_embd // n_head
+    intermediate_size: int | None = None  # None means 4 * n_embd
+    position: Literal["learned", "rope"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF rope_scaling: "linear" or "llama3"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    gated_mlp: bool = True  # SwiGLU-style gate * up -> down (Llama) instead of up -> act -> down (GPT-2)
+    activation: Literal["gelu_tanh", "gelu", "silu", "relu"] = "silu"
+    bias: bool = False  # biases on every linear layer and norm (GPT-2)
+    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
+    tie_embeddings: bool = True
+    sliding_window: int | None = None  # Mistral-style local attention window
+    dropout: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # Task heads and labels added by fine-tuning travel with the config.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise LmforgeError(
+                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
+                    hint="choose sizes where n_embd is a multiple of n_head, or set head_dim explicitly",
+                )
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        if self.n_head % self.n_kv_head:
+            raise LmforgeError(
+                f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}",
+                hint="grouped-query attention needs each key/value head shared by the same number of query heads",
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("linear", "llama3", "default"):
+                raise UnsupportedError(
+                    f"RoPE scaling type {kind!r} is not supported",
+                    hint="supported: linear, llama3 (or no scaling)",
+                )
+            if kind == "default":
+                self.rope_scaling = None
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        if name not in PRESETS:
+            raise LmforgeError(
+                f"unknown model preset {name!r}", hint=f"choose one of: {', '.join(sorted(PRESETS))}"
+            )
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return sorted(PRESETS)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def num_parameters(self) -> int:
+        """Parameter count computed from the shapes, without building the model."""
+        d, hd, layers = self.n_embd, self.head_dim, self.n_layer
+        q, kv = self.n_head * hd, self.n_kv_head * hd
+        attn = d * (q + 2 * kv) + q * d
+        attn += (q + 2 * kv) if (self.bias or self.qkv_bias) else 0
+        attn += d if self.bias else 0
+        mlp_in = (2 if self.gated_mlp else 1) * d * self.intermediate_size
+        mlp = mlp_in + self.intermediate_size * d
+        mlp += (self.intermediate_size + d) if self.bias else 0
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        block = attn + mlp + 2 * norm
+        total = layers * block + self.vocab_size * d + norm
+        total += self.block_size * d if self.position == "learned" else 0
+        total += 0 if self.tie_embeddings else self.vocab_size * d
+        return total
+
+    # ------------------------------------------------------------- HF mapping
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> Config:
+        """Build a Config from a Hugging Face ``config.json`` dictionary."""
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise UnsupportedError(
+                f"unsupported architecture: model_type={model_type!r}",
+                hint=f"lmforge reads model types {', '.join(HF_MODEL_TYPES)}",
+            )
+        name = name or hf.get("_name_or_path") or model_type
+        lmforge_extra = hf.get("lmforge", {})
+        common = dict(
+            name=name,
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            extra=dict(lmforge_extra),
+        )
+        if model_type == "gpt2":
+            if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+                raise UnsupportedError(
+                    "this GPT-2 config scales attention by layer index or reorders it",
+                    hint="only standard GPT-2 attention is supported",
+                )
+            act = hf.get("activation_function", "gelu_new")
+            return cls(
+                **common,
+                block_size=hf.get("n_positions", 1024),
+                n_layer=hf["n_layer"],
+                n_head=hf["n_head"],
+                n_embd=hf["n_embd"],
+                intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+                position="learned",
+                norm="layernorm",
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                gated_mlp=False,
+                activation=_activation_from_hf(act),
+                bias=True,
+                tie_embeddings=hf.get("tie_word_embeddings", True),
+            )
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if hf.get("mlp_bias"):
+            raise UnsupportedError(
+                "MLP biases in a Llama-family config", hint="only bias-free MLPs are supported"
+            )
+        sliding = None
+        if model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window")):
+            sliding = hf.get("sliding_window")
+        return cls(
+            **common,
+            block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            position="rope",
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            gated_mlp=True,
+            activation=_activation_from_hf(hf.get("hidden_act", "silu")),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            tie_embeddings=hf.get("tie_word_embeddings", model_type != "mistral"),
+            sliding_window=sliding,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dictionary for this model."""
+        hf: dict[str, Any] = {
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "tie_word_embeddings": self.tie_embeddings,
+            "torch_dtype": "float32",
+        }
+        if self.model_type == "gpt2":
+            self._check_exportable_as_gpt2()
+            hf.update(
+                architectures=["GPT2LMHeadModel"],
+                n_positions=self.block_size,
+                n_ctx=self.block_size,
+                n_layer=self.n_layer,
+                n_head=self.n_head,
+                n_embd=self.n_embd,
+                n_inner=self.intermediate_size,
+                activation_function=_activation_to_hf(self.activation, gpt2=True),
+                layer_norm_epsilon=self.norm_eps,
+                resid_pdrop=self.dropout,
+                embd_pdrop=self.dropout,
+                attn_pdrop=self.dropout,
+            )
+        else:
+            self._check_exportable_as_llama()
+            arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+            hf.update(
+                architectures=[arch[self.model_type]],
+                max_position_embeddings=self.block_size,
+                num_hidden_layers=self.n_layer,
+                num_attention_heads=self.n_head,
+                num_key_value_heads=self.n_kv_head,
+                hidden_size=self.n_embd,
+                head_dim=self.head_dim,
+                intermediate_size=self.intermediate_size,
+                hidden_act=_activation_to_hf(self.activation, gpt2=False),
+                rms_norm_eps=self.norm_eps,
+                rope_theta=self.rope_theta,
+                rope_scaling=self.rope_scaling,
+                attention_bias=self.qkv_bias,
+                attention_dropout=self.dropout,
+                mlp_bias=False,
+            )
+            if self.model_type == "mistral":
+                hf["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                hf["use_sliding_window"] = self.sliding_window is not None
+                hf["sliding_window"] = self.sliding_window
+        if self.extra:
+            hf["lmforge"] = self.extra
+        return hf
+
+    def _check_exportable_as_gpt2(self) -> None:
+        if not (self.position == "learned" and self.norm == "layernorm" and not self.gated_mlp and self.bias):
+            raise UnsupportedError(
+                f"config {self.name!r} is not GPT-2 shaped but model_type is 'gpt2'",
+                hint="GPT-2 needs learned positions, LayerNorm, a plain MLP and biases",
+            )
+        if self.n_kv_head != self.n_head or self.head_dim * self.n_head != self.n_embd:
+            raise UnsupportedError(
+                "GPT-2 has no grouped-query attention or custom head_dim", hint="use model_type llama"
+            )
+
+    def _check_exportable_as_llama(self) -> None:
+        if not (self.position == "rope" and self.norm == "rmsnorm" and self.gated_mlp and not self.bias):
+            raise UnsupportedError(
+                f"config {self.name!r} is not Llama shaped but model_type is {self.model_type!r}",
+                hint="Llama-family models need RoPE, RMSNorm, a gated MLP and no biases outside q/k/v",
+            )
+
+    # ------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelFormatError(
+                f"{path}: no such file", hint="a model folder needs a config.json"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFormatError(
+                f"{path}: not valid JSON ({e})", hint="fix or re-download config.json"
+            ) from None
+        try:
+            return cls.from_hf(hf, name=path.parent.name)
+        except KeyError as e:
+            raise ModelFormatError(
+                f"{path}: missing key {e}", hint="fix or re-download config.json"
+            ) from None
+
+
+def _activation_from_hf(name: str) -> str:
+    table = {
+        "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_fast": "gelu_tanh",
+        "gelu": "gelu",
+        "silu": "silu",
+        "swish": "silu",
+        "relu": "relu",
+    }
+    if name not in table:
+        raise UnsupportedError(f"unsupported activation {name!r}", hint=f"supported: {', '.join(table)}")
+    return table[name]
+
+
+def _activation_to_hf(name: str, gpt2: bool) -> str:
+    if name == "gelu_tanh":
+        return "gelu_new" if gpt2 else "gelu_pytorch_tanh"
+    return name
+
+
+_GPT2 = dict(
+    model_type="gpt2",
+    vocab_size=50257,
+    block_size=1024,
+    position="learned",
+    norm="layernorm",
+    gated_mlp=False,
+    activation="gelu_tanh",
+    bias=True,
+    tie_embeddings=True,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
+_LLAMA = dict(model_type="llama", position="rope", norm="rmsnorm", gated_mlp=True, activation="silu")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-medium": {**_GPT2, "n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-large": {**_GPT2, "n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "smollm2-135m": {
+        **_LLAMA,
+        "vocab_size": 49152,
+        "block_size": 8192,
+        "n_layer": 30,
+        "n_head": 9,
+        "n_kv_head": 3,
+        "n_embd": 576,
+        "intermediate_size": 1536,
+        "rope_theta": 100000.0,
+        "norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "smollm2-360m": {
+        **_LLAMA,
+        "vocab_size": 49152,
+        "block_size": 8192,
+        "n_layer": 32,
+        "n_head": 15,
+        "n_kv_head": 5,
+        "n_embd": 960,
+        "intermediate_size": 2560,
+        "rope_theta": 100000.0,
+        "norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "qwen2.5-0.5b": {
+        **_LLAMA,
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "block_size": 32768,
+        "n_layer": 24,
+        "n_head": 14,
+        "n_kv_head": 2,
+        "n_embd": 896,
+        "intermediate_size": 4864,
+        "rope_theta": 1000000.0,
+        "norm_eps": 1e-6,
+        "qkv_bias": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    "llama-3.2-1b": {
+        **_LLAMA,
+        "vocab_size": 128256,
+        "block_size": 131072,
+        "n_layer": 16,
+        "n_head": 32,
+        "n_kv_head": 8,
+        "n_embd": 2048,
+        "intermediate_size": 8192,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
+    "mistral-7b": {
+        **_LLAMA,
+        "model_type": "mistral",
+        "vocab_size": 32768,
+        "block_size": 32768,
+        "n_layer": 32,
+        "n_head": 32,
+        "n_kv_head": 8,
+        "n_embd": 4096,
+        "intermediate_size": 14336,
+        "rope_theta": 1000000.0,
+        "tie_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # nanoGPT's "baby shakespeare": a character-level model that trains in minutes on a CPU.
+    "baby-gpt": {**_GPT2, "vocab_size": 65, "block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384},
+    # Tiny shapes for tests and quick experiments.
+    "tiny-gpt2": {**_GPT2, "vocab_size": 512, "block_size": 128, "n_layer": 2, "n_head": 4, "n_embd": 64},
+    "tiny-llama": {
+        **_LLAMA,
+        "vocab_size": 512,
+        "block_size": 128,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "n_embd": 64,
+        "intermediate_size": 160,
+        "tie_embeddings": False,
+    },
+    "tiny-qwen2": {
+        **_LLAMA,
+        "model_type": "qwen2",
+        "vocab_size": 512,
+        "block_size": 128,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 1,
+        "n_embd": 64,
+        "intermediate_size": 160,
+        "qkv_bias": True,
+        "norm_eps": 1e-6,
+    },
+}

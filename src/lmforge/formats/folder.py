@@ -1,0 +1,158 @@
+"""The one model folder format, used for checkpoints, exports and the store.
+
+    config.json              Hugging Face config (model_type gpt2 / llama / qwen2 / mistral)
+    model.safetensors        weights under transformers' names
+    tokenizer.json           Hugging Face tokenizers file
+    tokenizer_config.json    special tokens and chat template
+    generation_config.json   default generation settings (optional)
+    README.md                model card
+
+Writes are atomic: everything goes to a temporary sibling folder, is fsynced, then renamed into place, so a
+crash mid-save leaves the previous folder intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError, ModelFormatError
+from lmforge.formats.hf import StateDict, from_hf_state, read_hf_weights, to_hf_state
+from lmforge.tokenizer import Tokenizer
+
+
+def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_folder)``, then swap the finished folder into ``target`` in one rename.
+
+    If ``write`` fails the target is untouched and the temporary folder removed.
+    """
+    target = Path(target)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(
+            f"cannot create {parent}: {e.strerror}", hint="choose a writable location"
+        ) from None
+    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if target.exists():
+            # A directory cannot be renamed over a non-empty one: move the old aside, then drop it.
+            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+        _fsync(parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LmforgeError(
+            f"could not save to {target}: {e.strerror or e}",
+            hint="check free disk space and write permission",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync(path: Path) -> None:
+    # Directories need fsync too (on Linux) for the rename to survive a power cut.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_model_folder(
+    target: str | Path,
+    config: Config,
+    state: StateDict,
+    tokenizer: Tokenizer,
+    generation_config: dict[str, Any] | None = None,
+    card: str | None = None,
+) -> Path:
+    def write(folder: Path) -> None:
+        weights = {k: v.detach().cpu().contiguous() for k, v in to_hf_state(state, config).items()}
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config.save(folder / "config.json")
+        tokenizer.save(folder)
+        gen = {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            **(generation_config or {}),
+        }
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        (folder / "README.md").write_text(card or model_card(config, tokenizer), encoding="utf-8")
+
+    return atomic_write_folder(target, write)
+
+
+def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer, dict[str, Any]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFormatError(f"{folder}: no such model folder", hint="check the path")
+    config = Config.load(folder / "config.json")
+    state = from_hf_state(read_hf_weights(folder), config)
+    tokenizer = Tokenizer.load(folder)
+    generation: dict[str, Any] = {}
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            generation = json.loads(gen_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ModelFormatError(
+                f"{gen_path}: not valid JSON ({e})", hint="fix or delete the file"
+            ) from None
+    return config, state, tokenizer, generation
+
+
+def model_card(config: Config, tokenizer: Tokenizer) -> str:
+    params = config.num_parameters()
+    lineage = config.extra.get("lineage")
+    lines = [
+        f"# {config.name}",
+        "",
+        "A causal language model saved by [lmforge](https://pypi.org/project/lmforge/).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {config.model_type} |",
+        f"| parameters | {params:,} ({params / 1e6:.1f} M) |",
+        f"| layers / heads / kv heads | {config.n_layer} / {config.n_head} / {config.n_kv_head} |",
+        f"| hidden size | {config.n_embd} |",
+        f"| context length | {config.block_size} |",
+        f"| vocabulary | {tokenizer.vocab_size} |",
+        f"| chat template | {'yes' if tokenizer.chat_template else 'no'} |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from lmforge import LLM",
+        "llm = LLM.load('path/to/this/folder')",
+        "print(llm.generate_text('Hello', max_length=50))",
+        "```",
+        "",
+        "The folder is Hugging Face compatible: `transformers.AutoModelForCausalLM.from_pretrained` loads it.",
+        "",
+    ]
+    if lineage:
+        lines += ["## Lineage", "", "```json", json.dumps(lineage, indent=2, ensure_ascii=False), "```", ""]
+    return "\n".join(lines)

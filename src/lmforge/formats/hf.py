@@ -1,0 +1,165 @@
+"""Hugging Face weights: safetensors files and the weight names transformers uses.
+
+Our model folder stores weights under transformers' names, so the same folder loads in
+``AutoModelForCausalLM.from_pretrained``. The name maps live here, not in the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lmforge.config import Config
+from lmforge.errors import ModelFormatError
+
+StateDict = dict[str, torch.Tensor]
+
+# lmforge name -> transformers name, per layer ({i} is the block index)
+_LLAMA_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.q_proj.bias": "self_attn.q_proj.bias",
+    "attn.k_proj.bias": "self_attn.k_proj.bias",
+    "attn.v_proj.bias": "self_attn.v_proj.bias",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_LLAMA_TOP = {"wte.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+
+# GPT-2 stores linear layers as Conv1D, i.e. transposed, and fuses q/k/v into c_attn.
+_GPT2_LAYER = {
+    "attn_norm.weight": "ln_1.weight",
+    "attn_norm.bias": "ln_1.bias",
+    "attn.o_proj.weight": "attn.c_proj.weight",
+    "attn.o_proj.bias": "attn.c_proj.bias",
+    "mlp_norm.weight": "ln_2.weight",
+    "mlp_norm.bias": "ln_2.bias",
+    "mlp.up_proj.weight": "mlp.c_fc.weight",
+    "mlp.up_proj.bias": "mlp.c_fc.bias",
+    "mlp.down_proj.weight": "mlp.c_proj.weight",
+    "mlp.down_proj.bias": "mlp.c_proj.bias",
+}
+_GPT2_TOP = {
+    "wte.weight": "transformer.wte.weight",
+    "wpe.weight": "transformer.wpe.weight",
+    "norm.weight": "transformer.ln_f.weight",
+    "norm.bias": "transformer.ln_f.bias",
+}
+_LAYER_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def to_hf_state(state: StateDict, config: Config) -> StateDict:
+    """lmforge parameter names and layouts -> transformers' (for saving)."""
+    out: StateDict = {}
+    gpt2 = config.model_type == "gpt2"
+    top, layer_map = (_GPT2_TOP, _GPT2_LAYER) if gpt2 else (_LLAMA_TOP, _LLAMA_LAYER)
+    prefix = "transformer.h" if gpt2 else "model.layers"
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            if not config.tie_embeddings:
+                out["lm_head.weight"] = tensor
+            continue
+        if name in top:
+            out[top[name]] = tensor
+            continue
+        match = _LAYER_KEY.match(name)
+        if match is None:
+            raise KeyError(f"no Hugging Face name for parameter {name!r}")
+        i, rest = match.groups()
+        if gpt2 and rest.startswith("attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            continue  # fused below
+        hf_name = f"{prefix}.{i}.{layer_map[rest]}"
+        out[hf_name] = tensor.t() if gpt2 and tensor.dim() == 2 else tensor
+    if gpt2:
+        for i in range(config.n_layer):
+            parts = [f"blocks.{i}.attn.{p}_proj" for p in ("q", "k", "v")]
+            out[f"{prefix}.{i}.attn.c_attn.weight"] = torch.cat([state[p + ".weight"] for p in parts]).t()
+            out[f"{prefix}.{i}.attn.c_attn.bias"] = torch.cat([state[p + ".bias"] for p in parts])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
+    """transformers' parameter names and layouts -> lmforge's (for loading)."""
+    gpt2 = config.model_type == "gpt2"
+    top, layer_map = (_GPT2_TOP, _GPT2_LAYER) if gpt2 else (_LLAMA_TOP, _LLAMA_LAYER)
+    reverse_top = {v: k for k, v in top.items()}
+    reverse_layer = {v: k for k, v in layer_map.items()}
+    layer_key = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)$")
+    out: StateDict = {}
+    for name, tensor in hf_state.items():
+        if gpt2 and not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # original GPT-2 checkpoints have no "transformer." prefix
+        if name == "lm_head.weight":
+            out["lm_head.weight"] = tensor
+            continue
+        if name in reverse_top:
+            out[reverse_top[name]] = tensor
+            continue
+        match = layer_key.match(name)
+        if match is None:
+            continue  # buffers such as GPT-2's attn.bias causal mask and rotary inv_freq
+        i, rest = match.groups()
+        if gpt2 and rest.startswith("attn.c_attn."):
+            kind = rest.rsplit(".", 1)[1]
+            fused = tensor.t() if kind == "weight" else tensor  # (3C, C) or (3C,)
+            for part, chunk in zip(("q", "k", "v"), fused.chunk(3, dim=0), strict=True):
+                out[f"blocks.{i}.attn.{part}_proj.{kind}"] = chunk.contiguous()
+            continue
+        if rest not in reverse_layer:
+            continue  # GPT-2's attn.bias / attn.masked_bias buffers
+        out[f"blocks.{i}.{reverse_layer[rest]}"] = (
+            tensor.t().contiguous() if gpt2 and tensor.dim() == 2 else tensor
+        )
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def read_safetensors(path: Path) -> StateDict:
+    """Load a safetensors file, turning the library's terse errors into one line naming the file."""
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such file", hint="check the path")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFormatError(
+            f"{path}: not a valid safetensors file ({e})",
+            hint="the file is truncated or corrupt; re-download or re-save it",
+        ) from None
+
+
+def read_hf_weights(folder: Path) -> StateDict:
+    """All tensors of a Hugging Face model folder: one model.safetensors or a sharded index."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelFormatError(
+                f"{index}: not a valid shard index ({e})", hint="re-download the model"
+            ) from None
+        state: StateDict = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_safetensors(folder / shard))
+        return state
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise ModelFormatError(
+            f"{folder}: only pickle weights (*.bin / *.pt) found, which lmforge never loads (unsafe)",
+            hint="convert them to safetensors with transformers (save_pretrained(safe_serialization=True))",
+        )
+    raise ModelFormatError(
+        f"{folder}: no model.safetensors", hint="a model folder needs its safetensors weights"
+    )

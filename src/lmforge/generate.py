@@ -1,0 +1,293 @@
+"""Text generation: sampling, stopping, batched prompts and UTF-8-safe streaming.
+
+``generate_tokens`` is the one decoding loop: it prefills a left-padded batch once, then feeds one token per
+sequence per step through the KV cache. Everything else (batched text, streaming, stop strings) is built on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. ``temperature=0`` is greedy decoding."""
+
+    max_new_tokens: int = 100
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        problems = []
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.min_p is not None and not 0 <= self.min_p < 1:
+            problems.append(f"min_p={self.min_p} must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if problems:
+            raise LmforgeError(
+                "invalid sampling settings: " + "; ".join(problems), hint="fix the values named"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> SamplingParams:
+        """Accept the common spellings users bring from other tools (max_length, max_tokens, stop_strings)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        aliases = {"max_length": "max_new_tokens", "max_tokens": "max_new_tokens", "stop_strings": "stop"}
+        args: dict[str, object] = {}
+        for key, value in kwargs.items():
+            name = aliases.get(key, key)
+            if name not in known:
+                raise LmforgeError(
+                    f"unknown generation option {key!r}",
+                    hint=f"use one of: {', '.join(sorted(known | set(aliases)))}",
+                )
+            if value is not None:
+                args[name] = value
+        return cls(**args)  # type: ignore[arg-type]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+# ------------------------------------------------------------------- sampling
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as transformers applies it): seen tokens' logits shrink towards 'less likely'."""
+    picked = logits.gather(1, seen)  # (B, L)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (B, V) scaled by temperature, with tokens outside top-k / top-p / min-p set to -inf."""
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.min_p is not None and params.min_p > 0:
+        probs = logits.softmax(-1)
+        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the tokens ranked above it already cover top_p; the first token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float(), params).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# -------------------------------------------------------------- decoding loop
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists -> ids (B, T) left-padded and attention mask (B, T), or None when no row needs padding."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, longest - len(prompt) :] = 1
+    if bool(mask.all()):
+        return ids, None
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+) -> Iterator[torch.Tensor]:
+    """Yield one (B,) tensor of next-token ids per step, for a batch of prompts of any lengths.
+
+    The caller decides when a sequence is done (EOS, stop strings) and stops iterating when all are; this loop
+    stops by itself after ``max_new_tokens`` or when the context is full.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LmforgeError(
+            "empty prompt", hint="give at least one token of prompt (or let the tokenizer add BOS)"
+        )
+    context = model.config.block_size
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise LmforgeError(
+            f"prompt of {longest} tokens does not fit the model's context of {context} tokens",
+            hint="shorten the prompt",
+        )
+    steps = min(params.max_new_tokens, context - longest)
+    if steps == 0:
+        return
+    device = model.device
+    ids, mask = left_pad(prompts, pad_id=0)
+    ids = ids.to(device)
+    mask = mask.to(device) if mask is not None else None
+    cache = model.new_cache(len(prompts), longest + steps)
+    generator = None
+    if params.temperature > 0 and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = ids if params.repetition_penalty != 1.0 else None
+    logits, _ = model(ids, attention_mask=mask, cache=cache, last_logits_only=True)
+    for step in range(steps):
+        step_logits = logits[:, -1].float()  # (B, V)
+        if seen is not None:
+            step_logits = apply_repetition_penalty(step_logits, seen, params.repetition_penalty)
+        token = next_tokens(step_logits, params, generator)  # (B,)
+        yield token
+        if step == steps - 1:
+            break
+        if seen is not None:
+            seen = torch.cat([seen, token[:, None]], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        logits, _ = model(token[:, None], attention_mask=mask, cache=cache)
+
+
+# ------------------------------------------------------------ text assembly
+class TextStream:
+    """Turns one sequence's token ids into text pieces that never split a UTF-8 character or a stop string.
+
+    Byte-level tokens can end in the middle of a multi-byte character (Chinese, emoji): such a tail decodes
+    to U+FFFD, so it is held back until the next token completes it. Text that could be the start of a stop
+    string is held back too, until it is clear it is not one.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # everything decodable so far (before any stop string)
+        self.emitted = 0  # how much of self.text has been handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the new text that is safe to show (maybe empty)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # incomplete character: wait for the bytes that complete it
+        self.text = text
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        safe = len(self.text) if self.stopped else len(self.text) - self._held_back()
+        piece = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return piece
+
+    def finish(self) -> str:
+        """Everything not yet handed out (called once the sequence ends)."""
+        if not self.stopped:
+            # A sequence cut off by the length limit can end inside a character: drop that partial tail.
+            self.text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        piece = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+def stream_completions(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_ids: Sequence[int] = (),
+) -> Iterator[tuple[int, str, Completion | None]]:
+    """Yield ``(row, text_piece, completion_or_None)`` as each sequence of the batch grows.
+
+    A row's final event carries its ``Completion``; rows end independently (EOS, stop string, length).
+    """
+    eos = set(eos_ids) if params.stop_on_eos else set()
+    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
+    done = [False] * len(prompts)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for step_tokens in generate_tokens(model, prompts, params):
+        for row, token in enumerate(step_tokens.tolist()):
+            if done[row]:
+                continue
+            if token in eos:
+                done[row] = True
+                yield row, streams[row].finish(), _completion(streams[row], tokens[row], prompts[row], "stop")
+                continue
+            tokens[row].append(token)
+            piece = streams[row].push(token)
+            if streams[row].stopped:
+                done[row] = True
+                yield row, piece, _completion(streams[row], tokens[row], prompts[row], "stop")
+            elif piece:
+                yield row, piece, None
+        if all(done):
+            return
+    for row in range(len(prompts)):
+        if not done[row]:
+            yield row, streams[row].finish(), _completion(streams[row], tokens[row], prompts[row], "length")
+
+
+def _completion(stream: TextStream, tokens: list[int], prompt: Sequence[int], reason: str) -> Completion:
+    return Completion(
+        text=stream.text, token_ids=list(tokens), prompt_tokens=len(prompt), finish_reason=reason
+    )
+
+
+def complete(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_ids: Sequence[int] = (),
+) -> list[Completion]:
+    """Generate for a batch of prompts at once; one Completion per prompt, in order."""
+    results: list[Completion | None] = [None] * len(prompts)
+    for row, _, completion in stream_completions(model, tokenizer, prompts, params, eos_ids):
+        if completion is not None:
+            results[row] = completion
+    return [r for r in results if r is not None]

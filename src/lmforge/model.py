@@ -1,0 +1,325 @@
+"""The decoder-only Transformer, in one file.
+
+Every family (GPT-2, Llama, SmolLM2, Qwen2, Mistral) is this one module tree, switched by ``Config`` fields.
+Shapes in comments use: B batch, T new tokens this call, S all tokens attended to (cache + new), C n_embd,
+H query heads, K key/value heads, D head_dim, V vocab.
+
+Batches of prompts with different lengths are left-padded; ``attention_mask`` (B, S) marks real tokens, and
+positions are counted over real tokens only, so a padded prompt computes exactly what it computes alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import Config
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, masked prompts)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16: the mean of squares loses too much precision otherwise.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings (RoPE), in Hugging Face's rotate-half layout."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        inv_freq = rope_inverse_frequencies(config)  # (D/2,)
+        positions = torch.arange(config.block_size, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)  # (block_size, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (block_size, D)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (B, T) -> cos, sin: (B, 1, T, D), broadcast over heads
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def rope_inverse_frequencies(config: Config) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+    return torch.where(in_band, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); rotate pairs (i, i + D/2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` tokens: each (B, K, max_len, D).
+
+    ``length`` counts the positions filled so far; a forward pass appends its T new positions at
+    ``[length, length + T)`` and the model advances ``length`` once all layers have written.
+    """
+
+    def __init__(
+        self, config: Config, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, K, T, D) -> all keys/values so far: (B, K, S, D)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in ``index`` (in that order), e.g. to drop finished sequences."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
+        # A query with no past (fresh prompt, no padding) can use the fused causal kernel.
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """GPT-2: down(act(up(x))). Llama family (gated): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = (
+            nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias) if config.gated_mlp else None
+        )
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.rope = RotaryEmbedding(config) if config.position == "rope" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if self.wte.weight.device.type != "meta":  # meta-device models are shells that loaders fill in
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream n_layer * 2 times.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, self.device, self.dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with ``last_logits_only``) and the loss.
+
+        ``targets`` (B, T) are the ids each position should predict (already shifted; IGNORE_INDEX skips one).
+        ``attention_mask`` (B, S) is 1 for real tokens and 0 for left padding, covering cached tokens too.
+        """
+        x = self.hidden_states(idx, attention_mask=attention_mask, cache=cache)  # (B, T, C)
+        if last_logits_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) -> final-norm hidden states (B, T, C); what task heads and embeddings build on."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if S > self.config.block_size:
+            raise ValueError(f"sequence of {S} tokens exceeds the context length {self.config.block_size}")
+        if cache is not None and S > cache.max_len:
+            raise ValueError(f"sequence of {S} tokens exceeds the KV cache of {cache.max_len}")
+        positions, mask = self._positions_and_mask(B, T, past, attention_mask, idx.device)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length = S
+        return self.norm(x)
+
+    def _positions_and_mask(
+        self, B: int, T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        S = past + T
+        window = self.config.sliding_window
+        needs_window = window is not None and S > window
+        if attention_mask is None:
+            positions = torch.arange(past, S, device=device).expand(B, T)  # (B, T)
+            if (past == 0 or T == 1) and not needs_window:
+                return positions, None  # plain causal attention: SDPA's is_causal, or one query sees all
+            key_ok = torch.ones(B, S, dtype=torch.bool, device=device)
+        else:
+            key_ok = attention_mask.bool()  # (B, S)
+            # Count positions over real tokens only, so left padding does not shift them.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        query_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+        key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = key_pos <= query_pos  # (T, S) causal
+        if needs_window:
+            allowed = allowed & (query_pos - key_pos < window)
+        mask = allowed[None] & key_ok[:, None, :]  # (B, T, S)
+        # A padding query would see no key at all, and SDPA returns NaN for that row; let it see itself.
+        mask = mask | (key_pos == query_pos)[None]
+        return positions, mask.unsqueeze(1)  # (B, 1, T, S)

@@ -1,0 +1,194 @@
+"""Tokenizer: Hugging Face ``tokenizers`` underneath, chat templates on top.
+
+The files are the standard ones (``tokenizer.json`` + ``tokenizer_config.json``), so a folder written here loads
+in transformers' ``AutoTokenizer`` and vice versa. Chat templates are the model's own Jinja templates, rendered
+the way transformers renders them (sandboxed, trimmed blocks) so prompts match token for token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.errors import LmforgeError, ModelFormatError
+
+Message = dict[str, str]
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
+        model_max_length: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = (
+            bos_token,
+            eos_token,
+            pad_token,
+            unk_token,
+        )
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        # Added tokens flagged special (control tokens) are what decode(skip_special_tokens=True) drops.
+        self.special_ids = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_to_id(self.pad_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------ chat template
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        template = self.chat_template or DEFAULT_CHAT_TEMPLATE
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise LmforgeError(
+                    f"chat message {i} is not a {{'role': ..., 'content': ...}} dict: {m!r}",
+                    hint="pass messages like [{'role': 'user', 'content': 'Hello'}]",
+                )
+        try:
+            return _compile_template(template).render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **extra,
+            )
+        except TemplateError as e:
+            raise LmforgeError(
+                f"the chat template failed: {e}", hint="check the messages' roles and order"
+            ) from None
+
+    # ------------------------------------------------------------------- files
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "clean_up_tokenization_spaces": False,
+            "add_prefix_space": False,
+        }
+        if self.model_max_length:
+            cfg["model_max_length"] = self.model_max_length
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        text = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
+        (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Tokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFormatError(
+                f"{folder}: no tokenizer.json",
+                hint="a model folder needs the tokenizer saved next to the weights",
+            )
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for malformed files
+            raise ModelFormatError(
+                f"{path}: not a valid tokenizer file ({e})", hint="re-save the tokenizer"
+            ) from None
+        cfg: dict[str, Any] = {}
+        cfg_path = folder / "tokenizer_config.json"
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ModelFormatError(f"{cfg_path}: not valid JSON ({e})", hint="fix the file") from None
+        template = cfg.get("chat_template")
+        jinja_file = folder / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        if isinstance(template, list):  # transformers also allows [{"name": "default", "template": ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        max_len = cfg.get("model_max_length")
+        return cls(
+            backend,
+            bos_token=_token_text(cfg.get("bos_token")),
+            eos_token=_token_text(cfg.get("eos_token")),
+            pad_token=_token_text(cfg.get("pad_token")),
+            unk_token=_token_text(cfg.get("unk_token")),
+            chat_template=template,
+            model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None,
+        )
+
+
+# A ChatML template for models that bring none of their own (e.g. ones pretrained here).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _token_text(token: Any) -> str | None:
+    if isinstance(token, dict):  # AddedToken serialised as {"content": ...}
+        return token.get("content")
+    return token
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+_TEMPLATE_CACHE: dict[str, Any] = {}
+
+
+def _compile_template(template: str) -> Any:
+    if template not in _TEMPLATE_CACHE:
+        # Same environment settings as transformers, so a model's template renders identically.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii
+        )
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _TEMPLATE_CACHE[template] = env.from_string(template)
+    return _TEMPLATE_CACHE[template]

@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny byte-level tokenizer, the bundled SmolLM2 GGUF, and transformers as the oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge import LLM, Config, Tokenizer, Transformer
+from lmforge.api import bundled_model_path
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog. 1234567890",
+    "To be, or not to be, that is the question.",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "我们今天去北京吃烤鸭 🦆, then fly home ✈️.",
+    "def hello():\n    return 'world'",
+]
+
+
+def data_lines(relative: str, field: str | None = None, limit: int = 100) -> list[str]:
+    """Up to ``limit`` non-empty lines (or JSONL field values) from ../shared/data."""
+    path = SHARED_DATA / relative
+    out: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            out.append(json.loads(line)[field] if field else line)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def train_tiny_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(SAMPLE_TEXT * 20, trainer=trainer)
+    return Tokenizer(backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Tokenizer:
+    return train_tiny_tokenizer()
+
+
+def tiny_llm(preset: str, tokenizer: Tokenizer, seed: int = 0, **overrides) -> LLM:
+    torch.manual_seed(seed)
+    config = Config.from_name(
+        preset, eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, **overrides
+    )
+    model = Transformer(config)
+    # Random init puts all weights near zero; widen norms so parity tests exercise real numbers.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return LLM(model, tokenizer, source=preset)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path) -> LLM:
+    return LLM.load(smollm2_gguf, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf: Path):
+    """transformers' own GGUF loader: the reference SmolLM2 (dequantized to fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer

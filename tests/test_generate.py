@@ -1,0 +1,158 @@
+"""Sampling against transformers' logits processors; streaming, stop strings, batching and the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from lmforge import LmforgeError, SamplingParams
+from lmforge.generate import TextStream, apply_repetition_penalty, complete, filter_logits, generate_tokens
+
+from .conftest import tiny_llm
+
+
+def _hf_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    ids = torch.zeros((logits.shape[0], 1), dtype=torch.long)
+    out = TemperatureLogitsWarper(params.temperature)(ids, logits)
+    if params.top_k is not None:
+        out = TopKLogitsWarper(params.top_k)(ids, out)
+    if params.min_p is not None:
+        out = MinPLogitsWarper(params.min_p)(ids, out)
+    if params.top_p is not None:
+        out = TopPLogitsWarper(params.top_p)(ids, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature=0.7, top_k=20),
+        dict(temperature=1.0, top_p=0.9),
+        dict(temperature=1.3, min_p=0.05),
+        dict(temperature=0.8, top_k=50, top_p=0.5),
+    ],
+)
+def test_filters_keep_the_same_tokens_as_transformers(options):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000) * 3
+    params = SamplingParams(**options)
+    ours, theirs = filter_logits(logits, params), _hf_filter(logits, params)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = ~torch.isinf(ours)
+    assert torch.allclose(ours[kept], theirs[kept])
+
+
+def test_repetition_penalty_matches_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 100)
+    seen = torch.randint(0, 100, (2, 15))
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), theirs)
+
+
+def test_invalid_sampling_settings_name_the_problem():
+    with pytest.raises(LmforgeError, match="top_p=1.5"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(LmforgeError, match="unknown generation option 'topk'"):
+        SamplingParams.from_kwargs(topk=3)
+
+
+def test_seed_makes_sampling_reproducible(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    a = llm.generate_text("hello", max_length=20, temperature=1.0, seed=7)
+    b = llm.generate_text("hello", max_length=20, temperature=1.0, seed=7)
+    c = llm.generate_text("hello", max_length=20, temperature=1.0, seed=8)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_is_greedy(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    greedy = llm.generate_text("床前明月光", max_length=15)
+    assert llm.generate_text("床前明月光", max_length=15, temperature=1.0, top_k=1, seed=3) == greedy
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "tiny-qwen2"])
+def test_batched_left_padded_equals_one_at_a_time(preset, tiny_tokenizer):
+    llm = tiny_llm(preset, tiny_tokenizer)
+    prompts = ["The quick brown fox", "床前明月光，疑是地上霜。举头", "a", "def hello():\n    return"]
+    batched = llm.complete(prompts, max_new_tokens=16, stop_on_eos=False)
+    for prompt, result in zip(prompts, batched, strict=True):
+        alone = llm.complete([prompt], max_new_tokens=16, stop_on_eos=False)[0]
+        assert result.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-qwen2"])
+def test_cached_generation_equals_full_recompute(preset, tiny_tokenizer):
+    llm = tiny_llm(preset, tiny_tokenizer)
+    prompt = tiny_tokenizer.encode("To be, or not to be")
+    params = SamplingParams(max_new_tokens=20)
+    cached = [int(t) for t in generate_tokens(llm.model, [prompt], params)]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _ = llm.model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    assert cached == ids[len(prompt) :]
+
+
+def test_context_limit_stops_generation(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    prompt = (tiny_tokenizer.encode("hello world " * 60) * 2)[:120]
+    assert len(prompt) == 120
+    result = complete(
+        llm.model, tiny_tokenizer, [prompt], SamplingParams(max_new_tokens=50, stop_on_eos=False)
+    )[0]
+    assert len(result.token_ids) == llm.config.block_size - 120
+    assert result.finish_reason == "length"
+    with pytest.raises(LmforgeError, match="does not fit the model's context of 128 tokens"):
+        complete(llm.model, tiny_tokenizer, [[1] * 128], SamplingParams(max_new_tokens=5))
+
+
+@pytest.mark.parametrize(
+    "text", ["😀🦆 emoji ✈️ end", "中文流式输出，不能有乱码。", "mixed 混合 text 🙂 文本"]
+)
+def test_stream_never_splits_a_character(text, tiny_tokenizer):
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    # Multi-byte characters really are split across tokens in this byte-level vocabulary.
+    assert any("\ufffd" in tiny_tokenizer.decode([i]) for i in ids)
+    stream = TextStream(tiny_tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+def test_stream_drops_partial_character_at_length_cut(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("好😀", add_special_tokens=False)
+    stream = TextStream(tiny_tokenizer)
+    pieces = [stream.push(i) for i in ids[:-1]] + [stream.finish()]
+    assert "".join(pieces) == "好"
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected"),
+    [
+        ("Hello world. END and more", ["END"], "Hello world. "),
+        ("第一句。\n\n第二句。", ["\n\n"], "第一句。"),
+        ("no stop here", ["STOP"], "no stop here"),
+        ("abcSTOsTOP", ["STOP", "sT"], "abcSTO"),
+    ],
+)
+def test_stop_strings_cut_and_are_never_shown(text, stop, expected, tiny_tokenizer):
+    stream = TextStream(tiny_tokenizer, stop)
+    pieces = []
+    for i in tiny_tokenizer.encode(text, add_special_tokens=False):
+        pieces.append(stream.push(i))
+        if stream.stopped:
+            break
+    if not stream.stopped:
+        pieces.append(stream.finish())
+    assert "".join(pieces) == expected
+    assert stream.text == expected

@@ -1,0 +1,93 @@
+"""The Transformer against transformers' implementations of GPT-2, Llama and Qwen2 (fp32, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmforge import Config, Transformer
+from lmforge.model import IGNORE_INDEX
+
+from .conftest import tiny_llm
+
+
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama", "tiny-qwen2"])
+def pair(request, tiny_tokenizer, tmp_path_factory):
+    """(lmforge LLM, transformers model) with the same random weights, via our model folder."""
+    llm = tiny_llm(request.param, tiny_tokenizer)
+    folder = llm.save(tmp_path_factory.mktemp(request.param) / "model")
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    return llm, hf
+
+
+def test_logits_match_transformers(pair):
+    llm, hf = pair
+    torch.manual_seed(1)
+    ids = torch.randint(0, llm.config.vocab_size, (3, 40))
+    with torch.no_grad():
+        ours, _ = llm.model(ids)
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_loss_matches_transformers(pair):
+    llm, hf = pair
+    ids = torch.randint(0, llm.config.vocab_size, (2, 33))
+    with torch.no_grad():
+        _, ours = llm.model(ids[:, :-1], targets=ids[:, 1:])
+        theirs = hf(ids, labels=ids).loss
+    assert abs(ours.item() - theirs.item()) <= 1e-5
+
+
+def test_padded_batch_matches_transformers(pair):
+    llm, hf = pair
+    ids = torch.randint(0, llm.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # row 0 is left-padded
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours, _ = llm.model(ids, attention_mask=mask)
+        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_equals_full_forward(pair):
+    llm, _ = pair
+    model = llm.model
+    ids = torch.randint(0, llm.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = model.new_cache(2, 20)
+        first, _ = model(ids[:, :8], cache=cache)
+        steps = [model(ids[:, t : t + 1], cache=cache)[0] for t in range(8, 20)]
+    incremental = torch.cat([first, *steps], dim=1)
+    assert (incremental - full).abs().max().item() <= 1e-5
+
+
+def test_ignore_index_skips_positions(tiny_tokenizer):
+    model = Transformer(Config.from_name("tiny-llama"))
+    ids = torch.randint(0, 512, (1, 10))
+    targets = ids.clone()
+    targets[0, :5] = IGNORE_INDEX
+    logits, loss = model(ids, targets=targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, 5:], ids[0, 5:])
+    assert torch.allclose(loss, expected)
+
+
+def test_config_hf_round_trip():
+    for name in Config.presets():
+        config = Config.from_name(name)
+        back = Config.from_hf(config.to_hf(), name=name)
+        assert back == config, name
+
+
+def test_parameter_count_formula_matches_model():
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "baby-gpt"]:
+        config = Config.from_name(name)
+        assert Transformer(config).num_parameters() == config.num_parameters(), name
+
+
+def test_smollm2_preset_parameter_count():
+    assert 134e6 < Config.from_name("smollm2-135m").num_parameters() < 136e6
