@@ -196,18 +196,21 @@ class LLM:
         Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = [c.text for c in self.complete(prompts, max_new_tokens=max_length, **options)]
+        options.setdefault("max_new_tokens", max_length)
+        texts = [c.text for c in self.complete(prompts, **options)]
         return texts[0] if isinstance(prompt, str) else texts
 
     def chat(self, messages: Sequence[Message] | str, max_length: int = 256, **options: Any) -> str:
         """Answer a conversation (rendered with the model's own chat template)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self.complete([messages], max_new_tokens=max_length, **options)[0].text
+        options.setdefault("max_new_tokens", max_length)
+        return self.complete([messages], **options)[0].text
 
     def stream(self, prompt: str | Sequence[Message], max_length: int = 256, **options: Any) -> Iterator[str]:
         """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
-        params = self.sampling(max_new_tokens=max_length, **options)
+        options.setdefault("max_new_tokens", max_length)
+        params = self.sampling(**options)
         ids = [self._prompt_ids(prompt)]
         for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
             if piece:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingParams
 
 EXIT_USER_ERROR = 2
 
@@ -39,7 +40,8 @@ def _add_model(parser: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, object]:
-    return dict(
+    """Sampling options from the flags, checked before any model is loaded."""
+    options: dict[str, object] = dict(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -49,6 +51,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
         seed=args.seed,
         stop=args.stop,
     )
+    SamplingParams.from_kwargs(**options)
+    return options
 
 
 def _load(args: argparse.Namespace):
@@ -76,16 +80,18 @@ def _collect(stream: Iterator[str], into: list[str]) -> Iterator[str]:
 
 # ---------------------------------------------------------------- commands
 def cmd_generate(args: argparse.Namespace) -> None:
+    options = _sampling(args)
     llm = _load(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat:
-        _print_stream(llm.stream([{"role": "user", "content": prompt}], **_sampling(args)))
+        _print_stream(llm.stream([{"role": "user", "content": prompt}], **options))
     else:
         sys.stdout.write(prompt)
-        _print_stream(llm.stream(prompt, **_sampling(args)))
+        _print_stream(llm.stream(prompt, **options))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    options = _sampling(args)
     llm = _load(args)
     messages: list[dict[str, str]] = []
     if args.system:
@@ -100,7 +106,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         messages.append({"role": "user", "content": line})
         pieces: list[str] = []
-        _print_stream(_collect(llm.stream(messages, **_sampling(args)), pieces))
+        _print_stream(_collect(llm.stream(messages, **options), pieces))
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
 

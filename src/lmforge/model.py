@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
 
@@ -216,6 +217,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.gradient_checkpointing = False  # recompute block activations in backward to save memory
         if self.wte.weight.device.type != "meta":  # meta-device models are shells that loaders fill in
             self.reset_parameters()
 
@@ -294,7 +296,10 @@ class Transformer(nn.Module):
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, mask, cache)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
         if cache is not None:
             cache.length = S
         return self.norm(x)

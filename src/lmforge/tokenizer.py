@@ -3,21 +3,28 @@
 The files are the standard ones (``tokenizer.json`` + ``tokenizer_config.json``), so a folder written here loads
 in transformers' ``AutoTokenizer`` and vice versa. Chat templates are the model's own Jinja templates, rendered
 the way transformers renders them (sandboxed, trimmed blocks) so prompts match token for token.
+
+``train_tokenizer`` makes a new one for pretraining: byte-level BPE (any string round-trips) or, for tiny
+nanoGPT-style experiments, one token per character.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import LmforgeError, ModelFormatError
+
+if TYPE_CHECKING:
+    from lmforge.data.text import Inputs
 
 Message = dict[str, str]
 
@@ -192,3 +199,122 @@ def _compile_template(template: str) -> Any:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _TEMPLATE_CACHE[template] = env.from_string(template)
     return _TEMPLATE_CACHE[template]
+
+
+# ------------------------------------------------------------------ training
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Qwen2's pre-tokenizer split: GPT-4/Llama-3's pattern but one digit per piece, which small vocabularies
+# need to learn arithmetic at all. Runs of letters stay together and \p{L} includes CJK ideographs, so BPE can
+# learn multi-character Chinese words instead of stopping at single characters or bytes.
+PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+CHAR_UNK_TOKEN = "<|unk|>"
+
+
+def train_tokenizer(
+    files: Inputs,
+    vocab_size: int | None = None,
+    *,
+    kind: Literal["bpe", "char"] = "bpe",
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    split_paragraphs: bool = False,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train a tokenizer for pretraining on a corpus.
+
+    ``files`` is read exactly as :func:`lmforge.data.prepare_corpus` reads it (one place decides what a
+    document is): a path, folder or glob, or a list of them, for ``.txt`` and ``.jsonl`` files (the
+    ``text_field`` of each line); any other iterable (e.g. ``iter(texts)``) yields the texts themselves.
+
+    ``kind="bpe"`` is byte-level BPE: all 256 bytes are in the vocabulary, so every string (any script, emoji,
+    control characters) encodes and decodes back exactly, and there is no unknown token. ``kind="char"`` makes
+    one token per distinct character of the corpus plus the special tokens and ``<|unk|>`` (for characters
+    the corpus lacks); ``vocab_size`` is then optional, an upper bound.
+
+    The first special token ``<|endoftext|>`` (else the first given) is eos, bos and pad: it is what
+    ``prepare_corpus`` puts between documents, so a model trained on the shards starts and ends texts with it.
+    """
+    # Imported here, not at the top: lmforge.data imports this module.
+    from lmforge.data.text import text_pieces
+
+    specials = list(dict.fromkeys(special_tokens))
+    if not specials:
+        raise LmforgeError(
+            "special_tokens is empty",
+            hint="pretraining needs an end-of-text token between documents, e.g. special_tokens=['<|endoftext|>']",
+        )
+    if kind not in ("bpe", "char"):
+        raise LmforgeError(f"unknown tokenizer kind {kind!r}", hint="use kind='bpe' or kind='char'")
+    eos = "<|endoftext|>" if "<|endoftext|>" in specials else specials[0]
+    seen_chars = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal seen_chars
+        for piece, _ in text_pieces(files, text_field=text_field, split_paragraphs=split_paragraphs):
+            seen_chars += len(piece)
+            yield piece
+
+    def check_not_empty() -> None:
+        if not seen_chars:
+            raise LmforgeError(
+                "the corpus has no text to train a tokenizer on",
+                hint=f"check that the files are not empty (for .jsonl, that {text_field!r} is the text field)",
+            )
+
+    unk = None
+    if kind == "char":
+        unk = CHAR_UNK_TOKEN
+        if unk not in specials:
+            specials.append(unk)
+        alphabet: set[str] = set()
+        for text in texts():
+            alphabet.update(text)
+        check_not_empty()
+        chars = sorted(alphabet.difference(specials))
+        if vocab_size is not None and len(specials) + len(chars) > vocab_size:
+            raise LmforgeError(
+                f"vocab_size {vocab_size} is smaller than the alphabet: the corpus has {len(chars)} distinct "
+                f"characters + {len(specials)} special tokens",
+                hint=f"use vocab_size >= {len(specials) + len(chars)}, or leave it out for kind='char'",
+            )
+        vocab = {tok: i for i, tok in enumerate(specials + chars)}
+        # A BPE model without merges is a plain character lookup that still saves as a standard tokenizer.json
+        # (transformers loads it); unlike WordLevel it needs no pre-tokenizer to cut text into characters.
+        backend = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+        backend.add_special_tokens(specials)
+        backend.decoder = decoders.Fuse()
+    else:
+        if vocab_size is None:
+            raise LmforgeError("vocab_size is required for kind='bpe'", hint="e.g. vocab_size=32000")
+        alphabet_size = 256 + len(specials)
+        if vocab_size < alphabet_size:
+            raise LmforgeError(
+                f"vocab_size {vocab_size} is smaller than the alphabet: 256 bytes + {len(specials)} special "
+                f"tokens = {alphabet_size}",
+                hint=f"use vocab_size >= {alphabet_size}; below 65536 keeps token shards at 2 bytes a token",
+            )
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+                # use_regex=False: the split above replaces GPT-2's English-centric one.
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        backend.train_from_iterator(texts(), trainer=trainer)
+        check_not_empty()
+    return Tokenizer(backend, bos_token=eos, eos_token=eos, pad_token=eos, unk_token=unk)

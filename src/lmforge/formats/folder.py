@@ -81,6 +81,28 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
+def write_model_files(
+    folder: Path,
+    config: Config,
+    state: StateDict,
+    tokenizer: Tokenizer,
+    generation_config: dict[str, Any] | None = None,
+    card: str | None = None,
+) -> None:
+    """Write the model-folder files into ``folder`` (not atomic by itself: see ``save_model_folder``)."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in to_hf_state(state, config).items()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save(folder / "config.json")
+    tokenizer.save(folder)
+    gen = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        **(generation_config or {}),
+    }
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(card or model_card(config, tokenizer), encoding="utf-8")
+
+
 def save_model_folder(
     target: str | Path,
     config: Config,
@@ -89,20 +111,10 @@ def save_model_folder(
     generation_config: dict[str, Any] | None = None,
     card: str | None = None,
 ) -> Path:
-    def write(folder: Path) -> None:
-        weights = {k: v.detach().cpu().contiguous() for k, v in to_hf_state(state, config).items()}
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        config.save(folder / "config.json")
-        tokenizer.save(folder)
-        gen = {
-            "bos_token_id": config.bos_token_id,
-            "eos_token_id": config.eos_token_id,
-            **(generation_config or {}),
-        }
-        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        (folder / "README.md").write_text(card or model_card(config, tokenizer), encoding="utf-8")
-
-    return atomic_write_folder(target, write)
+    """Write a model folder atomically: a failed save leaves any previous folder at ``target`` intact."""
+    return atomic_write_folder(
+        target, lambda tmp: write_model_files(tmp, config, state, tokenizer, generation_config, card)
+    )
 
 
 def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer, dict[str, Any]]:

@@ -1,0 +1,19 @@
+"""Data for training: token shards for pretraining (``text``)."""
+
+from lmforge.data.text import (
+    TokenShards,
+    expand_inputs,
+    iter_documents,
+    prepare_corpus,
+    text_pieces,
+    tokenizer_sha256,
+)
+
+__all__ = [
+    "TokenShards",
+    "expand_inputs",
+    "iter_documents",
+    "prepare_corpus",
+    "text_pieces",
+    "tokenizer_sha256",
+]

@@ -1,0 +1,136 @@
+"""Training checkpoints: a model folder plus the trainer's state, safetensors + JSON, never pickle.
+
+    run/checkpoints/step-000200/   config.json, model.safetensors, tokenizer.json, ... (a loadable model folder)
+                                   optimizer.safetensors   AdamW moments, keyed by parameter name
+                                   trainer_state.json      step, best val loss, RNG states, optimizer settings
+    run/checkpoints/best/          the same for the best validation loss so far
+
+Each checkpoint folder appears by one atomic rename of a finished temporary folder, so a folder named
+``step-N`` is always complete: the newest one is where ``--resume`` continues, and a crash during a write
+(even SIGKILL) leaves only a ``.step-N.tmp-*`` folder that resume removes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.formats.folder import atomic_write_folder, write_model_files
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def flatten_optimizer_state(optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A full optimizer state dict (keyed by parameter name) -> flat tensors ``name::key`` + param groups."""
+    tensors = {
+        f"{name}::{key}": torch.as_tensor(value).detach().cpu().contiguous()
+        for name, state in optimizer_state["state"].items()
+        for key, value in state.items()
+    }
+    return tensors, optimizer_state["param_groups"]
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("::", 1)
+        state.setdefault(name, {})[key] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    config: Any,
+    tokenizer: Any,
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+) -> Path:
+    rng = rng_state()
+    tensors, groups = flatten_optimizer_state(optimizer_state)
+
+    def write(tmp: Path) -> None:
+        write_model_files(tmp, config, model_state, tokenizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng_state.safetensors"))
+        state = {**trainer_state, "optimizer_param_groups": groups}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
+
+    return atomic_write_folder(folder, write)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints, oldest first."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Drop temporary folders left by a save that was killed midway."""
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name.startswith(".") and (".tmp-" in child.name or ".old-" in child.name):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    for _, path in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(trainer_state, optimizer state dict, rng state) of a checkpoint folder, with a clear error if damaged."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        optim = unflatten_optimizer_state(
+            load_file(str(folder / "optimizer.safetensors")), state["optimizer_param_groups"]
+        )
+        rng = load_file(str(folder / "rng_state.safetensors"))
+    except Exception as e:  # missing files, bad JSON, damaged safetensors: all mean the same to the user
+        raise LmforgeError(
+            f"checkpoint {folder} is damaged ({type(e).__name__}: {e})".replace("\n", " "),
+            hint=f"delete {folder} to resume from the checkpoint before it",
+        ) from None
+    return state, optim, rng

@@ -1,0 +1,446 @@
+"""The one training loop. Pretraining and every fine-tune are a ``Trainer`` with a different ``Task``.
+
+A ``Task`` says how a batch is drawn (deterministically from the step number, so resume needs no data
+state) and how a batch becomes a loss. Which parameters train is decided before the Trainer sees the model
+(``requires_grad``: all, the last blocks, or LoRA adapters). Everything else exists once, here: AdamW with
+sensible weight-decay groups, warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast,
+``torch.compile``, activation checkpointing, DDP/FSDP, evaluation, samples, checkpoints with exact resume,
+CSV/TensorBoard/PNG metrics and a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from tqdm.auto import tqdm
+
+from lmforge.errors import LmforgeError
+from lmforge.formats.folder import load_model_folder, save_model_folder
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import checkpoint, distributed
+from lmforge.train.metrics import MetricsLogger, perplexity
+from lmforge.train.schedule import Decay, learning_rate
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/lmforge"
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    block_size: int | None = None  # None: the model's context length
+    lr: float = 6e-4
+    min_lr: float | None = None  # None: lr / 10
+    warmup_steps: int = 100
+    decay: Decay = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 1337
+    eval_every: int = 100  # 0 disables evaluation
+    eval_batches: int = 20
+    sample_prompt: str = ""
+    sample_tokens: int = 64
+    save_every: int | None = None  # None: at every evaluation
+    keep_last: int = 2
+    log_every: int = 1
+    fsdp: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if self.precision not in ("fp32", "bf16"):
+            problems.append(f"precision={self.precision!r} must be fp32 or bf16")
+        if self.decay not in ("cosine", "linear", "constant"):
+            problems.append(f"decay={self.decay!r} must be cosine, linear or constant")
+        if problems:
+            raise LmforgeError(
+                "invalid training settings: " + "; ".join(problems), hint="fix the values named"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise LmforgeError(
+                f"unknown training settings: {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+class Task(Protocol):
+    """How batches are drawn and turned into a loss. Pretraining and each fine-tuning task implement this."""
+
+    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
+        """Micro-batch number ``index`` for process ``rank`` (a pure function of its arguments)."""
+        ...
+
+    def val_batches(self, count: int) -> Iterable[Batch]: ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the task trains on, for lineage records."""
+        ...
+
+
+class LanguageModelingTask:
+    """Next-token prediction on prepared token shards (random windows, nanoGPT style)."""
+
+    def __init__(self, shards: Any, micro_batch_size: int, block_size: int, seed: int = 1337) -> None:
+        self.shards, self.micro_batch_size, self.block_size, self.seed = (
+            shards,
+            micro_batch_size,
+            block_size,
+            seed,
+        )
+
+    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
+        # Draw the global batch and take this rank's rows: N processes see exactly what one process would.
+        b = self.micro_batch_size
+        x, y = self.shards.batch("train", b * world_size, self.block_size, self.seed, index)
+        return {"input_ids": x[rank * b : (rank + 1) * b], "targets": y[rank * b : (rank + 1) * b]}
+
+    def val_batches(self, count: int) -> Iterable[Batch]:
+        for i in range(count):
+            x, y = self.shards.batch("val", self.micro_batch_size, self.block_size, self.seed + 1, i)
+            yield {"input_ids": x, "targets": y}
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["input_ids"], targets=batch["targets"])[1]
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.shards.meta
+        return {
+            "task": "language-modeling",
+            "data": str(self.shards.folder),
+            "data_tokens": meta.get("tokens"),
+            "tokenizer_sha256": meta.get("tokenizer_sha256"),
+        }
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    best_val_loss: float | None
+    seconds: float
+    model_dir: Path
+    losses: list[float] = field(default_factory=list)  # per step, for this process's run only
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices of linear layers; never norms, biases or embeddings (GPT-2/nanoGPT practice)."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        is_embedding = name.split(".")[-2] in ("wte", "wpe") if "." in name else False
+        (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    groups = [g for g in optimizer_groups(model, config.weight_decay) if g["params"]]
+    if not groups:
+        raise LmforgeError("no trainable parameters", hint="unfreeze some layers or add LoRA adapters")
+    # The fused kernel (one pass over all parameters) is available on CPU and CUDA in current torch.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        task: Task,
+        config: TrainConfig,
+        lineage: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.lineage = lineage or {}
+        self.run_dir = Path(config.out_dir)
+        self._check_fit()
+
+    def _check_fit(self) -> None:
+        model_config = self.model.config
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise LmforgeError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
+                f"{model_config.vocab_size}",
+                hint=f"build the model with vocab_size >= {self.tokenizer.vocab_size} (or use its own tokenizer)",
+            )
+        block = self.config.block_size or model_config.block_size
+        if block > model_config.block_size:
+            raise LmforgeError(
+                f"block_size {block} is longer than the model's context of {model_config.block_size} tokens",
+                hint=f"use block_size <= {model_config.block_size}",
+            )
+
+    # ----------------------------------------------------------------- running
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        info = distributed.setup(cfg.device)
+        try:
+            return self._fit(info, resume)
+        finally:
+            distributed.cleanup(info)
+
+    def _fit(self, info: distributed.DistInfo, resume: bool) -> TrainResult:
+        cfg, model = self.config, self.model
+        model.to(info.device)
+        model.gradient_checkpointing = cfg.activation_checkpointing
+        optimizer = make_optimizer(model, cfg, info.device)
+        start_step, best = 0, None
+        if resume:
+            start_step, best = self._resume(model, optimizer)
+        elif checkpoint.checkpoints(self.run_dir) and info.is_main:
+            raise LmforgeError(
+                f"{self.run_dir} already holds checkpoints",
+                hint="pass --resume to continue that run, or choose another --out directory",
+            )
+        wrapped = distributed.wrap(model, info, cfg.fsdp)
+        forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+        metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * info.world_size * self._block_size()
+        save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=start_step,
+            disable=not (cfg.progress and info.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        losses: list[float] = []
+        train_loss = val_loss = float("nan")
+        started = time.perf_counter()
+        model.train()
+        for step in range(start_step, cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = self._set_lr(optimizer, step)
+            train_loss = self._train_step(forward_model, wrapped, optimizer, step, info)
+            losses.append(train_loss)
+            if not math.isfinite(train_loss):
+                raise LmforgeError(
+                    f"the loss became {train_loss} at step {step + 1}",
+                    hint="lower the learning rate, or use fp32 / gradient clipping",
+                )
+            done = step + 1
+            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+            evaluate = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps)
+            val = self._evaluate(forward_model, info) if evaluate else None
+            if val is not None:
+                val_loss = val
+                if best is None or val < best:
+                    best = val
+                    self._save(model, optimizer, done, best, info, name="best", val_loss=val)
+                self._sample(model, metrics, done, info)
+            if done % cfg.log_every == 0 or val is not None:
+                metrics.log(
+                    done,
+                    loss=train_loss,
+                    lr=lr,
+                    tokens_per_s=tokens_per_s,
+                    val_loss=val,
+                    val_ppl=perplexity(val) if val is not None else None,
+                    elapsed_s=round(time.perf_counter() - started, 3),
+                )
+            if save_every and done % save_every == 0 and done != cfg.max_steps:
+                self._save(model, optimizer, done, best, info)
+            if val is not None:
+                metrics.plot()
+            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(1)
+        bar.close()
+        self._save(model, optimizer, cfg.max_steps, best, info)
+        model_dir = self.run_dir / "model"
+        if info.is_main:
+            state = self._full_model_state(model, optimizer)
+            model.config.extra["lineage"] = {**self.lineage, **self.task.describe(), "steps": cfg.max_steps}
+            save_model_folder(model_dir, model.config, state, self.tokenizer)
+            metrics.plot()
+        metrics.close()
+        distributed.barrier(info)
+        return TrainResult(
+            steps=cfg.max_steps,
+            train_loss=train_loss,
+            val_loss=None if math.isnan(val_loss) else val_loss,
+            best_val_loss=best,
+            seconds=time.perf_counter() - started,
+            model_dir=model_dir,
+            losses=losses,
+        )
+
+    def _block_size(self) -> int:
+        return self.config.block_size or self.model.config.block_size
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        cfg = self.config
+        lr = learning_rate(
+            step,
+            lr=cfg.lr,
+            min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
+            warmup=cfg.warmup_steps,
+            total=cfg.max_steps,
+            decay=cfg.decay,
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _train_step(
+        self,
+        forward_model: nn.Module,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        info: distributed.DistInfo,
+    ) -> float:
+        cfg = self.config
+        total = torch.zeros((), device=info.device)
+        for micro in range(cfg.grad_accum):
+            batch = self.task.train_batch(step * cfg.grad_accum + micro, info.rank, info.world_size)
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            last = micro == cfg.grad_accum - 1
+            # Gradients are averaged across processes only once per step, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or not info.distributed else wrapped.no_sync()
+            with sync, self._autocast(info.device):
+                loss = self.task.loss(forward_model, batch) / cfg.grad_accum
+                loss.backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            if isinstance(wrapped, nn.Module) and hasattr(wrapped, "clip_grad_norm_"):
+                wrapped.clip_grad_norm_(cfg.grad_clip)  # FSDP clips over all shards
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return distributed.mean_across(total, info)
+
+    @torch.no_grad()
+    def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> float:
+        self.model.eval()
+        losses = []
+        for batch in self.task.val_batches(self.config.eval_batches):
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            with self._autocast(info.device):
+                losses.append(self.task.loss(forward_model, batch).float())
+        self.model.train()
+        return float(torch.stack(losses).mean())
+
+    def _sample(
+        self, model: Transformer, metrics: MetricsLogger, step: int, info: distributed.DistInfo
+    ) -> None:
+        if not self.config.sample_prompt or not info.is_main or self.config.fsdp:
+            return
+        from lmforge.generate import SamplingParams, complete
+
+        model.eval()
+        prompt = self.tokenizer.encode(self.config.sample_prompt) or [self.tokenizer.eos_id or 0]
+        # A private generator: sampling must not move the global RNG, or resumed runs would diverge.
+        params = SamplingParams(
+            max_new_tokens=self.config.sample_tokens, temperature=0.8, top_k=50, seed=step
+        )
+        text = complete(model, self.tokenizer, [prompt], params, [])[0].text
+        model.train()
+        metrics.text("sample", self.config.sample_prompt + text, step)
+        tqdm.write(f"[step {step}] {self.config.sample_prompt}{text}")
+
+    # ------------------------------------------------------------- checkpoints
+    def _full_model_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, torch.Tensor]:
+        state, _ = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    def _save(
+        self,
+        model: Transformer,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        best: float | None,
+        info: distributed.DistInfo,
+        name: str | None = None,
+        val_loss: float | None = None,
+    ) -> None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        if info.is_main:
+            folder = self.run_dir / "checkpoints" / (name or f"step-{step:06d}")
+            trainer_state = {
+                "step": step,
+                "best_val_loss": best,
+                "val_loss": val_loss,
+                "train_config": dataclasses.asdict(self.config),
+                "world_size": info.world_size,
+            }
+            checkpoint.save_checkpoint(
+                folder,
+                model_state=model_state,
+                config=model.config,
+                tokenizer=self.tokenizer,
+                optimizer_state=optim_state,
+                trainer_state=trainer_state,
+            )
+            if name is None:
+                checkpoint.prune(self.run_dir, self.config.keep_last)
+        distributed.barrier(info)
+
+    def _resume(self, model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[int, float | None]:
+        checkpoint.remove_partial(self.run_dir)
+        found = checkpoint.checkpoints(self.run_dir)
+        if not found:
+            raise LmforgeError(
+                f"nothing to resume in {self.run_dir}: no checkpoints", hint="start without --resume"
+            )
+        step, folder = found[-1]
+        trainer_state, optim_state, rng = checkpoint.read_checkpoint(folder)
+        try:
+            _, model_state, _, _ = load_model_folder(folder)
+        except LmforgeError as e:
+            raise LmforgeError(
+                f"checkpoint {folder} is damaged ({e.message})",
+                hint=f"delete {folder} to resume from an earlier one",
+            ) from None
+        if model.config.tie_embeddings:
+            model_state["lm_head.weight"] = model_state["wte.weight"]
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
+        )
+        checkpoint.set_rng_state(rng)
+        return int(trainer_state["step"]), trainer_state.get("best_val_loss")
