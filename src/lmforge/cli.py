@@ -6,9 +6,11 @@ User mistakes (``LmforgeError``) print one line, ``error: what is wrong — how 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
@@ -123,6 +125,117 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(max_tokens=args.max_tokens)
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(
+        args.files,
+        args.vocab_size,
+        kind=args.kind,
+        text_field=args.text_field,
+        split_paragraphs=args.split_paragraphs,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    print(f"saved a {args.kind} tokenizer with {tokenizer.vocab_size} tokens to {out / 'tokenizer.json'}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data.text import prepare_corpus
+
+    tokenizer = _tokenizer_from(args.tokenizer)
+    meta = prepare_corpus(
+        args.inputs,
+        tokenizer,
+        args.out,
+        text_field=args.text_field,
+        split_paragraphs=args.split_paragraphs,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    tokens = meta["tokens"]
+    print(
+        f"wrote {args.out}: train {tokens['train']:,} tokens, val {tokens['val']:,} tokens ({meta['dtype']})"
+    )
+
+
+def _tokenizer_from(source: str):
+    """A tokenizer from a folder, a tokenizer.json file, or any model lmforge can load."""
+    from lmforge.tokenizer import Tokenizer
+
+    path = Path(source)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return Tokenizer.load(path)
+    if path.name == "tokenizer.json" and path.is_file():
+        return Tokenizer.load(path.parent)
+    from lmforge.api import LLM
+
+    return LLM.load(source).tokenizer
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmforge.recipes.pretrain import load_recipe, pretrain
+    from lmforge.train import TrainConfig
+
+    recipe = load_recipe(args.config) if args.config else {}
+    train = dict(recipe.get("train") or {})
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train.update({k: v for k, v in vars(args).items() if k in train_fields and v is not None})
+    model_config = dict(recipe.get("model_config") or {})
+    model_config.update({k: v for k, v in vars(args).items() if k in _MODEL_FIELDS and v is not None})
+    data = args.data or recipe.get("data")
+    if not data:
+        raise LmforgeError(
+            "no training data given", hint="pass --data FOLDER (made by `lmforge data prepare`)"
+        )
+    result = pretrain(
+        data,
+        model=args.model or recipe.get("model"),
+        model_config=model_config,
+        init=args.init or recipe.get("init"),
+        tokenizer=args.tokenizer or recipe.get("tokenizer"),
+        train=train,
+        resume=args.resume or bool(recipe.get("resume")),
+    )
+    if result.model_dir.exists():
+        print(
+            f"done: {result.steps} steps in {result.seconds / 60:.1f} min, train loss {result.train_loss:.4f}",
+            end="",
+        )
+        print(f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+        print(f"model: {result.model_dir}   loss curve: {result.model_dir.parent / 'loss.png'}")
+
+
+_MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
+
+
+def _presets() -> list[str]:
+    from lmforge.config import Config
+
+    return Config.presets()
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--max-steps``, ``--lr``...), so the CLI never lags the Python API."""
+    from lmforge.train import TrainConfig
+
+    group = parser.add_argument_group("training (override the YAML file's train: section)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name in ("block_size", "save_every"):
+                kind = int
+            if f.name == "min_lr":
+                kind = float
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,6 +256,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, parameters, dtype, context and chat template of a model")
     _add_model(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tok_sub.add_parser("train", help="train a byte-level BPE (or character) tokenizer on text files")
+    t.add_argument("files", nargs="+", help=".txt / .jsonl files, folders or globs")
+    t.add_argument("--vocab-size", type=int, help="number of tokens (required for bpe)")
+    t.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    t.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    t.add_argument("--split-paragraphs", action="store_true", help="treat blank-line paragraphs as documents")
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="prepare training data")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    d = data_sub.add_parser("prepare", help="tokenize a corpus into train/val token shards")
+    d.add_argument("inputs", nargs="+", help=".txt / .jsonl files, folders or globs")
+    d.add_argument("--tokenizer", required=True, help="tokenizer folder / tokenizer.json / model")
+    d.add_argument("--out", required=True, help="output folder for the shards and meta.json")
+    d.add_argument("--text-field", default="text")
+    d.add_argument("--split-paragraphs", action="store_true")
+    d.add_argument("--val-fraction", type=float, default=0.005)
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a model on prepared token shards")
+    p.add_argument("--config", help="YAML file with model / data / train settings (flags override it)")
+    p.add_argument("--data", help="token shard folder from `lmforge data prepare`")
+    p.add_argument(
+        "--model", help=f"model preset, e.g. baby-gpt, tiny-llama, gpt2 ({len(_presets())} presets)"
+    )
+    p.add_argument("--init", help="continue pretraining this model (folder, .gguf or hub id)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the data)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint"
+    )
+    model_group = p.add_argument_group("model sizes (override the preset)")
+    for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+        model_group.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    model_group.add_argument("--dropout", type=float)
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("quickstart", help="a tour: load the default model and answer in English and Chinese")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -53,7 +53,9 @@ def wrap(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(model, device_id=info.device if info.device.type == "cuda" else None)
+        # device_id also on CPU (FSDP refuses a CPU module without it); use_orig_params so the optimizer,
+        # built on the model's own parameters (with weight-decay groups), is the one that trains them.
+        return FullyShardedDataParallel(model, device_id=info.device, use_orig_params=True)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)

@@ -219,14 +219,15 @@ class Trainer:
         model.gradient_checkpointing = cfg.activation_checkpointing
         optimizer = make_optimizer(model, cfg, info.device)
         start_step, best = 0, None
-        if resume:
-            start_step, best = self._resume(model, optimizer)
-        elif checkpoint.checkpoints(self.run_dir) and info.is_main:
+        if not resume and checkpoint.checkpoints(self.run_dir) and info.is_main:
             raise LmforgeError(
                 f"{self.run_dir} already holds checkpoints",
                 hint="pass --resume to continue that run, or choose another --out directory",
             )
         wrapped = distributed.wrap(model, info, cfg.fsdp)
+        # State dicts go through the wrapper: under FSDP only it knows how to gather and shard them.
+        if resume:
+            start_step, best = self._resume(wrapped, optimizer)
         forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
         tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * info.world_size * self._block_size()
@@ -260,7 +261,7 @@ class Trainer:
                 val_loss = val
                 if best is None or val < best:
                     best = val
-                    self._save(model, optimizer, done, best, info, name="best", val_loss=val)
+                    self._save(wrapped, optimizer, done, best, info, name="best", val_loss=val)
                 self._sample(model, metrics, done, info)
             if done % cfg.log_every == 0 or val is not None:
                 metrics.log(
@@ -273,16 +274,16 @@ class Trainer:
                     elapsed_s=round(time.perf_counter() - started, 3),
                 )
             if save_every and done % save_every == 0 and done != cfg.max_steps:
-                self._save(model, optimizer, done, best, info)
+                self._save(wrapped, optimizer, done, best, info)
             if val is not None:
                 metrics.plot()
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
         bar.close()
-        self._save(model, optimizer, cfg.max_steps, best, info)
+        self._save(wrapped, optimizer, cfg.max_steps, best, info)
         model_dir = self.run_dir / "model"
+        state = self._full_model_state(wrapped, optimizer)  # collective under FSDP: every rank calls it
         if info.is_main:
-            state = self._full_model_state(model, optimizer)
             model.config.extra["lineage"] = {**self.lineage, **self.task.describe(), "steps": cfg.max_steps}
             save_model_folder(model_dir, model.config, state, self.tokenizer)
             metrics.plot()
@@ -379,17 +380,20 @@ class Trainer:
         tqdm.write(f"[step {step}] {self.config.sample_prompt}{text}")
 
     # ------------------------------------------------------------- checkpoints
+    def _state_options(self) -> StateDictOptions:
+        # Full (unsharded) tensors. Offload only from an accelerator: FSDP's gather with offload on a CPU
+        # model (rank0_only) segfaults in torch 2.x, and the tensors are in CPU memory already.
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.model.device.type != "cpu")
+
     def _full_model_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, torch.Tensor]:
-        state, _ = get_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        state, _ = get_state_dict(model, optimizer, options=self._state_options())
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def _save(
         self,
-        model: Transformer,
+        model: nn.Module,
         optimizer: torch.optim.Optimizer,
         step: int,
         best: float | None,
@@ -397,8 +401,7 @@ class Trainer:
         name: str | None = None,
         val_loss: float | None = None,
     ) -> None:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        model_state, optim_state = get_state_dict(model, optimizer, options=self._state_options())
         if info.is_main:
             folder = self.run_dir / "checkpoints" / (name or f"step-{step:06d}")
             trainer_state = {
@@ -411,7 +414,7 @@ class Trainer:
             checkpoint.save_checkpoint(
                 folder,
                 model_state=model_state,
-                config=model.config,
+                config=self.model.config,
                 tokenizer=self.tokenizer,
                 optimizer_state=optim_state,
                 trainer_state=trainer_state,
@@ -420,7 +423,7 @@ class Trainer:
                 checkpoint.prune(self.run_dir, self.config.keep_last)
         distributed.barrier(info)
 
-    def _resume(self, model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[int, float | None]:
+    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float | None]:
         checkpoint.remove_partial(self.run_dir)
         found = checkpoint.checkpoints(self.run_dir)
         if not found:
@@ -436,7 +439,7 @@ class Trainer:
                 f"checkpoint {folder} is damaged ({e.message})",
                 hint=f"delete {folder} to resume from an earlier one",
             ) from None
-        if model.config.tie_embeddings:
+        if self.model.config.tie_embeddings:
             model_state["lm_head.weight"] = model_state["wte.weight"]
         options = StateDictOptions(full_state_dict=True)
         set_state_dict(

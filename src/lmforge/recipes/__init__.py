@@ -1,0 +1,1 @@
+"""Recipes: settings in, components wired together, results out. No training logic lives here."""

@@ -1,0 +1,77 @@
+"""The pretraining path as a user drives it: tokenizer train -> data prepare -> pretrain -> generate, zh and en."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lmforge import LLM
+from lmforge.cli import main
+
+from .conftest import SHARED_DATA
+from .test_errors import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def songci(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "songci.txt"
+    text = (SHARED_DATA / "text" / "songci.txt").read_text(encoding="utf-8")[:60_000]
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_chinese_bpe_pretraining_end_to_end(songci, tmp_path, capsys):
+    tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    assert main(["tokenizer", "train", str(songci), "--vocab-size", "800", "--out", str(tok)]) == 0
+    args = ["data", "prepare", str(songci), "--tokenizer", str(tok), "--out", str(data), "--split-paragraphs"]
+    assert main([*args, "--val-fraction", "0.05"]) == 0
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "model: tiny-gpt2\n"
+        "model_config: {n_layer: 2, n_embd: 64, n_head: 4, block_size: 64}\n"
+        f"data: {data}\n"
+        "train: {max_steps: 30, micro_batch_size: 8, lr: 0.003, warmup_steps: 3, eval_every: 15,"
+        " eval_batches: 2, sample_prompt: '东风', progress: false}\n",
+        encoding="utf-8",
+    )
+    assert main(["pretrain", "--config", str(yaml_file), "--out-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "done: 30 steps" in out
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    val = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert len(rows) == 30 and val[-1] < val[0]
+    llm = LLM.load(run / "model")
+    lineage = json.loads((run / "model" / "config.json").read_text())["lmforge"]["lineage"]
+    assert lineage["recipe"] == "pretrain" and lineage["task"] == "language-modeling"
+    # 30 steps teach little, but the model already writes mostly Chinese characters.
+    text = llm.generate_text("东风", max_length=30, temperature=0.8, seed=1)
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in text) >= 5
+
+
+def test_continue_pretraining_smollm2_on_chinese_poetry(songci, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["data", "prepare", str(songci), "--tokenizer", "default", "--out", str(data)]) == 0
+    args = ["pretrain", "--init", "default", "--data", str(data), "--out-dir", str(run), "--max-steps", "2"]
+    args += ["--micro-batch-size", "2", "--block-size", "32", "--eval-every", "2", "--eval-batches", "1"]
+    assert main([*args, "--lr", "1e-5", "--warmup-steps", "0", "--no-progress"]) == 0
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30
+    assert config["lmforge"]["lineage"]["parent"].endswith(".gguf")
+    assert LLM.load(run / "model").tokenizer.vocab_size == 49152
+
+
+def test_pretrain_bad_input_is_one_line(tmp_path, songci):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(
+        run_cli("tokenizer", "train", str(empty), "--vocab-size", "300", "--out", str(tmp_path))
+    )
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: {max_steps: [1,\n")
+    assert_one_line_error(run_cli("pretrain", "--config", str(bad_yaml)), "not valid YAML")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train: {max_stepz: 3}\n")
+    assert_one_line_error(run_cli("pretrain", "--config", str(unknown), "--data", str(tmp_path)), "max_stepz")
