@@ -35,7 +35,9 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_lmforge(llm: LLM, prompt_ids: list[int], long_ids: torch.Tensor, repeats: int) -> tuple[float, float]:
+def bench_lmforge(
+    llm: LLM, prompt_ids: list[int], long_ids: torch.Tensor, repeats: int
+) -> tuple[float, float]:
     params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
 
     def decode() -> None:
@@ -88,12 +90,18 @@ def main() -> None:
     ours16 = LLM.load(path, dtype="bfloat16", device="cpu")
     rows.append(("lmforge", "bf16", *bench_lmforge(ours16, prompt_ids, long_ids, args.repeats)))
     del ours16
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     rows.append(("transformers", "fp32", *bench_hf(hf, prompt_ids, long_ids, args.repeats)))
 
     hf_decode = rows[-1][2]
-    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, torch {torch.__version__}, medians of {args.repeats}")
-    print(f"| engine | weights | decode tok/s (batch 1, {NEW_TOKENS} new) | prefill {PREFILL_TOKENS} tok/s | decode vs HF fp32 |")
+    print(
+        f"\nSmolLM2-135M-Instruct, {args.threads} threads, torch {torch.__version__}, medians of {args.repeats}"
+    )
+    print(
+        f"| engine | weights | decode tok/s (batch 1, {NEW_TOKENS} new) | prefill {PREFILL_TOKENS} tok/s | decode vs HF fp32 |"
+    )
     print("|---|---|---:|---:|---:|")
     for engine, dtype, decode, prefill in rows:
         print(f"| {engine} | {dtype} | {decode:.1f} | {prefill:.0f} | {decode / hf_decode:.2f}x |")

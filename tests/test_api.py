@@ -82,7 +82,12 @@ def test_generate_text_list_and_chat_string(smollm2):
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "lmforge", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,7 +53,7 @@ DATA_SEED = 7
 #   WRITES_LOG=p        append every folder this process saves to p.format(rank=RANK)
 #   LOSSES_OUT=p        write TrainResult.losses as JSON to p.format(rank=RANK)
 #   NO_PLOT=1           skip drawing loss.png (matplotlib costs seconds per process; tested on its own below)
-CHILD = '''
+CHILD = """
 import json, os, sys, time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def build(shards_dir, settings):
     from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 
     settings = dict(settings)
-    preset, dropout = settings.pop("preset"), settings.pop("dropout", 0.0)
+    preset, dropout, seed = settings.pop("preset"), settings.pop("dropout", 0.0), settings.pop("data_seed")
     shards = TokenShards(shards_dir)
     tok = shards.tokenizer()
     torch.manual_seed(0)
@@ -75,7 +76,7 @@ def build(shards_dir, settings):
     )
     model = Transformer(config)
     train = TrainConfig(**settings)
-    task = LanguageModelingTask(shards, train.micro_batch_size, train.block_size, seed=%(data_seed)d)
+    task = LanguageModelingTask(shards, train.micro_batch_size, train.block_size, seed=seed)
     return Trainer(model, tok, task, train)
 
 
@@ -100,7 +101,7 @@ def main(argv):
 
         LanguageModelingTask.train_batch = slow_draw
     if os.environ.get("HANG_AT_SAVE"):
-        prefix, write = ".step-%%06d.tmp-" %% int(os.environ["HANG_AT_SAVE"]), ckpt.write_model_files
+        prefix, write = f".step-{int(os.environ['HANG_AT_SAVE']):06d}.tmp-", ckpt.write_model_files
 
         def hanging_write(folder, *args, **kwargs):
             write(folder, *args, **kwargs)
@@ -128,12 +129,13 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-''' % {"data_seed": DATA_SEED}
+"""
 
 # The run that gets killed and resumed: dropout (so the RNG state matters), gradient accumulation, warmup +
 # cosine, clipping, evaluation, samples (which must not move the global RNG), and frequent checkpoints.
 RESUME_SETTINGS = dict(
     preset="tiny-gpt2",
+    data_seed=DATA_SEED,
     dropout=0.1,
     max_steps=24,
     micro_batch_size=4,
@@ -203,9 +205,11 @@ def child_env(**extra: str) -> dict[str, str]:
 def start_child(
     child: Path, shards_dir: Path, settings: dict, log: Path, resume: bool = False, **env: str
 ) -> subprocess.Popen:
-    args = [sys.executable, str(child), str(shards_dir), json.dumps(settings)] + (["--resume"] if resume else [])
-    out = log.open("ab")
-    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=child_env(**env))
+    args = [sys.executable, str(child), str(shards_dir), json.dumps(settings)] + (
+        ["--resume"] if resume else []
+    )
+    with log.open("ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=child_env(**env))
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -255,12 +259,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def kill_when(condition, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` as soon as ``condition()`` holds (polled every few milliseconds)."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, "the run ended before the kill:\n" + log.read_text(errors="replace")[-3000:]
-        assert time.monotonic() < deadline, "timed out waiting for the run"
-        time.sleep(0.005)
+    try:
+        while not condition():
+            ended = proc.poll() is not None
+            assert not ended, "the run ended before the kill:\n" + log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for the run"
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 # ------------------------------------------------------------------ 1. loss parity with transformers
@@ -277,7 +287,7 @@ def test_losses_match_transformers_with_plain_adamw(
     hf = hf_class.from_pretrained(tmp_path / "init", torch_dtype=torch.float32)
     assert hf.dtype == torch.float32
 
-    task = LanguageModelingTask(TokenShards(shards.folder), 4, BLOCK, seed=DATA_SEED)
+    task = LanguageModelingTask(shards, 4, BLOCK, seed=DATA_SEED)
     config = TrainConfig(
         out_dir=str(tmp_path / "run"),
         max_steps=steps,
@@ -296,7 +306,9 @@ def test_losses_match_transformers_with_plain_adamw(
     ours = Trainer(model, tok, task, config).fit().losses
 
     hf.train()  # no dropout: the configs carry dropout 0
-    optimizer = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(config.beta1, config.beta2), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        hf.parameters(), lr=lr, betas=(config.beta1, config.beta2), weight_decay=0.0
+    )
     reference = []
     for step in range(steps):
         batch = task.train_batch(step, 0, 1)
@@ -339,11 +351,10 @@ def test_resume_after_sigkill_mid_run_is_exact(
 ) -> None:
     settings = {**RESUME_SETTINGS, "out_dir": str(tmp_path / "run")}
     run, log = tmp_path / "run", tmp_path / "log.txt"
-    kill_after = random.Random(20240611).randint(settings["save_every"] + 1, settings["max_steps"] - 6)
-    proc = start_child(child, shards_dir, settings, log, THROTTLE="0.03")
-    wait_for(lambda: len(csv_rows(run)) >= kill_after, proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # A step after the first checkpoint, and far enough from the end that the kill lands before it.
+    kill_after = random.Random(20240611).randint(settings["save_every"] + 1, settings["max_steps"] - 8)
+    proc = start_child(child, shards_dir, settings, log, THROTTLE="0.04")
+    kill_when(lambda: len(csv_rows(run)) >= kill_after, proc, log)
     logged = len(csv_rows(run))
     assert kill_after <= logged < settings["max_steps"]
     saved = checkpoint.checkpoints(run)
@@ -361,9 +372,7 @@ def test_resume_after_sigkill_during_checkpoint_write_is_exact(
     every = settings["save_every"]
     step = random.Random(20240612).choice(range(2 * every, settings["max_steps"], every))
     proc = start_child(child, shards_dir, settings, log, HANG_AT_SAVE=str(step))
-    wait_for(lambda: (run / "HANGING").exists(), proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when((run / "HANGING").exists, proc, log)
 
     folder = run / "checkpoints"
     partial = list(folder.glob(f".step-{step:06d}.tmp-*"))
@@ -379,6 +388,7 @@ def test_resume_after_sigkill_during_checkpoint_write_is_exact(
 # ------------------------------------------------------------------ 3. DDP and FSDP against one process
 DDP_SETTINGS = dict(
     preset="tiny-gpt2",
+    data_seed=DATA_SEED,
     max_steps=10,
     grad_accum=2,
     block_size=BLOCK,
@@ -462,8 +472,11 @@ def test_metrics_csv_tensorboard_and_png(shards: TokenShards, tok: Tokenizer, tm
     assert all(float(r["lr"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
     val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
     assert sorted(val) == [4, 8] and val[8] == result.val_loss
-    assert all(math.isclose(float(r["val_ppl"]), math.exp(float(r["val_loss"])), rel_tol=1e-9)
-               for r in rows if r["val_loss"])
+    assert all(
+        math.isclose(float(r["val_ppl"]), math.exp(float(r["val_loss"])), rel_tol=1e-9)
+        for r in rows
+        if r["val_loss"]
+    )
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
@@ -524,11 +537,10 @@ def test_resume_from_damaged_checkpoint_names_it(
     assert_checkpoint_loads(previous, 2)
 
     # Doing what the hint says works: the run continues from the checkpoint before.
-    import shutil
-
     shutil.rmtree(newest)
     result = quick_trainer(tmp_path, shards, tok, max_steps=6).fit(resume=True)
-    assert len(result.losses) == 4 and [r["step"] for r in csv_rows(tmp_path)] == [str(s) for s in range(1, 7)]
+    assert len(result.losses) == 4
+    assert [r["step"] for r in csv_rows(tmp_path)] == [str(s) for s in range(1, 7)]
 
 
 def test_resume_without_checkpoints(shards: TokenShards, tok: Tokenizer, tmp_path: Path) -> None:
@@ -538,7 +550,9 @@ def test_resume_without_checkpoints(shards: TokenShards, tok: Tokenizer, tmp_pat
     assert "without --resume" in (err.value.hint or "")
 
 
-def test_new_run_refuses_a_folder_with_checkpoints(shards: TokenShards, tok: Tokenizer, tmp_path: Path) -> None:
+def test_new_run_refuses_a_folder_with_checkpoints(
+    shards: TokenShards, tok: Tokenizer, tmp_path: Path
+) -> None:
     quick_trainer(tmp_path, shards, tok, max_steps=2).fit()
     before = (tmp_path / "metrics.csv").read_bytes()
     with pytest.raises(LmforgeError) as err:
@@ -585,6 +599,7 @@ def test_learning_rate_schedule() -> None:
     assert lr(10) == pytest.approx(1e-3)
     # Cosine: halfway between peak and floor at the midpoint, the floor at the end, monotone in between.
     assert lr(60) == pytest.approx(5.5e-4)
+    assert lr(109) == pytest.approx(1e-4, rel=1e-2)  # the last step of 110: just above the floor
     assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
     decayed = [lr(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decayed, decayed[1:], strict=False))

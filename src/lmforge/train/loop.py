@@ -445,5 +445,5 @@ class Trainer:
         set_state_dict(
             model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
         )
-        pass  # MUTANT
+        checkpoint.set_rng_state(rng)
         return int(trainer_state["step"]), trainer_state.get("best_val_loss")
