@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmforge.config import Config
-from lmforge.errors import ModelFormatError
+from lmforge.errors import ModelFormatError, UnsupportedError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -163,3 +163,26 @@ def read_hf_weights(folder: Path) -> StateDict:
     raise ModelFormatError(
         f"{folder}: no model.safetensors", hint="a model folder needs its safetensors weights"
     )
+
+
+def hf_module_name(name: str, config: Config) -> str:
+    """Our module name (``blocks.3.attn.q_proj``) -> transformers' (``model.layers.3.self_attn.q_proj``)."""
+    match = _LAYER_KEY.match(name)
+    if config.model_type == "gpt2" or match is None:
+        raise UnsupportedError(
+            f"no transformers module for {name!r} in a {config.model_type} model",
+            hint="PEFT-layout adapters are written for Llama-family models (llama, qwen2, mistral)",
+        )
+    i, rest = match.groups()
+    return f"model.layers.{i}.{_LLAMA_LAYER[rest + '.weight'].removesuffix('.weight')}"
+
+
+def lmforge_module_name(hf_name: str, config: Config) -> str:
+    """transformers' module name -> ours (the inverse of ``hf_module_name``)."""
+    reverse = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in _LLAMA_LAYER.items()}
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
+    if config.model_type == "gpt2" or match is None or match.group(2) not in reverse:
+        raise UnsupportedError(
+            f"unknown transformers module {hf_name!r}", hint="use an adapter for this model type"
+        )
+    return f"blocks.{match.group(1)}.{reverse[match.group(2)]}"

@@ -1,0 +1,187 @@
+"""LoRA: low-rank adapters that wrap the model's existing ``nn.Linear`` layers (no copy of the model code).
+
+    y = base(x) + (alpha / r) * B(A(dropout(x)))      A: (r, in) random,  B: (out, r) zeros
+
+Adapters save in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` under transformers'
+module names), so ``peft.PeftModel.from_pretrained`` loads them onto the transformers model, and ``merge_lora``
+folds them into the weights for plain inference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.formats.folder import atomic_write_folder
+from lmforge.formats.hf import hf_module_name, lmforge_module_name
+from lmforge.model import Transformer
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(LINEAR_NAMES))
+        if unknown or not self.targets:
+            raise LmforgeError(
+                f"LoRA targets {unknown or self.targets} are not linear layers of the model",
+                hint=f"choose among {', '.join(LINEAR_NAMES)} (or 'all-linear')",
+            )
+        if self.rank < 1:
+            raise LmforgeError(f"LoRA rank {self.rank} must be >= 1", hint="typical ranks are 4 to 64")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        # PEFT's initialisation: A like a default nn.Linear, B zero, so training starts from the base model.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(base.weight.dtype)
+        self.lora_B.to(base.weight.dtype)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the adapter folded into its weight."""
+        with torch.no_grad():
+            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+            self.base.weight += delta.to(self.base.weight.dtype)
+        return self.base
+
+
+def _targets(model: Transformer, targets: Sequence[str]) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute, full name) of every linear layer to wrap."""
+    found = []
+    for name, module in model.named_modules():
+        for attr in targets:
+            child = getattr(module, attr, None)
+            if isinstance(child, nn.Linear) and name.startswith("blocks."):
+                found.append((module, attr, f"{name}.{attr}"))
+    return found
+
+
+def inject_lora(model: Transformer, config: LoRAConfig, trainable: Sequence[str] = ()) -> list[str]:
+    """Wrap the target layers with adapters; freeze everything except the adapters and ``trainable`` prefixes.
+
+    Returns the wrapped layers' names.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for parent, attr, name in _targets(model, config.targets):
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), config.rank, config.alpha, config.dropout))
+        names.append(name)
+    for name, p in model.named_parameters():
+        if ".lora_" in name or any(name.startswith(prefix) for prefix in trainable):
+            p.requires_grad_(True)
+    model.config.extra["lora"] = asdict(config)
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into its base weight and unwrap it: a plain model, same outputs, no extra cost."""
+    for name, layer in lora_layers(model).items():
+        parent_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), attr, layer.merged())
+    model.config.extra.pop("lora", None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def save_adapter(model: Transformer, folder: str | Path, base_model: str = "") -> Path:
+    """Write the adapters in PEFT's layout (transformers' module names, ``base_model.model.`` prefix)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LmforgeError(
+            "the model has no LoRA adapters to save", hint="fine-tune with --method lora first"
+        )
+    config = LoRAConfig(**model.config.extra["lora"])
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        hf_name = hf_module_name(name, model.config)
+        tensors[f"base_model.model.{hf_name}.lora_A.weight"] = (
+            layer.lora_A.weight.detach().float().cpu().contiguous()
+        )
+        tensors[f"base_model.model.{hf_name}.lora_B.weight"] = (
+            layer.lora_B.weight.detach().float().cpu().contiguous()
+        )
+    peft_config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(config.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+
+    return atomic_write_folder(folder, write)
+
+
+def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
+    """Attach a PEFT-layout LoRA adapter (ours or one trained with PEFT) to ``model``."""
+    folder = Path(folder)
+    try:
+        peft_config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(
+            f"{folder}: not a LoRA adapter folder ({e})", hint="point to adapter_config.json's folder"
+        ) from None
+    if peft_config.get("peft_type") != "LORA":
+        raise LmforgeError(
+            f"{folder}: adapter type {peft_config.get('peft_type')!r}", hint="only LoRA adapters load"
+        )
+    targets = peft_config["target_modules"]
+    targets = list(LINEAR_NAMES) if targets == "all-linear" else list(targets)
+    config = LoRAConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"], dropout=0.0, targets=targets)
+    inject_lora(model, config)
+    layers = lora_layers(model)
+    for key, value in tensors.items():
+        hf_name, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        layer = layers.get(lmforge_module_name(hf_name, model.config))
+        if layer is None:
+            raise LmforgeError(
+                f"{folder}: adapter weight {key} fits no layer of this model", hint="use its base model"
+            )
+        target = layer.lora_A if part.startswith("A") else layer.lora_B
+        with torch.no_grad():
+            target.weight.copy_(value)
+    return model
