@@ -14,11 +14,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, ModelFormatError
-from lmforge.formats.folder import load_model_folder, save_model_folder
+from lmforge.formats.folder import atomic_write_folder, load_model_folder
 from lmforge.formats.gguf import GGUFFile
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
 from lmforge.model import Transformer
@@ -125,7 +126,14 @@ class LLM:
             return cls._from_gguf(path, torch_dtype, torch_device)
         config, state, tokenizer, generation = load_model_folder(path)
         source = str(name_or_path) if kind == "hub" else str(path)
-        return cls._build(config, state, tokenizer, generation, source, torch_dtype, torch_device)
+        config.extra.pop("lora", None)  # re-created below from the adapter files, if there are any
+        llm = cls._build(config, state, tokenizer, generation, source, torch_dtype, torch_device)
+        if (path / "adapter_config.json").is_file():
+            from lmforge.lora import load_adapter
+
+            load_adapter(llm.model, path)
+            llm.model.to(device=torch_device, dtype=torch_dtype)
+        return llm
 
     @classmethod
     def _from_gguf(cls, path: Path, dtype: torch.dtype, device: torch.device) -> LLM:
@@ -162,9 +170,19 @@ class LLM:
         return cls(Transformer(config), tokenizer, source=config.name)
 
     def save(self, path: str | Path, card: str | None = None) -> Path:
-        """Write the model folder (atomically: a failed save leaves any previous folder intact)."""
+        """Write the model folder (atomically: a failed save leaves any previous folder intact).
+
+        A model with LoRA adapters keeps them separate, in PEFT's files inside the folder.
+        """
+        from lmforge.lora import write_model_files_with_adapters
+
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
-        return save_model_folder(path, self.config, state, self.tokenizer, self.generation_config, card)
+        return atomic_write_folder(
+            path,
+            lambda tmp: write_model_files_with_adapters(
+                tmp, self.config, state, self.tokenizer, self.generation_config, card
+            ),
+        )
 
     # --------------------------------------------------------------- generation
     def sampling(self, **options: Any) -> SamplingParams:
@@ -215,6 +233,40 @@ class LLM:
         for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
             if piece:
                 yield piece
+
+    # -------------------------------------------------------------------- tasks
+    def classify_text(
+        self,
+        text: str | Sequence[str],
+        labels: Sequence[str] | None = None,
+        examples: Sequence[tuple[str, str]] = (),
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """``{"label": ..., "probabilities": {label: p}}`` per text: a fine-tuned head, or zero/few-shot labels."""
+        from lmforge.tasks import classify
+
+        results = classify(self, [text] if isinstance(text, str) else list(text), labels, examples)
+        return results[0] if isinstance(text, str) else results
+
+    def summarize(
+        self, text: str, max_length: int = 80, examples: Sequence[tuple[str, str]] = (), **options: Any
+    ) -> str:
+        """A short summary (Chinese text gets a Chinese prompt); long text is chunked and merged, with a warning."""
+        from lmforge.tasks import summarize
+
+        return summarize(self, text, max_length, examples, **options)
+
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Mean-pooled, L2-normalised embeddings: (n_embd,) for one text, (N, n_embd) for a list."""
+        from lmforge.tasks import embed
+
+        vectors = embed(self, [texts] if isinstance(texts, str) else list(texts))
+        return vectors[0] if isinstance(texts, str) else vectors
+
+    def similarity(self, a: str, b: str) -> float:
+        """Cosine similarity of two texts' embeddings."""
+        from lmforge.tasks import similarity
+
+        return similarity(self, a, b)
 
     def __repr__(self) -> str:
         c = self.config

@@ -47,7 +47,10 @@ class Config:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    # Task heads and labels added by fine-tuning travel with the config.
+    # A classification head ("score", on the last real token) exists when labels are set; regression: one score.
+    labels: list[str] | None = None
+    regression: bool = False
+    # Lineage, LoRA settings and other records travel with the config (saved under "lmforge" in config.json).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,7 +130,9 @@ class Config:
                 hint=f"lmforge reads model types {', '.join(HF_MODEL_TYPES)}",
             )
         name = name or hf.get("_name_or_path") or model_type
-        lmforge_extra = hf.get("lmforge", {})
+        lmforge_extra = dict(hf.get("lmforge", {}))
+        labels = lmforge_extra.pop("labels", None)
+        regression = bool(lmforge_extra.pop("regression", False))
         common = dict(
             name=name,
             model_type=model_type,
@@ -135,7 +140,9 @@ class Config:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
-            extra=dict(lmforge_extra),
+            labels=labels,
+            regression=regression,
+            extra=lmforge_extra,
         )
         if model_type == "gpt2":
             if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
@@ -244,8 +251,16 @@ class Config:
             if self.model_type == "qwen2":
                 hf["use_sliding_window"] = self.sliding_window is not None
                 hf["sliding_window"] = self.sliding_window
-        if self.extra:
-            hf["lmforge"] = self.extra
+        if self.labels:
+            # transformers' *ForSequenceClassification reads these; lmforge reads its own copy below.
+            hf["id2label"] = {str(i): label for i, label in enumerate(self.labels)}
+            hf["label2id"] = {label: i for i, label in enumerate(self.labels)}
+            hf["problem_type"] = "regression" if self.regression else "single_label_classification"
+        if self.extra or self.labels:
+            hf["lmforge"] = {
+                **self.extra,
+                **({"labels": self.labels, "regression": self.regression} if self.labels else {}),
+            }
         return hf
 
     def _check_exportable_as_gpt2(self) -> None:

@@ -222,6 +222,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # Classification / regression head on the last real token (transformers names it "score" too).
+        self.score = nn.Linear(config.n_embd, len(config.labels), bias=False) if config.labels else None
         self.gradient_checkpointing = False  # recompute block activations in backward to save memory
         if self.wte.weight.device.type != "meta":  # meta-device models are shells that loaders fill in
             self.reset_parameters()
@@ -278,6 +280,13 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
+
+    def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T), left-padded -> head outputs (B, num_labels) read at the last position (a real token)."""
+        if self.score is None:
+            raise ValueError("this model has no classification head (its config has no labels)")
+        x = self.hidden_states(idx, attention_mask=attention_mask)  # (B, T, C)
+        return self.score(x[:, -1])  # (B, L)
 
     def hidden_states(
         self,

@@ -69,6 +69,9 @@ def to_hf_state(state: StateDict, config: Config) -> StateDict:
             if not config.tie_embeddings:
                 out["lm_head.weight"] = tensor
             continue
+        if name == "score.weight":
+            out[name] = tensor
+            continue
         if name in top:
             out[top[name]] = tensor
             continue
@@ -97,10 +100,10 @@ def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
     layer_key = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)$")
     out: StateDict = {}
     for name, tensor in hf_state.items():
-        if gpt2 and not name.startswith(("transformer.", "lm_head.")):
+        if gpt2 and not name.startswith(("transformer.", "lm_head.", "score.")):
             name = "transformer." + name  # original GPT-2 checkpoints have no "transformer." prefix
-        if name == "lm_head.weight":
-            out["lm_head.weight"] = tensor
+        if name in ("lm_head.weight", "score.weight"):
+            out[name] = tensor
             continue
         if name in reverse_top:
             out[reverse_top[name]] = tensor

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import atomic_write_folder, write_model_files
+from lmforge.formats.folder import atomic_write_folder
+from lmforge.lora import write_model_files_with_adapters
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -76,7 +77,7 @@ def save_checkpoint(
     tensors, groups = flatten_optimizer_state(optimizer_state)
 
     def write(tmp: Path) -> None:
-        write_model_files(tmp, config, model_state, tokenizer)
+        write_model_files_with_adapters(tmp, config, model_state, tokenizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng_state.safetensors"))
         state = {**trainer_state, "optimizer_param_groups": groups}

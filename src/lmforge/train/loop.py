@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import load_model_folder, save_model_folder
+from lmforge.formats.folder import atomic_write_folder
+from lmforge.lora import load_state_with_adapters, write_model_files_with_adapters
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, distributed
@@ -285,7 +286,10 @@ class Trainer:
         state = self._full_model_state(wrapped, optimizer)  # collective under FSDP: every rank calls it
         if info.is_main:
             model.config.extra["lineage"] = {**self.lineage, **self.task.describe(), "steps": cfg.max_steps}
-            save_model_folder(model_dir, model.config, state, self.tokenizer)
+            atomic_write_folder(
+                model_dir,
+                lambda tmp: write_model_files_with_adapters(tmp, model.config, state, self.tokenizer),
+            )
             metrics.plot()
         metrics.close()
         distributed.barrier(info)
@@ -433,7 +437,7 @@ class Trainer:
         step, folder = found[-1]
         trainer_state, optim_state, rng = checkpoint.read_checkpoint(folder)
         try:
-            _, model_state, _, _ = load_model_folder(folder)
+            model_state = load_state_with_adapters(self.model, folder)
         except LmforgeError as e:
             raise LmforgeError(
                 f"checkpoint {folder} is damaged ({e.message})",

@@ -1,0 +1,332 @@
+"""Labelled data for fine-tuning: reading CSV/JSONL, and the Trainer tasks for classification and instructions.
+
+Each task draws micro-batch ``i`` as a pure function of ``i`` (an epoch-seeded permutation), like pretraining,
+so fine-tuning resumes exactly too. Summarization is instruction tuning with a summarization prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.generate import left_pad
+from lmforge.model import IGNORE_INDEX
+from lmforge.tokenizer import Tokenizer
+
+Batch = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------- reading
+def read_records(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a .jsonl or .csv file, each checked for the ``required`` fields (error names file and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no such file", hint="check the data path")
+    rows: list[dict[str, Any]] = []
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            numbered = enumerate(csv.DictReader(f), start=2)
+            rows_with_lines = list(numbered)
+    else:
+        rows_with_lines = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows_with_lines.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise LmforgeError(
+                        f"{path}:{line_no}: not valid JSON ({e.msg})", hint="fix that line"
+                    ) from None
+    for line_no, row in rows_with_lines:
+        missing = [k for k in required if not isinstance(row, dict) or row.get(k) in (None, "")]
+        if missing:
+            have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise LmforgeError(
+                f"{path}:{line_no}: missing field {', '.join(repr(m) for m in missing)} (the row has: {have})",
+                hint="name the right fields with --text-field / --label-field (or fix the row)",
+            )
+        rows.append(row)
+    if not rows:
+        raise LmforgeError(f"{path}: no examples", hint="the file is empty")
+    return rows
+
+
+class _EpochSampler:
+    """Deterministic example indices for global batch ``i`` (stateless, so resume is exact)."""
+
+    def __init__(self, size: int, seed: int, weights: Sequence[float] | None = None) -> None:
+        self.size, self.seed, self.weights = size, seed, weights
+        self._orders: dict[int, list[int]] = {}
+
+    def indices(self, batch_index: int, batch_size: int) -> list[int]:
+        if self.weights is not None:  # balanced sampling: draw with replacement by class weight
+            rng = random.Random(f"{self.seed}:weighted:{batch_index}")
+            return rng.choices(range(self.size), weights=self.weights, k=batch_size)
+        out = []
+        for k in range(batch_index * batch_size, (batch_index + 1) * batch_size):
+            epoch, position = divmod(k, self.size)
+            if epoch not in self._orders:
+                order = list(range(self.size))
+                random.Random(f"{self.seed}:{epoch}").shuffle(order)
+                self._orders = {epoch: order}  # keep one epoch's order in memory
+            out.append(self._orders[epoch][position])
+        return out
+
+
+def _truncate(ids: list[int], limit: int, counter: list[int]) -> list[int]:
+    if len(ids) > limit:
+        counter[0] += 1
+        return ids[:limit]
+    return ids
+
+
+# ------------------------------------------------------------ classification
+@dataclass
+class ClassificationData:
+    ids: list[list[int]]
+    targets: list[float]  # label index, or the score for regression
+    labels: list[str]
+    regression: bool
+
+
+def load_classification(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    block_size: int,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    labels: Sequence[str] | None = None,
+    regression: bool = False,
+) -> ClassificationData:
+    """Tokenized examples; labels come from the data (sorted) unless given (then unknown labels are an error)."""
+    rows = read_records(path, [text_field, label_field])
+    if regression:
+        try:
+            targets = [float(r[label_field]) for r in rows]
+        except ValueError as e:
+            raise LmforgeError(
+                f"{path}: a regression label is not a number ({e})", hint="use numeric scores"
+            ) from None
+        names = [label_field]
+    else:
+        found = sorted({str(r[label_field]) for r in rows})
+        names = list(labels) if labels else found
+        unknown = sorted(set(found) - set(names))
+        if unknown:
+            raise LmforgeError(
+                f"{path}: labels {unknown} are not among the model's labels {names}",
+                hint="use data with the labels the model was trained on",
+            )
+        if len(names) < 2:
+            raise LmforgeError(
+                f"{path}: only one class ({names[0]!r}) in the data",
+                hint="a classifier needs at least two labels",
+            )
+        targets = [float(names.index(str(r[label_field]))) for r in rows]
+    truncated = [0]
+    ids = [_truncate(tokenizer.encode(str(r[text_field])), block_size, truncated) for r in rows]
+    if truncated[0]:
+        warnings.warn(
+            f"{path}: {truncated[0]} of {len(rows)} texts were longer than {block_size} tokens and were truncated",
+            stacklevel=2,
+        )
+    return ClassificationData(ids, targets, names, regression)
+
+
+class ClassificationTask:
+    """Cross-entropy (optionally class-weighted) or MSE on the head at the last real token."""
+
+    def __init__(
+        self,
+        train: ClassificationData,
+        val: ClassificationData | None,
+        micro_batch_size: int,
+        seed: int = 1337,
+        balance: str = "none",  # none | weights (class-weighted loss) | sample (balanced sampling)
+    ) -> None:
+        self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
+        self.class_weights = None
+        sample_weights = None
+        if not train.regression and balance != "none":
+            counts = torch.bincount(
+                torch.tensor(train.targets, dtype=torch.long), minlength=len(train.labels)
+            ).float()
+            inverse = counts.sum() / (len(counts) * counts.clamp(min=1))
+            if balance == "weights":
+                self.class_weights = inverse
+            elif balance == "sample":
+                sample_weights = [float(inverse[int(t)]) for t in train.targets]
+            else:
+                raise LmforgeError(f"unknown balance mode {balance!r}", hint="use none, weights or sample")
+        self.sampler = _EpochSampler(len(train.ids), seed, sample_weights)
+
+    def _batch(self, data: ClassificationData, rows: Sequence[int]) -> Batch:
+        ids, mask = left_pad([data.ids[i] for i in rows], pad_id=0)
+        batch = {"input_ids": ids, "targets": torch.tensor([data.targets[i] for i in rows])}
+        if mask is not None:
+            batch["attention_mask"] = mask
+        return batch
+
+    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
+        b = self.micro_batch_size
+        rows = self.sampler.indices(index, b * world_size)[rank * b : (rank + 1) * b]
+        return self._batch(self.train, rows)
+
+    def val_batches(self, count: int) -> Iterable[Batch]:
+        data = self.val or self.train
+        n = min(len(data.ids), count * self.micro_batch_size)
+        for start in range(0, n, self.micro_batch_size):
+            yield self._batch(data, range(start, min(n, start + self.micro_batch_size)))
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        scores = _unwrap(model).classify(batch["input_ids"], batch.get("attention_mask")).float()
+        if self.train.regression:
+            return F.mse_loss(scores[:, 0], batch["targets"].float())
+        weight = self.class_weights.to(scores.device) if self.class_weights is not None else None
+        return F.cross_entropy(scores, batch["targets"].long(), weight=weight)
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "classify", "labels": self.train.labels, "train_examples": len(self.train.ids)}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Transformer inside DDP / torch.compile wrappers (task heads are methods of it)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+# ------------------------------------------------------ instructions, summaries
+def format_instruction(row: dict[str, Any]) -> list[dict[str, str]]:
+    """An Alpaca-style row or a chat-messages row -> chat messages ending with the assistant's answer."""
+    if "messages" in row:
+        return list(row["messages"])
+    user = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def summary_messages(text: str, summary: str) -> list[dict[str, str]]:
+    from lmforge.tasks import summarization_prompt
+
+    return [
+        {"role": "user", "content": summarization_prompt(text)},
+        {"role": "assistant", "content": summary},
+    ]
+
+
+@dataclass
+class SequenceData:
+    input_ids: list[list[int]]
+    targets: list[list[int]]  # already shifted; IGNORE_INDEX where no loss is taken
+
+
+def encode_conversation(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], include_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and the mask of answer tokens (1 = train on it), EOS-terminated.
+
+    The prompt is rendered with the model's chat template (or a ChatML default); the answer is the last
+    message, followed by EOS so the tuned model learns to stop.
+    """
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    answer_ids = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+    eos = tokenizer.eos_id
+    answer_ids = answer_ids + ([eos] if eos is not None else [])
+    weights = [1 if include_prompt else 0] * len(prompt_ids) + [1] * len(answer_ids)
+    return prompt_ids + answer_ids, weights
+
+
+def load_sequences(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    block_size: int,
+    *,
+    kind: str = "instruct",
+    text_field: str = "text",
+    summary_field: str = "summary",
+    include_prompt: bool = False,
+) -> SequenceData:
+    if kind == "summarize":
+        rows = read_records(path, [text_field, summary_field])
+        conversations = [summary_messages(str(r[text_field]), str(r[summary_field])) for r in rows]
+    else:
+        first = read_records(path, [])[0]
+        rows = read_records(path, ["messages"] if "messages" in first else ["instruction", "output"])
+        conversations = [format_instruction(r) for r in rows]
+    inputs, targets, truncated = [], [], 0
+    for messages in conversations:
+        ids, weights = encode_conversation(tokenizer, messages, include_prompt)
+        if len(ids) > block_size + 1:
+            truncated += 1
+            ids, weights = ids[: block_size + 1], weights[: block_size + 1]
+        inputs.append(ids[:-1])
+        targets.append([t if w else IGNORE_INDEX for t, w in zip(ids[1:], weights[1:], strict=True)])
+    if truncated:
+        warnings.warn(
+            f"{path}: {truncated} of {len(rows)} examples were longer than {block_size} tokens and were truncated",
+            stacklevel=2,
+        )
+    return SequenceData(inputs, targets)
+
+
+def pack(data: SequenceData, block_size: int) -> SequenceData:
+    """Concatenate examples into full blocks (less padding, faster; examples may then see their neighbours)."""
+    flat_in = [t for seq in data.input_ids for t in seq]
+    flat_tg = [t for seq in data.targets for t in seq]
+    inputs = [flat_in[i : i + block_size] for i in range(0, len(flat_in), block_size)]
+    targets = [flat_tg[i : i + block_size] for i in range(0, len(flat_tg), block_size)]
+    return SequenceData(inputs, targets)
+
+
+class SequenceTask:
+    """Next-token loss on answer tokens only (prompt positions carry IGNORE_INDEX); right-padded batches."""
+
+    def __init__(
+        self, train: SequenceData, val: SequenceData | None, micro_batch_size: int, seed: int = 1337
+    ) -> None:
+        self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
+        self.sampler = _EpochSampler(len(train.input_ids), seed)
+
+    @staticmethod
+    def _batch(data: SequenceData, rows: Sequence[int]) -> Batch:
+        longest = max(len(data.input_ids[i]) for i in rows)
+        ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(data.input_ids[i])
+            ids[r, :n] = torch.tensor(data.input_ids[i])
+            targets[r, :n] = torch.tensor(data.targets[i])
+        # Right padding needs no attention mask: causal attention never lets a real token see a later pad.
+        return {"input_ids": ids, "targets": targets}
+
+    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
+        b = self.micro_batch_size
+        rows = self.sampler.indices(index, b * world_size)[rank * b : (rank + 1) * b]
+        return self._batch(self.train, rows)
+
+    def val_batches(self, count: int) -> Iterable[Batch]:
+        data = self.val or self.train
+        n = min(len(data.input_ids), count * self.micro_batch_size)
+        for start in range(0, n, self.micro_batch_size):
+            yield self._batch(data, range(start, min(n, start + self.micro_batch_size)))
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["input_ids"], targets=batch["targets"])[1]
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "sequence", "train_examples": len(self.train.input_ids)}

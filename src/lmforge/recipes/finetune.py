@@ -1,0 +1,147 @@
+"""Fine-tuning recipe: a loaded model + labelled data + a method (full | freeze | lora) -> the one Trainer.
+
+    finetune("default", "spam/train.jsonl", task="classify", method="freeze", train={"out_dir": "runs/spam"})
+
+``freeze`` trains only the last N blocks, the final norm and the task head ("LLMs from scratch" ch. 6);
+``lora`` trains low-rank adapters (plus the head for classification) and saves them in PEFT's layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from lmforge.api import LLM
+from lmforge.data.tasks import ClassificationTask, SequenceTask, load_classification, load_sequences, pack
+from lmforge.errors import LmforgeError
+from lmforge.formats.folder import atomic_write_folder
+from lmforge.lora import LoRAConfig, inject_lora, merge_lora, save_adapter, write_model_files_with_adapters
+from lmforge.model import Transformer
+from lmforge.train import TrainConfig, Trainer
+from lmforge.train.loop import TrainResult
+
+TaskName = Literal["classify", "instruct", "summarize"]
+Method = Literal["full", "freeze", "lora"]
+
+
+def add_classifier(model: Transformer, labels: list[str], regression: bool, seed: int) -> None:
+    """Give the model a fresh head with one output per label (one for regression)."""
+    model.config.labels, model.config.regression = list(labels), regression
+    torch.manual_seed(seed)
+    model.score = nn.Linear(
+        model.config.n_embd, len(labels), bias=False, device=model.device, dtype=model.dtype
+    )
+    nn.init.normal_(model.score.weight, std=0.02)
+
+
+def choose_trainable(model: Transformer, method: Method, freeze_last: int, lora: LoRAConfig | None) -> int:
+    """Set requires_grad for the method; returns the number of trainable parameters."""
+    head = ["score."] if model.score is not None else []
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "freeze":
+        if not 1 <= freeze_last <= model.config.n_layer:
+            raise LmforgeError(
+                f"freeze_last={freeze_last} must be between 1 and the model's {model.config.n_layer} blocks",
+                hint="e.g. --freeze-last 2 trains the last two blocks",
+            )
+        first = model.config.n_layer - freeze_last
+        trainable = [f"blocks.{i}." for i in range(first, model.config.n_layer)] + ["norm."] + head
+        if not head and not model.config.tie_embeddings:
+            trainable.append("lm_head.")
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(t) for t in trainable))
+    elif method == "lora":
+        inject_lora(model, lora or LoRAConfig(), trainable=head)
+    else:
+        raise LmforgeError(f"unknown method {method!r}", hint="use full, freeze or lora")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def finetune(
+    model: str | Path | LLM,
+    train_file: str | Path,
+    *,
+    task: TaskName = "classify",
+    method: Method = "lora",
+    val_file: str | Path | None = None,
+    freeze_last: int = 2,
+    lora: LoRAConfig | dict[str, Any] | None = None,
+    merge: bool = True,
+    text_field: str = "text",
+    label_field: str = "label",
+    summary_field: str = "summary",
+    balance: str = "none",
+    regression: bool = False,
+    include_prompt: bool = False,
+    packing: bool = False,
+    block_size: int | None = None,
+    train: TrainConfig | dict[str, Any] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``train_file``; the result's model folder is ready for ``LLM.load``."""
+    cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
+    llm = model if isinstance(model, LLM) else LLM.load(model, dtype="float32", device="cpu")
+    net, tok = llm.model, llm.tokenizer
+    block = min(block_size or 512, net.config.block_size)
+    lora_config = LoRAConfig(**lora) if isinstance(lora, dict) else lora
+    if task == "classify":
+        data = load_classification(
+            train_file, tok, block, text_field=text_field, label_field=label_field, regression=regression
+        )
+        val = (
+            load_classification(
+                val_file,
+                tok,
+                block,
+                text_field=text_field,
+                label_field=label_field,
+                labels=data.labels,
+                regression=regression,
+            )
+            if val_file
+            else None
+        )
+        add_classifier(net, data.labels, regression, cfg.seed)
+        job: Any = ClassificationTask(data, val, cfg.micro_batch_size, cfg.seed, balance=balance)
+    elif task in ("instruct", "summarize"):
+
+        def load(path: str | Path) -> Any:
+            return load_sequences(
+                path,
+                tok,
+                block,
+                kind=task,
+                text_field=text_field,
+                summary_field=summary_field,
+                include_prompt=include_prompt,
+            )
+
+        data, val = load(train_file), (load(val_file) if val_file else None)
+        if packing:
+            data = pack(data, block)
+        job = SequenceTask(data, val, cfg.micro_batch_size, cfg.seed)
+    else:
+        raise LmforgeError(f"unknown task {task!r}", hint="use classify, instruct or summarize")
+    trainable = choose_trainable(net, method, freeze_last, lora_config)
+    lineage = {
+        "recipe": "finetune",
+        "parent": llm.source,
+        "method": method,
+        "trainable_parameters": trainable,
+        "data": str(train_file),
+    }
+    result = Trainer(net, tok, job, cfg, lineage=lineage).fit(resume=resume)
+    if method == "lora":
+        save_adapter(net, result.model_dir.parent / "adapter", base_model=llm.source)
+        if merge:
+            merge_lora(net)
+            state = {k: v.float() for k, v in net.state_dict().items()}
+            atomic_write_folder(
+                result.model_dir, lambda tmp: write_model_files_with_adapters(tmp, net.config, state, tok)
+            )
+    return result

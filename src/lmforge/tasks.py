@@ -1,0 +1,228 @@
+"""Tasks on top of a loaded model: classify, summarize, embed, similarity — one line each for users.
+
+    llm.classify_text("WINNER!! Claim your prize", labels=["ham", "spam"])   # zero-/few-shot, any chat model
+    llm.classify_text("...")                                                 # a fine-tuned classification head
+    llm.summarize(long_text, max_length=60)                                  # chunked and merged beyond the context
+    llm.embed(["你好", "hello"]); llm.similarity("cat", "kitten")
+
+Zero-shot classification scores each label's log-likelihood as the answer to a prompt (the model's own chat
+template when it has one), so it needs no training and works for any label set.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.generate import left_pad
+
+if TYPE_CHECKING:
+    from lmforge.api import LLM
+
+Example = tuple[str, str]  # (text, label) or (text, summary)
+
+
+def is_chinese(text: str) -> bool:
+    cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in text)
+    return cjk > 0.2 * max(1, len(text.strip()))
+
+
+def _chat_or_plain(llm: LLM, user: str, answer_prefix: str = "") -> str:
+    if llm.tokenizer.chat_template:
+        return llm.tokenizer.apply_chat_template([{"role": "user", "content": user}]) + answer_prefix
+    return user + "\n" + answer_prefix
+
+
+# ------------------------------------------------------------------ classify
+def classification_prompt(text: str, labels: Sequence[str], examples: Sequence[Example] = ()) -> str:
+    if is_chinese(text):
+        lines = [f"请把文本归入以下类别之一：{'、'.join(labels)}。只回答类别。"]
+        lines += [f"\n文本：{t}\n类别：{label}" for t, label in examples]
+        lines.append(f"\n文本：{text}\n类别：")
+    else:
+        lines = [
+            f"Classify the text into one of these categories: {', '.join(labels)}. Answer with the category only."
+        ]
+        lines += [f"\nText: {t}\nCategory: {label}" for t, label in examples]
+        lines.append(f"\nText: {text}\nCategory:")
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    llm: LLM, prompts: Sequence[list[int]], continuations: Sequence[list[int]]
+) -> list[float]:
+    """Sum of log p(continuation | prompt) for each pair, computed in left-padded batches."""
+    model = llm.model
+    out: list[float] = []
+    batch = 8
+    for start in range(0, len(prompts), batch):
+        rows = [
+            p + c
+            for p, c in zip(prompts[start : start + batch], continuations[start : start + batch], strict=True)
+        ]
+        too_long = max(len(r) for r in rows)
+        if too_long > llm.config.block_size:
+            raise LmforgeError(
+                f"input of {too_long} tokens exceeds the model's context of {llm.config.block_size}",
+                hint="shorten the text (classification never truncates silently)",
+            )
+        ids, mask = left_pad(rows, pad_id=0)
+        logits, _ = model(
+            ids.to(model.device), attention_mask=None if mask is None else mask.to(model.device)
+        )
+        logprobs = logits.float().log_softmax(-1)  # (B, T, V)
+        width = ids.shape[1]
+        for r, cont in enumerate(continuations[start : start + batch]):
+            n = len(cont)
+            positions = torch.arange(width - n - 1, width - 1)
+            targets = torch.tensor(cont)
+            out.append(float(logprobs[r, positions, targets].sum()))
+    return out
+
+
+def classify(
+    llm: LLM, texts: Sequence[str], labels: Sequence[str] | None = None, examples: Sequence[Example] = ()
+) -> list[dict[str, Any]]:
+    config = llm.config
+    if labels is None:
+        if not config.labels:
+            raise LmforgeError(
+                "this model has no classification head, so it needs candidate labels",
+                hint="pass labels=[...] for zero-shot classification, or fine-tune with --task classify",
+            )
+        return _classify_with_head(llm, texts)
+    if len(set(labels)) < 2:
+        raise LmforgeError(
+            f"need at least two distinct labels, got {list(labels)}", hint="pass labels=['a', 'b']"
+        )
+    tok = llm.tokenizer
+    prompts, conts, owners = [], [], []
+    for i, text in enumerate(texts):
+        prompt = tok.encode(
+            _chat_or_plain(llm, classification_prompt(text, labels, examples)), add_special_tokens=False
+        )
+        for label in labels:
+            prompts.append(prompt)
+            conts.append(
+                tok.encode(label if llm.tokenizer.chat_template else " " + label, add_special_tokens=False)
+            )
+            owners.append(i)
+    scores = np.array(sequence_logprobs(llm, prompts, conts)).reshape(len(texts), len(labels))
+    results = []
+    for row in scores:
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        results.append(
+            {
+                "label": labels[int(row.argmax())],
+                "probabilities": dict(zip(labels, probs.tolist(), strict=True)),
+            }
+        )
+    return results
+
+
+@torch.inference_mode()
+def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
+    config, model = llm.config, llm.model
+    results = []
+    for start in range(0, len(texts), 16):
+        ids = [llm.tokenizer.encode(t) for t in texts[start : start + 16]]
+        longest = max(len(i) for i in ids)
+        if longest > config.block_size:
+            raise LmforgeError(
+                f"text of {longest} tokens exceeds the model's context of {config.block_size}",
+                hint="shorten the text (classification never truncates silently)",
+            )
+        batch, mask = left_pad(ids, pad_id=0)
+        scores = model.classify(
+            batch.to(model.device), None if mask is None else mask.to(model.device)
+        ).float()
+        for row in scores:
+            if config.regression:
+                results.append({"label": config.labels[0], "score": float(row[0])})
+            else:
+                probs = row.softmax(-1).tolist()
+                best = int(row.argmax())
+                results.append(
+                    {
+                        "label": config.labels[best],
+                        "probabilities": dict(zip(config.labels, probs, strict=True)),
+                    }
+                )
+    return results
+
+
+# ----------------------------------------------------------------- summarize
+def summarization_prompt(text: str, examples: Sequence[Example] = ()) -> str:
+    if is_chinese(text):
+        shots = "".join(f"文本：{t}\n摘要：{s}\n\n" for t, s in examples)
+        return f"{shots}请用一句话概括下面文本的主要内容。\n\n文本：{text}\n摘要："
+    shots = "".join(f"Text: {t}\nSummary: {s}\n\n" for t, s in examples)
+    return f"{shots}Summarize the following text in one or two sentences.\n\nText: {text}\nSummary:"
+
+
+def summarize(
+    llm: LLM, text: str, max_length: int = 80, examples: Sequence[Example] = (), **options: Any
+) -> str:
+    """Summarize ``text``; text longer than the context is summarized in chunks, then the summaries are merged."""
+    tok = llm.tokenizer
+    overhead = len(
+        tok.encode(_chat_or_plain(llm, summarization_prompt("", examples)), add_special_tokens=False)
+    )
+    budget = llm.config.block_size - overhead - max_length - 8
+    if budget < 32:
+        raise LmforgeError(
+            f"the model's context of {llm.config.block_size} tokens leaves no room to summarize",
+            hint="use fewer examples or a smaller max_length",
+        )
+    ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) > budget:
+        chunks = [tok.decode(ids[i : i + budget]) for i in range(0, len(ids), budget)]
+        warnings.warn(
+            f"text of {len(ids)} tokens exceeds the {budget} that fit the context; summarizing it in "
+            f"{len(chunks)} chunks and merging the summaries",
+            stacklevel=3,
+        )
+        partial = [summarize(llm, chunk, max_length, examples, **options) for chunk in chunks]
+        return summarize(llm, "\n".join(partial), max_length, examples, **options)
+    prompt = _chat_or_plain(llm, summarization_prompt(text, examples))
+    options.setdefault("stop", ["\n\n"])
+    completion = llm.complete([prompt], max_new_tokens=max_length, **options)[0]
+    return completion.text.strip()
+
+
+# --------------------------------------------------------------------- embed
+@torch.inference_mode()
+def embed(llm: LLM, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """Mean of the final hidden states over each text's tokens, L2-normalised: (len(texts), n_embd) float32."""
+    model = llm.model
+    vectors = []
+    for start in range(0, len(texts), batch_size):
+        ids = [
+            llm.tokenizer.encode(t) or [llm.tokenizer.eos_id or 0] for t in texts[start : start + batch_size]
+        ]
+        longest = max(len(i) for i in ids)
+        if longest > llm.config.block_size:
+            raise LmforgeError(
+                f"text of {longest} tokens exceeds the model's context of {llm.config.block_size}",
+                hint="split the text into passages before embedding",
+            )
+        batch, mask = left_pad(ids, pad_id=0)
+        mask = torch.ones_like(batch) if mask is None else mask
+        hidden = model.hidden_states(batch.to(model.device), attention_mask=mask.to(model.device)).float()
+        weights = mask.to(hidden.device).unsqueeze(-1).float()  # (B, T, 1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1)
+        vectors.append(F.normalize(pooled, dim=-1).cpu().numpy())
+    return np.concatenate(vectors).astype(np.float32)
+
+
+def similarity(llm: LLM, a: str, b: str) -> float:
+    va, vb = embed(llm, [a, b])
+    return float(np.dot(va, vb))
