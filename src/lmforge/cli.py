@@ -30,13 +30,12 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _add_model(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument(
-        "model",
-        nargs=None if required else "?",
-        default=None,
-        help="model folder, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct)",
-    )
+def _add_model(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    help_text = "model folder, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct)"
+    if positional:
+        parser.add_argument("model", nargs="?", default=None, help=help_text)
+    else:  # the command's positional arguments are texts
+        parser.add_argument("-m", "--model", default=None, help=help_text)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -217,12 +216,14 @@ def _presets() -> list[str]:
     return Config.presets()
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field (``--max-steps``, ``--lr``...), so the CLI never lags the Python API."""
     from lmforge.train import TrainConfig
 
     group = parser.add_argument_group("training (override the YAML file's train: section)")
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
@@ -234,6 +235,84 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             if f.name == "min_lr":
                 kind = float
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.recipes.finetune import finetune
+    from lmforge.recipes.pretrain import load_yaml
+    from lmforge.train import TrainConfig
+
+    recipe = load_yaml(args.config) if args.config else {}
+    train = dict(recipe.pop("train", None) or {})
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train.update({k: v for k, v in vars(args).items() if k in train_fields and v is not None})
+    train.setdefault("device", args.device)
+    lora = {
+        k: v
+        for k, v in (("rank", args.lora_rank), ("alpha", args.lora_alpha), ("dropout", args.lora_dropout))
+        if v is not None
+    }
+    if args.lora_targets:
+        lora["targets"] = args.lora_targets.split(",")
+    options = {**recipe, **{k: getattr(args, k) for k in _FINETUNE_OPTIONS if getattr(args, k) is not None}}
+    if lora or "lora" in recipe:
+        options["lora"] = {**dict(recipe.get("lora") or {}), **lora}
+    model = options.pop("model", None) or args.model
+    data = options.pop("data", None) or args.data
+    if not data:
+        raise LmforgeError("no training data given", hint="pass --data FILE.jsonl (or .csv)")
+    result = finetune(model, data, train=train, resume=args.resume, **options)
+    print(
+        f"done: {result.steps} steps in {result.seconds / 60:.1f} min, train loss {result.train_loss:.4f}",
+        end="",
+    )
+    print(f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+    print(f"model: {result.model_dir}")
+
+
+_FINETUNE_OPTIONS = (
+    "task",
+    "method",
+    "val_file",
+    "freeze_last",
+    "merge",
+    "text_field",
+    "label_field",
+    "summary_field",
+    "balance",
+    "regression",
+    "include_prompt",
+    "packing",
+    "block_size",
+)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    labels = args.labels.split(",") if args.labels else None
+    for text, result in zip(texts, llm.classify_text(texts, labels=labels), strict=True):
+        probs = " ".join(f"{k}={v:.3f}" for k, v in result.get("probabilities", {}).items())
+        print(f"{result['label']}\t{probs}\t{text}")
+
+
+def cmd_summarize(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
+    print(llm.summarize(text, max_length=args.max_tokens))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    import json as json_module
+
+    llm = _load(args)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for text, vector in zip(texts, llm.embed(texts), strict=True):
+        print(
+            json_module.dumps(
+                {"text": text, "embedding": [round(float(x), 6) for x in vector]}, ensure_ascii=False
+            )
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +377,52 @@ def build_parser() -> argparse.ArgumentParser:
     model_group.add_argument("--dropout", type=float)
     _add_train_flags(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a model: classify | instruct | summarize, full | freeze | lora"
+    )
+    _add_model(p)
+    p.add_argument("--config", help="YAML file (keys: model, data, task, method, lora, train, ...)")
+    p.add_argument("--data", help="training data (.jsonl or .csv)")
+    p.add_argument("--val-file", dest="val_file")
+    p.add_argument("--task", choices=["classify", "instruct", "summarize"])
+    p.add_argument("--method", choices=["full", "freeze", "lora"])
+    p.add_argument("--freeze-last", dest="freeze_last", type=int, help="freeze: train the last N blocks")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated, e.g. q_proj,v_proj")
+    p.add_argument(
+        "--merge", action=argparse.BooleanOptionalAction, default=None, help="fold LoRA into weights"
+    )
+    p.add_argument("--text-field", dest="text_field")
+    p.add_argument("--label-field", dest="label_field")
+    p.add_argument("--summary-field", dest="summary_field")
+    p.add_argument("--balance", choices=["none", "weights", "sample"], help="imbalanced classes")
+    p.add_argument("--regression", action="store_true", default=None, help="predict a number (MSE)")
+    p.add_argument("--include-prompt", dest="include_prompt", action="store_true", default=None)
+    p.add_argument("--packing", action="store_true", default=None)
+    p.add_argument("--block-size", dest="block_size", type=int)
+    p.add_argument("--resume", action="store_true")
+    _add_train_flags(p, skip=("block_size", "device"))
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("classify", help="classify texts (fine-tuned head, or zero-shot with --labels)")
+    _add_model(p, positional=False)
+    p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
+    p.add_argument("--labels", help="comma-separated candidate labels for zero-shot classification")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("summarize", help="summarize a text file (or stdin)")
+    _add_model(p)
+    p.add_argument("--file")
+    p.add_argument("--max-tokens", type=int, default=80)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("embed", help="embed texts: one JSON line per text")
+    _add_model(p, positional=False)
+    p.add_argument("text", nargs="*")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("quickstart", help="a tour: load the default model and answer in English and Chinese")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -26,6 +26,17 @@ RECIPE_KEYS = ("model", "model_config", "init", "data", "tokenizer", "train", "r
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a pretraining YAML file: ``{model, model_config, init, data, tokenizer, train: {...}, resume}``."""
+    recipe = load_yaml(path)
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise LmforgeError(
+            f"{path}: unknown keys {', '.join(unknown)}", hint=f"known keys: {', '.join(RECIPE_KEYS)}"
+        )
+    return recipe
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of settings, with one-line errors for a missing file or bad syntax."""
     path = Path(path)
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

@@ -1,0 +1,153 @@
+"""Fine-tuning on top of the one Trainer: data reading, prompt masking, methods, heads, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from lmforge import LLM, LmforgeError
+from lmforge.data.tasks import encode_conversation, load_classification, load_sequences, read_records
+from lmforge.model import IGNORE_INDEX
+from lmforge.recipes.finetune import choose_trainable, finetune
+
+from .conftest import tiny_llm
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+SPAMMY = ["WINNER! claim your free prize now", "免费领取大奖，立即回复", "URGENT cash prize, call 0800 now"]
+HAMMY = ["see you at lunch tomorrow", "明天一起吃午饭吧", "can you send me the notes?"]
+
+
+@pytest.fixture()
+def spam_files(tmp_path):
+    rows = [{"text": t, "label": "spam"} for t in SPAMMY] + [{"text": t, "label": "ham"} for t in HAMMY]
+    return write_jsonl(tmp_path / "train.jsonl", rows * 4), write_jsonl(tmp_path / "val.jsonl", rows)
+
+
+def test_prompt_positions_carry_the_ignore_index(tiny_tokenizer):
+    messages = [
+        {"role": "user", "content": "把这句话翻译成英文：你好"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    ids, weights = encode_conversation(tiny_tokenizer, messages)
+    prompt = tiny_tokenizer.encode(
+        tiny_tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True), add_special_tokens=False
+    )
+    assert ids[: len(prompt)] == prompt
+    assert weights == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+    assert ids[-1] == tiny_tokenizer.eos_id  # the tuned model learns to stop
+
+
+def test_instruction_targets_mask_prompt_and_keep_answer(tmp_path, tiny_tokenizer):
+    path = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "Translate to Chinese", "input": "cat", "output": "猫"},
+            {"instruction": "说你好", "output": "你好"},
+        ],
+    )
+    data = load_sequences(path, tiny_tokenizer, 128)
+    for inputs, targets in zip(data.input_ids, data.targets, strict=True):
+        assert len(inputs) == len(targets)
+        answer = [t for t in targets if t != IGNORE_INDEX]
+        assert answer[-1] == tiny_tokenizer.eos_id
+        first = targets.index(answer[0])
+        assert all(t == IGNORE_INDEX for t in targets[:first])
+    with_prompt = load_sequences(path, tiny_tokenizer, 128, include_prompt=True)
+    assert all(IGNORE_INDEX not in t for t in with_prompt.targets)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora"])
+def test_classification_fine_tune_learns_and_reloads(method, spam_files, tiny_tokenizer, tmp_path):
+    train, val = spam_files
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    result = finetune(
+        llm,
+        train,
+        val_file=val,
+        task="classify",
+        method=method,
+        freeze_last=1,
+        lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+        train={
+            "out_dir": str(tmp_path / "run"),
+            "max_steps": 40,
+            "micro_batch_size": 6,
+            "lr": 3e-3,
+            "warmup_steps": 0,
+            "eval_every": 20,
+            "eval_batches": 1,
+            "progress": False,
+        },
+    )
+    assert result.losses[-1] < result.losses[0]
+    reloaded = LLM.load(result.model_dir)
+    assert reloaded.config.labels == ["ham", "spam"]
+    predictions = reloaded.classify_text(SPAMMY + HAMMY)
+    accuracy = (
+        sum(p["label"] == want for p, want in zip(predictions, ["spam"] * 3 + ["ham"] * 3, strict=True)) / 6
+    )
+    assert accuracy >= 5 / 6
+    if method == "lora":
+        assert (result.model_dir.parent / "adapter" / "adapter_config.json").is_file()
+
+
+def test_freeze_trains_only_the_last_blocks(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    choose_trainable(llm.model, "freeze", 1, None)
+    trainable = {
+        n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+        for n, p in llm.model.named_parameters()
+        if p.requires_grad
+    }
+    assert trainable == {"blocks.1", "norm", "lm_head"}
+
+
+def test_bad_classification_data_names_file_line_and_fix(tmp_path, tiny_tokenizer):
+    missing = write_jsonl(
+        tmp_path / "missing.jsonl", [{"text": "a", "label": "x"}, {"txt": "b", "label": "y"}]
+    )
+    with pytest.raises(LmforgeError, match=r"missing\.jsonl:2: missing field 'text'.*--text-field"):
+        read_records(missing, ["text", "label"])
+    one_class = write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3)
+    with pytest.raises(LmforgeError, match="only one class"):
+        load_classification(one_class, tiny_tokenizer, 64)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(LmforgeError, match="no examples"):
+        load_classification(empty, tiny_tokenizer, 64)
+    unknown = write_jsonl(tmp_path / "val.jsonl", [{"text": "a", "label": "maybe"}])
+    with pytest.raises(LmforgeError, match=r"labels \['maybe'\] are not among the model's labels"):
+        load_classification(unknown, tiny_tokenizer, 64, labels=["ham", "spam"])
+    long = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": "很长的文本 " * 50, "label": "a"}, {"text": "b", "label": "b"}]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_classification(long, tiny_tokenizer, 16)
+    assert any("1 of 2 texts were longer than 16 tokens" in str(w.message) for w in caught)
+
+
+def test_inference_beyond_context_is_an_error_not_a_truncation(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    with pytest.raises(LmforgeError, match="exceeds the model's context of 128"):
+        llm.classify_text("太长了 " * 200, labels=["a", "b"])
+    with pytest.raises(LmforgeError, match="exceeds the model's context of 128"):
+        llm.embed("太长了 " * 200)
+
+
+def test_embeddings_are_normalised_and_batch_independent(tiny_tokenizer):
+    llm = tiny_llm("tiny-qwen2", tiny_tokenizer)
+    texts = ["床前明月光", "The quick brown fox jumps", "a"]
+    together = llm.embed(texts)
+    assert together.shape == (3, 64)
+    assert torch.allclose(torch.from_numpy(together).norm(dim=-1), torch.ones(3), atol=1e-5)
+    for text, row in zip(texts, together, strict=True):
+        assert torch.allclose(torch.from_numpy(llm.embed(text)), torch.from_numpy(row), atol=1e-5)
