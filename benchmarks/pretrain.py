@@ -1,43 +1,57 @@
 """Pretraining speed: lmforge's Trainer next to a plain Hugging Face GPT2LMHeadModel + AdamW loop, one run.
 
-    python benchmarks/pretrain.py [--threads 2] [--batch 8] [--warmup 5] [--steps 20] [--rounds 1]
+    python benchmarks/pretrain.py [--threads 2] [--batch 8] [--warmup 3] [--steps 20] [--row-seconds 40]
+                                  [--rounds 2] [--bf16 auto|on|off] [--warm-cache]
 
-The model is nanoGPT's "baby Shakespeare" GPT: 6 layers, 6 heads, 384 dim, 256 context, character vocabulary
+The model is nanoGPT's "baby Shakespeare" GPT: 6 layers, 6 heads, 384 dim, 256 context, a character vocabulary
 of 65, no dropout, tied embeddings. Both loops train on the same random windows of tinyshakespeare and do the
 same work per step: forward with the loss, backward, clip the gradient norm to 1.0, AdamW step, zero grads.
 
 lmforge runs through the real ``Trainer`` (``progress=False``, ``eval_every=0``, a temporary ``out_dir``); its
-per-step ``tokens_per_s`` is read back from ``metrics.csv``. The HF loop is timed the same way (batch drawing
-included). Each figure is the median tokens/s over the ``--steps`` steps that follow ``--warmup`` steps; the
-warm-up column is the time the warm-up steps took beyond ``warmup`` ordinary steps (mostly torch.compile's
-compilation when it is on). ``--rounds N`` runs every row N times, interleaved, and pools the timed steps,
-so a machine shared with other work penalises every row alike.
+per-step ``tokens_per_s`` is read back from ``metrics.csv``. The HF loop is timed the same way (drawing the
+batch included). A row's figure is the median tokens/s over the timed steps that follow ``--warmup`` untimed
+steps, in its best round: other work on a shared machine only ever slows a row down, so the fastest round is
+the least disturbed (every round's median is listed too). "Warm-up extra" is how much longer the warm-up
+steps took than as many timed steps, in the least disturbed round; with compile on, that is mostly
+torch.compile's compilation, from a fresh Inductor cache unless ``--warm-cache``.
+
+The number of timed steps is ``--steps``, lowered (to no fewer than 3) when the HF fp32 warm-up shows that
+``--steps`` steps would take longer than ``--row-seconds``, so slow CPUs finish in minutes too; every row uses
+the same count. ``--rounds N`` runs all rows N times, interleaved (every other round in reverse order), so a
+burst of other work spoils one round of a row rather than the whole row. bf16 rows run when the CPU
+multiplies bf16 matrices natively (``--bf16 auto`` probes a GEMM: on CPUs without AVX512-BF16 or AMX,
+torch's bf16 GEMM is tens of times slower than fp32 and a bf16 row would take an hour); ``--bf16 on`` forces
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import math
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models
+from torch._inductor.utils import fresh_cache
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge import Config, Tokenizer, Transformer
-from lmforge.train.loop import LanguageModelingTask, Trainer, TrainConfig
+from lmforge.train.loop import LanguageModelingTask, TrainConfig, Trainer
 
 DATA = Path("/work/shared/data/text/tinyshakespeare.txt")
 BLOCK = 256
 SEED = 1337
+MIN_STEPS = 3
 
 
 class CharShards:
@@ -65,30 +79,47 @@ def load_corpus() -> tuple[Tokenizer, CharShards]:
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     ids = np.array([lookup[c] for c in text], dtype=np.int16)
-    # A 65-entry character lookup with no special tokens, so the vocabulary is exactly nanoGPT's 65.
+    # A character lookup with no special tokens, so the vocabulary is exactly nanoGPT's 65.
     backend = HFTokenizer(models.BPE(vocab=lookup, merges=[]))
     backend.decoder = decoders.Fuse()
     return Tokenizer(backend), CharShards(ids, len(chars))
 
 
-def model_config(vocab: int) -> Config:
+def lmforge_config(vocab: int) -> Config:
     return Config.from_name("baby-gpt", vocab_size=vocab, dropout=0.0)
 
 
-def summarise(step_seconds: list[float], warmup: int) -> tuple[list[float], float]:
-    """Timed step seconds, and the warm-up steps' extra seconds over as many median steps."""
-    timed = step_seconds[warmup:]
-    extra = sum(step_seconds[:warmup]) - warmup * statistics.median(timed)
-    return timed, max(extra, 0.0)
+def hf_config(vocab: int) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=vocab,
+        n_positions=BLOCK,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+class Measurement:
+    def __init__(self, step_seconds: list[float], warmup: int) -> None:
+        self.warmup_seconds = step_seconds[:warmup]
+        self.timed = step_seconds[warmup:]
+        extra = sum(self.warmup_seconds) - warmup * statistics.median(self.timed)
+        self.warmup_extra = max(extra, 0.0)
 
 
 def run_lmforge(
     tokenizer: Tokenizer, shards: CharShards, precision: str, compile: bool, args: argparse.Namespace
-) -> tuple[list[float], float]:
+) -> Measurement:
     torch.manual_seed(SEED)
     if compile:
-        torch._dynamo.reset()
-    model = Transformer(model_config(shards.vocab_size))
+        torch._dynamo.reset()  # every compiled row pays its own compilation
+    cache = fresh_cache() if compile and not args.warm_cache else contextlib.nullcontext()
+    model = Transformer(lmforge_config(shards.vocab_size))
     task = LanguageModelingTask(shards, args.batch, BLOCK, seed=SEED)
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as out:
         cfg = TrainConfig(
@@ -101,42 +132,53 @@ def run_lmforge(
             progress=False,
             device="cpu",
         )
-        Trainer(model, tokenizer, task, cfg).fit()
+        with cache:
+            Trainer(model, tokenizer, task, cfg).fit()
         with (Path(out) / "metrics.csv").open(newline="") as f:
             tokens_per_s = [float(r["tokens_per_s"]) for r in csv.DictReader(f)]
     tokens = args.batch * BLOCK
-    return summarise([tokens / t for t in tokens_per_s], args.warmup)
+    return Measurement([tokens / t for t in tokens_per_s], args.warmup)
 
 
-def run_hf(shards: CharShards, precision: str, args: argparse.Namespace) -> tuple[list[float], float]:
+def run_hf(shards: CharShards, precision: str, args: argparse.Namespace) -> Measurement:
     torch.manual_seed(SEED)
-    config = GPT2Config(
-        vocab_size=shards.vocab_size,
-        n_positions=BLOCK,
-        n_layer=6,
-        n_head=6,
-        n_embd=384,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(config).train()
+    model = GPT2LMHeadModel(hf_config(shards.vocab_size)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    seconds = []
-    for step in range(args.warmup + args.steps):
+
+    def step(index: int) -> float:
         start = time.perf_counter()
-        x, _ = shards.batch("train", args.batch, BLOCK, SEED, step)
+        x, _ = shards.batch("train", args.batch, BLOCK, SEED, index)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss)
-        seconds.append(time.perf_counter() - start)
-        if not np.isfinite(loss_value):
-            raise RuntimeError(f"HF loss became {loss_value} at step {step + 1}")
-    return summarise(seconds, args.warmup)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"HF loss became {value} at step {index + 1}")
+        return time.perf_counter() - start
+
+    seconds = [step(i) for i in range(args.warmup)]
+    if args.steps is None:  # the first row decides how many steps fit in --row-seconds
+        typical = statistics.median(seconds[1:] or seconds)
+        args.steps = min(args.max_steps, max(MIN_STEPS, int(args.row_seconds / typical)))
+    seconds += [step(args.warmup + i) for i in range(args.steps)]
+    return Measurement(seconds, args.warmup)
+
+
+def gemm_gflops(dtype: torch.dtype, bursts: int = 5, seconds: float = 0.1) -> float:
+    """A (2048 x 1536) @ (1536 x 384) product (the MLP's down projection), best of a few short bursts."""
+    a, b = torch.randn(2048, 1536, dtype=dtype), torch.randn(1536, 384, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(bursts):
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            a @ b
+            count += 1
+        best = max(best, 2 * 2048 * 1536 * 384 * count / elapsed / 1e9)
+    return best
 
 
 def cpu_model() -> str:
@@ -155,73 +197,107 @@ def cpu_features() -> str:
             line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
         ).split()
     except (OSError, StopIteration):
-        return "?"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
+        return "flags unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return "+".join(f for f in wanted if f in flags) or "no avx2/avx512/amx"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row per round")
-    parser.add_argument("--rounds", type=int, default=1, help="run all rows this many times, interleaved")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row per round (at most)")
+    parser.add_argument("--row-seconds", type=float, default=40, help="lower --steps to fit this per row")
+    parser.add_argument("--rounds", type=int, default=2, help="run all rows this many times, interleaved")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument(
+        "--warm-cache", action="store_true", help="let torch.compile reuse kernels cached by earlier runs"
+    )
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
+    args.max_steps, args.steps = args.steps, None
     torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
     tokenizer, shards = load_corpus()
-    hf_attn = GPT2LMHeadModel(
-        GPT2Config(vocab_size=65, n_positions=BLOCK, n_layer=1, n_head=6, n_embd=384)
-    ).config._attn_implementation
+    fp32_gflops, bf16_gflops = gemm_gflops(torch.float32), gemm_gflops(torch.bfloat16)
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_gflops >= 0.5 * fp32_gflops)
 
-    rows: list[tuple[str, str, str, Any]] = [
+    Row = tuple[str, str, str, Callable[[], Measurement]]
+    rows: list[Row] = [
         ("HF GPT2LMHeadModel + AdamW", "fp32", "off", lambda: run_hf(shards, "fp32", args)),
         ("lmforge Trainer", "fp32", "off", lambda: run_lmforge(tokenizer, shards, "fp32", False, args)),
-        ("lmforge Trainer", "bf16 autocast", "off", lambda: run_lmforge(tokenizer, shards, "bf16", False, args)),
-        ("HF GPT2LMHeadModel + AdamW", "bf16 autocast", "off", lambda: run_hf(shards, "bf16", args)),
         ("lmforge Trainer", "fp32", "on", lambda: run_lmforge(tokenizer, shards, "fp32", True, args)),
-        ("lmforge Trainer", "bf16 autocast", "on", lambda: run_lmforge(tokenizer, shards, "bf16", True, args)),
     ]
-    timed: dict[int, list[float]] = {i: [] for i in range(len(rows))}
-    warm: dict[int, list[float]] = {i: [] for i in range(len(rows))}
+    bf16_rows: list[Row] = [
+        ("HF GPT2LMHeadModel + AdamW", "bf16 autocast", "off", lambda: run_hf(shards, "bf16", args)),
+        (
+            "lmforge Trainer",
+            "bf16 autocast",
+            "off",
+            lambda: run_lmforge(tokenizer, shards, "bf16", False, args),
+        ),
+        (
+            "lmforge Trainer",
+            "bf16 autocast",
+            "on",
+            lambda: run_lmforge(tokenizer, shards, "bf16", True, args),
+        ),
+    ]
+    measured = rows + bf16_rows if bf16 else rows
+    rounds: dict[int, list[float]] = {i: [] for i in range(len(measured))}  # tokens/s, one per round
+    extra: dict[int, list[float]] = {i: [] for i in range(len(measured))}
+    tokens = args.batch * BLOCK
     started = time.perf_counter()
     for r in range(args.rounds):
-        for i, (name, precision, compiled, fn) in enumerate(rows):
+        order = list(enumerate(measured))
+        for i, (name, precision, compiled, fn) in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            seconds, extra = fn()
-            timed[i] += seconds
-            warm[i].append(extra)
+            m = fn()
+            rounds[i].append(tokens / statistics.median(m.timed))
+            extra[i].append(m.warmup_extra)
             print(
-                f"  round {r + 1}/{args.rounds} {name}, {precision}, compile {compiled}: "
-                f"{args.batch * BLOCK / statistics.median(seconds):,.0f} tokens/s "
-                f"({time.perf_counter() - t0:.0f} s)",
+                f"  round {r + 1}/{args.rounds}: {name}, {precision}, compile {compiled}: "
+                f"{tokens / statistics.median(m.timed):,.0f} tokens/s over {len(m.timed)} steps; warm-up steps "
+                f"{', '.join(f'{s:.1f}' for s in m.warmup_seconds)} s; row took {time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
 
-    tokens = args.batch * BLOCK
-    tps = {i: tokens / statistics.median(timed[i]) for i in timed}
-    hf32 = tps[0]
-    params = Transformer(model_config(shards.vocab_size)).num_parameters()
+    tps = {i: max(rounds[i]) for i in rounds}
+    params = Transformer(lmforge_config(shards.vocab_size)).num_parameters()
+    hf_attn = GPT2LMHeadModel(hf_config(shards.vocab_size)).config._attn_implementation
     print(
-        f"\nbaby-GPT pretraining ({params / 1e6:.2f} M params: 6L/6H/384d, context {BLOCK}, vocab "
-        f"{shards.vocab_size}), batch {args.batch} x {BLOCK} = {tokens} tokens/step, tinyshakespeare"
+        f"\nbaby-GPT pretraining on tinyshakespeare: {params / 1e6:.2f} M params (6L/6H/384d, context {BLOCK}, "
+        f"vocab {shards.vocab_size}), batch {args.batch} x {BLOCK} = {tokens:,} tokens/step"
     )
     print(
-        f"CPU: {cpu_model()} ({cpu_features()}); torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {args.threads} threads; HF attention: {hf_attn}"
+        f"CPU: {cpu_model()} ({cpu_features()}), GEMM fp32 {fp32_gflops:.0f} / bf16 {bf16_gflops:.1f} GFLOP/s; "
+        f"torch {torch.__version__}, transformers {transformers.__version__} (attention: {hf_attn}); "
+        f"{args.threads} threads"
     )
     print(
-        f"median over {args.steps * args.rounds} timed steps per row ({args.rounds} round(s) x {args.steps}, "
-        f"each after {args.warmup} warm-up steps); total {time.perf_counter() - started:.0f} s\n"
+        f"tokens/s: median of {args.steps} timed steps (after {args.warmup} warm-up steps) in the best of "
+        f"{args.rounds} interleaved round(s); whole run {time.perf_counter() - started:.0f} s\n"
     )
-    print("| loop | precision | compile | tokens/s | ms/step | vs HF fp32 | warm-up extra s |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for i, (name, precision, compiled, _) in enumerate(rows):
-        ms = 1000 * statistics.median(timed[i])
-        extra = statistics.median(warm[i])
+    print("| loop | precision | compile | tokens/s | ms/step | vs HF fp32 | each round | warm-up extra (s) |")
+    print("|---|---|---|---:|---:|---:|---|---:|")
+    for i, (name, precision, compiled, _) in enumerate(measured):
+        each = " / ".join(f"{t:,.0f}" for t in rounds[i])
         print(
-            f"| {name} | {precision} | {compiled} | {tps[i]:,.0f} | {ms:.0f} | {tps[i] / hf32:.2f}x | {extra:.1f} |"
+            f"| {name} | {precision} | {compiled} | {tps[i]:,.0f} | {1000 * tokens / tps[i]:,.0f} | "
+            f"{tps[i] / tps[0]:.2f}x | {each} | {min(extra[i]):.1f} |"
         )
+    if not bf16:
+        why = (
+            f"skipped: bf16 GEMM {bf16_gflops:.1f} GFLOP/s vs fp32 {fp32_gflops:.0f} on this CPU (--bf16 on forces)"
+            if args.bf16 == "auto"
+            else "skipped (--bf16 off)"
+        )
+        for name, precision, compiled, _ in bf16_rows:
+            print(f"| {name} | {precision} | {compiled} | {why} | | | | |")
 
 
 if __name__ == "__main__":
