@@ -39,6 +39,18 @@ def _chat_or_plain(llm: LLM, user: str, answer_prefix: str = "") -> str:
     return user + "\n" + answer_prefix
 
 
+def _padded(llm: LLM, rows: Sequence[list[int]], hint: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask on the model's device; an error (never a silent cut) beyond the context."""
+    longest = max(len(r) for r in rows)
+    if longest > llm.config.block_size:
+        raise LmforgeError(
+            f"input of {longest} tokens exceeds the model's context of {llm.config.block_size}", hint=hint
+        )
+    ids, mask = left_pad(rows, pad_id=0)
+    mask = torch.ones_like(ids) if mask is None else mask
+    return ids.to(llm.model.device), mask.to(llm.model.device)
+
+
 # ------------------------------------------------------------------ classify
 def classification_prompt(text: str, labels: Sequence[str], examples: Sequence[Example] = ()) -> str:
     if is_chinese(text):
@@ -67,16 +79,8 @@ def sequence_logprobs(
             p + c
             for p, c in zip(prompts[start : start + batch], continuations[start : start + batch], strict=True)
         ]
-        too_long = max(len(r) for r in rows)
-        if too_long > llm.config.block_size:
-            raise LmforgeError(
-                f"input of {too_long} tokens exceeds the model's context of {llm.config.block_size}",
-                hint="shorten the text (classification never truncates silently)",
-            )
-        ids, mask = left_pad(rows, pad_id=0)
-        logits, _ = model(
-            ids.to(model.device), attention_mask=None if mask is None else mask.to(model.device)
-        )
+        ids, mask = _padded(llm, rows, hint="shorten the text (classification never truncates silently)")
+        logits, _ = model(ids, attention_mask=mask)
         logprobs = logits.float().log_softmax(-1)  # (B, T, V)
         width = ids.shape[1]
         for r, cont in enumerate(continuations[start : start + batch]):
@@ -134,16 +138,8 @@ def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
     results = []
     for start in range(0, len(texts), 16):
         ids = [llm.tokenizer.encode(t) for t in texts[start : start + 16]]
-        longest = max(len(i) for i in ids)
-        if longest > config.block_size:
-            raise LmforgeError(
-                f"text of {longest} tokens exceeds the model's context of {config.block_size}",
-                hint="shorten the text (classification never truncates silently)",
-            )
-        batch, mask = left_pad(ids, pad_id=0)
-        scores = model.classify(
-            batch.to(model.device), None if mask is None else mask.to(model.device)
-        ).float()
+        batch, mask = _padded(llm, ids, hint="shorten the text (classification never truncates silently)")
+        scores = model.classify(batch, mask).float()
         for row in scores:
             if config.regression:
                 results.append({"label": config.labels[0], "score": float(row[0])})
@@ -208,16 +204,9 @@ def embed(llm: LLM, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
         ids = [
             llm.tokenizer.encode(t) or [llm.tokenizer.eos_id or 0] for t in texts[start : start + batch_size]
         ]
-        longest = max(len(i) for i in ids)
-        if longest > llm.config.block_size:
-            raise LmforgeError(
-                f"text of {longest} tokens exceeds the model's context of {llm.config.block_size}",
-                hint="split the text into passages before embedding",
-            )
-        batch, mask = left_pad(ids, pad_id=0)
-        mask = torch.ones_like(batch) if mask is None else mask
-        hidden = model.hidden_states(batch.to(model.device), attention_mask=mask.to(model.device)).float()
-        weights = mask.to(hidden.device).unsqueeze(-1).float()  # (B, T, 1)
+        batch, mask = _padded(llm, ids, hint="split the text into passages before embedding")
+        hidden = model.hidden_states(batch, attention_mask=mask).float()  # (B, T, C)
+        weights = mask.unsqueeze(-1).float()  # (B, T, 1)
         pooled = (hidden * weights).sum(1) / weights.sum(1)
         vectors.append(F.normalize(pooled, dim=-1).cpu().numpy())
     return np.concatenate(vectors).astype(np.float32)

@@ -93,6 +93,30 @@ def _truncate(ids: list[int], limit: int, counter: list[int]) -> list[int]:
     return ids
 
 
+class _ExampleTask:
+    """Shared by the fine-tuning tasks: epoch-shuffled training rows, the first rows of val for evaluation."""
+
+    train: Any
+    val: Any
+    micro_batch_size: int
+    sampler: _EpochSampler
+
+    def _batch(self, data: Any, rows: Sequence[int]) -> Batch:
+        raise NotImplementedError
+
+    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
+        # Draw the global batch and take this rank's rows: N processes see exactly what one process would.
+        b = self.micro_batch_size
+        rows = self.sampler.indices(index, b * world_size)[rank * b : (rank + 1) * b]
+        return self._batch(self.train, rows)
+
+    def val_batches(self, count: int) -> Iterable[Batch]:
+        data = self.val or self.train
+        n = min(len(data), count * self.micro_batch_size)
+        for start in range(0, n, self.micro_batch_size):
+            yield self._batch(data, range(start, min(n, start + self.micro_batch_size)))
+
+
 # ------------------------------------------------------------ classification
 @dataclass
 class ClassificationData:
@@ -100,6 +124,9 @@ class ClassificationData:
     targets: list[float]  # label index, or the score for regression
     labels: list[str]
     regression: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def load_classification(
@@ -147,7 +174,7 @@ def load_classification(
     return ClassificationData(ids, targets, names, regression)
 
 
-class ClassificationTask:
+class ClassificationTask(_ExampleTask):
     """Cross-entropy (optionally class-weighted) or MSE on the head at the last real token."""
 
     def __init__(
@@ -180,17 +207,6 @@ class ClassificationTask:
         if mask is not None:
             batch["attention_mask"] = mask
         return batch
-
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        b = self.micro_batch_size
-        rows = self.sampler.indices(index, b * world_size)[rank * b : (rank + 1) * b]
-        return self._batch(self.train, rows)
-
-    def val_batches(self, count: int) -> Iterable[Batch]:
-        data = self.val or self.train
-        n = min(len(data.ids), count * self.micro_batch_size)
-        for start in range(0, n, self.micro_batch_size):
-            yield self._batch(data, range(start, min(n, start + self.micro_batch_size)))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         scores = _unwrap(model).classify(batch["input_ids"], batch.get("attention_mask")).float()
@@ -232,6 +248,9 @@ def summary_messages(text: str, summary: str) -> list[dict[str, str]]:
 class SequenceData:
     input_ids: list[list[int]]
     targets: list[list[int]]  # already shifted; IGNORE_INDEX where no loss is taken
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 def encode_conversation(
@@ -293,7 +312,7 @@ def pack(data: SequenceData, block_size: int) -> SequenceData:
     return SequenceData(inputs, targets)
 
 
-class SequenceTask:
+class SequenceTask(_ExampleTask):
     """Next-token loss on answer tokens only (prompt positions carry IGNORE_INDEX); right-padded batches."""
 
     def __init__(
@@ -302,8 +321,7 @@ class SequenceTask:
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
         self.sampler = _EpochSampler(len(train.input_ids), seed)
 
-    @staticmethod
-    def _batch(data: SequenceData, rows: Sequence[int]) -> Batch:
+    def _batch(self, data: SequenceData, rows: Sequence[int]) -> Batch:
         longest = max(len(data.input_ids[i]) for i in rows)
         ids = torch.zeros((len(rows), longest), dtype=torch.long)
         targets = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -313,17 +331,6 @@ class SequenceTask:
             targets[r, :n] = torch.tensor(data.targets[i])
         # Right padding needs no attention mask: causal attention never lets a real token see a later pad.
         return {"input_ids": ids, "targets": targets}
-
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        b = self.micro_batch_size
-        rows = self.sampler.indices(index, b * world_size)[rank * b : (rank + 1) * b]
-        return self._batch(self.train, rows)
-
-    def val_batches(self, count: int) -> Iterable[Batch]:
-        data = self.val or self.train
-        n = min(len(data.input_ids), count * self.micro_batch_size)
-        for start in range(0, n, self.micro_batch_size):
-            yield self._batch(data, range(start, min(n, start + self.micro_batch_size)))
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], targets=batch["targets"])[1]
