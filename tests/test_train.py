@@ -81,7 +81,7 @@ def build(shards_dir, settings):
 
 
 def main(argv):
-    import lmforge.formats.folder as folder_mod
+    import lmforge.train.loop as loop_mod
     import lmforge.train.checkpoint as ckpt
     from lmforge.train import LanguageModelingTask
 
@@ -101,7 +101,7 @@ def main(argv):
 
         LanguageModelingTask.train_batch = slow_draw
     if os.environ.get("HANG_AT_SAVE"):
-        prefix, write = f".step-{int(os.environ['HANG_AT_SAVE']):06d}.tmp-", ckpt.write_model_files
+        prefix, write = f".step-{int(os.environ['HANG_AT_SAVE']):06d}.tmp-", ckpt.write_model_files_with_adapters
 
         def hanging_write(folder, *args, **kwargs):
             write(folder, *args, **kwargs)
@@ -109,7 +109,7 @@ def main(argv):
                 Path(settings["out_dir"], "HANGING").write_text(str(folder))
                 time.sleep(600)
 
-        ckpt.write_model_files = hanging_write
+        ckpt.write_model_files_with_adapters = hanging_write
     if os.environ.get("WRITES_LOG"):
         log = Path(os.environ["WRITES_LOG"].format(rank=rank))
 
@@ -121,7 +121,7 @@ def main(argv):
             return write
 
         ckpt.atomic_write_folder = logged(ckpt.atomic_write_folder)
-        folder_mod.atomic_write_folder = logged(folder_mod.atomic_write_folder)
+        loop_mod.atomic_write_folder = logged(loop_mod.atomic_write_folder)
     result = build(shards_dir, settings).fit(resume=resume)
     if os.environ.get("LOSSES_OUT"):
         Path(os.environ["LOSSES_OUT"].format(rank=rank)).write_text(json.dumps(result.losses))
@@ -568,7 +568,7 @@ def test_failed_save_keeps_the_previous_checkpoint(
 ) -> None:
     # Tests run as root, where a read-only folder does not stop writes: inject the error instead.
     calls = []
-    write = checkpoint.write_model_files
+    write = checkpoint.write_model_files_with_adapters
 
     def full_disk(folder: Path, *args, **kwargs) -> None:
         calls.append(folder)
@@ -577,7 +577,7 @@ def test_failed_save_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         write(folder, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "write_model_files", full_disk)
+    monkeypatch.setattr(checkpoint, "write_model_files_with_adapters", full_disk)
     with pytest.raises(LmforgeError) as err:
         quick_trainer(tmp_path, shards, tok, max_steps=6).fit()
     target = tmp_path / "checkpoints" / "step-000004"
