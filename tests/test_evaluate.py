@@ -103,3 +103,31 @@ def test_rouge_word_level_english_char_level_chinese():
     zh = rouge(["基于深度学习的图像识别"], ["深度学习图像识别方法研究"])
     # LCS of the two character sequences is 深度学习图像识别 (8 chars): P = 8/11, R = 8/12
     assert abs(zh["rougeL"] - 2 * (8 / 11) * (8 / 12) / (8 / 11 + 8 / 12)) < 1e-9
+
+
+def test_eval_command_compares_models_and_the_baseline(tmp_path, tiny_tokenizer):
+    from lmforge.cli import main
+
+    from .conftest import tiny_llm
+
+    model_a = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "a")
+    model_b = tiny_llm("tiny-gpt2", tiny_tokenizer).save(tmp_path / "b")
+    rows = [{"text": "免费领奖", "label": "spam"}, {"text": "see you", "label": "ham"}] * 4
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "report"
+    args = ["eval", str(model_a), str(model_b), "--task", "classify", "--data", str(data)]
+    assert main([*args, "--train-file", str(data), "--labels", "ham,spam", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == [
+        "baseline: tf-idf + logistic regression",
+        f"{model_a} (zero-shot)",
+        f"{model_b} (zero-shot)",
+    ]
+    assert report["rows"][0]["accuracy"] == 1.0
+    assert (out / "report.md").read_text().startswith("| model | accuracy |")
+    assert len(list(out.glob("confusion-*.png"))) == 3
+    text = tmp_path / "text.txt"
+    text.write_text("床前明月光，疑是地上霜。" * 20, encoding="utf-8")
+    assert main(["eval", str(model_a), "--task", "perplexity", "--data", str(text), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["rows"][0]["perplexity"] > 1

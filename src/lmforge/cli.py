@@ -315,6 +315,28 @@ def cmd_embed(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.evaluate import markdown_table
+    from lmforge.recipes.evaluate import COLUMNS, evaluate_models
+
+    report = evaluate_models(
+        args.models or ["default"],
+        args.data,
+        task=args.task,
+        out_dir=args.out,
+        train_file=args.train_file,
+        labels=args.labels.split(",") if args.labels else None,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        summary_field=args.summary_field,
+        limit=args.limit,
+        window=args.window,
+        stride=args.stride,
+    )
+    print(markdown_table(report["rows"], COLUMNS[args.task]))
+    print(f"\nreport: {', '.join(report['files'])}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -423,6 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, positional=False)
     p.add_argument("text", nargs="*")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "eval", help="evaluate models side by side: perplexity | classify | summarize | choice"
+    )
+    p.add_argument("models", nargs="*", help="models to compare (default: the bundled model)")
+    p.add_argument("--task", required=True, choices=["perplexity", "classify", "summarize", "choice"])
+    p.add_argument("--data", required=True, help="text file (perplexity) or .jsonl/.csv test set")
+    p.add_argument("--train-file", help="classification: training data for the TF-IDF baseline row")
+    p.add_argument("--labels", help="classification: candidate labels for zero-shot models")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--summary-field", default="summary")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--window", type=int, help="perplexity: tokens of context per window")
+    p.add_argument("--stride", type=int, help="perplexity: tokens between windows")
+    p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quickstart", help="a tour: load the default model and answer in English and Chinese")
     p.add_argument("--max-tokens", type=int, default=64)

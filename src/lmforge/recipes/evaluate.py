@@ -1,0 +1,125 @@
+"""Evaluation recipe: one or more models on one data file -> a JSON report and a markdown table, side by side.
+
+lmforge eval runs/spam/model default --task classify --data test.jsonl --train-file train.jsonl
+lmforge eval default --task perplexity --data book.txt
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.api import LLM
+from lmforge.data.tasks import read_records
+from lmforge.errors import LmforgeError
+from lmforge.evaluate import (
+    baseline_predictions,
+    classification_metrics,
+    multiple_choice,
+    perplexity,
+    plot_confusion,
+    rouge,
+    write_report,
+)
+
+EvalTask = Literal["perplexity", "classify", "summarize", "choice"]
+COLUMNS = {
+    "perplexity": ["model", "perplexity", "bits_per_byte", "tokens", "seconds"],
+    "classify": ["model", "accuracy", "macro_f1", "examples", "seconds"],
+    "summarize": ["model", "rouge1", "rouge2", "rougeL", "examples", "seconds"],
+    "choice": ["model", "accuracy", "examples", "seconds"],
+}
+
+
+def evaluate_models(
+    models: list[str],
+    data: str | Path,
+    *,
+    task: EvalTask,
+    out_dir: str | Path = "reports/eval",
+    train_file: str | Path | None = None,
+    labels: list[str] | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    summary_field: str = "summary",
+    limit: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    max_length: int = 60,
+) -> dict[str, Any]:
+    if task not in COLUMNS:
+        raise LmforgeError(f"unknown evaluation task {task!r}", hint=f"use one of {', '.join(COLUMNS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    if task == "classify":
+        records = read_records(data, [text_field, label_field])[:limit]
+        truth = [str(r[label_field]) for r in records]
+        texts = [str(r[text_field]) for r in records]
+        names = labels or sorted(set(truth))
+        if train_file:  # the classic baseline the language models have to beat
+            train = read_records(train_file, [text_field, label_field])
+            start = time.perf_counter()
+            predicted = baseline_predictions(
+                [str(r[text_field]) for r in train], [str(r[label_field]) for r in train], texts
+            )
+            metrics = classification_metrics(truth, predicted, names)
+            plot_confusion(
+                metrics, out / "confusion-baseline.png", "TF-IDF char n-grams + logistic regression"
+            )
+            rows.append(_row("baseline: tf-idf + logistic regression", metrics, len(texts), start))
+    for name in models:
+        start = time.perf_counter()
+        llm = LLM.load(name)
+        if task == "perplexity":
+            text = Path(data).read_text(encoding="utf-8")
+            rows.append(
+                {
+                    "model": name,
+                    **perplexity(llm, text, window, stride),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+        elif task == "classify":
+            zero_shot = None if llm.config.labels else names
+            unknown = sorted(set(truth) - set(llm.config.labels or names))
+            if unknown:
+                raise LmforgeError(
+                    f"{data}: labels {unknown} are unknown to model {name}",
+                    hint="evaluate on data with its labels",
+                )
+            predicted = [r["label"] for r in llm.classify_text(texts, labels=zero_shot)]
+            metrics = classification_metrics(truth, predicted, names)
+            plot_confusion(metrics, out / f"confusion-{_slug(name)}.png", name)
+            rows.append(_row(name + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
+        elif task == "summarize":
+            records = read_records(data, [text_field, summary_field])[:limit]
+            predictions = [llm.summarize(str(r[text_field]), max_length=max_length) for r in records]
+            scores = rouge(predictions, [str(r[summary_field]) for r in records])
+            rows.append(
+                {"model": name, **scores, "examples": len(records), "seconds": time.perf_counter() - start}
+            )
+        else:
+            items = read_records(data, ["question", "choices", "answer"])[:limit]
+            result = multiple_choice(llm, items)
+            rows.append(
+                {
+                    "model": name,
+                    "accuracy": result["accuracy"],
+                    "examples": len(items),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+    report = {"task": task, "data": str(data), "rows": rows}
+    json_path, md_path = write_report(report, out, COLUMNS[task])
+    report["files"] = [str(json_path), str(md_path)]
+    return report
+
+
+def _row(model: str, metrics: dict[str, Any], examples: int, start: float) -> dict[str, Any]:
+    return {"model": model, **metrics, "examples": examples, "seconds": time.perf_counter() - start}
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name).strip("-")[-60:]
