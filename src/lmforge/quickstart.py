@@ -15,7 +15,7 @@ from lmforge.api import LLM
 
 PROMPTS = [
     "What are three tips for writing clear code? Answer briefly.",
-    "用一句话介绍一下长城。",
+    "把这句话翻译成英文：我喜欢读书。",
 ]
 
 
@@ -37,6 +37,7 @@ def run_quickstart(
         seconds = time.perf_counter() - start
         tokens = len(llm.tokenizer.encode("".join(pieces), add_special_tokens=False))
         print(f"\n[{tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s]\n")
+    print("(SmolLM2-135M learned mostly English; `lmforge pretrain --init` and `lmforge finetune` teach it more.)\n")
     pretrain_demo(Path(out_dir), train_steps)
     print("\nNext: `lmforge chat` to talk to SmolLM2, `lmforge pretrain --help` to train on your own text.")
 
