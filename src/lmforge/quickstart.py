@@ -37,7 +37,9 @@ def run_quickstart(
         seconds = time.perf_counter() - start
         tokens = len(llm.tokenizer.encode("".join(pieces), add_special_tokens=False))
         print(f"\n[{tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s]\n")
-    print("(SmolLM2-135M learned mostly English; `lmforge pretrain --init` and `lmforge finetune` teach it more.)\n")
+    print(
+        "(SmolLM2-135M learned mostly English; `lmforge pretrain --init` and `lmforge finetune` teach it more.)\n"
+    )
     pretrain_demo(Path(out_dir), train_steps)
     print("\nNext: `lmforge chat` to talk to SmolLM2, `lmforge pretrain --help` to train on your own text.")
 
