@@ -164,11 +164,6 @@ class LLM:
             model.rope = type(model.rope)(config)
         return cls(model.to(device=device, dtype=dtype), tokenizer, generation, source)
 
-    @classmethod
-    def from_config(cls, config: Config, tokenizer: Tokenizer) -> LLM:
-        """A freshly initialised (untrained) model, e.g. to start pretraining."""
-        return cls(Transformer(config), tokenizer, source=config.name)
-
     def save(self, path: str | Path, card: str | None = None) -> Path:
         """Write the model folder (atomically: a failed save leaves any previous folder intact).
 

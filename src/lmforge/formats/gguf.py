@@ -196,17 +196,17 @@ class GGUFFile:
     def state_dict(self, config: Config, dtype: torch.dtype = torch.float32) -> StateDict:
         """All weights dequantized, under lmforge's names and layouts."""
         out: StateDict = {}
-        permute_qk = self.metadata.get("general.architecture") == "llama"
+        undo_permutation = self.metadata.get("general.architecture") == "llama"
         for tensor in self.tensors:
             array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
             weights = torch.from_numpy(np.ascontiguousarray(array))
-            for name, value in _rename(tensor.name, weights, config, permute_qk):
+            for name, value in _rename(tensor.name, weights, config, undo_permutation):
                 out[name] = value.to(dtype)
         return out
 
 
 def _rename(
-    name: str, weights: torch.Tensor, config: Config, permute_qk: bool
+    name: str, weights: torch.Tensor, config: Config, undo_permutation: bool
 ) -> list[tuple[str, torch.Tensor]]:
     top, _, kind = name.rpartition(".")
     if top in _TOP_TENSORS:
@@ -229,7 +229,7 @@ def _rename(
         raise UnsupportedError(
             f"unknown GGUF tensor {name!r}", hint="this architecture variant is not supported"
         )
-    if permute_qk and part in ("attn_q", "attn_k"):
+    if undo_permutation and part in ("attn_q", "attn_k"):
         weights = unpermute_qk(weights, config.n_head if part == "attn_q" else config.n_kv_head)
     return [(f"{prefix}.{_LAYER_TENSORS[part]}.{kind}", weights)]
 
@@ -239,16 +239,6 @@ def unpermute_qk(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows = weights.shape[0]
     return (
         weights.reshape(n_heads, rows // n_heads // 2, 2, *weights.shape[1:])
-        .transpose(1, 2)
-        .reshape(weights.shape)
-    )
-
-
-def permute_qk(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp's q/k row permutation (the inverse of ``unpermute_qk``), for writing GGUF files."""
-    rows = weights.shape[0]
-    return (
-        weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:])
         .transpose(1, 2)
         .reshape(weights.shape)
     )
