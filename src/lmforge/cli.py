@@ -174,14 +174,21 @@ def _tokenizer_from(source: str):
     return LLM.load(source).tokenizer
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from lmforge.recipes.pretrain import load_recipe, pretrain
+def _train_settings(args: argparse.Namespace, from_yaml: dict | None) -> dict:
+    """The YAML file's train: section, with every TrainConfig flag the user gave laid over it."""
     from lmforge.train import TrainConfig
 
+    train = dict(from_yaml or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return train
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmforge.recipes.pretrain import load_recipe, pretrain
+
     recipe = load_recipe(args.config) if args.config else {}
-    train = dict(recipe.get("train") or {})
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train.update({k: v for k, v in vars(args).items() if k in train_fields and v is not None})
+    train = _train_settings(args, recipe.get("train"))
     model_config = dict(recipe.get("model_config") or {})
     model_config.update({k: v for k, v in vars(args).items() if k in _MODEL_FIELDS and v is not None})
     data = args.data or recipe.get("data")
@@ -240,12 +247,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 def cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.recipes.finetune import finetune
     from lmforge.recipes.pretrain import load_yaml
-    from lmforge.train import TrainConfig
 
     recipe = load_yaml(args.config) if args.config else {}
-    train = dict(recipe.pop("train", None) or {})
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train.update({k: v for k, v in vars(args).items() if k in train_fields and v is not None})
+    train = _train_settings(args, recipe.pop("train", None))
     train.setdefault("device", args.device)
     lora = {
         k: v

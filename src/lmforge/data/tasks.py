@@ -86,13 +86,6 @@ class _EpochSampler:
         return out
 
 
-def _truncate(ids: list[int], limit: int, counter: list[int]) -> list[int]:
-    if len(ids) > limit:
-        counter[0] += 1
-        return ids[:limit]
-    return ids
-
-
 class _ExampleTask:
     """Shared by the fine-tuning tasks: epoch-shuffled training rows, the first rows of val for evaluation."""
 
@@ -164,11 +157,12 @@ def load_classification(
                 hint="a classifier needs at least two labels",
             )
         targets = [float(names.index(str(r[label_field]))) for r in rows]
-    truncated = [0]
-    ids = [_truncate(tokenizer.encode(str(r[text_field])), block_size, truncated) for r in rows]
-    if truncated[0]:
+    full = [tokenizer.encode(str(r[text_field])) for r in rows]
+    ids = [i[:block_size] for i in full]
+    truncated = sum(len(i) > block_size for i in full)
+    if truncated:
         warnings.warn(
-            f"{path}: {truncated[0]} of {len(rows)} texts were longer than {block_size} tokens and were truncated",
+            f"{path}: {truncated} of {len(rows)} texts were longer than {block_size} tokens and were truncated",
             stacklevel=2,
         )
     return ClassificationData(ids, targets, names, regression)
