@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
 import warnings
 
 import pytest
 import torch
 
 from lmforge import LLM, LmforgeError
-from lmforge.data.tasks import encode_conversation, load_classification, load_sequences, read_records
+from lmforge.data.tasks import (
+    _EpochSampler,
+    encode_conversation,
+    load_classification,
+    load_sequences,
+    read_records,
+)
 from lmforge.model import IGNORE_INDEX
 from lmforge.recipes.finetune import choose_trainable, finetune
 
@@ -151,3 +158,20 @@ def test_embeddings_are_normalised_and_batch_independent(tiny_tokenizer):
     assert torch.allclose(torch.from_numpy(together).norm(dim=-1), torch.ones(3), atol=1e-5)
     for text, row in zip(texts, together, strict=True):
         assert torch.allclose(torch.from_numpy(llm.embed(text)), torch.from_numpy(row), atol=1e-5)
+
+
+def test_length_grouping_sees_every_example_once_per_epoch_with_less_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(400)]
+
+    def epoch(sampler: _EpochSampler) -> list[list[int]]:
+        return [sampler.indices(i, 8) for i in range(50)]  # 50 batches of 8 = one epoch
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    grouped, plain = epoch(_EpochSampler(400, 3, lengths=lengths)), epoch(_EpochSampler(400, 3))
+    assert sorted(i for b in grouped for i in b) == list(range(400))
+    assert padding(grouped) < 0.2 * padding(plain)
+    assert epoch(_EpochSampler(400, 3, lengths=lengths)) == grouped  # stateless: resume draws the same
+    assert epoch(_EpochSampler(400, 4, lengths=lengths)) != grouped  # the seed matters

@@ -287,6 +287,7 @@ _FINETUNE_OPTIONS = (
     "regression",
     "include_prompt",
     "packing",
+    "group_by_length",
     "block_size",
 )
 
@@ -428,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regression", action="store_true", default=None, help="predict a number (MSE)")
     p.add_argument("--include-prompt", dest="include_prompt", action="store_true", default=None)
     p.add_argument("--packing", action="store_true", default=None)
+    p.add_argument(
+        "--group-by-length",
+        dest="group_by_length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batch examples of similar length together (default: on; less padding, same data)",
+    )
     p.add_argument("--block-size", dest="block_size", type=int)
     p.add_argument("--resume", action="store_true")
     _add_train_flags(p, skip=("block_size", "device"))

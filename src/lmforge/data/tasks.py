@@ -65,11 +65,40 @@ def read_records(path: str | Path, required: Sequence[str]) -> list[dict[str, An
 
 
 class _EpochSampler:
-    """Deterministic example indices for global batch ``i`` (stateless, so resume is exact)."""
+    """Deterministic example indices for global batch ``i`` (stateless, so resume is exact).
 
-    def __init__(self, size: int, seed: int, weights: Sequence[float] | None = None) -> None:
-        self.size, self.seed, self.weights = size, seed, weights
+    With ``lengths``, each epoch's shuffled order is regrouped so a batch holds examples of similar length
+    (sorted within windows of 50 batches, then the batches shuffled): far less padding, the same examples
+    per epoch. Short texts (SMS, reviews) vary a lot in length; random batches waste ~2x compute on pads.
+    """
+
+    GROUP_WINDOW = 50  # batches per sorting window: wide enough to match lengths, narrow enough to mix
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
+        self.size, self.seed, self.weights, self.lengths = size, seed, weights, lengths
         self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int, batch_size: int) -> list[int]:
+        order = list(range(self.size))
+        rng = random.Random(f"{self.seed}:{epoch}")
+        rng.shuffle(order)
+        if self.lengths is not None:
+            window = batch_size * self.GROUP_WINDOW
+            order = [
+                i
+                for start in range(0, self.size, window)
+                for i in sorted(order[start : start + window], key=self.lengths.__getitem__)
+            ]
+            batches = [order[start : start + batch_size] for start in range(0, self.size, batch_size)]
+            rng.shuffle(batches)
+            order = [i for batch in batches for i in batch]
+        return order
 
     def indices(self, batch_index: int, batch_size: int) -> list[int]:
         if self.weights is not None:  # balanced sampling: draw with replacement by class weight
@@ -79,9 +108,7 @@ class _EpochSampler:
         for k in range(batch_index * batch_size, (batch_index + 1) * batch_size):
             epoch, position = divmod(k, self.size)
             if epoch not in self._orders:
-                order = list(range(self.size))
-                random.Random(f"{self.seed}:{epoch}").shuffle(order)
-                self._orders = {epoch: order}  # keep one epoch's order in memory
+                self._orders = {epoch: self._order(epoch, batch_size)}  # keep one epoch's order in memory
             out.append(self._orders[epoch][position])
         return out
 
@@ -178,6 +205,7 @@ class ClassificationTask(_ExampleTask):
         micro_batch_size: int,
         seed: int = 1337,
         balance: str = "none",  # none | weights (class-weighted loss) | sample (balanced sampling)
+        group_by_length: bool = False,
     ) -> None:
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
         self.class_weights = None
@@ -193,7 +221,8 @@ class ClassificationTask(_ExampleTask):
                 sample_weights = [float(inverse[int(t)]) for t in train.targets]
             else:
                 raise LmforgeError(f"unknown balance mode {balance!r}", hint="use none, weights or sample")
-        self.sampler = _EpochSampler(len(train.ids), seed, sample_weights)
+        lengths = [len(ids) for ids in train.ids] if group_by_length else None
+        self.sampler = _EpochSampler(len(train.ids), seed, sample_weights, lengths)
 
     def _batch(self, data: ClassificationData, rows: Sequence[int]) -> Batch:
         ids, mask = left_pad([data.ids[i] for i in rows], pad_id=0)
@@ -310,10 +339,16 @@ class SequenceTask(_ExampleTask):
     """Next-token loss on answer tokens only (prompt positions carry IGNORE_INDEX); right-padded batches."""
 
     def __init__(
-        self, train: SequenceData, val: SequenceData | None, micro_batch_size: int, seed: int = 1337
+        self,
+        train: SequenceData,
+        val: SequenceData | None,
+        micro_batch_size: int,
+        seed: int = 1337,
+        group_by_length: bool = False,
     ) -> None:
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
-        self.sampler = _EpochSampler(len(train.input_ids), seed)
+        lengths = [len(ids) for ids in train.input_ids] if group_by_length else None
+        self.sampler = _EpochSampler(len(train.input_ids), seed, lengths=lengths)
 
     def _batch(self, data: SequenceData, rows: Sequence[int]) -> Batch:
         longest = max(len(data.input_ids[i]) for i in rows)

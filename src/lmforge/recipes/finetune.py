@@ -79,6 +79,7 @@ def finetune(
     regression: bool = False,
     include_prompt: bool = False,
     packing: bool = False,
+    group_by_length: bool = True,
     block_size: int | None = None,
     train: TrainConfig | dict[str, Any] | None = None,
     resume: bool = False,
@@ -107,7 +108,9 @@ def finetune(
             else None
         )
         add_classifier(net, data.labels, regression, cfg.seed)
-        job: Any = ClassificationTask(data, val, cfg.micro_batch_size, cfg.seed, balance=balance)
+        job: Any = ClassificationTask(
+            data, val, cfg.micro_batch_size, cfg.seed, balance=balance, group_by_length=group_by_length
+        )
     elif task in ("instruct", "summarize"):
 
         def load(path: str | Path) -> Any:
@@ -124,7 +127,7 @@ def finetune(
         data, val = load(train_file), (load(val_file) if val_file else None)
         if packing:
             data = pack(data, block)
-        job = SequenceTask(data, val, cfg.micro_batch_size, cfg.seed)
+        job = SequenceTask(data, val, cfg.micro_batch_size, cfg.seed, group_by_length and not packing)
     else:
         raise LmforgeError(f"unknown task {task!r}", hint="use classify, instruct or summarize")
     trainable = choose_trainable(net, method, freeze_last, lora_config)

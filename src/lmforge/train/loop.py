@@ -231,7 +231,6 @@ class Trainer:
             start_step, best = self._resume(wrapped, optimizer)
         forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
-        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * info.world_size * self._block_size()
         save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
         bar = tqdm(
             total=cfg.max_steps,
@@ -247,7 +246,7 @@ class Trainer:
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
             lr = self._set_lr(optimizer, step)
-            train_loss = self._train_step(forward_model, wrapped, optimizer, step, info)
+            train_loss, tokens = self._train_step(forward_model, wrapped, optimizer, step, info)
             losses.append(train_loss)
             if not math.isfinite(train_loss):
                 raise LmforgeError(
@@ -255,7 +254,7 @@ class Trainer:
                     hint="lower the learning rate, or use fp32 / gradient clipping",
                 )
             done = step + 1
-            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+            tokens_per_s = tokens * info.world_size / (time.perf_counter() - t0)
             evaluate = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps)
             val = self._evaluate(forward_model, info) if evaluate else None
             if val is not None:
@@ -278,7 +277,10 @@ class Trainer:
                 self._save(wrapped, optimizer, done, best, info)
             if val is not None:
                 metrics.plot()
-            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
+            if cfg.eval_every > 0:
+                shown["val"] = f"{val_loss:.4f}"
+            bar.set_postfix(shown)
             bar.update(1)
         bar.close()
         self._save(wrapped, optimizer, cfg.max_steps, best, info)
@@ -302,9 +304,6 @@ class Trainer:
             model_dir=model_dir,
             losses=losses,
         )
-
-    def _block_size(self) -> int:
-        return self.config.block_size or self.model.config.block_size
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":
@@ -332,11 +331,15 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         step: int,
         info: distributed.DistInfo,
-    ) -> float:
+    ) -> tuple[float, int]:
+        """One optimizer step; returns the mean loss and the tokens this process read (padding excluded)."""
         cfg = self.config
         total = torch.zeros((), device=info.device)
+        tokens = 0
         for micro in range(cfg.grad_accum):
             batch = self.task.train_batch(step * cfg.grad_accum + micro, info.rank, info.world_size)
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             batch = {k: v.to(info.device) for k, v in batch.items()}
             last = micro == cfg.grad_accum - 1
             # Gradients are averaged across processes only once per step, on the last micro-batch.
@@ -352,7 +355,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return distributed.mean_across(total, info)
+        return distributed.mean_across(total, info), tokens
 
     @torch.no_grad()
     def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> float:
