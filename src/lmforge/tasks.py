@@ -24,6 +24,7 @@ from lmforge.generate import left_pad
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
+    from lmforge.tokenizer import Tokenizer
 
 Example = tuple[str, str]  # (text, label) or (text, summary)
 
@@ -33,9 +34,10 @@ def is_chinese(text: str) -> bool:
     return cjk > 0.2 * max(1, len(text.strip()))
 
 
-def _chat_or_plain(llm: LLM, user: str, answer_prefix: str = "") -> str:
-    if llm.tokenizer.chat_template:
-        return llm.tokenizer.apply_chat_template([{"role": "user", "content": user}]) + answer_prefix
+def chat_or_plain(tokenizer: Tokenizer, user: str, answer_prefix: str = "") -> str:
+    """The prompt text for a user message: the model's chat template when it has one, else plain text."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}]) + answer_prefix
     return user + "\n" + answer_prefix
 
 
@@ -72,23 +74,26 @@ def sequence_logprobs(
 ) -> list[float]:
     """Sum of log p(continuation | prompt) for each pair, computed in left-padded batches."""
     model = llm.model
-    out: list[float] = []
-    batch = 8
-    for start in range(0, len(prompts), batch):
-        rows = [
-            p + c
-            for p, c in zip(prompts[start : start + batch], continuations[start : start + batch], strict=True)
-        ]
-        ids, mask = _padded(llm, rows, hint="shorten the text (classification never truncates silently)")
+    rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    out = [0.0] * len(rows)
+    for chunk in _length_batches(rows, 8):
+        ids, mask = _padded(
+            llm, [rows[i] for i in chunk], hint="shorten the text (classification never truncates silently)"
+        )
         logits, _ = model(ids, attention_mask=mask)
         logprobs = logits.float().log_softmax(-1)  # (B, T, V)
         width = ids.shape[1]
-        for r, cont in enumerate(continuations[start : start + batch]):
-            n = len(cont)
+        for r, i in enumerate(chunk):
+            n = len(continuations[i])
             positions = torch.arange(width - n - 1, width - 1)
-            targets = torch.tensor(cont)
-            out.append(float(logprobs[r, positions, targets].sum()))
+            out[i] = float(logprobs[r, positions, torch.tensor(continuations[i])].sum())
     return out
+
+
+def _length_batches(rows: Sequence[list[int]], size: int) -> list[list[int]]:
+    """Row indices in batches of similar length: left padding then wastes little compute."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def classify(
@@ -110,7 +115,7 @@ def classify(
     prompts, conts, owners = [], [], []
     for i, text in enumerate(texts):
         prompt = tok.encode(
-            _chat_or_plain(llm, classification_prompt(text, labels, examples)), add_special_tokens=False
+            chat_or_plain(tok, classification_prompt(text, labels, examples)), add_special_tokens=False
         )
         for label in labels:
             prompts.append(prompt)
@@ -135,23 +140,24 @@ def classify(
 @torch.inference_mode()
 def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
     config, model = llm.config, llm.model
-    results = []
-    for start in range(0, len(texts), 16):
-        ids = [llm.tokenizer.encode(t) for t in texts[start : start + 16]]
-        batch, mask = _padded(llm, ids, hint="shorten the text (classification never truncates silently)")
+    encoded = [llm.tokenizer.encode(t) for t in texts]
+    results: list[dict[str, Any]] = [{} for _ in texts]
+    for chunk in _length_batches(encoded, 16):
+        batch, mask = _padded(
+            llm,
+            [encoded[i] for i in chunk],
+            hint="shorten the text (classification never truncates silently)",
+        )
         scores = model.classify(batch, mask).float()
-        for row in scores:
+        for i, row in zip(chunk, scores, strict=True):
             if config.regression:
-                results.append({"label": config.labels[0], "score": float(row[0])})
+                results[i] = {"label": config.labels[0], "score": float(row[0])}
             else:
                 probs = row.softmax(-1).tolist()
-                best = int(row.argmax())
-                results.append(
-                    {
-                        "label": config.labels[best],
-                        "probabilities": dict(zip(config.labels, probs, strict=True)),
-                    }
-                )
+                results[i] = {
+                    "label": config.labels[int(row.argmax())],
+                    "probabilities": dict(zip(config.labels, probs, strict=True)),
+                }
     return results
 
 
@@ -170,7 +176,7 @@ def summarize(
     """Summarize ``text``; text longer than the context is summarized in chunks, then the summaries are merged."""
     tok = llm.tokenizer
     overhead = len(
-        tok.encode(_chat_or_plain(llm, summarization_prompt("", examples)), add_special_tokens=False)
+        tok.encode(chat_or_plain(tok, summarization_prompt("", examples)), add_special_tokens=False)
     )
     budget = llm.config.block_size - overhead - max_length - 8
     if budget < 32:
@@ -188,7 +194,7 @@ def summarize(
         )
         partial = [summarize(llm, chunk, max_length, examples, **options) for chunk in chunks]
         return summarize(llm, "\n".join(partial), max_length, examples, **options)
-    prompt = _chat_or_plain(llm, summarization_prompt(text, examples))
+    prompt = chat_or_plain(tok, summarization_prompt(text, examples))
     options.setdefault("stop", ["\n\n"])
     completion = llm.complete([prompt], max_new_tokens=max_length, **options)[0]
     return completion.text.strip()
