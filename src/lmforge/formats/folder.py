@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +136,20 @@ def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer,
     return config, state, tokenizer, generation
 
 
-def model_card(config: Config, tokenizer: Tokenizer) -> str:
+def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] | None = None) -> str:
+    """The README.md of a model folder.
+
+    ``record`` (from the model store) adds a ``description``, the ``lineage`` (one line per ancestor, nearest
+    first), the training ``recipe``, the ``data`` fingerprint and ``metrics``. Without it, the training record
+    in the config (``extra["lineage"]``) is shown.
+    """
+    record = record or {}
     params = config.num_parameters()
-    lineage = config.extra.get("lineage")
+    description = record.get("description")
     lines = [
         f"# {config.name}",
         "",
+        *([description, ""] if description else []),
         "A causal language model saved by [lmforge](https://pypi.org/project/lmforge/).",
         "",
         "| | |",
@@ -165,6 +173,33 @@ def model_card(config: Config, tokenizer: Tokenizer) -> str:
         "The folder is Hugging Face compatible: `transformers.AutoModelForCausalLM.from_pretrained` loads it.",
         "",
     ]
-    if lineage:
-        lines += ["## Lineage", "", "```json", json.dumps(lineage, indent=2, ensure_ascii=False), "```", ""]
+    ancestors = record.get("lineage") or []
+    training = record.get("recipe") or config.extra.get("lineage")
+    data = record.get("data")
+    if ancestors or training or data:
+        lines += ["## Lineage", ""]
+        lines += [f"{i}. {ancestor}" for i, ancestor in enumerate(ancestors, 1)] + ([""] if ancestors else [])
+        if data:
+            lines += [f"Data: sha256 `{data['sha256']}` ({len(data['files'])} files)", ""]
+        if training:
+            lines += ["```json", json.dumps(training, indent=2, ensure_ascii=False), "```", ""]
+    metrics = _flat_scalars(record.get("metrics") or {})
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in metrics.items()
+        ]
+        lines.append("")
     return "\n".join(lines)
+
+
+def _flat_scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics as ``outer / inner`` keys; lists (confusion matrices...) stay in the manifest only."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_scalars(value, f"{prefix}{key} / "))
+        elif not isinstance(value, (list, tuple)):
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -22,6 +22,7 @@ from lmforge.evaluate import (
     rouge,
     write_report,
 )
+from lmforge.store import add_metrics_if_stored
 
 EvalTask = Literal["perplexity", "classify", "summarize", "choice"]
 COLUMNS = {
@@ -111,6 +112,10 @@ def evaluate_models(
                     "seconds": time.perf_counter() - start,
                 }
             )
+        # A model from the store keeps its scores: `lmforge show` and its model card list them.
+        scores = {k: v for k, v in rows[-1].items() if k not in ("model", "seconds")}
+        scores["data"] = str(Path(data).resolve())
+        add_metrics_if_stored(llm.source, {f"{task}:{Path(data).name}": scores})
     report = {"task": task, "data": str(data), "rows": rows}
     json_path, md_path = write_report(report, out, COLUMNS[task])
     report["files"] = [str(json_path), str(md_path)]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.formats.folder import atomic_write_folder
 from lmforge.lora import LoRAConfig, inject_lora, merge_lora, save_adapter, write_model_files_with_adapters
 from lmforge.model import Transformer
+from lmforge.store import parse_ref, store_run, training_recipe
 from lmforge.train import TrainConfig, Trainer
 from lmforge.train.loop import TrainResult
 
@@ -83,9 +85,16 @@ def finetune(
     block_size: int | None = None,
     train: TrainConfig | dict[str, Any] | None = None,
     resume: bool = False,
+    save_as: str | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` on ``train_file``; the result's model folder is ready for ``LLM.load``."""
+    """Fine-tune ``model`` on ``train_file``; the result's model folder is ready for ``LLM.load``.
+
+    ``save_as="name:tag"`` puts that model into the model store with its lineage (the base model, these
+    settings, the data's sha256) and the run's final losses.
+    """
     cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
+    if save_as:
+        parse_ref(save_as)  # a bad name fails now, not after the run
     llm = model if isinstance(model, LLM) else LLM.load(model, dtype="float32", device="cpu")
     net, tok = llm.model, llm.tokenizer
     block = min(block_size or 512, net.config.block_size)
@@ -147,4 +156,14 @@ def finetune(
             atomic_write_folder(
                 result.model_dir, lambda tmp: write_model_files_with_adapters(tmp, net.config, state, tok)
             )
+    if save_as:
+        recipe = training_recipe(
+            lineage,
+            cfg,
+            task=task,
+            freeze_last=freeze_last if method == "freeze" else None,
+            lora=dataclasses.asdict(lora_config or LoRAConfig()) if method == "lora" else None,
+        )
+        data_files = [f for f in (train_file, val_file) if f]
+        store_run(result, save_as, parent=llm.source, recipe=recipe, data=data_files)
     return result

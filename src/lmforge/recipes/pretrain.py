@@ -17,15 +17,16 @@ from lmforge.config import Config
 from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.store import parse_ref, store_run, training_recipe
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.loop import TrainResult
 
-RECIPE_KEYS = ("model", "model_config", "init", "data", "tokenizer", "train", "resume")
+RECIPE_KEYS = ("model", "model_config", "init", "data", "tokenizer", "train", "resume", "save_as")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a pretraining YAML file: ``{model, model_config, init, data, tokenizer, train: {...}, resume}``."""
+    """Read a pretraining YAML file: the ``RECIPE_KEYS``, with ``train`` a mapping of TrainConfig settings."""
     recipe = load_yaml(path)
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
@@ -86,9 +87,16 @@ def pretrain(
     tokenizer: str | Path | None = None,
     train: TrainConfig | dict[str, Any] | None = None,
     resume: bool = False,
+    save_as: str | None = None,
 ) -> TrainResult:
-    """Pretrain (or continue pretraining, with ``init``) a model on token shards prepared by ``prepare_corpus``."""
+    """Pretrain (or continue pretraining, with ``init``) a model on token shards prepared by ``prepare_corpus``.
+
+    ``save_as="name:tag"`` puts the final model into the model store with its lineage (the ``init`` model,
+    these settings, the data's sha256) and the run's final losses.
+    """
     train_config = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
+    if save_as:
+        parse_ref(save_as)  # a bad name fails now, not after the run
     lineage: dict[str, Any] = {"recipe": "pretrain"}
     if init:
         if model or model_config:
@@ -106,4 +114,8 @@ def pretrain(
     shards = TokenShards(data, tok)
     block = train_config.block_size or net.config.block_size
     task = LanguageModelingTask(shards, train_config.micro_batch_size, block, seed=train_config.seed)
-    return Trainer(net, tok, task, train_config, lineage=lineage).fit(resume=resume)
+    result = Trainer(net, tok, task, train_config, lineage=lineage).fit(resume=resume)
+    if save_as:
+        recipe = training_recipe(lineage, train_config, model_config=model_config or None)
+        store_run(result, save_as, parent=lineage.get("parent"), recipe=recipe, data=[data])
+    return result

@@ -1,0 +1,708 @@
+"""The local model store: ``name:tag`` -> a model folder, with its lineage, recipe, data and metrics.
+
+    ~/.lmforge                       (or $LMFORGE_HOME)
+      blobs/sha256-<hex>             every file once, named by its content
+      manifests/<name>/<tag>.json    name:tag -> files, config summary, parent, recipe, data, metrics
+      snapshots/<hex>/               symlinks into blobs: the plain model folder ``LLM.load`` reads
+      tmp/                           files being written; never entries, ``gc`` removes leftovers
+      lock                           held while blobs, manifests or snapshots change
+
+Crash safety: a blob is written to tmp/, fsynced and renamed into place; the manifest comes last, also by
+rename, so a killed import leaves at most unreferenced blobs and temp files, never a half entry. Writers take
+the store-wide lock (concurrent imports run one after the other); readers take none. Every blob is re-hashed
+when a model is opened, so a damaged file is a one-line error instead of wrong outputs.
+
+The stored ``README.md`` is generated from the manifest (``formats.folder.model_card``) and is not part of a
+model's identity: ``id`` hashes the other files, so adding eval results to a model does not make it a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from filelock import FileLock, Timeout
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.formats.folder import model_card
+from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lmforge.train.loop import TrainResult
+
+DEFAULT_TAG = "latest"
+MAX_NAME, MAX_TAG = 128, 64
+LOCK_TIMEOUT_S = 600
+CARD = "README.md"
+_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_NAME = re.compile(rf"(?:{_PART}/)?{_PART}")
+_TAG = re.compile(_PART)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_CHUNK = 1 << 20
+# A checkpoint's trainer state (train/checkpoint.py) is not part of the model: the store keeps models only.
+TRAINER_FILES = ("optimizer.safetensors", "rng_state.safetensors", "trainer_state.json")
+_NAME_HINT = (
+    "names look like 'my-model', 'my-model:v1' or 'team/my-model:v1': ASCII letters, digits, '.', '_', '-', "
+    f"starting with a letter or digit, at most one '/' and one ':', names up to {MAX_NAME} and tags up to "
+    f"{MAX_TAG} characters"
+)
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A validated store reference; ``str(ref)`` is ``name:tag``."""
+
+    name: str
+    tag: str = DEFAULT_TAG
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+
+def parse_ref(text: str) -> Ref:
+    """``name[:tag]`` -> Ref (tag ``latest`` by default); anything that could escape the store is refused."""
+    name, colon, tag = str(text).partition(":")
+    tag = tag if colon else DEFAULT_TAG
+    if not (_NAME.fullmatch(name) and _TAG.fullmatch(tag) and len(name) <= MAX_NAME and len(tag) <= MAX_TAG):
+        raise LmforgeError(f"invalid model name {text!r}", hint=_NAME_HINT)
+    return Ref(name, tag)
+
+
+def _try_ref(text: str) -> Ref | None:
+    try:
+        return parse_ref(text)
+    except LmforgeError:
+        return None
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("LMFORGE_HOME") or "~/.lmforge").expanduser()
+
+
+def human_bytes(n: float) -> str:
+    units = ["B", "KB", "MB", "GB", "TB"]
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+# ------------------------------------------------------------------- hashing
+def _hash_into(src: IO[bytes], dst: IO[bytes] | None = None) -> tuple[str, int]:
+    """sha256 hex and size of ``src``, copying it into ``dst`` on the way when one is given."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    return digest.hexdigest(), size
+
+
+def hash_file(path: str | Path) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        return _hash_into(f)
+
+
+def _digest_of(files: Mapping[str, Mapping[str, Any]], skip: str | None = None) -> str:
+    """One sha256 over a folder's (file name, content digest) pairs."""
+    lines = "".join(f"{name}\0{entry['digest']}\n" for name, entry in sorted(files.items()) if name != skip)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def fingerprint(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """sha256 of each data file (folders: every file inside) plus one digest over all of their contents.
+
+    The combined digest depends on the contents and their order only, so the same data elsewhere matches.
+    """
+    files = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise LmforgeError(f"{path}: no such data file or folder", hint="check the data path")
+        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for member in members:
+            if member.name.startswith("."):
+                continue
+            digest, size = hash_file(member)
+            files.append({"path": str(member.resolve()), "sha256": digest, "size": size})
+    combined = hashlib.sha256("".join(f["sha256"] + "\n" for f in files).encode()).hexdigest()
+    return {"sha256": combined, "files": files}
+
+
+def _fsync(path: Path) -> None:
+    # Directories need fsync too (on Linux) for a rename to survive a power cut.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_manifest(path: Path) -> Manifest:
+    """A manifest's contents; ValueError when it is not one (so no name in it can point outside the store)."""
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        _TAG.fullmatch(name) and isinstance(e, dict) and _DIGEST.fullmatch(str(e.get("digest")))
+        for name, e in files.items()
+    ):
+        raise ValueError("not an lmforge store manifest")
+    return manifest
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------- reports
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: ``ok`` when every entry's blobs are present and hash to their names."""
+
+    entries: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    missing: dict[str, list[str]] = field(default_factory=dict)  # digest -> entries that need it
+    corrupt: dict[str, list[str]] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)  # manifest files that cannot be read
+    unreferenced: int = 0  # blobs no entry uses (``gc`` frees them)
+    temp: int = 0  # leftovers of interrupted writes (``gc`` removes them)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.corrupt or self.damaged)
+
+
+@dataclass
+class GcReport:
+    blobs: int = 0
+    snapshots: int = 0
+    temp: int = 0
+    bytes_freed: int = 0
+
+
+# ----------------------------------------------------------------------- store
+class Store:
+    """A model store rooted at ``root`` (default ``$LMFORGE_HOME`` or ``~/.lmforge``)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.blobs = self.root / "blobs"
+        self.manifests = self.root / "manifests"
+        self.snapshots = self.root / "snapshots"
+        self.tmp = self.root / "tmp"
+        self._lock = FileLock(self.root / "lock", timeout=LOCK_TIMEOUT_S)
+
+    # ------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            for folder in (self.blobs, self.manifests, self.snapshots, self.tmp):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LmforgeError(
+                f"cannot create the model store at {self.root}: {e.strerror}",
+                hint="set LMFORGE_HOME to a writable folder",
+            ) from None
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise LmforgeError(
+                f"the model store {self.root} stayed locked for {LOCK_TIMEOUT_S} s",
+                hint="another lmforge process is writing to it; wait for it to finish and try again",
+            ) from None
+
+    def _manifest_path(self, ref: Ref) -> Path:
+        return self.manifests / ref.name / f"{ref.tag}.json"
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.blobs / digest.replace(":", "-")
+
+    def _temp_path(self, suffix: str = "") -> Path:
+        return self.tmp / f"{uuid.uuid4().hex}{suffix}"
+
+    def _add_blob(self, path: Path) -> dict[str, Any]:
+        """Store one file unless its content is there already; returns its manifest entry. Needs the lock."""
+        hexdigest, size = hash_file(path)
+        digest = f"sha256:{hexdigest}"
+        blob = self._blob_path(digest)
+        # An existing blob is re-hashed, so that importing a model again repairs a corrupted copy.
+        if blob.is_file() and hash_file(blob) == (hexdigest, size):
+            return {"digest": digest, "size": size}
+        temp = self._temp_path(".part")
+        with open(path, "rb") as src, open(temp, "wb") as dst:
+            copied, _ = _hash_into(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if copied != hexdigest:
+            temp.unlink()
+            raise LmforgeError(f"{path} changed while it was being stored", hint="store it again when idle")
+        os.replace(temp, blob)
+        _fsync(self.blobs)
+        return {"digest": digest, "size": size}
+
+    def _write_json(self, target: Path, data: Mapping[str, Any]) -> None:
+        temp = self._temp_path(".json")
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+        _fsync(target.parent)
+
+    def _snapshot(self, manifest: Manifest) -> Path:
+        """The folder view of an entry: symlinks named like the files, pointing into blobs/."""
+        files = manifest["files"]
+        folder = self.snapshots / _digest_of(files)
+
+        def complete() -> bool:
+            return folder.is_dir() and sorted(os.listdir(folder)) == sorted(files)
+
+        if complete():
+            return folder
+        with self._locked():
+            if complete():  # another process made it while we waited for the lock
+                return folder
+            temp = self._temp_path()
+            temp.mkdir()
+            for name, entry in files.items():
+                # Relative links: snapshots/<hex>/ and tmp/<hex>/ sit equally deep, and the store can move.
+                target = Path("..", "..", "blobs", self._blob_path(entry["digest"]).name)
+                try:
+                    (temp / name).symlink_to(target)
+                except OSError:  # no symlinks (Windows without developer mode): hard links work as well
+                    os.link(self._blob_path(entry["digest"]), temp / name)
+            if folder.exists():
+                shutil.rmtree(folder)
+            temp.rename(folder)
+        return folder
+
+    def _entries(self) -> Iterator[tuple[str, Manifest | None]]:
+        """(``name:tag``, manifest or None when unreadable) for every manifest file."""
+        if not self.manifests.is_dir():
+            return
+        for path in sorted(self.manifests.rglob("*.json")):
+            rel = path.relative_to(self.manifests)
+            ref = f"{'/'.join(rel.parts[:-1])}:{path.stem}"
+            try:
+                yield ref, _read_manifest(path)
+            except (OSError, ValueError):
+                yield ref, None
+
+    def _card(self, folder: Path, manifest: Manifest) -> Path:
+        """Write the model card for ``manifest`` (lineage, recipe, data, metrics) to a temp file.
+
+        Its title is the stored name without the tag, so tags of one model share one card.
+        """
+        config = Config.load(folder / "config.json").replace(name=manifest["name"])
+        record = {
+            "description": manifest.get("description"),
+            "lineage": [describe_parent(p) for p in self.lineage(manifest.get("parent"))],
+            "recipe": manifest.get("recipe"),
+            "data": manifest.get("data"),
+            "metrics": manifest.get("metrics"),
+        }
+        path = self._temp_path(".md")
+        path.write_text(model_card(config, Tokenizer.load(folder), record), encoding="utf-8")
+        return path
+
+    def _finish(self, ref: Ref, manifest: Manifest, folder: Path) -> Manifest:
+        """Add the generated card, then the manifest (last, atomically) and its snapshot. Needs the lock."""
+        card = self._card(folder, manifest)
+        try:
+            manifest["files"][CARD] = self._add_blob(card)
+        finally:
+            card.unlink()
+        files = manifest["files"]
+        manifest.update(
+            id=f"sha256:{_digest_of(files, skip=CARD)}", size=sum(e["size"] for e in files.values())
+        )
+        self._write_json(self._manifest_path(ref), manifest)
+        self._snapshot(manifest)
+        return manifest
+
+    # ------------------------------------------------------------- operations
+    def _not_found(self, ref: Ref) -> LmforgeError:
+        return LmforgeError(
+            f"no model {str(ref)!r} in the store {self.root}", hint="see `lmforge list` for the stored models"
+        )
+
+    def get(self, name: str) -> Manifest:
+        """The manifest of ``name[:tag]``."""
+        ref = parse_ref(name)
+        path = self._manifest_path(ref)
+        try:
+            return _read_manifest(path)
+        except FileNotFoundError:
+            raise self._not_found(ref) from None
+        except ValueError as e:
+            raise LmforgeError(
+                f"{path}: damaged manifest ({e})", hint=f"re-import the model, or `lmforge rm {ref}`"
+            ) from None
+
+    def has(self, name: str) -> bool:
+        ref = _try_ref(name)
+        return ref is not None and self._manifest_path(ref).is_file()
+
+    def put(
+        self,
+        folder: str | Path,
+        name: str,
+        *,
+        parent: str | None = None,
+        recipe: Mapping[str, Any] | None = None,
+        data: Sequence[str | Path] = (),
+        metrics: Mapping[str, Any] | None = None,
+        description: str = "",
+    ) -> Manifest:
+        """Store a model folder as ``name[:tag]`` (replacing what that tag held) and return its manifest.
+
+        ``parent`` is where the model came from (a store name, folder, .gguf file or hub id); ``recipe`` the
+        training settings (default: the training record in config.json); ``data`` the files it was trained on
+        (fingerprinted by sha256). Top-level files are stored; ``README.md`` is regenerated from the manifest.
+        """
+        ref = parse_ref(name)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise LmforgeError(f"{folder}: no such model folder", hint="check the path")
+        skip = (CARD, *TRAINER_FILES)
+        files = {
+            p.name: p
+            for p in sorted(folder.iterdir())
+            if p.is_file() and _TAG.fullmatch(p.name) and p.name not in skip
+        }
+        if "config.json" not in files:
+            raise LmforgeError(f"{folder}: not a model folder (no config.json)", hint="give a model folder")
+        config = Config.load(files["config.json"])
+        manifest: Manifest = {
+            "schema": 1,
+            "name": ref.name,
+            "tag": ref.tag,
+            "created": _now(),
+            "description": description,
+            "config": {
+                "name": config.name,
+                "model_type": config.model_type,
+                "parameters": config.num_parameters(),
+                "context": config.block_size,
+                "vocab_size": config.vocab_size,
+                "labels": config.labels,
+            },
+            "parent": describe_source(parent, self) if parent else None,
+            "recipe": dict(recipe) if recipe is not None else config.extra.get("lineage"),
+            "data": fingerprint(data) if data else None,
+            "metrics": dict(metrics or {}),
+        }
+        with self._locked():
+            manifest["files"] = {filename: self._add_blob(path) for filename, path in files.items()}
+            return self._finish(ref, manifest, folder)
+
+    def import_model(self, source: str | Path, name: str, *, description: str = "") -> Manifest:
+        """Store a model folder, a .gguf file (converted to the model folder format) or a hub id."""
+        from lmforge.api import LLM, locate_model
+
+        parse_ref(name)  # fail before a long download or conversion
+        kind, path = locate_model(source)
+        origin = str(path) if kind in ("gguf", "folder") else str(source)
+        if kind != "gguf":
+            return self.put(path, name, parent=origin, description=description)
+        # The store holds one format: a GGUF becomes a model folder (weights dequantized to float32).
+        with tempfile.TemporaryDirectory(prefix="lmforge-import-") as tmp:
+            folder = LLM.load(path, dtype="float32", device="cpu").save(Path(tmp) / "model")
+            return self.put(folder, name, parent=origin, description=description)
+
+    def open(self, name: str) -> Path:
+        """The folder of a stored model, after checking every file's sha256 against the manifest."""
+        ref = parse_ref(name)
+        manifest = self.get(name)
+        for filename, entry in manifest["files"].items():
+            blob = self._blob_path(entry["digest"])
+            problem = None
+            if not blob.is_file():
+                problem = "is missing"
+            elif blob.stat().st_size != entry["size"] or f"sha256:{hash_file(blob)[0]}" != entry["digest"]:
+                problem = "is corrupt (its sha256 does not match the manifest)"
+            if problem:
+                raise LmforgeError(
+                    f"stored model {ref}: {filename} ({blob.name[:19]}…) {problem}",
+                    hint=f"run `lmforge verify`, then re-import it (`lmforge import SOURCE --name {ref}`) "
+                    f"or `lmforge rm {ref}`",
+                )
+        return self._snapshot(manifest)
+
+    def find(self, source: str) -> Path | None:
+        """The checked folder of ``source`` when it names a stored model, else None (for ``locate_model``)."""
+        return self.open(source) if self.has(source) else None
+
+    def list_models(self) -> list[Manifest]:
+        """Every readable manifest, sorted by name and tag (damaged ones show up in ``verify``)."""
+        return [m for _, m in self._entries() if m is not None]
+
+    def lineage(self, parent: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        """The chain of ancestors starting at ``parent``, nearest first, walked through the store.
+
+        Each link is the parent record plus, for store parents, that entry's ``recipe`` name; ``missing``
+        marks an ancestor no longer stored, ``changed`` a tag that now points to a different model.
+        """
+        chain: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while parent:
+            link = dict(parent)
+            chain.append(link)
+            ref = parent.get("ref")
+            if not ref or ref in seen:  # not a store model, or a cycle made by re-pointing tags
+                break
+            seen.add(ref)
+            if not self.has(ref):
+                link["missing"] = True
+                break
+            ancestor = self.get(ref)
+            link["recipe"] = (ancestor.get("recipe") or {}).get("recipe", "import")
+            if parent.get("id") and ancestor.get("id") != parent["id"]:
+                link["changed"] = True
+                break
+            parent = ancestor.get("parent")
+        return chain
+
+    def show(self, name: str) -> Manifest:
+        """The manifest plus ``lineage``: the parent chain, nearest first."""
+        manifest = self.get(name)
+        return {**manifest, "lineage": self.lineage(manifest.get("parent"))}
+
+    def rm(self, name: str) -> Ref:
+        """Remove an entry, damaged or not (its blobs stay until ``gc``, as other entries may share them)."""
+        ref = parse_ref(name)
+        with self._locked():
+            path = self._manifest_path(ref)
+            if not path.is_file():
+                raise self._not_found(ref)
+            path.unlink()
+            # Drop the now-empty name (and namespace) folders, never manifests/ itself.
+            for folder in path.parents:
+                if folder == self.manifests or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+        return ref
+
+    def cp(self, src: str, dst: str) -> Manifest:
+        """Give the model ``src`` a second name ``dst`` (same files, nothing copied; replaces ``dst``)."""
+        target = parse_ref(dst)
+        with self._locked():
+            manifest = {**self.get(src), "name": target.name, "tag": target.tag}
+            self._write_json(self._manifest_path(target), manifest)
+        return manifest
+
+    def tag(self, src: str, new: str) -> Manifest:
+        """``cp`` where ``new`` may be just a tag: ``tag("spam:v3", "best")`` makes ``spam:best``."""
+        return self.cp(src, new if ":" in new else f"{parse_ref(src).name}:{new}")
+
+    def add_metrics(self, name: str, metrics: Mapping[str, Any]) -> Manifest:
+        """Merge ``metrics`` into an entry's metrics (same keys are replaced); regenerate its model card."""
+        ref = parse_ref(name)
+        with self._locked():
+            manifest = self.get(name)
+            manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+            return self._finish(ref, manifest, self._snapshot(manifest))
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every blob; report the missing or corrupt blobs entries need, and damaged manifests."""
+        report = VerifyReport()
+        needed: dict[str, list[str]] = {}
+        for ref, manifest in self._entries():
+            if manifest is None:
+                report.damaged.append(ref)
+                continue
+            report.entries += 1
+            for entry in manifest["files"].values():
+                needed.setdefault(entry["digest"], []).append(ref)
+        present = sorted(self.blobs.iterdir()) if self.blobs.is_dir() else []
+        for blob in present:
+            digest = blob.name.replace("-", ":", 1)
+            hexdigest, size = hash_file(blob)
+            report.blobs += 1
+            report.bytes += size
+            if f"sha256:{hexdigest}" != digest:
+                report.corrupt[digest] = needed.get(digest, [])
+            report.unreferenced += digest not in needed
+        names = {blob.name for blob in present}
+        report.missing = {d: refs for d, refs in needed.items() if self._blob_path(d).name not in names}
+        report.temp = len(os.listdir(self.tmp)) if self.tmp.is_dir() else 0
+        return report
+
+    def gc(self) -> GcReport:
+        """Delete blobs and snapshots no entry uses, and leftovers of interrupted writes; report the bytes."""
+        report = GcReport()
+        with self._locked():  # writers hold the lock, so nothing in tmp/ is in use now
+            manifests = []
+            for ref, manifest in self._entries():
+                if manifest is None:
+                    raise LmforgeError(
+                        f"the manifest of {ref} is damaged, so gc cannot tell which blobs it needs",
+                        hint=f"re-import it or `lmforge rm {ref}`, then run gc again",
+                    )
+                manifests.append(manifest)
+            blobs = {self._blob_path(e["digest"]).name for m in manifests for e in m["files"].values()}
+            snapshots = {_digest_of(m["files"]) for m in manifests}
+            # Snapshots first: with hard links (no symlinks) they would keep removed blobs' bytes alive.
+            for folder in self.snapshots.iterdir():
+                if folder.name not in snapshots:
+                    shutil.rmtree(folder)
+                    report.snapshots += 1
+            for blob in self.blobs.iterdir():
+                if blob.name not in blobs:
+                    report.bytes_freed += blob.stat().st_size
+                    blob.unlink()
+                    report.blobs += 1
+            for leftover in self.tmp.iterdir():
+                if leftover.is_dir():
+                    report.bytes_freed += sum(f.lstat().st_size for f in leftover.rglob("*"))
+                    shutil.rmtree(leftover)
+                else:
+                    report.bytes_freed += leftover.stat().st_size
+                    leftover.unlink()
+                report.temp += 1
+        return report
+
+
+# ----------------------------------------------------------------- provenance
+def describe_source(source: str, store: Store | None = None) -> dict[str, Any]:
+    """A parent record for where a model came from, in ``locate_model``'s order: path, store entry, hub id.
+
+    Store parents record the entry's ``id`` too, so a later re-tag of the parent shows in the lineage.
+    """
+    store = store or Store()
+    path = Path(source).expanduser()
+    if path.exists():
+        record: dict[str, Any] = {"path": str(path.resolve())}
+        if path.is_file():
+            record["sha256"] = hash_file(path)[0]
+        return record
+    if store.has(source):
+        manifest = store.get(source)
+        return {"ref": f"{manifest['name']}:{manifest['tag']}", "id": manifest.get("id")}
+    if _HUB_ID.match(source):
+        return {"hub": source}
+    return {"source": source}
+
+
+def describe_parent(link: Mapping[str, Any]) -> str:
+    """One line for a lineage link, as ``show`` and the model card print it."""
+    if "ref" in link:
+        text = f"{link['ref']} ({link.get('recipe', '?')}"
+        text += f", id {link['id'][7:19]})" if link.get("id") else ")"
+        if link.get("missing"):
+            text += " — no longer in the store"
+        if link.get("changed"):
+            text += " — the tag now points to another model"
+        return text
+    if "hub" in link:
+        return f"hub {link['hub']}"
+    if "path" in link:
+        return link["path"] + (f" (sha256 {link['sha256'][:12]})" if "sha256" in link else "")
+    return str(link.get("source"))
+
+
+def store_run(
+    result: TrainResult,
+    save_as: str,
+    *,
+    parent: str | None,
+    recipe: Mapping[str, Any],
+    data: Sequence[str | Path],
+) -> Manifest | None:
+    """Store a finished training run's model with its lineage and final metrics (main process only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    train = {
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_perplexity": math.exp(result.val_loss) if result.val_loss is not None else None,
+        "best_val_loss": result.best_val_loss,
+    }
+    metrics = {"train": {k: v for k, v in train.items() if v is not None}}
+    return Store().put(result.model_dir, save_as, parent=parent, recipe=recipe, data=data, metrics=metrics)
+
+
+def training_recipe(lineage: Mapping[str, Any], settings: Any, **more: Any) -> dict[str, Any]:
+    """The recipe record of a training run: its lineage fields, extra options and the TrainConfig."""
+    return {
+        **lineage,
+        **{k: v for k, v in more.items() if v is not None},
+        "train": dataclasses.asdict(settings),
+    }
+
+
+def add_metrics_if_stored(source: str, metrics: Mapping[str, Any]) -> bool:
+    """Record ``metrics`` on the store entry a model was loaded from (``LLM.source``); False if none.
+
+    Mirrors ``locate_model``'s order: an existing path of that name wins over a store entry.
+    """
+    store = Store()
+    if Path(source).expanduser().exists() or not store.has(source):
+        return False
+    store.add_metrics(source, metrics)
+    return True
+
+
+# ---------------------------------------------------------- module functions
+def put(folder: str | Path, name: str, **options: Any) -> Manifest:
+    """``Store().put``: see there for the options (parent, recipe, data, metrics, description)."""
+    return Store().put(folder, name, **options)
+
+
+def import_model(source: str | Path, name: str, *, description: str = "") -> Manifest:
+    return Store().import_model(source, name, description=description)
+
+
+def list_models() -> list[Manifest]:
+    return Store().list_models()
+
+
+def show(name: str) -> Manifest:
+    return Store().show(name)
+
+
+def rm(name: str) -> Ref:
+    return Store().rm(name)
+
+
+def cp(src: str, dst: str) -> Manifest:
+    return Store().cp(src, dst)
+
+
+def tag(src: str, new: str) -> Manifest:
+    return Store().tag(src, new)
+
+
+def verify() -> VerifyReport:
+    return Store().verify()
+
+
+def gc() -> GcReport:
+    return Store().gc()
+
+
+def add_metrics(name: str, metrics: Mapping[str, Any]) -> Manifest:
+    return Store().add_metrics(name, metrics)
