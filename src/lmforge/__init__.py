@@ -5,7 +5,17 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
 from lmforge.model import Transformer
+from lmforge.select import estimate, select
 from lmforge.tokenizer import Tokenizer
 
-__all__ = ["LLM", "Config", "LmforgeError", "SamplingParams", "Tokenizer", "Transformer"]
+__all__ = [
+    "LLM",
+    "Config",
+    "LmforgeError",
+    "SamplingParams",
+    "Tokenizer",
+    "Transformer",
+    "estimate",
+    "select",
+]
 __version__ = "0.1.0"

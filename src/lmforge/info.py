@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.api import locate_model
@@ -14,25 +15,43 @@ from lmforge.formats.gguf import GGUFFile
 from lmforge.tokenizer import Tokenizer
 
 
-def model_info(name_or_path: str | Path | None) -> dict[str, str]:
+@dataclass
+class ModelHeader:
+    """A model as its file headers describe it: enough to size it without reading any weights."""
+
+    kind: str  # "gguf", or "folder" for model folders wherever they come from (path, store, hub)
+    path: Path
+    config: Config
+    tokenizer: Tokenizer
+    weight_types: Counter[str]  # tensor (GGUF) or safetensors dtype -> how many tensors
+    file_bytes: int  # weights on disk
+
+
+def read_header(name_or_path: str | Path | None) -> ModelHeader:
     kind, path = locate_model(name_or_path)
     if kind == "gguf":
         gguf_file = GGUFFile(path)
-        config = gguf_file.config()
-        tokenizer = gguf_file.tokenizer()
         types = Counter(t.qtype.name for t in gguf_file.tensors)
-        dtype = ", ".join(f"{name} x{count}" for name, count in types.most_common())
+        size = sum(t.nbytes for t in gguf_file.tensors)
+        return ModelHeader("gguf", path, gguf_file.config(), gguf_file.tokenizer(), types, size)
+    types, size = _safetensors_dtypes(path)
+    return ModelHeader("folder", path, Config.load(path / "config.json"), Tokenizer.load(path), types, size)
+
+
+def model_info(name_or_path: str | Path | None) -> dict[str, str]:
+    header = read_header(name_or_path)
+    config, tokenizer = header.config, header.tokenizer
+    if header.kind == "gguf":
+        dtype = ", ".join(f"{name} x{count}" for name, count in header.weight_types.most_common())
         file_format = "GGUF"
     else:
-        config = Config.load(path / "config.json")
-        tokenizer = Tokenizer.load(path)
-        dtype = ", ".join(sorted(_safetensors_dtypes(path)))
+        dtype = ", ".join(sorted(header.weight_types))
         file_format = "model folder (Hugging Face layout)"
     template = tokenizer.chat_template
     attention = f"{config.n_head} heads, {config.n_kv_head} key/value heads, head dim {config.head_dim}"
     position = f"RoPE (theta {config.rope_theta:g})" if config.position == "rope" else "learned absolute"
     return {
-        "source": str(path),
+        "source": str(header.path),
         "format": file_format,
         "architecture": f"{config.model_type} ({config.n_layer} layers, {config.n_embd} hidden)",
         "attention": attention,
@@ -46,16 +65,19 @@ def model_info(name_or_path: str | Path | None) -> dict[str, str]:
     }
 
 
-def _safetensors_dtypes(folder: Path) -> set[str]:
-    dtypes: set[str] = set()
+def _safetensors_dtypes(folder: Path) -> tuple[Counter[str], int]:
+    """Tensor dtypes (how many of each) and weight bytes of a folder's safetensors files, from their headers."""
+    dtypes: Counter[str] = Counter()
+    size = 0
     for file in folder.glob("*.safetensors"):
         with open(file, "rb") as f:
             try:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
             except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
                 raise ModelFormatError(
                     f"{file}: unreadable safetensors header ({e})", hint="re-save the file"
                 ) from None
-        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-    return dtypes
+        dtypes.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
+        size += file.stat().st_size - 8 - length
+    return dtypes, size
