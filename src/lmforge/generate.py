@@ -2,6 +2,8 @@
 
 ``generate_tokens`` is the one decoding loop: it prefills a left-padded batch once, then feeds one token per
 sequence per step through the KV cache. Everything else (batched text, streaming, stop strings) is built on it.
+The server's continuous-batching scheduler (serve/scheduler.py) runs its own loop over slots but picks tokens
+with ``next_tokens`` and assembles text with ``CompletionBuilder``, the same pieces.
 """
 
 from __future__ import annotations
@@ -107,13 +109,42 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
+    """logits (B, V) -> token ids (B,); ``seen`` (B, L) are the ids the repetition penalty applies to."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits.float(), params).softmax(-1)
+    probs = filter_logits(logits, params).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sampling_generator(
+    params: SamplingParams, device: torch.device, offset: int = 0
+) -> torch.Generator | None:
+    """A private generator when a seed makes sampling reproducible (``offset`` tells sequences apart)."""
+    if params.temperature == 0 or params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed + offset)
+
+
+def generation_budget(prompt_tokens: int, params: SamplingParams, context: int) -> int:
+    """How many tokens a prompt may grow by: ``max_new_tokens``, cut by the model's context."""
+    if prompt_tokens == 0:
+        raise LmforgeError(
+            "empty prompt", hint="give at least one token of prompt (or let the tokenizer add BOS)"
+        )
+    if prompt_tokens >= context:
+        raise LmforgeError(
+            f"prompt of {prompt_tokens} tokens does not fit the model's context of {context} tokens",
+            hint="shorten the prompt",
+        )
+    return min(params.max_new_tokens, context - prompt_tokens)
 
 
 # -------------------------------------------------------------- decoding loop
@@ -142,35 +173,21 @@ def generate_tokens(
     The caller decides when a sequence is done (EOS, stop strings) and stops iterating when all are; this loop
     stops by itself after ``max_new_tokens`` or when the context is full.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LmforgeError(
-            "empty prompt", hint="give at least one token of prompt (or let the tokenizer add BOS)"
-        )
-    context = model.config.block_size
-    longest = max(len(p) for p in prompts)
-    if longest >= context:
-        raise LmforgeError(
-            f"prompt of {longest} tokens does not fit the model's context of {context} tokens",
-            hint="shorten the prompt",
-        )
-    steps = min(params.max_new_tokens, context - longest)
+    if not prompts:
+        raise LmforgeError("no prompts to generate for", hint="pass at least one prompt")
+    steps = min(generation_budget(len(p), params, model.config.block_size) for p in prompts)
     if steps == 0:
         return
     device = model.device
     ids, mask = left_pad(prompts, pad_id=0)
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
-    cache = model.new_cache(len(prompts), longest + steps)
-    generator = None
-    if params.temperature > 0 and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    cache = model.new_cache(len(prompts), ids.shape[1] + steps)
+    generator = sampling_generator(params, device)
     seen = ids if params.repetition_penalty != 1.0 else None
     logits, _ = model(ids, attention_mask=mask, cache=cache, last_logits_only=True)
     for step in range(steps):
-        step_logits = logits[:, -1].float()  # (B, V)
-        if seen is not None:
-            step_logits = apply_repetition_penalty(step_logits, seen, params.repetition_penalty)
-        token = next_tokens(step_logits, params, generator)  # (B,)
+        token = next_tokens(logits[:, -1], params, generator, seen)  # (B,)
         yield token
         if step == steps - 1:
             break
@@ -235,6 +252,56 @@ class TextStream:
         return longest
 
 
+class CompletionBuilder:
+    """One sequence's output: token ids in, text pieces out (via ``TextStream``), and its ``Completion``.
+
+    The sequence ends at an end-of-sequence id (which is not part of the text), at a stop string, or after
+    ``limit`` tokens; ``end`` closes it early (the decoding loop ran out of context).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_tokens: int,
+        params: SamplingParams,
+        eos_ids: Sequence[int],
+        limit: int,
+    ) -> None:
+        self.stream = TextStream(tokenizer, params.stop)
+        self.eos = set(eos_ids) if params.stop_on_eos else set()
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+        self.tokens: list[int] = []
+        self.completion: Completion | None = None  # set once the sequence has ended
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+    def push(self, token: int) -> str:
+        """Add the next token; return the new text that is safe to show (maybe empty)."""
+        if token in self.eos:
+            return self.end("stop")
+        self.tokens.append(token)
+        piece = self.stream.push(token)
+        if self.stream.stopped:
+            return piece + self.end("stop")
+        if len(self.tokens) >= self.limit:
+            return piece + self.end("length")
+        return piece
+
+    def end(self, reason: str) -> str:
+        """Close the sequence; return the text still held back."""
+        piece = self.stream.finish()
+        self.completion = Completion(
+            text=self.stream.text,
+            token_ids=list(self.tokens),
+            prompt_tokens=self.prompt_tokens,
+            finish_reason=reason,
+        )
+        return piece
+
+
 def stream_completions(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -246,36 +313,20 @@ def stream_completions(
 
     A row's final event carries its ``Completion``; rows end independently (EOS, stop string, length).
     """
-    eos = set(eos_ids) if params.stop_on_eos else set()
-    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
-    done = [False] * len(prompts)
-    tokens: list[list[int]] = [[] for _ in prompts]
+    outputs = [CompletionBuilder(tokenizer, len(p), params, eos_ids, params.max_new_tokens) for p in prompts]
     for step_tokens in generate_tokens(model, prompts, params):
         for row, token in enumerate(step_tokens.tolist()):
-            if done[row]:
+            out = outputs[row]
+            if out.done:
                 continue
-            if token in eos:
-                done[row] = True
-                yield row, streams[row].finish(), _completion(streams[row], tokens[row], prompts[row], "stop")
-                continue
-            tokens[row].append(token)
-            piece = streams[row].push(token)
-            if streams[row].stopped:
-                done[row] = True
-                yield row, piece, _completion(streams[row], tokens[row], prompts[row], "stop")
-            elif piece:
-                yield row, piece, None
-        if all(done):
+            piece = out.push(token)
+            if piece or out.done:
+                yield row, piece, out.completion
+        if all(out.done for out in outputs):
             return
-    for row in range(len(prompts)):
-        if not done[row]:
-            yield row, streams[row].finish(), _completion(streams[row], tokens[row], prompts[row], "length")
-
-
-def _completion(stream: TextStream, tokens: list[int], prompt: Sequence[int], reason: str) -> Completion:
-    return Completion(
-        text=stream.text, token_ids=list(tokens), prompt_tokens=len(prompt), finish_reason=reason
-    )
+    for row, out in enumerate(outputs):
+        if not out.done:  # the loop stopped first: the context is full (or max_new_tokens=0)
+            yield row, out.end("length"), out.completion
 
 
 def complete(

@@ -6,6 +6,7 @@ H query heads, K key/value heads, D head_dim, V vocab.
 
 Batches of prompts with different lengths are left-padded; ``attention_mask`` (B, S) marks real tokens, and
 positions are counted over real tokens only, so a padded prompt computes exactly what it computes alone.
+A ``SlotKVCache`` instead gives every row its own length and position, for continuous batching.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    def reserve(self, length: int) -> None:
+        """Check that ``length`` positions fit (a plain cache is sized once, for the whole generation)."""
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens exceeds the KV cache of {self.max_len}")
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (B, K, T, D) -> all keys/values so far: (B, K, S, D)
         end = self.length + k.shape[2]
@@ -118,10 +124,104 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def advance(self, new_tokens: int) -> None:
+        """Called once all layers have written this forward pass's tokens."""
+        self.length += new_tokens
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in ``index`` (in that order), e.g. to drop finished sequences."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+
+
+class SlotKVCache(KVCache):
+    """A cache whose rows are independent sequences: the slots of continuous batching.
+
+    Row r holds ``lengths[r]`` tokens in columns [0, lengths[r]). A decode step feeds one token per row; each
+    row writes it at its own next column, uses that column as its position and attends to its own columns
+    only, so sequences that started at different times decode in one batch. Sequences enter with ``add``
+    (copied from the cache their prompt was prefilled in) and leave with ``remove``. Columns are allocated
+    on demand, up to the model's context, so idle slots cost little memory.
+
+    ``length`` is the longest row: a step attends to ``length + 1`` columns, shorter rows masking the rest.
+    """
+
+    def __init__(
+        self, config: Config, slots: int, device: torch.device, dtype: torch.dtype, initial_len: int = 256
+    ) -> None:
+        super().__init__(config, slots, min(initial_len, config.block_size), device, dtype)
+        self.limit = config.block_size
+        self.lengths: list[int] = []  # one entry per occupied row; rows [0, len(lengths)) are in use
+        self._columns: torch.Tensor | None = None  # (B,) where this step writes, one column per row
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def reserve(self, length: int) -> None:
+        if length <= self.max_len:
+            return
+        if length > self.limit:
+            raise ValueError(f"sequence of {length} tokens exceeds the context length {self.limit}")
+        # Doubling keeps the copies rare: a sequence of N tokens causes at most log2(N / initial_len).
+        self.max_len = min(self.limit, max(length, 2 * self.max_len))
+        self.keys = [self._grown(t) for t in self.keys]
+        self.values = [self._grown(t) for t in self.values]
+
+    def _grown(self, old: torch.Tensor) -> torch.Tensor:
+        new = old.new_zeros(*old.shape[:2], self.max_len, old.shape[3])
+        new[:, :, : old.shape[2]] = old
+        return new
+
+    def add(self, source: KVCache, row: int) -> int:
+        """Copy row ``row`` of a cache a prompt was prefilled in (unpadded) into a free slot; return the slot."""
+        n = source.length
+        slot = self.rows
+        if slot == self.keys[0].shape[0]:
+            raise ValueError(f"all {slot} slots of the cache are taken")
+        self.reserve(n)
+        for mine, theirs in zip(self.keys + self.values, source.keys + source.values, strict=True):
+            mine[slot, :, :n] = theirs[row, :, :n]
+        self.lengths.append(n)
+        self.length = max(self.lengths)
+        return slot
+
+    def remove(self, row: int) -> None:
+        """Free ``row``; the last occupied row moves into it, so occupied rows stay [0, rows)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            for t in self.keys + self.values:
+                t[row, :, :n] = t[last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+        self.length = max(self.lengths, default=0)
+
+    def positions_and_mask(self, B: int, T: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, 1) and attention mask (B, 1, 1, length + 1) of one decode step over all rows."""
+        if T != 1 or B != self.rows:
+            raise ValueError(
+                f"a slot cache decodes one token for each of its {self.rows} rows, got ({B}, {T})"
+            )
+        device = self.keys[0].device
+        self._columns = torch.tensor(self.lengths, device=device)  # (B,)
+        key_pos = torch.arange(self.length + 1, device=device)[None, :]  # (1, S)
+        allowed = key_pos <= self._columns[:, None]  # (B, S): the row's own tokens and the new one
+        if window is not None:
+            allowed = allowed & (self._columns[:, None] - key_pos < window)
+        return self._columns[:, None], allowed[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, K, 1, D), written at each row's own column -> (B, K, S, D)
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[layer][rows, :, self._columns] = k[:, :, 0]
+        self.values[layer][rows, :, self._columns] = v[:, :, 0]
+        end = self.length + 1
+        return self.keys[layer][: k.shape[0], :, :end], self.values[layer][: k.shape[0], :, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.lengths = [n + new_tokens for n in self.lengths]
+        self.length = max(self.lengths, default=0)
 
 
 class Attention(nn.Module):
@@ -301,9 +401,12 @@ class Transformer(nn.Module):
         S = past + T
         if S > self.config.block_size:
             raise ValueError(f"sequence of {S} tokens exceeds the context length {self.config.block_size}")
-        if cache is not None and S > cache.max_len:
-            raise ValueError(f"sequence of {S} tokens exceeds the KV cache of {cache.max_len}")
-        positions, mask = self._positions_and_mask(B, T, past, attention_mask, idx.device)
+        if cache is not None:
+            cache.reserve(S)
+        if isinstance(cache, SlotKVCache):  # each row at its own position (continuous batching)
+            positions, mask = cache.positions_and_mask(B, T, self.config.sliding_window)
+        else:
+            positions, mask = self._positions_and_mask(B, T, past, attention_mask, idx.device)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -315,7 +418,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, rope, mask, cache)
         if cache is not None:
-            cache.length = S
+            cache.advance(T)
         return self.norm(x)
 
     def _positions_and_mask(

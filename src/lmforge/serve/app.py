@@ -1,0 +1,541 @@
+"""``create_app(llm)``: the OpenAI-compatible HTTP server (FastAPI) and the web playground at ``/``.
+
+Routes only translate. Generation goes to the continuous-batching ``Scheduler`` (one thread owns decoding);
+embeddings, classify and summarize run in worker threads, so the event loop never blocks. Limits are checked
+before any work starts: API key (401), body size (413), prompt + max_tokens beyond the context (400, naming
+both numbers: nothing is ever truncated silently), a full queue (429 with Retry-After). A request that runs
+past its timeout gets 504 (mid-stream: an error event) and frees its slots, as does a client that goes away.
+Every error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingParams
+from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
+from lmforge.serve.protocol import (
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationRequest,
+    ResponseFormat,
+    SummarizeRequest,
+    TokenText,
+    error_body,
+    usage,
+)
+from lmforge.serve.scheduler import Event, QueueFullError, Scheduler, TokenLogprob
+
+if TYPE_CHECKING:
+    from lmforge.api import LLM
+
+STATIC = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 1.0  # how often a request waiting for tokens checks that its client is still there
+TASK_THREADS = 2  # embeddings / classify / summarize running at once
+T = TypeVar("T")
+
+
+def create_app(
+    llm: LLM,
+    *,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_context: int | None = None,
+    max_body_bytes: int = 4_000_000,
+    request_timeout_s: float = 600.0,
+    cors_origins: Sequence[str] | None = None,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The server for ``llm``: OpenAI's /v1 API, /health, /metrics and the playground at /.
+
+    ``max_context`` caps prompt + max_tokens (default: the model's context); ``api_key`` guards /v1/*;
+    ``cors_origins`` lets those browser origins call the API. Run it with ``uvicorn.run(app)``.
+    """
+    context = llm.config.block_size
+    if max_context is not None and not 1 <= max_context <= context:
+        raise LmforgeError(
+            f"max_context={max_context} is outside the model's context of {context} tokens",
+            hint=f"use a value from 1 to {context}",
+        )
+    scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue)
+    service = _Service(
+        llm, scheduler, model_name or _model_id(llm.source), max_context or context, request_timeout_s
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.close()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
+    app.add_api_route("/v1/classify", service.classify, methods=["POST"])
+    app.add_api_route("/v1/summarize", service.summarize, methods=["POST"])
+    app.add_api_route("/health", service.health, methods=["GET"], response_model=None)
+    app.add_api_route("/metrics", service.metrics, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route(
+        "/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False
+    )
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(LmforgeError, _lmforge_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    # Added last = outermost: CORS answers preflights and decorates every response, the guard runs next.
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    return app
+
+
+def _model_id(source: str) -> str:
+    """A short model name: a file's stem or a folder's name; store names and hub ids stay as they are."""
+    path = Path(source)
+    if path.is_file():
+        return path.stem
+    return path.name if path.is_dir() else source
+
+
+# ------------------------------------------------------------------ endpoints
+class _Service:
+    def __init__(
+        self, llm: LLM, scheduler: Scheduler, model_id: str, max_context: int, request_timeout_s: float
+    ) -> None:
+        self.llm = llm
+        self.scheduler = scheduler
+        self.model_id = model_id
+        self.max_context = max_context
+        self.request_timeout_s = request_timeout_s
+        self.token_text = TokenText(llm.tokenizer)
+        self.created = int(time.time())
+        self.task_limiter = anyio.CapacityLimiter(TASK_THREADS)
+        self.ttft = Histogram(
+            "lmforge_time_to_first_token_seconds", "Time from request to first generated text.", TTFT_BUCKETS
+        )
+        self.latency = Histogram(
+            "lmforge_request_latency_seconds",
+            "Time from request to the last generated token.",
+            LATENCY_BUCKETS,
+        )
+
+    # ------------------------------------------------------------- generation
+    async def chat(self, body: ChatRequest, request: Request) -> Response:
+        prompt = self.llm.prompt_ids([m.as_dict() for m in body.messages])
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # OpenAI's chat default: whatever the context leaves
+            max_tokens = max(1, self.max_context - len(prompt))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        fmt = ResponseFormat(chat=True, model_id=self.model_id, token_text=self.token_text)
+        return await self._generate(request, body, [prompt], max_tokens, logprobs, fmt)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        prompts = self._completion_prompts(body.prompt)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
+        fmt = ResponseFormat(chat=False, model_id=self.model_id, token_text=self.token_text)
+        return await self._generate(request, body, prompts, max_tokens, body.logprobs, fmt)
+
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """A prompt is text, a list of texts, token ids, or a list of token-id lists."""
+        if isinstance(prompt, str):
+            return [self.llm.prompt_ids(prompt)]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [self.llm.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompt]
+        vocab = self.llm.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return prompts
+
+    def _check_fits(self, prompts: list[list[int]], max_tokens: int) -> None:
+        for prompt in prompts:
+            if not prompt:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if len(prompt) + max_tokens > self.max_context:
+                raise APIError(
+                    400,
+                    f"prompt of {len(prompt)} tokens plus max_tokens={max_tokens} exceeds the context of "
+                    f"{self.max_context} tokens; shorten the prompt or lower max_tokens (nothing is truncated)",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+
+    async def _generate(
+        self,
+        request: Request,
+        body: GenerationRequest,
+        prompts: list[list[int]],
+        max_tokens: int,
+        logprobs: int | None,
+        fmt: ResponseFormat,
+    ) -> Response:
+        started = time.monotonic()
+        self._check_fits(prompts, max_tokens)
+        generation = _Generation(self.scheduler, prompts, body.sampling(max_tokens), body.n, logprobs)
+        deadline = started + self.request_timeout_s
+        prompt_tokens = sum(len(p) for p in prompts)
+        events = self._observed(generation.events(request, deadline, self.request_timeout_s), started)
+        if body.stream:
+            chunks = self._stream(
+                generation, events, fmt, logprobs is not None, prompt_tokens, body.include_usage
+            )
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+        total = len(prompts) * body.n
+        texts, reasons = [""] * total, ["length"] * total
+        token_logprobs: list[list[TokenLogprob]] = [[] for _ in range(total)]
+        completion_tokens = 0
+        try:
+            async for index, event in events:
+                token_logprobs[index] += event.logprobs
+                if event.completion is not None:
+                    texts[index], reasons[index] = event.completion.text, event.completion.finish_reason
+                    completion_tokens += len(event.completion.token_ids)
+        finally:
+            generation.cancel()
+        lps = token_logprobs if logprobs is not None else [None] * total
+        choices = list(zip(texts, lps, reasons, strict=True))
+        return JSONResponse(fmt.response(choices, usage(prompt_tokens, completion_tokens)))
+
+    async def _observed(
+        self, events: AsyncIterator[tuple[int, Event]], started: float
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """Pass the events on, timing the first text and the end for the latency histograms."""
+        first = True
+        async for index, event in events:
+            if first and event.text:
+                self.ttft.observe(time.monotonic() - started)
+                first = False
+            yield index, event
+        self.latency.observe(time.monotonic() - started)
+
+    async def _stream(
+        self,
+        generation: _Generation,
+        events: AsyncIterator[tuple[int, Event]],
+        fmt: ResponseFormat,
+        with_logprobs: bool,
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        started: set[int] = set()
+        completion_tokens = 0
+        try:
+            async for index, event in events:
+                first = index not in started
+                started.add(index)
+                if event.text or event.logprobs or (first and fmt.chat):
+                    yield _sse(
+                        fmt.chunk(index, event.text, event.logprobs if with_logprobs else None, first=first)
+                    )
+                if event.completion is not None:
+                    completion_tokens += len(event.completion.token_ids)
+                    yield _sse(fmt.chunk(index, "", None, finish_reason=event.completion.finish_reason))
+            if include_usage:
+                yield _sse(fmt.usage_chunk(usage(prompt_tokens, completion_tokens)))
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # the response has started: report the error as an event
+            yield _sse(e.body())
+        finally:
+            generation.cancel()
+
+    # ------------------------------------------------------------------ tasks
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a task off the event loop (tasks share the model with the scheduler; inference is read-only)."""
+        try:
+            with anyio.fail_after(self.request_timeout_s):
+                return await anyio.to_thread.run_sync(
+                    functools.partial(fn, *args), limiter=self.task_limiter, abandon_on_cancel=True
+                )
+        except TimeoutError:
+            raise _timeout(self.request_timeout_s) from None
+
+    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise APIError(400, "input is empty", param="input")
+        vectors = await self._in_thread(self.llm.embed, texts)
+        tokens = sum(len(self.llm.tokenizer.encode(t)) for t in texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise APIError(400, "input is empty", param="input")
+        results = await self._in_thread(self.llm.classify_text, texts, body.labels, body.examples)
+        return {
+            "object": "list",
+            "model": self.model_id,
+            "data": [{"index": i, **r} for i, r in enumerate(results)],
+        }
+
+    async def summarize(self, body: SummarizeRequest) -> dict[str, Any]:
+        summary = await self._in_thread(self.llm.summarize, body.input, body.max_tokens)
+        return {"object": "summary", "model": self.model_id, "summary": summary}
+
+    # ----------------------------------------------------------- information
+    async def models(self) -> dict[str, Any]:
+        config, model = self.llm.config, self.llm.model
+        card = {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lmforge",
+            "max_model_len": self.max_context,
+            "lmforge": {
+                "source": self.llm.source,
+                "architecture": config.model_type,
+                "parameters": model.num_parameters(),
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "device": str(model.device),
+                "context_length": config.block_size,
+                "chat_template": bool(self.llm.tokenizer.chat_template),
+                "max_batch": self.scheduler.max_batch,
+            },
+        }
+        return {"object": "list", "data": [card]}
+
+    async def health(self) -> JSONResponse:
+        ok = self.scheduler.alive
+        body = {"status": "ok" if ok else "scheduler stopped", "model": self.model_id}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def metrics(self) -> str:
+        s = self.scheduler
+        lines = [
+            *sample("lmforge_queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth),
+            *sample("lmforge_running_sequences", "gauge", "Sequences being decoded.", s.running),
+            *sample("lmforge_generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens),
+            *sample(
+                "lmforge_tokens_per_second",
+                "gauge",
+                "Tokens generated per second, last 10 s.",
+                s.tokens_per_second(),
+            ),
+            *self.ttft.render(),
+            *self.latency.render(),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class _Generation:
+    """The scheduler jobs of one HTTP request (one per prompt, ``n`` sequences each) and their events."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        logprobs: int | None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.remaining = n * len(prompts)  # sequences not yet finished
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.jobs = []
+        try:
+            for i, prompt in enumerate(prompts):
+                deliver = functools.partial(self._deliver, loop, i * n)
+                self.jobs.append(scheduler.submit(prompt, params, n=n, logprobs=logprobs, on_event=deliver))
+        except QueueFullError as e:
+            self.cancel()
+            raise APIError(
+                429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+            ) from None
+        except BaseException:
+            self.cancel()
+            raise
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, offset: int, event: Event) -> None:
+        """Called in the scheduler thread: hand the event to the request's event loop."""
+        loop.call_soon_threadsafe(self.queue.put_nowait, (offset, event))
+
+    async def events(
+        self, request: Request, deadline: float, timeout_s: float
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every sequence has finished; raises APIError on errors, timeouts and
+        when the client has gone away (checked every second: a plain response only notices it this way)."""
+        checked = time.monotonic()
+        while self.remaining:
+            now = time.monotonic()
+            if now >= deadline:
+                raise _timeout(timeout_s)
+            if now - checked >= DISCONNECT_POLL_S:
+                checked = now
+                if await request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed")
+            try:
+                offset, event = await asyncio.wait_for(
+                    self.queue.get(), min(DISCONNECT_POLL_S, deadline - now)
+                )
+            except asyncio.TimeoutError:
+                continue
+            if event.error is not None:
+                status = 503 if isinstance(event.error, LmforgeError) else 500
+                raise APIError(status, f"generation failed: {event.error}", type="server_error")
+            if event.completion is not None:
+                self.remaining -= 1
+            yield offset + event.index, event
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.scheduler.cancel(job)
+
+
+def _timeout(seconds: float) -> APIError:
+    return APIError(
+        504,
+        f"the request ran past the server's timeout of {seconds:g} s",
+        type="timeout_error",
+        code="timeout",
+    )
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+# ------------------------------------------------------------------- errors
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _lmforge_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(str(exc)), status_code=400)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """Malformed JSON is a 400; JSON whose fields do not fit the schema is a 422 naming the first field."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    broken = [e for e in errors if e.get("type") == "json_invalid"]
+    if broken:
+        detail = broken[0].get("ctx", {}).get("error", "")
+        body = error_body(f"the request body is not valid JSON ({detail})", code="invalid_json")
+        return JSONResponse(body, status_code=400)
+    fields = [".".join(str(x) for x in e["loc"] if x != "body") or "body" for e in errors]
+    problems = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors, strict=True))
+    return JSONResponse(error_body("invalid request: " + problems, param=fields[0]), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    body = error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+    return JSONResponse(body, status_code=500)
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the server's limit of {limit} bytes")
+
+
+class _Guard:
+    """ASGI middleware for what comes before any route: the API key on /v1/* (401), the body size (413), and
+    reading /v1 bodies as JSON.
+
+    A body is measured as it arrives, so a client without a Content-Length header cannot slip past the limit.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(headers):
+            body = error_body(
+                "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
+            )
+            await JSONResponse(body, status_code=401)(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            exc = _BodyTooLarge(self.max_body_bytes)
+            await JSONResponse(error_body(exc.detail), status_code=413)(scope, receive, send)
+            return
+        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            # The API speaks JSON only; read it as JSON even when a client labels it otherwise (`curl -d`).
+            kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise _BodyTooLarge(self.max_body_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.api_key is not None
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        token = given[len("Bearer ") :].strip() if given.startswith("Bearer ") else ""
+        return secrets.compare_digest(token.encode(), self.api_key.encode())

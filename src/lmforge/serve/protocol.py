@@ -1,0 +1,278 @@
+"""The OpenAI wire format: request bodies, response and stream-chunk shapes, error objects.
+
+Only translation lives here; what a request does is decided in ``app.py`` and the scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from tokenizers import decoders
+
+from lmforge.generate import SamplingParams
+from lmforge.serve.scheduler import TokenLogprob
+from lmforge.tokenizer import Tokenizer
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ------------------------------------------------------------------- requests
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions (unknown fields are ignored, as OpenAI does).
+
+    ``top_k``, ``min_p``, ``repetition_penalty`` and ``ignore_eos`` are extensions with vLLM's names.
+    """
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """The request's ``SamplingParams`` (OpenAI's defaults: temperature 1, top_p 1)."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(
+                    400, f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name
+                )
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k is not None and self.top_k > 0 else None,  # vLLM's -1 means off
+            min_p=self.min_p,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=self.seed,
+            stop=stop,
+            stop_on_eos=not self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        if isinstance(self.content, list):
+            if any(part.type != "text" for part in self.content):
+                raise APIError(400, "only text content parts are supported", param="messages")
+            text = "".join(part.text or "" for part in self.content)
+        else:
+            text = self.content or ""
+        return {"role": self.role, "content": text}
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+
+class EmbeddingRequest(BaseModel):
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class ClassifyRequest(BaseModel):
+    input: str | list[str]
+    labels: list[str] | None = None
+    examples: list[tuple[str, str]] = []
+    model: str | None = None
+
+
+class SummarizeRequest(BaseModel):
+    input: str
+    max_tokens: int = Field(default=80, ge=1)
+    model: str | None = None
+
+
+# ------------------------------------------------------------------ responses
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (a printable stand-in character for each of the 256 bytes), inverted."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+class TokenText:
+    """A token's exact bytes and display string: half a character shows as ``bytes:\\xe4\\xbd`` (as OpenAI
+    does), so logprobs never carry U+FFFD and clients can rebuild the text from ``bytes``."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
+        self._bytes: dict[int, bytes] = {}  # at most one entry per vocabulary token
+
+    def bytes(self, token_id: int) -> bytes:
+        if token_id not in self._bytes:
+            piece = self.tokenizer.backend.id_to_token(token_id) or ""
+            alphabet = _byte_level_alphabet()
+            if self.byte_level and all(ch in alphabet for ch in piece):
+                self._bytes[token_id] = bytes(alphabet[ch] for ch in piece)
+            else:
+                self._bytes[token_id] = self.tokenizer.decode([token_id]).encode("utf-8")
+        return self._bytes[token_id]
+
+    def text(self, token_id: int) -> str:
+        raw = self.bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class ResponseFormat:
+    """Builds the JSON of one generation request, for chat (``chat.completion``) or text completions."""
+
+    def __init__(self, chat: bool, model_id: str, token_text: TokenText) -> None:
+        self.chat = chat
+        self.model_id = model_id
+        self.token_text = token_text
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, stream: bool) -> dict[str, Any]:
+        if self.chat:
+            kind = "chat.completion.chunk" if stream else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        text = self.token_text.text
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": text(e.token_id),
+                        "logprob": e.logprob,
+                        "bytes": list(self.token_text.bytes(e.token_id)),
+                        "top_logprobs": [
+                            {"token": text(i), "logprob": lp, "bytes": list(self.token_text.bytes(i))}
+                            for i, lp in e.top
+                        ],
+                    }
+                    for e in entries
+                ]
+            }
+        return {
+            "tokens": [text(e.token_id) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(i): lp for i, lp in e.top} for e in entries],
+        }
+
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        logprobs: list[TokenLogprob] | None,
+        finish_reason: str | None = None,
+        first: bool = False,
+    ) -> dict[str, Any]:
+        """One streamed piece of choice ``index`` (the first chat chunk of a choice names the role)."""
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            delta = {"role": "assistant"} if first else {}
+            if text or finish_reason is None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text
+        choice["logprobs"] = self.logprobs(logprobs)
+        choice["finish_reason"] = finish_reason
+        return {**self._envelope(stream=True), "choices": [choice]}
+
+    def usage_chunk(self, counts: dict[str, int]) -> dict[str, Any]:
+        return {**self._envelope(stream=True), "choices": [], "usage": counts}
+
+    def response(
+        self, choices: list[tuple[str, list[TokenLogprob] | None, str]], counts: dict[str, int]
+    ) -> dict[str, Any]:
+        """The whole answer: ``choices`` are (text, logprobs, finish_reason) in index order."""
+        out = []
+        for index, (text, logprobs, finish_reason) in enumerate(choices):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choice["logprobs"] = self.logprobs(logprobs)
+            choice["finish_reason"] = finish_reason
+            out.append(choice)
+        return {**self._envelope(stream=False), "choices": out, "usage": counts}

@@ -1,0 +1,348 @@
+"""Continuous batching: one thread owns the model and decodes every running sequence in one batch.
+
+Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a bounded queue. Between decode
+steps the scheduler admits waiting jobs into free slots: it prefills the prompt alone (the very computation
+``LLM.generate_text`` does), samples the first token from it and copies the prompt's keys and values into a
+row of a ``SlotKVCache``, where the newcomer joins the running batch at its own position. A sequence gives its
+slot back the step it ends (EOS, stop string, length limit) or its job is cancelled (the client went away or
+timed out), so a long request never holds up short ones.
+
+Tokens are picked with ``generate.next_tokens`` and text is assembled with ``generate.CompletionBuilder`` (a
+``TextStream``: no character is ever cut, stop strings are held back) — the pieces ``LLM.generate_text`` uses.
+Output goes to each job's ``on_event`` callback, from the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.generate import (
+    Completion,
+    CompletionBuilder,
+    SamplingParams,
+    generation_budget,
+    next_tokens,
+    sampling_generator,
+)
+from lmforge.model import SlotKVCache
+
+if TYPE_CHECKING:
+    from lmforge.api import LLM
+
+MAX_TOP_LOGPROBS = 20
+RATE_WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
+
+
+class QueueFullError(LmforgeError):
+    """All slots are busy and the waiting queue is full: the client should retry shortly."""
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature and filters), with the
+    ``top`` most likely tokens of the same step as ``(token_id, logprob)``, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """Output of sequence ``index`` of a job.
+
+    ``text`` is new text that is safe to show (maybe empty); ``logprobs`` covers the tokens consumed since the
+    sequence's previous event (a token held back as half a character arrives with the text it completes). The
+    sequence's last event carries its ``completion``. An ``error`` ends the whole job; nothing follows it.
+    """
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    completion: Completion | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: ``n`` sequences continuing the same prompt. ``on_event`` runs in the scheduler thread."""
+
+    prompt: list[int]
+    params: SamplingParams
+    n: int
+    logprobs: int | None  # None: none; k >= 0: the chosen token's and the k most likely
+    on_event: Callable[[Event], None]
+    budget: int  # new tokens each sequence may produce (max_tokens, cut by the context)
+    cancelled: bool = False  # set from any thread; the scheduler frees the job's slots before its next step
+
+
+class _Running:
+    """A sequence that holds a slot: the i-th running sequence owns row i of the cache."""
+
+    def __init__(
+        self, job: Job, index: int, builder: CompletionBuilder, generator: torch.Generator | None
+    ) -> None:
+        self.job = job
+        self.index = index
+        self.builder = builder
+        self.generator = generator
+        self.next_input = -1  # the token sampled last; the next step feeds it
+        self.unreported: list[TokenLogprob] = []
+
+
+class Scheduler:
+    """Serves generation requests from any thread with continuous batching over ``max_batch`` slots."""
+
+    def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise LmforgeError(
+                f"max_batch={max_batch} and max_queue={max_queue} are invalid",
+                hint="use max_batch >= 1 and max_queue >= 0",
+            )
+        self.model = llm.model
+        self.tokenizer = llm.tokenizer
+        self.eos_ids = llm.eos_ids
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.generated_tokens = 0
+        self._waiting: deque[Job] = deque()
+        self._lock = threading.Condition()  # guards _waiting, _closing and _recent; wakes the idle thread
+        self._closing = False
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
+        self._running: list[_Running] = []  # only the scheduler thread touches these two
+        self._cache: SlotKVCache | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ any thread
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        on_event: Callable[[Event], None],
+        n: int = 1,
+        logprobs: int | None = None,
+    ) -> Job:
+        """Queue a request; raises ``QueueFullError`` when the queue is full, ``LmforgeError`` when invalid."""
+        if not 1 <= n <= self.max_batch:
+            raise LmforgeError(
+                f"n={n} sequences do not fit the server's batch of {self.max_batch}",
+                hint=f"ask for 1 to {self.max_batch} sequences per request",
+            )
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise LmforgeError(
+                f"top logprobs={logprobs} is out of range", hint=f"ask for 0 to {MAX_TOP_LOGPROBS}"
+            )
+        budget = generation_budget(len(prompt), params, self.model.config.block_size)
+        job = Job(list(prompt), params, n, logprobs, on_event, budget)
+        with self._lock:
+            if self._closing:
+                raise LmforgeError("the server is shutting down", hint="retry once it is back")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the server is busy: its {self.max_batch} slots are taken and {len(self._waiting)} "
+                    "requests are waiting",
+                    hint="retry in a moment",
+                )
+            self._waiting.append(job)
+            self._lock.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop working for ``job``: a waiting job leaves the queue, a running one frees its slots."""
+        job.cancelled = True
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last ``RATE_WINDOW_S`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            tokens = sum(n for t, n in self._recent if now - t <= RATE_WINDOW_S)
+        return tokens / RATE_WINDOW_S
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread; jobs still waiting or running get an error event."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            left = {*self._waiting, *(seq.job for seq in self._running)}
+            self._waiting.clear()
+        error = LmforgeError("the server is shutting down", hint="retry once it is back")
+        for job in left:
+            self._fail(job, error)
+        self._running, self._cache = [], None
+
+    # ----------------------------------------------------------- scheduler thread
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        while True:
+            for row in reversed(range(len(self._running))):
+                if self._running[row].job.cancelled:  # the client went away, timed out or failed
+                    self._release(row)
+            admitted = self._admissions()
+            if admitted is None:
+                return
+            for job in admitted:
+                self._admit(job)
+            if self._running:
+                self._step()
+            elif self._cache is not None and self._cache.max_len > self._initial_columns:
+                self._cache = None  # idle: give back what one long sequence made the cache grow to
+
+    def _admissions(self) -> list[Job] | None:
+        """Waiting jobs that fit the free slots, in arrival order (blocks while idle); None once closing."""
+        with self._lock:
+            while not self._closing and not self._waiting and not self._running:
+                self._lock.wait()
+            if self._closing:
+                return None
+            free = self.max_batch - len(self._running)
+            admitted = []
+            while self._waiting and self._waiting[0].n <= free:
+                job = self._waiting.popleft()
+                admitted.append(job)
+                free -= job.n
+            return admitted
+
+    @property
+    def _initial_columns(self) -> int:
+        return min(256, self.model.config.block_size)
+
+    def _admit(self, job: Job) -> None:
+        """Prefill the prompt alone, pick each sequence's first token, and give the survivors a slot."""
+        if job.cancelled:
+            return
+        params = job.params
+        try:
+            builders = [
+                CompletionBuilder(self.tokenizer, len(job.prompt), params, self.eos_ids, job.budget)
+                for _ in range(job.n)
+            ]
+            if job.budget == 0:
+                for index, builder in enumerate(builders):
+                    self._emit(job, Event(index, builder.end("length"), completion=builder.completion))
+                return
+            device = self.model.device
+            prefill = self.model.new_cache(1, len(job.prompt))
+            ids = torch.tensor([job.prompt], device=device)
+            logits, _ = self.model(ids, cache=prefill, last_logits_only=True)  # (1, 1, V)
+            for index, builder in enumerate(builders):
+                seq = _Running(job, index, builder, sampling_generator(params, device, offset=index))
+                if self._advance(seq, logits[0, -1]):
+                    if self._cache is None:
+                        self._cache = SlotKVCache(
+                            self.model.config, self.max_batch, device, self.model.dtype, self._initial_columns
+                        )
+                    self._cache.add(prefill, row=0)
+                    self._running.append(seq)
+            self._count_tokens(job.n)
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+            self._fail(job, e)
+
+    def _step(self) -> None:
+        """Feed every running sequence its last token, pick the next ones, free the slots of those that end."""
+        rows = self._running
+        ids = torch.tensor([[seq.next_input] for seq in rows], device=self.model.device)  # (B, 1)
+        try:
+            logits, _ = self.model(ids, cache=self._cache)  # (B, 1, V)
+        except Exception as e:  # noqa: BLE001
+            # The cache may be half-written: fail this batch and start the next one from a fresh cache.
+            for job in {seq.job for seq in rows}:
+                self._fail(job, e)
+            self._running, self._cache = [], None
+            return
+        finished = []
+        for row, seq in enumerate(rows):
+            try:
+                if not self._advance(seq, logits[row, -1]):
+                    finished.append(row)
+            except Exception as e:  # noqa: BLE001 - e.g. sampling settings that break on these logits
+                self._fail(seq.job, e)
+                finished.append(row)
+        for row in reversed(finished):
+            self._release(row)
+        self._count_tokens(len(rows))
+
+    def _advance(self, seq: _Running, logits: torch.Tensor) -> bool:
+        """Pick ``seq``'s next token from its logits (V,), report it; return whether the sequence goes on."""
+        job, builder = seq.job, seq.builder
+        row = logits[None].float()  # (1, V)
+        seen = None
+        if job.params.repetition_penalty != 1.0:
+            seen = torch.tensor([job.prompt + builder.tokens], device=row.device)
+        token = int(next_tokens(row, job.params, seq.generator, seen))
+        produced = len(builder.tokens)
+        piece = builder.push(token)
+        if job.logprobs is not None and len(builder.tokens) > produced:  # an EOS token is not output
+            seq.unreported.append(self._logprob(row[0], token, job.logprobs))
+        if piece or builder.done:
+            self._emit(job, Event(seq.index, piece, seq.unreported, builder.completion))
+            seq.unreported = []
+        seq.next_input = token
+        return not builder.done
+
+    @staticmethod
+    def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logprobs = logits.log_softmax(-1)
+        best = logprobs.topk(top) if top > 0 else None
+        pairs = (
+            list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+        )
+        return TokenLogprob(token, float(logprobs[token]), pairs)
+
+    def _release(self, row: int) -> None:
+        """Free a slot; the last running sequence moves into it (as its cache row does)."""
+        assert self._cache is not None
+        self._cache.remove(row)
+        self._running[row] = self._running[-1]
+        self._running.pop()
+
+    def _emit(self, job: Job, event: Event) -> None:
+        if job.cancelled:
+            return
+        try:
+            job.on_event(event)
+        except Exception:  # noqa: BLE001 - the listener is gone (e.g. its event loop closed)
+            job.cancelled = True
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        """Report ``error`` to the job and stop it; its slots are freed before the next step."""
+        self._emit(job, Event(0, error=error))
+        job.cancelled = True
+
+    def _count_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.generated_tokens += n
+            self._recent.append((now, n))
+            while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
+                self._recent.popleft()

@@ -1,0 +1,243 @@
+// lmforge playground: a chat page over the server's own /v1/chat/completions stream. No build step, no CDN.
+"use strict";
+
+const TEXT = {
+  en: {
+    playground: "playground",
+    system: "System prompt",
+    systemPlaceholder: "e.g. You are a helpful assistant.",
+    temperature: "Temperature",
+    topP: "Top p",
+    maxTokens: "Max tokens",
+    apiKey: "API key",
+    apiKeyPlaceholder: "only if the server has one",
+    clear: "Clear chat",
+    empty: "Say something to start the conversation.",
+    promptPlaceholder: "Type a message — Enter to send, Shift+Enter for a new line",
+    send: "Send",
+    stop: "Stop",
+    you: "You",
+    assistant: "Assistant",
+    error: "Error",
+    stats: (tokens, seconds) => `${tokens} tokens in ${seconds.toFixed(1)} s (${(tokens / seconds).toFixed(1)} tokens/s)`,
+    info: (m) => `${m.id} · ${m.lmforge.architecture} · ${(m.lmforge.parameters / 1e6).toFixed(0)}M params · ` +
+      `context ${m.max_model_len} · ${m.lmforge.dtype} on ${m.lmforge.device}`,
+    offline: "server unreachable",
+  },
+  zh: {
+    playground: "演练场",
+    system: "系统提示词",
+    systemPlaceholder: "例如：你是一个乐于助人的助手。",
+    temperature: "温度",
+    topP: "Top p（核采样）",
+    maxTokens: "最大生成长度",
+    apiKey: "API 密钥",
+    apiKeyPlaceholder: "仅当服务器设置了密钥时填写",
+    clear: "清空对话",
+    empty: "输入一句话，开始对话。",
+    promptPlaceholder: "输入消息 —— Enter 发送，Shift+Enter 换行",
+    send: "发送",
+    stop: "停止",
+    you: "你",
+    assistant: "助手",
+    error: "错误",
+    stats: (tokens, seconds) => `${tokens} 个词元，用时 ${seconds.toFixed(1)} 秒（每秒 ${(tokens / seconds).toFixed(1)} 个）`,
+    info: (m) => `${m.id} · ${m.lmforge.architecture} · ${(m.lmforge.parameters / 1e6).toFixed(0)}M 参数 · ` +
+      `上下文 ${m.max_model_len} · ${m.lmforge.dtype}（${m.lmforge.device}）`,
+    offline: "无法连接服务器",
+  },
+};
+
+const $ = (id) => document.getElementById(id);
+const turns = []; // {role, content} of the finished exchanges
+let lang = localStorage.getItem("lmforge.lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
+let model = null;
+let controller = null; // aborts the running request (the server then frees its slot)
+let lastRun = null; // {tokens, seconds} of the last answer, shown in the current language
+
+function t(key) {
+  return TEXT[lang][key];
+}
+
+function applyLanguage() {
+  document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of document.querySelectorAll("[data-lang]")) el.classList.toggle("active", el.dataset.lang === lang);
+  for (const el of document.querySelectorAll(".message")) el.querySelector(".role").textContent = t(el.dataset.role);
+  showModel();
+  showStats();
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function loadModel() {
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    const body = await response.json();
+    model = response.ok ? body.data[0] : null;
+    $("model-info").textContent = model ? "" : body.error.message;
+  } catch {
+    $("model-info").textContent = t("offline");
+  }
+  showModel();
+}
+
+function showModel() {
+  if (model) $("model-info").textContent = t("info")(model);
+}
+
+function showStats() {
+  $("stats").textContent = lastRun ? t("stats")(lastRun.tokens, lastRun.seconds) : "";
+}
+
+function addMessage(role, text) {
+  $("empty").hidden = true;
+  const el = document.createElement("div");
+  el.className = `message ${role}`;
+  el.dataset.role = role === "user" ? "you" : role;
+  const label = document.createElement("div");
+  label.className = "role";
+  label.textContent = t(el.dataset.role);
+  const content = document.createElement("div");
+  content.className = "content";
+  content.textContent = text;
+  el.append(label, content);
+  $("messages").append(el);
+  el.scrollIntoView({ block: "end" });
+  return content;
+}
+
+// Server-sent events arrive in network chunks that may cut a line (or a UTF-8 character) anywhere:
+// TextDecoder's stream mode keeps partial characters, and only complete lines are parsed.
+async function* sseEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder("utf-8");
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+}
+
+async function send(text) {
+  const messages = [];
+  const system = $("system").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...turns, { role: "user", content: text });
+  addMessage("user", text);
+  const output = addMessage("assistant", "");
+  output.classList.add("streaming");
+  setBusy(true);
+  controller = new AbortController();
+  const started = performance.now();
+  let tokens = 0;
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      signal: controller.signal,
+      body: JSON.stringify({
+        model: model ? model.id : "default",
+        messages,
+        stream: true,
+        stream_options: { include_usage: true },
+        temperature: Number($("temperature").value),
+        top_p: Number($("top-p").value),
+        max_tokens: Number($("max-tokens").value),
+      }),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({ error: { message: response.statusText } }));
+      throw new Error(body.error.message);
+    }
+    for await (const chunk of sseEvents(response)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      const delta = chunk.choices.length ? chunk.choices[0].delta : {};
+      if (delta.content) {
+        output.textContent += delta.content;
+        output.scrollIntoView({ block: "end" });
+      }
+    }
+    turns.push({ role: "user", content: text }, { role: "assistant", content: output.textContent });
+    lastRun = { tokens, seconds: (performance.now() - started) / 1000 };
+    showStats();
+  } catch (err) {
+    if (err.name !== "AbortError") {
+      output.parentElement.classList.add("error");
+      output.textContent += (output.textContent ? "\n" : "") + `${t("error")}: ${err.message}`;
+    }
+  } finally {
+    output.classList.remove("streaming");
+    setBusy(false);
+  }
+}
+
+function setBusy(busy) {
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  $("prompt").disabled = busy;
+  if (!busy) $("prompt").focus();
+}
+
+function bindRange(id) {
+  const show = () => ($(`${id}-value`).textContent = $(id).value);
+  $(id).addEventListener("input", show);
+  show();
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || $("prompt").disabled) return;
+  $("prompt").value = "";
+  send(text);
+});
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => controller?.abort());
+$("clear").addEventListener("click", () => {
+  turns.length = 0;
+  for (const el of document.querySelectorAll(".message")) el.remove();
+  $("empty").hidden = false;
+  lastRun = null;
+  showStats();
+});
+for (const button of document.querySelectorAll("[data-lang]")) {
+  button.addEventListener("click", () => {
+    lang = button.dataset.lang;
+    localStorage.setItem("lmforge.lang", lang);
+    applyLanguage();
+  });
+}
+$("api-key").value = localStorage.getItem("lmforge.apiKey") || "";
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("lmforge.apiKey", $("api-key").value.trim());
+  loadModel();
+});
+bindRange("temperature");
+bindRange("top-p");
+applyLanguage();
+loadModel();

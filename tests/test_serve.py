@@ -1,0 +1,543 @@
+"""The OpenAI-compatible server against the official `openai` client: formats, greedy parity with the library,
+continuous batching, limits and faults. SmolLM2 where real text matters, a tiny random model for load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import psutil
+import pytest
+import torch
+
+from lmforge import LLM, SamplingParams
+from lmforge.cli import build_parser
+from lmforge.generate import generate_tokens
+from lmforge.model import SlotKVCache
+from lmforge.serve import create_app
+
+from .conftest import tiny_llm
+from .serving import serving, wait_until
+
+ENGLISH = ["The capital of France is", "Once upon a time, in a small village by the sea,"]
+CHINESE = ["床前明月光，", "今天天气很好，我们一起去"]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "用一句话介绍北京。"},
+    ],
+]
+
+
+def _client(base: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+def _splits_characters(llm: LLM, token_ids: list[int]) -> bool:
+    """Whether some token of the output is only part of a UTF-8 character (what streaming must not cut)."""
+    return any("\ufffd" in llm.tokenizer.decode([t]) for t in token_ids)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    app = create_app(smollm2, max_batch=8)
+    with serving(app) as base:
+        yield smollm2, _client(base), base, app
+
+
+# --------------------------------------------------------------------- formats and parity (SmolLM2)
+@pytest.mark.parametrize("prompt", [ENGLISH[0], CHINESE[0]])
+def test_completion_greedy_equals_generate_text_and_counts_usage(smol, prompt):
+    llm, client, _, _ = smol
+    result = client.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0)
+    expected = llm.complete([prompt], max_new_tokens=16)[0]  # generate_text's text, with the token ids
+    assert result.choices[0].text == expected.text
+    assert result.choices[0].finish_reason == expected.finish_reason
+    assert result.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
+    assert result.usage.completion_tokens == len(expected.token_ids)
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=["en", "zh"])
+def test_chat_stream_concatenates_to_the_non_stream_answer(smol, messages):
+    llm, client, _, _ = smol
+    answer = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0)
+    expected = llm.complete([messages], max_new_tokens=16)[0]
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(llm.prompt_ids(messages))
+    assert answer.usage.completion_tokens == len(expected.token_ids)
+    if messages is CHATS[1]:
+        assert _splits_characters(llm, expected.token_ids)  # the stream really has characters to keep whole
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, roles, reasons, usages = [], [], [], []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            roles += [choice.delta.role] if choice.delta.role else []
+            pieces += [choice.delta.content] if choice.delta.content else []
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) > 3
+    assert "".join(pieces) == answer.choices[0].message.content
+    assert roles == ["assistant"]
+    assert reasons == [answer.choices[0].finish_reason]
+    assert usages == [answer.usage]
+
+
+def test_n_sequences_are_seeded_like_generate_text(smol):
+    llm, client, _, _ = smol
+    options = dict(model="smollm2", prompt=ENGLISH[1], n=2, max_tokens=10, temperature=0.9, seed=7)
+    first = client.completions.create(**options, extra_body={"ignore_eos": True})
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(first.choices, key=lambda c: c.index)] == [0, 1]
+    assert texts[0] != texts[1]
+    # Sequence i samples with seed + i, so the first equals the library's seeded sampling (reproducible).
+    assert texts[0] == llm.generate_text(
+        ENGLISH[1], max_length=10, temperature=0.9, seed=7, stop_on_eos=False
+    )
+    assert first.usage.completion_tokens == 20
+    assert first.usage.prompt_tokens == len(llm.tokenizer.encode(ENGLISH[1]))
+
+
+def test_stop_string_cuts_the_text(smol):
+    llm, client, _, _ = smol
+    full = llm.generate_text(ENGLISH[0], max_length=20)
+    stop = full.split()[2]
+    result = client.completions.create(
+        model="smollm2", prompt=ENGLISH[0], max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert result.choices[0].text == full[: full.index(stop)]
+    assert result.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=["en", "zh"])
+def test_chat_logprobs_come_from_the_step_that_picked_the_token(smol, messages):
+    llm, client, _, _ = smol
+    result = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = result.choices[0].logprobs.content
+    assert len(content) == result.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].bytes == entry.bytes  # greedy: the chosen token is the most likely
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    # The tokens' bytes rebuild the text, even where a token is half a Chinese character (a character cut
+    # by max_tokens is dropped from the text, so its bytes may be left over at the end).
+    rebuilt = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    assert rebuilt.rstrip("\ufffd") == result.choices[0].message.content
+    with torch.no_grad():
+        logits, _ = llm.model(torch.tensor([llm.prompt_ids(messages)]))
+    assert abs(content[0].logprob - logits[0, -1].float().log_softmax(-1).max().item()) < 1e-4
+
+
+def test_completion_logprobs_in_the_legacy_format(smol):
+    _, client, _, _ = smol
+    result = client.completions.create(
+        model="smollm2", prompt=ENGLISH[0], max_tokens=6, temperature=0, logprobs=2
+    )
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == result.usage.completion_tokens
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert "".join(logprobs.tokens) == result.choices[0].text
+
+
+def test_embeddings_match_llm_embed(smol):
+    llm, client, _, _ = smol
+    texts = ["hello world", "你好，世界"]
+    expected = llm.embed(texts)
+    # Left alone, the openai client asks for base64 and decodes it; "float" gets plain lists.
+    for options in ({}, {"encoding_format": "float"}):
+        result = client.embeddings.create(model="smollm2", input=texts, **options)
+        vectors = np.array([d.embedding for d in sorted(result.data, key=lambda d: d.index)])
+        assert np.allclose(vectors, expected, atol=1e-5)
+    assert result.usage.prompt_tokens == sum(len(llm.tokenizer.encode(t)) for t in texts)
+
+
+def test_eight_concurrent_streams_each_equal_their_solo_greedy_output(smol):
+    llm, client, _, app = smol
+    prompts = [
+        *ENGLISH,
+        *CHINESE,
+        "The three primary colors are",
+        "中国的首都是",
+        "def fibonacci(n):",
+        "人工智能是",
+    ]
+    scheduler = app.state.scheduler
+    most_running = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal most_running
+        while not done.is_set():
+            most_running = max(most_running, scheduler.running)
+            time.sleep(0.002)
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(
+            model="smollm2", prompt=prompt, max_tokens=8, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(stream, prompts))
+    finally:
+        done.set()
+        watcher.join()
+    assert most_running >= 4  # they really were decoded together
+    for prompt, text in zip(prompts, results, strict=True):
+        assert text == llm.generate_text(prompt, max_length=8), prompt
+
+
+def test_classify_and_summarize_endpoints_call_the_tasks_api(smol):
+    llm, _, base, _ = smol
+    texts, labels = (
+        ["I love this film, it is wonderful!", "这部电影太糟糕了，浪费时间。"],
+        ["positive", "negative"],
+    )
+    r = httpx.post(base + "/v1/classify", json={"input": texts, "labels": labels}, timeout=120)
+    assert r.status_code == 200
+    expected = llm.classify_text(texts, labels=labels)
+    assert [d["label"] for d in r.json()["data"]] == [e["label"] for e in expected]
+    text = "The city council approved a new park near the river on Monday."
+    r = httpx.post(base + "/v1/summarize", json={"input": text, "max_tokens": 8}, timeout=120)
+    assert r.status_code == 200
+    assert r.json()["summary"] == llm.summarize(text, max_length=8)
+
+
+def test_models_health_and_metrics(smol):
+    llm, client, base, _ = smol
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].model_extra["max_model_len"] == llm.config.block_size
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    metrics = httpx.get(base + "/metrics").text
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")
+    }
+    assert values["lmforge_generated_tokens_total"] > 0
+    assert values["lmforge_running_sequences"] == 0 and values["lmforge_queue_depth"] == 0
+    assert values["lmforge_time_to_first_token_seconds_count"] > 0
+    assert (
+        values['lmforge_request_latency_seconds_bucket{le="+Inf"}']
+        == values["lmforge_request_latency_seconds_count"]
+    )
+    assert "lmforge_tokens_per_second" in values
+
+
+# ------------------------------------------------------------------------------ scheduling (tiny model)
+@pytest.fixture
+def one_thread():
+    """Tiny models run on one intra-op thread: their matrices are too small to share, and on a busy machine
+    the threads' hand-offs make every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [("tiny-gpt2", {}), ("tiny-qwen2", {}), ("tiny-llama", {"sliding_window": 12})],
+    ids=["learned-positions", "qwen2", "sliding-window"],
+)
+def test_slot_cache_rows_decode_as_if_alone(one_thread, tiny_tokenizer, preset, overrides):
+    """Sequences joining and leaving a SlotKVCache at different steps get exactly their solo tokens."""
+    llm = tiny_llm(preset, tiny_tokenizer, **overrides)
+    model = llm.model
+    texts = ["The quick brown fox", "床前明月光，疑是地上霜。举头", "a", "def hello():\n    return"]
+    prompts = [tiny_tokenizer.encode(t) for t in texts]
+    params = SamplingParams(max_new_tokens=20, stop_on_eos=False)
+    solo = [[int(t) for t in generate_tokens(model, [p], params)] for p in prompts]
+    cache = SlotKVCache(model.config, slots=3, device=model.device, dtype=model.dtype, initial_len=8)
+    rows: list[int] = []  # prompt index of each cache row
+    out: list[list[int]] = [[] for _ in prompts]
+    waiting = list(range(len(prompts)))
+    with torch.inference_mode():
+        for step in range(100):
+            if step % 4 == 0 and waiting and len(rows) < 3:  # a newcomer every 4 steps while a slot is free
+                i = waiting.pop(0)
+                prefill = model.new_cache(1, len(prompts[i]))
+                logits, _ = model(torch.tensor([prompts[i]]), cache=prefill)
+                out[i].append(int(logits[0, -1].argmax()))
+                cache.add(prefill, row=0)
+                rows.append(i)
+            if not rows:
+                continue
+            logits, _ = model(torch.tensor([[out[i][-1]] for i in rows]), cache=cache)
+            for row in reversed(range(len(rows))):
+                i = rows[row]
+                out[i].append(int(logits[row, -1].argmax()))
+                if len(out[i]) == 20:
+                    cache.remove(row)  # the last row moves into the freed one, as the scheduler's list does
+                    rows[row] = rows[-1]
+                    rows.pop()
+    assert out == solo
+    assert cache.max_len > 8  # the columns grew on demand
+
+
+def _slow_tiny(tiny_tokenizer, seconds_per_step: float) -> LLM:
+    """A tiny model whose every forward pass takes at least ``seconds_per_step``: timing made predictable."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    llm.model.register_forward_pre_hook(lambda module, args: time.sleep(seconds_per_step))
+    return llm
+
+
+def test_a_short_request_finishes_while_a_long_one_runs(one_thread, tiny_tokenizer):
+    llm = _slow_tiny(tiny_tokenizer, 0.01)
+    with serving(create_app(llm, max_batch=4)) as base:
+        client = _client(base)
+        finished: dict[str, float] = {}
+        texts: dict[str, str] = {}
+        started = threading.Event()
+
+        def run(name: str, max_tokens: int) -> None:
+            chunks = client.completions.create(
+                model="tiny",
+                prompt="To be, or not to be",
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            pieces = []
+            for chunk in chunks:
+                started.set()
+                pieces += [c.text for c in chunk.choices]
+            texts[name], finished[name] = "".join(pieces), time.monotonic()
+
+        long = threading.Thread(target=run, args=("long", 100))
+        long.start()
+        assert started.wait(30)
+        run("short", 5)
+        long.join()
+    assert finished["short"] < finished["long"]
+    expected = llm.generate_text("To be, or not to be", max_length=100, stop_on_eos=False)
+    assert texts["long"] == expected
+    assert texts["short"] == llm.generate_text("To be, or not to be", max_length=5, stop_on_eos=False)
+
+
+# ------------------------------------------------------------------------------------ limits (tiny model)
+def test_api_key_body_size_context_and_field_errors(one_thread, tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    origin = "http://localhost:5173"
+    app = create_app(
+        llm, api_key="sekret", max_body_bytes=20_000, max_context=64, max_batch=4, cors_origins=[origin]
+    )
+    with serving(app) as base:
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+        r = httpx.options(base + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        with pytest.raises(openai.AuthenticationError):
+            _client(base, api_key="wrong").completions.create(model="tiny", prompt="hi", max_tokens=2)
+        r = httpx.post(base + "/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(base + "/health").status_code == 200  # only /v1 needs the key
+
+        client = _client(base, api_key="sekret")
+        auth = {"Authorization": "Bearer sekret"}
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+
+        big = json.dumps({"prompt": "x" * 30_000}).encode()
+        r = httpx.post(base + "/v1/completions", content=big, headers=auth)
+        assert r.status_code == 413 and "20000 bytes" in r.json()["error"]["message"]
+        # Without a Content-Length header (chunked), the body is measured as it arrives.
+        r = httpx.post(base + "/v1/completions", content=iter([big[:15_000], big[15_000:]]), headers=auth)
+        assert r.status_code == 413
+
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model="tiny", prompt=[7] * 60, max_tokens=10)
+        message = error.value.body["message"]
+        assert "60 tokens" in message and "max_tokens=10" in message and "64 tokens" in message
+        assert error.value.body["code"] == "context_length_exceeded"
+
+        r = httpx.post(base + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": ', headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": "many"}, headers=auth)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": []}, headers=auth)
+        assert r.status_code == 422
+        for bad in ({"n": 9}, {"top_p": 1.5}, {"presence_penalty": 0.5}, {"min_p": 2.0}):
+            r = httpx.post(base + "/v1/completions", json={"prompt": "hi", **bad}, headers=auth)
+            assert r.status_code in (400, 422), bad
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(base + "/v1/nothing", headers=auth).status_code == 404
+
+
+def test_full_queue_gets_429_and_a_cancelled_stream_frees_its_slot(one_thread, tiny_tokenizer):
+    llm = _slow_tiny(tiny_tokenizer, 0.05)  # the long request holds its slot for 6 s
+    app = create_app(llm, max_batch=1, max_queue=1)
+    scheduler = app.state.scheduler
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    with serving(app) as base, httpx.Client(base_url=base, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 120, "stream": True}) as long:
+            lines = long.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines)  # the long request holds the only slot
+            queued = ThreadPoolExecutor(1).submit(http.post, "/v1/completions", json=body)
+            wait_until(lambda: scheduler.queue_depth == 1, what="the second request to queue")
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+        # Leaving the stream frees the slot; the queued request then runs and answers correctly.
+        answer = queued.result(timeout=60)
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["text"] == llm.generate_text(
+            "hello", max_length=3, stop_on_eos=False
+        )
+        wait_until(lambda: scheduler.running == 0, what="the slots to be free")
+
+
+def test_timeouts_give_504_or_an_error_event_and_free_the_slot(one_thread, tiny_tokenizer):
+    llm = _slow_tiny(tiny_tokenizer, 0.02)
+    app = create_app(llm, request_timeout_s=0.5)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 100, "ignore_eos": True}
+    with serving(app) as base:
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        stream = _client(base).completions.create(
+            model="tiny", prompt="hello", max_tokens=100, stream=True, extra_body={"ignore_eos": True}
+        )
+        with pytest.raises(openai.APIError, match="timeout"):
+            for _ in stream:
+                pass
+        wait_until(lambda: app.state.scheduler.running == 0, what="the timed-out slots to be freed")
+
+
+# ------------------------------------------------------------------------------ faults (a real process)
+def test_cli_serves_this_machine_only_by_default():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.max_batch) == ("127.0.0.1", 8000, None, 8)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _fault_client(
+    http: httpx.AsyncClient, i: int, prompts: list[str], expected: dict[str, str]
+) -> None:
+    """Client ``i`` of the mix: valid (plain or streamed), malformed JSON, oversize, or gone mid-stream."""
+    prompt = prompts[i % len(prompts)]
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    kind = i % 5
+    if kind == 0:
+        r = await http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[prompt]
+    elif kind == 1:
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1]) == expected[prompt]
+    elif kind == 2:
+        r = await http.post(
+            "/v1/completions", content=b'{"prompt": [1, 2,', headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    elif kind == 3:
+        r = await http.post("/v1/completions", json={**body, "prompt": "hello world " * 100})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    else:
+        long = {**body, "max_tokens": 100, "ignore_eos": True, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=long) as r:
+            async for _ in r.aiter_lines():
+                break  # hang up after the first piece
+
+
+# Idle connections are dropped before the server's 5 s keep-alive ends, so a request never goes out on a
+# connection the server is closing at that moment.
+KEEPALIVE_S = 2.0
+
+
+async def _mixed_load(base: str, n: int, prompts: list[str], expected: dict[str, str]) -> None:
+    limits = httpx.Limits(max_connections=n, keepalive_expiry=KEEPALIVE_S)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+        await asyncio.gather(*(_fault_client(http, i, prompts, expected) for i in range(n)))
+
+
+async def _valid_requests(base: str, count: int, prompts: list[str]) -> None:
+    gate = asyncio.Semaphore(16)
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+
+        async def one(i: int) -> None:
+            async with gate:
+                r = await http.post(
+                    "/v1/completions", json={"prompt": prompts[i % len(prompts)], "max_tokens": 2}
+                )
+                assert r.status_code == 200
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def test_faults_never_harm_valid_requests_and_memory_stays_flat(one_thread, tiny_tokenizer, tmp_path):
+    folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "tiny")
+    llm = LLM.load(folder)
+    prompts = [
+        "The quick brown fox",
+        "床前明月光，疑是地上霜。",
+        "To be, or not to be",
+        "我们今天去北京",
+        "def hello():",
+    ]
+    expected = {p: llm.generate_text(p, max_length=8) for p in prompts}
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lmforge", "serve", str(folder), "--port", str(port), "--max-batch", "8"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # One intra-op thread: a tiny model's matrices are too small to share, and on a busy machine
+            # the threads' hand-offs make each step several times slower.
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        wait_until(lambda: _healthy(base), timeout=120, what="the server process to start")
+        asyncio.run(_mixed_load(base, 64, prompts, expected))
+        # The clients that hung up left no sequence behind.
+        wait_until(
+            lambda: "lmforge_running_sequences 0" in httpx.get(base + "/metrics").text, what="idle slots"
+        )
+        assert "lmforge_queue_depth 0" in httpx.get(base + "/metrics").text
+
+        process = psutil.Process(server.pid)
+        asyncio.run(_valid_requests(base, 100, prompts))
+        after_100 = process.memory_info().rss
+        asyncio.run(_valid_requests(base, 900, prompts))
+        after_1000 = process.memory_info().rss
+        assert after_1000 <= 1.10 * after_100, (after_100, after_1000)
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
