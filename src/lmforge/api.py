@@ -3,6 +3,7 @@
 llm = LLM.load()                       # the bundled SmolLM2-135M-Instruct
 llm = LLM.load("runs/my-model")        # an lmforge / Hugging Face model folder
 llm = LLM.load("model.Q4_K_M.gguf")    # a llama.cpp GGUF file
+llm = LLM.load("spam-filter:v1")       # a model in the local store (`lmforge list`; no tag means :latest)
 llm = LLM.load("HuggingFaceTB/SmolLM2-135M-Instruct")   # a Hugging Face hub id (needs network)
 """
 
@@ -23,6 +24,7 @@ from lmforge.formats.folder import atomic_write_folder, load_model_folder
 from lmforge.formats.gguf import GGUFFile
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
 from lmforge.model import Transformer
+from lmforge.store import Store
 from lmforge.tokenizer import Message, Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -75,7 +77,12 @@ def bundled_model_path() -> Path:
 
 
 def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
-    """Where a model lives: ("gguf", file) or ("folder", dir) or ("hub", downloaded dir)."""
+    """Where a model lives: ("gguf", file), ("folder", dir), ("store", checked dir), ("hub", downloaded dir).
+
+    Precedence: the bundled default, then an existing local path (a ``.gguf`` name always means a file),
+    then a model store entry ``name[:tag]`` (tag ``latest`` by default; see ``lmforge.store``), then a hub
+    id ``org/name``. So a folder ``./spam`` wins over the stored ``spam:latest``, which wins over the hub.
+    """
     source = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     if source in (DEFAULT_MODEL, "default"):
         return "gguf", bundled_model_path()
@@ -84,11 +91,15 @@ def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
         return "gguf", path
     if path.is_dir():
         return "folder", path
+    stored = Store().find(source)
+    if stored is not None:
+        return "store", stored
     if _HUB_ID.match(source):
         return "hub", download_from_hub(source)
     raise LmforgeError(
         f"no model found at {source!r}",
-        hint="give a model folder, a .gguf file, a hub id like 'org/name', or nothing for the default model",
+        hint="give a model folder, a .gguf file, a stored name like 'name:tag' (see `lmforge list`), "
+        "a hub id like 'org/name', or nothing for the default model",
     )
 
 
@@ -125,7 +136,7 @@ class LLM:
         if kind == "gguf":
             return cls._from_gguf(path, torch_dtype, torch_device)
         config, state, tokenizer, generation = load_model_folder(path)
-        source = str(name_or_path) if kind == "hub" else str(path)
+        source = str(name_or_path) if kind in ("hub", "store") else str(path)
         config.extra.pop("lora", None)  # re-created below from the adapter files, if there are any
         llm = cls._build(config, state, tokenizer, generation, source, torch_dtype, torch_device)
         if (path / "adapter_config.json").is_file():
@@ -179,11 +190,26 @@ class LLM:
             ),
         )
 
+    def export(
+        self,
+        out: str | Path,
+        format: str = "hf",
+        dtype: str | None = None,
+        quant: str | None = None,
+        merge_lora: bool = True,
+    ) -> Path:
+        """Write a Hugging Face folder (``format="hf"``), a GGUF file (``"gguf"``) or, with ``merge_lora=False``,
+        the PEFT adapter alone. See ``lmforge.export.export_model``."""
+        from lmforge.export import export_model
+
+        return export_model(self, out, format=format, dtype=dtype, quant=quant, merge_lora=merge_lora)
+
     # --------------------------------------------------------------- generation
     def sampling(self, **options: Any) -> SamplingParams:
         return SamplingParams.from_kwargs(**options)
 
-    def _prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+        """The token ids a prompt (plain text, or messages rendered with the chat template) starts from."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
@@ -198,7 +224,7 @@ class LLM:
     def complete(self, prompts: Sequence[str | Sequence[Message]], **options: Any) -> list[Completion]:
         """Batched generation with full details (token ids, finish reason) per prompt."""
         params = self.sampling(**options)
-        ids = [self._prompt_ids(p) for p in prompts]
+        ids = [self.prompt_ids(p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, params, self.eos_ids)
 
     def generate_text(
@@ -224,7 +250,7 @@ class LLM:
         """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
         options.setdefault("max_new_tokens", max_length)
         params = self.sampling(**options)
-        ids = [self._prompt_ids(prompt)]
+        ids = [self.prompt_ids(prompt)]
         for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
             if piece:
                 yield piece

@@ -118,6 +118,67 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key:<16} {value}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from lmforge.serve import create_app
+
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY")
+    llm = _load(args)
+    app = create_app(
+        llm,
+        api_key=api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        cors_origins=args.cors,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {llm!r}\n  playground: {url}/   API: {url}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from lmforge.select import estimate
+
+    result = estimate(
+        args.model,
+        context=args.context,
+        batch=args.batch,
+        mode=args.mode,
+        dtype=args.dtype,
+        quant=args.quant,
+        measure=args.measure,
+        task=args.task,
+        lora_rank=args.lora_rank,
+        freeze_last=args.freeze_last,
+        activation_checkpointing=args.activation_checkpointing,
+    )
+    print(result.table())
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from lmforge.select import select
+
+    result = select(
+        args.task,
+        args.data,
+        args.candidates,
+        max_ram=args.max_ram,
+        max_latency_ms=args.max_latency_ms,
+        sample=args.sample,
+        shots=args.shots,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        summary_field=args.summary_field,
+    )
+    print(result.table())
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import run_quickstart
 
@@ -204,6 +265,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer or recipe.get("tokenizer"),
         train=train,
         resume=args.resume or bool(recipe.get("resume")),
+        save_as=args.save_as or recipe.get("save_as"),
     )
     if result.model_dir.exists():
         print(
@@ -212,6 +274,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         )
         print(f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
         print(f"model: {result.model_dir}   loss curve: {result.model_dir.parent / 'loss.png'}")
+        _print_stored(args.save_as or recipe.get("save_as"))
 
 
 _MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
@@ -272,6 +335,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
     print(f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
     print(f"model: {result.model_dir}")
+    _print_stored(options.get("save_as"))
+
+
+def _print_stored(save_as: str | None) -> None:
+    if save_as:
+        print(f"stored as {save_as} (`lmforge show {save_as}`)")
 
 
 _FINETUNE_OPTIONS = (
@@ -289,6 +358,7 @@ _FINETUNE_OPTIONS = (
     "packing",
     "group_by_length",
     "block_size",
+    "save_as",
 )
 
 
@@ -340,6 +410,135 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     print(markdown_table(report["rows"], COLUMNS[args.task]))
     print(f"\nreport: {', '.join(report['files'])}")
+
+
+# ------------------------------------------------------------- model store
+def _print_table(rows: list[dict[str, str]], columns: Sequence[str]) -> None:
+    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in columns}
+    for row in [{c: c.upper() for c in columns}, *rows]:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from lmforge.store import Store, describe_parent, human_bytes
+
+    def clip(text: str, width: int = 48) -> str:  # long parent paths keep their informative end
+        return text if len(text) <= width else "…" + text[-width + 1 :]
+
+    store = Store()
+    rows = [
+        {
+            "name": f"{m['name']}:{m['tag']}",
+            "size": human_bytes(m["size"]),
+            "params": f"{m['config']['parameters'] / 1e6:.1f}M",
+            "parent": clip(describe_parent(m["parent"])) if m.get("parent") else "-",
+            "created": m["created"][:16].replace("T", " "),
+        }
+        for m in store.list_models()
+    ]
+    if not rows:
+        print(f"no models in {store.root} yet: add one with `lmforge import` or `--save-as NAME:TAG`")
+        return
+    _print_table(rows, ["name", "size", "params", "parent", "created"])
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    import json as json_module
+
+    from lmforge.store import Store, describe_parent, human_bytes
+
+    info = Store().show(args.name)
+    if args.json:
+        print(json_module.dumps(info, indent=2, ensure_ascii=False))
+        return
+    config = info["config"]
+    size = human_bytes(info["size"])
+    print(f"{info['name']}:{info['tag']}  id {info['id'][7:19]}  {size}  created {info['created']}")
+    if info.get("description"):
+        print(info["description"])
+    model = f"{config['model_type']}, {config['parameters']:,} parameters, context {config['context']}"
+    print(f"model: {model}" + (f", labels {config['labels']}" if config.get("labels") else ""))
+    print("files:")
+    for name, entry in info["files"].items():
+        print(f"  {name:<32} {human_bytes(entry['size']):>10}  {entry['digest'][:19]}")
+    print("lineage:" + ("" if info["lineage"] else " (none recorded)"))
+    for link in info["lineage"]:
+        print(f"  <- {describe_parent(link)}")
+    for key in ("recipe", "data", "metrics"):
+        if info.get(key):
+            print(f"{key}: {json_module.dumps(info[key], indent=2, ensure_ascii=False)}")
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    from lmforge.store import Store
+
+    store = Store()
+    for name in args.names:
+        print(f"removed {store.rm(name)}")
+    print("their files stay until `lmforge gc` (other models may share them)")
+
+
+def cmd_cp(args: argparse.Namespace) -> None:
+    from lmforge.store import Store
+
+    manifest = Store().cp(args.src, args.dst)
+    print(f"{args.src} -> {manifest['name']}:{manifest['tag']} (same files, nothing copied)")
+
+
+def cmd_tag(args: argparse.Namespace) -> None:
+    from lmforge.store import Store
+
+    manifest = Store().tag(args.src, args.tag)
+    print(f"{args.src} -> {manifest['name']}:{manifest['tag']}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from lmforge.store import Store, human_bytes
+
+    m = Store().import_model(args.source, args.name, description=args.description)
+    print(f"stored {m['name']}:{m['tag']}: {len(m['files'])} files, {human_bytes(m['size'])}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from lmforge.store import Store, human_bytes
+
+    store = Store()
+    report = store.verify()
+    print(
+        f"{store.root}: {report.entries} models, {report.blobs} blobs ({human_bytes(report.bytes)}) checked; "
+        f"{report.unreferenced} unused blobs and {report.temp} temp leftovers (`lmforge gc` removes them)"
+    )
+    for label, problems in (("missing", report.missing), ("corrupt", report.corrupt)):
+        for digest, refs in problems.items():
+            print(f"{label}: {digest[:19]}… used by {', '.join(refs) or 'no model'}")
+    for ref in report.damaged:
+        print(f"damaged manifest: {ref}")
+    if not report.ok:
+        problems = len(report.missing) + len(report.corrupt) + len(report.damaged)
+        raise LmforgeError(
+            f"the model store has {problems} problem(s)",
+            hint="re-import the models named above (`lmforge import SOURCE --name NAME:TAG`) or rm them",
+        )
+    print("ok")
+
+
+def cmd_gc(args: argparse.Namespace) -> None:
+    from lmforge.store import Store, human_bytes
+
+    r = Store().gc()
+    print(
+        f"removed {r.blobs} unused blobs, {r.snapshots} snapshots and {r.temp} temp leftovers: "
+        f"{human_bytes(r.bytes_freed)} freed"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.export import export_model
+
+    path = export_model(
+        args.model, args.out, format=args.format, dtype=args.dtype, quant=args.quant, merge_lora=args.merge
+    )
+    print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint"
     )
+    p.add_argument("--save-as", help="put the final model into the model store as NAME[:TAG], with lineage")
     model_group = p.add_argument_group("model sizes (override the preset)")
     for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
         model_group.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
@@ -438,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--block-size", dest="block_size", type=int)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--save-as", dest="save_as", help="put the tuned model into the model store as NAME[:TAG]")
     _add_train_flags(p, skip=("block_size", "device"))
     p.set_defaults(func=cmd_finetune)
 
@@ -474,6 +675,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="perplexity: tokens between windows")
     p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("list", help="models in the local store (~/.lmforge, or $LMFORGE_HOME)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="a stored model: files, lineage chain, recipe, data and metrics")
+    p.add_argument("name", help="NAME[:TAG] (tag latest by default)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rm", help="remove stored models (`lmforge gc` then frees their files)")
+    p.add_argument("names", nargs="+", metavar="NAME[:TAG]")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("cp", help="store a model under a second NAME:TAG (no files are copied)")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("tag", help="give a stored model another tag: `tag spam:v3 best` makes spam:best")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("tag", metavar="TAG", help="a tag (same name as SRC) or a full NAME:TAG (like cp)")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("import", help="put a model folder, .gguf file or hub id into the store")
+    p.add_argument("source", metavar="PATH|GGUF|HUB-ID")
+    p.add_argument("--name", required=True, help="NAME[:TAG] to store it as")
+    p.add_argument("--description", default="", help="a line for `show` and the model card")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("verify", help="re-hash every stored file; report missing or corrupt ones")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("gc", help="delete stored files no model uses and leftovers of interrupted imports")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("export", help="write a model as a Hugging Face folder, a GGUF file or a PEFT adapter")
+    p.add_argument("model", nargs="?", default=None, help="model folder, .gguf file, stored name or hub id")
+    p.add_argument("--format", default="hf", help="hf (transformers folder, default) or gguf (llama.cpp)")
+    p.add_argument("--out", required=True, help="folder (hf, adapter) or file (gguf) to write")
+    p.add_argument("--dtype", help="weight type: f32 (default), f16 or bf16")
+    p.add_argument("--quant", help="GGUF quantization: q8_0, q4_0, q4_1, q5_0 or q5_1")
+    p.add_argument(
+        "--no-merge",
+        "--adapter-only",
+        dest="merge",
+        action="store_false",
+        help="write only the LoRA adapter (PEFT layout) instead of merging it into the weights",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) and a web playground")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 429")
+    p.add_argument("--max-context", type=int, help="cap on prompt + max_tokens (default: model's context)")
+    p.add_argument("--cors", action="append", help="browser origin allowed to call the API (repeatable)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("estimate", help="memory (weights, gradients, optimizer, activations, KV) and speed")
+    p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, stored name or hub id")
+    p.add_argument("--context", type=int, help="tokens per sequence (default: up to 2048; 512 for training)")
+    p.add_argument("--batch", type=int, default=1, help="sequences at once")
+    p.add_argument("--mode", default="infer", help="infer | full | freeze | lora")
+    p.add_argument("--task", default="generate", help="generate | score | classify | embed (see the docs)")
+    p.add_argument("--dtype", default="auto", help="inference dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--quant", help="size a GGUF file of this type instead (q8_0, q4_0, q4_k...)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--freeze-last", type=int, default=2, help="freeze: blocks that train")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--no-measure", dest="measure", action="store_false", help="skip the speed measurement")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("select", help="rank candidate models on your task, data and machine")
+    p.add_argument("--task", required=True, help="classify | generate | summarize | embed")
+    p.add_argument("--data", required=True, help=".jsonl / .csv file with your examples")
+    p.add_argument("--candidates", required=True, help="comma-separated models (folder, .gguf, name, hub id)")
+    p.add_argument("--max-ram", help="memory limit, e.g. 4GB or 512MiB (default: RAM free now)")
+    p.add_argument("--max-latency-ms", type=float, help="per example (per token for generate)")
+    p.add_argument("--sample", type=int, default=32, help="examples to score each candidate on")
+    p.add_argument("--shots", type=int, default=0, help="classify: few-shot examples in the prompt")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--summary-field", default="summary")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("quickstart", help="a tour: load the default model and answer in English and Chinese")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -1,0 +1,112 @@
+"""Export: take a model out of lmforge in the formats other tools run.
+
+    export_model("runs/x/model", "out/x-hf", format="hf")                    # transformers / PEFT folder
+    export_model("runs/x/model", "out/x.Q8_0.gguf", format="gguf", quant="q8_0")   # llama.cpp / Ollama
+    export_model(llm_with_lora, "out/adapter", merge_lora=False)             # the PEFT adapter alone
+
+A model with LoRA adapters exports merged (the adapters folded into the weights) unless ``merge_lora=False``,
+which writes only the adapter, in PEFT's layout, next to which the base model's own export is the base.
+Every write is atomic: a failed export leaves whatever was at ``out`` before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from lmforge import lora
+from lmforge.api import LLM
+from lmforge.config import Config
+from lmforge.errors import LmforgeError, UnsupportedError
+from lmforge.formats.folder import atomic_write_folder, write_model_files
+from lmforge.formats.gguf_writer import check_file_type, write_gguf
+
+FORMATS = ("hf", "gguf")
+FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_HF_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+def export_model(
+    model: LLM | str | Path | None,
+    out: str | Path,
+    format: str = "hf",
+    dtype: str | None = None,
+    quant: str | None = None,
+    merge_lora: bool = True,
+) -> Path:
+    """Write ``model`` (an ``LLM``, or anything ``LLM.load`` accepts) to ``out``; returns the path written.
+
+    ``format="hf"``: a model folder that ``transformers`` loads (``dtype`` f32 / f16 / bf16, default f32).
+    ``format="gguf"``: one GGUF file for llama.cpp, with ``dtype`` f32 / f16 / bf16 or ``quant`` q8_0 / q4_0 /
+    q4_1 / q5_0 / q5_1 (default f32, lossless).
+    ``merge_lora=False``: write only the model's LoRA adapter, as a PEFT adapter folder.
+    """
+    out, format = Path(out).expanduser(), format.lower()
+    file_type = _check_options(out, format, dtype, quant, merge_lora)
+    llm = model if isinstance(model, LLM) else LLM.load(model, dtype="float32", device="cpu")
+    if not merge_lora:
+        return lora.save_adapter(llm.model, out, base_model=llm.source)
+    transformer = llm.model
+    if lora.lora_layers(transformer):
+        # Merge a copy: the caller's model keeps its adapters (and can still be trained or exported unmerged).
+        transformer = lora.merge_lora(copy.deepcopy(transformer))
+    state = transformer.state_dict()
+    if format == "gguf":
+        return write_gguf(out, transformer.config, state, llm.tokenizer, file_type)
+    return _write_hf(out, llm, transformer.config, state, file_type)
+
+
+def _check_options(out: Path, format: str, dtype: str | None, quant: str | None, merge_lora: bool) -> str:
+    """Every option checked before a model is loaded; returns the weight type (f32, q8_0, ...)."""
+    if format not in FORMATS:
+        raise LmforgeError(f"unknown export format {format!r}", hint="use --format hf or --format gguf")
+    if dtype is not None:
+        # Accept torch's spellings too: float16, fp16, bfloat16 ...
+        dtype = dtype.lower().replace("bfloat", "bf").replace("float", "f").replace("fp", "f")
+        if dtype not in FLOAT_TYPES:
+            raise LmforgeError(f"unknown dtype {dtype!r}", hint="use f32, f16 or bf16")
+    if format == "hf" and quant is not None:
+        raise LmforgeError(
+            f"--quant {quant} needs --format gguf",
+            hint="quantized weights are a GGUF (llama.cpp) feature; a Hugging Face export takes --dtype",
+        )
+    if dtype is not None and quant is not None:
+        raise LmforgeError(
+            "give --dtype or --quant, not both", hint="--quant already sets the type of the weights"
+        )
+    if not merge_lora and format == "gguf":
+        raise UnsupportedError(
+            "an unmerged LoRA adapter cannot be exported to GGUF",
+            hint="export the adapter with --format hf --no-merge, or leave --no-merge out to merge it",
+        )
+    if format == "gguf" and out.is_dir():
+        raise LmforgeError(
+            f"{out} is a folder; a GGUF export is one file", hint="give a path like model.gguf"
+        )
+    if format == "hf" and out.is_file():
+        raise LmforgeError(
+            f"{out} is a file; a Hugging Face export is a folder", hint="give a new folder path for --out"
+        )
+    if format == "hf" and out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # The export replaces the folder as a whole: never let that swallow a folder of other things.
+        raise LmforgeError(
+            f"{out} exists and is not a model folder", hint="choose a new or empty folder for --out"
+        )
+    return check_file_type(quant) if quant is not None else dtype or "f32"
+
+
+def _write_hf(out: Path, llm: LLM, config: Config, state: dict[str, torch.Tensor], dtype: str) -> Path:
+    state = {k: v.to(FLOAT_TYPES[dtype]) for k, v in state.items()}
+
+    def write(folder: Path) -> None:
+        write_model_files(folder, config, state, llm.tokenizer, llm.generation_config)
+        # config.json names the stored dtype, so transformers' dtype="auto" loads the weights as they are.
+        path = folder / "config.json"
+        hf = json.loads(path.read_text(encoding="utf-8"))
+        hf["torch_dtype"] = _HF_DTYPE_NAMES[dtype]
+        path.write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    return atomic_write_folder(out, write)
