@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import model_card
+from lmforge.formats.folder import fsync_path, model_card
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -147,16 +147,6 @@ def fingerprint(paths: Sequence[str | Path]) -> dict[str, Any]:
     return {"sha256": combined, "files": files}
 
 
-def _fsync(path: Path) -> None:
-    # Directories need fsync too (on Linux) for a rename to survive a power cut.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _read_manifest(path: Path) -> Manifest:
     """A manifest's contents; ValueError when it is not one (so no name in it can point outside the store)."""
     manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -258,7 +248,7 @@ class Store:
             temp.unlink()
             raise LmforgeError(f"{path} changed while it was being stored", hint="store it again when idle")
         os.replace(temp, blob)
-        _fsync(self.blobs)
+        fsync_path(self.blobs)
         return {"digest": digest, "size": size}
 
     def _write_json(self, target: Path, data: Mapping[str, Any]) -> None:
@@ -269,7 +259,7 @@ class Store:
             os.fsync(f.fileno())
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
 
     def _snapshot(self, manifest: Manifest) -> Path:
         """The folder view of an entry: symlinks named like the files, pointing into blobs/."""

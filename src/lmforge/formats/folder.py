@@ -48,8 +48,8 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
         tmp.mkdir()
         write(tmp)
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         if target.exists():
             # A directory cannot be renamed over a non-empty one: move the old aside, then drop it.
             old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -58,7 +58,7 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-        _fsync(parent)
+        fsync_path(parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise LmforgeError(
@@ -71,7 +71,7 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
     return target
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     # Directories need fsync too (on Linux) for the rename to survive a power cut.
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
