@@ -67,7 +67,7 @@ def chinese(out: Path, steps: int, batch: int) -> tuple[object, str]:
             "min_lr": 1e-4,
             "warmup_steps": 100,
             "beta2": 0.99,
-            "eval_every": 250,
+            "eval_every": max(1, min(250, steps // 5)),
             "eval_batches": 20,
             "sample_prompt": "东风",
             "sample_tokens": 100,
