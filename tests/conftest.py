@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,25 @@ from lmforge import LLM, Config, Tokenizer, Transformer
 from lmforge.api import bundled_model_path
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """Tiny models run on one intra-op thread: their matrices are too small to share, and on a busy machine
+    the threads' hand-offs make every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with one_intra_op_thread():
+        yield
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -32,7 +32,7 @@ from lmforge.select import (
     select,
 )
 
-from .conftest import SHARED_DATA, tiny_llm
+from .conftest import SHARED_DATA, one_intra_op_thread, tiny_llm
 
 # A ~29M-parameter Llama with SmolLM2's 49k vocabulary: the model, not the runtime, dominates, and the logits
 # and the embedding's gradient are as large as in real small models.
@@ -48,12 +48,9 @@ print(json.dumps({"peak": int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on two shared cores run faster on one thread (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread_for_the_module():
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -248,16 +248,6 @@ def test_models_health_and_metrics(smol):
 
 
 # ------------------------------------------------------------------------------ scheduling (tiny model)
-@pytest.fixture
-def one_thread():
-    """Tiny models run on one intra-op thread: their matrices are too small to share, and on a busy machine
-    the threads' hand-offs make every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("preset", "overrides"),
     [("tiny-gpt2", {}), ("tiny-qwen2", {}), ("tiny-llama", {"sliding_window": 12})],

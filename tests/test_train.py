@@ -41,7 +41,7 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.schedule import learning_rate
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, one_intra_op_thread
 
 BLOCK = 32  # training window; the models' context is 64
 DATA_SEED = 7
@@ -156,11 +156,9 @@ RESUME_SETTINGS = dict(
 
 # ------------------------------------------------------------------ fixtures and helpers
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread_for_the_module():
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
