@@ -48,7 +48,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lmforge import Config, Tokenizer, Transformer
 from lmforge.train.loop import LanguageModelingTask, TrainConfig, Trainer
 
-DATA = Path("/work/shared/data/text/tinyshakespeare.txt")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 BLOCK = 256
 SEED = 1337
 MIN_STEPS = 3
@@ -130,7 +130,7 @@ def run_lmforge(
             compile=compile,
             eval_every=0,
             progress=False,
-            device="cpu",
+            device=args.device,
         )
         with cache:
             Trainer(model, tokenizer, task, cfg).fit()
@@ -142,19 +142,22 @@ def run_lmforge(
 
 def run_hf(shards: CharShards, precision: str, args: argparse.Namespace) -> Measurement:
     torch.manual_seed(SEED)
-    model = GPT2LMHeadModel(hf_config(shards.vocab_size)).train()
+    model = GPT2LMHeadModel(hf_config(shards.vocab_size)).to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(index: int) -> float:
         start = time.perf_counter()
         x, _ = shards.batch("train", args.batch, BLOCK, SEED, index)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        x = x.to(args.device)
+        with torch.autocast(
+            torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
+        ):
             loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
+        value = float(loss.detach())  # waits for the GPU too, so the step is timed whole
         if not math.isfinite(value):
             raise RuntimeError(f"HF loss became {value} at step {index + 1}")
         return time.perf_counter() - start
@@ -205,6 +208,7 @@ def cpu_features() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda the bf16 rows always run)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
@@ -224,7 +228,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     tokenizer, shards = load_corpus()
     fp32_gflops, bf16_gflops = gemm_gflops(torch.float32), gemm_gflops(torch.bfloat16)
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bf16_gflops >= 0.5 * fp32_gflops)
+    native_bf16 = args.device.startswith("cuda") or bf16_gflops >= 0.5 * fp32_gflops
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
 
     Row = tuple[str, str, str, Callable[[], Measurement]]
     rows: list[Row] = [
@@ -277,6 +282,7 @@ def main() -> None:
         f"CPU: {cpu_model()} ({cpu_features()}), GEMM fp32 {fp32_gflops:.0f} / bf16 {bf16_gflops:.1f} GFLOP/s; "
         f"torch {torch.__version__}, transformers {transformers.__version__} (attention: {hf_attn}); "
         f"{args.threads} threads"
+        + (f"; GPU: {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else "")
     )
     print(
         f"tokens/s: median of {args.steps} timed steps (after {args.warmup} warm-up steps) in the best of "
