@@ -77,7 +77,7 @@ def classify(args: argparse.Namespace) -> None:
     folder, labels = CLASSIFY[args.job]
     train_file, test_file = DATA / folder / "train.jsonl", DATA / folder / "test.jsonl"
     name = f"{args.job}-{args.method}" + (f"-{args.train_limit}" if args.train_limit else "")
-    run = OUT / name
+    run = OUT / (args.name or name)
     start = time.perf_counter()
     if args.method == "zero-shot":
         model = args.model
@@ -134,7 +134,7 @@ def sequences(args: argparse.Namespace) -> None:
     kind = args.job
     folder = SEQUENCES[(kind, args.lang)]
     train_file, test_file = DATA / folder / "train.jsonl", DATA / folder / "test.jsonl"
-    run = OUT / f"{kind}-{args.lang}-{args.method}"
+    run = OUT / (args.name or f"{kind}-{args.lang}-{args.method}")
     data = subset(train_file, args.train_limit, run / "train.jsonl", args.seed)
     test = subset(test_file, args.test_limit, run / "test.jsonl", args.seed)
     fields = ["instruction", "output"] if kind == "instruct" else ["text", "summary"]
@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=100, help="instruct/summarize: test examples")
     parser.add_argument("--max-tokens", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--name", help="run folder under benchmarks/output/finetune (default: job and method)"
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     classify(args) if args.job in CLASSIFY else sequences(args)
