@@ -16,6 +16,7 @@ from lmforge.data.tasks import (
     load_classification,
     load_sequences,
     read_records,
+    summary_messages,
 )
 from lmforge.model import IGNORE_INDEX
 from lmforge.recipes.finetune import choose_trainable, finetune
@@ -140,6 +141,32 @@ def test_bad_classification_data_names_file_line_and_fix(tmp_path, tiny_tokenize
         warnings.simplefilter("always")
         load_classification(long, tiny_tokenizer, 16)
     assert any("1 of 2 texts were longer than 16 tokens" in str(w.message) for w in caught)
+
+
+def test_too_long_examples_lose_the_middle_of_their_prompt_not_their_answer(tmp_path, tiny_tokenizer):
+    # Cutting the end would drop the answer, the only trained tokens: a batch of such examples has no
+    # target at all and its loss is NaN (found on CSL abstracts, which SmolLM2 splits into many tokens).
+    rows = [
+        {"text": "本文提出一种新的图像分割方法，" * 30, "summary": "一种新的图像分割方法"},
+        {
+            "text": "We propose a new way to segment images. " * 30,
+            "summary": "A new image segmentation method",
+        },
+        {"text": "短文本", "summary": "短"},
+    ]
+    path = write_jsonl(tmp_path / "summaries.jsonl", rows)
+    with pytest.warns(UserWarning, match="2 of 3 examples were longer than 96 tokens.*answers are kept"):
+        data = load_sequences(path, tiny_tokenizer, 96, kind="summarize")
+    for row, inputs, targets in zip(rows, data.input_ids, data.targets, strict=True):
+        assert len(inputs) == len(targets) <= 96
+        answer = [t for t in targets if t != IGNORE_INDEX]
+        assert answer[-1] == tiny_tokenizer.eos_id
+        assert tiny_tokenizer.decode(answer[:-1]) == row["summary"]
+        full = encode_conversation(tiny_tokenizer, summary_messages(row["text"], row["summary"]))[0]
+        prompt_length = len(inputs) + 1 - len(answer)
+        full_prompt = full[: len(full) - len(answer)]
+        assert inputs[:8] == full_prompt[:8]  # the instruction and the start of the text
+        assert inputs[prompt_length - 8 : prompt_length] == full_prompt[-8:]  # the cue to answer
 
 
 def test_inference_beyond_context_is_an_error_not_a_truncation(tiny_tokenizer):

@@ -284,13 +284,32 @@ def encode_conversation(
     The prompt is rendered with the model's chat template (or a ChatML default); the answer is the last
     message, followed by EOS so the tuned model learns to stop.
     """
+    prompt_ids, answer_ids = _prompt_and_answer(tokenizer, messages)
+    weights = [1 if include_prompt else 0] * len(prompt_ids) + [1] * len(answer_ids)
+    return prompt_ids + answer_ids, weights
+
+
+def _prompt_and_answer(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     answer_ids = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
     eos = tokenizer.eos_id
-    answer_ids = answer_ids + ([eos] if eos is not None else [])
-    weights = [1 if include_prompt else 0] * len(prompt_ids) + [1] * len(answer_ids)
-    return prompt_ids + answer_ids, weights
+    return prompt_ids, answer_ids + ([eos] if eos is not None else [])
+
+
+def _fit_to_length(prompt_ids: list[int], answer_ids: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """Shorten an example to ``limit`` tokens without losing its answer.
+
+    Cutting the end, as plain truncation does, would drop the answer: the one part that is trained on (a
+    batch of such examples has no target at all and a NaN loss). So the prompt gives up its middle instead;
+    its start and its last tokens (the end of the user's text and the template's cue to answer) stay. Only
+    an answer longer than half of ``limit`` is cut, at its end.
+    """
+    answer = answer_ids[: max(limit // 2, limit - len(prompt_ids))]
+    room = limit - len(answer)
+    tail = min(32, room // 4)
+    prompt = prompt_ids[: room - tail] + (prompt_ids[len(prompt_ids) - tail :] if tail else [])
+    return prompt, answer
 
 
 def load_sequences(
@@ -310,17 +329,20 @@ def load_sequences(
         first = read_records(path, [])[0]
         rows = read_records(path, ["messages"] if "messages" in first else ["instruction", "output"])
         conversations = [format_instruction(r) for r in rows]
-    inputs, targets, truncated = [], [], 0
+    inputs, targets, shortened = [], [], 0
     for messages in conversations:
-        ids, weights = encode_conversation(tokenizer, messages, include_prompt)
-        if len(ids) > block_size + 1:
-            truncated += 1
-            ids, weights = ids[: block_size + 1], weights[: block_size + 1]
+        prompt, answer = _prompt_and_answer(tokenizer, messages)
+        if len(prompt) + len(answer) > block_size + 1:
+            shortened += 1
+            prompt, answer = _fit_to_length(prompt, answer, block_size + 1)
+        ids = prompt + answer
+        weights = [1 if include_prompt else 0] * len(prompt) + [1] * len(answer)
         inputs.append(ids[:-1])
         targets.append([t if w else IGNORE_INDEX for t, w in zip(ids[1:], weights[1:], strict=True)])
-    if truncated:
+    if shortened:
         warnings.warn(
-            f"{path}: {truncated} of {len(rows)} examples were longer than {block_size} tokens and were truncated",
+            f"{path}: {shortened} of {len(rows)} examples were longer than {block_size} tokens and were "
+            "truncated (the middle of the prompt was cut; answers are kept)",
             stacklevel=2,
         )
     return SequenceData(inputs, targets)
