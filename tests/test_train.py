@@ -37,6 +37,7 @@ import lmforge.train.checkpoint as checkpoint
 from lmforge import Config, LmforgeError, Tokenizer, Transformer
 from lmforge.data import TokenShards, prepare_corpus
 from lmforge.formats.folder import load_model_folder, save_model_folder
+from lmforge.progress import progress_bar
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.schedule import learning_rate
@@ -606,3 +607,14 @@ def test_learning_rate_schedule() -> None:
     assert [lr(s, "constant") for s in (10, 50, 109)] == [1e-3] * 3
     assert lr(3, "constant") == pytest.approx(4e-4)  # warmup applies to every decay
     assert lr(0, warmup=0) == 1e-3  # no warmup: the peak from the first step
+
+
+def test_progress_written_to_a_log_file_refreshes_twice_a_minute_not_ten_times_a_second(capsys):
+    bar = progress_bar(total=500, unit="step")  # pytest's captured stderr is a file, as under nohup or CI
+    for _ in range(500):
+        bar.update()
+        time.sleep(0.001)
+    bar.close()
+    log = capsys.readouterr().err
+    assert bar.mininterval == 30
+    assert "500/500" in log and log.count("\r") <= 3  # start, end; a terminal would have had ~5 refreshes

@@ -39,9 +39,9 @@ from typing import IO, Any, TypeAlias
 import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
+from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
@@ -459,7 +459,7 @@ def prepare_corpus(
     eos = np.array([eos_id], dtype=dtype)
     documents = val_documents = 0
     to_val = _is_val(seed, 0, val_fraction)
-    bar = tqdm(desc="tokenizing", unit=" docs", disable=not show_progress, dynamic_ncols=True)
+    bar = progress_bar(desc="tokenizing", unit=" docs", disable=not show_progress)
     try:
         for ends, ids, lengths in _encoded_batches(pieces, tokenizer.backend.to_str(), workers):
             # Gather the batch per split and write each once: far fewer writes than one per document.

@@ -28,6 +28,7 @@ from lmforge.errors import LmforgeError
 from lmforge.formats.folder import atomic_write_folder
 from lmforge.lora import load_state_with_adapters, write_model_files_with_adapters
 from lmforge.model import Transformer
+from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, distributed
 from lmforge.train.metrics import MetricsLogger, perplexity
@@ -232,12 +233,8 @@ class Trainer:
         forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
         save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=start_step,
-            disable=not (cfg.progress and info.is_main),
-            unit="step",
-            dynamic_ncols=True,
+        bar = progress_bar(
+            total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main), unit="step"
         )
         losses: list[float] = []
         train_loss = val_loss = float("nan")
