@@ -177,6 +177,36 @@ def test_inference_beyond_context_is_an_error_not_a_truncation(tiny_tokenizer):
         llm.embed("太长了 " * 200)
 
 
+def test_summaries_of_a_list_are_batched_and_equal_one_by_one(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    texts = [
+        "今天天气很好，我们去公园散步。",
+        "The council approved a new park by the river.",
+        "短",
+        "A much longer " * 6,
+    ]
+    together = llm.summarize(texts, max_length=6)
+    assert together == [llm.summarize(t, max_length=6) for t in texts]
+    assert len(together) == 4 and all(isinstance(s, str) for s in together)
+
+
+def test_summarizing_beyond_the_context_merges_chunks_with_a_warning(tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)  # a context of 128 tokens
+    long_text = (
+        "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 12
+    )  # ~680 tokens, split inside characters
+    warning = (
+        r"text of 684 tokens exceeds the \d+ that fit the context; summarizing it in 1\d chunks and merging"
+    )
+    with pytest.warns(UserWarning, match=warning):
+        summaries = llm.summarize([long_text, "短文本"], max_length=3)
+    assert len(summaries) == 2  # (cutting the ids, not the text, recursed forever on this text)
+    assert summaries[1] == llm.summarize("短文本", max_length=3)
+    # Summaries as long as the chunks would merge forever: a clear error instead.
+    with pytest.raises(LmforgeError, match="no shorter than the text, so merging them would never end"):
+        llm.summarize(long_text, max_length=20)
+
+
 def test_embeddings_are_normalised_and_batch_independent(tiny_tokenizer):
     llm = tiny_llm("tiny-qwen2", tiny_tokenizer)
     texts = ["床前明月光", "The quick brown fox jumps", "a"]

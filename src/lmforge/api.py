@@ -269,12 +269,20 @@ class LLM:
         return results[0] if isinstance(text, str) else results
 
     def summarize(
-        self, text: str, max_length: int = 80, examples: Sequence[tuple[str, str]] = (), **options: Any
-    ) -> str:
-        """A short summary (Chinese text gets a Chinese prompt); long text is chunked and merged, with a warning."""
+        self,
+        text: str | Sequence[str],
+        max_length: int = 80,
+        examples: Sequence[tuple[str, str]] = (),
+        **options: Any,
+    ) -> str | list[str]:
+        """A short summary of ``text`` (or one per text of a list, generated in batches); Chinese text gets a
+        Chinese prompt; text beyond the context is chunked and merged, with a warning."""
         from lmforge.tasks import summarize
 
-        return summarize(self, text, max_length, examples, **options)
+        summaries = summarize(
+            self, [text] if isinstance(text, str) else list(text), max_length, examples, **options
+        )
+        return summaries[0] if isinstance(text, str) else summaries
 
     def embed(self, texts: str | Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised embeddings: (n_embd,) for one text, (N, n_embd) for a list."""

@@ -931,7 +931,7 @@ class _Job:
         if self.task == "summarize":
             from lmforge.evaluate import rouge
 
-            summaries = [llm.summarize(r["text"], max_length=SUMMARY_TOKENS) for r in self.rows]
+            summaries = llm.summarize([r["text"] for r in self.rows], max_length=SUMMARY_TOKENS)
             latency = (time.perf_counter() - start) * 1000 / len(self.rows)
             scores = rouge(summaries, [r["summary"] for r in self.rows])
             return scores["rougeL"], latency, scores

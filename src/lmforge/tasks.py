@@ -171,12 +171,21 @@ def summarization_prompt(text: str, examples: Sequence[Example] = ()) -> str:
 
 
 def summarize(
-    llm: LLM, text: str, max_length: int = 80, examples: Sequence[Example] = (), **options: Any
-) -> str:
-    """Summarize ``text``; text longer than the context is summarized in chunks, then the summaries are merged."""
+    llm: LLM,
+    texts: Sequence[str],
+    max_length: int = 80,
+    examples: Sequence[Example] = (),
+    batch_size: int = 8,
+    **options: Any,
+) -> list[str]:
+    """One summary per text. Texts that fit the context are summarized together, ``batch_size`` at a time and
+    grouped by length (little padding); a longer text is summarized in chunks whose summaries are then merged,
+    with a warning — never silently truncated."""
     tok = llm.tokenizer
-    overhead = len(
-        tok.encode(chat_or_plain(tok, summarization_prompt("", examples)), add_special_tokens=False)
+    # The prompt's own tokens, in the longer of its two languages ("中" picks the Chinese prompt).
+    overhead = max(
+        len(tok.encode(chat_or_plain(tok, summarization_prompt(probe, examples)), add_special_tokens=False))
+        for probe in ("", "中")
     )
     budget = llm.config.block_size - overhead - max_length - 8
     if budget < 32:
@@ -184,20 +193,45 @@ def summarize(
             f"the model's context of {llm.config.block_size} tokens leaves no room to summarize",
             hint="use fewer examples or a smaller max_length",
         )
-    ids = tok.encode(text, add_special_tokens=False)
-    if len(ids) > budget:
-        chunks = [tok.decode(ids[i : i + budget]) for i in range(0, len(ids), budget)]
+    summaries: list[str] = [""] * len(texts)
+    fitting: list[tuple[int, int]] = []  # (tokens, index)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) <= budget:
+            fitting.append((len(ids), i))
+            continue
+        chunks = _chunks(tok, text, budget * 9 // 10)  # re-encoding a piece can take a few more tokens
         warnings.warn(
             f"text of {len(ids)} tokens exceeds the {budget} that fit the context; summarizing it in "
             f"{len(chunks)} chunks and merging the summaries",
             stacklevel=3,
         )
-        partial = [summarize(llm, chunk, max_length, examples, **options) for chunk in chunks]
-        return summarize(llm, "\n".join(partial), max_length, examples, **options)
-    prompt = chat_or_plain(tok, summarization_prompt(text, examples))
+        merged = "\n".join(summarize(llm, chunks, max_length, examples, batch_size, **options))
+        if len(tok.encode(merged, add_special_tokens=False)) >= len(ids):
+            raise LmforgeError(
+                f"the summaries of the {len(chunks)} chunks of a {len(ids)}-token text are together no shorter "
+                "than the text, so merging them would never end",
+                hint=f"use a max_length well below the {budget} tokens of a chunk",
+            )
+        summaries[i] = summarize(llm, [merged], max_length, examples, batch_size, **options)[0]
     options.setdefault("stop", ["\n\n"])
-    completion = llm.complete([prompt], max_new_tokens=max_length, **options)[0]
-    return completion.text.strip()
+    order = [i for _, i in sorted(fitting)]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        prompts = [chat_or_plain(tok, summarization_prompt(texts[i], examples)) for i in rows]
+        for i, completion in zip(
+            rows, llm.complete(prompts, max_new_tokens=max_length, **options), strict=True
+        ):
+            summaries[i] = completion.text.strip()
+    return summaries
+
+
+def _chunks(tok: Tokenizer, text: str, size: int) -> list[str]:
+    """``text`` in pieces of about ``size`` tokens, cut in the text at token boundaries: decoding a slice of
+    the ids could cut through the bytes of a character (Chinese, emoji) and leave U+FFFD behind."""
+    offsets = tok.backend.encode(text, add_special_tokens=False).offsets
+    cuts = sorted({offsets[j][0] for j in range(size, len(offsets), size)} - {0})
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
 # --------------------------------------------------------------------- embed

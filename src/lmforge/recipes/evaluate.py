@@ -96,7 +96,7 @@ def evaluate_models(
             rows.append(_row(name + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
         elif task == "summarize":
             records = read_records(data, [text_field, summary_field])[:limit]
-            predictions = [llm.summarize(str(r[text_field]), max_length=max_length) for r in records]
+            predictions = llm.summarize([str(r[text_field]) for r in records], max_length=max_length)
             scores = rouge(predictions, [str(r[summary_field]) for r in records])
             rows.append(
                 {"model": name, **scores, "examples": len(records), "seconds": time.perf_counter() - start}
