@@ -43,7 +43,7 @@ def shakespeare(
             "beta2": 0.99,
             "weight_decay": 0.1,
             "eval_every": 200,
-            "eval_batches": 10,
+            "eval_batches": 40,  # 10 batches read 1.702 where the whole val split gave 1.759
             "compile": compile,
             "sample_prompt": "ROMEO:",
             "sample_tokens": 200,
@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.0, help="0 beat 0.1 and 0.2 at 2,000-3,000 steps")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="0 beat 0.1 and 0.2 at 2,000-3,000 steps of batch 8"
+    )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model (~10 %% faster on CPU)"
     )
