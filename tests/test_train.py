@@ -609,7 +609,9 @@ def test_learning_rate_schedule() -> None:
     assert lr(0, warmup=0) == 1e-3  # no warmup: the peak from the first step
 
 
-def test_progress_written_to_a_log_file_refreshes_twice_a_minute_not_ten_times_a_second(capsys):
+def test_progress_written_to_a_log_file_refreshes_twice_a_minute_not_every_step(
+    tmp_path, shards, tok, capsys
+):
     bar = progress_bar(total=500, unit="step")  # pytest's captured stderr is a file, as under nohup or CI
     for _ in range(500):
         bar.update()
@@ -618,3 +620,7 @@ def test_progress_written_to_a_log_file_refreshes_twice_a_minute_not_ten_times_a
     log = capsys.readouterr().err
     assert bar.mininterval == 30
     assert "500/500" in log and log.count("\r") <= 3  # start, end; a terminal would have had ~5 refreshes
+    # The trainer's bar too: its per-step loss and tokens/s must not force a refresh of their own.
+    quick_trainer(tmp_path, shards, tok, max_steps=12, save_every=None, progress=True).fit()
+    log = capsys.readouterr().err
+    assert "12/12" in log and log.count("\r") <= 3, log

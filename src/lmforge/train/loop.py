@@ -277,7 +277,7 @@ class Trainer:
             shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
             if cfg.eval_every > 0:
                 shown["val"] = f"{val_loss:.4f}"
-            bar.set_postfix(shown)
+            bar.set_postfix(shown, refresh=False)  # drawn with the update, at the bar's own interval
             bar.update(1)
         bar.close()
         self._save(wrapped, optimizer, cfg.max_steps, best, info)
