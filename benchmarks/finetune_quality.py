@@ -92,6 +92,7 @@ def classify(args: argparse.Namespace) -> None:
             method=args.method,
             freeze_last=args.freeze_last,
             lora=lora_settings(args),
+            block_size=args.block_size,
             train=train_settings(args, run / "run", examples),
         )
         model = str(run / "run" / "model")
@@ -211,6 +212,9 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, help="train on this many shuffled examples")
     parser.add_argument("--test-limit", type=int, default=100, help="instruct/summarize: test examples")
     parser.add_argument("--max-tokens", type=int, default=80)
+    parser.add_argument(
+        "--block-size", type=int, help="classify: train on at most this many tokens per text (default 512)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--name", help="run folder under benchmarks/output/finetune (default: job and method)"
