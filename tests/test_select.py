@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import lmforge
 from lmforge import LLM, Config, LmforgeError, Transformer
 from lmforge.cli import main
 from lmforge.formats.gguf import GGUFFile
 from lmforge.lora import LoRAConfig
 from lmforge.recipes.finetune import choose_trainable
-from lmforge.select import (
+from lmforge.selection import (
     _saved_per_token,
     _shell,
     estimate,
@@ -292,3 +294,10 @@ def test_parse_size_units() -> None:
     assert parse_size("4GB") == 4 * 10**9
     assert parse_size("512MiB") == parse_size("512m") == 512 * 2**20
     assert parse_size("1.5G") == int(1.5 * 2**30) and parse_size(1024) == 1024
+
+
+def test_package_functions_do_not_shadow_modules():
+    # `import lmforge.select as m` once bound the function, not the module: a name clash in the package.
+    modules = {m.name for m in pkgutil.iter_modules(lmforge.__path__)}
+    assert not modules & set(lmforge.__all__)
+    assert lmforge.select is select and lmforge.estimate is estimate

@@ -143,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from lmforge.select import estimate
+    from lmforge.selection import estimate
 
     result = estimate(
         args.model,
@@ -162,7 +162,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from lmforge.select import select
+    from lmforge.selection import select
 
     result = select(
         args.task,
