@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import load_file
 
 import lmforge.train.checkpoint as checkpoint
-from lmforge import Config, LmforgeError, Tokenizer, Transformer
+from lmforge import Config, LmforgeError, Tokenizer, Transformer, progress
 from lmforge.data import TokenShards, prepare_corpus
 from lmforge.formats.folder import load_model_folder, save_model_folder
-from lmforge.progress import progress_bar
+from lmforge.progress import progress_bar, tracked
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.schedule import learning_rate
@@ -624,3 +624,12 @@ def test_progress_written_to_a_log_file_refreshes_twice_a_minute_not_every_step(
     quick_trainer(tmp_path, shards, tok, max_steps=12, save_every=None, progress=True).fit()
     log = capsys.readouterr().err
     assert "12/12" in log and log.count("\r") <= 3, log
+
+
+def test_batch_work_shows_a_bar_only_once_it_has_lasted_a_moment(capsys, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_REFRESH_SECONDS", 0.1)  # a log file's 30 s, shortened
+    assert list(tracked([1, 2, 3], "quick", delay=0.5)) == [1, 2, 3]
+    assert capsys.readouterr().err == ""  # classifying one sentence prints nothing
+    for _ in tracked([1, 2, 3], "slow", delay=0.2):
+        time.sleep(0.15)
+    assert "slow" in capsys.readouterr().err

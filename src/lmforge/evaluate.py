@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.progress import tracked
 from lmforge.tasks import is_chinese, sequence_logprobs
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ def perplexity(llm: LLM, text: str, window: int | None = None, stride: int | Non
         raise LmforgeError(f"stride {stride} must be in 1..{window}", hint="e.g. half the window")
     model = llm.model
     total_nll, counted, previous_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
+    last_begin = max(0, math.ceil((len(ids) - window) / stride)) * stride  # the first window to reach the end
+    for begin in tracked(range(0, last_begin + 1, stride), "perplexity"):
         end = min(begin + window, len(ids))
         new = end - previous_end  # tokens not scored by an earlier window
         chunk = torch.tensor([ids[begin:end]], device=model.device)
@@ -51,8 +53,6 @@ def perplexity(llm: LLM, text: str, window: int | None = None, stride: int | Non
         total_nll += float(scored.sum())
         counted += scored.numel()
         previous_end = end
-        if end == len(ids):
-            break
     nll = total_nll / counted
     n_bytes = len(llm.tokenizer.decode(ids[1:]).encode("utf-8"))
     return {

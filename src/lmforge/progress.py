@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
 LOG_REFRESH_SECONDS = 30.0
+QUIET_SECONDS = 2.0
+
+T = TypeVar("T")
 
 
 def progress_bar(**options: Any) -> tqdm:
@@ -16,3 +20,11 @@ def progress_bar(**options: Any) -> tqdm:
     if not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # notebooks draw a widget instead
         options.setdefault("mininterval", LOG_REFRESH_SECONDS)
     return tqdm(dynamic_ncols=True, **options)
+
+
+def tracked(batches: Sequence[T], desc: str, delay: float = QUIET_SECONDS) -> Iterator[T]:
+    """Iterate over ``batches`` with a bar that appears only once the work has lasted ``delay`` seconds:
+    scoring 3,000 reviews shows its ETA, classifying one sentence prints nothing."""
+    yield from progress_bar(
+        iterable=batches, total=len(batches), desc=desc, unit=" batch", delay=delay, leave=False
+    )

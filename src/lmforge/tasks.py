@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import left_pad
+from lmforge.progress import tracked
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
@@ -76,7 +77,7 @@ def sequence_logprobs(
     model = llm.model
     rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
     out = [0.0] * len(rows)
-    for chunk in _length_batches(rows, 8):
+    for chunk in tracked(_length_batches(rows, 8), "scoring"):
         ids, mask = _padded(
             llm, [rows[i] for i in chunk], hint="shorten the text (classification never truncates silently)"
         )
@@ -142,7 +143,7 @@ def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
     config, model = llm.config, llm.model
     encoded = [llm.tokenizer.encode(t) for t in texts]
     results: list[dict[str, Any]] = [{} for _ in texts]
-    for chunk in _length_batches(encoded, 16):
+    for chunk in tracked(_length_batches(encoded, 16), "classifying"):
         batch, mask = _padded(
             llm,
             [encoded[i] for i in chunk],
@@ -216,8 +217,7 @@ def summarize(
         summaries[i] = summarize(llm, [merged], max_length, examples, batch_size, **options)[0]
     options.setdefault("stop", ["\n\n"])
     order = [i for _, i in sorted(fitting)]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in tracked([order[s : s + batch_size] for s in range(0, len(order), batch_size)], "summarizing"):
         prompts = [chat_or_plain(tok, summarization_prompt(texts[i], examples)) for i in rows]
         for i, completion in zip(
             rows, llm.complete(prompts, max_new_tokens=max_length, **options), strict=True
@@ -240,7 +240,7 @@ def embed(llm: LLM, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """Mean of the final hidden states over each text's tokens, L2-normalised: (len(texts), n_embd) float32."""
     model = llm.model
     vectors = []
-    for start in range(0, len(texts), batch_size):
+    for start in tracked(range(0, len(texts), batch_size), "embedding"):
         ids = [
             llm.tokenizer.encode(t) or [llm.tokenizer.eos_id or 0] for t in texts[start : start + batch_size]
         ]
