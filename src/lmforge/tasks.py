@@ -77,7 +77,7 @@ def sequence_logprobs(
     model = llm.model
     rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
     out = [0.0] * len(rows)
-    for chunk in tracked(_length_batches(rows, 8), "scoring"):
+    for chunk in tracked(_length_batches([len(r) for r in rows], 8), "scoring"):
         ids, mask = _padded(
             llm, [rows[i] for i in chunk], hint="shorten the text (classification never truncates silently)"
         )
@@ -91,9 +91,9 @@ def sequence_logprobs(
     return out
 
 
-def _length_batches(rows: Sequence[list[int]], size: int) -> list[list[int]]:
-    """Row indices in batches of similar length: left padding then wastes little compute."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+def _length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices into ``lengths`` in batches of similar length: left padding then wastes little compute."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
@@ -143,7 +143,7 @@ def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
     config, model = llm.config, llm.model
     encoded = [llm.tokenizer.encode(t) for t in texts]
     results: list[dict[str, Any]] = [{} for _ in texts]
-    for chunk in tracked(_length_batches(encoded, 16), "classifying"):
+    for chunk in tracked(_length_batches([len(e) for e in encoded], 16), "classifying"):
         batch, mask = _padded(
             llm,
             [encoded[i] for i in chunk],
@@ -195,11 +195,13 @@ def summarize(
             hint="use fewer examples or a smaller max_length",
         )
     summaries: list[str] = [""] * len(texts)
-    fitting: list[tuple[int, int]] = []  # (tokens, index)
+    fitting: list[int] = []  # indices of the texts that fit the context
+    lengths: list[int] = []  # and their tokens
     for i, text in enumerate(texts):
         ids = tok.encode(text, add_special_tokens=False)
         if len(ids) <= budget:
-            fitting.append((len(ids), i))
+            fitting.append(i)
+            lengths.append(len(ids))
             continue
         chunks = _chunks(tok, text, budget * 9 // 10)  # re-encoding a piece can take a few more tokens
         warnings.warn(
@@ -216,8 +218,8 @@ def summarize(
             )
         summaries[i] = summarize(llm, [merged], max_length, examples, batch_size, **options)[0]
     options.setdefault("stop", ["\n\n"])
-    order = [i for _, i in sorted(fitting)]
-    for rows in tracked([order[s : s + batch_size] for s in range(0, len(order), batch_size)], "summarizing"):
+    for batch in tracked(_length_batches(lengths, batch_size), "summarizing"):
+        rows = [fitting[j] for j in batch]
         prompts = [chat_or_plain(tok, summarization_prompt(texts[i], examples)) for i in rows]
         for i, completion in zip(
             rows, llm.complete(prompts, max_new_tokens=max_length, **options), strict=True
