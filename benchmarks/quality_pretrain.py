@@ -24,7 +24,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 
 
 def shakespeare(
-    out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool
+    out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool, resume: bool
 ) -> tuple[object, str]:
     corpus = DATA / "tinyshakespeare.txt"
     tokenizer = train_tokenizer([corpus], kind="char", show_progress=False)
@@ -48,12 +48,13 @@ def shakespeare(
             "sample_prompt": "ROMEO:",
             "sample_tokens": 200,
         },
+        resume=resume,
     )
     return result, "ROMEO:"
 
 
 def chinese(
-    out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool
+    out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool, resume: bool
 ) -> tuple[object, str]:
     corpora = [DATA / "songci.txt", DATA / "luxun.txt"]
     tokenizer = train_tokenizer(corpora, 8000, split_paragraphs=True, show_progress=False)
@@ -78,6 +79,7 @@ def chinese(
             "sample_prompt": "东风",
             "sample_tokens": 100,
         },
+        resume=resume,
     )
     return result, "东风"
 
@@ -113,13 +115,18 @@ def main() -> None:
     parser.add_argument(
         "--lr", type=float, default=None, help="peak learning rate (shakespeare 1.5e-3, chinese 1e-3)"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (same settings; minutes count this part only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"benchmarks/output/{args.corpus}")
     start = time.perf_counter()
     recipe = shakespeare if args.corpus == "shakespeare" else chinese
     lr = args.lr or (1.5e-3 if args.corpus == "shakespeare" else 1e-3)
-    result, prompt = recipe(out, args.steps, args.batch, args.dropout, lr, args.compile)
+    result, prompt = recipe(out, args.steps, args.batch, args.dropout, lr, args.compile, args.resume)
     minutes = (time.perf_counter() - start) / 60
     llm = LLM.load(result.model_dir, dtype="float32", device="cpu")
     whole = whole_val_loss(llm, out / "data")
