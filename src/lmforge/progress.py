@@ -19,6 +19,8 @@ def progress_bar(**options: Any) -> tqdm:
     rather than ten times a second, so a long run's log holds a line per half minute, not megabytes."""
     if not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # notebooks draw a widget instead
         options.setdefault("mininterval", LOG_REFRESH_SECONDS)
+        # tqdm's monitor thread forces a redraw after maxinterval (10 s) without one; keep it to the same 30 s.
+        options.setdefault("maxinterval", LOG_REFRESH_SECONDS)
     return tqdm(dynamic_ncols=True, **options)
 
 
