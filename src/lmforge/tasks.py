@@ -239,19 +239,24 @@ def _chunks(tok: Tokenizer, text: str, size: int) -> list[str]:
 # --------------------------------------------------------------------- embed
 @torch.inference_mode()
 def embed(llm: LLM, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
-    """Mean of the final hidden states over each text's tokens, L2-normalised: (len(texts), n_embd) float32."""
+    """Each text's final hidden states pooled (the mean over its tokens, or [CLS] where the model says so) and
+    L2-normalised: (len(texts), n_embd) float32. Sentence encoders match sentence-transformers' vectors."""
     model = llm.model
-    vectors = []
-    for start in tracked(range(0, len(texts), batch_size), "embedding"):
-        ids = [
-            llm.tokenizer.encode(t) or [llm.tokenizer.eos_id or 0] for t in texts[start : start + batch_size]
-        ]
-        batch, mask = _padded(llm, ids, hint="split the text into passages before embedding")
+    rows = [llm.tokenizer.encode(t) or [llm.tokenizer.eos_id or 0] for t in texts]
+    vectors = np.zeros((len(rows), llm.config.n_embd), dtype=np.float32)
+    for chunk in tracked(_length_batches([len(r) for r in rows], batch_size), "embedding"):
+        batch, mask = _padded(
+            llm, [rows[i] for i in chunk], hint="split the text into passages before embedding"
+        )
         hidden = model.hidden_states(batch, attention_mask=mask).float()  # (B, T, C)
-        weights = mask.unsqueeze(-1).float()  # (B, T, 1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1)
-        vectors.append(F.normalize(pooled, dim=-1).cpu().numpy())
-    return np.concatenate(vectors).astype(np.float32)
+        if llm.config.pooling == "cls":
+            first = mask.argmax(-1)  # (B,) each left-padded row's first real token: [CLS]
+            pooled = hidden[torch.arange(len(chunk), device=hidden.device), first]
+        else:
+            weights = mask.unsqueeze(-1).float()  # (B, T, 1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1)
+        vectors[chunk] = F.normalize(pooled, dim=-1).cpu().numpy()
+    return vectors
 
 
 def similarity(llm: LLM, a: str, b: str) -> float:

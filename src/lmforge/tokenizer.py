@@ -41,6 +41,10 @@ class Tokenizer:
         chat_template: str | None = None,
         model_max_length: int | None = None,
     ) -> None:
+        # transformers applies a tokenizer.json's stored truncation/padding only when a call asks for it; so do
+        # we (never: every caller checks lengths itself, and cutting text silently loses it).
+        backend.no_truncation()
+        backend.no_padding()
         self.backend = backend
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = (
             bos_token,

@@ -1,11 +1,14 @@
 """The one model folder format, used for checkpoints, exports and the store.
 
-    config.json              Hugging Face config (model_type gpt2 / llama / qwen2 / mistral)
+    config.json              Hugging Face config (model_type gpt2 / llama / qwen2 / mistral / bert)
     model.safetensors        weights under transformers' names
     tokenizer.json           Hugging Face tokenizers file
     tokenizer_config.json    special tokens and chat template
-    generation_config.json   default generation settings (optional)
+    generation_config.json   default generation settings (optional; decoders only)
     README.md                model card
+
+A sentence encoder (bert) also gets sentence-transformers' files (``modules.json``, ``1_Pooling/config.json``,
+``sentence_bert_config.json``), so ``SentenceTransformer(folder)`` loads it with the same pooling.
 
 Writes are atomic: everything goes to a temporary sibling folder, is fsynced, then renamed into place, so a
 crash mid-save leaves the previous folder intact.
@@ -25,7 +28,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from lmforge.config import Config
-from lmforge.errors import LmforgeError, ModelFormatError
+from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
 from lmforge.formats.hf import StateDict, from_hf_state, read_hf_weights, to_hf_state
 from lmforge.tokenizer import Tokenizer
 
@@ -94,13 +97,58 @@ def write_model_files(
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save(folder / "config.json")
     tokenizer.save(folder)
-    gen = {
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        **(generation_config or {}),
-    }
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    if config.is_encoder:
+        _write_sentence_transformers_files(folder, config)
+    else:
+        gen = {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            **(generation_config or {}),
+        }
+        _write_json(folder / "generation_config.json", gen)
     (folder / "README.md").write_text(card or model_card(config, tokenizer), encoding="utf-8")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
+_ST_MODULES = "sentence_transformers.models."
+
+
+def _write_sentence_transformers_files(folder: Path, config: Config) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": _ST_MODULES + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_MODULES + "Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST_MODULES + "Normalize"},
+    ]
+    _write_json(folder / "modules.json", modules)
+    (folder / "1_Pooling").mkdir()
+    pooling = {
+        "word_embedding_dimension": config.n_embd,
+        "pooling_mode_cls_token": config.pooling == "cls",
+        "pooling_mode_mean_tokens": config.pooling == "mean",
+    }
+    _write_json(folder / "1_Pooling" / "config.json", pooling)
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": config.block_size})
+
+
+def _sentence_transformers_pooling(folder: Path) -> str | None:
+    """The pooling a sentence-transformers folder declares ("mean" or "cls"), or None if it declares none."""
+    path = folder / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        modes = {k for k, v in json.loads(path.read_text(encoding="utf-8")).items() if v is True}
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ModelFormatError(f"{path}: not a valid pooling config ({e})", hint="fix the file") from None
+    if modes == {"pooling_mode_mean_tokens"}:
+        return "mean"
+    if modes == {"pooling_mode_cls_token"}:
+        return "cls"
+    raise UnsupportedError(
+        f"{path}: pooling {sorted(modes)} is not supported", hint="lmforge embeds with mean or [CLS] pooling"
+    )
 
 
 def save_model_folder(
@@ -122,6 +170,8 @@ def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer,
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: no such model folder", hint="check the path")
     config = Config.load(folder / "config.json")
+    if config.is_encoder:
+        config.pooling = _sentence_transformers_pooling(folder) or config.pooling
     state = from_hf_state(read_hf_weights(folder), config)
     tokenizer = Tokenizer.load(folder)
     generation: dict[str, Any] = {}
@@ -150,7 +200,8 @@ def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] |
         f"# {config.name}",
         "",
         *([description, ""] if description else []),
-        "A causal language model saved by [lmforge](https://pypi.org/project/lmforge/).",
+        f"A {'sentence encoder' if config.is_encoder else 'causal language model'} saved by "
+        "[lmforge](https://pypi.org/project/lmforge/).",
         "",
         "| | |",
         "|---|---|",
@@ -162,16 +213,7 @@ def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] |
         f"| vocabulary | {tokenizer.vocab_size} |",
         f"| chat template | {'yes' if tokenizer.chat_template else 'no'} |",
         "",
-        "## Use",
-        "",
-        "```python",
-        "from lmforge import LLM",
-        "llm = LLM.load('path/to/this/folder')",
-        "print(llm.generate_text('Hello', max_length=50))",
-        "```",
-        "",
-        "The folder is Hugging Face compatible: `transformers.AutoModelForCausalLM.from_pretrained` loads it.",
-        "",
+        *_usage(config),
     ]
     ancestors = record.get("lineage") or []
     training = record.get("recipe") or config.extra.get("lineage")
@@ -192,6 +234,27 @@ def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] |
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _usage(config: Config) -> list[str]:
+    if config.is_encoder:
+        call = "print(llm.embed(['Hello', '你好']).shape)"
+        loaders = "`sentence_transformers.SentenceTransformer` and `transformers.AutoModel` load it"
+    else:
+        call = "print(llm.generate_text('Hello', max_length=50))"
+        loaders = "`transformers.AutoModelForCausalLM.from_pretrained` loads it"
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from lmforge import LLM",
+        "llm = LLM.load('path/to/this/folder')",
+        call,
+        "```",
+        "",
+        f"The folder is Hugging Face compatible: {loaders}.",
+        "",
+    ]
 
 
 def _flat_scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

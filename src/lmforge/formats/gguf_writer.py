@@ -157,6 +157,11 @@ def write_gguf(
 
 
 def _architecture(config: Config) -> str:
+    if config.is_encoder:
+        raise UnsupportedError(
+            f"{config.name} is a sentence encoder; lmforge writes GGUF for language models only",
+            hint="export it with --format hf (sentence-transformers and transformers load that folder)",
+        )
     if config.labels:
         raise UnsupportedError(
             f"{config.name} is a classifier (a 'score' head over {len(config.labels)} labels); GGUF holds "

@@ -55,15 +55,45 @@ _GPT2_TOP = {
     "norm.weight": "transformer.ln_f.weight",
     "norm.bias": "transformer.ln_f.bias",
 }
+# BERT encoders: separate q/k/v like Llama, but every linear layer has a bias and every norm comes after.
+_BERT_LAYER = {
+    f"{ours}.{kind}": f"{theirs}.{kind}"
+    for ours, theirs in {
+        "attn.q_proj": "attention.self.query",
+        "attn.k_proj": "attention.self.key",
+        "attn.v_proj": "attention.self.value",
+        "attn.o_proj": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "mlp.up_proj": "intermediate.dense",
+        "mlp.down_proj": "output.dense",
+        "mlp_norm": "output.LayerNorm",
+    }.items()
+    for kind in ("weight", "bias")
+}
+_BERT_TOP = {
+    "wte.weight": "embeddings.word_embeddings.weight",
+    "wpe.weight": "embeddings.position_embeddings.weight",
+    "wtt.weight": "embeddings.token_type_embeddings.weight",
+    "embed_norm.weight": "embeddings.LayerNorm.weight",
+    "embed_norm.bias": "embeddings.LayerNorm.bias",
+}
 _LAYER_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _name_maps(config: Config) -> tuple[dict[str, str], dict[str, str], str]:
+    """(top-level names, per-layer names, transformers' layer prefix) for this model family."""
+    if config.is_encoder:
+        return _BERT_TOP, _BERT_LAYER, "encoder.layer"
+    if config.model_type == "gpt2":
+        return _GPT2_TOP, _GPT2_LAYER, "transformer.h"
+    return _LLAMA_TOP, _LLAMA_LAYER, "model.layers"
 
 
 def to_hf_state(state: StateDict, config: Config) -> StateDict:
     """lmforge parameter names and layouts -> transformers' (for saving)."""
     out: StateDict = {}
     gpt2 = config.model_type == "gpt2"
-    top, layer_map = (_GPT2_TOP, _GPT2_LAYER) if gpt2 else (_LLAMA_TOP, _LLAMA_LAYER)
-    prefix = "transformer.h" if gpt2 else "model.layers"
+    top, layer_map, prefix = _name_maps(config)
     for name, tensor in state.items():
         if name == "lm_head.weight":
             if not config.tie_embeddings:
@@ -94,12 +124,14 @@ def to_hf_state(state: StateDict, config: Config) -> StateDict:
 def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
     """transformers' parameter names and layouts -> lmforge's (for loading)."""
     gpt2 = config.model_type == "gpt2"
-    top, layer_map = (_GPT2_TOP, _GPT2_LAYER) if gpt2 else (_LLAMA_TOP, _LLAMA_LAYER)
+    top, layer_map, prefix = _name_maps(config)
     reverse_top = {v: k for k, v in top.items()}
     reverse_layer = {v: k for k, v in layer_map.items()}
-    layer_key = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.(.+)$")
+    layer_key = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
     out: StateDict = {}
     for name, tensor in hf_state.items():
+        if config.is_encoder:
+            name = name.removeprefix("bert.")  # BertFor* checkpoints nest the encoder under "bert."
         if gpt2 and not name.startswith(("transformer.", "lm_head.", "score.")):
             name = "transformer." + name  # original GPT-2 checkpoints have no "transformer." prefix
         if name in ("lm_head.weight", "score.weight"):
@@ -110,7 +142,7 @@ def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
             continue
         match = layer_key.match(name)
         if match is None:
-            continue  # buffers such as GPT-2's attn.bias causal mask and rotary inv_freq
+            continue  # buffers (GPT-2's causal mask, rotary inv_freq, BERT's position_ids) and BERT's pooler
         i, rest = match.groups()
         if gpt2 and rest.startswith("attn.c_attn."):
             kind = rest.rsplit(".", 1)[1]
@@ -171,7 +203,7 @@ def read_hf_weights(folder: Path) -> StateDict:
 def hf_module_name(name: str, config: Config) -> str:
     """Our module name (``blocks.3.attn.q_proj``) -> transformers' (``model.layers.3.self_attn.q_proj``)."""
     match = _LAYER_KEY.match(name)
-    if config.model_type == "gpt2" or match is None:
+    if config.model_type == "gpt2" or config.is_encoder or match is None:
         raise UnsupportedError(
             f"no transformers module for {name!r} in a {config.model_type} model",
             hint="PEFT-layout adapters are written for Llama-family models (llama, qwen2, mistral)",
@@ -184,7 +216,7 @@ def lmforge_module_name(hf_name: str, config: Config) -> str:
     """transformers' module name -> ours (the inverse of ``hf_module_name``)."""
     reverse = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in _LLAMA_LAYER.items()}
     match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
-    if config.model_type == "gpt2" or match is None or match.group(2) not in reverse:
+    if config.model_type == "gpt2" or config.is_encoder or match is None or match.group(2) not in reverse:
         raise UnsupportedError(
             f"unknown transformers module {hf_name!r}", hint="use an adapter for this model type"
         )

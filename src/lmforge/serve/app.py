@@ -209,6 +209,8 @@ class _Service:
         fmt: ResponseFormat,
     ) -> Response:
         started = time.monotonic()
+        if self.llm.config.is_encoder:
+            raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
         self._check_fits(prompts, max_tokens)
         generation = _Generation(self.scheduler, prompts, body.sampling(max_tokens), body.n, logprobs)
         deadline = started + self.request_timeout_s
