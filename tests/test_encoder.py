@@ -13,6 +13,7 @@ from lmforge import LLM, LmforgeError
 from lmforge.api import EMBEDDING_MODEL, bundled_model_path
 from lmforge.selection import estimate
 from lmforge.serve import create_app
+from lmforge.store import Store
 
 from .conftest import one_intra_op_thread
 from .serving import serving
@@ -89,7 +90,7 @@ def test_saved_folder_loads_in_sentence_transformers_and_back(minilm, tmp_path, 
     assert np.abs(theirs - expected).max() < 1e-5
 
 
-def test_cls_pooling_reads_the_first_token(minilm, tmp_path, one_thread):
+def test_cls_pooling_reads_the_first_token_and_survives_the_store(minilm, tmp_path, monkeypatch, one_thread):
     folder = minilm.save(tmp_path / "cls")
     pooling = folder / "1_Pooling" / "config.json"
     settings = json.loads(pooling.read_text())
@@ -101,6 +102,14 @@ def test_cls_pooling_reads_the_first_token(minilm, tmp_path, one_thread):
     first = torch.nn.functional.normalize(cls.model.hidden_states(ids)[0, 0], dim=-1)
     together = cls.embed(TEXTS[:2])  # the short text is left-padded: [CLS] is not at column 0
     assert np.abs(together[0] - first.detach().numpy()).max() < 1e-5
+
+    # The store keeps subfolders, so the pooling that sentence-transformers' 1_Pooling/ declares survives.
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    manifest = Store().put(folder, "encoder:cls")
+    assert "1_Pooling/config.json" in manifest["files"]
+    stored = LLM.load("encoder:cls", dtype="float32", device="cpu")
+    assert stored.config.pooling == "cls"
+    assert np.abs(stored.embed(TEXTS[:2]) - together).max() < 1e-6
 
     settings.update(pooling_mode_max_tokens=True)
     pooling.write_text(json.dumps(settings))

@@ -51,6 +51,8 @@ CARD = "README.md"
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _NAME = re.compile(rf"(?:{_PART}/)?{_PART}")
 _TAG = re.compile(_PART)
+# A file inside a model folder, relative: "config.json" or "1_Pooling/config.json" (never "..", never absolute).
+_FILE = re.compile(rf"{_PART}(?:/{_PART})*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1 << 20
@@ -152,7 +154,7 @@ def _read_manifest(path: Path) -> Manifest:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(
-        _TAG.fullmatch(name) and isinstance(e, dict) and _DIGEST.fullmatch(str(e.get("digest")))
+        _FILE.fullmatch(name) and isinstance(e, dict) and _DIGEST.fullmatch(str(e.get("digest")))
         for name, e in files.items()
     ):
         raise ValueError("not an lmforge store manifest")
@@ -267,7 +269,8 @@ class Store:
         folder = self.snapshots / _digest_of(files)
 
         def complete() -> bool:
-            return folder.is_dir() and sorted(os.listdir(folder)) == sorted(files)
+            present = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+            return folder.is_dir() and sorted(present) == sorted(files)
 
         if complete():
             return folder
@@ -278,7 +281,9 @@ class Store:
             temp.mkdir()
             for name, entry in files.items():
                 # Relative links: snapshots/<hex>/ and tmp/<hex>/ sit equally deep, and the store can move.
-                target = Path("..", "..", "blobs", self._blob_path(entry["digest"]).name)
+                depth = name.count("/")  # files in subfolders (sentence-transformers' 1_Pooling/) go deeper
+                target = Path(*[".."] * (2 + depth), "blobs", self._blob_path(entry["digest"]).name)
+                (temp / name).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     (temp / name).symlink_to(target)
                 except OSError:  # no symlinks (Windows without developer mode): hard links work as well
@@ -370,7 +375,8 @@ class Store:
 
         ``parent`` is where the model came from (a store name, folder, .gguf file or hub id); ``recipe`` the
         training settings (default: the training record in config.json); ``data`` the files it was trained on
-        (fingerprinted by sha256). Top-level files are stored; ``README.md`` is regenerated from the manifest.
+        (fingerprinted by sha256). Its files are stored, subfolders included (sentence-transformers keeps the
+        pooling in ``1_Pooling/``); ``README.md`` is regenerated from the manifest.
         """
         ref = parse_ref(name)
         folder = Path(folder)
@@ -378,9 +384,9 @@ class Store:
             raise LmforgeError(f"{folder}: no such model folder", hint="check the path")
         skip = (CARD, *TRAINER_FILES)
         files = {
-            p.name: p
-            for p in sorted(folder.iterdir())
-            if p.is_file() and _TAG.fullmatch(p.name) and p.name not in skip
+            p.relative_to(folder).as_posix(): p
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and _FILE.fullmatch(p.relative_to(folder).as_posix()) and p.name not in skip
         }
         if "config.json" not in files:
             raise LmforgeError(f"{folder}: not a model folder (no config.json)", hint="give a model folder")
