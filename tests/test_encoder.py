@@ -94,7 +94,7 @@ def test_cls_pooling_reads_the_first_token_and_survives_the_store(minilm, tmp_pa
     folder = minilm.save(tmp_path / "cls")
     pooling = folder / "1_Pooling" / "config.json"
     settings = json.loads(pooling.read_text())
-    settings.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    settings.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True, include_prompt=True)
     pooling.write_text(json.dumps(settings))
     cls = LLM.load(folder, dtype="float32", device="cpu")
     assert cls.config.pooling == "cls"

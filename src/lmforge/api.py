@@ -86,9 +86,9 @@ def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
 def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
     """Where a model lives: ("gguf", file), ("folder", dir), ("store", checked dir), ("hub", downloaded dir).
 
-    Precedence: the packaged models (``PACKAGED_MODELS``), then an existing local path (a ``.gguf`` name always means a file),
-    then a model store entry ``name[:tag]`` (tag ``latest`` by default; see ``lmforge.store``), then a hub
-    id ``org/name``. So a folder ``./spam`` wins over the stored ``spam:latest``, which wins over the hub.
+    Precedence: the packaged models (``PACKAGED_MODELS``), then an existing local path (a ``.gguf`` name
+    always means a file), then a model store entry ``name[:tag]`` (tag ``latest`` by default; see
+    ``lmforge.store``), then a hub id ``org/name``. So a folder ``./spam`` wins over the stored ``spam:latest``, which wins over the hub.
     """
     source = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     if source == "default":

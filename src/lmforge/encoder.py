@@ -52,7 +52,7 @@ class Encoder(Network):
 
     def hidden_states(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> the last block's hidden states (B, T, C); ``attention_mask`` (B, T) marks real tokens."""
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.block_size}")
         if attention_mask is None:

@@ -139,7 +139,9 @@ def _sentence_transformers_pooling(folder: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        modes = {k for k, v in json.loads(path.read_text(encoding="utf-8")).items() if v is True}
+        settings = json.loads(path.read_text(encoding="utf-8")).items()
+        # Newer files add non-mode switches such as "include_prompt": only the pooling_mode_* ones choose.
+        modes = {k for k, v in settings if k.startswith("pooling_mode_") and v is True}
     except (json.JSONDecodeError, AttributeError) as e:
         raise ModelFormatError(f"{path}: not a valid pooling config ({e})", hint="fix the file") from None
     if modes == {"pooling_mode_mean_tokens"}:
