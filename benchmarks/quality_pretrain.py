@@ -2,6 +2,7 @@
 
     python benchmarks/quality_pretrain.py shakespeare [--steps 2500]   # char-level baby GPT (6L/6H/384d/256 ctx)
     python benchmarks/quality_pretrain.py chinese [--steps 1500]       # byte-level BPE GPT on 宋词 + 鲁迅
+    python benchmarks/quality_pretrain.py shakespeare --out DIR --evaluate DIR/run/checkpoints/step-2000
 
 Prints steps, minutes, final/best validation loss and samples; the loss curve PNG lands in the run folder.
 Data comes from ../shared/data/text (benchmarks and tests may read it; the product never needs it).
@@ -120,9 +121,18 @@ def main() -> None:
         action="store_true",
         help="continue the run in --out from its last checkpoint (same settings; minutes count this part only)",
     )
+    parser.add_argument(
+        "--evaluate",
+        metavar="MODEL_FOLDER",
+        help="no training: print the whole-split val loss of a saved model, e.g. --out's run/checkpoints/step-N",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"benchmarks/output/{args.corpus}")
+    if args.evaluate:
+        llm = LLM.load(args.evaluate, dtype="float32", device="cpu")
+        print(f"{args.evaluate}: val loss (whole split) {whole_val_loss(llm, out / 'data'):.4f}")
+        return
     start = time.perf_counter()
     recipe = shakespeare if args.corpus == "shakespeare" else chinese
     lr = args.lr or (1.5e-3 if args.corpus == "shakespeare" else 1e-3)
