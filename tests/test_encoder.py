@@ -129,7 +129,8 @@ def test_decoder_only_work_is_a_clear_error(minilm, tmp_path):
     ):
         with pytest.raises(LmforgeError, match="sentence encoder"):
             attempt()
-    sized = estimate(EMBEDDING_MODEL, task="embed", context=128, batch=16, measure=False)
+    sized = estimate(EMBEDDING_MODEL, context=128, batch=16, measure=False)  # an encoder's workload: embed
+    assert sized.task == "embed"
     assert sized.parameters == minilm.model.num_parameters() == minilm.config.num_parameters()
 
 

@@ -741,7 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, help="tokens per sequence (default: up to 2048; 512 for training)")
     p.add_argument("--batch", type=int, default=1, help="sequences at once")
     p.add_argument("--mode", default="infer", help="infer | full | freeze | lora")
-    p.add_argument("--task", default="generate", help="generate | score | classify | embed (see the docs)")
+    p.add_argument(
+        "--task",
+        help="generate | score | classify | embed (default: embed for sentence encoders, else generate)",
+    )
     p.add_argument("--dtype", default="auto", help="inference dtype: auto, float32, bfloat16, float16")
     p.add_argument("--quant", help="size a GGUF file of this type instead (q8_0, q4_0, q4_k...)")
     p.add_argument("--lora-rank", type=int, default=8)

@@ -122,7 +122,7 @@ def estimate(
     dtype: str = "auto",
     quant: str | None = None,
     measure: bool = True,
-    task: str = "generate",
+    task: str | None = None,
     lora_rank: int = 8,
     lora_targets: Sequence[str] | None = None,
     freeze_last: int = 2,
@@ -133,12 +133,13 @@ def estimate(
 
     ``context`` is the tokens per sequence (default: the model's context, at most 2048 for inference and 512,
     fine-tuning's default, for training), ``batch`` the sequences at once. ``mode``: infer | full | freeze |
-    lora; ``task`` the workload (see ``WORKLOADS``). ``quant`` sizes a GGUF file of that type (q8_0, q4_0...)
+    lora; ``task`` the workload (see ``WORKLOADS``; default embed for a sentence encoder, else generate). ``quant`` sizes a GGUF file of that type (q8_0, q4_0...)
     instead of the model's own file. ``measure`` runs a few decode or training steps for tokens/s.
     """
     _check_choice("mode", mode, MODES)
     training = mode != "infer"
-    _check_choice("task", task, WORKLOADS["train" if training else "infer"], f"for mode {mode}")
+    if task is not None:
+        _check_choice("task", task, WORKLOADS["train" if training else "infer"], f"for mode {mode}")
     for name, value in (
         ("batch", batch),
         ("context", 1 if context is None else context),
@@ -157,6 +158,7 @@ def estimate(
     torch_dtype = resolve_dtype("float32" if training else dtype, torch.device("cpu"))
     disk_type = _quant_type(quant) if quant else None
     header = read_header(model)
+    task = task or ("embed" if header.config.is_encoder else "generate")
     block = header.config.block_size
     context = context or min(block, 512 if training else 2048)
     if context > block:
