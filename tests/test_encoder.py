@@ -4,6 +4,8 @@ transformers, English and Chinese; its folder round trip; and clear errors where
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +155,14 @@ def test_server_embeds_with_the_encoder_and_refuses_completions(minilm, one_thre
         assert np.abs(vectors - minilm.embed(TEXTS[:2])).max() < 1e-5
         with pytest.raises(openai.BadRequestError, match="sentence encoder"):
             client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "你好"}])
+
+
+def test_cli_output_into_a_closed_pipe_stops_quietly():
+    # `lmforge embed ... | head -1`: 60 vectors (~250 KB) outgrow the pipe, so the writer meets the closed end.
+    command = [sys.executable, "-m", "lmforge", "embed", "-m", EMBEDDING_MODEL, *["床前明月光 hello"] * 60]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(reader.stdout.readline())["text"] == "床前明月光 hello"
+    reader.stdout.close()
+    _, stderr = reader.communicate(timeout=120)
+    assert reader.returncode == 141, stderr
+    assert stderr.decode().strip() == ""
