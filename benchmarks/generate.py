@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmforge import LLM, SamplingParams
-from lmforge.api import bundled_model_path
+from lmforge.loading import bundled_model_path
 from lmforge.generate import generate_tokens
 
 PROMPT = "The history of the printing press begins"

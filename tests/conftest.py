@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge import LLM, Config, Tokenizer, Transformer
-from lmforge.api import bundled_model_path
+from lmforge.loading import bundled_model_path
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

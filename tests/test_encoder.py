@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmforge import LLM, LmforgeError
-from lmforge.api import EMBEDDING_MODEL, bundled_model_path
+from lmforge.loading import EMBEDDING_MODEL, bundled_model_path
 from lmforge.selection import estimate
 from lmforge.serve import create_app
 from lmforge.store import Store

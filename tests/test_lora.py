@@ -7,7 +7,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lmforge import LLM
-from lmforge.lora import LoRAConfig, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lmforge.formats.peft import load_adapter, save_adapter
+from lmforge.lora import LoRAConfig, inject_lora, lora_layers, merge_lora
 
 from .conftest import tiny_llm
 

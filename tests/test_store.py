@@ -18,7 +18,7 @@ import torch
 
 from lmforge import LLM, LmforgeError
 from lmforge import store as store_module
-from lmforge.api import locate_model
+from lmforge.loading import describe_source, import_model, locate_model
 from lmforge.cli import main
 from lmforge.recipes.finetune import finetune
 from lmforge.store import Store, parse_ref
@@ -145,7 +145,7 @@ def test_corrupt_blob_is_a_one_line_error_on_load_and_in_verify(home, models, ca
     report = store.verify()
     assert not report.ok and report.corrupt == {digest: ["good:v1"]}
     assert "problem" in one_line_error(capsys, main(["verify"]))
-    store.import_model(models[0], "good:v1")  # the fix the error names
+    import_model(models[0], "good:v1", store=store)  # the fix the error names
     assert store.verify().ok and LLM.load("good:v1").config.n_layer == 2
 
 
@@ -220,7 +220,7 @@ def test_training_runs_record_lineage_and_eval_adds_metrics(home, models, tmp_pa
     assert scores["perplexity"] > 1 and scores["data"] == str(text)
     assert "perplexity:eval.txt / perplexity" in (store.open("pre:v1") / "README.md").read_text("utf-8")
     # ... without making it a different model: its children's lineage still matches it.
-    store.put(models[1], "child:v1", parent="spam:v1")
+    store.put(models[1], "child:v1", parent=describe_source("spam:v1"))
     chain = store.show("child:v1")["lineage"]
     assert [(link["ref"], link["recipe"]) for link in chain] == [
         ("spam:v1", "finetune"),
@@ -291,7 +291,7 @@ def slow_import(folder: Path, ready: Connection) -> None:
         return result
 
     store_module._hash_into = stall  # in this child process only
-    Store().import_model(folder, "killed:v1")
+    import_model(folder, "killed:v1")
 
 
 def test_sigkill_during_import_leaves_no_entry_and_a_clean_store(home, models):
@@ -310,7 +310,7 @@ def test_sigkill_during_import_leaves_no_entry_and_a_clean_store(home, models):
     assert [f"{m['name']}:{m['tag']}" for m in store.list_models()] == ["other:v1"]
     report = store.verify()
     assert report.ok and report.temp == 1  # the half-done copy is a leftover, not an entry
-    store.import_model(models[0], "killed:v1")  # the dead process's lock is gone
+    import_model(models[0], "killed:v1", store=store)  # the dead process's lock is gone
     assert LLM.load("killed:v1").config.n_layer == 2
     cleaned = store.gc()
     assert cleaned.temp == 1 and cleaned.blobs == 0

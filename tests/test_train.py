@@ -102,7 +102,7 @@ def main(argv):
 
         LanguageModelingTask.train_batch = slow_draw
     if os.environ.get("HANG_AT_SAVE"):
-        prefix, write = f".step-{int(os.environ['HANG_AT_SAVE']):06d}.tmp-", ckpt.write_model_files_with_adapters
+        prefix, write = f".step-{int(os.environ['HANG_AT_SAVE']):06d}.tmp-", ckpt.write_model_files
 
         def hanging_write(folder, *args, **kwargs):
             write(folder, *args, **kwargs)
@@ -110,7 +110,7 @@ def main(argv):
                 Path(settings["out_dir"], "HANGING").write_text(str(folder))
                 time.sleep(600)
 
-        ckpt.write_model_files_with_adapters = hanging_write
+        ckpt.write_model_files = hanging_write
     if os.environ.get("WRITES_LOG"):
         log = Path(os.environ["WRITES_LOG"].format(rank=rank))
 
@@ -567,7 +567,7 @@ def test_failed_save_keeps_the_previous_checkpoint(
 ) -> None:
     # Tests run as root, where a read-only folder does not stop writes: inject the error instead.
     calls = []
-    write = checkpoint.write_model_files_with_adapters
+    write = checkpoint.write_model_files
 
     def full_disk(folder: Path, *args, **kwargs) -> None:
         calls.append(folder)
@@ -576,7 +576,7 @@ def test_failed_save_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         write(folder, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "write_model_files_with_adapters", full_disk)
+    monkeypatch.setattr(checkpoint, "write_model_files", full_disk)
     with pytest.raises(LmforgeError) as err:
         quick_trainer(tmp_path, shards, tok, max_steps=6).fit()
     target = tmp_path / "checkpoints" / "step-000004"

@@ -494,9 +494,10 @@ def cmd_tag(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from lmforge.store import Store, human_bytes
+    from lmforge.loading import import_model
+    from lmforge.store import human_bytes
 
-    m = Store().import_model(args.source, args.name, description=args.description)
+    m = import_model(args.source, args.name, description=args.description)
     print(f"stored {m['name']}:{m['tag']}: {len(m['files'])} files, {human_bytes(m['size'])}")
 
 

@@ -14,22 +14,23 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.loading import LoadedModel
 from lmforge.progress import tracked
-from lmforge.tasks import is_chinese, sequence_logprobs
-
-if TYPE_CHECKING:
-    from lmforge.api import LLM
+from lmforge.prompts import choice_prompt, is_chinese
+from lmforge.tasks import sequence_logprobs
 
 
 # ---------------------------------------------------------------- perplexity
 @torch.inference_mode()
-def perplexity(llm: LLM, text: str, window: int | None = None, stride: int | None = None) -> dict[str, float]:
+def perplexity(
+    llm: LoadedModel, text: str, window: int | None = None, stride: int | None = None
+) -> dict[str, float]:
     """Perplexity of ``text`` with a sliding window; every token after the first is predicted exactly once."""
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 2:
@@ -142,14 +143,7 @@ class _CharTokenizer:
 
 
 # ----------------------------------------------------------- multiple choice
-def choice_prompt(question: str, choices: Sequence[str]) -> str:
-    letters = "ABCDEFGH"
-    options = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
-    answer = "答案：" if is_chinese(question) else "Answer:"
-    return f"{question}\n{options}\n{answer}"
-
-
-def multiple_choice(llm: LLM, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def multiple_choice(llm: LoadedModel, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy when the predicted choice is the one with the highest mean log-probability per token."""
     tok = llm.tokenizer
     prompts, conts, owners = [], [], []

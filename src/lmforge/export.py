@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from lmforge import lora
-from lmforge.api import LLM
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.folder import atomic_write_folder, write_model_files
 from lmforge.formats.gguf_writer import check_file_type, write_gguf
+from lmforge.formats.peft import save_adapter
+from lmforge.loading import LoadedModel
 
 FORMATS = ("hf", "gguf")
 FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -30,7 +31,7 @@ _HF_DTYPE_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def export_model(
-    model: LLM | str | Path | None,
+    model: LoadedModel | str | Path | None,
     out: str | Path,
     format: str = "hf",
     dtype: str | None = None,
@@ -46,9 +47,9 @@ def export_model(
     """
     out, format = Path(out).expanduser(), format.lower()
     file_type = _check_options(out, format, dtype, quant, merge_lora)
-    llm = model if isinstance(model, LLM) else LLM.load(model, dtype="float32", device="cpu")
+    llm = model if isinstance(model, LoadedModel) else LoadedModel.load(model, dtype="float32", device="cpu")
     if not merge_lora:
-        return lora.save_adapter(llm.model, out, base_model=llm.source)
+        return save_adapter(llm.model, out, base_model=llm.source)
     transformer = llm.model
     if lora.lora_layers(transformer):
         # Merge a copy: the caller's model keeps its adapters (and can still be trained or exported unmerged).
@@ -98,7 +99,9 @@ def _check_options(out: Path, format: str, dtype: str | None, quant: str | None,
     return check_file_type(quant) if quant is not None else dtype or "f32"
 
 
-def _write_hf(out: Path, llm: LLM, config: Config, state: dict[str, torch.Tensor], dtype: str) -> Path:
+def _write_hf(
+    out: Path, llm: LoadedModel, config: Config, state: dict[str, torch.Tensor], dtype: str
+) -> Path:
     state = {k: v.to(FLOAT_TYPES[dtype]) for k, v in state.items()}
 
     def write(folder: Path) -> None:

@@ -8,10 +8,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.api import locate_model
 from lmforge.config import Config
 from lmforge.errors import ModelFormatError
+from lmforge.formats.folder import CONFIG_FILE
 from lmforge.formats.gguf import GGUFFile
+from lmforge.loading import locate_model
 from lmforge.tokenizer import Tokenizer
 
 
@@ -35,7 +36,7 @@ def read_header(name_or_path: str | Path | None) -> ModelHeader:
         size = sum(t.nbytes for t in gguf_file.tensors)
         return ModelHeader("gguf", path, gguf_file.config(), gguf_file.tokenizer(), types, size)
     types, size = _safetensors_dtypes(path)
-    return ModelHeader("folder", path, Config.load(path / "config.json"), Tokenizer.load(path), types, size)
+    return ModelHeader("folder", path, Config.load(path / CONFIG_FILE), Tokenizer.load(path), types, size)
 
 
 def model_info(name_or_path: str | Path | None) -> dict[str, str]:

@@ -9,23 +9,16 @@ folds them into the weights for plain inference.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import atomic_write_folder, load_model_folder, write_model_files
-from lmforge.formats.hf import hf_module_name, lmforge_module_name
 from lmforge.model import Transformer
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,23 +109,6 @@ def merge_lora(model: Transformer) -> Transformer:
     return model
 
 
-def _peft_config(config: LoRAConfig, base_model: str) -> dict[str, Any]:
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": sorted(config.targets),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-
-
 def split_lora_state(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -156,93 +132,3 @@ def join_lora_state(
             if f"{layer}.{kind}" in state:
                 state[f"{layer}.base.{kind}"] = state.pop(f"{layer}.{kind}")
     return {**state, **adapters}
-
-
-def write_adapter_files(
-    folder: Path, model_config: Any, adapters: dict[str, torch.Tensor], base_model: str = ""
-) -> None:
-    """PEFT's two files (``adapter_config.json``, ``adapter_model.safetensors``) for our adapter tensors."""
-    config = LoRAConfig(**model_config.extra["lora"])
-    tensors = {}
-    for name, tensor in adapters.items():
-        layer, part = name.rsplit(".lora_", 1)  # part: "A.weight" / "B.weight"
-        key = f"base_model.model.{hf_module_name(layer, model_config)}.lora_{part}"
-        tensors[key] = tensor.detach().float().cpu().contiguous()
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS))
-    text = json.dumps(_peft_config(config, base_model), indent=2) + "\n"
-    (folder / ADAPTER_CONFIG).write_text(text, encoding="utf-8")
-
-
-def read_adapter_state(folder: Path, model_config: Any) -> dict[str, torch.Tensor]:
-    """Adapter tensors of a PEFT-layout folder, under our module names."""
-    try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except Exception as e:  # missing or damaged file
-        raise LmforgeError(f"{folder}: unreadable LoRA adapter ({e})", hint="re-save the adapter") from None
-    out = {}
-    for key, value in tensors.items():
-        hf_name, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
-        part = part.replace(".default", "")  # PEFT may store adapter names: lora_A.default.weight
-        out[f"{lmforge_module_name(hf_name, model_config)}.lora_{part}"] = value
-    return out
-
-
-def save_adapter(model: Transformer, folder: str | Path, base_model: str = "") -> Path:
-    """Write the adapters in PEFT's layout (transformers' module names, ``base_model.model.`` prefix)."""
-    _, adapters = split_lora_state(model.state_dict())
-    if not adapters:
-        raise LmforgeError(
-            "the model has no LoRA adapters to save", hint="fine-tune with --method lora first"
-        )
-    return atomic_write_folder(
-        folder, lambda tmp: write_adapter_files(tmp, model.config, adapters, base_model)
-    )
-
-
-def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
-    """Attach a PEFT-layout LoRA adapter (ours or one trained with PEFT) to ``model``."""
-    folder = Path(folder)
-    try:
-        peft_config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmforgeError(
-            f"{folder}: not a LoRA adapter folder ({e})", hint="point to adapter_config.json's folder"
-        ) from None
-    if peft_config.get("peft_type") != "LORA":
-        raise LmforgeError(
-            f"{folder}: adapter type {peft_config.get('peft_type')!r}", hint="only LoRA adapters load"
-        )
-    targets = peft_config["target_modules"]
-    targets = list(LINEAR_NAMES) if targets == "all-linear" else list(targets)
-    config = LoRAConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"], dropout=0.0, targets=targets)
-    inject_lora(model, config)
-    state = read_adapter_state(folder, model.config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(".lora_" in m for m in missing):
-        raise LmforgeError(
-            f"{folder}: the adapter does not fit this model", hint="load it onto its base model"
-        )
-    return model
-
-
-def write_model_files_with_adapters(
-    folder: Path,
-    config: Any,
-    state: dict[str, torch.Tensor],
-    tokenizer: Any,
-    generation_config: dict[str, Any] | None = None,
-    card: str | None = None,
-) -> None:
-    """A model folder for a possibly LoRA-wrapped model: base weights as usual, adapters in PEFT's files."""
-    base, adapters = split_lora_state(state)
-    write_model_files(folder, config, base, tokenizer, generation_config, card)
-    if adapters:
-        write_adapter_files(folder, config, adapters)
-
-
-def load_state_with_adapters(model: Transformer, folder: Path) -> dict[str, torch.Tensor]:
-    """The full state (base + adapters) of a folder written by ``write_model_files_with_adapters``."""
-    _, base, _, _ = load_model_folder(folder)
-    if (folder / ADAPTER_CONFIG).is_file():
-        return join_lora_state(model, base, read_adapter_state(folder, model.config))
-    return base

@@ -147,8 +147,8 @@ def estimate(
     ):
         if not isinstance(value, int) or value < 1:
             raise LmforgeError(f"{name}={value!r} must be a positive integer", hint=f"e.g. {name}=1")
-    from lmforge.api import resolve_dtype
     from lmforge.info import read_header
+    from lmforge.loading import resolve_dtype
 
     if training and dtype not in ("auto", "float32", "fp32"):
         raise UnsupportedError(
@@ -248,9 +248,9 @@ def _shell(
     num_labels: int,
 ) -> Network:
     """The model on the meta device (no memory), with fine-tuning's own choice of what trains."""
-    from lmforge.api import build_network
+    from lmforge.loading import build_network
     from lmforge.lora import LoRAConfig
-    from lmforge.recipes.finetune import choose_trainable
+    from lmforge.train.methods import choose_trainable
 
     if config.is_encoder and (mode != "infer" or task != "embed"):
         raise UnsupportedError(
@@ -679,8 +679,8 @@ def train_speed(
     Steps are capped at MEASURE_TOKENS tokens: throughput per token is what matmuls set, and it stays quick.
     """
     from lmforge.lora import LoRAConfig
-    from lmforge.recipes.finetune import choose_trainable
     from lmforge.train.loop import TrainConfig, make_optimizer
+    from lmforge.train.methods import choose_trainable
 
     model = llm.model.train()
     if task == "classify":

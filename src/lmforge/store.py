@@ -19,45 +19,36 @@ model's identity: ``id`` hashes the other files, so adding eval results to a mod
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from filelock import FileLock, Timeout
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import fsync_path, model_card
+from lmforge.formats.atomic import fsync_path
+from lmforge.formats.folder import CARD_FILE, CONFIG_FILE, TRAINER_FILES, model_card
 from lmforge.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from lmforge.train.loop import TrainResult
 
 DEFAULT_TAG = "latest"
 MAX_NAME, MAX_TAG = 128, 64
 LOCK_TIMEOUT_S = 600
-CARD = "README.md"
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _NAME = re.compile(rf"(?:{_PART}/)?{_PART}")
 _TAG = re.compile(_PART)
 # A file inside a model folder, relative: "config.json" or "1_Pooling/config.json" (never "..", never absolute).
 _FILE = re.compile(rf"{_PART}(?:/{_PART})*")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1 << 20
-# A checkpoint's trainer state (train/checkpoint.py) is not part of the model: the store keeps models only.
-TRAINER_FILES = ("optimizer.safetensors", "rng_state.safetensors", "trainer_state.json")
 _NAME_HINT = (
     "names look like 'my-model', 'my-model:v1' or 'team/my-model:v1': ASCII letters, digits, '.', '_', '-', "
     f"starting with a letter or digit, at most one '/' and one ':', names up to {MAX_NAME} and tags up to "
@@ -310,7 +301,7 @@ class Store:
 
         Its title is the stored name without the tag, so tags of one model share one card.
         """
-        config = Config.load(folder / "config.json").replace(name=manifest["name"])
+        config = Config.load(folder / CONFIG_FILE).replace(name=manifest["name"])
         record = {
             "description": manifest.get("description"),
             "lineage": [describe_parent(p) for p in self.lineage(manifest.get("parent"))],
@@ -326,12 +317,12 @@ class Store:
         """Add the generated card, then the manifest (last, atomically) and its snapshot. Needs the lock."""
         card = self._card(folder, manifest)
         try:
-            manifest["files"][CARD] = self._add_blob(card)
+            manifest["files"][CARD_FILE] = self._add_blob(card)
         finally:
             card.unlink()
         files = manifest["files"]
         manifest.update(
-            id=f"sha256:{_digest_of(files, skip=CARD)}", size=sum(e["size"] for e in files.values())
+            id=f"sha256:{_digest_of(files, skip=CARD_FILE)}", size=sum(e["size"] for e in files.values())
         )
         self._write_json(self._manifest_path(ref), manifest)
         self._snapshot(manifest)
@@ -365,7 +356,7 @@ class Store:
         folder: str | Path,
         name: str,
         *,
-        parent: str | None = None,
+        parent: Mapping[str, Any] | None = None,
         recipe: Mapping[str, Any] | None = None,
         data: Sequence[str | Path] = (),
         metrics: Mapping[str, Any] | None = None,
@@ -373,7 +364,8 @@ class Store:
     ) -> Manifest:
         """Store a model folder as ``name[:tag]`` (replacing what that tag held) and return its manifest.
 
-        ``parent`` is where the model came from (a store name, folder, .gguf file or hub id); ``recipe`` the
+        ``parent`` is the lineage record of where the model came from (``lmforge.loading.describe_source``
+        makes one from a store name, folder, .gguf file or hub id); ``recipe`` the
         training settings (default: the training record in config.json); ``data`` the files it was trained on
         (fingerprinted by sha256). Its files are stored, subfolders included (sentence-transformers keeps the
         pooling in ``1_Pooling/``); ``README.md`` is regenerated from the manifest.
@@ -382,15 +374,15 @@ class Store:
         folder = Path(folder)
         if not folder.is_dir():
             raise LmforgeError(f"{folder}: no such model folder", hint="check the path")
-        skip = (CARD, *TRAINER_FILES)
+        skip = (CARD_FILE, *TRAINER_FILES)
         files = {
             p.relative_to(folder).as_posix(): p
             for p in sorted(folder.rglob("*"))
             if p.is_file() and _FILE.fullmatch(p.relative_to(folder).as_posix()) and p.name not in skip
         }
-        if "config.json" not in files:
+        if CONFIG_FILE not in files:
             raise LmforgeError(f"{folder}: not a model folder (no config.json)", hint="give a model folder")
-        config = Config.load(files["config.json"])
+        config = Config.load(files[CONFIG_FILE])
         manifest: Manifest = {
             "schema": 1,
             "name": ref.name,
@@ -405,7 +397,7 @@ class Store:
                 "vocab_size": config.vocab_size,
                 "labels": config.labels,
             },
-            "parent": describe_source(parent, self) if parent else None,
+            "parent": dict(parent) if parent else None,
             "recipe": dict(recipe) if recipe is not None else config.extra.get("lineage"),
             "data": fingerprint(data) if data else None,
             "metrics": dict(metrics or {}),
@@ -413,20 +405,6 @@ class Store:
         with self._locked():
             manifest["files"] = {filename: self._add_blob(path) for filename, path in files.items()}
             return self._finish(ref, manifest, folder)
-
-    def import_model(self, source: str | Path, name: str, *, description: str = "") -> Manifest:
-        """Store a model folder, a .gguf file (converted to the model folder format) or a hub id."""
-        from lmforge.api import LLM, locate_model
-
-        parse_ref(name)  # fail before a long download or conversion
-        kind, path = locate_model(source)
-        origin = str(path) if kind in ("gguf", "folder") else str(source)
-        if kind != "gguf":
-            return self.put(path, name, parent=origin, description=description)
-        # The store holds one format: a GGUF becomes a model folder (weights dequantized to float32).
-        with tempfile.TemporaryDirectory(prefix="lmforge-import-") as tmp:
-            folder = LLM.load(path, dtype="float32", device="cpu").save(Path(tmp) / "model")
-            return self.put(folder, name, parent=origin, description=description)
 
     def open(self, name: str) -> Path:
         """The folder of a stored model, after checking every file's sha256 against the manifest."""
@@ -582,26 +560,6 @@ class Store:
 
 
 # ----------------------------------------------------------------- provenance
-def describe_source(source: str, store: Store | None = None) -> dict[str, Any]:
-    """A parent record for where a model came from, in ``locate_model``'s order: path, store entry, hub id.
-
-    Store parents record the entry's ``id`` too, so a later re-tag of the parent shows in the lineage.
-    """
-    store = store or Store()
-    path = Path(source).expanduser()
-    if path.exists():
-        record: dict[str, Any] = {"path": str(path.resolve())}
-        if path.is_file():
-            record["sha256"] = hash_file(path)[0]
-        return record
-    if store.has(source):
-        manifest = store.get(source)
-        return {"ref": f"{manifest['name']}:{manifest['tag']}", "id": manifest.get("id")}
-    if _HUB_ID.match(source):
-        return {"hub": source}
-    return {"source": source}
-
-
 def describe_parent(link: Mapping[str, Any]) -> str:
     """One line for a lineage link, as ``show`` and the model card print it."""
     if "ref" in link:
@@ -614,62 +572,17 @@ def describe_parent(link: Mapping[str, Any]) -> str:
         return text
     if "hub" in link:
         return f"hub {link['hub']}"
+    if "packaged" in link:
+        return f"{link['packaged']} (packaged)"
     if "path" in link:
         return link["path"] + (f" (sha256 {link['sha256'][:12]})" if "sha256" in link else "")
     return str(link.get("source"))
-
-
-def store_run(
-    result: TrainResult,
-    save_as: str,
-    *,
-    parent: str | None,
-    recipe: Mapping[str, Any],
-    data: Sequence[str | Path],
-) -> Manifest | None:
-    """Store a finished training run's model with its lineage and final metrics (main process only)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    train = {
-        "steps": result.steps,
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-        "val_perplexity": math.exp(result.val_loss) if result.val_loss is not None else None,
-        "best_val_loss": result.best_val_loss,
-    }
-    metrics = {"train": {k: v for k, v in train.items() if v is not None}}
-    return Store().put(result.model_dir, save_as, parent=parent, recipe=recipe, data=data, metrics=metrics)
-
-
-def training_recipe(lineage: Mapping[str, Any], settings: Any, **more: Any) -> dict[str, Any]:
-    """The recipe record of a training run: its lineage fields, extra options and the TrainConfig."""
-    return {
-        **lineage,
-        **{k: v for k, v in more.items() if v is not None},
-        "train": dataclasses.asdict(settings),
-    }
-
-
-def add_metrics_if_stored(source: str, metrics: Mapping[str, Any]) -> bool:
-    """Record ``metrics`` on the store entry a model was loaded from (``LLM.source``); False if none.
-
-    Mirrors ``locate_model``'s order: an existing path of that name wins over a store entry.
-    """
-    store = Store()
-    if Path(source).expanduser().exists() or not store.has(source):
-        return False
-    store.add_metrics(source, metrics)
-    return True
 
 
 # ---------------------------------------------------------- module functions
 def put(folder: str | Path, name: str, **options: Any) -> Manifest:
     """``Store().put``: see there for the options (parent, recipe, data, metrics, description)."""
     return Store().put(folder, name, **options)
-
-
-def import_model(source: str | Path, name: str, *, description: str = "") -> Manifest:
-    return Store().import_model(source, name, description=description)
 
 
 def list_models() -> list[Manifest]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,28 +21,13 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import left_pad
+from lmforge.loading import LoadedModel
 from lmforge.progress import tracked
-
-if TYPE_CHECKING:
-    from lmforge.api import LLM
-    from lmforge.tokenizer import Tokenizer
-
-Example = tuple[str, str]  # (text, label) or (text, summary)
+from lmforge.prompts import Example, chat_or_plain, classification_prompt, summarization_prompt
+from lmforge.tokenizer import Tokenizer
 
 
-def is_chinese(text: str) -> bool:
-    cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in text)
-    return cjk > 0.2 * max(1, len(text.strip()))
-
-
-def chat_or_plain(tokenizer: Tokenizer, user: str, answer_prefix: str = "") -> str:
-    """The prompt text for a user message: the model's chat template when it has one, else plain text."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}]) + answer_prefix
-    return user + "\n" + answer_prefix
-
-
-def _padded(llm: LLM, rows: Sequence[list[int]], hint: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(llm: LoadedModel, rows: Sequence[list[int]], hint: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and mask on the model's device; an error (never a silent cut) beyond the context."""
     longest = max(len(r) for r in rows)
     if longest > llm.config.block_size:
@@ -55,23 +40,9 @@ def _padded(llm: LLM, rows: Sequence[list[int]], hint: str) -> tuple[torch.Tenso
 
 
 # ------------------------------------------------------------------ classify
-def classification_prompt(text: str, labels: Sequence[str], examples: Sequence[Example] = ()) -> str:
-    if is_chinese(text):
-        lines = [f"请把文本归入以下类别之一：{'、'.join(labels)}。只回答类别。"]
-        lines += [f"\n文本：{t}\n类别：{label}" for t, label in examples]
-        lines.append(f"\n文本：{text}\n类别：")
-    else:
-        lines = [
-            f"Classify the text into one of these categories: {', '.join(labels)}. Answer with the category only."
-        ]
-        lines += [f"\nText: {t}\nCategory: {label}" for t, label in examples]
-        lines.append(f"\nText: {text}\nCategory:")
-    return "\n".join(lines)
-
-
 @torch.inference_mode()
 def sequence_logprobs(
-    llm: LLM, prompts: Sequence[list[int]], continuations: Sequence[list[int]]
+    llm: LoadedModel, prompts: Sequence[list[int]], continuations: Sequence[list[int]]
 ) -> list[float]:
     """Sum of log p(continuation | prompt) for each pair, computed in left-padded batches."""
     model = llm.model
@@ -98,7 +69,10 @@ def _length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
 
 
 def classify(
-    llm: LLM, texts: Sequence[str], labels: Sequence[str] | None = None, examples: Sequence[Example] = ()
+    llm: LoadedModel,
+    texts: Sequence[str],
+    labels: Sequence[str] | None = None,
+    examples: Sequence[Example] = (),
 ) -> list[dict[str, Any]]:
     config = llm.config
     if labels is None:
@@ -139,7 +113,7 @@ def classify(
 
 
 @torch.inference_mode()
-def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
+def _classify_with_head(llm: LoadedModel, texts: Sequence[str]) -> list[dict[str, Any]]:
     config, model = llm.config, llm.model
     encoded = [llm.tokenizer.encode(t) for t in texts]
     results: list[dict[str, Any]] = [{} for _ in texts]
@@ -163,16 +137,8 @@ def _classify_with_head(llm: LLM, texts: Sequence[str]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------- summarize
-def summarization_prompt(text: str, examples: Sequence[Example] = ()) -> str:
-    if is_chinese(text):
-        shots = "".join(f"文本：{t}\n摘要：{s}\n\n" for t, s in examples)
-        return f"{shots}请用一句话概括下面文本的主要内容。\n\n文本：{text}\n摘要："
-    shots = "".join(f"Text: {t}\nSummary: {s}\n\n" for t, s in examples)
-    return f"{shots}Summarize the following text in one or two sentences.\n\nText: {text}\nSummary:"
-
-
 def summarize(
-    llm: LLM,
+    llm: LoadedModel,
     texts: Sequence[str],
     max_length: int = 80,
     examples: Sequence[Example] = (),
@@ -238,7 +204,7 @@ def _chunks(tok: Tokenizer, text: str, size: int) -> list[str]:
 
 # --------------------------------------------------------------------- embed
 @torch.inference_mode()
-def embed(llm: LLM, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+def embed(llm: LoadedModel, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """Each text's final hidden states pooled (the mean over its tokens, or [CLS] where the model says so) and
     L2-normalised: (len(texts), n_embd) float32. Sentence encoders match sentence-transformers' vectors."""
     model = llm.model
@@ -259,6 +225,6 @@ def embed(llm: LLM, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
     return vectors
 
 
-def similarity(llm: LLM, a: str, b: str) -> float:
+def similarity(llm: LoadedModel, a: str, b: str) -> float:
     va, vb = embed(llm, [a, b])
     return float(np.dot(va, vb))

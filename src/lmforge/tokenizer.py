@@ -14,17 +14,15 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmforge.corpus import Inputs, text_pieces
 from lmforge.errors import LmforgeError, ModelFormatError
-
-if TYPE_CHECKING:
-    from lmforge.data.text import Inputs
 
 Message = dict[str, str]
 
@@ -243,9 +241,6 @@ def train_tokenizer(
     The first special token ``<|endoftext|>`` (else the first given) is eos, bos and pad: it is what
     ``prepare_corpus`` puts between documents, so a model trained on the shards starts and ends texts with it.
     """
-    # Imported here, not at the top: lmforge.data imports this module.
-    from lmforge.data.text import text_pieces
-
     specials = list(dict.fromkeys(special_tokens))
     if not specials:
         raise LmforgeError(

@@ -1,11 +1,9 @@
 """Data for training: token shards for pretraining (``text``)."""
 
+from lmforge.corpus import expand_inputs, iter_documents, text_pieces
 from lmforge.data.text import (
     TokenShards,
-    expand_inputs,
-    iter_documents,
     prepare_corpus,
-    text_pieces,
     tokenizer_sha256,
 )
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from lmforge.generate import left_pad
 from lmforge.model import IGNORE_INDEX
+from lmforge.prompts import summarization_prompt
 from lmforge.tokenizer import Tokenizer
 
 Batch = dict[str, torch.Tensor]
@@ -259,8 +260,6 @@ def format_instruction(row: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def summary_messages(text: str, summary: str) -> list[dict[str, str]]:
-    from lmforge.tasks import summarization_prompt
-
     return [
         {"role": "user", "content": summarization_prompt(text)},
         {"role": "assistant", "content": summary},

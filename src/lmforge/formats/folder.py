@@ -16,72 +16,31 @@ crash mid-save leaves the previous folder intact.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
 from lmforge.config import Config
-from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
+from lmforge.errors import ModelFormatError, UnsupportedError
+from lmforge.formats.atomic import atomic_write_folder
 from lmforge.formats.hf import StateDict, from_hf_state, read_hf_weights, to_hf_state
+from lmforge.formats.peft import has_adapter, read_adapter_state, write_adapter_files
+from lmforge.lora import join_lora_state, split_lora_state
+from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
-
-def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_folder)``, then swap the finished folder into ``target`` in one rename.
-
-    If ``write`` fails the target is untouched and the temporary folder removed.
-    """
-    target = Path(target)
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LmforgeError(
-            f"cannot create {parent}: {e.strerror}", hint="choose a writable location"
-        ) from None
-    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        for f in tmp.iterdir():
-            fsync_path(f)
-        fsync_path(tmp)
-        if target.exists():
-            # A directory cannot be renamed over a non-empty one: move the old aside, then drop it.
-            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-        fsync_path(parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LmforgeError(
-            f"could not save to {target}: {e.strerror or e}",
-            hint="check free disk space and write permission",
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def fsync_path(path: Path) -> None:
-    # Directories need fsync too (on Linux) for the rename to survive a power cut.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+# The folder's files, named once. A training checkpoint is a model folder plus the three trainer-state files.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
+CARD_FILE = "README.md"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINER_FILES = (OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE)
 
 
 def write_model_files(
@@ -92,10 +51,16 @@ def write_model_files(
     generation_config: dict[str, Any] | None = None,
     card: str | None = None,
 ) -> None:
-    """Write the model-folder files into ``folder`` (not atomic by itself: see ``save_model_folder``)."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in to_hf_state(state, config).items()}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config.save(folder / "config.json")
+    """Write the model-folder files into ``folder`` (not atomic by itself: see ``save_model_folder``).
+
+    A LoRA-wrapped model's state writes its base weights as usual and its adapters in PEFT's files beside them.
+    """
+    base, adapters = split_lora_state(state)
+    weights = {k: v.detach().cpu().contiguous() for k, v in to_hf_state(base, config).items()}
+    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if adapters:
+        write_adapter_files(folder, config, adapters)
+    config.save(folder / CONFIG_FILE)
     tokenizer.save(folder)
     if config.is_encoder:
         _write_sentence_transformers_files(folder, config)
@@ -105,8 +70,8 @@ def write_model_files(
             "eos_token_id": config.eos_token_id,
             **(generation_config or {}),
         }
-        _write_json(folder / "generation_config.json", gen)
-    (folder / "README.md").write_text(card or model_card(config, tokenizer), encoding="utf-8")
+        _write_json(folder / GENERATION_FILE, gen)
+    (folder / CARD_FILE).write_text(card or model_card(config, tokenizer), encoding="utf-8")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -171,13 +136,13 @@ def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer,
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: no such model folder", hint="check the path")
-    config = Config.load(folder / "config.json")
+    config = Config.load(folder / CONFIG_FILE)
     if config.is_encoder:
         config.pooling = _sentence_transformers_pooling(folder) or config.pooling
     state = from_hf_state(read_hf_weights(folder), config)
     tokenizer = Tokenizer.load(folder)
     generation: dict[str, Any] = {}
-    gen_path = folder / "generation_config.json"
+    gen_path = folder / GENERATION_FILE
     if gen_path.is_file():
         try:
             generation = json.loads(gen_path.read_text(encoding="utf-8"))
@@ -186,6 +151,15 @@ def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer,
                 f"{gen_path}: not valid JSON ({e})", hint="fix or delete the file"
             ) from None
     return config, state, tokenizer, generation
+
+
+def load_model_state(model: Transformer, folder: Path) -> StateDict:
+    """The full state (base + adapters) of a folder written by ``write_model_files``, for ``model`` (which
+    already has its adapters injected, if the folder has any)."""
+    _, base, _, _ = load_model_folder(folder)
+    if has_adapter(folder):
+        return join_lora_state(model, base, read_adapter_state(folder, model.config))
+    return base
 
 
 def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] | None = None) -> str:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.api import LLM
 from lmforge.data.tasks import read_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import (
@@ -22,7 +21,8 @@ from lmforge.evaluate import (
     rouge,
     write_report,
 )
-from lmforge.store import add_metrics_if_stored
+from lmforge.loading import LoadedModel, add_metrics_if_stored
+from lmforge.tasks import classify, summarize
 
 EvalTask = Literal["perplexity", "classify", "summarize", "choice"]
 COLUMNS = {
@@ -72,7 +72,7 @@ def evaluate_models(
             rows.append(_row("baseline: tf-idf + logistic regression", metrics, len(texts), start))
     for name in models:
         start = time.perf_counter()
-        llm = LLM.load(name)
+        llm = LoadedModel.load(name)
         if task == "perplexity":
             text = Path(data).read_text(encoding="utf-8")
             rows.append(
@@ -90,13 +90,13 @@ def evaluate_models(
                     f"{data}: labels {unknown} are unknown to model {name}",
                     hint="evaluate on data with its labels",
                 )
-            predicted = [r["label"] for r in llm.classify_text(texts, labels=zero_shot)]
+            predicted = [r["label"] for r in classify(llm, texts, zero_shot)]
             metrics = classification_metrics(truth, predicted, names)
             plot_confusion(metrics, out / f"confusion-{_slug(name)}.png", name)
             rows.append(_row(name + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
         elif task == "summarize":
             records = read_records(data, [text_field, summary_field])[:limit]
-            predictions = llm.summarize([str(r[text_field]) for r in records], max_length=max_length)
+            predictions = summarize(llm, [str(r[text_field]) for r in records], max_length)
             scores = rouge(predictions, [str(r[summary_field]) for r in records])
             rows.append(
                 {"model": name, **scores, "examples": len(records), "seconds": time.perf_counter() - start}

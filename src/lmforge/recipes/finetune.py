@@ -12,60 +12,23 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-import torch.nn as nn
-
-from lmforge.api import LLM
 from lmforge.data.tasks import ClassificationTask, SequenceTask, load_classification, load_sequences, pack
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import atomic_write_folder
-from lmforge.lora import LoRAConfig, inject_lora, merge_lora, save_adapter, write_model_files_with_adapters
-from lmforge.model import Transformer
-from lmforge.store import parse_ref, store_run, training_recipe
+from lmforge.formats.folder import save_model_folder
+from lmforge.formats.peft import save_adapter
+from lmforge.loading import LoadedModel
+from lmforge.lora import LoRAConfig, merge_lora
+from lmforge.recipes.storing import store_run, training_recipe
+from lmforge.store import parse_ref
 from lmforge.train import TrainConfig, Trainer
 from lmforge.train.loop import TrainResult
+from lmforge.train.methods import Method, add_classifier, choose_trainable
 
 TaskName = Literal["classify", "instruct", "summarize"]
-Method = Literal["full", "freeze", "lora"]
-
-
-def add_classifier(model: Transformer, labels: list[str], regression: bool, seed: int) -> None:
-    """Give the model a fresh head with one output per label (one for regression)."""
-    model.config.labels, model.config.regression = list(labels), regression
-    torch.manual_seed(seed)
-    model.score = nn.Linear(
-        model.config.n_embd, len(labels), bias=False, device=model.device, dtype=model.dtype
-    )
-    nn.init.normal_(model.score.weight, std=0.02)
-
-
-def choose_trainable(model: Transformer, method: Method, freeze_last: int, lora: LoRAConfig | None) -> int:
-    """Set requires_grad for the method; returns the number of trainable parameters."""
-    head = ["score."] if model.score is not None else []
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "freeze":
-        if not 1 <= freeze_last <= model.config.n_layer:
-            raise LmforgeError(
-                f"freeze_last={freeze_last} must be between 1 and the model's {model.config.n_layer} blocks",
-                hint="e.g. --freeze-last 2 trains the last two blocks",
-            )
-        first = model.config.n_layer - freeze_last
-        trainable = [f"blocks.{i}." for i in range(first, model.config.n_layer)] + ["norm."] + head
-        if not head and not model.config.tie_embeddings:
-            trainable.append("lm_head.")
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(name.startswith(t) for t in trainable))
-    elif method == "lora":
-        inject_lora(model, lora or LoRAConfig(), trainable=head)
-    else:
-        raise LmforgeError(f"unknown method {method!r}", hint="use full, freeze or lora")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def finetune(
-    model: str | Path | LLM,
+    model: str | Path | LoadedModel,
     train_file: str | Path,
     *,
     task: TaskName = "classify",
@@ -95,7 +58,7 @@ def finetune(
     cfg = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
     if save_as:
         parse_ref(save_as)  # a bad name fails now, not after the run
-    llm = model if isinstance(model, LLM) else LLM.load(model, dtype="float32", device="cpu")
+    llm = model if isinstance(model, LoadedModel) else LoadedModel.load(model, dtype="float32", device="cpu")
     net, tok = llm.model, llm.tokenizer
     block = min(block_size or 512, net.config.block_size)
     lora_config = LoRAConfig(**lora) if isinstance(lora, dict) else lora
@@ -153,9 +116,7 @@ def finetune(
         if merge:
             merge_lora(net)
             state = {k: v.float() for k, v in net.state_dict().items()}
-            atomic_write_folder(
-                result.model_dir, lambda tmp: write_model_files_with_adapters(tmp, net.config, state, tok)
-            )
+            save_model_folder(result.model_dir, net.config, state, tok)
     if save_as:
         recipe = training_recipe(
             lineage,

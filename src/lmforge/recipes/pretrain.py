@@ -12,12 +12,13 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.api import LLM
 from lmforge.config import Config
 from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
+from lmforge.loading import LoadedModel
 from lmforge.model import Transformer
-from lmforge.store import parse_ref, store_run, training_recipe
+from lmforge.recipes.storing import store_run, training_recipe
+from lmforge.store import parse_ref
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.loop import TrainResult
@@ -104,7 +105,7 @@ def pretrain(
                 "a model preset or model settings were given together with --init",
                 hint="--init continues an existing model as it is; drop --model / model settings",
             )
-        llm = LLM.load(init, dtype="float32", device="cpu")
+        llm = LoadedModel.load(init, dtype="float32", device="cpu")
         tok, net = llm.tokenizer, llm.model
         lineage["parent"] = llm.source
     else:

@@ -22,8 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import atomic_write_folder
-from lmforge.lora import write_model_files_with_adapters
+from lmforge.formats.folder import (
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    TRAINER_STATE_FILE,
+    atomic_write_folder,
+    write_model_files,
+)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -77,11 +82,11 @@ def save_checkpoint(
     tensors, groups = flatten_optimizer_state(optimizer_state)
 
     def write(tmp: Path) -> None:
-        write_model_files_with_adapters(tmp, config, model_state, tokenizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng_state.safetensors"))
+        write_model_files(tmp, config, model_state, tokenizer)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(rng, str(tmp / RNG_FILE))
         state = {**trainer_state, "optimizer_param_groups": groups}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2, default=_json_default) + "\n")
 
     return atomic_write_folder(folder, write)
 
@@ -124,11 +129,11 @@ def prune(run_dir: Path, keep_last: int) -> None:
 def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """(trainer_state, optimizer state dict, rng state) of a checkpoint folder, with a clear error if damaged."""
     try:
-        state = json.loads((folder / "trainer_state.json").read_text())
+        state = json.loads((folder / TRAINER_STATE_FILE).read_text())
         optim = unflatten_optimizer_state(
-            load_file(str(folder / "optimizer.safetensors")), state["optimizer_param_groups"]
+            load_file(str(folder / OPTIMIZER_FILE)), state["optimizer_param_groups"]
         )
-        rng = load_file(str(folder / "rng_state.safetensors"))
+        rng = load_file(str(folder / RNG_FILE))
     except Exception as e:  # missing files, bad JSON, damaged safetensors: all mean the same to the user
         raise LmforgeError(
             f"checkpoint {folder} is damaged ({type(e).__name__}: {e})".replace("\n", " "),

@@ -25,8 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import atomic_write_folder
-from lmforge.lora import load_state_with_adapters, write_model_files_with_adapters
+from lmforge.formats.folder import atomic_write_folder, load_model_state, write_model_files
 from lmforge.model import Transformer
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
@@ -287,7 +286,7 @@ class Trainer:
             model.config.extra["lineage"] = {**self.lineage, **self.task.describe(), "steps": cfg.max_steps}
             atomic_write_folder(
                 model_dir,
-                lambda tmp: write_model_files_with_adapters(tmp, model.config, state, self.tokenizer),
+                lambda tmp: write_model_files(tmp, model.config, state, self.tokenizer),
             )
             metrics.plot()
         metrics.close()
@@ -437,7 +436,7 @@ class Trainer:
         step, folder = found[-1]
         trainer_state, optim_state, rng = checkpoint.read_checkpoint(folder)
         try:
-            model_state = load_state_with_adapters(self.model, folder)
+            model_state = load_model_state(self.model, folder)
         except LmforgeError as e:
             raise LmforgeError(
                 f"checkpoint {folder} is damaged ({e.message})",

@@ -1,0 +1,65 @@
+"""Atomic folder writes: everything goes to a temporary sibling folder, is fsynced, then renamed into place,
+so a crash or a full disk mid-save leaves the previous folder intact. Every model-folder writer goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_folder)``, then swap the finished folder into ``target`` in one rename.
+
+    If ``write`` fails the target is untouched and the temporary folder removed.
+    """
+    target = Path(target)
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(
+            f"cannot create {parent}: {e.strerror}", hint="choose a writable location"
+        ) from None
+    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+        if target.exists():
+            # A directory cannot be renamed over a non-empty one: move the old aside, then drop it.
+            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+        fsync_path(parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LmforgeError(
+            f"could not save to {target}: {e.strerror or e}",
+            hint="check free disk space and write permission",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def fsync_path(path: Path) -> None:
+    # Directories need fsync too (on Linux) for the rename to survive a power cut.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
