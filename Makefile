@@ -26,6 +26,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest

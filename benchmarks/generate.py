@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmforge import LLM, SamplingParams
-from lmforge.loading import bundled_model_path
 from lmforge.generate import generate_tokens
+from lmforge.loading import bundled_model_path
 
 PROMPT = "The history of the printing press begins"
 NEW_TOKENS = 128

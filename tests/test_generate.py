@@ -156,3 +156,30 @@ def test_stop_strings_cut_and_are_never_shown(text, stop, expected, tiny_tokeniz
         pieces.append(stream.finish())
     assert "".join(pieces) == expected
     assert stream.text == expected
+
+
+def _prefers_token_zero(tiny_tokenizer):
+    """A tiny GPT-2 whose every position predicts token 0 (<|endoftext|>) first and token 1 a close second:
+    the final LayerNorm outputs the same vector everywhere, so the logits are the head's column 0."""
+    llm = tiny_llm("tiny-gpt2", tiny_tokenizer)
+    model = llm.model
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.norm.bias.zero_()
+        model.norm.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0  # tied with the embeddings: only column 0 is changed
+        model.lm_head.weight[0, 0] = 1.0
+        model.lm_head.weight[1, 0] = 0.9
+    return llm
+
+
+def test_repetition_penalty_ignores_left_padding(tiny_tokenizer):
+    """A padded row must generate what its prompt generates alone: the pad ids (0) are not "seen" tokens.
+    Penalised, token 0 (1.0 / 1.3 = 0.77) loses to token 1 (0.9), so penalising the padding changes the answer."""
+    llm = _prefers_token_zero(tiny_tokenizer)
+    short, long = [5, 6], [7, 8, 9, 10, 11, 12]
+    params = SamplingParams(max_new_tokens=4, repetition_penalty=1.3)
+    alone = [torch.stack(list(generate_tokens(llm.model, [p], params)))[:, 0].tolist() for p in (short, long)]
+    assert alone[0][0] == 0  # the model's greedy choice, with no 0 in the prompt
+    batch = torch.stack(list(generate_tokens(llm.model, [short, long], params)))  # (steps, B)
+    assert batch.T.tolist() == alone

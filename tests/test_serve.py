@@ -69,6 +69,22 @@ def test_completion_greedy_equals_generate_text_and_counts_usage(smol, prompt):
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
 
 
+def test_server_and_batched_complete_apply_the_repetition_penalty_alike(smol):
+    """Two paths, one job: the scheduler (prompt + output as seen tokens) and a left-padded ``complete`` batch."""
+    llm, client, _, _ = smol
+    prompts = [ENGLISH[0], CHINESE[0]]  # different lengths: the shorter one is padded in the batch
+    expected = llm.complete(prompts, max_new_tokens=16, repetition_penalty=1.3)
+    for prompt, want in zip(prompts, expected, strict=True):
+        result = client.completions.create(
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"repetition_penalty": 1.3},
+        )
+        assert result.choices[0].text == want.text
+
+
 @pytest.mark.parametrize("messages", CHATS, ids=["en", "zh"])
 def test_chat_stream_concatenates_to_the_non_stream_answer(smol, messages):
     llm, client, _, _ = smol

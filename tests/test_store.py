@@ -18,8 +18,8 @@ import torch
 
 from lmforge import LLM, LmforgeError
 from lmforge import store as store_module
-from lmforge.loading import describe_source, import_model, locate_model
 from lmforge.cli import main
+from lmforge.loading import describe_source, import_model, locate_model
 from lmforge.recipes.finetune import finetune
 from lmforge.store import Store, parse_ref
 

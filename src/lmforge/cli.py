@@ -1,6 +1,10 @@
 """``lmforge`` command line: parses arguments, calls the Python API, prints. No logic of its own.
 
 User mistakes (``LmforgeError``) print one line, ``error: what is wrong — how to fix it``, and exit with code 2.
+
+Why one module of ~800 lines: it is a table of commands (a parser builder and a few-line ``cmd_*`` per command),
+read one command at a time. Each command imports what it needs inside its function, the one place in lmforge
+where that is the rule: ``lmforge --help`` and the store commands must start without importing torch.
 """
 
 from __future__ import annotations

@@ -184,7 +184,11 @@ def generate_tokens(
     mask = mask.to(device) if mask is not None else None
     cache = model.new_cache(len(prompts), ids.shape[1] + steps)
     generator = sampling_generator(params, device)
-    seen = ids if params.repetition_penalty != 1.0 else None
+    seen = None
+    if params.repetition_penalty != 1.0:
+        # Only real tokens count as seen: a pad position repeats its row's last prompt token (never a pad with
+        # left padding), which the penalty then touches once, as alone. The scheduler penalises prompt + output.
+        seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
     logits, _ = model(ids, attention_mask=mask, cache=cache, last_logits_only=True)
     for step in range(steps):
         token = next_tokens(logits[:, -1], params, generator, seen)  # (B,)

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 from lmforge.api import LLM
+from lmforge.data.text import prepare_corpus
+from lmforge.recipes.pretrain import pretrain
+from lmforge.tokenizer import train_tokenizer
 
 PROMPTS = [
     "What are three tips for writing clear code? Answer briefly.",
@@ -30,7 +33,7 @@ def run_quickstart(
         print(f">>> {prompt}")
         start = time.perf_counter()
         pieces = []
-        for piece in llm.stream([{"role": "user", "content": prompt}], max_length=max_tokens):
+        for piece in llm.stream([{"role": "user", "content": prompt}], max_new_tokens=max_tokens):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -46,10 +49,6 @@ def run_quickstart(
 
 def pretrain_demo(out_dir: Path, steps: int) -> None:
     from pydoc_data.topics import topics
-
-    from lmforge.data.text import prepare_corpus
-    from lmforge.recipes.pretrain import pretrain
-    from lmforge.tokenizer import train_tokenizer
 
     print("== 2. Pretrain a tiny GPT from scratch on the Python reference manual (pydoc_data.topics) ==\n")
     out_dir.mkdir(parents=True, exist_ok=True)

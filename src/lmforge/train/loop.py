@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.formats.folder import atomic_write_folder, load_model_state, write_model_files
+from lmforge.generate import SamplingParams, complete
 from lmforge.model import Transformer
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
@@ -369,8 +370,6 @@ class Trainer:
     ) -> None:
         if not self.config.sample_prompt or not info.is_main or self.config.fsdp:
             return
-        from lmforge.generate import SamplingParams, complete
-
         model.eval()
         prompt = self.tokenizer.encode(self.config.sample_prompt) or [self.tokenizer.eos_id or 0]
         # A private generator: sampling must not move the global RNG, or resumed runs would diverge.
