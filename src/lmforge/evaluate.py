@@ -21,6 +21,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.loading import LoadedModel
+from lmforge.model import perplexity_from_loss
 from lmforge.progress import tracked
 from lmforge.prompts import choice_prompt, is_chinese
 from lmforge.tasks import sequence_logprobs
@@ -57,7 +58,7 @@ def perplexity(
     nll = total_nll / counted
     n_bytes = len(llm.tokenizer.decode(ids[1:]).encode("utf-8"))
     return {
-        "perplexity": math.exp(nll),
+        "perplexity": perplexity_from_loss(nll),
         "nll_per_token": nll,
         "bits_per_byte": total_nll / math.log(2) / max(1, n_bytes),
         "tokens": counted,

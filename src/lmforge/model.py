@@ -23,6 +23,11 @@ from lmforge.config import Config
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, masked prompts)
 
 
+def perplexity_from_loss(loss: float) -> float:
+    """exp(mean cross-entropy in nats): the perplexity every report shows (capped so a diverged run reads inf-free)."""
+    return math.exp(min(loss, 50.0))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -7,13 +7,13 @@ final losses) is decided here, once for every recipe.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lmforge.loading import describe_source
+from lmforge.model import perplexity_from_loss
 from lmforge.store import Manifest, Store
 from lmforge.train.loop import TrainResult
 
@@ -33,7 +33,7 @@ def store_run(
         "steps": result.steps,
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
-        "val_perplexity": math.exp(result.val_loss) if result.val_loss is not None else None,
+        "val_perplexity": perplexity_from_loss(result.val_loss) if result.val_loss is not None else None,
         "best_val_loss": result.best_val_loss,
     }
     metrics = {"train": {k: v for k, v in train.items() if v is not None}}

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from lmforge.errors import LmforgeError
 from lmforge.formats.folder import atomic_write_folder, load_model_state, write_model_files
 from lmforge.generate import SamplingParams, complete
-from lmforge.model import Transformer
+from lmforge.model import Transformer, perplexity_from_loss
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, distributed
-from lmforge.train.metrics import MetricsLogger, perplexity
+from lmforge.train.metrics import MetricsLogger
 from lmforge.train.schedule import Decay, learning_rate
 
 Batch = dict[str, torch.Tensor]
@@ -267,7 +267,7 @@ class Trainer:
                     lr=lr,
                     tokens_per_s=tokens_per_s,
                     val_loss=val,
-                    val_ppl=perplexity(val) if val is not None else None,
+                    val_ppl=perplexity_from_loss(val) if val is not None else None,
                     elapsed_s=round(time.perf_counter() - started, 3),
                 )
             if save_every and done % save_every == 0 and done != cfg.max_steps:

@@ -7,7 +7,6 @@ has exactly one row per step) and TensorBoard purges the events after it.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 CSV_FIELDS = ["step", "loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "elapsed_s"]
@@ -100,7 +99,3 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
