@@ -156,7 +156,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         measure=args.measure,
         task=args.task,
         lora_rank=args.lora_rank,
-        freeze_last=args.freeze_last,
+        freeze_last=args.train_last_blocks,  # selection.estimate's keyword keeps the old name for now
         activation_checkpointing=args.activation_checkpointing,
     )
     print(result.table())
@@ -464,7 +464,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.recipes.finetune import FinetuneSettings
     from lmforge.recipes.pretrain import PretrainSettings
-    from lmforge.recipes.settings import add_flags
+    from lmforge.recipes.settings import add_flags, renamed_flag
 
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -636,7 +636,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="inference dtype: auto, float32, bfloat16, float16")
     p.add_argument("--quant", help="size a GGUF file of this type instead (q8_0, q4_0, q4_k...)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--freeze-last", type=int, default=2, help="freeze: blocks that train")
+    p.add_argument(
+        "--train-last-blocks", type=int, default=2, help="mode freeze: the last N blocks train (default: 2)"
+    )
+    p.add_argument(  # the old name, for one release
+        "--freeze-last",
+        dest="train_last_blocks",
+        type=int,
+        default=2,
+        help=argparse.SUPPRESS,
+        action=renamed_flag("--freeze-last", "--train-last-blocks", "it trains the last N blocks"),
+    )
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip the speed measurement")
     p.set_defaults(func=cmd_estimate)

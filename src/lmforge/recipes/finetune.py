@@ -2,8 +2,8 @@
 
     finetune("default", "spam/train.jsonl", task="classify", method="freeze", train={"out_dir": "runs/spam"})
 
-``freeze`` trains only the last N blocks, the final norm and the task head ("LLMs from scratch" ch. 6);
-``lora`` trains low-rank adapters (plus the head for classification) and saves them in PEFT's layout.
+``freeze`` trains only the last ``train_last_blocks`` blocks, the final norm and the task head ("LLMs from
+scratch" ch. 6) and keeps the rest frozen; ``lora`` trains low-rank adapters (plus the head for classification) and saves them in PEFT's layout.
 """
 
 from __future__ import annotations
@@ -63,8 +63,13 @@ class FinetuneSettings:
         default="lora",
         metadata={"help": "train every weight, only the last blocks (freeze), or low-rank adapters"},
     )
-    freeze_last: int = field(
-        default=2, metadata={"help": "method freeze: the last N blocks train, the others stay frozen"}
+    train_last_blocks: int = field(
+        default=2,
+        metadata={
+            "help": "method freeze: the last N blocks train, the others stay frozen",
+            "renamed_from": "freeze_last",
+            "renamed_why": "it trains the last N blocks",
+        },
     )
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"title": "LoRA (method lora)"})
     merge: bool = field(
@@ -107,19 +112,22 @@ class FinetuneSettings:
     )
 
 
-def choose_trainable(model: Transformer, method: Method, freeze_last: int, lora: LoRAConfig | None) -> int:
+def choose_trainable(
+    model: Transformer, method: Method, train_last_blocks: int, lora: LoRAConfig | None
+) -> int:
     """Set requires_grad for the method; returns the number of trainable parameters."""
     head = ["score."] if model.score is not None else []
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     elif method == "freeze":
-        if not 1 <= freeze_last <= model.config.n_layer:
+        if not 1 <= train_last_blocks <= model.config.n_layer:
             raise LmforgeError(
-                f"freeze_last={freeze_last} must be between 1 and the model's {model.config.n_layer} blocks",
-                hint="e.g. --freeze-last 2 trains the last two blocks",
+                f"train_last_blocks={train_last_blocks} must be between 1 and the model's "
+                f"{model.config.n_layer} blocks",
+                hint="e.g. --train-last-blocks 2 trains the last two blocks",
             )
-        first = model.config.n_layer - freeze_last
+        first = model.config.n_layer - train_last_blocks
         trainable = [f"blocks.{i}." for i in range(first, model.config.n_layer)] + ["norm."] + head
         if not head and not model.config.tie_embeddings:
             trainable.append("lm_head.")
@@ -135,7 +143,7 @@ def choose_trainable(model: Transformer, method: Method, freeze_last: int, lora:
 def finetune(model: str | Path | LLM, train_file: str | Path, **options: Any) -> TrainResult:
     """Fine-tune ``model`` on ``train_file``; the result's model folder is ready for ``LLM.load``.
 
-    ``options`` are the fields of ``FinetuneSettings`` (``task``, ``method``, ``freeze_last``, ``lora``,
+    ``options`` are the fields of ``FinetuneSettings`` (``task``, ``method``, ``train_last_blocks``, ``lora``,
     ``train``...; ``lora`` and ``train`` also take a mapping of their fields); an unknown one is an error
     that lists them. ``save_as="name:tag"`` puts the tuned model into the model store with its lineage (the
     base model, these settings, the data's sha256) and the run's final losses.
@@ -186,7 +194,7 @@ def run_finetune(settings: FinetuneSettings, *, llm: LLM | None = None) -> Train
         job = SequenceTask(data, val, cfg.micro_batch_size, cfg.seed, s.group_by_length and not s.packing)
     else:
         raise LmforgeError(f"unknown task {s.task!r}", hint="use classify, instruct or summarize")
-    trainable = choose_trainable(net, s.method, s.freeze_last, s.lora)
+    trainable = choose_trainable(net, s.method, s.train_last_blocks, s.lora)
     lineage = {
         "recipe": "finetune",
         "parent": llm.source,
@@ -208,7 +216,7 @@ def run_finetune(settings: FinetuneSettings, *, llm: LLM | None = None) -> Train
             lineage,
             cfg,
             task=s.task,
-            freeze_last=s.freeze_last if s.method == "freeze" else None,
+            train_last_blocks=s.train_last_blocks if s.method == "freeze" else None,
             lora=dataclasses.asdict(s.lora) if s.method == "lora" else None,
         )
         data_files = [f for f in (s.data, s.val_file) if f]
