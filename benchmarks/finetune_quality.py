@@ -90,7 +90,7 @@ def classify(args: argparse.Namespace) -> None:
             data,
             task="classify",
             method=args.method,
-            freeze_last=args.freeze_last,
+            train_last_blocks=args.train_last_blocks,
             lora=lora_settings(args),
             block_size=args.block_size,
             train=train_settings(args, run / "run", examples),
@@ -154,7 +154,7 @@ def sequences(args: argparse.Namespace) -> None:
         data,
         task=kind,
         method=args.method,
-        freeze_last=args.freeze_last,
+        train_last_blocks=args.train_last_blocks,
         lora=lora_settings(args),
         train=train_settings(args, run / "run", examples),
     )
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--freeze-last", type=int, default=2)
+    parser.add_argument("--train-last-blocks", type=int, default=2, help="method freeze: blocks that train")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--train-limit", type=int, help="train on this many shuffled examples")

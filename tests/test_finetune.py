@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge import LLM, LmforgeError
+from lmforge.cli import build_parser, main
 from lmforge.data.tasks import (
     _EpochSampler,
     encode_conversation,
@@ -19,7 +20,7 @@ from lmforge.data.tasks import (
     summary_messages,
 )
 from lmforge.model import IGNORE_INDEX
-from lmforge.recipes.finetune import choose_trainable, finetune
+from lmforge.recipes.finetune import add_classifier, choose_trainable, finetune
 
 from .conftest import tiny_llm
 
@@ -82,7 +83,7 @@ def test_classification_fine_tune_learns_and_reloads(method, spam_files, tiny_to
         val_file=val,
         task="classify",
         method=method,
-        freeze_last=1,
+        train_last_blocks=1,
         lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
         train={
             "out_dir": str(tmp_path / "run"),
@@ -232,3 +233,74 @@ def test_length_grouping_sees_every_example_once_per_epoch_with_less_padding():
     assert padding(grouped) < 0.2 * padding(plain)
     assert epoch(_EpochSampler(400, 3, lengths=lengths)) == grouped  # stateless: resume draws the same
     assert epoch(_EpochSampler(400, 4, lengths=lengths)) != grouped  # the seed matters
+
+
+# Two optimizer steps on the tiny model: enough to run the whole recipe, CLI to saved folder, in about a second.
+QUICK = {"max_steps": 2, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 0, "progress": False}
+QUICK_FLAGS = ["--max-steps", "2", "--micro-batch-size", "4", "--warmup-steps", "0", "--eval-every", "0"]
+QUICK_FLAGS += ["--no-progress"]
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    return tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "base")
+
+
+def lineage_of(run):
+    return json.loads((run / "model" / "config.json").read_text())["lmforge"]["lineage"]
+
+
+def test_cli_finetune_yaml_takes_the_keys_its_help_lists(spam_files, tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--task" in help_text and "--method" in help_text and "--val-file" in help_text
+    train, val = spam_files
+    config = tmp_path / "spam.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\ndata: {train}\nval_file: {val}\ntask: classify\nmethod: freeze\n"
+        f"train: {json.dumps(QUICK)}\n",
+        encoding="utf-8",
+    )
+    run = tmp_path / "run"
+    assert main(["finetune", "--config", str(config), "--out-dir", str(run)]) == 0, capsys.readouterr().err
+    assert lineage_of(run)["method"] == "freeze"
+    assert LLM.load(run / "model").config.labels == ["ham", "spam"]
+
+
+def test_an_unknown_finetune_setting_is_one_error_naming_it(spam_files, tmp_path, capsys, tiny_tokenizer):
+    config = tmp_path / "typo.yaml"
+    config.write_text("tsak: classify\nmethod: lora\n", encoding="utf-8")
+    assert main(["finetune", "--config", str(config), "--data", str(spam_files[0])]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: unknown keys tsak — known keys: ")
+    assert "task" in lines[0].split("known keys: ")[1].split(", ")
+    with pytest.raises(LmforgeError, match=r"unknown keys tsak — known keys: .*\btask\b"):
+        finetune(tiny_llm("tiny-llama", tiny_tokenizer), spam_files[0], tsak="classify")
+
+
+def test_freeze_last_still_trains_the_last_blocks_with_a_deprecation(
+    spam_files, tiny_model_dir, tiny_tokenizer, tmp_path, capsys
+):
+    reference = tiny_llm("tiny-llama", tiny_tokenizer)
+    add_classifier(reference.model, ["ham", "spam"], False, 0)
+    one_block = choose_trainable(reference.model, "freeze", 1, None)
+    train = str(spam_files[0])
+    args = ["finetune", str(tiny_model_dir), "--data", train, "--method", "freeze", *QUICK_FLAGS]
+    assert main([*args, "--out-dir", str(tmp_path / "old"), "--freeze-last", "1"]) == 0
+    err = capsys.readouterr().err
+    warning = "warning: --freeze-last is deprecated, use --train-last-blocks (it trains the last N blocks)"
+    assert err.splitlines().count(warning) == 1, err
+    assert lineage_of(tmp_path / "old")["trainable_parameters"] == one_block
+    assert main([*args, "--out-dir", str(tmp_path / "new"), "--train-last-blocks", "1"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert lineage_of(tmp_path / "new")["trainable_parameters"] == one_block
+    assert build_parser().parse_args(["estimate", "--freeze-last", "3"]).train_last_blocks == 3
+    assert capsys.readouterr().err.splitlines() == [warning]  # `lmforge estimate` has the same old flag
+
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    with pytest.warns(DeprecationWarning, match=r"freeze_last is deprecated, use train_last_blocks"):
+        result = finetune(
+            llm, train, method="freeze", freeze_last=1, train={**QUICK, "out_dir": str(tmp_path / "py")}
+        )
+    assert lineage_of(result.model_dir.parent)["trainable_parameters"] == one_block

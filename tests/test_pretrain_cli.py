@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
 import pytest
 
-from lmforge import LLM
-from lmforge.cli import main
+from lmforge import LLM, LmforgeError
+from lmforge.cli import build_parser, main
+from lmforge.recipes.pretrain import PretrainSettings, load_recipe
+from lmforge.recipes.settings import load_yaml, settings_from
 
 from .conftest import SHARED_DATA
 from .test_errors import assert_one_line_error, run_cli
@@ -75,3 +78,40 @@ def test_pretrain_bad_input_is_one_line(tmp_path, songci):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("train: {max_stepz: 3}\n")
     assert_one_line_error(run_cli("pretrain", "--config", str(unknown), "--data", str(tmp_path)), "max_stepz")
+
+
+def test_recipe_settings_are_the_yaml_file_with_the_given_flags_laid_over(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: tiny-llama\nmodel_config: {n_layer: 2, n_embd: 64}\ndata: shards\n"
+        "train: {max_steps: 30, lr: 1e-3, compile: true}\n",  # 1e-3 is a string to YAML 1.1
+        encoding="utf-8",
+    )
+    args = build_parser().parse_args(
+        ["pretrain", "--config", str(config), "--n-layer", "4", "--max-steps", "5"]
+    )
+    settings = settings_from(args, load_yaml(config), PretrainSettings, source=config)
+    assert (settings.model, settings.data, settings.model_config) == (
+        "tiny-llama",
+        "shards",
+        {"n_layer": 4, "n_embd": 64},
+    )
+    assert (settings.train.max_steps, settings.train.lr, settings.train.compile) == (5, 1e-3, True)
+    assert settings.train.micro_batch_size == 8  # neither file nor flag: the default
+    assert load_recipe(config).train.max_steps == 30
+
+    config.write_text("train: {max_steps: ten, precision: fp16}\nresume: maybe\n", encoding="utf-8")
+    with pytest.raises(LmforgeError) as caught:
+        load_recipe(config)
+    message = str(caught.value)  # every problem at once
+    assert "train.max_steps must be an integer, not 'ten'" in message
+    assert "train.precision must be one of fp32, bf16, not 'fp16'" in message
+    assert "resume must be true or false, not 'maybe'" in message
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_every_recipe_flag_says_what_it_does_by_default(command):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        if action.help != argparse.SUPPRESS and action.dest not in ("help", "config"):
+            assert "(default: " in action.help, action.option_strings

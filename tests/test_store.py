@@ -194,7 +194,7 @@ def test_training_runs_record_lineage_and_eval_adds_metrics(home, models, tmp_pa
         val_file=val,
         task="classify",
         method="freeze",
-        freeze_last=1,
+        train_last_blocks=1,
         train={**TRAIN, "out_dir": str(tmp_path / "tune")},
         save_as="spam:v1",
     )
@@ -203,7 +203,7 @@ def test_training_runs_record_lineage_and_eval_adds_metrics(home, models, tmp_pa
     assert [(link["ref"], link["recipe"]) for link in info["lineage"]] == [("pre:v1", "pretrain")]
     recipe = info["recipe"]
     assert (recipe["recipe"], recipe["method"], recipe["task"]) == ("finetune", "freeze", "classify")
-    assert recipe["train"]["max_steps"] == 4 and recipe["freeze_last"] == 1 and "lora" not in recipe
+    assert recipe["train"]["max_steps"] == 4 and recipe["train_last_blocks"] == 1 and "lora" not in recipe
     data = info["data"]["files"]
     assert [f["sha256"] for f in data] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in (train, val)]
     assert info["metrics"]["train"]["steps"] == 4 and info["metrics"]["train"]["val_loss"] > 0

@@ -10,12 +10,12 @@ where that is the rule: ``lmforge --help`` and the store commands must start wit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
@@ -160,7 +160,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         measure=args.measure,
         task=args.task,
         lora_rank=args.lora_rank,
-        freeze_last=args.freeze_last,
+        freeze_last=args.train_last_blocks,  # selection.estimate's keyword keeps the old name for now
         activation_checkpointing=args.activation_checkpointing,
     )
     print(result.table())
@@ -240,131 +240,50 @@ def _tokenizer_from(source: str):
     return LLM.load(source).tokenizer
 
 
-def _train_settings(args: argparse.Namespace, from_yaml: dict | None) -> dict:
-    """The YAML file's train: section, with every TrainConfig flag the user gave laid over it."""
-    from lmforge.train import TrainConfig
+def _settings(args: argparse.Namespace, cls: type) -> Any:
+    """The command's settings dataclass: its --config YAML file with the flags the user gave laid over it."""
+    from lmforge.recipes.settings import load_yaml, settings_from
 
-    train = dict(from_yaml or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    return train
+    values = load_yaml(args.config) if args.config else {}
+    return settings_from(args, values, cls, source=args.config or "settings", warn=_warn)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from lmforge.recipes.pretrain import load_recipe, pretrain
-
-    recipe = load_recipe(args.config) if args.config else {}
-    train = _train_settings(args, recipe.get("train"))
-    model_config = dict(recipe.get("model_config") or {})
-    model_config.update({k: v for k, v in vars(args).items() if k in _MODEL_FIELDS and v is not None})
-    data = args.data or recipe.get("data")
-    if not data:
-        raise LmforgeError(
-            "no training data given", hint="pass --data FOLDER (made by `lmforge data prepare`)"
-        )
-    result = pretrain(
-        data,
-        model=args.model or recipe.get("model"),
-        model_config=model_config,
-        init=args.init or recipe.get("init"),
-        tokenizer=args.tokenizer or recipe.get("tokenizer"),
-        train=train,
-        resume=args.resume or bool(recipe.get("resume")),
-        save_as=args.save_as or recipe.get("save_as"),
-    )
-    if result.model_dir.exists():
-        print(
-            f"done: {result.steps} steps in {result.seconds / 60:.1f} min, train loss {result.train_loss:.4f}",
-            end="",
-        )
-        print(f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-        print(f"model: {result.model_dir}   loss curve: {result.model_dir.parent / 'loss.png'}")
-        _print_stored(args.save_as or recipe.get("save_as"))
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
-_MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
-
-
-def _presets() -> list[str]:
-    from lmforge.config import Config
-
-    return Config.presets()
-
-
-def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field (``--max-steps``, ``--lr``...), so the CLI never lags the Python API."""
-    from lmforge.train import TrainConfig
-
-    group = parser.add_argument_group("training (override the YAML file's train: section)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("block_size", "save_every"):
-                kind = int
-            if f.name == "min_lr":
-                kind = float
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmforge.recipes.finetune import finetune
-    from lmforge.recipes.pretrain import load_yaml
-
-    recipe = load_yaml(args.config) if args.config else {}
-    train = _train_settings(args, recipe.pop("train", None))
-    train.setdefault("device", args.device)
-    lora = {
-        k: v
-        for k, v in (("rank", args.lora_rank), ("alpha", args.lora_alpha), ("dropout", args.lora_dropout))
-        if v is not None
-    }
-    if args.lora_targets:
-        lora["targets"] = args.lora_targets.split(",")
-    options = {**recipe, **{k: getattr(args, k) for k in _FINETUNE_OPTIONS if getattr(args, k) is not None}}
-    if lora or "lora" in recipe:
-        options["lora"] = {**dict(recipe.get("lora") or {}), **lora}
-    model = options.pop("model", None) or args.model
-    data = options.pop("data", None) or args.data
-    if not data:
-        raise LmforgeError("no training data given", hint="pass --data FILE.jsonl (or .csv)")
-    result = finetune(model, data, train=train, resume=args.resume, **options)
+def _print_done(result) -> None:
     print(
         f"done: {result.steps} steps in {result.seconds / 60:.1f} min, train loss {result.train_loss:.4f}",
         end="",
     )
     print(f", val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmforge.recipes.pretrain import PretrainSettings, run_pretrain
+
+    settings = _settings(args, PretrainSettings)
+    result = run_pretrain(settings)
+    if result.model_dir.exists():  # on rank 0 of a distributed run only
+        _print_done(result)
+        print(f"model: {result.model_dir}   loss curve: {result.model_dir.parent / 'loss.png'}")
+        _print_stored(settings.save_as)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.recipes.finetune import FinetuneSettings, run_finetune
+
+    settings = _settings(args, FinetuneSettings)
+    result = run_finetune(settings)
+    _print_done(result)
     print(f"model: {result.model_dir}")
-    _print_stored(options.get("save_as"))
+    _print_stored(settings.save_as)
 
 
 def _print_stored(save_as: str | None) -> None:
     if save_as:
         print(f"stored as {save_as} (`lmforge show {save_as}`)")
-
-
-_FINETUNE_OPTIONS = (
-    "task",
-    "method",
-    "val_file",
-    "freeze_last",
-    "merge",
-    "text_field",
-    "label_field",
-    "summary_field",
-    "balance",
-    "regression",
-    "include_prompt",
-    "packing",
-    "group_by_length",
-    "block_size",
-    "save_as",
-)
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -548,6 +467,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.recipes.finetune import FinetuneSettings
+    from lmforge.recipes.pretrain import PretrainSettings
+    from lmforge.recipes.settings import add_flags, renamed_flag
+
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -593,59 +516,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a model on prepared token shards")
-    p.add_argument("--config", help="YAML file with model / data / train settings (flags override it)")
-    p.add_argument("--data", help="token shard folder from `lmforge data prepare`")
     p.add_argument(
-        "--model", help=f"model preset, e.g. baby-gpt, tiny-llama, gpt2 ({len(_presets())} presets)"
+        "--config",
+        help="YAML file: the settings below as keys (data: shards), model sizes under model_config:, "
+        "training settings under train:; flags override it",
     )
-    p.add_argument("--init", help="continue pretraining this model (folder, .gguf or hub id)")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the data)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint"
-    )
-    p.add_argument("--save-as", help="put the final model into the model store as NAME[:TAG], with lineage")
-    model_group = p.add_argument_group("model sizes (override the preset)")
-    for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
-        model_group.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
-    model_group.add_argument("--dropout", type=float)
-    _add_train_flags(p)
+    add_flags(p, PretrainSettings)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model: classify | instruct | summarize, full | freeze | lora"
     )
-    _add_model(p)
-    p.add_argument("--config", help="YAML file (keys: model, data, task, method, lora, train, ...)")
-    p.add_argument("--data", help="training data (.jsonl or .csv)")
-    p.add_argument("--val-file", dest="val_file")
-    p.add_argument("--task", choices=["classify", "instruct", "summarize"])
-    p.add_argument("--method", choices=["full", "freeze", "lora"])
-    p.add_argument("--freeze-last", dest="freeze_last", type=int, help="freeze: train the last N blocks")
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--lora-targets", help="comma-separated, e.g. q_proj,v_proj")
     p.add_argument(
-        "--merge", action=argparse.BooleanOptionalAction, default=None, help="fold LoRA into weights"
+        "--config",
+        help="YAML file: the settings below as keys (task: classify), LoRA ones under lora: (rank: 16), "
+        "training ones under train:; flags override it",
     )
-    p.add_argument("--text-field", dest="text_field")
-    p.add_argument("--label-field", dest="label_field")
-    p.add_argument("--summary-field", dest="summary_field")
-    p.add_argument("--balance", choices=["none", "weights", "sample"], help="imbalanced classes")
-    p.add_argument("--regression", action="store_true", default=None, help="predict a number (MSE)")
-    p.add_argument("--include-prompt", dest="include_prompt", action="store_true", default=None)
-    p.add_argument("--packing", action="store_true", default=None)
-    p.add_argument(
-        "--group-by-length",
-        dest="group_by_length",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="batch examples of similar length together (default: on; less padding, same data)",
-    )
-    p.add_argument("--block-size", dest="block_size", type=int)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--save-as", dest="save_as", help="put the tuned model into the model store as NAME[:TAG]")
-    _add_train_flags(p, skip=("block_size", "device"))
+    add_flags(p, FinetuneSettings)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("classify", help="classify texts (fine-tuned head, or zero-shot with --labels)")
@@ -754,7 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="inference dtype: auto, float32, bfloat16, float16")
     p.add_argument("--quant", help="size a GGUF file of this type instead (q8_0, q4_0, q4_k...)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--freeze-last", type=int, default=2, help="freeze: blocks that train")
+    p.add_argument(
+        "--train-last-blocks", type=int, default=2, help="mode freeze: the last N blocks train (default: 2)"
+    )
+    p.add_argument(  # the old name, for one release
+        "--freeze-last",
+        dest="train_last_blocks",
+        type=int,
+        default=2,
+        help=argparse.SUPPRESS,
+        action=renamed_flag("--freeze-last", "--train-last-blocks", "it trains the last N blocks"),
+    )
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip the speed measurement")
     p.set_defaults(func=cmd_estimate)

@@ -24,10 +24,13 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = field(default=8, metadata={"help": "rank r of the adapters"})
+    alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": f"linear layers to adapt, comma-separated, among {','.join(LINEAR_NAMES)}"},
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.targets) - set(LINEAR_NAMES))

@@ -6,58 +6,76 @@ no training logic of its own. ``lmforge pretrain`` and ``torchrun -m lmforge pre
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lmforge.config import Config
 from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.loading import LoadedModel
 from lmforge.model import Transformer
+from lmforge.recipes.settings import load_yaml, settings_from
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.loop import TrainResult
 
-RECIPE_KEYS = ("model", "model_config", "init", "data", "tokenizer", "train", "resume", "save_as")
+MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a pretraining YAML file: the ``RECIPE_KEYS``, with ``train`` a mapping of TrainConfig settings."""
-    recipe = load_yaml(path)
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
-    if unknown:
-        raise LmforgeError(
-            f"{path}: unknown keys {', '.join(unknown)}", hint=f"known keys: {', '.join(RECIPE_KEYS)}"
-        )
-    return recipe
+@dataclass
+class PretrainSettings:
+    """What a pretraining run uses: each field is a keyword of ``pretrain``, a YAML key and (but for
+    ``model_config``, whose sizes get one flag each) a flag of ``lmforge pretrain``."""
+
+    data: str | Path | None = field(
+        default=None, metadata={"help": "token shard folder from `lmforge data prepare`"}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": f"model preset, e.g. baby-gpt, tiny-llama, gpt2 ({len(Config.presets())} presets)",
+            "default_help": "custom sizes from model_config",
+        },
+    )
+    model_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "flags_from": (Config, MODEL_SIZES),
+            "title": "model sizes (override the preset; YAML: any Config field under model_config:)",
+            "default_help": "the preset's",
+        },
+    )
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "continue pretraining this model (folder, .gguf or hub id)",
+            "default_help": "a new model",
+        },
+    )
+    tokenizer: str | Path | None = field(
+        default=None, metadata={"help": "tokenizer folder", "default_help": "the one saved with the data"}
+    )
+    train: TrainConfig = field(
+        default_factory=TrainConfig,
+        metadata={"flag_prefix": "", "title": "training (override the YAML file's train: section)"},
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue the run in --out-dir from its newest checkpoint"}
+    )
+    save_as: str | None = field(
+        default=None,
+        metadata={"help": "put the final model into the model store as NAME[:TAG], with lineage"},
+    )
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping of settings, with one-line errors for a missing file or bad syntax."""
-    path = Path(path)
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise LmforgeError(f"{path}: no such file", hint="check the path of the YAML config") from None
-    except yaml.YAMLError as e:
-        raise LmforgeError(
-            f"{path}: not valid YAML ({e})".replace("\n", " "), hint="fix the YAML syntax"
-        ) from None
-    if not isinstance(recipe, dict):
-        raise LmforgeError(
-            f"{path}: expected a mapping of settings", hint=f"use the keys {', '.join(RECIPE_KEYS)}"
-        )
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
-    if unknown:
-        raise LmforgeError(
-            f"{path}: unknown keys {', '.join(unknown)}", hint=f"known keys: {', '.join(RECIPE_KEYS)}"
-        )
-    return recipe
+def load_recipe(path: str | Path) -> PretrainSettings:
+    """Read a pretraining YAML file: the fields of ``PretrainSettings``, ``train:`` a mapping of TrainConfig."""
+    return settings_from(None, load_yaml(path), PretrainSettings, source=path)
 
 
 def build_model(
@@ -79,44 +97,45 @@ def build_model(
     return Transformer(config)
 
 
-def pretrain(
-    data: str | Path,
-    *,
-    model: str | None = None,
-    model_config: dict[str, Any] | None = None,
-    init: str | None = None,
-    tokenizer: str | Path | None = None,
-    train: TrainConfig | dict[str, Any] | None = None,
-    resume: bool = False,
-    save_as: str | None = None,
-) -> TrainResult:
+def pretrain(data: str | Path, **options: Any) -> TrainResult:
     """Pretrain (or continue pretraining, with ``init``) a model on token shards prepared by ``prepare_corpus``.
 
-    ``save_as="name:tag"`` puts the final model into the model store with its lineage (the ``init`` model,
-    these settings, the data's sha256) and the run's final losses.
+    ``options`` are the fields of ``PretrainSettings``: ``model`` (a preset) and/or ``model_config`` (sizes),
+    or ``init`` (a model to continue); ``tokenizer``, ``train`` (a TrainConfig or a mapping of its fields),
+    ``resume`` and ``save_as``. ``save_as="name:tag"`` puts the final model into the model store with its
+    lineage (the ``init`` model, these settings, the data's sha256) and the run's final losses.
     """
-    train_config = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
-    if save_as:
-        parse_ref(save_as)  # a bad name fails now, not after the run
+    return run_pretrain(settings_from(None, {**options, "data": data}, PretrainSettings, source="pretrain()"))
+
+
+def run_pretrain(settings: PretrainSettings) -> TrainResult:
+    """The recipe: tokenizer, shards and model from ``settings``, then the Trainer."""
+    s, train_config = settings, settings.train
+    if not s.data:
+        raise LmforgeError(
+            "no training data given", hint="pass --data FOLDER (made by `lmforge data prepare`)"
+        )
+    if s.save_as:
+        parse_ref(s.save_as)  # a bad name fails now, not after the run
     lineage: dict[str, Any] = {"recipe": "pretrain"}
-    if init:
-        if model or model_config:
+    if s.init:
+        if s.model or s.model_config:
             raise LmforgeError(
                 "a model preset or model settings were given together with --init",
                 hint="--init continues an existing model as it is; drop --model / model settings",
             )
-        llm = LoadedModel.load(init, dtype="float32", device="cpu")
+        llm = LoadedModel.load(s.init, dtype="float32", device="cpu")
         tok, net = llm.tokenizer, llm.model
         lineage["parent"] = llm.source
     else:
-        tok = Tokenizer.load(Path(tokenizer)) if tokenizer else TokenShards(data).tokenizer()
-        net = build_model(tok, model, model_config, train_config.seed)
-        lineage["preset"] = model or "custom"
-    shards = TokenShards(data, tok)
+        tok = Tokenizer.load(Path(s.tokenizer)) if s.tokenizer else TokenShards(s.data).tokenizer()
+        net = build_model(tok, s.model, s.model_config, train_config.seed)
+        lineage["preset"] = s.model or "custom"
+    shards = TokenShards(s.data, tok)
     block = train_config.block_size or net.config.block_size
     task = LanguageModelingTask(shards, train_config.micro_batch_size, block, seed=train_config.seed)
-    result = Trainer(net, tok, task, train_config, lineage=lineage).fit(resume=resume)
-    if save_as:
-        recipe = training_recipe(lineage, train_config, model_config=model_config or None)
-        store_run(result, save_as, parent=lineage.get("parent"), recipe=recipe, data=[data])
+    result = Trainer(net, tok, task, train_config, lineage=lineage).fit(resume=s.resume)
+    if s.save_as:
+        recipe = training_recipe(lineage, train_config, model_config=s.model_config or None)
+        store_run(result, s.save_as, parent=lineage.get("parent"), recipe=recipe, data=[s.data])
     return result

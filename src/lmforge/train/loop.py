@@ -37,35 +37,47 @@ from lmforge.train.schedule import Decay, learning_rate
 Batch = dict[str, torch.Tensor]
 
 
+def _setting(default: Any, help: str, default_help: str | None = None) -> Any:
+    """A TrainConfig field; its help text (and what a default of None means) also serves ``--help``."""
+    meta = {"help": help} if default_help is None else {"help": help, "default_help": default_help}
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/lmforge"
-    max_steps: int = 1000
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    block_size: int | None = None  # None: the model's context length
-    lr: float = 6e-4
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
-    decay: Decay = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    seed: int = 1337
-    eval_every: int = 100  # 0 disables evaluation
-    eval_batches: int = 20
-    sample_prompt: str = ""
-    sample_tokens: int = 64
-    save_every: int | None = None  # None: at every evaluation
-    keep_last: int = 2
-    log_every: int = 1
-    fsdp: bool = False
-    device: str = "auto"
-    progress: bool = True
+    """How the one loop trains. Each field is also a CLI flag (``--max-steps``) and a key of a YAML train:."""
+
+    out_dir: str = _setting("runs/lmforge", "run folder: metrics, checkpoints and the final model/")
+    max_steps: int = _setting(1000, "optimizer steps")
+    micro_batch_size: int = _setting(8, "sequences per forward pass, per process")
+    grad_accum: int = _setting(1, "micro-batches per optimizer step")
+    block_size: int | None = _setting(None, "tokens per training sequence", "the model's context length")
+    lr: float = _setting(6e-4, "peak learning rate")
+    min_lr: float | None = _setting(None, "learning rate at the end of the decay", "lr / 10")
+    warmup_steps: int = _setting(100, "steps of linear warmup")
+    decay: Decay = _setting("cosine", "learning-rate decay after warmup")
+    weight_decay: float = _setting(
+        0.1, "AdamW weight decay of linear layers (never norms, biases, embeddings)"
+    )
+    beta1: float = _setting(0.9, "AdamW beta1")
+    beta2: float = _setting(0.95, "AdamW beta2")
+    grad_clip: float = _setting(1.0, "clip the gradient norm to this; 0 disables clipping")
+    precision: Literal["fp32", "bf16"] = _setting("fp32", "fp32, or bf16 autocast")
+    compile: bool = _setting(False, "torch.compile the model")
+    activation_checkpointing: bool = _setting(
+        False, "recompute activations in the backward pass (less memory, more compute)"
+    )
+    seed: int = _setting(1337, "seed of the initial weights and the data order")
+    eval_every: int = _setting(100, "steps between evaluations; 0 disables evaluation")
+    eval_batches: int = _setting(20, "validation batches per evaluation")
+    sample_prompt: str = _setting("", "at each evaluation, print a sample continuing this prompt")
+    sample_tokens: int = _setting(64, "tokens per sample")
+    save_every: int | None = _setting(None, "steps between checkpoints", "at every evaluation")
+    keep_last: int = _setting(2, "newest checkpoints kept (the best one is kept besides)")
+    log_every: int = _setting(1, "steps between logged metrics")
+    fsdp: bool = _setting(False, "shard model, gradients and optimizer state across processes (FSDP)")
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool = _setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         problems = []

@@ -27,19 +27,22 @@ def add_classifier(model: Transformer, labels: list[str], regression: bool, seed
     nn.init.normal_(model.score.weight, std=0.02)
 
 
-def choose_trainable(model: Transformer, method: Method, freeze_last: int, lora: LoRAConfig | None) -> int:
+def choose_trainable(
+    model: Transformer, method: Method, train_last_blocks: int, lora: LoRAConfig | None
+) -> int:
     """Set requires_grad for the method; returns the number of trainable parameters."""
     head = ["score."] if model.score is not None else []
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     elif method == "freeze":
-        if not 1 <= freeze_last <= model.config.n_layer:
+        if not 1 <= train_last_blocks <= model.config.n_layer:
             raise LmforgeError(
-                f"freeze_last={freeze_last} must be between 1 and the model's {model.config.n_layer} blocks",
-                hint="e.g. --freeze-last 2 trains the last two blocks",
+                f"train_last_blocks={train_last_blocks} must be between 1 and the model's "
+                f"{model.config.n_layer} blocks",
+                hint="e.g. --train-last-blocks 2 trains the last two blocks",
             )
-        first = model.config.n_layer - freeze_last
+        first = model.config.n_layer - train_last_blocks
         trainable = [f"blocks.{i}." for i in range(first, model.config.n_layer)] + ["norm."] + head
         if not head and not model.config.tie_embeddings:
             trainable.append("lm_head.")
