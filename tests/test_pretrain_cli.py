@@ -10,14 +10,14 @@ import pytest
 from lmforge import LLM
 from lmforge.cli import main
 
-from .conftest import SHARED_DATA
+from .conftest import TEST_DATA
 from .test_errors import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
 def songci(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "songci.txt"
-    text = (SHARED_DATA / "text" / "songci.txt").read_text(encoding="utf-8")[:60_000]
+    text = (TEST_DATA / "text" / "songci.txt").read_text(encoding="utf-8")[:60_000]
     path.write_text(text, encoding="utf-8")
     return path
 
