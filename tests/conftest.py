@@ -40,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Small excerpts of permissively licensed public data sets (tests/data/SOURCES.md): the suite reads nothing
 # outside the repository.
 TEST_DATA = Path(__file__).parent / "data"
-SHARED_DATA = REPO.parent / "shared" / "data"  # until every test reads TEST_DATA
 
 SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog. 1234567890",
