@@ -9,7 +9,8 @@
 
 Each run prints the test metrics next to the classic baseline (classification) or the untuned model
 (instructions, summaries), plus minutes; reports land in benchmarks/output/finetune/<run>/.
-Data comes from ../shared/data (benchmarks and tests may read it; the product never needs it).
+Data comes from ../shared/data, or --data DIR laid out the same (benchmarks may read it; the product never needs
+it).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from typing import Any
 
 import torch
 
+from _data import add_data_option, data_files
 from lmforge import LLM
 from lmforge.data.tasks import IGNORE_INDEX, load_sequences, read_records
 from lmforge.evaluate import markdown_table
 from lmforge.recipes.evaluate import COLUMNS, evaluate_models
 from lmforge.recipes.finetune import finetune
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "output" / "finetune"
 
 CLASSIFY = {"spam": ("sms_spam", ["ham", "spam"]), "sentiment": ("sentiment_zh", ["negative", "positive"])}
@@ -75,7 +76,7 @@ def lora_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def classify(args: argparse.Namespace) -> None:
     folder, labels = CLASSIFY[args.job]
-    train_file, test_file = DATA / folder / "train.jsonl", DATA / folder / "test.jsonl"
+    train_file, test_file = data_files(args.data, f"{folder}/train.jsonl", f"{folder}/test.jsonl")
     name = f"{args.job}-{args.method}" + (f"-{args.train_limit}" if args.train_limit else "")
     run = OUT / (args.name or name)
     start = time.perf_counter()
@@ -134,7 +135,7 @@ def examples_of(records: list[dict[str, Any]], kind: str) -> list[str]:
 def sequences(args: argparse.Namespace) -> None:
     kind = args.job
     folder = SEQUENCES[(kind, args.lang)]
-    train_file, test_file = DATA / folder / "train.jsonl", DATA / folder / "test.jsonl"
+    train_file, test_file = data_files(args.data, f"{folder}/train.jsonl", f"{folder}/test.jsonl")
     run = OUT / (args.name or f"{kind}-{args.lang}-{args.method}")
     data = subset(train_file, args.train_limit, run / "train.jsonl", args.seed)
     test = subset(test_file, args.test_limit, run / "test.jsonl", args.seed)
@@ -216,6 +217,7 @@ def main() -> None:
         "--block-size", type=int, help="classify: train on at most this many tokens per text (default 512)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_data_option(parser)
     parser.add_argument(
         "--name", help="run folder under benchmarks/output/finetune (default: job and method)"
     )

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from _data import add_data_option, data_files
 from lmforge import LLM
 from lmforge.data.text import prepare_corpus
 from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "text"
 LLAMA_CPP_VERSION = "0.3.36"
 NEW_TOKENS = 32
 PROMPTS = {
@@ -77,12 +77,12 @@ def ensure_llama_cpp() -> None:
 
 
 # ------------------------------------------------------------------------------------------ models
-def pretrained_models(out: Path, steps: int) -> dict[str, LLM]:
+def pretrained_models(out: Path, steps: int, sources: list[Path]) -> dict[str, LLM]:
     """GPT-2 and Llama shaped models, a few hundred steps on Shakespeare + 宋词 with a 2,000-token BPE."""
     corpus = []
-    for name in ("tinyshakespeare.txt", "songci.txt"):
-        corpus.append(out / name)
-        corpus[-1].write_text((DATA / name).read_text(encoding="utf-8")[:400_000], encoding="utf-8")
+    for source in sources:
+        corpus.append(out / source.name)
+        corpus[-1].write_text(source.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
     tokenizer = train_tokenizer([str(c) for c in corpus], vocab_size=2000, show_progress=False)
     prepare_corpus([str(c) for c in corpus], tokenizer, out / "data", val_fraction=0.02, show_progress=False)
     sizes = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256}
@@ -160,7 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps of the small models")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "output" / "llama_cpp_export"))
+    add_data_option(parser)
     args = parser.parse_args()
+    sources = data_files(args.data, "text/tinyshakespeare.txt", "text/songci.txt")  # before a long install
     torch.set_num_threads(2)
     ensure_llama_cpp()
     out = Path(args.out)
@@ -173,7 +175,7 @@ def main() -> None:
         path = smollm2.export(out / f"smollm2-135m-instruct.{quant.upper()}.gguf", format="gguf", **options)
         rows += compare("SmolLM2-135M-Instruct", quant.upper(), path, PROMPTS["smollm2"])
     del smollm2
-    for preset, llm in pretrained_models(out, args.steps).items():
+    for preset, llm in pretrained_models(out, args.steps, sources).items():
         for quant in ("f32", "q8_0"):
             options = {"quant": quant} if quant != "f32" else {"dtype": quant}
             path = llm.export(out / f"{preset}.{quant.upper()}.gguf", format="gguf", **options)

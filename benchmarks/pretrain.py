@@ -45,10 +45,10 @@ from tokenizers import decoders, models
 from torch._inductor.utils import fresh_cache
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from _data import add_data_option, data_files
 from lmforge import Config, Tokenizer, Transformer
 from lmforge.train.loop import LanguageModelingTask, TrainConfig, Trainer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 BLOCK = 256
 SEED = 1337
 MIN_STEPS = 3
@@ -57,10 +57,10 @@ MIN_STEPS = 3
 class CharShards:
     """tinyshakespeare as char ids in memory, with TokenShards' ``batch`` signature (nanoGPT's 90/10 split)."""
 
-    def __init__(self, ids: np.ndarray, vocab_size: int) -> None:
+    def __init__(self, ids: np.ndarray, vocab_size: int, path: Path) -> None:
         cut = int(0.9 * len(ids))
         self.splits = {"train": torch.from_numpy(ids[:cut]), "val": torch.from_numpy(ids[cut:])}
-        self.folder = DATA
+        self.folder = path
         self.meta = {"tokens": {k: len(v) for k, v in self.splits.items()}, "tokenizer_sha256": None}
         self.vocab_size = vocab_size
 
@@ -74,15 +74,15 @@ class CharShards:
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
-def load_corpus() -> tuple[Tokenizer, CharShards]:
-    text = DATA.read_text(encoding="utf-8")
+def load_corpus(path: Path) -> tuple[Tokenizer, CharShards]:
+    text = path.read_text(encoding="utf-8")
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     ids = np.array([lookup[c] for c in text], dtype=np.int16)
     # A character lookup with no special tokens, so the vocabulary is exactly nanoGPT's 65.
     backend = HFTokenizer(models.BPE(vocab=lookup, merges=[]))
     backend.decoder = decoders.Fuse()
-    return Tokenizer(backend), CharShards(ids, len(chars))
+    return Tokenizer(backend), CharShards(ids, len(chars), path)
 
 
 def lmforge_config(vocab: int) -> Config:
@@ -220,13 +220,14 @@ def main() -> None:
     parser.add_argument(
         "--warm-cache", action="store_true", help="let torch.compile reuse kernels cached by earlier runs"
     )
+    add_data_option(parser)
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be at least 1")
     args.max_steps, args.steps = args.steps, None
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    tokenizer, shards = load_corpus()
+    tokenizer, shards = load_corpus(*data_files(args.data, "text/tinyshakespeare.txt"))
     fp32_gflops, bf16_gflops = gemm_gflops(torch.float32), gemm_gflops(torch.bfloat16)
     native_bf16 = args.device.startswith("cuda") or bf16_gflops >= 0.5 * fp32_gflops
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)

@@ -5,7 +5,8 @@
     python benchmarks/quality_pretrain.py shakespeare --out DIR --evaluate DIR/run/checkpoints/step-2000
 
 Prints steps, minutes, final/best validation loss and samples; the loss curve PNG lands in the run folder.
-Data comes from ../shared/data/text (benchmarks and tests may read it; the product never needs it).
+Data comes from ../shared/data/text, or --data DIR laid out the same (benchmarks may read it; the product never
+needs it).
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ from pathlib import Path
 
 import torch
 
+from _data import add_data_option, data_files
 from lmforge import LLM
 from lmforge.data.text import TokenShards, prepare_corpus
 from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
-
 
 def shakespeare(
-    out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool, resume: bool
+    data: Path, out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool, resume: bool
 ) -> tuple[object, str]:
-    corpus = DATA / "tinyshakespeare.txt"
+    (corpus,) = data_files(data, "text/tinyshakespeare.txt")
     tokenizer = train_tokenizer([corpus], kind="char", show_progress=False)
     prepare_corpus([corpus], tokenizer, out / "data", val_fraction=0.1, show_progress=False)
     result = pretrain(
@@ -55,9 +55,9 @@ def shakespeare(
 
 
 def chinese(
-    out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool, resume: bool
+    data: Path, out: Path, steps: int, batch: int, dropout: float, lr: float, compile: bool, resume: bool
 ) -> tuple[object, str]:
-    corpora = [DATA / "songci.txt", DATA / "luxun.txt"]
+    corpora = data_files(data, "text/songci.txt", "text/luxun.txt")
     tokenizer = train_tokenizer(corpora, 8000, split_paragraphs=True, show_progress=False)
     prepare_corpus(
         corpora, tokenizer, out / "data", split_paragraphs=True, val_fraction=0.02, show_progress=False
@@ -126,6 +126,7 @@ def main() -> None:
         metavar="MODEL_FOLDER",
         help="no training: print the whole-split val loss of a saved model, e.g. --out's run/checkpoints/step-N",
     )
+    add_data_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"benchmarks/output/{args.corpus}")
@@ -136,7 +137,9 @@ def main() -> None:
     start = time.perf_counter()
     recipe = shakespeare if args.corpus == "shakespeare" else chinese
     lr = args.lr or (1.5e-3 if args.corpus == "shakespeare" else 1e-3)
-    result, prompt = recipe(out, args.steps, args.batch, args.dropout, lr, args.compile, args.resume)
+    result, prompt = recipe(
+        args.data, out, args.steps, args.batch, args.dropout, lr, args.compile, args.resume
+    )
     minutes = (time.perf_counter() - start) / 60
     llm = LLM.load(result.model_dir, dtype="float32", device="cpu")
     whole = whole_val_loss(llm, out / "data")

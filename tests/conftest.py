@@ -37,7 +37,9 @@ def one_thread():
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Small excerpts of permissively licensed public data sets (tests/data/SOURCES.md): the suite reads nothing
+# outside the repository.
+TEST_DATA = Path(__file__).parent / "data"
 
 SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog. 1234567890",
@@ -49,8 +51,8 @@ SAMPLE_TEXT = [
 
 
 def data_lines(relative: str, field: str | None = None, limit: int = 100) -> list[str]:
-    """Up to ``limit`` non-empty lines (or JSONL field values) from ../shared/data."""
-    path = SHARED_DATA / relative
+    """Up to ``limit`` non-empty lines (or JSONL field values) from tests/data."""
+    path = TEST_DATA / relative
     out: list[str] = []
     with path.open(encoding="utf-8") as f:
         for line in f:

@@ -21,9 +21,9 @@ from lmforge import LmforgeError, Tokenizer
 from lmforge.data import TokenShards, iter_documents, prepare_corpus, tokenizer_sha256
 from lmforge.tokenizer import train_tokenizer
 
-from .conftest import SHARED_DATA
+from .conftest import TEST_DATA
 
-TEXT = SHARED_DATA / "text"
+TEXT = TEST_DATA / "text"
 
 
 def _slice(name: str, size: int) -> str:

@@ -18,7 +18,7 @@ from lmforge.evaluate import (
     rouge,
 )
 
-from .conftest import SHARED_DATA
+from .conftest import TEST_DATA
 
 
 def _hf_sliding_window_nll(model, ids: list[int], window: int, stride: int) -> float:
@@ -45,7 +45,7 @@ def _hf_sliding_window_nll(model, ids: list[int], window: int, stride: int) -> f
 def test_perplexity_matches_the_transformers_recipe(smollm2, hf_smollm2):
     hf_model, _ = hf_smollm2
     for name in ("tinyshakespeare.txt", "luxun.txt"):
-        text = (SHARED_DATA / "text" / name).read_text(encoding="utf-8")[:1500]
+        text = (TEST_DATA / "text" / name).read_text(encoding="utf-8")[:1500]
         ours = perplexity(smollm2, text, window=256, stride=128)
         ids = smollm2.tokenizer.encode(text, add_special_tokens=False)
         theirs = np.exp(_hf_sliding_window_nll(hf_model, ids, 256, 128))
@@ -54,14 +54,28 @@ def test_perplexity_matches_the_transformers_recipe(smollm2, hf_smollm2):
 
 
 def _mc_items(name: str, n: int) -> list[dict]:
-    with (SHARED_DATA / name / "test.jsonl").open(encoding="utf-8") as f:
+    with (TEST_DATA / name / "test.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+
+
+def _songci_next_verse_items(n: int) -> list[dict]:
+    """Chinese multiple choice built from 宋词 (public domain; CMMLU is non-commercial, so not in tests/data):
+    which of four verses follows a ci's first verse. Ci i's second verse is the answer, at position i % 4,
+    among the second verses of three later ci."""
+    text = (TEST_DATA / "text" / "songci.txt").read_text(encoding="utf-8")
+    ci = [block.split("\n") for block in text.split("\n\n")[: 4 * n]]  # title line, then one verse a line
+    items = []
+    for i in range(n):
+        choices = [lines[2] for lines in ci[n + 3 * i : n + 3 * i + 3]]
+        choices.insert(i % 4, ci[i][2])
+        question = f"{ci[i][0]}\n{ci[i][1]}\n下一句是？"
+        items.append({"question": question, "choices": choices, "answer": i % 4})
+    return items
 
 
 def test_multiple_choice_equals_transformers_log_likelihood(smollm2, hf_smollm2):
     hf_model, hf_tokenizer = hf_smollm2
-    for name in ("mc_en", "mc_zh"):
-        items = _mc_items(name, 6)
+    for name, items in (("mc_en", _mc_items("mc_en", 6)), ("songci_zh", _songci_next_verse_items(6))):
         ours = multiple_choice(smollm2, items)
         predicted = []
         for item in items:

@@ -26,7 +26,7 @@ from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.metrics import MetricsLogger
 
-from .conftest import SHARED_DATA, tiny_llm
+from .conftest import TEST_DATA, tiny_llm
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, 1234567890 times.",
@@ -70,7 +70,7 @@ def shards(tmp_path_factory) -> Path:
     for name in ("tinyshakespeare.txt", "songci.txt"):
         files.append(root / name)
         files[-1].write_text(
-            (SHARED_DATA / "text" / name).read_text(encoding="utf-8")[:25_000], encoding="utf-8"
+            (TEST_DATA / "text" / name).read_text(encoding="utf-8")[:25_000], encoding="utf-8"
         )
     tokenizer = train_tokenizer(files, vocab_size=480, show_progress=False)
     prepare_corpus(files, tokenizer, root / "shards", show_progress=False)

@@ -13,14 +13,14 @@ from lmforge.cli import build_parser, main
 from lmforge.recipes.pretrain import PretrainSettings, load_recipe
 from lmforge.recipes.settings import load_yaml, settings_from
 
-from .conftest import SHARED_DATA
+from .conftest import TEST_DATA
 from .test_errors import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
 def songci(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "songci.txt"
-    text = (SHARED_DATA / "text" / "songci.txt").read_text(encoding="utf-8")[:60_000]
+    text = (TEST_DATA / "text" / "songci.txt").read_text(encoding="utf-8")[:60_000]
     path.write_text(text, encoding="utf-8")
     return path
 

@@ -34,7 +34,7 @@ from lmforge.selection import (
     select,
 )
 
-from .conftest import SHARED_DATA, one_intra_op_thread, tiny_llm
+from .conftest import TEST_DATA, one_intra_op_thread, tiny_llm
 
 # A ~29M-parameter Llama with SmolLM2's 49k vocabulary: the model, not the runtime, dominates, and the logits
 # and the embedding's gradient are as large as in real small models.
@@ -78,8 +78,8 @@ def _finetune_code(model: Path, data: Path, run: Path, method: str) -> str:
 def cases(small_model: Path, smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """(estimate, measured peak RSS) for SmolLM2 inference and LoRA / full fine-tuning of the small model."""
     tmp = tmp_path_factory.mktemp("workloads")
-    data = tmp / "dialogues.jsonl"
-    lines = (SHARED_DATA / "summarize_en" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:6]
+    data = tmp / "abstracts.jsonl"
+    lines = (TEST_DATA / "summarize_zh" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:6]
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     workloads = {
         "infer": (
@@ -189,11 +189,28 @@ def test_estimate_measures_speed_and_sizes_a_quantized_file(tmp_path: Path, tiny
 
 # ------------------------------------------------------------------- select
 @pytest.fixture(scope="module")
+def genre_zh(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Chinese two-class set built from tests/data: 20 CSL paper abstracts ("abstract") and the verses of the
+    first 20 宋词 ("poem"), alternating. It stands in for a Chinese sentiment set: those at hand carry no licence
+    or a non-commercial one, so they are not in tests/data."""
+    abstracts = (TEST_DATA / "summarize_zh" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    ci = (TEST_DATA / "text" / "songci.txt").read_text(encoding="utf-8").split("\n\n")[:20]
+    rows = []
+    for line, block in zip(abstracts, ci, strict=True):
+        verses = block.split("\n")[1:]  # line 1 is the title (tune and author)
+        rows.append({"text": json.loads(line)["text"], "label": "abstract"})
+        rows.append({"text": "".join(verses), "label": "poem"})
+    path = tmp_path_factory.mktemp("genre") / "genre_zh.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("candidates")
-    # A long context: byte-level tokens of a tokenizer trained on five sentences make Chinese reviews long.
+    # A long context: byte-level tokens of a tokenizer trained on five sentences make Chinese texts long.
     llama = tiny_llm("tiny-llama", tiny_tokenizer, seed=1, block_size=2048).save(folder / "tiny-llama")
-    headed = tiny_llm("tiny-gpt2", tiny_tokenizer, seed=2, block_size=2048, labels=["negative", "positive"])
+    headed = tiny_llm("tiny-gpt2", tiny_tokenizer, seed=2, block_size=2048, labels=["abstract", "poem"])
     return {"llama": llama, "gpt2-head": headed.save(folder / "tiny-gpt2-head")}
 
 
@@ -201,7 +218,7 @@ def test_select_marks_a_model_that_does_not_fit(tiny_models: dict[str, Path]) ->
     limit = runtime_baseline()["infer"] + 256 * 2**20  # room for a tiny model, not for SmolLM2's 513 MiB
     result = select(
         "classify",
-        SHARED_DATA / "sms_spam" / "test.jsonl",
+        TEST_DATA / "sms_spam" / "test.jsonl",
         ["default", str(tiny_models["llama"])],
         max_ram=f"{limit // 2**20}MiB",
         sample=8,
@@ -216,8 +233,10 @@ def test_select_marks_a_model_that_does_not_fit(tiny_models: dict[str, Path]) ->
     assert "does not fit" in table and f"recommended: {first.name}" in table and "accuracy" in table
 
 
-def test_select_ranks_chinese_sentiment_and_prints_the_table(tiny_models: dict[str, Path], capsys) -> None:
-    data = SHARED_DATA / "sentiment_zh" / "test.jsonl"
+def test_select_ranks_chinese_classes_and_prints_the_table(
+    tiny_models: dict[str, Path], genre_zh: Path, capsys
+) -> None:
+    data = genre_zh
     names = [str(tiny_models["llama"]), str(tiny_models["gpt2-head"])]
     result = select("classify", data, names, sample=8, seed=3)
     assert [c.status for c in result.candidates] == ["ok", "ok"]
@@ -229,27 +248,31 @@ def test_select_ranks_chinese_sentiment_and_prints_the_table(tiny_models: dict[s
     assert main(["select", "--task", "classify", "--data", str(data), "--candidates", ",".join(names),
                  "--sample", "8"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "| rank | candidate |" in out and "recommended: " in out and "sentiment_zh" in out
+    assert "| rank | candidate |" in out and "recommended: " in out and "genre_zh" in out
 
 
 @pytest.mark.parametrize(
     ("task", "data", "metric"),
     [
-        ("generate", "instruct_zh/test.jsonl", "bits/byte"),
-        ("summarize", "summarize_en/test.jsonl", "ROUGE-L"),
-        ("embed", "sentiment_zh/test.jsonl", "1-NN accuracy"),
+        ("generate", "instruct_en/test.jsonl", "bits/byte"),
+        ("summarize", "summarize_zh/test.jsonl", "ROUGE-L"),
+        ("embed", "genre_zh", "1-NN accuracy"),
     ],
 )
-def test_select_scores_every_task(tiny_models: dict[str, Path], task: str, data: str, metric: str) -> None:
-    result = select(task, SHARED_DATA / data, [str(tiny_models["llama"])], sample=2)
+def test_select_scores_every_task(
+    tiny_models: dict[str, Path], genre_zh: Path, task: str, data: str, metric: str
+) -> None:
+    path = genre_zh if data == "genre_zh" else TEST_DATA / data
+    result = select(task, path, [str(tiny_models["llama"])], sample=2)
     (only,) = result.candidates
     assert result.metric == metric and only.status == "ok" and only.quality is not None and only.quality >= 0
     assert result.recommended == only.name and "the only candidate" in result.reason
 
 
-def test_select_recommends_nothing_when_every_candidate_is_too_slow(tiny_models: dict[str, Path]) -> None:
-    data = SHARED_DATA / "sentiment_zh" / "test.jsonl"
-    result = select("embed", data, [str(tiny_models["llama"])], sample=2, max_latency_ms=1e-6)
+def test_select_recommends_nothing_when_every_candidate_is_too_slow(
+    tiny_models: dict[str, Path], genre_zh: Path
+) -> None:
+    result = select("embed", genre_zh, [str(tiny_models["llama"])], sample=2, max_latency_ms=1e-6)
     assert result.candidates[0].status.startswith("too slow") and result.recommended is None
     assert result.reason.startswith("no candidate can be recommended") and "too slow" in result.table()
 
@@ -262,7 +285,7 @@ def test_select_recommends_nothing_when_every_candidate_is_too_slow(tiny_models:
         (lambda: estimate(context=0), "context=0 must be a positive integer"),
         (lambda: parse_size("4XB"), "cannot read the size '4XB'"),
         (lambda: select("classify", "no/such/file.jsonl", ["default"]), "no/such/file.jsonl: no such file"),
-        (lambda: select("classify", SHARED_DATA / "sms_spam" / "test.jsonl", []), "no candidates given"),
+        (lambda: select("classify", TEST_DATA / "sms_spam" / "test.jsonl", []), "no candidates given"),
         (lambda: select("translate", "x.jsonl", ["default"]), "unknown task 'translate'"),
     ],
 )

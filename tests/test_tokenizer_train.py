@@ -1,6 +1,6 @@
 """Tests for ``train_tokenizer``: byte-level BPE that round-trips any string, and the character-level option.
 
-The corpora are slices of the real texts in ../shared/data/text (English, Song lyrics, Lu Xun), copied into a
+The corpora are slices of the real texts in tests/data/text (English, Song lyrics, Lu Xun), copied into a
 temporary folder; transformers' ``PreTrainedTokenizerFast`` is the oracle for the saved files.
 """
 
@@ -17,9 +17,9 @@ import lmforge.data.text as data_text
 from lmforge import LmforgeError, Tokenizer
 from lmforge.tokenizer import train_tokenizer
 
-from .conftest import SHARED_DATA
+from .conftest import TEST_DATA
 
-TEXT = SHARED_DATA / "text"
+TEXT = TEST_DATA / "text"
 SLICE = 100_000  # characters per corpus: enough to learn merges, small enough to train in about a second
 
 ROUND_TRIP = [
@@ -147,7 +147,10 @@ def test_sources_jsonl_glob_iterator(corpus: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ character level
 def test_char_level_shakespeare(tmp_path: Path) -> None:
-    text = (TEXT / "tinyshakespeare.txt").read_text(encoding="utf-8")  # whole: every character must be seen
+    # Every character of the whole play text must be seen: the excerpt lacks four ('$', '3', 'X', 'Z'), so the
+    # four lines of the full text that first hold them are added (tests/data/SOURCES.md).
+    files = ("tinyshakespeare.txt", "tinyshakespeare_rare_chars.txt")
+    text = "".join((TEXT / name).read_text(encoding="utf-8") for name in files)
     (tmp_path / "input.txt").write_text(text, encoding="utf-8")
     tok = train_tokenizer(tmp_path / "input.txt", kind="char", show_progress=False)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]

@@ -42,7 +42,7 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
 from lmforge.train.schedule import learning_rate
 
-from .conftest import SHARED_DATA, one_intra_op_thread
+from .conftest import TEST_DATA, one_intra_op_thread
 
 BLOCK = 32  # training window; the models' context is 64
 DATA_SEED = 7
@@ -164,7 +164,7 @@ def one_thread_for_the_module():
 
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text = (SHARED_DATA / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    text = (TEST_DATA / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
     tok = train_tokenizer(iter([text]), 384, show_progress=False)
     folder = tmp_path_factory.mktemp("shards")
     prepare_corpus(iter([text]), tok, folder, val_fraction=0.1, show_progress=False)
