@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+import lmforge.corpus as corpus_module
 import lmforge.data.text as data_text
 from lmforge import LmforgeError, Tokenizer
 from lmforge.data import TokenShards, iter_documents, prepare_corpus, tokenizer_sha256
@@ -94,7 +95,7 @@ def test_single_document_val_is_the_tail(tmp_path: Path, monkeypatch: pytest.Mon
     text = _slice("tinyshakespeare", 50_000)
     (tmp_path / "input.txt").write_text(text, encoding="utf-8")
     tok = train_tokenizer(tmp_path / "input.txt", kind="char", show_progress=False)
-    monkeypatch.setattr(data_text, "_PIECE_CHARS", 1000)
+    monkeypatch.setattr(corpus_module, "_PIECE_CHARS", 1000)
     monkeypatch.setattr(data_text, "_MOVE_TOKENS", 777)  # several blocks and shards when moving the tail
     meta = prepare_corpus(
         tmp_path / "input.txt",
@@ -139,7 +140,7 @@ def test_workers_give_identical_output(
     corpus: Path, tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(data_text, "_BATCH_CHARS", 3000)  # many tasks in flight, so order really is tested
-    monkeypatch.setattr(data_text, "_PIECE_CHARS", 5000)
+    monkeypatch.setattr(corpus_module, "_PIECE_CHARS", 5000)
     kwargs = dict(val_fraction=0.02, seed=3, shard_tokens=4096, show_progress=False)
     one = prepare_corpus(corpus, tok, tmp_path / "w1", workers=1, **kwargs)
     two = prepare_corpus(corpus, tok, tmp_path / "w2", workers=2, **kwargs)

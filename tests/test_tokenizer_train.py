@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-import lmforge.data.text as data_text
+import lmforge.corpus as corpus_module
 from lmforge import LmforgeError, Tokenizer
 from lmforge.tokenizer import train_tokenizer
 
@@ -124,8 +124,8 @@ def test_saved_files_load_in_transformers(mixed: Tokenizer, tmp_path: Path) -> N
 def test_pieces_train_like_whole_files(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A long file is fed to the trainer in pieces cut where the pre-tokenizer splits anyway: same merges."""
     whole = train_tokenizer(corpus / "tinyshakespeare.txt", 600, show_progress=False)
-    monkeypatch.setattr(data_text, "_PIECE_CHARS", 2000)
-    assert sum(1 for _ in data_text.text_pieces(corpus / "tinyshakespeare.txt")) > 10
+    monkeypatch.setattr(corpus_module, "_PIECE_CHARS", 2000)
+    assert sum(1 for _ in corpus_module.text_pieces(corpus / "tinyshakespeare.txt")) > 10
     pieces = train_tokenizer(corpus / "tinyshakespeare.txt", 600, show_progress=False)
     assert pieces.backend.to_str() == whole.backend.to_str()
 
