@@ -27,7 +27,7 @@ import torch
 
 from _data import add_data_option, data_files
 from lmforge import LLM
-from lmforge.data.tasks import IGNORE_INDEX, load_sequences, read_records
+from lmforge.data.labelled import IGNORE_INDEX, load_sequences, read_records
 from lmforge.evaluate import markdown_table
 from lmforge.recipes.evaluate import COLUMNS, evaluate_models
 from lmforge.recipes.finetune import finetune

@@ -47,7 +47,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from _data import add_data_option, data_files
 from lmforge import Config, Tokenizer, Transformer
-from lmforge.train.loop import LanguageModelingTask, TrainConfig, Trainer
+from lmforge.train.loop import LanguageModelingObjective, TrainConfig, Trainer
 
 BLOCK = 256
 SEED = 1337
@@ -120,7 +120,7 @@ def run_lmforge(
         torch._dynamo.reset()  # every compiled row pays its own compilation
     cache = fresh_cache() if compile and not args.warm_cache else contextlib.nullcontext()
     model = Transformer(lmforge_config(shards.vocab_size))
-    task = LanguageModelingTask(shards, args.batch, BLOCK, seed=SEED)
+    task = LanguageModelingObjective(shards, args.batch, BLOCK, seed=SEED)
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as out:
         cfg = TrainConfig(
             out_dir=out,

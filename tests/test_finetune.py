@@ -11,7 +11,7 @@ import torch
 
 from lmforge import LLM, LmforgeError
 from lmforge.cli import build_parser, main
-from lmforge.data.tasks import (
+from lmforge.data.labelled import (
     _EpochSampler,
     encode_conversation,
     load_classification,

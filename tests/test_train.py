@@ -39,7 +39,7 @@ from lmforge.data import TokenShards, prepare_corpus
 from lmforge.formats.folder import load_model_folder, save_model_folder
 from lmforge.progress import progress_bar, tracked
 from lmforge.tokenizer import train_tokenizer
-from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
+from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer
 from lmforge.train.schedule import learning_rate
 
 from .conftest import TEST_DATA, one_intra_op_thread
@@ -64,7 +64,7 @@ import torch
 def build(shards_dir, settings):
     from lmforge import Config, Transformer
     from lmforge.data import TokenShards
-    from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
+    from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer
 
     settings = dict(settings)
     preset, dropout, seed = settings.pop("preset"), settings.pop("dropout", 0.0), settings.pop("data_seed")
@@ -77,14 +77,14 @@ def build(shards_dir, settings):
     )
     model = Transformer(config)
     train = TrainConfig(**settings)
-    task = LanguageModelingTask(shards, train.micro_batch_size, train.block_size, seed=seed)
+    task = LanguageModelingObjective(shards, train.micro_batch_size, train.block_size, seed=seed)
     return Trainer(model, tok, task, train)
 
 
 def main(argv):
     import lmforge.train.loop as loop_mod
     import lmforge.train.checkpoint as ckpt
-    from lmforge.train import LanguageModelingTask
+    from lmforge.train import LanguageModelingObjective
 
     torch.set_num_threads(1)
     shards_dir, settings, resume = argv[0], json.loads(argv[1]), "--resume" in argv
@@ -94,13 +94,13 @@ def main(argv):
 
         MetricsLogger.plot = lambda self: None
     if os.environ.get("THROTTLE"):
-        delay, draw = float(os.environ["THROTTLE"]), LanguageModelingTask.train_batch
+        delay, draw = float(os.environ["THROTTLE"]), LanguageModelingObjective.train_batch
 
         def slow_draw(self, *args):
             time.sleep(delay)
             return draw(self, *args)
 
-        LanguageModelingTask.train_batch = slow_draw
+        LanguageModelingObjective.train_batch = slow_draw
     if os.environ.get("HANG_AT_SAVE"):
         prefix, write = f".step-{int(os.environ['HANG_AT_SAVE']):06d}.tmp-", ckpt.write_model_files
 
@@ -248,7 +248,7 @@ def quick_trainer(out: Path, shards: TokenShards, tok: Tokenizer, **settings) ->
         device="cpu",
     )
     config = TrainConfig(**{**defaults, **settings})
-    task = LanguageModelingTask(shards, config.micro_batch_size, config.block_size, seed=DATA_SEED)
+    task = LanguageModelingObjective(shards, config.micro_batch_size, config.block_size, seed=DATA_SEED)
     return Trainer(tiny_model("tiny-llama", tok), tok, task, config)
 
 
@@ -286,7 +286,7 @@ def test_losses_match_transformers_with_plain_adamw(
     hf = hf_class.from_pretrained(tmp_path / "init", torch_dtype=torch.float32)
     assert hf.dtype == torch.float32
 
-    task = LanguageModelingTask(shards, 4, BLOCK, seed=DATA_SEED)
+    task = LanguageModelingObjective(shards, 4, BLOCK, seed=DATA_SEED)
     config = TrainConfig(
         out_dir=str(tmp_path / "run"),
         max_steps=steps,
@@ -497,7 +497,7 @@ def test_metrics_csv_tensorboard_and_png(shards: TokenShards, tok: Tokenizer, tm
 # ------------------------------------------------------------------ 5. bad input
 def test_tokenizer_larger_than_model_vocabulary(shards: TokenShards, tok: Tokenizer, tmp_path: Path) -> None:
     model = tiny_model("tiny-llama", tok, vocab_size=tok.vocab_size - 1)
-    task = LanguageModelingTask(shards, 2, BLOCK)
+    task = LanguageModelingObjective(shards, 2, BLOCK)
     with pytest.raises(LmforgeError) as err:
         Trainer(model, tok, task, TrainConfig(out_dir=str(tmp_path), block_size=BLOCK))
     assert err.value.message == (

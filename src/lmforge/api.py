@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge import tasks
+from lmforge import inference
 from lmforge.export import export_model
 from lmforge.generate import SamplingParams, stream_completions
 from lmforge.loading import LoadedModel
@@ -100,7 +100,7 @@ class LLM(LoadedModel):
         examples: Sequence[tuple[str, str]] = (),
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """``{"label": ..., "probabilities": {label: p}}`` per text: a fine-tuned head, or zero/few-shot labels."""
-        results = tasks.classify(self, [text] if isinstance(text, str) else list(text), labels, examples)
+        results = inference.classify(self, [text] if isinstance(text, str) else list(text), labels, examples)
         return results[0] if isinstance(text, str) else results
 
     def summarize(
@@ -112,19 +112,19 @@ class LLM(LoadedModel):
     ) -> str | list[str]:
         """A short summary of ``text`` (or one per text of a list, generated in batches); Chinese text gets a
         Chinese prompt; text beyond the context is chunked and merged, with a warning."""
-        summaries = tasks.summarize(
+        summaries = inference.summarize(
             self, [text] if isinstance(text, str) else list(text), max_length, examples, **options
         )
         return summaries[0] if isinstance(text, str) else summaries
 
     def embed(self, texts: str | Sequence[str]) -> np.ndarray:
         """Mean-pooled, L2-normalised embeddings: (n_embd,) for one text, (N, n_embd) for a list."""
-        vectors = tasks.embed(self, [texts] if isinstance(texts, str) else list(texts))
+        vectors = inference.embed(self, [texts] if isinstance(texts, str) else list(texts))
         return vectors[0] if isinstance(texts, str) else vectors
 
     def similarity(self, a: str, b: str) -> float:
         """Cosine similarity of two texts' embeddings."""
-        return tasks.similarity(self, a, b)
+        return inference.similarity(self, a, b)
 
 
 def _new_tokens(max_new_tokens: int, max_length: int | None) -> int:

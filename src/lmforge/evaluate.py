@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.inference import sequence_logprobs
 from lmforge.loading import LoadedModel
 from lmforge.model import perplexity_from_loss
 from lmforge.progress import tracked
 from lmforge.prompts import choice_prompt, is_chinese
-from lmforge.tasks import sequence_logprobs
 
 
 # ---------------------------------------------------------------- perplexity

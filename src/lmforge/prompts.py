@@ -1,6 +1,6 @@
 """Prompts, in English or Chinese by the text's script: the words that turn a classification, a summary or a
 multiple-choice question into text for a language model. One place, so fine-tuning data (``lmforge.data``)
-and inference (``lmforge.tasks``, ``lmforge.evaluate``) ask the model the same question.
+and inference (``lmforge.inference``, ``lmforge.evaluate``) ask the model the same question.
 """
 
 from __future__ import annotations

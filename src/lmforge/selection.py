@@ -895,8 +895,8 @@ class _Job:
     def workload(self, header: ModelHeader) -> tuple[str, int, int]:
         """(estimate's task, batch, context) that scoring this model on the sample runs: the batch sizes are
         those of tasks.py's batched loops, the context the longest example's tokens."""
-        from lmforge.data.tasks import encode_conversation
-        from lmforge.tasks import chat_or_plain, classification_prompt, summarization_prompt
+        from lmforge.data.labelled import encode_conversation
+        from lmforge.inference import chat_or_plain, classification_prompt, summarization_prompt
 
         tok, config = header.tokenizer, header.config
         texts = [str(r.get("text", "")) for r in self.rows]
@@ -962,8 +962,8 @@ class _Job:
 def _bits_per_byte(llm: LLM, rows: Sequence[dict[str, Any]]) -> float:
     """Negative log-likelihood of each row's target text (an answer after its prompt, or a whole text), in
     bits per UTF-8 byte: comparable between models with different tokenizers."""
-    from lmforge.data.tasks import encode_conversation
-    from lmforge.tasks import sequence_logprobs
+    from lmforge.data.labelled import encode_conversation
+    from lmforge.inference import sequence_logprobs
 
     tok, context = llm.tokenizer, llm.config.block_size
     prompts, targets = [], []
@@ -992,7 +992,7 @@ def _read_job(
     summary_field: str,
 ) -> _Job:
     """A seeded random sample of the data file's rows, in the shape the task's scoring reads."""
-    from lmforge.data.tasks import format_instruction, read_records
+    from lmforge.data.labelled import format_instruction, read_records
 
     required = {
         "classify": [text_field, label_field],

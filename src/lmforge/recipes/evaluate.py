@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.data.tasks import read_records
+from lmforge.data.labelled import read_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import (
     baseline_predictions,
@@ -21,8 +21,8 @@ from lmforge.evaluate import (
     rouge,
     write_report,
 )
+from lmforge.inference import classify, summarize
 from lmforge.loading import LoadedModel, add_metrics_if_stored
-from lmforge.tasks import classify, summarize
 
 EvalTask = Literal["perplexity", "classify", "summarize", "choice"]
 COLUMNS = {

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.data.tasks import ClassificationTask, SequenceTask, load_classification, load_sequences, pack
+from lmforge.data.labelled import (
+    ClassificationObjective,
+    SequenceObjective,
+    load_classification,
+    load_sequences,
+    pack,
+)
 from lmforge.errors import LmforgeError
 from lmforge.formats.folder import save_model_folder
 from lmforge.formats.peft import save_adapter
@@ -132,7 +138,7 @@ def run_finetune(settings: FinetuneSettings, *, llm: LoadedModel | None = None) 
             load_classification(s.val_file, tok, block, **fields, labels=data.labels) if s.val_file else None
         )
         add_classifier(net, data.labels, s.regression, cfg.seed)
-        job: Any = ClassificationTask(
+        job: Any = ClassificationObjective(
             data, val, cfg.micro_batch_size, cfg.seed, balance=s.balance, group_by_length=s.group_by_length
         )
     elif s.task in ("instruct", "summarize"):
@@ -151,7 +157,9 @@ def run_finetune(settings: FinetuneSettings, *, llm: LoadedModel | None = None) 
         data, val = load(s.data), (load(s.val_file) if s.val_file else None)
         if s.packing:
             data = pack(data, block)
-        job = SequenceTask(data, val, cfg.micro_batch_size, cfg.seed, s.group_by_length and not s.packing)
+        job = SequenceObjective(
+            data, val, cfg.micro_batch_size, cfg.seed, s.group_by_length and not s.packing
+        )
     else:
         raise LmforgeError(f"unknown task {s.task!r}", hint="use classify, instruct or summarize")
     trainable = choose_trainable(net, s.method, s.train_last_blocks, s.lora)

@@ -21,7 +21,7 @@ from lmforge.recipes.settings import load_yaml, settings_from
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import LanguageModelingTask, TrainConfig, Trainer
+from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer
 from lmforge.train.loop import TrainResult
 
 MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
@@ -133,7 +133,7 @@ def run_pretrain(settings: PretrainSettings) -> TrainResult:
         lineage["preset"] = s.model or "custom"
     shards = TokenShards(s.data, tok)
     block = train_config.block_size or net.config.block_size
-    task = LanguageModelingTask(shards, train_config.micro_batch_size, block, seed=train_config.seed)
+    task = LanguageModelingObjective(shards, train_config.micro_batch_size, block, seed=train_config.seed)
     result = Trainer(net, tok, task, train_config, lineage=lineage).fit(resume=s.resume)
     if s.save_as:
         recipe = training_recipe(lineage, train_config, model_config=s.model_config or None)

@@ -1,6 +1,6 @@
-"""The one training loop. Pretraining and every fine-tune are a ``Trainer`` with a different ``Task``.
+"""The one training loop. Pretraining and every fine-tune are a ``Trainer`` with a different ``Objective``.
 
-A ``Task`` says how a batch is drawn (deterministically from the step number, so resume needs no data
+An ``Objective`` says how a batch is drawn (deterministically from the step number, so resume needs no data
 state) and how a batch becomes a loss. Which parameters train is decided before the Trainer sees the model
 (``requires_grad``: all, the last blocks, or LoRA adapters). Everything else exists once, here: AdamW with
 sensible weight-decay groups, warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast,
@@ -106,8 +106,8 @@ class TrainConfig:
         return cls(**values)
 
 
-class Task(Protocol):
-    """How batches are drawn and turned into a loss. Pretraining and each fine-tuning task implement this."""
+class Objective(Protocol):
+    """How batches are drawn and turned into a loss. Pretraining and each kind of fine-tuning implement this."""
 
     def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
         """Micro-batch number ``index`` for process ``rank`` (a pure function of its arguments)."""
@@ -118,11 +118,11 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
     def describe(self) -> dict[str, Any]:
-        """What the task trains on, for lineage records."""
+        """What the objective trains on, for lineage records."""
         ...
 
 
-class LanguageModelingTask:
+class LanguageModelingObjective:
     """Next-token prediction on prepared token shards (random windows, nanoGPT style)."""
 
     def __init__(self, shards: Any, micro_batch_size: int, block_size: int, seed: int = 1337) -> None:
@@ -194,11 +194,11 @@ class Trainer:
         self,
         model: Transformer,
         tokenizer: Tokenizer,
-        task: Task,
+        objective: Objective,
         config: TrainConfig,
         lineage: dict[str, Any] | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.model, self.tokenizer, self.objective, self.config = model, tokenizer, objective, config
         self.lineage = lineage or {}
         self.run_dir = Path(config.out_dir)
         self._check_fit()
@@ -296,7 +296,11 @@ class Trainer:
         model_dir = self.run_dir / "model"
         state = self._full_model_state(wrapped, optimizer)  # collective under FSDP: every rank calls it
         if info.is_main:
-            model.config.extra["lineage"] = {**self.lineage, **self.task.describe(), "steps": cfg.max_steps}
+            model.config.extra["lineage"] = {
+                **self.lineage,
+                **self.objective.describe(),
+                "steps": cfg.max_steps,
+            }
             atomic_write_folder(
                 model_dir,
                 lambda tmp: write_model_files(tmp, model.config, state, self.tokenizer),
@@ -346,7 +350,7 @@ class Trainer:
         total = torch.zeros((), device=info.device)
         tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = self.task.train_batch(step * cfg.grad_accum + micro, info.rank, info.world_size)
+            batch = self.objective.train_batch(step * cfg.grad_accum + micro, info.rank, info.world_size)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             batch = {k: v.to(info.device) for k, v in batch.items()}
@@ -354,7 +358,7 @@ class Trainer:
             # Gradients are averaged across processes only once per step, on the last micro-batch.
             sync = contextlib.nullcontext() if last or not info.distributed else wrapped.no_sync()
             with sync, self._autocast(info.device):
-                loss = self.task.loss(forward_model, batch) / cfg.grad_accum
+                loss = self.objective.loss(forward_model, batch) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
@@ -370,10 +374,10 @@ class Trainer:
     def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> float:
         self.model.eval()
         losses = []
-        for batch in self.task.val_batches(self.config.eval_batches):
+        for batch in self.objective.val_batches(self.config.eval_batches):
             batch = {k: v.to(info.device) for k, v in batch.items()}
             with self._autocast(info.device):
-                losses.append(self.task.loss(forward_model, batch).float())
+                losses.append(self.objective.loss(forward_model, batch).float())
         self.model.train()
         return float(torch.stack(losses).mean())
 

@@ -1,4 +1,4 @@
-"""Tasks on top of a loaded model: classify, summarize, embed, similarity — one line each for users.
+"""Inference on top of a loaded model: classify, summarize, embed, similarity — one line each for users.
 
     llm.classify_text("WINNER!! Claim your prize", labels=["ham", "spam"])   # zero-/few-shot, any chat model
     llm.classify_text("...")                                                 # a fine-tuned classification head

@@ -1,6 +1,6 @@
-"""Labelled data for fine-tuning: reading CSV/JSONL, and the Trainer tasks for classification and instructions.
+"""Labelled data for fine-tuning: reading CSV/JSONL, and the Trainer objectives for classification and instructions.
 
-Each task draws micro-batch ``i`` as a pure function of ``i`` (an epoch-seeded permutation), like pretraining,
+Each objective draws micro-batch ``i`` as a pure function of ``i`` (an epoch-seeded permutation), like pretraining,
 so fine-tuning resumes exactly too. Summarization is instruction tuning with a summarization prompt.
 """
 
@@ -114,8 +114,8 @@ class _EpochSampler:
         return out
 
 
-class _ExampleTask:
-    """Shared by the fine-tuning tasks: epoch-shuffled training rows, the first rows of val for evaluation."""
+class _ExampleObjective:
+    """Shared by the fine-tuning objectives: epoch-shuffled training rows, the first rows of val for evaluation."""
 
     train: Any
     val: Any
@@ -196,7 +196,7 @@ def load_classification(
     return ClassificationData(ids, targets, names, regression)
 
 
-class ClassificationTask(_ExampleTask):
+class ClassificationObjective(_ExampleObjective):
     """Cross-entropy (optionally class-weighted) or MSE on the head at the last real token."""
 
     def __init__(
@@ -356,7 +356,7 @@ def pack(data: SequenceData, block_size: int) -> SequenceData:
     return SequenceData(inputs, targets)
 
 
-class SequenceTask(_ExampleTask):
+class SequenceObjective(_ExampleObjective):
     """Next-token loss on answer tokens only (prompt positions carry IGNORE_INDEX); right-padded batches."""
 
     def __init__(
