@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from lmforge.selection import estimate
+    from lmforge.sizing import estimate
 
     result = estimate(
         args.model,
@@ -167,12 +167,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from lmforge.selection import select
+    from lmforge.sizing import select
 
     result = select(
         args.task,
         args.data,
-        args.candidates,
+        candidates=args.candidates,
         max_ram=args.max_ram,
         max_latency_ms=args.max_latency_ms,
         sample=args.sample,
