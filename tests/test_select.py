@@ -22,10 +22,11 @@ import lmforge
 from lmforge import LLM, Config, LmforgeError, Transformer
 from lmforge.cli import main
 from lmforge.formats.gguf import GGUFFile
-from lmforge.lora import LoRAConfig
+from lmforge.loading import build_network
+from lmforge.lora import LoRAConfig, inject_lora
 from lmforge.recipes.finetune import choose_trainable
 from lmforge.sizing import estimate, format_size, parse_size, runtime_baseline, select
-from lmforge.sizing.memory import model_shell, saved_per_token
+from lmforge.sizing.memory import model_shell, saved_bytes, saved_per_token
 
 from .conftest import TEST_DATA, one_intra_op_thread, tiny_llm
 
@@ -177,6 +178,64 @@ def test_saved_activations_match_autograd(preset: str, mode: str, task: str) -> 
     predicted = (sum(blocks) + outside + loss) * batch * length
     # Left out: GPT-2's position ids (one row, shared by the batch) and the loss's scalars.
     assert abs(predicted - sum(saved.values())) <= 8 * length + 8
+
+
+# The three block layouts the activation model must follow: GPT-2 (LayerNorm, GELU, biases, learned positions),
+# Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention: 4 query heads share 2 key/value heads) and BERT
+# (post-norm EncoderBlocks with bidirectional attention over a padding mask).
+FAMILIES = {
+    "gpt2": Config.from_name("tiny-gpt2"),
+    "llama-gqa": Config.from_name("tiny-llama"),
+    "bert": Config(
+        model_type="bert", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, position="learned",
+        norm="layernorm", activation="gelu", bias=True, gated_mlp=False, type_vocab_size=2, tie_embeddings=False,
+    ),
+}  # fmt: skip
+LORA = LoRAConfig(rank=4, targets=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def _set_method(model: nn.Module, mode: str) -> None:
+    """Fine-tuning's choice of what trains; an encoder (which lmforge does not fine-tune) the same way by hand."""
+    if isinstance(model, Transformer):
+        choose_trainable(model, mode, 1, LORA)
+    elif mode == "lora":
+        inject_lora(model, LORA)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(mode == "full" or name.startswith(f"blocks.{len(model.blocks) - 1}."))
+
+
+@pytest.mark.parametrize(
+    ("family", "mode", "task"),
+    [
+        (f, m, t)
+        for f in ("gpt2", "llama-gqa")
+        for m in ("full", "freeze", "lora")
+        for t in ("generate", "classify")
+    ]
+    + [("bert", m, "embed") for m in ("full", "freeze", "lora")],
+)
+def test_activation_model_equals_the_real_modules_exactly(family: str, mode: str, task: str) -> None:
+    """What the estimate counts per token (measured once on a fake-tensor twin of the shell, 8 tokens) equals,
+    byte for byte and block by block, what autograd saves when the real Block / EncoderBlock (Attention, MLP,
+    norms; frozen or LoRA-wrapped) runs on real tensors at another shape. A change to model.py moves both."""
+    config = FAMILIES[family]
+    with torch.device("meta"):
+        shell = build_network(config.replace(extra={}))
+    torch.manual_seed(0)
+    real = build_network(config.replace(extra={})).train()
+    for model in (shell, real):
+        if task == "classify":
+            model.score = nn.Linear(config.n_embd, 3, bias=False, device=model.device)
+        _set_method(model, mode)
+    blocks, outside, loss, _ = saved_per_token(shell, task)
+    rows, tokens = 3, 11
+    many, one = (saved_bytes(real, task, rows=n, tokens=tokens) for n in (rows, 1))
+    assert [many.get(i, 0) for i in range(config.n_layer)] == [b * rows * tokens for b in blocks]
+    assert any(blocks) and (mode != "full" or all(blocks))
+    # Outside the blocks, what the rows share (GPT-2's position ids) and the loss's scalars are not per token.
+    assert many.get("outside", 0) - one.get("outside", 0) == outside * (rows - 1) * tokens
+    assert many.get("loss", 0) - one.get("loss", 0) == loss * (rows - 1) * tokens
 
 
 def test_estimate_measures_speed_and_sizes_a_quantized_file(tmp_path: Path, tiny_tokenizer) -> None:

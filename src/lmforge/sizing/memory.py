@@ -8,9 +8,9 @@ What the code really holds, counted on a model shell (the network on the meta de
 - loading: a GGUF file (or safetensors in another dtype) is memory-mapped and read while the weights are
   built, so its pages are resident next to the weights until the load returns.
 - training: AdamW's two moments for the parameters the method trains (decided by ``choose_trainable`` on the
-  shell: the same code fine-tuning runs), the tensors autograd saves per token (``saved_per_token``, checked
-  against autograd in the tests) and gradients, at the moment of the backward pass where their sum peaks
-  (``backward_peak``).
+  shell: the same code fine-tuning runs), the tensors autograd saves for backward (``saved_per_token``:
+  measured by running the real modules on fake tensors, never a copy of their rules) and gradients, at the
+  moment of the backward pass where their sum peaks (``backward_peak``).
 - inference: the KV cache, one block's temporaries, and the logits the workload keeps.
 
 Not counted: the user's tokenized dataset, and heap memory the C allocator keeps after tensors are freed
@@ -19,21 +19,26 @@ Not counted: the user's tokenized dataset, and heap memory the C allocator keeps
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+# Fake tensors carry shape, dtype and device but no storage, and run each operator's real dispatch (so SDPA
+# picks the kernel it picks on a CPU). torch.compile and torch.export are built on them; the module is private.
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.gguf_quants import SUPPORTED_TYPES
 from lmforge.info import ModelHeader
 from lmforge.loading import build_network
-from lmforge.lora import LoRAConfig, LoRALinear
-from lmforge.model import Network, Transformer
+from lmforge.lora import LoRAConfig
+from lmforge.model import Network
 from lmforge.sizing.measure import runtime_baseline
 from lmforge.train.methods import choose_trainable
 
@@ -46,6 +51,7 @@ FP32 = 4
 # `tokenizers` holds the vocabulary and merges as Rust maps: measured 18 MiB for SmolLM2's 49k-entry vocabulary
 # read from GGUF and 29 MiB from its tokenizer.json, so about half a kilobyte per entry.
 TOKENIZER_BYTES_PER_ENTRY = 512
+PROBE_TOKENS = 8  # tokens per sequence when measuring what autograd saves (on fake tensors: any size is free)
 MiB, GiB = 2**20, 2**30
 
 
@@ -293,84 +299,101 @@ def inference_peak(
     return parts + [hidden], "forward"
 
 
-# ------------------------------------------------------- what autograd saves
-def _linear(module: nn.Module) -> tuple[bool, int]:
-    """(does the layer's own weight train, LoRA rank or 0)."""
-    if isinstance(module, LoRALinear):
-        return module.base.weight.requires_grad, module.lora_A.out_features
-    return module.weight.requires_grad, 0
+# ---------------------------------------------- what autograd saves (measured)
+Phase = int | str  # a block's index, "outside" the blocks, or "loss"
 
 
-def _norm_saved(config: Config, norm: nn.Module, x_grad: bool) -> int:
-    """Floats per token a norm saves. RMSNorm as autograd records it: x and rsqrt (x needs a gradient), the
-    normalised x (the weight trains). LayerNorm's fused kernel: its input, mean and rstd."""
-    w_grad = norm.weight.requires_grad
-    if config.norm == "layernorm":
-        return config.n_embd + 2 if x_grad or w_grad else 0
-    return (config.n_embd + 1 if x_grad else 0) + (config.n_embd if w_grad else 0)
+def saved_bytes(net: Network, task: str, *, rows: int, tokens: int) -> dict[Phase, int]:
+    """Bytes autograd saves for backward in one forward pass of ``rows`` x ``tokens`` token ids through ``net``
+    as it is (real tensors, or fake ones inside a ``FakeTensorMode``), by where they are saved: in block i,
+    "outside" the blocks, or "loss" (the log-probabilities of next-token prediction).
 
-
-def _block_saved(config: Config, block: nn.Module, x_grad: bool) -> tuple[int, bool]:
-    """Floats per token that autograd saves in one block, and whether its output needs a gradient.
-
-    The rules are autograd's: a linear layer keeps its input only if its weight trains (a LoRA adapter's A
-    keeps it too, and B keeps A's output); an elementwise product keeps each factor the other needs; RoPE keeps
-    only cos/sin (shared by all layers, counted outside); SDPA's flash kernel keeps q, k, v (k and v per
-    key/value head), its output (which o_proj's input shares) and the log-sum-exp per head.
+    A storage counts once, however many tensors view it; the weights and buffers are not counted (they are
+    the weights). A storage saved in two places (RoPE's cos/sin, made once and kept by every block that
+    trains) is outside; kept by one block only, it is that block's, and freed with it. The loss's integer
+    targets are counted outside: backward makes no gradient for them.
     """
-    C, inner = config.n_embd, config.intermediate_size
-    q_width, kv_width = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    attn, mlp = block.attn, block.mlp
-    saved = _norm_saved(config, block.attn_norm, x_grad)
-    h_grad = x_grad or block.attn_norm.weight.requires_grad
-    qkv = [_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)]
-    saved += C if any(t or r for t, r in qkv) else 0  # q, k, v share their input
-    saved += sum(r for _, r in qkv)
-    attn_grad = h_grad or any(t or r for t, r in qkv)
-    saved += 2 * q_width + 2 * kv_width + config.n_head if attn_grad else 0
-    o_trains, o_rank = _linear(attn.o_proj)
-    saved += o_rank + (q_width if (o_trains or o_rank) and not attn_grad else 0)
-    x2_grad = x_grad or attn_grad or o_trains or o_rank > 0
-    saved += _norm_saved(config, block.mlp_norm, x2_grad)
-    h2_grad = x2_grad or block.mlp_norm.weight.requires_grad
-    up, down = _linear(mlp.up_proj), _linear(mlp.down_proj)
-    inputs = [up] + ([_linear(mlp.gate_proj)] if mlp.gate_proj is not None else [])
-    saved += C if any(t or r for t, r in inputs) else 0
-    saved += sum(r for _, r in inputs) + down[1]
-    up_grad = h2_grad or up[0] or up[1] > 0
-    if mlp.gate_proj is not None:
-        gate_grad = h2_grad or inputs[1][0] or inputs[1][1] > 0
-        # act(gate) keeps gate; the product keeps act(gate) for up's gradient and up for act(gate)'s
-        saved += (inner if gate_grad else 0) + (inner if up_grad else 0) + (inner if gate_grad else 0)
-        inner_grad = gate_grad or up_grad
-    else:
-        saved += inner if up_grad else 0  # the activation keeps its input
-        inner_grad = up_grad
-    saved += inner if down[0] or down[1] else 0  # down_proj's input
-    return saved, x2_grad or inner_grad or down[0] or down[1] > 0
+    phase: list[Phase] = ["outside"]  # where the forward pass is now
+
+    def move_to(where: Phase) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            phase[0] = where
+
+        return hook
+
+    hooks = [block.register_forward_pre_hook(move_to(i)) for i, block in enumerate(net.blocks)]
+    hooks += [block.register_forward_hook(move_to("outside")) for block in net.blocks]
+    if task == "generate":  # what the lm_head's logits become is the loss
+        hooks.append(net.lm_head.register_forward_hook(move_to("loss")))
+    weights = {t.untyped_storage()._cdata for t in [*net.parameters(), *net.buffers()]}
+    owner: dict[int, Phase] = {}
+    size: dict[int, int] = {}
+    held: list[torch.Tensor] = []  # keeps storages alive, so that their ids stay unique
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in weights:
+            return tensor
+        held.append(tensor)
+        where = phase[0] if phase[0] != "loss" or tensor.is_floating_point() else "outside"
+        owner[key] = where if owner.get(key, where) == where else "outside"
+        size[key] = storage.nbytes()
+        return tensor
+
+    ids = torch.zeros(rows, tokens, dtype=torch.long)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            if task == "generate":
+                net(ids, targets=ids.clone())
+            elif task == "classify":
+                net.classify(ids)
+            else:
+                net.hidden_states(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    totals: dict[Phase, int] = {}
+    for key, where in owner.items():
+        totals[where] = totals.get(where, 0) + size[key]
+    return totals
 
 
-def saved_per_token(net: Transformer, task: str) -> tuple[list[int], int, int, bool]:
-    """Bytes per token autograd saves: per block, outside the blocks, and the head's log-softmax (V floats
-    for next-token loss); and whether the embedding trains. fp32 training."""
-    config = net.config
-    grad = net.wte.weight.requires_grad or (net.wpe is not None and net.wpe.weight.requires_grad)
-    blocks = []
-    any_attention = False
-    for block in net.blocks:
-        floats, out_grad = _block_saved(config, block, grad)
-        any_attention = any_attention or floats > 0
-        blocks.append(floats * FP32)
-        grad = out_grad
-    # int64 token ids: the embedding keeps them when it trains, the next-token loss its targets
-    outside = (8 if net.wte.weight.requires_grad else 0) + (8 if task == "generate" else 0)
-    if config.position == "rope" and any_attention:
-        outside += 2 * config.head_dim * FP32  # cos and sin, shared by every block
-    outside += _norm_saved(config, net.norm, grad) * FP32
-    head = net.score if task == "classify" else net.lm_head
-    outside += config.n_embd * FP32 if head.weight.requires_grad else 0  # the final norm's output
-    loss = config.vocab_size * FP32 if task == "generate" else 0
-    return blocks, outside, loss, net.wte.weight.requires_grad
+def _fake_weights(net: nn.Module) -> None:
+    """Replace a meta-device network's weights by fake CPU tensors of the current ``FakeTensorMode`` (same
+    shapes, dtypes, ``requires_grad`` and tying)."""
+    made: dict[int, torch.Tensor] = {}
+    for module in net.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in made:
+                    fake = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+                    if isinstance(tensor, nn.Parameter):
+                        fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                    made[id(tensor)] = fake
+                table[name] = made[id(tensor)]
+
+
+def saved_per_token(net: Network, task: str) -> tuple[list[int], int, int, bool]:
+    """Bytes per token that autograd saves in fp32 training: per block, outside the blocks, and the loss's
+    log-probabilities; and whether the embedding trains. ``net`` is a meta-device shell.
+
+    Measured, not modelled: a fake-tensor twin of the shell runs the real forward pass (``saved_bytes``) for
+    one and for two sequences of PROBE_TOKENS tokens. The difference is one sequence's worth, and everything in
+    it grows with the tokens; what the rows share (GPT-2's position ids) and the loss's scalars cancel out.
+    The twin runs in eval mode, i.e. without dropout: with dropout SDPA falls back to a kernel that keeps the
+    T x T attention weights, which a per-token count cannot hold (models read from Hugging Face or GGUF files
+    have no dropout; a config that sets it is estimated as if it had none).
+    """
+    twin = copy.deepcopy(net).eval()  # meta tensors: copied for free
+    with FakeTensorMode():
+        _fake_weights(twin)
+        one, two = (saved_bytes(twin, task, rows=rows, tokens=PROBE_TOKENS) for rows in (1, 2))
+    per_token = {where: (two.get(where, 0) - one.get(where, 0)) // PROBE_TOKENS for where in {*one, *two}}
+    blocks = [per_token.get(i, 0) for i in range(len(net.blocks))]
+    return blocks, per_token.get("outside", 0), per_token.get("loss", 0), net.wte.weight.requires_grad
 
 
 # ----------------------------------------------------------------- training
@@ -388,9 +411,7 @@ class _Stage:
         return self.saved + self.grads + self.transient
 
 
-def training_peak(
-    net: Transformer, task: str, tokens: int, checkpointing: bool
-) -> tuple[list[Component], str]:
+def training_peak(net: Network, task: str, tokens: int, checkpointing: bool) -> tuple[list[Component], str]:
     stage = backward_peak(net, task, tokens, checkpointing)
     parts = [
         Component(
@@ -404,7 +425,7 @@ def training_peak(
     return [p for p in parts if p.bytes], f"backward: {stage.name}"
 
 
-def backward_peak(net: Transformer, task: str, tokens: int, checkpointing: bool) -> _Stage:
+def backward_peak(net: Network, task: str, tokens: int, checkpointing: bool) -> _Stage:
     """Walk the backward pass and return the moment where saved activations + gradients + temporaries peak.
 
     Backward frees each block's saved tensors after its gradients are made, so the peak is either at the loss
