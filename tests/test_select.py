@@ -180,22 +180,21 @@ def test_saved_activations_match_autograd(preset: str, mode: str, task: str) -> 
     assert abs(predicted - sum(saved.values())) <= 8 * length + 8
 
 
-# The three block layouts the activation model must follow: GPT-2 (LayerNorm, GELU, biases, learned positions),
-# Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention: 4 query heads share 2 key/value heads) and BERT
-# (post-norm EncoderBlocks with bidirectional attention over a padding mask).
+# The block layouts the activation model must follow: GPT-2 (LayerNorm, GELU, biases, learned positions), Llama
+# (RMSNorm, SwiGLU, RoPE, grouped-query attention: 4 query heads share 2 key/value heads) and BERT (post-norm
+# EncoderBlocks with bidirectional attention over a padding mask).
 FAMILIES = {
     "gpt2": Config.from_name("tiny-gpt2"),
     "llama-gqa": Config.from_name("tiny-llama"),
-    "bert": Config(
-        model_type="bert", vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64, position="learned",
-        norm="layernorm", activation="gelu", bias=True, gated_mlp=False, type_vocab_size=2, tie_embeddings=False,
+    "bert": Config.from_name(
+        "tiny-gpt2", model_type="bert", activation="gelu", type_vocab_size=2, tie_embeddings=False
     ),
-}  # fmt: skip
+}
 LORA = LoRAConfig(rank=4, targets=["q_proj", "v_proj", "up_proj", "down_proj"])
 
 
 def _set_method(model: nn.Module, mode: str) -> None:
-    """Fine-tuning's choice of what trains; an encoder (which lmforge does not fine-tune) the same way by hand."""
+    """Fine-tuning's choice of what trains; for an encoder (lmforge does not fine-tune one) the same by hand."""
     if isinstance(model, Transformer):
         choose_trainable(model, mode, 1, LORA)
     elif mode == "lora":

@@ -72,13 +72,15 @@ def estimate(
     ``context`` is the tokens per sequence (default: the model's context, at most 2048 for inference and 512,
     fine-tuning's default, for training), ``batch`` the sequences at once. ``mode``: infer | full | freeze |
     lora; ``task`` the workload (see ``WORKLOADS``; default embed for a sentence encoder, else generate).
-    ``quant`` sizes a GGUF file of that type (q8_0, q4_0...) instead of the model's own file. ``measure`` runs a
-    few decode or training steps for tokens/s.
+    ``quant`` sizes a GGUF file of that type (q8_0, q4_0...) instead of the model's own file. ``measure``
+    runs a few decode or training steps for tokens/s.
     """
-    check_choice("mode", mode, MODES)
+    check_choice("mode", mode, allowed=MODES)
     training = mode != "infer"
     if task is not None:
-        check_choice("task", task, WORKLOADS["train" if training else "infer"], f"for mode {mode}")
+        check_choice(
+            "task", task, allowed=WORKLOADS["train" if training else "infer"], context=f"for mode {mode}"
+        )
     for name, value in (
         ("batch", batch),
         ("context", 1 if context is None else context),

@@ -68,7 +68,7 @@ class _OneBatch:
 
 
 def measure_runtime() -> dict[str, int]:
-    """Run in a fresh interpreter: decode with a tiny model, then train it one step, reading the RSS after each."""
+    """Run in a fresh interpreter: decode with a tiny model, then train it one step; the RSS after each."""
     config = Config(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)
     with torch.device("meta"):
         Transformer(

@@ -10,7 +10,7 @@ What the code really holds, counted on a model shell (the network on the meta de
 - training: AdamW's two moments for the parameters the method trains (decided by ``choose_trainable`` on the
   shell: the same code fine-tuning runs), the tensors autograd saves for backward (``saved_per_token``:
   measured by running the real modules on fake tensors, never a copy of their rules) and gradients, at the
-  moment of the backward pass where their sum peaks (``backward_peak``).
+  moment of the backward pass where their sum peaks (``_backward_peak``).
 - inference: the KV cache, one block's temporaries, and the logits the workload keeps.
 
 Not counted: the user's tokenized dataset, and heap memory the C allocator keeps after tensors are freed
@@ -29,7 +29,7 @@ import torch.nn as nn
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # Fake tensors carry shape, dtype and device but no storage, and run each operator's real dispatch (so SDPA
-# picks the kernel it picks on a CPU). torch.compile and torch.export are built on them; the module is private.
+# picks the kernel it picks on a CPU). torch.compile and torch.export build on them; the module is private.
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lmforge.config import Config
@@ -104,7 +104,7 @@ class Estimate:
         return "\n".join(lines)
 
 
-def check_choice(name: str, value: str, allowed: Sequence[str], context: str = "") -> None:
+def check_choice(name: str, value: str, *, allowed: Sequence[str], context: str = "") -> None:
     if value not in allowed:
         raise LmforgeError(
             f"unknown {name} {value!r}" + (f" {context}" if context else ""),
@@ -142,7 +142,7 @@ def model_shell(
     return net
 
 
-def unique_parameters(net: nn.Module) -> list[nn.Parameter]:
+def _unique_parameters(net: nn.Module) -> list[nn.Parameter]:
     return list({id(p): p for p in net.parameters()}.values())  # a tied head is one tensor
 
 
@@ -164,10 +164,10 @@ def size_memory(
     config = header.config
     width = torch.empty((), dtype=dtype).element_size()
     dtype_name = str(dtype).removeprefix("torch.")
-    params = unique_parameters(net)
+    params = _unique_parameters(net)
     count = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    disk, disk_note = disk_size(header, net, quant)
+    disk, disk_note = _disk_size(header, net, quant=quant)
     vocab = header.tokenizer.vocab_size
     components = [
         Component(
@@ -178,12 +178,12 @@ def size_memory(
         Component("tokenizer", vocab * TOKENIZER_BYTES_PER_ENTRY, f"{vocab:,} entries"),
         Component("weights", count * width, f"{count:,} parameters as {dtype_name}; {disk_note}"),
     ]
-    load = load_transient(header, disk, quant, dtype, count)
+    load = _load_transient(header, disk=disk, quant=quant, dtype=dtype, parameters=count)
     if training:
-        work, moment = training_peak(net, task, batch * context, checkpointing)
+        work, moment = _training_peak(net, task, tokens=batch * context, checkpointing=checkpointing)
         work.insert(0, Component("AdamW moments", 2 * trainable * FP32, f"2 x {trainable:,} trained params"))
     else:
-        work, moment = inference_peak(config, task, batch, context, width)
+        work, moment = _inference_peak(config, task, batch=batch, context=context, width=width)
     notes = []
     if load and load.bytes > sum(c.bytes for c in work):
         components.append(load)
@@ -217,7 +217,7 @@ def quant_type(name: str) -> GGMLQuantizationType:
     return qtype
 
 
-def disk_size(header: ModelHeader, net: nn.Module, quant: GGMLQuantizationType | None) -> tuple[int, str]:
+def _disk_size(header: ModelHeader, net: nn.Module, *, quant: GGMLQuantizationType | None) -> tuple[int, str]:
     """Weight bytes on disk and how they relate to memory."""
     if quant is None:
         types = ", ".join(f"{name} x{count}" for name, count in header.weight_types.most_common())
@@ -237,8 +237,13 @@ def disk_size(header: ModelHeader, net: nn.Module, quant: GGMLQuantizationType |
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def load_transient(
-    header: ModelHeader, disk: int, quant: GGMLQuantizationType | None, dtype: torch.dtype, parameters: int
+def _load_transient(
+    header: ModelHeader,
+    *,
+    disk: int,
+    quant: GGMLQuantizationType | None,
+    dtype: torch.dtype,
+    parameters: int,
 ) -> Component | None:
     """What loading holds on top of the weights: the mapped file while tensors are built from it.
 
@@ -263,8 +268,8 @@ def load_transient(
 
 
 # ---------------------------------------------------------------- inference
-def inference_peak(
-    config: Config, task: str, batch: int, context: int, width: int
+def _inference_peak(
+    config: Config, task: str, *, batch: int, context: int, width: int
 ) -> tuple[list[Component], str]:
     tokens = batch * context
     C, V = config.n_embd, config.vocab_size
@@ -304,9 +309,9 @@ Phase = int | str  # a block's index, "outside" the blocks, or "loss"
 
 
 def saved_bytes(net: Network, task: str, *, rows: int, tokens: int) -> dict[Phase, int]:
-    """Bytes autograd saves for backward in one forward pass of ``rows`` x ``tokens`` token ids through ``net``
-    as it is (real tensors, or fake ones inside a ``FakeTensorMode``), by where they are saved: in block i,
-    "outside" the blocks, or "loss" (the log-probabilities of next-token prediction).
+    """Bytes autograd saves for backward in one forward pass of ``rows`` x ``tokens`` token ids through
+    ``net`` as it is (real tensors, or fake ones inside a ``FakeTensorMode``), by where they are saved: in
+    block i, "outside" the blocks, or "loss" (the log-probabilities of next-token prediction).
 
     A storage counts once, however many tensors view it; the weights and buffers are not counted (they are
     the weights). A storage saved in two places (RoPE's cos/sin, made once and kept by every block that
@@ -381,8 +386,8 @@ def saved_per_token(net: Network, task: str) -> tuple[list[int], int, int, bool]
     log-probabilities; and whether the embedding trains. ``net`` is a meta-device shell.
 
     Measured, not modelled: a fake-tensor twin of the shell runs the real forward pass (``saved_bytes``) for
-    one and for two sequences of PROBE_TOKENS tokens. The difference is one sequence's worth, and everything in
-    it grows with the tokens; what the rows share (GPT-2's position ids) and the loss's scalars cancel out.
+    one and for two sequences of PROBE_TOKENS tokens. The difference is one sequence's worth, and everything
+    in it grows with the tokens; what the rows share (GPT-2's position ids) and the loss's scalars cancel out.
     The twin runs in eval mode, i.e. without dropout: with dropout SDPA falls back to a kernel that keeps the
     T x T attention weights, which a per-token count cannot hold (models read from Hugging Face or GGUF files
     have no dropout; a config that sets it is estimated as if it had none).
@@ -411,8 +416,10 @@ class _Stage:
         return self.saved + self.grads + self.transient
 
 
-def training_peak(net: Network, task: str, tokens: int, checkpointing: bool) -> tuple[list[Component], str]:
-    stage = backward_peak(net, task, tokens, checkpointing)
+def _training_peak(
+    net: Network, task: str, *, tokens: int, checkpointing: bool
+) -> tuple[list[Component], str]:
+    stage = _backward_peak(net, task, tokens=tokens, checkpointing=checkpointing)
     parts = [
         Component(
             "activations saved for backward",
@@ -425,7 +432,7 @@ def training_peak(net: Network, task: str, tokens: int, checkpointing: bool) -> 
     return [p for p in parts if p.bytes], f"backward: {stage.name}"
 
 
-def backward_peak(net: Network, task: str, tokens: int, checkpointing: bool) -> _Stage:
+def _backward_peak(net: Network, task: str, *, tokens: int, checkpointing: bool) -> _Stage:
     """Walk the backward pass and return the moment where saved activations + gradients + temporaries peak.
 
     Backward frees each block's saved tensors after its gradients are made, so the peak is either at the loss
@@ -464,7 +471,7 @@ def backward_peak(net: Network, task: str, tokens: int, checkpointing: bool) -> 
         # added to the head's gradient already there, into a new tensor: two more tables at once.
         accumulates = config.tie_embeddings and task == "generate"
         stages.append(_Stage("embedding gradient", saved, done, emb * (2 if accumulates else 1)))
-    every_grad = sum(p.numel() for p in unique_parameters(net) if p.requires_grad) * FP32
+    every_grad = sum(p.numel() for p in _unique_parameters(net) if p.requires_grad) * FP32
     stages.append(_Stage("optimizer step", 0, every_grad))
     return max(stages, key=lambda s: s.total)
 

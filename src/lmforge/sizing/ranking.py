@@ -1,5 +1,5 @@
-"""Ranking candidates (``select``): each is sized for the workload its scoring runs, checked against the memory
-limit, and, if it fits, loaded and scored on a seeded sample of the user's data (quality and latency).
+"""Ranking candidates (``select``): each is sized for the workload its scoring runs, checked against the
+memory limit, and, if it fits, loaded and scored on a seeded sample of the user's data (quality, latency).
 
 Named ``ranking`` rather than ``select`` so that the module does not shadow the ``lmforge.sizing.select``
 function (``import lmforge.sizing.select as m`` would bind the function).
@@ -100,7 +100,7 @@ def select(
     summary_field: str = "summary",
     seed: int = 0,
 ) -> Selection:
-    """Rank ``candidates`` (anything ``LoadedModel.load`` takes) for ``task`` on a sample of the user's ``data``.
+    """Rank ``candidates`` (any name ``LoadedModel.load`` takes) for ``task`` on a sample of ``data``.
 
     Each candidate is sized for the workload (``estimate``) and checked against ``max_ram`` (default: the RAM
     free now); those that fit are loaded and scored on ``sample`` examples: classify - accuracy (a fine-tuned
@@ -109,7 +109,7 @@ def select(
     (skipped without labels). The best quality among those that fit and meet ``max_latency_ms`` is recommended;
     ties go to the faster, then the smaller model.
     """
-    check_choice("task", task, SELECT_TASKS)
+    check_choice("task", task, allowed=SELECT_TASKS)
     names = [c.strip() for c in candidates.split(",")] if isinstance(candidates, str) else list(candidates)
     names = [n for n in names if n]
     if not names:
