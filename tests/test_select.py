@@ -171,7 +171,7 @@ def test_saved_activations_match_autograd(preset: str, mode: str, task: str) -> 
         task=task,
         lora_rank=4,
         lora_targets=["q_proj", "v_proj", "down_proj"],
-        freeze_last=1,
+        train_last_blocks=1,
         num_labels=3,
     )
     blocks, outside, loss, _ = saved_per_token(shell, task)

@@ -160,7 +160,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         measure=args.measure,
         task=args.task,
         lora_rank=args.lora_rank,
-        freeze_last=args.train_last_blocks,  # selection.estimate's keyword keeps the old name for now
+        train_last_blocks=args.train_last_blocks,
         activation_checkpointing=args.activation_checkpointing,
     )
     print(result.table())

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,9 +64,10 @@ def estimate(
     task: str | None = None,
     lora_rank: int = 8,
     lora_targets: Sequence[str] | None = None,
-    freeze_last: int = 2,
+    train_last_blocks: int = 2,
     activation_checkpointing: bool = False,
     num_labels: int = 2,
+    freeze_last: int | None = None,
 ) -> Estimate:
     """Peak memory (RSS, CPU) of running or fine-tuning ``model``, part by part, and tokens/s measured here.
 
@@ -73,8 +75,15 @@ def estimate(
     fine-tuning's default, for training), ``batch`` the sequences at once. ``mode``: infer | full | freeze |
     lora; ``task`` the workload (see ``WORKLOADS``; default embed for a sentence encoder, else generate).
     ``quant`` sizes a GGUF file of that type (q8_0, q4_0...) instead of the model's own file. ``measure``
-    runs a few decode or training steps for tokens/s.
+    runs a few decode or training steps for tokens/s. ``freeze_last`` is the old name of ``train_last_blocks``.
     """
+    if freeze_last is not None:
+        warnings.warn(
+            "freeze_last is deprecated, use train_last_blocks (it trains the last N blocks)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        train_last_blocks = freeze_last
     check_choice("mode", mode, allowed=MODES)
     training = mode != "infer"
     if task is not None:
@@ -110,7 +119,7 @@ def estimate(
         task=task,
         lora_rank=lora_rank,
         lora_targets=lora_targets,
-        freeze_last=freeze_last,
+        train_last_blocks=train_last_blocks,
         num_labels=num_labels,
     )
     result = size_memory(
@@ -139,7 +148,7 @@ def estimate(
         context=context,
         lora_rank=lora_rank,
         lora_targets=lora_targets,
-        freeze_last=freeze_last,
+        train_last_blocks=train_last_blocks,
         num_labels=num_labels,
     )
     return result

@@ -96,7 +96,7 @@ def measure_speed(
     context: int,
     lora_rank: int = 8,
     lora_targets: Sequence[str] | None = None,
-    freeze_last: int = 2,
+    train_last_blocks: int = 2,
     num_labels: int = 2,
 ) -> tuple[float, str]:
     """(tokens/s, how it was measured) of the workload ``estimate`` sized, on the model loaded for it."""
@@ -114,7 +114,7 @@ def measure_speed(
             context=context,
             lora_rank=lora_rank,
             lora_targets=lora_targets,
-            freeze_last=freeze_last,
+            train_last_blocks=train_last_blocks,
             num_labels=num_labels,
         )
     finally:
@@ -164,7 +164,7 @@ def train_speed(
     context: int,
     lora_rank: int = 8,
     lora_targets: Sequence[str] | None = None,
-    freeze_last: int = 2,
+    train_last_blocks: int = 2,
     num_labels: int = 2,
 ) -> tuple[float, str]:
     """Tokens/s of fine-tuning steps (forward, backward, AdamW) with the method's trainable parameters.
@@ -176,7 +176,7 @@ def train_speed(
         model.config.labels = [str(i) for i in range(num_labels)]
         model.score = nn.Linear(model.config.n_embd, num_labels, bias=False)
     targets = list(lora_targets) if lora_targets else LoRAConfig().targets
-    choose_trainable(model, mode, freeze_last, LoRAConfig(rank=lora_rank, targets=targets))
+    choose_trainable(model, mode, train_last_blocks, LoRAConfig(rank=lora_rank, targets=targets))
     optimizer = make_optimizer(model, TrainConfig(lr=1e-5), torch.device("cpu"))
     length = min(context, MEASURE_TOKENS)
     rows = max(1, min(batch, MEASURE_TOKENS // length))

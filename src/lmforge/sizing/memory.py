@@ -120,7 +120,7 @@ def model_shell(
     task: str,
     lora_rank: int = 8,
     lora_targets: Sequence[str] | None = None,
-    freeze_last: int = 2,
+    train_last_blocks: int = 2,
     num_labels: int = 2,
 ) -> Network:
     """The model on the meta device (no memory), with fine-tuning's own choice of what trains."""
@@ -138,7 +138,7 @@ def model_shell(
         net.requires_grad_(False)
     else:
         targets = list(lora_targets) if lora_targets else LoRAConfig().targets
-        choose_trainable(net, mode, freeze_last, LoRAConfig(rank=lora_rank, targets=targets))
+        choose_trainable(net, mode, train_last_blocks, LoRAConfig(rank=lora_rank, targets=targets))
     return net
 
 
