@@ -13,8 +13,8 @@ import torch
 
 from lmforge import LLM, LmforgeError
 from lmforge.loading import EMBEDDING_MODEL, bundled_model_path
-from lmforge.selection import estimate
 from lmforge.serve import create_app
+from lmforge.sizing import estimate
 from lmforge.store import Store
 
 from .conftest import one_intra_op_thread

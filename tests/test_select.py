@@ -22,17 +22,11 @@ import lmforge
 from lmforge import LLM, Config, LmforgeError, Transformer
 from lmforge.cli import main
 from lmforge.formats.gguf import GGUFFile
-from lmforge.lora import LoRAConfig
+from lmforge.loading import build_network
+from lmforge.lora import LoRAConfig, inject_lora
 from lmforge.recipes.finetune import choose_trainable
-from lmforge.selection import (
-    _saved_per_token,
-    _shell,
-    estimate,
-    format_size,
-    parse_size,
-    runtime_baseline,
-    select,
-)
+from lmforge.sizing import estimate, format_size, parse_size, runtime_baseline, select
+from lmforge.sizing.memory import model_shell, saved_bytes, saved_per_token
 
 from .conftest import TEST_DATA, one_intra_op_thread, tiny_llm
 
@@ -171,11 +165,76 @@ def test_saved_activations_match_autograd(preset: str, mode: str, task: str) -> 
     targets = torch.randint(0, config.vocab_size, (batch, length))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model.classify(ids) if task == "classify" else model(ids, targets=targets)
-    shell = _shell(config, mode, task, 4, ["q_proj", "v_proj", "down_proj"], 1, 3)
-    blocks, outside, loss, _ = _saved_per_token(shell, task)
+    shell = model_shell(
+        config,
+        mode,
+        task=task,
+        lora_rank=4,
+        lora_targets=["q_proj", "v_proj", "down_proj"],
+        train_last_blocks=1,
+        num_labels=3,
+    )
+    blocks, outside, loss, _ = saved_per_token(shell, task)
     predicted = (sum(blocks) + outside + loss) * batch * length
     # Left out: GPT-2's position ids (one row, shared by the batch) and the loss's scalars.
     assert abs(predicted - sum(saved.values())) <= 8 * length + 8
+
+
+# The block layouts the activation model must follow: GPT-2 (LayerNorm, GELU, biases, learned positions), Llama
+# (RMSNorm, SwiGLU, RoPE, grouped-query attention: 4 query heads share 2 key/value heads) and BERT (post-norm
+# EncoderBlocks with bidirectional attention over a padding mask).
+FAMILIES = {
+    "gpt2": Config.from_name("tiny-gpt2"),
+    "llama-gqa": Config.from_name("tiny-llama"),
+    "bert": Config.from_name(
+        "tiny-gpt2", model_type="bert", activation="gelu", type_vocab_size=2, tie_embeddings=False
+    ),
+}
+LORA = LoRAConfig(rank=4, targets=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+def _set_method(model: nn.Module, mode: str) -> None:
+    """Fine-tuning's choice of what trains; for an encoder (lmforge does not fine-tune one) the same by hand."""
+    if isinstance(model, Transformer):
+        choose_trainable(model, mode, 1, LORA)
+    elif mode == "lora":
+        inject_lora(model, LORA)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(mode == "full" or name.startswith(f"blocks.{len(model.blocks) - 1}."))
+
+
+@pytest.mark.parametrize(
+    ("family", "mode", "task"),
+    [
+        (f, m, t)
+        for f in ("gpt2", "llama-gqa")
+        for m in ("full", "freeze", "lora")
+        for t in ("generate", "classify")
+    ]
+    + [("bert", m, "embed") for m in ("full", "freeze", "lora")],
+)
+def test_activation_model_equals_the_real_modules_exactly(family: str, mode: str, task: str) -> None:
+    """What the estimate counts per token (measured once on a fake-tensor twin of the shell, 8 tokens) equals,
+    byte for byte and block by block, what autograd saves when the real Block / EncoderBlock (Attention, MLP,
+    norms; frozen or LoRA-wrapped) runs on real tensors at another shape. A change to model.py moves both."""
+    config = FAMILIES[family]
+    with torch.device("meta"):
+        shell = build_network(config.replace(extra={}))
+    torch.manual_seed(0)
+    real = build_network(config.replace(extra={})).train()
+    for model in (shell, real):
+        if task == "classify":
+            model.score = nn.Linear(config.n_embd, 3, bias=False, device=model.device)
+        _set_method(model, mode)
+    blocks, outside, loss, _ = saved_per_token(shell, task)
+    rows, tokens = 3, 11
+    many, one = (saved_bytes(real, task, rows=n, tokens=tokens) for n in (rows, 1))
+    assert [many.get(i, 0) for i in range(config.n_layer)] == [b * rows * tokens for b in blocks]
+    assert any(blocks) and (mode != "full" or all(blocks))
+    # Outside the blocks, what the rows share (GPT-2's position ids) and the loss's scalars are not per token.
+    assert many.get("outside", 0) - one.get("outside", 0) == outside * (rows - 1) * tokens
+    assert many.get("loss", 0) - one.get("loss", 0) == loss * (rows - 1) * tokens
 
 
 def test_estimate_measures_speed_and_sizes_a_quantized_file(tmp_path: Path, tiny_tokenizer) -> None:
@@ -219,7 +278,7 @@ def test_select_marks_a_model_that_does_not_fit(tiny_models: dict[str, Path]) ->
     result = select(
         "classify",
         TEST_DATA / "sms_spam" / "test.jsonl",
-        ["default", str(tiny_models["llama"])],
+        candidates=["default", str(tiny_models["llama"])],
         max_ram=f"{limit // 2**20}MiB",
         sample=8,
     )
@@ -238,7 +297,7 @@ def test_select_ranks_chinese_classes_and_prints_the_table(
 ) -> None:
     data = genre_zh
     names = [str(tiny_models["llama"]), str(tiny_models["gpt2-head"])]
-    result = select("classify", data, names, sample=8, seed=3)
+    result = select("classify", data, candidates=names, sample=8, seed=3)
     assert [c.status for c in result.candidates] == ["ok", "ok"]
     methods = {c.name: c.details["method"] for c in result.candidates}
     assert methods == {names[0]: "0-shot", names[1]: "fine-tuned head"}  # the head's labels match the data
@@ -263,7 +322,7 @@ def test_select_scores_every_task(
     tiny_models: dict[str, Path], genre_zh: Path, task: str, data: str, metric: str
 ) -> None:
     path = genre_zh if data == "genre_zh" else TEST_DATA / data
-    result = select(task, path, [str(tiny_models["llama"])], sample=2)
+    result = select(task, path, candidates=[str(tiny_models["llama"])], sample=2)
     (only,) = result.candidates
     assert result.metric == metric and only.status == "ok" and only.quality is not None and only.quality >= 0
     assert result.recommended == only.name and "the only candidate" in result.reason
@@ -272,7 +331,7 @@ def test_select_scores_every_task(
 def test_select_recommends_nothing_when_every_candidate_is_too_slow(
     tiny_models: dict[str, Path], genre_zh: Path
 ) -> None:
-    result = select("embed", genre_zh, [str(tiny_models["llama"])], sample=2, max_latency_ms=1e-6)
+    result = select("embed", genre_zh, candidates=[str(tiny_models["llama"])], sample=2, max_latency_ms=1e-6)
     assert result.candidates[0].status.startswith("too slow") and result.recommended is None
     assert result.reason.startswith("no candidate can be recommended") and "too slow" in result.table()
 
@@ -284,9 +343,15 @@ def test_select_recommends_nothing_when_every_candidate_is_too_slow(
         (lambda: estimate(mode="train"), "unknown mode 'train'"),
         (lambda: estimate(context=0), "context=0 must be a positive integer"),
         (lambda: parse_size("4XB"), "cannot read the size '4XB'"),
-        (lambda: select("classify", "no/such/file.jsonl", ["default"]), "no/such/file.jsonl: no such file"),
-        (lambda: select("classify", TEST_DATA / "sms_spam" / "test.jsonl", []), "no candidates given"),
-        (lambda: select("translate", "x.jsonl", ["default"]), "unknown task 'translate'"),
+        (
+            lambda: select("classify", "no/such/file.jsonl", candidates=["default"]),
+            "no/such/file.jsonl: no such file",
+        ),
+        (
+            lambda: select("classify", TEST_DATA / "sms_spam" / "test.jsonl", candidates=[]),
+            "no candidates given",
+        ),
+        (lambda: select("translate", "x.jsonl", candidates=["default"]), "unknown task 'translate'"),
     ],
 )
 def test_bad_input_is_one_line(call, message: str) -> None:

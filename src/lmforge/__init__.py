@@ -5,7 +5,7 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
 from lmforge.model import Transformer
-from lmforge.selection import estimate, select
+from lmforge.sizing import estimate, select
 from lmforge.tokenizer import Tokenizer
 
 __all__ = [

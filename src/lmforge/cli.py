@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from lmforge.selection import estimate
+    from lmforge.sizing import estimate
 
     result = estimate(
         args.model,
@@ -160,19 +160,19 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         measure=args.measure,
         task=args.task,
         lora_rank=args.lora_rank,
-        freeze_last=args.train_last_blocks,  # selection.estimate's keyword keeps the old name for now
+        train_last_blocks=args.train_last_blocks,
         activation_checkpointing=args.activation_checkpointing,
     )
     print(result.table())
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from lmforge.selection import select
+    from lmforge.sizing import select
 
     result = select(
         args.task,
         args.data,
-        args.candidates,
+        candidates=args.candidates,
         max_ram=args.max_ram,
         max_latency_ms=args.max_latency_ms,
         sample=args.sample,
