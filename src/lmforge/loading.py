@@ -102,11 +102,6 @@ class Source:
     name: str  # what the user named ("default" already replaced by the default model's name)
     path: Path | None
 
-    @property
-    def is_named(self) -> bool:
-        """A name that means the same model elsewhere (packaged, stored, hub) rather than a local path."""
-        return self.kind in ("packaged", "store", "hub")
-
 
 def resolve(name_or_path: str | Path | None, store: Store | None = None) -> Source:
     """Which model ``name_or_path`` means (see the module docstring for the order); downloads nothing."""
@@ -296,7 +291,10 @@ class LoadedModel:
         torch_dtype = resolve_dtype(dtype, torch_device)
         source = resolve(name_or_path)
         kind, path = model_files(source)
-        display = source.name if source.is_named else str(path)
+        # A name that means the same model on any machine (stored, hub, a packaged model by its name) is kept as
+        # the source; anything else (a path, "default", nothing) is recorded as the file it found.
+        named = source.kind in ("store", "hub") or str(name_or_path) in PACKAGED_MODELS
+        display = str(name_or_path) if named else str(path)
         if kind == "gguf":
             gguf_file = GGUFFile(path)
             config = gguf_file.config()
