@@ -34,6 +34,7 @@ from lmforge.formats.gguf import GGUFFile
 from lmforge.formats.peft import has_adapter, load_adapter
 from lmforge.generate import Completion, SamplingParams, complete
 from lmforge.model import Network, Transformer
+from lmforge.quant import QuantizedWeight, check_quant, float_state_dict, pack_model, quantize_model
 from lmforge.store import Manifest, Store, hash_file, parse_ref
 from lmforge.tokenizer import Message, Tokenizer
 
@@ -244,18 +245,31 @@ def _complete_state(state: dict[str, torch.Tensor], config: Config) -> dict[str,
 
 
 def build_from_state(
-    config: Config, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+    config: Config,
+    state: dict[str, torch.Tensor | QuantizedWeight],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Network:
-    """A network holding ``state`` (checked against ``config``), without a throwaway random initialisation."""
+    """A network holding ``state`` (checked against ``config``), without a throwaway random initialisation.
+
+    Entries that are ``QuantizedWeight`` become packed layers (``lmforge.quant``); the rest load as they are.
+    """
+    state = _complete_state(state, config)  # type: ignore[arg-type]
+    packed = {k.removesuffix(".weight"): v for k, v in state.items() if isinstance(v, QuantizedWeight)}
+    floats = {k: v for k, v in state.items() if not isinstance(v, QuantizedWeight)}
     with torch.device("meta"):
         model = build_network(config)
-    model.load_state_dict(_complete_state(state, config), strict=True, assign=True)
+    model.load_state_dict(floats, strict=not packed, assign=True)
     if isinstance(model, Transformer):
         if config.tie_embeddings:
-            model.lm_head.weight = model.wte.weight
+            packed.pop("lm_head", None)  # packed with the table it shares
+            if not packed:
+                model.lm_head.weight = model.wte.weight
         # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.
         if model.rope is not None:
             model.rope = type(model.rope)(config)
+    if packed:
+        pack_model(model, packed)
     return model.to(device=device, dtype=dtype)
 
 
@@ -285,10 +299,19 @@ class LoadedModel:
         *,
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
+        quant: str = "auto",
     ) -> Any:  # an instance of cls: LoadedModel here, LLM when called as LLM.load
-        """Load a model folder, a ``.gguf`` file, a stored name, a hub id, or (no argument) the bundled default."""
+        """Load a model folder, a ``.gguf`` file, a stored name, a hub id, or (no argument) the bundled default.
+
+        ``quant``: ``"auto"`` keeps a GGUF's quantized linear layers packed (Q4 -> int4, Q8_0 -> int8; see
+        ``lmforge.quant``) on the CPU when no ``dtype`` is asked for, and loads everything else as floats;
+        ``"none"`` dequantizes to ``dtype``; ``"int8"`` / ``"int4"`` pack any model's linear layers on load.
+        """
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
+        quant = check_quant(quant, torch_device)
+        if quant == "auto" and (dtype != "auto" or torch_device.type != "cpu"):
+            quant = "none"  # an explicit dtype asks for float weights of that type
         source = resolve(name_or_path)
         kind, path = model_files(source)
         # A name that means the same model on any machine (stored, hub, a packaged model by its name) is kept as
@@ -298,11 +321,14 @@ class LoadedModel:
         if kind == "gguf":
             gguf_file = GGUFFile(path)
             config = gguf_file.config()
-            network = build_from_state(config, gguf_file.state_dict(config), torch_dtype, torch_device)
+            state = gguf_file.state_dict(config, quant=quant)
+            network = build_from_state(config, state, torch_dtype, torch_device)
             return cls(network, gguf_file.tokenizer(), {}, display)
         config, state, tokenizer, generation = load_model_folder(path)
         config.extra.pop("lora", None)  # re-created below from the adapter files, if there are any
         network = build_from_state(config, state, torch_dtype, torch_device)
+        if quant in ("int8", "int4") and isinstance(network, Transformer):
+            quantize_model(network, quant)  # type: ignore[arg-type]
         if has_adapter(path):
             load_adapter(network, path)
             network.to(device=torch_device, dtype=torch_dtype)
@@ -313,7 +339,7 @@ class LoadedModel:
 
         A model with LoRA adapters keeps them separate, in PEFT's files inside the folder.
         """
-        state = {k: v.float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in float_state_dict(self.model).items()}
         return atomic_write_folder(
             path,
             lambda tmp: write_model_files(

@@ -324,11 +324,15 @@ class Network(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self._float_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        """The type activations flow in: that of the float parameters (packed layers hold integers)."""
+        return self._float_parameter().dtype
+
+    def _float_parameter(self) -> torch.Tensor:
+        return next(p for p in self.parameters() if p.is_floating_point())
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -20,11 +20,13 @@ import torch
 
 from lmforge.config import Config
 from lmforge.errors import ModelFormatError, UnsupportedError
-from lmforge.formats.gguf_quants import dequantize, tensor_nbytes
+from lmforge.formats.gguf_quants import PACKED_TYPES, block_codes, dequantize, tensor_nbytes
 from lmforge.formats.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
+from lmforge.quant import Kind, QuantizedWeight, quantize_weight
 from lmforge.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
+Weights = torch.Tensor | QuantizedWeight
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "mistral": "mistral"}
 
 _LAYER_TENSORS = {
@@ -193,21 +195,67 @@ class GGUFFile:
         """The raw bytes of one tensor (a view of the memory map, no copy)."""
         return np.frombuffer(self._map, dtype=np.uint8, count=tensor.nbytes, offset=tensor.offset)
 
-    def state_dict(self, config: Config, dtype: torch.dtype = torch.float32) -> StateDict:
-        """All weights dequantized, under lmforge's names and layouts."""
-        out: StateDict = {}
+    def state_dict(
+        self, config: Config, dtype: torch.dtype = torch.float32, quant: str = "none"
+    ) -> dict[str, Weights]:
+        """All weights under lmforge's names and layouts: float tensors, or with ``quant`` packed ones.
+
+        ``quant="none"`` dequantizes everything. ``"auto"`` keeps linear layers as stored: Q4_0/Q4_1 -> int4 and
+        Q8_0 -> int8 exactly, other block types (K-quants, Q5) requantized to the nearest kind, float types
+        stay float. ``"int8"`` / ``"int4"`` pack every linear layer as that kind (the head as int8).
+        """
+        out: dict[str, Weights] = {}
         undo_permutation = self.metadata.get("general.architecture") == "llama"
         for tensor in self.tensors:
-            array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
-            weights = torch.from_numpy(np.ascontiguousarray(array))
+            kind = _packed_kind(tensor, config, quant)
+            weights: Weights
+            if kind is None:
+                array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+                weights = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+            elif PACKED_TYPES.get(tensor.qtype) == kind:
+                codes, scales, zeros = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+                weights = QuantizedWeight(
+                    kind,
+                    torch.from_numpy(np.ascontiguousarray(codes)),
+                    torch.from_numpy(scales),
+                    torch.from_numpy(zeros) if zeros is not None else None,
+                )
+            else:
+                array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+                weights = quantize_weight(torch.from_numpy(array), kind)
             for name, value in _rename(tensor.name, weights, config, undo_permutation):
-                out[name] = value.to(dtype)
+                out[name] = value
         return out
 
 
+# Block types without a packed layout of their own, and the packed kind with at least their precision.
+_NEAREST_KIND: dict[str, Kind] = {"Q2_K": "int4", "Q3_K": "int4", "Q4_K": "int4"}
+
+
+def _packed_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
+    """The kind a GGUF tensor is packed as under ``quant``, or None to load it as floats."""
+    top, _, field = tensor.name.rpartition(".")
+    if quant == "none" or field != "weight" or len(tensor.shape) != 2 or "norm" in top:
+        return None
+    head = top == "output" or (top == "token_embd" and config.tie_embeddings)
+    if top == "token_embd" and not head or top == "position_embd" or tensor.shape[-1] % 32:
+        return None  # an untied embedding table is read a row at a time: it costs no bandwidth per token
+    if quant in ("int8", "int4"):
+        return "int8" if head else quant  # type: ignore[return-value]
+    qtype = gguf.GGMLQuantizationType(tensor.qtype)
+    if qtype in PACKED_TYPES:
+        stored: Kind = PACKED_TYPES[qtype]  # type: ignore[assignment]
+        return "int8" if top == "token_embd" else stored  # a packed embedding table is int8
+    if qtype.name in _NEAREST_KIND:
+        return "int8" if top == "token_embd" else _NEAREST_KIND[qtype.name]
+    if qtype.name.startswith(("Q5", "Q6", "Q8")):
+        return "int8"
+    return None  # F32, F16, BF16: float weights stay float
+
+
 def _rename(
-    name: str, weights: torch.Tensor, config: Config, undo_permutation: bool
-) -> list[tuple[str, torch.Tensor]]:
+    name: str, weights: Weights, config: Config, undo_permutation: bool
+) -> list[tuple[str, Weights]]:
     top, _, kind = name.rpartition(".")
     if top in _TOP_TENSORS:
         return [(f"{_TOP_TENSORS[top]}.{kind}", weights)]
@@ -230,7 +278,11 @@ def _rename(
             f"unknown GGUF tensor {name!r}", hint="this architecture variant is not supported"
         )
     if undo_permutation and part in ("attn_q", "attn_k"):
-        weights = unpermute_qk(weights, config.n_head if part == "attn_q" else config.n_kv_head)
+        heads = config.n_head if part == "attn_q" else config.n_kv_head
+        if isinstance(weights, QuantizedWeight):  # codes and scales share the row order
+            weights = weights.map_rows(lambda rows: unpermute_qk(rows, heads))
+        else:
+            weights = unpermute_qk(weights, heads)
     return [(f"{prefix}.{_LAYER_TENSORS[part]}.{kind}", weights)]
 
 

@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lmforge.errors import ModelFormatError, UnsupportedError
 
-__all__ = ["SUPPORTED_TYPES", "dequantize", "tensor_nbytes"]
+__all__ = ["PACKED_TYPES", "SUPPORTED_TYPES", "block_codes", "dequantize", "tensor_nbytes"]
 
 _T = GGMLQuantizationType
 
@@ -309,3 +309,41 @@ def dequantize(data: np.ndarray, qtype: int | GGMLQuantizationType, shape: tuple
         _, type_size = GGML_QUANT_SIZES[qtype]
         out = _BLOCK_DECODERS[qtype](raw.reshape(-1, type_size))
     return out.astype(np.float32, copy=False).reshape(shape)
+
+
+# --- integer codes for packed weights ----------------------------------------------------------------
+
+PACKED_TYPES = {_T.Q4_0: "int4", _T.Q4_1: "int4", _T.Q8_0: "int8"}
+"""Block types whose values a packed layer holds exactly, and the kind of layer that holds them."""
+
+
+def block_codes(
+    data: np.ndarray, qtype: int | GGMLQuantizationType, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The integer codes and fp16 scales of a Q4_0 / Q4_1 / Q8_0 tensor, without decoding to floats.
+
+    Returns ``(codes (N, K), scales (N, K/32), zeros (N, K/32) or None)`` in ``lmforge.quant``'s convention:
+    int4 is ``(q - 8) * scale + zero`` with q in 0..15 (Q4_0: zero 0; Q4_1: zero = m + 8 d, kept in float32
+    so that it is exact), int8 is ``q * scale``.
+    """
+    qtype = _as_type(qtype)
+    if qtype not in PACKED_TYPES:
+        raise UnsupportedError(f"{qtype.name} has no packed layout", hint="dequantize it instead")
+    raw = np.ascontiguousarray(np.asarray(data)).reshape(-1).view(np.uint8)
+    if raw.size != tensor_nbytes(qtype, shape):
+        raise ModelFormatError(
+            f"{qtype.name} tensor of shape {tuple(shape)} should have {tensor_nbytes(qtype, shape)} bytes",
+            hint="the file is truncated or corrupt; re-download it",
+        )
+    rows, row_len = math.prod(shape[:-1]), shape[-1]
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    groups = (rows, row_len // 32)
+    d = np.ascontiguousarray(blocks[:, 0:2]).view("<f2").reshape(groups)
+    if qtype == _T.Q8_0:
+        return blocks[:, 2:].view(np.int8).reshape(rows, row_len), d, None
+    start = 2 if qtype == _T.Q4_0 else 4
+    codes = _unpack(blocks[:, start:], 4).reshape(rows, row_len)
+    if qtype == _T.Q4_0:
+        return codes, d, np.zeros(groups, dtype=np.float32)
+    m = np.ascontiguousarray(blocks[:, 2:4]).view("<f2").reshape(groups).astype(np.float32)
+    return codes, d, m + 8 * d.astype(np.float32)
