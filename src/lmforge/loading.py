@@ -300,12 +300,14 @@ class LoadedModel:
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
         quant: str = "auto",
+        compile: bool = True,
     ) -> Any:  # an instance of cls: LoadedModel here, LLM when called as LLM.load
         """Load a model folder, a ``.gguf`` file, a stored name, a hub id, or (no argument) the bundled default.
 
         ``quant``: ``"auto"`` keeps a GGUF's quantized linear layers packed (Q4 -> int4, Q8_0 -> int8; see
         ``lmforge.quant``) on the CPU when no ``dtype`` is asked for, and loads everything else as floats;
         ``"none"`` dequantizes to ``dtype``; ``"int8"`` / ``"int4"`` pack any model's linear layers on load.
+        ``compile``: decode with the ``torch.compile``d one-token step (``lmforge.generate``); False keeps eager.
         """
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -323,6 +325,7 @@ class LoadedModel:
             config = gguf_file.config()
             state = gguf_file.state_dict(config, quant=quant)
             network = build_from_state(config, state, torch_dtype, torch_device)
+            network.compile_decode = compile
             return cls(network, gguf_file.tokenizer(), {}, display)
         config, state, tokenizer, generation = load_model_folder(path)
         config.extra.pop("lora", None)  # re-created below from the adapter files, if there are any
@@ -332,6 +335,7 @@ class LoadedModel:
         if has_adapter(path):
             load_adapter(network, path)
             network.to(device=torch_device, dtype=torch_dtype)
+        network.compile_decode = compile
         return cls(network, tokenizer, generation, display)
 
     def save(self, path: str | Path, card: str | None = None) -> Path:

@@ -318,6 +318,7 @@ class Network(nn.Module):
     """What every lmforge network (this decoder, ``encoder.Encoder``) answers: size, device and dtype."""
 
     wte: nn.Embedding
+    compile_decode = False  # generate.py decodes with a torch.compile'd step when True (set by the loader)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
