@@ -9,13 +9,14 @@ with ``next_tokens`` and assembles text with ``CompletionBuilder``, the same pie
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model import Transformer
+from lmforge.model import KVCache, StaticKVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
 
@@ -162,6 +163,51 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward pass: bounds its activations, lets others interleave
+CACHE_BUCKET = 256  # static caches are sized in multiples of this, so few sizes reach torch.compile
+
+
+def cache_length(tokens: int, context: int) -> int:
+    """The static cache size for ``tokens``: rounded up to a bucket (fewer compiled shapes), within the context."""
+    return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
+
+
+_compiled_steps: weakref.WeakKeyDictionary[Transformer, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def decode_step_function(model: Transformer) -> Callable[[torch.Tensor, StaticKVCache], torch.Tensor]:
+    """``model.decode_step``, compiled once per model when ``model.compile_decode`` (the loader's default).
+
+    Inductor fuses each block's small ops and the packed layers' dequantize-in-register matvecs; its
+    kernels are cached on disk between runs (``TORCHINDUCTOR_CACHE_DIR``), so the compile cost is paid once.
+    Shapes are fixed per (batch, cache bucket): a new pair compiles once more.
+    """
+    if not model.compile_decode:
+        return model.decode_step
+    step = _compiled_steps.get(model)
+    if step is None:
+        step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
+        _compiled_steps[model] = step
+    return step
+
+
+def prefill(
+    model: Transformer,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache,
+    chunk: int = PREFILL_CHUNK,
+) -> torch.Tensor:
+    """Run a left-padded prompt batch ids (B, T) into ``cache``, ``chunk`` tokens at a time; last logits (B, V)."""
+    logits = None
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        part_mask = mask[:, :end] if mask is not None else None
+        logits, _ = model(ids[:, start:end], attention_mask=part_mask, cache=cache, last_logits_only=True)
+    assert logits is not None
+    return logits[:, -1]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer,
@@ -171,7 +217,8 @@ def generate_tokens(
     """Yield one (B,) tensor of next-token ids per step, for a batch of prompts of any lengths.
 
     The caller decides when a sequence is done (EOS, stop strings) and stops iterating when all are; this loop
-    stops by itself after ``max_new_tokens`` or when the context is full.
+    stops by itself after ``max_new_tokens`` or when the context is full. The prompt is prefilled in chunks;
+    every further token goes through ``decode_step_function`` (compiled or eager) over a ``StaticKVCache``.
     """
     if not prompts:
         raise LmforgeError("no prompts to generate for", hint="pass at least one prompt")
@@ -182,24 +229,25 @@ def generate_tokens(
     ids, mask = left_pad(prompts, pad_id=0)
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
-    cache = model.new_cache(len(prompts), ids.shape[1] + steps)
+    size = ids.shape[1] + steps - 1  # the last token is sampled, never fed back
+    cache = StaticKVCache(model.config, len(prompts), cache_length(size, model.config.block_size), device, model.dtype)
     generator = sampling_generator(params, device)
     seen = None
     if params.repetition_penalty != 1.0:
         # Only real tokens count as seen: a pad position repeats its row's last prompt token (never a pad with
         # left padding), which the penalty then touches once, as alone. The scheduler penalises prompt + output.
         seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
-    logits, _ = model(ids, attention_mask=mask, cache=cache, last_logits_only=True)
+    logits = prefill(model, ids, mask, cache)
+    cache.start_decoding(mask)
+    step_function = decode_step_function(model)
     for step in range(steps):
-        token = next_tokens(logits[:, -1], params, generator, seen)  # (B,)
+        token = next_tokens(logits, params, generator, seen)  # (B,)
         yield token
         if step == steps - 1:
             break
         if seen is not None:
             seen = torch.cat([seen, token[:, None]], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
-        logits, _ = model(token[:, None], attention_mask=mask, cache=cache)
+        logits = step_function(token[:, None], cache)
 
 
 # ------------------------------------------------------------ text assembly

@@ -229,6 +229,61 @@ class SlotKVCache(KVCache):
         self.length = max(self.lengths, default=0)
 
 
+class StaticKVCache(KVCache):
+    """A cache for the compiled decode step: every shape is fixed, and its state lives in tensors.
+
+    The prompt is prefilled through the plain ``KVCache`` interface (``length`` counts columns). After
+    ``start_decoding``, each ``Transformer.decode_step`` writes one token per row at ``column`` and attends over
+    all ``max_len`` columns, masking those not yet written (and each row's left padding): the step has the same
+    shapes at every position, so ``torch.compile`` captures it once. The attention over unwritten columns is
+    the price, and it is small next to the weights a step reads: the cache is sized to the request.
+    """
+
+    def __init__(
+        self, config: Config, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.key_ok = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L) written, real
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token is written
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1) its position
+        self.decoding = False  # False: prefill through KVCache.update; True: decode steps (step_update)
+
+    def start_decoding(self, attention_mask: torch.Tensor | None) -> None:
+        """After the prompt's prefill: ``attention_mask`` (B, length) marks its real tokens (None: all real)."""
+        n = self.length
+        self.key_ok.zero_()
+        if attention_mask is None:
+            self.key_ok[:, :n] = True
+            self.positions.fill_(n)
+        else:
+            self.key_ok[:, :n] = attention_mask.bool()
+            self.positions.copy_(attention_mask.sum(-1, keepdim=True))
+        self.column.fill_(n)
+        self.decoding = True
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step_update(layer, k, v) if self.decoding else super().update(layer, k, v)
+
+    def step_positions_and_mask(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, 1) and attention mask (B, 1, 1, L) of one decode step (in-place, no new shapes)."""
+        self.key_ok.index_fill_(1, self.column, True)
+        allowed = self.key_ok
+        if window is not None:  # columns and positions differ by each row's padding, a constant: distances agree
+            columns = torch.arange(self.max_len, device=self.column.device)
+            allowed = allowed & (self.column - columns < window)
+        return self.positions, allowed[:, None, None, :]
+
+    def step_update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, K, 1, D) written at ``column`` -> all columns (B, K, L, D)
+        self.keys[layer].index_copy_(2, self.column, k)
+        self.values[layer].index_copy_(2, self.column, v)
+        return self.keys[layer], self.values[layer]
+
+    def step_advance(self) -> None:
+        self.column.add_(1)
+        self.positions.add_(1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
@@ -426,6 +481,29 @@ class Transformer(Network):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
+        x = self._blocks(x, positions, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return x
+
+    def decode_step(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """idx (B, 1), one new token per row -> next-token logits (B, V), through a ``StaticKVCache``.
+
+        Fixed shapes and no Python-side state change: this is what ``torch.compile`` captures for decoding.
+        The caller checks that the cache has room (``cache.max_len``) before each step.
+        """
+        positions, mask = cache.step_positions_and_mask(self.config.sliding_window)
+        x = self.wte(idx)  # (B, 1, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self._blocks(x, positions, mask, cache)
+        cache.step_advance()
+        return self.lm_head(x)[:, -1]  # (B, V)
+
+    def _blocks(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """Embedded tokens x (B, T, C) at ``positions`` (B, T) -> final-norm hidden states (B, T, C)."""
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         x = self.drop(x)
         for block in self.blocks:
@@ -433,8 +511,6 @@ class Transformer(Network):
                 x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.advance(T)
         return self.norm(x)
 
     def _positions_and_mask(

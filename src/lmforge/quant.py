@@ -137,7 +137,7 @@ class PackedLinear(nn.Module):
             self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16).contiguous())
         else:
             self.register_buffer("codes", weight.codes.to(torch.int8).contiguous())
-            self.register_buffer("scales", weight.scales.to(torch.float16).contiguous())
+            self.register_buffer("scales", weight.scales.to(torch.float32).contiguous())
         self.register_buffer("bias", bias)
 
     @property
