@@ -150,7 +150,7 @@ ENGINE_STEPS = {
 
 # ------------------------------------------------------------------------------------------ worker
 def measure(step: Step, repeats: int) -> tuple[float, float]:
-    """(seconds of the first, untimed-for-the-median call; median seconds of the next ``repeats``)."""
+    """(seconds of the first call, the warm-up; median seconds of the ``repeats`` calls after it)."""
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -199,14 +199,7 @@ def prompt_ids(path: Path) -> Ids:
 
 
 def run_cell(engine: str, path: Path, ids: Ids, args: argparse.Namespace) -> dict | None:
-    options = [
-        "--threads",
-        str(args.threads),
-        "--repeats",
-        str(args.repeats),
-        "--new-tokens",
-        str(args.new_tokens),
-    ]
+    options = [f"--threads={args.threads}", f"--repeats={args.repeats}", f"--new-tokens={args.new_tokens}"]
     command = [sys.executable, __file__, "--worker", engine, str(path), *options]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, input=json.dumps(ids), capture_output=True, text=True, env=env)
@@ -242,13 +235,16 @@ def ratio(value: float, reference: dict | None) -> str:
     return f"{value / reference['decode']:.2f}x" if reference else "–"
 
 
-def table(results: dict[tuple[str, str], dict], args: argparse.Namespace) -> list[str]:
+def table(results: dict[tuple[str, str], dict | None], args: argparse.Namespace) -> list[str]:
     lines = [
         f"| file | engine | decode tok/s (batch 1, {args.new_tokens} new) | prefill {PREFILL_TOKENS} tok/s "
         "| first-call s | peak RSS MiB | decode vs llama.cpp | decode vs lmforge fp32 eager |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (label, engine), r in results.items():
+        if r is None:
+            lines.append(f"| {label} | {ENGINES[engine]} | failed (see above) | | | | | |")
+            continue
         lines.append(
             f"| {label} | {ENGINES[engine]} | {r['decode']:.1f} | {r['prefill']:.0f} | {r['first_call_s']:.1f} "
             f"| {r['peak_rss_mib']:.0f} | {ratio(r['decode'], results.get((label, 'llamacpp')))} "
@@ -279,9 +275,7 @@ def parent(args: argparse.Namespace) -> None:
         for engine in engines:
             if engine == "hf" and label != HF_FILE:
                 continue
-            result = run_cell(engine, files[label], ids, args)
-            if result is not None:
-                results[(label, engine)] = result
+            results[(label, engine)] = run_cell(engine, files[label], ids, args)
     print("\n" + machine_line(args))
     print("\n".join(table(results, args)))
 
