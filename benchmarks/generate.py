@@ -1,110 +1,299 @@
-"""SmolLM2-135M inference speed: lmforge (fp32, bf16) next to Hugging Face transformers (fp32), one run.
+"""SmolLM2-135M CPU inference speed: lmforge's load paths next to transformers and llama.cpp, one table.
 
-    python benchmarks/generate.py [--threads 2] [--repeats 3]
+    python benchmarks/generate.py [--threads 2] [--repeats 3] [--new-tokens 128]
+                                  [--engines fp32,packed,packed-eager,hf,llamacpp] [--files Q4_1,Q8_0]
 
-Decode: batch 1, greedy, 128 new tokens after a short prompt (EOS ignored). Prefill: one 512-token prompt.
-Both engines load the same GGUF (transformers through its own GGUF loader). Medians of --repeats runs.
+Files: the shipped Q4_1 GGUF and an lmforge Q8_0 export of it (``_models.smollm2_files``). Engines:
+
+- ``fp32``         lmforge fp32 eager: ``LLM.load(path, dtype="float32", quant="none", compile=False)``
+- ``packed``       lmforge packed + compiled: ``LLM.load(path, quant="auto", compile=True)``
+- ``packed-eager`` lmforge packed eager: ``LLM.load(path, quant="auto", compile=False)``
+- ``hf``           transformers fp32 through its own GGUF loader (the Q4_1 file only)
+- ``llamacpp``     llama-cpp-python (installed by ``llama_cpp_export.ensure_llama_cpp`` when missing)
+
+Per (file, engine) cell: decode tok/s (batch 1, greedy, --new-tokens after a short prompt, EOS ignored),
+prefill tok/s (one 512-token prompt, time to the first logits), "first-call s" (the untimed warm-up
+generation: for ``packed`` it includes torch.compile) and the peak RSS of the process. Each cell runs in its
+own subprocess (``--worker ENGINE FILE``, token ids on stdin, one JSON line out) so that the peak RSS is that
+engine's alone; every subprocess gets the same thread count. Timings are medians of --repeats runs after one
+warm-up. The parent tokenizes both prompts once per file, so every engine sees the same token ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from lmforge import LLM, SamplingParams
-from lmforge.generate import generate_tokens
-from lmforge.loading import bundled_model_path
+# Only the standard library at module level: a llama.cpp worker must not pay torch's memory in its peak RSS.
+# Each engine imports what it needs.
 
 PROMPT = "The history of the printing press begins"
-NEW_TOKENS = 128
 PREFILL_TOKENS = 512
+ENGINES = {
+    "fp32": "lmforge fp32 eager",
+    "packed": "lmforge packed + compiled",
+    "packed-eager": "lmforge packed eager",
+    "hf": "transformers fp32",
+    "llamacpp": "llama.cpp",
+}
+LMFORGE_OPTIONS = {
+    "fp32": {"dtype": "float32", "quant": "none", "compile": False},
+    "packed": {"quant": "auto", "compile": True},
+    "packed-eager": {"quant": "auto", "compile": False},
+}
+HF_FILE = "Q4_1"  # transformers dequantizes any GGUF to fp32: one file is enough
+
+Step = Callable[[], None]
+Ids = dict[str, list[int]]  # {"prompt": the decode prompt, "long": the 512-token prefill prompt}
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# ------------------------------------------------------------------------------------------ engines (worker side)
+# Each returns (decode, prefill): decode generates --new-tokens after ids["prompt"], prefill computes the logits
+# of the last position of ids["long"].
+def set_torch_threads(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch
 
 
-def bench_lmforge(
-    llm: LLM, prompt_ids: list[int], long_ids: torch.Tensor, repeats: int
-) -> tuple[float, float]:
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
+def lmforge_steps(engine: str, path: Path, ids: Ids, args: argparse.Namespace):
+    torch = set_torch_threads(args.threads)
+    from lmforge import LLM, SamplingParams
+    from lmforge.generate import generate_tokens
+
+    llm = LLM.load(path, device="cpu", **LMFORGE_OPTIONS[engine])
+    params = SamplingParams(max_new_tokens=args.new_tokens, stop_on_eos=False)
+    long_ids = torch.tensor([ids["long"]])
 
     def decode() -> None:
-        assert sum(1 for _ in generate_tokens(llm.model, [prompt_ids], params)) == NEW_TOKENS
+        assert sum(1 for _ in generate_tokens(llm.model, [ids["prompt"]], params)) == args.new_tokens
 
     @torch.inference_mode()
     def prefill() -> None:
         llm.model(long_ids, last_logits_only=True)
 
-    return NEW_TOKENS / median_time(decode, repeats), PREFILL_TOKENS / median_time(prefill, repeats)
+    return decode, prefill
 
 
-def bench_hf(model, prompt_ids: list[int], long_ids: torch.Tensor, repeats: int) -> tuple[float, float]:
-    ids = torch.tensor([prompt_ids])
+def hf_steps(engine: str, path: Path, ids: Ids, args: argparse.Namespace):
+    torch = set_torch_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    prompt_ids, long_ids = torch.tensor([ids["prompt"]]), torch.tensor([ids["long"]])
 
     @torch.inference_mode()
     def decode() -> None:
         out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
             do_sample=False,
             pad_token_id=0,
         )
-        assert out.shape[1] - ids.shape[1] == NEW_TOKENS
+        assert out.shape[1] - prompt_ids.shape[1] == args.new_tokens
 
     @torch.inference_mode()
     def prefill() -> None:
         model(long_ids, logits_to_keep=1)
 
-    return NEW_TOKENS / median_time(decode, repeats), PREFILL_TOKENS / median_time(prefill, repeats)
+    return decode, prefill
+
+
+def llama_cpp_steps(engine: str, path: Path, ids: Ids, args: argparse.Namespace):
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(path),
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_ctx=1024,
+        n_batch=512,
+        verbose=False,
+    )
+
+    def decode() -> None:
+        llm.reset()
+        llm.eval(ids["prompt"])
+        for i in range(args.new_tokens):
+            token = llm.sample(temp=0.0)
+            if i < args.new_tokens - 1:  # the last token needs no forward pass, as in the other engines
+                llm.eval([token])
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval(ids["long"])
+
+    return decode, prefill
+
+
+ENGINE_STEPS = {
+    "fp32": lmforge_steps,
+    "packed": lmforge_steps,
+    "packed-eager": lmforge_steps,
+    "hf": hf_steps,
+    "llamacpp": llama_cpp_steps,
+}
+
+
+# ------------------------------------------------------------------------------------------ worker
+def measure(step: Step, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, the warm-up; median seconds of the ``repeats`` calls after it)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1:])
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM).
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries that over fork and exec, so a worker would report
+    at least its parent's peak (the parent has torch loaded, and may just have written the Q8_0 export).
+    """
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+
+
+def worker(engine: str, path: Path, args: argparse.Namespace) -> dict:
+    ids = json.load(sys.stdin)
+    decode, prefill = ENGINE_STEPS[engine](engine, path, ids, args)
+    first_call, decode_s = measure(decode, args.repeats)
+    _, prefill_s = measure(prefill, args.repeats)
+    return {
+        "engine": engine,
+        "file": str(path),
+        "decode": args.new_tokens / decode_s,
+        "prefill": PREFILL_TOKENS / prefill_s,
+        "first_call_s": first_call,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ parent
+def prompt_ids(path: Path) -> Ids:
+    """The short decode prompt and the 512-token prefill prompt, tokenized with the file's own tokenizer."""
+    import torch
+
+    from lmforge.formats.gguf import GGUFFile
+
+    tokenizer = GGUFFile(path).tokenizer()
+    text = Path(torch.__file__).read_text(encoding="utf-8") * 4  # any long real text will do
+    long = tokenizer.encode(text)[:PREFILL_TOKENS]
+    assert len(long) == PREFILL_TOKENS
+    return {"prompt": tokenizer.encode(PROMPT), "long": long}
+
+
+def run_cell(engine: str, path: Path, ids: Ids, args: argparse.Namespace) -> dict | None:
+    options = [f"--threads={args.threads}", f"--repeats={args.repeats}", f"--new-tokens={args.new_tokens}"]
+    command = [sys.executable, __file__, "--worker", engine, str(path), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, input=json.dumps(ids), capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"{ENGINES[engine]} on {path.name} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {ENGINES[engine]} on {path.name}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
+def machine_line(args: argparse.Namespace) -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    amx = sorted(f for f in flags if f.startswith("amx"))
+
+    def package(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"SmolLM2-135M-Instruct on {model} (avx512_bf16: {'yes' if 'avx512_bf16' in flags else 'no'}, "
+        f"amx: {','.join(amx) or 'no'}), {args.threads} threads, torch {package('torch')}, "
+        f"llama_cpp {package('llama-cpp-python')}, transformers {package('transformers')}, "
+        f"medians of {args.repeats}"
+    )
+
+
+def ratio(value: float, reference: dict | None) -> str:
+    return f"{value / reference['decode']:.2f}x" if reference else "–"
+
+
+def table(results: dict[tuple[str, str], dict | None], args: argparse.Namespace) -> list[str]:
+    lines = [
+        f"| file | engine | decode tok/s (batch 1, {args.new_tokens} new) | prefill {PREFILL_TOKENS} tok/s "
+        "| first-call s | peak RSS MiB | decode vs llama.cpp | decode vs lmforge fp32 eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (label, engine), r in results.items():
+        if r is None:
+            lines.append(f"| {label} | {ENGINES[engine]} | failed (see above) | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {ENGINES[engine]} | {r['decode']:.1f} | {r['prefill']:.0f} | {r['first_call_s']:.1f} "
+            f"| {r['peak_rss_mib']:.0f} | {ratio(r['decode'], results.get((label, 'llamacpp')))} "
+            f"| {ratio(r['decode'], results.get((label, 'fp32')))} |"
+        )
+    return lines
+
+
+def parent(args: argparse.Namespace) -> None:
+    from _models import smollm2_files
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    labels = [f.strip() for f in args.files.split(",") if f.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        sys.exit(f"unknown engine(s) {unknown}: choose from {', '.join(ENGINES)}")
+    if "llamacpp" in engines:
+        from llama_cpp_export import ensure_llama_cpp
+
+        ensure_llama_cpp()
+    files = smollm2_files()
+    if not set(labels) <= set(files):
+        sys.exit(f"unknown file(s) {sorted(set(labels) - set(files))}: choose from {', '.join(files)}")
+
+    results = {}
+    for label in labels:
+        ids = prompt_ids(files[label])
+        for engine in engines:
+            if engine == "hf" and label != HF_FILE:
+                continue
+            results[(label, engine)] = run_cell(engine, files[label], ids, args)
+    print("\n" + machine_line(args))
+    print("\n".join(table(results, args)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    parser.add_argument("--files", default="Q4_1,Q8_0", help="comma list of Q4_1, Q8_0")
+    parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    path: Path = bundled_model_path()
-
-    ours32 = LLM.load(path, dtype="float32", device="cpu")
-    prompt_ids = ours32.tokenizer.encode(PROMPT)
-    text = Path(torch.__file__).read_text(encoding="utf-8") * 4  # any long real text will do
-    long_ids = torch.tensor([ours32.tokenizer.encode(text)[:PREFILL_TOKENS]])
-
-    rows = []
-    rows.append(("lmforge", "fp32", *bench_lmforge(ours32, prompt_ids, long_ids, args.repeats)))
-    ours16 = LLM.load(path, dtype="bfloat16", device="cpu")
-    rows.append(("lmforge", "bf16", *bench_lmforge(ours16, prompt_ids, long_ids, args.repeats)))
-    del ours16
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    rows.append(("transformers", "fp32", *bench_hf(hf, prompt_ids, long_ids, args.repeats)))
-
-    hf_decode = rows[-1][2]
-    print(
-        f"\nSmolLM2-135M-Instruct, {args.threads} threads, torch {torch.__version__}, medians of {args.repeats}"
-    )
-    print(
-        f"| engine | weights | decode tok/s (batch 1, {NEW_TOKENS} new) | prefill {PREFILL_TOKENS} tok/s | decode vs HF fp32 |"
-    )
-    print("|---|---|---:|---:|---:|")
-    for engine, dtype, decode, prefill in rows:
-        print(f"| {engine} | {dtype} | {decode:.1f} | {prefill:.0f} | {decode / hf_decode:.2f}x |")
+    if args.worker:
+        engine, path = args.worker
+        print(json.dumps(worker(engine, Path(path), args)))
+    else:
+        parent(args)
 
 
 if __name__ == "__main__":
