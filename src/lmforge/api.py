@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge import inference
+from lmforge import inference, runtime
 from lmforge.export import export_model
 from lmforge.generate import SamplingParams, stream_completions
 from lmforge.loading import LoadedModel
@@ -26,6 +26,14 @@ from lmforge.tokenizer import Message
 class LLM(LoadedModel):
     """A loaded model with everything users do with it. ``LLM.load(...)`` (see ``lmforge.loading``) finds it;
     ``save``, ``complete``, ``prompt_ids`` and ``eos_ids`` come from ``LoadedModel``."""
+
+    @classmethod
+    def load(cls, name_or_path: str | Path | None = None, **options: Any) -> Any:
+        """``LoadedModel.load`` (options: ``dtype``, ``device``, ``quant``, ``compile``), after setting up the
+        process once (``lmforge.runtime.configure``): intra-op threads, one per physical core unless
+        ``$LMFORGE_THREADS`` or ``runtime.set_threads`` chose, and inductor's cache under ``$LMFORGE_HOME``."""
+        runtime.configure()
+        return super().load(name_or_path, **options)
 
     def export(
         self,
