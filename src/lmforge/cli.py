@@ -137,9 +137,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from lmforge.info import model_info
+    from lmforge.quant import packing_summary
 
     for key, value in model_info(args.model).items():
         print(f"{key:<16} {value}")
+    sys.stdout.flush()  # the headers first: the packing line loads the weights
+    print(f"{'packing':<16} {packing_summary(_load(args).model)}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -515,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="architecture, parameters, dtype, context and chat template of a model")
+    p = sub.add_parser(
+        "info",
+        help="architecture, parameters, dtype, context, chat template and packing (loads it) of a model",
+    )
     _add_model(p)
     p.set_defaults(func=cmd_info)
 
