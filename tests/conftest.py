@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,14 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge import LLM, Config, Tokenizer, Transformer
+from lmforge import LLM, Config, Tokenizer, Transformer, runtime
 from lmforge.loading import bundled_model_path
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads at most, here and in `lmforge` commands run in-process or as children (they read the variable).
+os.environ.setdefault(runtime.THREADS_ENV, str(min(2, os.cpu_count() or 1)))
+runtime.set_threads()
+# Compiled decoding caches its kernels here, not under the user's ~/.lmforge (LLM.load's default).
+os.environ.setdefault(runtime.INDUCTOR_CACHE_ENV, str(Path(tempfile.gettempdir()) / "lmforge-tests-inductor"))
 
 
 @contextlib.contextmanager

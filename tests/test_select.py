@@ -336,6 +336,28 @@ def test_select_recommends_nothing_when_every_candidate_is_too_slow(
     assert result.reason.startswith("no candidate can be recommended") and "too slow" in result.table()
 
 
+def test_select_loads_the_candidates_as_asked(
+    tiny_models: dict[str, Path], genre_zh: Path, monkeypatch
+) -> None:
+    from lmforge.loading import LoadedModel
+    from lmforge.quant import packing_summary
+
+    load, seen = LoadedModel.load.__func__, []  # type: ignore[attr-defined]
+
+    def recording(cls, name=None, **options):
+        llm = load(cls, name, **options)
+        seen.append((options, packing_summary(llm.model)))
+        return llm
+
+    monkeypatch.setattr(LoadedModel, "load", classmethod(recording))
+    result = select(
+        "embed", genre_zh, candidates=[str(tiny_models["llama"])], sample=2, quant="int8", compile=False
+    )
+    assert result.candidates[0].status == "ok"
+    ((options, packing),) = seen
+    assert options == {"device": "cpu", "quant": "int8", "compile": False} and "int8 linear layers" in packing
+
+
 # ------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("call", "message"),
@@ -352,6 +374,7 @@ def test_select_recommends_nothing_when_every_candidate_is_too_slow(
             "no candidates given",
         ),
         (lambda: select("translate", "x.jsonl", candidates=["default"]), "unknown task 'translate'"),
+        (lambda: select("embed", "x.jsonl", candidates=["default"], quant="int3"), "unknown quant 'int3'"),
     ],
 )
 def test_bad_input_is_one_line(call, message: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
+from lmforge.quant import QUANT_CHOICES
 
 EXIT_USER_ERROR = 2
 
@@ -43,6 +44,24 @@ def _add_model(parser: argparse.ArgumentParser, positional: bool = True) -> None
         parser.add_argument("-m", "--model", default=None, help=help_text)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_speed(parser)
+
+
+def _add_speed(parser: argparse.ArgumentParser) -> None:
+    """--quant and --no-compile: how a model is loaded for inference (``LLM.load``'s quant and compile)."""
+    parser.add_argument(
+        "--quant",
+        default="auto",
+        choices=QUANT_CHOICES,
+        help="packed weights: auto keeps a GGUF's Q4/Q8 layers packed on the CPU (default), none loads floats, "
+        "int8/int4 pack any model's linear layers (CPU)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="decode eagerly instead of with the torch.compile'd step (no compile wait on the first answer)",
+    )
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, object]:
@@ -64,7 +83,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 def _load(args: argparse.Namespace):
     from lmforge.api import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, device=args.device)
+    return LLM.load(args.model, dtype=args.dtype, device=args.device, quant=args.quant, compile=args.compile)
 
 
 def _print_stream(pieces) -> tuple[int, float]:
@@ -118,9 +137,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from lmforge.info import model_info
+    from lmforge.quant import packing_summary
 
     for key, value in model_info(args.model).items():
         print(f"{key:<16} {value}")
+    sys.stdout.flush()  # the headers first: the packing line loads the weights
+    print(f"{'packing':<16} {packing_summary(_load(args).model)}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -143,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     url = f"http://{args.host}:{args.port}"
-    print(f"serving {llm!r}\n  playground: {url}/   API: {url}/v1")
+    print(f"serving {llm!r} (threads: {args.threads})\n  playground: {url}/   API: {url}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -180,6 +202,8 @@ def cmd_select(args: argparse.Namespace) -> None:
         text_field=args.text_field,
         label_field=args.label_field,
         summary_field=args.summary_field,
+        quant=args.quant,
+        compile=args.compile,
     )
     print(result.table())
 
@@ -187,7 +211,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import run_quickstart
 
-    run_quickstart(max_tokens=args.max_tokens)
+    run_quickstart(max_tokens=args.max_tokens, quant=args.quant, compile=args.compile)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -331,6 +355,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         limit=args.limit,
         window=args.window,
         stride=args.stride,
+        quant=args.quant,
+        compile=args.compile,
     )
     print(markdown_table(report["rows"], COLUMNS[args.task]))
     print(f"\nreport: {', '.join(report['files'])}")
@@ -472,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.recipes.settings import add_flags, renamed_flag
 
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads for every command (default: $LMFORGE_THREADS, else one per physical core)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="continue a prompt (streams the text)")
@@ -487,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("info", help="architecture, parameters, dtype, context and chat template of a model")
+    p = sub.add_parser(
+        "info",
+        help="architecture, parameters, dtype, context, chat template and packing (loads it) of a model",
+    )
     _add_model(p)
     p.set_defaults(func=cmd_info)
 
@@ -567,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="perplexity: tokens of context per window")
     p.add_argument("--stride", type=int, help="perplexity: tokens between windows")
     p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
+    _add_speed(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("list", help="models in the local store (~/.lmforge, or $LMFORGE_HOME)")
@@ -667,18 +702,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
     p.add_argument("--summary-field", default="summary")
+    _add_speed(p)
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("quickstart", help="a tour: load the default model and answer in English and Chinese")
     p.add_argument("--max-tokens", type=int, default=64)
+    _add_speed(p)
     p.set_defaults(func=cmd_quickstart)
     return parser
+
+
+def _configure_runtime(args: argparse.Namespace) -> None:
+    """Once, before any command: intra-op threads (--threads) and inductor's cache under $LMFORGE_HOME."""
+    from lmforge import runtime
+
+    args.threads = runtime.set_threads(args.threads)
+    runtime.configure_compile_cache()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
+        _configure_runtime(args)
         func(args)
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,11 +23,17 @@ PROMPTS = [
 
 
 def run_quickstart(
-    max_tokens: int = 64, out_dir: str | Path = "runs/quickstart", train_steps: int = 300
+    max_tokens: int = 64,
+    out_dir: str | Path = "runs/quickstart",
+    train_steps: int = 300,
+    *,
+    quant: str = "auto",
+    compile: bool = True,
 ) -> None:
+    """The tour; ``quant`` and ``compile`` are ``LLM.load``'s, for the pretrained model of part 1."""
     print("lmforge quickstart\n\n== 1. Run a real pretrained model ==\n")
     start = time.perf_counter()
-    llm = LLM.load()
+    llm = LLM.load(quant=quant, compile=compile)
     print(f"Loaded {llm!r} in {time.perf_counter() - start:.1f} s\n")
     for prompt in PROMPTS:
         print(f">>> {prompt}")

@@ -6,6 +6,7 @@
       snapshots/<hex>/               symlinks into blobs: the plain model folder ``LLM.load`` reads
       tmp/                           files being written; never entries, ``gc`` removes leftovers
       lock                           held while blobs, manifests or snapshots change
+      inductor/                      not the store's: torch.compile's cache (``lmforge.runtime``)
 
 Crash safety: a blob is written to tmp/, fsynced and renamed into place; the manifest comes last, also by
 rename, so a killed import leaves at most unreferenced blobs and temp files, never a half entry. Writers take
@@ -40,6 +41,7 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.formats.atomic import fsync_path
 from lmforge.formats.folder import CARD_FILE, CONFIG_FILE, TRAINER_FILES, model_card
+from lmforge.runtime import lmforge_home
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_TAG = "latest"
@@ -86,10 +88,6 @@ def _try_ref(text: str) -> Ref | None:
         return parse_ref(text)
     except LmforgeError:
         return None
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("LMFORGE_HOME") or "~/.lmforge").expanduser()
 
 
 def human_bytes(n: float) -> str:
@@ -191,7 +189,7 @@ class Store:
     """A model store rooted at ``root`` (default ``$LMFORGE_HOME`` or ``~/.lmforge``)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else lmforge_home()
         self.blobs = self.root / "blobs"
         self.manifests = self.root / "manifests"
         self.snapshots = self.root / "snapshots"

@@ -162,12 +162,18 @@ def load_model_state(model: Transformer, folder: Path) -> StateDict:
     return base
 
 
-def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] | None = None) -> str:
+def model_card(
+    config: Config,
+    tokenizer: Tokenizer,
+    record: Mapping[str, Any] | None = None,
+    packing: str | None = None,
+) -> str:
     """The README.md of a model folder.
 
     ``record`` (from the model store) adds a ``description``, the ``lineage`` (one line per ancestor, nearest
     first), the training ``recipe``, the ``data`` fingerprint and ``metrics``. Without it, the training record
-    in the config (``extra["lineage"]``) is shown.
+    in the config (``extra["lineage"]``) is shown. ``packing`` (``lmforge.quant.packing_summary`` of the model
+    saved) adds a row saying which linear layers were packed how.
     """
     record = record or {}
     params = config.num_parameters()
@@ -188,6 +194,7 @@ def model_card(config: Config, tokenizer: Tokenizer, record: Mapping[str, Any] |
         f"| context length | {config.block_size} |",
         f"| vocabulary | {tokenizer.vocab_size} |",
         f"| chat template | {'yes' if tokenizer.chat_template else 'no'} |",
+        *([f"| packing | {packing} |"] if packing else []),
         "",
         *_usage(config),
     ]

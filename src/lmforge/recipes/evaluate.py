@@ -48,7 +48,12 @@ def evaluate_models(
     window: int | None = None,
     stride: int | None = None,
     max_length: int = 60,
+    quant: str = "auto",
+    compile: bool = True,
 ) -> dict[str, Any]:
+    """Evaluate each of ``models`` (loaded with ``quant`` and ``compile``, as ``LoadedModel.load`` takes them)
+    on ``data``. Models packed on request (``quant`` int8 / int4) are reported, and their scores stored, under
+    the name with the kind added, ``spam:v1 (int4)``, beside the float model's."""
     if task not in COLUMNS:
         raise LmforgeError(f"unknown evaluation task {task!r}", hint=f"use one of {', '.join(COLUMNS)}")
     out = Path(out_dir)
@@ -72,12 +77,13 @@ def evaluate_models(
             rows.append(_row("baseline: tf-idf + logistic regression", metrics, len(texts), start))
     for name in models:
         start = time.perf_counter()
-        llm = LoadedModel.load(name)
+        llm = LoadedModel.load(name, quant=quant, compile=compile)
+        label = f"{name} ({quant})" if quant in ("int8", "int4") else name
         if task == "perplexity":
             text = Path(data).read_text(encoding="utf-8")
             rows.append(
                 {
-                    "model": name,
+                    "model": label,
                     **perplexity(llm, text, window, stride),
                     "seconds": time.perf_counter() - start,
                 }
@@ -93,20 +99,20 @@ def evaluate_models(
             predicted = [r["label"] for r in classify(llm, texts, zero_shot)]
             metrics = classification_metrics(truth, predicted, names)
             plot_confusion(metrics, out / f"confusion-{_slug(name)}.png", name)
-            rows.append(_row(name + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
+            rows.append(_row(label + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
         elif task == "summarize":
             records = read_records(data, [text_field, summary_field])[:limit]
             predictions = summarize(llm, [str(r[text_field]) for r in records], max_length)
             scores = rouge(predictions, [str(r[summary_field]) for r in records])
             rows.append(
-                {"model": name, **scores, "examples": len(records), "seconds": time.perf_counter() - start}
+                {"model": label, **scores, "examples": len(records), "seconds": time.perf_counter() - start}
             )
         else:
             items = read_records(data, ["question", "choices", "answer"])[:limit]
             result = multiple_choice(llm, items)
             rows.append(
                 {
-                    "model": name,
+                    "model": label,
                     "accuracy": result["accuracy"],
                     "examples": len(items),
                     "seconds": time.perf_counter() - start,
@@ -115,7 +121,8 @@ def evaluate_models(
         # A model from the store keeps its scores: `lmforge show` and its model card list them.
         scores = {k: v for k, v in rows[-1].items() if k not in ("model", "seconds")}
         scores["data"] = str(Path(data).resolve())
-        add_metrics_if_stored(llm.source, {f"{task}:{Path(data).name}": scores})
+        suffix = label[len(name) :]  # packed scores are kept beside the float model's, not over them
+        add_metrics_if_stored(llm.source, {f"{task}:{Path(data).name}{suffix}": scores})
     report = {"task": task, "data": str(data), "rows": rows}
     json_path, md_path = write_report(report, out, COLUMNS[task])
     report["files"] = [str(json_path), str(md_path)]

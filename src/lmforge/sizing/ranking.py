@@ -27,6 +27,7 @@ from lmforge.inference import classify, embed, sequence_logprobs, summarize
 from lmforge.info import ModelHeader, read_header
 from lmforge.loading import LoadedModel
 from lmforge.prompts import chat_or_plain, classification_prompt, summarization_prompt
+from lmforge.quant import QUANT_CHOICES
 from lmforge.sizing.measure import decode_speed
 from lmforge.sizing.memory import check_choice, format_size, model_shell, parse_size, size_memory
 
@@ -99,6 +100,8 @@ def select(
     label_field: str = "label",
     summary_field: str = "summary",
     seed: int = 0,
+    quant: str = "auto",
+    compile: bool = True,
 ) -> Selection:
     """Rank ``candidates`` (any name ``LoadedModel.load`` takes) for ``task`` on a sample of ``data``.
 
@@ -107,9 +110,12 @@ def select(
     head when its labels match, else zero/``shots``-shot), summarize - ROUGE-L, generate - bits per byte of
     the target text (lower is better; comparable across tokenizers), embed - nearest-neighbour label accuracy
     (skipped without labels). The best quality among those that fit and meet ``max_latency_ms`` is recommended;
-    ties go to the faster, then the smaller model.
+    ties go to the faster, then the smaller model. Candidates load on the CPU with ``quant`` and ``compile``
+    (``LoadedModel.load``'s), so speed and quality are those of the model as the user will run it; the memory
+    check sizes float32 weights, an upper bound for packed ones.
     """
     check_choice("task", task, allowed=SELECT_TASKS)
+    check_choice("quant", quant, allowed=QUANT_CHOICES)  # before any candidate is loaded
     names = [c.strip() for c in candidates.split(",")] if isinstance(candidates, str) else list(candidates)
     names = [n for n in names if n]
     if not names:
@@ -131,7 +137,12 @@ def select(
         label_field=label_field,
         summary_field=summary_field,
     )
-    results = [_evaluate_candidate(name, job, limit=limit, max_latency_ms=max_latency_ms) for name in names]
+    results = [
+        _evaluate_candidate(
+            name, job, limit=limit, max_latency_ms=max_latency_ms, quant=quant, compile=compile
+        )
+        for name in names
+    ]
     ranked = sorted(results, key=job.sort_key)
     best = next((c for c in ranked if c.eligible), None)
     return Selection(
@@ -322,7 +333,9 @@ def _read_job(
     return job
 
 
-def _evaluate_candidate(name: str, job: _Job, *, limit: int, max_latency_ms: float | None) -> Candidate:
+def _evaluate_candidate(
+    name: str, job: _Job, *, limit: int, max_latency_ms: float | None, quant: str, compile: bool
+) -> Candidate:
     """Size the candidate for the job; if it fits, load it and score it. Its own errors mark only its row."""
     candidate = Candidate(name)
     try:
@@ -340,7 +353,8 @@ def _evaluate_candidate(name: str, job: _Job, *, limit: int, max_latency_ms: flo
                 f"does not fit: needs {format_size(candidate.memory)}, limit {format_size(limit)}"
             )
             return candidate
-        llm = LoadedModel.load(name, dtype="float32", device="cpu")  # as sized above
+        # float32 on the CPU as sized above (dtype auto), its linear layers packed if ``quant`` asks
+        llm = LoadedModel.load(name, device="cpu", quant=quant, compile=compile)
         candidate.quality, candidate.latency_ms, candidate.details = job.score(llm)
         del llm
         gc.collect()

@@ -1,0 +1,119 @@
+"""The process's runtime settings: intra-op threads, lmforge's home folder and torch.compile's cache.
+
+``set_threads`` is the one place lmforge sets intra-op threads. The command line calls it once at start
+(``lmforge --threads N``); ``LLM.load`` calls ``configure()`` once per process, which sets the default unless
+the user chose already (``set_threads``, or ``torch.set_num_threads`` after importing lmforge). Threads, first
+that applies: ``set_threads(n)``; ``$LMFORGE_THREADS``; ``$OMP_NUM_THREADS`` (what torch itself honours); the
+physical cores this process may run on (a hyperthread sibling shares its core's arithmetic units, so more
+threads only queue for them); ``os.cpu_count()`` where ``/proc/cpuinfo`` does not say.
+
+``lmforge_home()`` is the one resolution of ``$LMFORGE_HOME`` (default ``~/.lmforge``): the model store lives
+there, and so does inductor's cache (``<home>/inductor``), so only the first run waits for most of the compiling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+THREADS_ENV = "LMFORGE_THREADS"
+HOME_ENV = "LMFORGE_HOME"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+CPUINFO = Path("/proc/cpuinfo")
+
+_threads: int | None = None  # what set_threads set, None until it runs
+_configured = False
+_initial_threads = torch.get_num_threads()  # to see whether the user changed it before LLM.load
+
+
+def lmforge_home() -> Path:
+    """``$LMFORGE_HOME``, or ``~/.lmforge``: where the store and the compile cache live."""
+    return Path(os.environ.get(HOME_ENV) or "~/.lmforge").expanduser()
+
+
+def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int | None:
+    """Unique (physical id, core id) pairs among the processors this process may run on, from ``cpuinfo``
+    (default: ``/proc/cpuinfo``); ``allowed`` defaults to the process's CPU affinity. None when unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    if allowed is None and hasattr(os, "sched_getaffinity"):
+        allowed = set(os.sched_getaffinity(0))
+    cores: set[tuple[str, str]] = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (line.partition(":") for line in block.splitlines())
+        )
+        if "physical id" not in fields or "core id" not in fields:
+            continue
+        processor = fields.get("processor", "")
+        if allowed is not None and processor.isdigit() and int(processor) not in allowed:
+            continue
+        cores.add((fields["physical id"], fields["core id"]))
+    return len(cores) or None
+
+
+def default_threads() -> int:
+    """Threads when none are asked for: $LMFORGE_THREADS, $OMP_NUM_THREADS, physical cores, os.cpu_count()."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        return _positive(value, f"${THREADS_ENV}", hint="set it to a whole number >= 1 (e.g. 4), or unset it")
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:  # anything else (a nested "4,2") is OpenMP's to read, not ours
+        return int(omp)
+    return physical_cores() or os.cpu_count() or 1
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads to ``n`` (default: ``default_threads()``) and return the number used."""
+    global _threads
+    threads = (
+        default_threads() if n is None else _positive(n, "threads", hint="use a whole number >= 1, e.g. 4")
+    )
+    torch.set_num_threads(threads)
+    _threads = threads
+    return threads
+
+
+def configure_compile_cache() -> Path:
+    """Point inductor's cache at ``<LMFORGE_HOME>/inductor`` unless ``$TORCHINDUCTOR_CACHE_DIR`` is set; return it.
+
+    The folder is created by inductor when it first compiles."""
+    if not os.environ.get(INDUCTOR_CACHE_ENV):
+        os.environ[INDUCTOR_CACHE_ENV] = str(lmforge_home() / "inductor")
+    return Path(os.environ[INDUCTOR_CACHE_ENV])
+
+
+def configure() -> None:
+    """Once per process (``LLM.load`` calls it): the compile cache, and the default threads unless the user set
+    them already, with ``set_threads`` or with ``torch.set_num_threads`` after lmforge was imported."""
+    global _configured
+    if _configured:
+        return
+    configure_compile_cache()
+    if _threads is None and torch.get_num_threads() == _initial_threads:
+        set_threads()
+    _configured = True
+
+
+def _positive(value: object, what: str, hint: str) -> int:
+    """``value`` as a thread count >= 1, or a one-line error."""
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    else:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            number = None
+    if number is None or number < 1:
+        raise LmforgeError(f"{what}={value!r} is not a number of threads", hint=hint)
+    return number
