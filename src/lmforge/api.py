@@ -16,37 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from lmforge import inference, runtime
+from lmforge import inference
 from lmforge.export import export_model
-from lmforge.formats.folder import model_card
 from lmforge.generate import SamplingParams, stream_completions
 from lmforge.loading import LoadedModel
-from lmforge.quant import packed_layers, packing_summary
 from lmforge.tokenizer import Message
 
 
 class LLM(LoadedModel):
     """A loaded model with everything users do with it. ``LLM.load(...)`` (see ``lmforge.loading``) finds it;
     ``complete``, ``prompt_ids`` and ``eos_ids`` come from ``LoadedModel``."""
-
-    @classmethod
-    def load(cls, name_or_path: str | Path | None = None, **options: Any) -> Any:
-        """``LoadedModel.load`` (options: ``dtype``, ``device``, ``quant``, ``compile``), after setting up the
-        process once (``lmforge.runtime.configure``): intra-op threads, one per physical core unless
-        ``$LMFORGE_THREADS`` or ``runtime.set_threads`` chose, and inductor's cache under ``$LMFORGE_HOME``."""
-        runtime.configure()
-        return super().load(name_or_path, **options)
-
-    def save(self, path: str | Path, card: str | None = None) -> Path:
-        """Write the model folder (``LoadedModel.save``); its card says which linear layers were packed how."""
-        if card is None:
-            packing = packing_summary(self.model)
-            if packed_layers(self.model):
-                packing += (
-                    " when saved; this folder holds them as float32 (quant='int8' or 'int4' packs again)"
-                )
-            card = model_card(self.config, self.tokenizer, packing=packing)
-        return super().save(path, card)
 
     def export(
         self,

@@ -172,7 +172,9 @@ def cache_length(tokens: int, context: int) -> int:
     return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
 
 
-_compiled_steps: weakref.WeakKeyDictionary[Transformer, Callable[..., torch.Tensor]] = weakref.WeakKeyDictionary()
+_compiled_steps: weakref.WeakKeyDictionary[Transformer, Callable[..., torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def decode_step_function(model: Transformer) -> Callable[[torch.Tensor, StaticKVCache], torch.Tensor]:
@@ -230,7 +232,9 @@ def generate_tokens(
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     size = ids.shape[1] + steps - 1  # the last token is sampled, never fed back
-    cache = StaticKVCache(model.config, len(prompts), cache_length(size, model.config.block_size), device, model.dtype)
+    cache = StaticKVCache(
+        model.config, len(prompts), cache_length(size, model.config.block_size), device, model.dtype
+    )
     generator = sampling_generator(params, device)
     seen = None
     if params.repetition_penalty != 1.0:

@@ -26,15 +26,24 @@ from typing import Any, Literal
 
 import torch
 
+from lmforge import runtime
 from lmforge.config import Config
 from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError, ModelFormatError
-from lmforge.formats.folder import atomic_write_folder, load_model_folder, write_model_files
+from lmforge.formats.folder import atomic_write_folder, load_model_folder, model_card, write_model_files
 from lmforge.formats.gguf import GGUFFile
 from lmforge.formats.peft import has_adapter, load_adapter
 from lmforge.generate import Completion, SamplingParams, complete
 from lmforge.model import Network, Transformer
-from lmforge.quant import QuantizedWeight, check_quant, float_state_dict, pack_model, quantize_model
+from lmforge.quant import (
+    QuantizedWeight,
+    check_quant,
+    float_state_dict,
+    pack_model,
+    packed_layers,
+    packing_summary,
+    quantize_model,
+)
 from lmforge.store import Manifest, Store, hash_file, parse_ref
 from lmforge.tokenizer import Message, Tokenizer
 
@@ -309,6 +318,7 @@ class LoadedModel:
         ``"none"`` dequantizes to ``dtype``; ``"int8"`` / ``"int4"`` pack any model's linear layers on load.
         ``compile``: decode with the ``torch.compile``d one-token step (``lmforge.generate``); False keeps eager.
         """
+        runtime.configure()  # once per process: intra-op threads, inductor's cache under $LMFORGE_HOME
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         quant = check_quant(quant, torch_device)
@@ -341,9 +351,19 @@ class LoadedModel:
     def save(self, path: str | Path, card: str | None = None) -> Path:
         """Write the model folder (atomically: a failed save leaves any previous folder intact).
 
-        A model with LoRA adapters keeps them separate, in PEFT's files inside the folder.
+        A model with LoRA adapters keeps them separate, in PEFT's files inside the folder. Packed layers are
+        written as float32 (the card says how they were packed; ``quant='int8'|'int4'`` packs them again).
         """
-        state = {k: v.float() if v.is_floating_point() else v for k, v in float_state_dict(self.model).items()}
+        if card is None:
+            packing = packing_summary(self.model)
+            if packed_layers(self.model):
+                packing += (
+                    " when saved; this folder holds them as float32 (quant='int8' or 'int4' packs again)"
+                )
+            card = model_card(self.config, self.tokenizer, packing=packing)
+        state = {
+            k: v.float() if v.is_floating_point() else v for k, v in float_state_dict(self.model).items()
+        }
         return atomic_write_folder(
             path,
             lambda tmp: write_model_files(
@@ -380,5 +400,6 @@ class LoadedModel:
         c = self.config
         return (
             f"{type(self).__name__}({self.source!r}: {c.model_type}, {self.model.num_parameters() / 1e6:.1f}M "
-            f"params, {self.model.dtype}, context {c.block_size})"
+            f"params, {self.model.dtype}, context {c.block_size}"
+            + (f", {packing_summary(self.model)})" if packed_layers(self.model) else ")")
         )

@@ -243,7 +243,9 @@ class StaticKVCache(KVCache):
         self, config: Config, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> None:
         super().__init__(config, batch_size, max_len, device, dtype)
-        self.key_ok = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L) written, real
+        self.key_ok = torch.zeros(
+            batch_size, max_len, dtype=torch.bool, device=device
+        )  # (B, L) written, real
         self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token is written
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1) its position
         self.decoding = False  # False: prefill through KVCache.update; True: decode steps (step_update)
@@ -268,7 +270,9 @@ class StaticKVCache(KVCache):
         """Positions (B, 1) and attention mask (B, 1, 1, L) of one decode step (in-place, no new shapes)."""
         self.key_ok.index_fill_(1, self.column, True)
         allowed = self.key_ok
-        if window is not None:  # columns and positions differ by each row's padding, a constant: distances agree
+        if (
+            window is not None
+        ):  # columns and positions differ by each row's padding, a constant: distances agree
             columns = torch.arange(self.max_len, device=self.column.device)
             allowed = allowed & (self.column - columns < window)
         return self.positions, allowed[:, None, None, :]
@@ -376,7 +380,9 @@ class Network(nn.Module):
     compile_decode = False  # generate.py decodes with a torch.compile'd step when True (set by the loader)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Float parameters, plus the weights packed layers hold as integers (``packed_parameters``)."""
+        packed = sum(getattr(m, "packed_parameters", 0) for m in self.modules())
+        return sum(p.numel() for p in self.parameters()) + packed
 
     @property
     def device(self) -> torch.device:
