@@ -10,7 +10,8 @@ load without a dequantize/requantize round trip:
 
 Kernels, chosen by measurement (benchmarks/generate.py, docs/architecture.md):
 - int4 runs PyTorch's own CPU kernel ``_weight_int4pack_mm_for_cpu`` with bf16 activations (its fp32 path is
-  25x slower), so int4 scales are bf16; the file's fp16 scales are kept beside them for exact export.
+  25x slower), so int4 scales and zeros are bf16: a layer's values are the codes' exactly, their scales and
+  zeros off by one bf16 rounding (a GGUF file's fp16 scales are not kept; saving writes the float weights).
 - int8 decodes (a few rows) with a dequantize-in-register reduction that ``torch.compile`` fuses into one
   pass over the int8 weights; bigger inputs (prefill) dequantize the layer once and use the fp32/bf16 GEMM.
   PyTorch's ``_weight_int8pack_mm`` needs one scale per row (no Q8_0 groups) and is compute-bound on AVX2.
@@ -34,6 +35,12 @@ GROUP = 32  # values per quantization group (one scale, and for int4 one zero, e
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 Kind = Literal["int8", "int4"]
 DECODE_ROWS = 8  # inputs with at most this many rows take the fused matvec path of int8 layers
+INT4_ROWS = 16  # the int4 kernel's layout needs a number of output rows (N) divisible by this
+
+
+def int4_fits(out_features: int) -> bool:
+    """Whether a layer with ``out_features`` rows can be packed as int4 (else it is packed as int8)."""
+    return out_features % INT4_ROWS == 0
 
 
 @dataclass
@@ -127,7 +134,11 @@ class PackedLinear(nn.Module):
                 f"a packed layer needs rows that are a multiple of {GROUP}, got {self.in_features}",
                 hint="load this model with quant='none'",
             )
-        self.source_scales: torch.Tensor | None  # the file's own scales (fp16), for export
+        if weight.kind == "int4" and not int4_fits(self.out_features):
+            raise UnsupportedError(
+                f"an int4 layer needs a number of outputs divisible by {INT4_ROWS}, got {self.out_features}",
+                hint="pack this layer as int8, or load the model with quant='none'",
+            )
         if weight.kind == "int4":
             assert weight.zeros is not None
             codes = weight.codes.to(device="cpu", dtype=torch.int32).contiguous()
@@ -251,12 +262,13 @@ def quantize_model(model: nn.Module, kind: Kind) -> nn.Module:
     """Pack a float model's linear layers as ``kind`` (the head and a tied embedding table as int8).
 
     int4 keeps the head at int8, as llama.cpp's Q4 files keep their output tensor at 6 to 8 bits: it decides
-    every token, and its error shows first.
+    every token, and its error shows first. A layer whose outputs the int4 kernel cannot tile is int8 too.
     """
     weights = {}
     for name in linear_names(model):
-        layer_kind: Kind = "int8" if name == "lm_head" else kind
-        weights[name] = quantize_weight(model.get_submodule(name).weight, layer_kind)
+        weight = model.get_submodule(name).weight
+        layer_kind: Kind = "int8" if name == "lm_head" or not int4_fits(weight.shape[0]) else kind
+        weights[name] = quantize_weight(weight, layer_kind)
     if getattr(model.config, "tie_embeddings", False) and "lm_head" in weights:
         weights["wte"] = weights.pop("lm_head")
     return pack_model(model, weights)
