@@ -149,7 +149,8 @@ class PackedLinear(nn.Module):
         else:
             self.register_buffer("codes", weight.codes.to(torch.int8).contiguous())
             self.register_buffer("scales", weight.scales.to(torch.float16).contiguous())
-        self.register_buffer("bias", bias)
+        # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
+        self.register_buffer("bias", bias.detach() if bias is not None else None)
 
     @property
     def weight_bytes(self) -> int:
