@@ -217,11 +217,14 @@ class PackedEmbedding(nn.Module):
             raise UnsupportedError("a packed embedding table is int8", hint="pack the table as int8")
         self._head = (head,)  # a tuple: the head stays one module of the model, not registered twice
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        # Empty; model.to(dtype) converts it, so lookups return the model's activation type like nn.Embedding.
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self._head[0]
         rows = head.codes[idx].float().unflatten(-1, (-1, GROUP))  # (..., G, 32)
-        return (rows * head.scales[idx].float()[..., None]).flatten(-2)  # (..., C)
+        out = (rows * head.scales[idx].float()[..., None]).flatten(-2)  # (..., C)
+        return out.to(self.dtype_probe.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -247,7 +250,7 @@ def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight]) -> nn.Modu
         setattr(parent, attr, PackedLinear(weight, bias))
     if "wte" in weights:
         table = PackedLinear(weights["wte"])
-        model.wte = PackedEmbedding(table)
+        model.wte = PackedEmbedding(table).to(model.wte.weight.dtype)  # lookups in the activations' type
         if getattr(model.config, "tie_embeddings", False):
             model.lm_head = table
     return model
