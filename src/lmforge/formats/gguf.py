@@ -220,6 +220,12 @@ class GGUFFile:
                     torch.from_numpy(scales),
                     torch.from_numpy(zeros) if zeros is not None else None,
                 )
+            elif tensor.qtype == gguf.GGMLQuantizationType.Q4_0 and kind == "int8":
+                # Q4_0 is (q - 8) * d: int8 codes q - 8 with the same scales hold it exactly (a tied table).
+                codes, scales, _ = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+                weights = QuantizedWeight(
+                    "int8", torch.from_numpy(codes.astype(np.int8) - 8), torch.from_numpy(scales)
+                )
             else:
                 array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
                 weights = quantize_weight(torch.from_numpy(array), kind)
