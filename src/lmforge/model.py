@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
+from lmforge.quant import PackedLinear
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, masked prompts)
 
@@ -321,7 +322,12 @@ class Network(nn.Module):
     compile_decode = False  # generate.py decodes with a torch.compile'd step when True (set by the loader)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights the network holds, a packed int4/int8 layer's (``lmforge.quant``) counted like a float one's."""
+        packed = [m for m in self.modules() if isinstance(m, PackedLinear)]
+        weights = sum(
+            m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0) for m in packed
+        )
+        return sum(p.numel() for p in self.parameters()) + weights
 
     @property
     def device(self) -> torch.device:
