@@ -343,7 +343,9 @@ class LoadedModel:
 
         A model with LoRA adapters keeps them separate, in PEFT's files inside the folder.
         """
-        state = {k: v.float() if v.is_floating_point() else v for k, v in float_state_dict(self.model).items()}
+        state = {
+            k: v.float() if v.is_floating_point() else v for k, v in float_state_dict(self.model).items()
+        }
         return atomic_write_folder(
             path,
             lambda tmp: write_model_files(

@@ -67,7 +67,10 @@ class QuantizedWeight:
 
     def split(self, sizes: list[int]) -> tuple[QuantizedWeight, ...]:
         """Row blocks of the given sizes (GPT-2's fused q/k/v)."""
-        parts = [t.split(sizes) if t is not None else [None] * len(sizes) for t in (self.codes, self.scales, self.zeros)]
+        parts = [
+            t.split(sizes) if t is not None else [None] * len(sizes)
+            for t in (self.codes, self.scales, self.zeros)
+        ]
         return tuple(QuantizedWeight(self.kind, c, s, z) for c, s, z in zip(*parts, strict=True))
 
     def dequantize(self) -> torch.Tensor:
@@ -171,7 +174,9 @@ class PackedLinear(nn.Module):
 
     def int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype; the kernel computes in bf16."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
+        )
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
@@ -245,7 +250,9 @@ def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight]) -> nn.Modu
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
         if not isinstance(old, nn.Linear):
-            raise UnsupportedError(f"{name} is not a linear layer and cannot be packed", hint="use quant='none'")
+            raise UnsupportedError(
+                f"{name} is not a linear layer and cannot be packed", hint="use quant='none'"
+            )
         bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
         setattr(parent, attr, PackedLinear(weight, bias))
     if "wte" in weights:

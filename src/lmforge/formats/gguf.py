@@ -266,9 +266,7 @@ def _wanted_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
     return None  # F32, F16, BF16: float weights stay float
 
 
-def _rename(
-    name: str, weights: Weights, config: Config, undo_permutation: bool
-) -> list[tuple[str, Weights]]:
+def _rename(name: str, weights: Weights, config: Config, undo_permutation: bool) -> list[tuple[str, Weights]]:
     top, _, kind = name.rpartition(".")
     if top in _TOP_TENSORS:
         return [(f"{_TOP_TENSORS[top]}.{kind}", weights)]
