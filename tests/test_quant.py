@@ -198,9 +198,9 @@ def smollm2_packed(smollm2_gguf):
     return LLM.load(smollm2_gguf, device="cpu")  # quant="auto": the file's Q4_1 / Q8_0 layers stay packed
 
 
-def test_smollm2_packed_matches_float(smollm2_packed, smollm2_gguf):
-    packed = smollm2_packed
-    floats = LLM.load(smollm2_gguf, device="cpu", dtype="float32", quant="none")
+def test_smollm2_packed_matches_float(smollm2_packed, smollm2):
+    # conftest's smollm2 loads with dtype="float32": quant "auto" then means "none"
+    packed, floats = smollm2_packed, smollm2
     assert packing_summary(packed.model).startswith("210 int4, 1 int8 linear layers")
     assert packing_summary(floats.model) == "not packed (float weights)"
     # the tied table and head are one set of int8 codes
@@ -212,9 +212,9 @@ def test_smollm2_packed_matches_float(smollm2_packed, smollm2_gguf):
         assert cosine(a, b).min() > 0.99
 
 
-def test_smollm2_packed_layers_hold_the_files_values(smollm2_packed, smollm2_gguf):
+def test_smollm2_packed_layers_hold_the_files_values(smollm2_packed, smollm2):
     """Q8_0 codes and scales load exactly; Q4_1's scales and zeros are rounded to bf16 for the int4 kernel."""
-    floats = LLM.load(smollm2_gguf, device="cpu", dtype="float32", quant="none").model.state_dict()
+    floats = smollm2.model.state_dict()
     layers = packed_layers(smollm2_packed.model)
     assert torch.equal(layers["lm_head"].dequantize(), floats["wte.weight"])
     w = floats["blocks.3.mlp.down_proj.weight"]
