@@ -24,6 +24,7 @@ from lmforge.formats.folder import atomic_write_folder, write_model_files
 from lmforge.formats.gguf_writer import check_file_type, write_gguf
 from lmforge.formats.peft import save_adapter
 from lmforge.loading import LoadedModel
+from lmforge.quant import float_state_dict
 
 FORMATS = ("hf", "gguf")
 FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -54,7 +55,7 @@ def export_model(
     if lora.lora_layers(transformer):
         # Merge a copy: the caller's model keeps its adapters (and can still be trained or exported unmerged).
         transformer = lora.merge_lora(copy.deepcopy(transformer))
-    state = transformer.state_dict()
+    state = float_state_dict(transformer)  # packed int4/int8 layers as float weights, the form files take
     if format == "gguf":
         return write_gguf(out, transformer.config, state, llm.tokenizer, file_type)
     return _write_hf(out, llm, transformer.config, state, file_type)

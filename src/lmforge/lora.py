@@ -2,6 +2,9 @@
 
     y = base(x) + (alpha / r) * B(A(dropout(x)))      A: (r, in) random,  B: (out, r) zeros
 
+The base may also be a packed int4/int8 ``PackedLinear`` (``lmforge.quant``): QLoRA, a frozen quantized base
+with float32 adapters. Gradients flow through the packed base to the adapters of earlier layers.
+
 Adapters save in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` under transformers'
 module names), so ``peft.PeftModel.from_pretrained`` loads them onto the transformers model, and ``merge_lora``
 folds them into the weights for plain inference.
@@ -18,6 +21,7 @@ import torch.nn as nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.quant import PackedLinear
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -43,38 +47,64 @@ class LoRAConfig:
             raise LmforgeError(f"LoRA rank {self.rank} must be >= 1", hint="typical ranks are 4 to 64")
 
 
+def _device_dtype(base: nn.Linear | PackedLinear) -> tuple[torch.device, torch.dtype]:
+    """Where a base layer lives and the float type its adapters take (float32 beside packed integer weights)."""
+    if isinstance(base, PackedLinear):
+        return next(base.buffers()).device, torch.float32
+    return base.weight.device, base.weight.dtype
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear | PackedLinear, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
         self.base = base
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        device, dtype = _device_dtype(base)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)
         # PEFT's initialisation: A like a default nn.Linear, B zero, so training starts from the base model.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(base.weight.dtype)
-        self.lora_B.to(base.weight.dtype)
+        self.lora_A.to(dtype)
+        self.lora_B.to(dtype)
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        y = self.base(x)
+        # The adapters' own type: float32 beside a packed base even when activations are bf16 (a no-op otherwise).
+        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
+        return y + update.to(y.dtype)
 
     def merged(self) -> nn.Linear:
-        """The base layer with the adapter folded into its weight."""
+        """The base layer with the adapter folded into its weight.
+
+        A packed base cannot take the update into its integer codes (requantizing would lose most of it), so
+        it becomes a float32 ``nn.Linear`` holding ``base.dequantize() + delta``: the merged model is exact,
+        and that layer is float again (pack the model anew to quantize it).
+        """
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+            if isinstance(self.base, PackedLinear):
+                base = self.base
+                device = next(base.buffers()).device
+                linear = nn.Linear(
+                    base.in_features, base.out_features, bias=base.bias is not None, device=device
+                )
+                linear.weight.copy_(base.dequantize().to(device) + delta)
+                if base.bias is not None:
+                    linear.bias.copy_(base.bias)
+                return linear
             self.base.weight += delta.to(self.base.weight.dtype)
         return self.base
 
 
 def _targets(model: Transformer, targets: Sequence[str]) -> list[tuple[nn.Module, str, str]]:
-    """(parent module, attribute, full name) of every linear layer to wrap."""
+    """(parent module, attribute, full name) of every linear layer (float or packed) to wrap."""
     found = []
     for name, module in model.named_modules():
         for attr in targets:
             child = getattr(module, attr, None)
-            if isinstance(child, nn.Linear) and name.startswith("blocks."):
+            if isinstance(child, nn.Linear | PackedLinear) and name.startswith("blocks."):
                 found.append((module, attr, f"{name}.{attr}"))
     return found
 

@@ -10,7 +10,8 @@ load without a dequantize/requantize round trip:
 
 Kernels, chosen by measurement (benchmarks/generate.py, docs/architecture.md):
 - int4 runs PyTorch's own CPU kernel ``_weight_int4pack_mm_for_cpu`` with bf16 activations (its fp32 path is
-  25x slower), so int4 scales are bf16; the file's fp16 scales are kept beside them for exact export.
+  25x slower), so int4 scales and zeros are bf16: a layer's values are the codes' exactly, their scales and
+  zeros off by one bf16 rounding (a GGUF file's fp16 scales are not kept; saving writes the float weights).
 - int8 decodes (a few rows) with a dequantize-in-register reduction that ``torch.compile`` fuses into one
   pass over the int8 weights; bigger inputs (prefill) dequantize the layer once and use the fp32/bf16 GEMM.
   PyTorch's ``_weight_int8pack_mm`` needs one scale per row (no Q8_0 groups) and is compute-bound on AVX2.
@@ -34,6 +35,12 @@ GROUP = 32  # values per quantization group (one scale, and for int4 one zero, e
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 Kind = Literal["int8", "int4"]
 DECODE_ROWS = 8  # inputs with at most this many rows take the fused matvec path of int8 layers
+INT4_ROWS = 16  # the int4 kernel's layout needs a number of output rows (N) divisible by this
+
+
+def int4_fits(out_features: int) -> bool:
+    """Whether a layer with ``out_features`` rows can be packed as int4 (else it is packed as int8)."""
+    return out_features % INT4_ROWS == 0
 
 
 @dataclass
@@ -130,7 +137,11 @@ class PackedLinear(nn.Module):
                 f"a packed layer needs rows that are a multiple of {GROUP}, got {self.in_features}",
                 hint="load this model with quant='none'",
             )
-        self.source_scales: torch.Tensor | None  # the file's own scales (fp16), for export
+        if weight.kind == "int4" and not int4_fits(self.out_features):
+            raise UnsupportedError(
+                f"an int4 layer needs a number of outputs divisible by {INT4_ROWS}, got {self.out_features}",
+                hint="pack this layer as int8, or load the model with quant='none'",
+            )
         if weight.kind == "int4":
             assert weight.zeros is not None
             codes = weight.codes.to(device="cpu", dtype=torch.int32).contiguous()
@@ -141,11 +152,13 @@ class PackedLinear(nn.Module):
         else:
             self.register_buffer("codes", weight.codes.to(torch.int8).contiguous())
             self.register_buffer("scales", weight.scales.to(torch.float32).contiguous())
-        self.register_buffer("bias", bias)
+        # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
+        self.register_buffer("bias", bias.detach() if bias is not None else None)
 
     @property
     def packed_parameters(self) -> int:
-        return self.in_features * self.out_features
+        """Weights held as integers (and the bias, a buffer here): counted like a float layer's parameters."""
+        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
 
     @property
     def weight_bytes(self) -> int:
@@ -214,11 +227,14 @@ class PackedEmbedding(nn.Module):
             raise UnsupportedError("a packed embedding table is int8", hint="pack the table as int8")
         self._head = (head,)  # a tuple: the head stays one module of the model, not registered twice
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        # Empty; model.to(dtype) converts it, so lookups return the model's activation type like nn.Embedding.
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self._head[0]
         rows = head.codes[idx].float().unflatten(-1, (-1, GROUP))  # (..., G, 32)
-        return (rows * head.scales[idx].float()[..., None]).flatten(-2)  # (..., C)
+        out = (rows * head.scales[idx].float()[..., None]).flatten(-2)  # (..., C)
+        return out.to(self.dtype_probe.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -246,7 +262,7 @@ def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight]) -> nn.Modu
         setattr(parent, attr, PackedLinear(weight, bias))
     if "wte" in weights:
         table = PackedLinear(weights["wte"])
-        model.wte = PackedEmbedding(table)
+        model.wte = PackedEmbedding(table).to(model.wte.weight.dtype)  # lookups in the activations' type
         if getattr(model.config, "tie_embeddings", False):
             model.lm_head = table
     return model
@@ -262,12 +278,13 @@ def quantize_model(model: nn.Module, kind: Kind) -> nn.Module:
     """Pack a float model's linear layers as ``kind`` (the head and a tied embedding table as int8).
 
     int4 keeps the head at int8, as llama.cpp's Q4 files keep their output tensor at 6 to 8 bits: it decides
-    every token, and its error shows first.
+    every token, and its error shows first. A layer whose outputs the int4 kernel cannot tile is int8 too.
     """
     weights = {}
     for name in linear_names(model):
-        layer_kind: Kind = "int8" if name == "lm_head" else kind
-        weights[name] = quantize_weight(model.get_submodule(name).weight, layer_kind)
+        weight = model.get_submodule(name).weight
+        layer_kind: Kind = "int8" if name == "lm_head" or not int4_fits(weight.shape[0]) else kind
+        weights[name] = quantize_weight(weight, layer_kind)
     if getattr(model.config, "tie_embeddings", False) and "lm_head" in weights:
         weights["wte"] = weights.pop("lm_head")
     return pack_model(model, weights)

@@ -22,7 +22,7 @@ from lmforge.config import Config
 from lmforge.errors import ModelFormatError, UnsupportedError
 from lmforge.formats.gguf_quants import PACKED_TYPES, block_codes, dequantize, tensor_nbytes
 from lmforge.formats.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
-from lmforge.quant import Kind, QuantizedWeight, quantize_weight
+from lmforge.quant import Kind, QuantizedWeight, int4_fits, quantize_weight
 from lmforge.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -220,6 +220,12 @@ class GGUFFile:
                     torch.from_numpy(scales),
                     torch.from_numpy(zeros) if zeros is not None else None,
                 )
+            elif tensor.qtype == gguf.GGMLQuantizationType.Q4_0 and kind == "int8":
+                # Q4_0 is (q - 8) * d: int8 codes q - 8 with the same scales hold it exactly (a tied table).
+                codes, scales, _ = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+                weights = QuantizedWeight(
+                    "int8", torch.from_numpy(codes.astype(np.int8) - 8), torch.from_numpy(scales)
+                )
             else:
                 array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
                 weights = quantize_weight(torch.from_numpy(array), kind)
@@ -234,6 +240,13 @@ _NEAREST_KIND: dict[str, Kind] = {"Q2_K": "int4", "Q3_K": "int4", "Q4_K": "int4"
 
 def _packed_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
     """The kind a GGUF tensor is packed as under ``quant``, or None to load it as floats."""
+    kind = _wanted_kind(tensor, config, quant)
+    if kind == "int4" and not int4_fits(tensor.shape[0]):
+        return "int8"  # the int4 kernel cannot tile these rows; int8 holds a 4-bit block's values as well
+    return kind
+
+
+def _wanted_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
     top, _, field = tensor.name.rpartition(".")
     if quant == "none" or field != "weight" or len(tensor.shape) != 2 or "norm" in top:
         return None

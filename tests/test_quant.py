@@ -1,0 +1,430 @@
+"""Packed int4/int8 weights (lmforge.quant): kernels against the dequantized weight, GGUF block codes against
+llama.cpp's own ``gguf.quants``, the bundled SmolLM2 packed vs float, quantize-on-load, saving, LoRA (QLoRA).
+
+Tolerances: int8 layers compute in float32, so they match ``F.linear`` on their dequantized weight to 1e-3 of
+the output's scale. The int4 kernel computes with bf16 activations and returns bf16 (``PackedLinear.int4_matmul``),
+so it is compared with that rounding applied to the reference, and with the float32 result within bf16's
+rounding bound.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QType
+from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from lmforge import LLM
+from lmforge.errors import LmforgeError, UnsupportedError
+from lmforge.formats.gguf_quants import block_codes
+from lmforge.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora
+from lmforge.quant import (
+    GROUP,
+    PackedEmbedding,
+    PackedLinear,
+    QuantizedWeight,
+    check_quant,
+    packed_layers,
+    packing_summary,
+    quantize_weight,
+)
+
+from .conftest import SAMPLE_TEXT, data_lines, one_intra_op_thread, tiny_llm
+
+BF16_EPS = 2.0**-8  # bf16 keeps 8 significant bits: one rounding is off by at most this much, relatively
+CHINESE = [line for line in data_lines("text/luxun.txt", limit=10) if len(line) > 40][:2]  # Lu Xun's prose
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_intra_op_thread():
+        yield
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the logits at every position."""
+    return F.cosine_similarity(a.float().flatten(0, -2), b.float().flatten(0, -2), dim=-1)
+
+
+def logits(llm: LLM, text: str | list[str]) -> torch.Tensor:
+    texts = [text] if isinstance(text, str) else text
+    ids = [llm.tokenizer.encode(t) for t in texts]
+    n = min(len(i) for i in ids)
+    with torch.no_grad():
+        return llm.model(torch.tensor([i[:n] for i in ids]))[0]
+
+
+def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Rows of different scales and offsets, like a trained layer's, not all centred on zero."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+    return w + 0.3 * torch.randn(n, k // GROUP, 1, generator=g).repeat_interleave(GROUP, 1).view(n, k)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("rows", [1, 8, 300])
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_packed_linear_matches_its_dequantized_weight(kind, rows, bias):
+    n, k = 96, 160
+    weight = random_weight(n, k)
+    b = torch.randn(n) if bias else None
+    layer = PackedLinear(quantize_weight(weight, kind), b)
+    w = layer.dequantize()
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    exact = F.linear(x, w, b)
+    if kind == "int8":
+        assert relative_error(y, exact) <= 1e-3
+    else:
+        # What the kernel is documented to compute: bf16 activations in, the product rounded to bf16 out.
+        rounded = F.linear(x.bfloat16().float(), w).bfloat16().float() + (b if bias else 0)
+        assert relative_error(y, rounded) <= 1e-3
+        # and against float32 arithmetic: within two bf16 roundings (input and output) of each term
+        bound = BF16_EPS * (F.linear(x, w).abs() + x.abs() @ w.abs().T) + 1e-6
+        assert ((y - exact).abs() <= bound).all()
+    # a batch of sequences (B, T, K) gives the same rows
+    with torch.no_grad():
+        y3 = layer(x.view(1, rows, k).expand(2, rows, k))
+    assert y3.shape == (2, rows, n) and relative_error(y3[1], y) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_dequantized_weight_is_within_half_a_step_of_the_float_weight(kind):
+    weight = random_weight(64, 128, seed=1)
+    q = quantize_weight(weight, kind)
+    step = q.scales.repeat_interleave(GROUP, 1)  # one quantization step per value
+    assert ((q.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
+    # The layer keeps scales at lower precision: int8 fp16 scales, a fraction of a step off; int4 bf16 scales
+    # and zeros for its kernel, each rounded once (BF16_EPS, relatively).
+    layer = PackedLinear(q)
+    error = (layer.dequantize() - q.dequantize()).abs()
+    if kind == "int8":
+        assert (error <= step / 16).all()
+    else:
+        bound = BF16_EPS * (8 * q.scales + q.zeros.abs())
+        assert (error <= bound.repeat_interleave(GROUP, 1) + 1e-7).all()
+
+
+def test_int8_fused_matvec_under_torch_compile():
+    layer = PackedLinear(quantize_weight(random_weight(64, 96, seed=2), "int8"), torch.randn(64))
+    w = layer.dequantize()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=False)
+    for rows in (1, 8):  # decode-sized inputs take the fused path (DECODE_ROWS)
+        x = torch.randn(rows, 96)
+        with torch.no_grad():
+            assert relative_error(compiled(x), F.linear(x, w, layer.bias)) <= 1e-3
+    ops = [str(node.target) for graph in counter.graphs for node in graph.graph.nodes]
+    assert counter.graphs and "sum" in ops and not any("linear" in op for op in ops)  # no dequantized GEMM
+
+
+# ------------------------------------------------------------------------------------ GGUF block codes
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0], ids=lambda t: t.name)
+def test_block_codes_decode_like_llama_cpp(qtype):
+    rows, k = 32, 256
+    data = random_weight(rows, k, seed=3).numpy()
+    data[0, :GROUP] = 0.0  # an all-zero block (scale 0)
+    data[1, :GROUP] = np.linspace(0.5, 2.0, GROUP)  # an all-positive block (Q4_1's minimum is not 0)
+    raw = gguf.quants.quantize(data, qtype)
+    reference = gguf.quants.dequantize(raw, qtype).reshape(rows, k)
+
+    codes, scales, zeros = block_codes(raw, qtype, (rows, k))
+    kind = "int8" if qtype == QType.Q8_0 else "int4"
+    assert codes.shape == (rows, k) and scales.shape == (rows, k // GROUP)
+    assert scales.dtype == np.float16  # the file's own scales, not rounded again
+    if kind == "int4":
+        assert codes.dtype == np.uint8 and codes.max() <= 15
+    else:
+        assert codes.dtype == np.int8 and zeros is None
+    weight = QuantizedWeight(
+        kind,
+        torch.from_numpy(codes),
+        torch.from_numpy(scales),
+        None if zeros is None else torch.from_numpy(zeros),
+    )
+    ours = weight.dequantize().numpy()
+    assert np.abs(ours - reference).max() <= 1e-6 * np.abs(reference).max()
+    if qtype != QType.Q4_1:  # (q - 8) * d and q * d are the reference's own float32 products
+        assert np.array_equal(ours, reference)
+    # a packed layer built from the file's codes holds exactly those codes
+    assert torch.equal(PackedLinear(weight).unpacked().codes.to(torch.int16), weight.codes.to(torch.int16))
+
+
+# ----------------------------------------------------------------------------------- packing round trip
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_unpacked_recovers_the_exact_codes(kind):
+    n, k = 48, 96  # 48 rows: not a whole tile of the int4 kernel's 64-row layout
+    g = torch.Generator().manual_seed(4)
+    if kind == "int4":
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        zeros = torch.randn(n, k // GROUP, generator=g)
+    else:
+        codes = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+        zeros = None
+    scales = (torch.rand(n, k // GROUP, generator=g) + 0.01).half()
+    layer = PackedLinear(QuantizedWeight(kind, codes, scales, zeros))
+    back = layer.unpacked()
+    assert back.kind == kind and back.codes.dtype == codes.dtype and torch.equal(back.codes, codes)
+    kept = torch.bfloat16 if kind == "int4" else torch.float16  # the precision the kernel reads
+    assert torch.equal(back.scales.to(kept), scales.to(kept))
+    if zeros is not None:
+        assert torch.equal(back.zeros.bfloat16(), zeros.bfloat16())
+
+
+def test_int4_needs_rows_the_kernel_can_tile():
+    with pytest.raises(UnsupportedError, match="divisible by 16"):
+        PackedLinear(quantize_weight(torch.randn(40, 64), "int4"))
+    with pytest.raises(UnsupportedError, match="multiple of 32"):
+        quantize_weight(torch.randn(32, 40), "int8")
+
+
+# --------------------------------------------------------------------------------- the bundled SmolLM2
+@pytest.fixture(scope="module")
+def smollm2_packed(smollm2_gguf):
+    return LLM.load(smollm2_gguf, device="cpu")  # quant="auto": the file's Q4_1 / Q8_0 layers stay packed
+
+
+def test_smollm2_packed_matches_float(smollm2_packed, smollm2):
+    # conftest's smollm2 loads with dtype="float32": quant "auto" then means "none"
+    packed, floats = smollm2_packed, smollm2
+    assert packing_summary(packed.model).startswith("210 int4, 1 int8 linear layers")
+    assert packing_summary(floats.model) == "not packed (float weights)"
+    # the tied table and head are one set of int8 codes
+    assert isinstance(packed.model.wte, PackedEmbedding) and packed.model.wte._head[0] is packed.model.lm_head
+    assert packed.model.num_parameters() == floats.model.num_parameters()
+    for text in ("The capital of France is", "床前明月光，疑是地上霜。举头望明月，"):
+        a, b = logits(packed, text), logits(floats, text)
+        assert a[0, -1].argmax() == b[0, -1].argmax()
+        assert cosine(a, b).min() > 0.99
+
+
+def test_smollm2_packed_layers_hold_the_files_values(smollm2_packed, smollm2):
+    """Q8_0 codes and scales load exactly; Q4_1's scales and zeros are rounded to bf16 for the int4 kernel."""
+    floats = smollm2.model.state_dict()
+    layers = packed_layers(smollm2_packed.model)
+    assert torch.equal(layers["lm_head"].dequantize(), floats["wte.weight"])
+    w = floats["blocks.3.mlp.down_proj.weight"]
+    err = (layers["blocks.3.mlp.down_proj"].dequantize() - w).abs().max() / w.abs().max()
+    assert 0 < err <= 1e-2
+
+
+# ------------------------------------------------------------------------------ quantize on load, saving
+PRESETS = ["tiny-gpt2", "tiny-llama"]
+
+
+@pytest.fixture(scope="module")
+def float_folders(tiny_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("float")
+    return {preset: tiny_llm(preset, tiny_tokenizer).save(root / preset) for preset in PRESETS}
+
+
+# Closeness of a random tiny model's logits to float (its weights are uniform noise: harder than a trained
+# model's, where the bundled SmolLM2 shows int4 at cosine 0.997).
+CLOSE = {"int8": (0.02, 0.9995), "int4": (0.15, 0.99)}  # (max relative error, min cosine)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_quantize_on_load_is_close_to_float(preset, kind, float_folders):
+    folder = float_folders[preset]
+    floats = LLM.load(folder, device="cpu", dtype="float32")
+    packed = LLM.load(folder, device="cpu", quant=kind)
+    n_linear = 2 * (6 if preset == "tiny-gpt2" else 7)  # the blocks' layers; the head is int8 in both kinds
+    expected = f"{n_linear} int4, 1 int8" if kind == "int4" else f"{n_linear + 1} int8"
+    assert packing_summary(packed.model).startswith(f"{expected} linear layers")
+    assert packed.model.num_parameters() == floats.model.num_parameters()
+    a, b = logits(packed, SAMPLE_TEXT[:2]), logits(floats, SAMPLE_TEXT[:2])
+    max_error, min_cosine = CLOSE[kind]
+    assert relative_error(a, b) <= max_error
+    assert cosine(a, b).min() >= min_cosine
+    assert packed.generate_text("The quick", max_new_tokens=4)  # the decode loop runs on packed layers
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_saving_a_packed_model_writes_its_float_weights(preset, kind, float_folders, tmp_path):
+    packed = LLM.load(float_folders[preset], device="cpu", quant=kind)
+    out = packed.save(tmp_path / "saved")
+    written = load_file(out / "model.safetensors")
+    original = load_file(float_folders[preset] / "model.safetensors")
+    assert written.keys() == original.keys()  # no codes, scales or packed buffers: the float layout
+    assert all(t.dtype == torch.float32 for t in written.values())
+    for name, layer in packed_layers(packed.model).items():
+        if f"{name}.weight" in written:  # a tied head is written once, as the table
+            assert torch.equal(written[f"{name}.weight"], layer.dequantize())
+    reloaded = LLM.load(out, device="cpu", dtype="float32")
+    assert packing_summary(reloaded.model) == "not packed (float weights)"
+    a, b = logits(reloaded, SAMPLE_TEXT[:2]), logits(packed, SAMPLE_TEXT[:2])
+    # the same weights; int4 differs only by its kernel's bf16 arithmetic
+    assert relative_error(a, b) <= (1e-5 if kind == "int8" else 0.01)
+    assert cosine(a, b).min() > 0.9999
+
+
+def test_export_of_a_packed_model_writes_float_weights(float_folders, tmp_path):
+    packed = LLM.load(float_folders["tiny-gpt2"], device="cpu", quant="int8")
+    hf = LLM.load(packed.export(tmp_path / "hf"), device="cpu", dtype="float32")
+    q8 = LLM.load(packed.export(tmp_path / "m.gguf", format="gguf", quant="q8_0"), device="cpu")
+    assert packing_summary(q8.model).startswith("13 int8")  # the GGUF's Q8_0 layers load packed again
+    ref = logits(packed, SAMPLE_TEXT[0])
+    assert relative_error(logits(hf, SAMPLE_TEXT[0]), ref) <= 1e-5
+    assert relative_error(logits(q8, SAMPLE_TEXT[0]), ref) <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("preset", "quant"), [("tiny-gpt2", "q4_0"), ("tiny-llama", "q8_0"), ("tiny-llama", "q4_0")]
+)
+def test_gguf_blocks_load_packed_with_the_files_values(preset, quant, tiny_tokenizer, tmp_path):
+    """GPT-2's fused qkv splits, and llama.cpp's q/k row order is undone on codes as on floats."""
+    llm = tiny_llm(preset, tiny_tokenizer, tie_embeddings=True)  # GGUF's llama has no untied flag
+    path = llm.export(tmp_path / "m.gguf", format="gguf", quant=quant)
+    packed = LLM.load(path, device="cpu")
+    floats = LLM.load(path, device="cpu", dtype="float32", quant="none")
+    kind = "int4" if quant == "q4_0" else "int8"
+    assert kind in packing_summary(packed.model)
+    state = floats.model.state_dict()
+    for name, layer in packed_layers(packed.model).items():
+        w = state[f"{name}.weight"] if name != "lm_head" else state["wte.weight"]
+        if layer.kind == "int8":
+            assert torch.equal(layer.dequantize(), w), name
+        else:  # Q4_0's fp16 scales, rounded to bf16 for the kernel
+            assert ((layer.dequantize() - w).abs() <= BF16_EPS * w.abs() + 1e-7).all(), name
+    a, b = logits(packed, SAMPLE_TEXT[:2]), logits(floats, SAMPLE_TEXT[:2])
+    assert (a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).all()
+    assert cosine(a, b).min() > 0.999
+
+
+def test_layers_the_int4_kernel_cannot_tile_pack_as_int8(tiny_tokenizer, tmp_path):
+    # head_dim 24 with one kv head: k_proj and v_proj have 24 outputs, not a multiple of 16
+    llm = tiny_llm("tiny-llama", tiny_tokenizer, n_embd=96, n_head=4, n_kv_head=1)
+    packed = LLM.load(llm.save(tmp_path / "m"), device="cpu", quant="int4")
+    kinds = {name: layer.kind for name, layer in packed_layers(packed.model).items()}
+    assert kinds["blocks.0.attn.k_proj"] == "int8" and kinds["blocks.0.attn.q_proj"] == "int4"
+    assert cosine(logits(packed, SAMPLE_TEXT[0]), logits(llm, SAMPLE_TEXT[0])).min() > 0.95
+
+
+def test_packed_model_in_bfloat16(float_folders):
+    """Activations follow the requested dtype, the packed embedding table's lookups included."""
+    llm = LLM.load(float_folders["tiny-gpt2"], device="cpu", dtype="bfloat16", quant="int8")
+    assert llm.model.dtype == torch.bfloat16
+    assert llm.model.wte(torch.tensor([1, 2])).dtype == torch.bfloat16
+    assert logits(llm, SAMPLE_TEXT[0]).dtype == torch.bfloat16
+    inject_lora(llm.model, LoRAConfig(rank=4))  # float32 adapters beside bf16 activations
+    assert logits(llm, SAMPLE_TEXT[0]).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------- options
+def test_quant_option_is_checked(tmp_path):
+    with pytest.raises(LmforgeError, match="unknown quant 'bogus'") as raised:
+        LLM.load(tmp_path, quant="bogus")
+    assert "int4" in raised.value.hint and "none" in raised.value.hint
+    with pytest.raises(UnsupportedError, match="CPU") as raised:
+        check_quant("int4", torch.device("cuda"))
+    assert "quant='none'" in raised.value.hint
+    with pytest.raises(UnsupportedError):
+        check_quant("int8", torch.device("cuda"))
+    assert check_quant("none", torch.device("cuda")) == "none"
+    assert check_quant("auto", torch.device("cpu")) == "auto"
+
+
+# ---------------------------------------------------------------------------------------- LoRA / QLoRA
+def test_int4_layer_passes_gradients_to_its_input():
+    layer = PackedLinear(quantize_weight(random_weight(64, 96, seed=5), "int4"))
+    x = torch.randn(5, 96, requires_grad=True)
+    grad = torch.randn(5, 64)
+    layer(x).backward(grad)
+    assert torch.allclose(x.grad, grad @ layer.dequantize(), atol=1e-5)
+
+
+def test_lora_wraps_packed_layers(float_folders):
+    packed = LLM.load(float_folders["tiny-llama"], device="cpu", quant="int4")
+    names = inject_lora(packed.model, LoRAConfig(rank=4, targets=["q_proj", "down_proj"]))
+    assert names == [f"blocks.{i}.{m}" for i in range(2) for m in ("attn.q_proj", "mlp.down_proj")]
+    layer = lora_layers(packed.model)["blocks.0.attn.q_proj"]
+    assert isinstance(layer.base, PackedLinear)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_A.weight.device.type == "cpu"
+    trainable = {n for n, p in packed.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}.weight" for n in names for ab in "AB"}
+    assert not any(b.requires_grad for b in packed.model.buffers())
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_qlora_step_lowers_loss_and_merges_to_float(kind, float_folders, tiny_tokenizer):
+    packed = LLM.load(float_folders["tiny-llama"], device="cpu", quant=kind)
+    torch.manual_seed(0)
+    config = LoRAConfig(
+        rank=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    )
+    inject_lora(packed.model, config)
+    batch = torch.tensor([tiny_tokenizer.encode(t)[:64] for t in CHINESE])  # (2, 64): bytes of unseen text
+
+    def loss() -> torch.Tensor:
+        return packed.model(batch[:, :-1], targets=batch[:, 1:])[1]
+
+    params = [p for p in packed.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    packed.model.train()
+    before = loss()
+    before.backward()
+    # B starts at zero, so the first gradients are B's; every layer's B gets one through the packed layers
+    assert all(layer.lora_B.weight.grad.abs().sum() > 0 for layer in lora_layers(packed.model).values())
+    optimizer.step()
+    optimizer.zero_grad()
+    packed.model.eval()
+    with torch.no_grad():
+        after = loss()
+    assert after < before - 0.02
+    # the next gradients reach A too (B is non-zero now), through the packed layers' backward
+    packed.model.train()
+    loss().backward()
+    assert all(layer.lora_A.weight.grad.abs().sum() > 0 for layer in lora_layers(packed.model).values())
+    packed.model.eval()
+
+    with torch.no_grad():
+        unmerged_logits = packed.model(batch)[0]
+        checks = {}  # per wrapped layer: an input, the wrapped layer's output, and the float32 sum it stands for
+        for name, layer in lora_layers(packed.model).items():
+            x = torch.randn(3, layer.base.in_features)
+            exact = F.linear(x, layer.base.dequantize()) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+            checks[name] = (x, layer(x), exact)
+        merge_lora(packed.model)
+        assert not lora_layers(packed.model)
+        for name, (x, before_merge, exact) in checks.items():
+            merged = packed.model.get_submodule(name)
+            assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
+            assert relative_error(merged(x), exact) <= 1e-5  # the fold is exact
+            assert relative_error(merged(x), before_merge) <= (1e-5 if kind == "int8" else 1e-2)
+        merged_logits = packed.model(batch)[0]
+    assert relative_error(merged_logits, unmerged_logits) <= (1e-5 if kind == "int8" else 0.01)
+    assert cosine(merged_logits, unmerged_logits).min() > 0.9999
+    # the layers LoRA did not target stay packed
+    assert isinstance(packed.model.get_submodule("blocks.0.mlp.gate_proj"), PackedLinear)
+
+
+def test_adapter_saved_with_a_float_model_loads_onto_a_packed_one(float_folders, tmp_path):
+    llm = LLM.load(float_folders["tiny-llama"], device="cpu", dtype="float32")
+    inject_lora(llm.model, LoRAConfig(rank=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for layer in lora_layers(llm.model).values():
+            layer.lora_B.weight.normal_(0, 0.05)
+    folder = llm.save(tmp_path / "with-adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    packed = LLM.load(folder, device="cpu", quant="int8")
+    layers = lora_layers(packed.model)
+    assert len(layers) == 4 and all(isinstance(layer.base, PackedLinear) for layer in layers.values())
+    assert isinstance(next(iter(layers.values())), LoRALinear)
+    a, b = logits(packed, SAMPLE_TEXT[0]), logits(llm, SAMPLE_TEXT[0])
+    assert cosine(a, b).min() > 0.9995
