@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ from lmforge.formats.peft import has_adapter, load_adapter
 from lmforge.generate import Completion, SamplingParams, complete
 from lmforge.model import Network, Transformer
 from lmforge.quant import (
+    PackedLinear,
     QuantizedWeight,
     check_quant,
     float_state_dict,
@@ -255,17 +256,19 @@ def _complete_state(state: dict[str, torch.Tensor], config: Config) -> dict[str,
 
 def build_from_state(
     config: Config,
-    state: dict[str, torch.Tensor | QuantizedWeight],
+    state: Mapping[str, torch.Tensor | QuantizedWeight | PackedLinear],
     dtype: torch.dtype,
     device: torch.device,
 ) -> Network:
     """A network holding ``state`` (checked against ``config``), without a throwaway random initialisation.
 
-    Entries that are ``QuantizedWeight`` become packed layers (``lmforge.quant``); the rest load as they are.
+    Entries that are packed layers or ``QuantizedWeight`` (``lmforge.quant``) replace the linear layers they name;
+    the rest load as they are.
     """
     state = _complete_state(state, config)  # type: ignore[arg-type]
-    packed = {k.removesuffix(".weight"): v for k, v in state.items() if isinstance(v, QuantizedWeight)}
-    floats = {k: v for k, v in state.items() if not isinstance(v, QuantizedWeight)}
+    is_packed = (QuantizedWeight, PackedLinear)
+    packed = {k.removesuffix(".weight"): v for k, v in state.items() if isinstance(v, is_packed)}
+    floats = {k: v for k, v in state.items() if not isinstance(v, is_packed)}
     with torch.device("meta"):
         model = build_network(config)
     model.load_state_dict(floats, strict=not packed, assign=True)

@@ -22,6 +22,7 @@ any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,7 @@ GROUP = 32  # values per quantization group (one scale, and for int4 one zero, e
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 Kind = Literal["int8", "int4"]
 DECODE_ROWS = 8  # inputs with at most this many rows take the fused matvec path of int8 layers
+INT8_ROWS = 2048  # output rows an int8 layer dequantizes at a time outside the fused path
 INT4_ROWS = 16  # the int4 kernel's layout needs a number of output rows (N) divisible by this
 
 
@@ -156,6 +158,11 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias.detach() if bias is not None else None)
 
     @property
+    def shape(self) -> torch.Size:
+        """(out_features, in_features), as the weight it replaces."""
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
     def packed_parameters(self) -> int:
         """Weights held as integers (and the bias, a buffer here): counted like a float layer's parameters."""
         return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
@@ -172,10 +179,23 @@ class PackedLinear(nn.Module):
         elif x2.shape[0] <= DECODE_ROWS and torch.compiler.is_compiling():
             y = _int8_matvec(x2, self.codes, self.scales).to(x.dtype)
         else:
-            y = F.linear(x2, self.dequantize().to(x.dtype))
+            y = self.int8_matmul(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N): dequantize ``INT8_ROWS`` output rows at a time and multiply in x's dtype.
+
+        The slices bound the float copy (a 49k-token head would be 113 MB at once) and stay in cache.
+        """
+        y = x.new_empty(x.shape[0], self.out_features)
+        for start in range(0, self.out_features, INT8_ROWS):
+            rows = slice(start, start + INT8_ROWS)
+            codes, scales = self.codes[rows], self.scales[rows]
+            w = codes.view(codes.shape[0], -1, GROUP).to(x.dtype) * scales.to(x.dtype)[..., None]
+            y[:, rows] = x @ w.view(codes.shape[0], self.in_features).T
+        return y
 
     def int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype; the kernel computes in bf16."""
@@ -243,8 +263,10 @@ class PackedEmbedding(nn.Module):
 
 
 # ------------------------------------------------------------------- whole models
-def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight]) -> nn.Module:
+def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight | PackedLinear]) -> nn.Module:
     """Replace each ``nn.Linear`` named in ``weights`` (``blocks.0.attn.q_proj``) by a ``PackedLinear``.
+
+    A layer keeps the bias of the linear layer it replaces.
 
     ``wte`` in ``weights`` packs the embedding table (int8) and, in a model that ties them, the head with it.
     """
@@ -258,10 +280,12 @@ def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight]) -> nn.Modu
             raise UnsupportedError(
                 f"{name} is not a linear layer and cannot be packed", hint="use quant='none'"
             )
-        bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
-        setattr(parent, attr, PackedLinear(weight, bias))
+        layer = weight if isinstance(weight, PackedLinear) else PackedLinear(weight)
+        if old.bias is not None and old.bias.device.type != "meta":
+            layer.bias = old.bias.detach()  # a buffer: packed layers are frozen (LoRA trains beside them)
+        setattr(parent, attr, layer)
     if "wte" in weights:
-        table = PackedLinear(weights["wte"])
+        table = weights["wte"] if isinstance(weights["wte"], PackedLinear) else PackedLinear(weights["wte"])
         model.wte = PackedEmbedding(table).to(model.wte.weight.dtype)  # lookups in the activations' type
         if getattr(model.config, "tie_embeddings", False):
             model.lm_head = table

@@ -22,7 +22,7 @@ from lmforge.config import Config
 from lmforge.errors import ModelFormatError, UnsupportedError
 from lmforge.formats.gguf_quants import PACKED_TYPES, block_codes, dequantize, tensor_nbytes
 from lmforge.formats.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
-from lmforge.quant import Kind, QuantizedWeight, int4_fits, quantize_weight
+from lmforge.quant import Kind, PackedLinear, QuantizedWeight, int4_fits, quantize_weight
 from lmforge.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -197,8 +197,8 @@ class GGUFFile:
 
     def state_dict(
         self, config: Config, dtype: torch.dtype = torch.float32, quant: str = "none"
-    ) -> dict[str, Weights]:
-        """All weights under lmforge's names and layouts: float tensors, or with ``quant`` packed ones.
+    ) -> dict[str, torch.Tensor | PackedLinear]:
+        """All weights under lmforge's names and layouts: float tensors, or with ``quant`` packed layers.
 
         ``quant="none"`` dequantizes everything. ``"auto"`` keeps linear layers as stored: Q4_0/Q4_1 -> int4 and
         Q8_0 -> int8 exactly, other block types (K-quants, Q5) requantized to the nearest kind, float types
@@ -230,8 +230,16 @@ class GGUFFile:
                 array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
                 weights = quantize_weight(torch.from_numpy(array), kind)
             for name, value in _rename(tensor.name, weights, config, undo_permutation):
-                out[name] = value
+                # Pack now: the integer codes of one tensor at a time, not of the whole model, are ever in memory.
+                out[name] = PackedLinear(value) if isinstance(value, QuantizedWeight) else value
+            self._release(tensor)
+        self._map.madvise(mmap.MADV_DONTNEED)  # pages faulted in around the tensors too
         return out
+
+    def _release(self, tensor: TensorInfo) -> None:
+        """Drop the file pages of a tensor already converted from this process's memory (they stay on disk)."""
+        start = tensor.offset - tensor.offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.nbytes - start)
 
 
 # Block types without a packed layout of their own, and the packed kind with at least their precision.
