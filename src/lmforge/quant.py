@@ -28,7 +28,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError, UnsupportedError
 
