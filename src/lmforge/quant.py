@@ -22,7 +22,7 @@ any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,6 +113,28 @@ def _int8_matvec(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     return (x.float().view(M, 1, K // GROUP, GROUP) * w).sum((-1, -2))  # (M, N)
 
 
+_compiled_int8_matvec: Callable[..., torch.Tensor] | None = None
+
+
+@torch.library.custom_op("lmforge::int8_matvec", mutates_args=())
+def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``_int8_matvec``, compiled on its own: an opaque op inside a compiled decode step.
+
+    Inside the step's graph, inductor would fuse the producer of x (a norm, SiLU(gate) * up) into the matvec's
+    loop and recompute it for every output row (the head then took 5.4 ms instead of 2.2). Behind this op
+    boundary x arrives computed once.
+    """
+    global _compiled_int8_matvec
+    if _compiled_int8_matvec is None:
+        _compiled_int8_matvec = torch.compile(_int8_matvec)
+    return _compiled_int8_matvec(x, codes, scales)
+
+
+@int8_matvec.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
 class _Int4Matmul(torch.autograd.Function):
     """The int4 kernel has no derivative; for LoRA on a packed base, x's gradient is grad @ W (dequantized)."""
 
@@ -176,7 +198,7 @@ class PackedLinear(nn.Module):
         if self.kind == "int4":
             y = _Int4Matmul.apply(x2, self) if x2.requires_grad else self.int4_matmul(x2)
         elif x2.shape[0] <= DECODE_ROWS and torch.compiler.is_compiling():
-            y = _int8_matvec(x2, self.codes, self.scales).to(x.dtype)
+            y = int8_matvec(x2, self.codes, self.scales).to(x.dtype)
         else:
             y = self.int8_matmul(x2)
         if self.bias is not None:
