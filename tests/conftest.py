@@ -19,6 +19,9 @@ from lmforge.loading import bundled_model_path
 # Two threads at most, here and in `lmforge` commands run in-process or as children (they read the variable).
 os.environ.setdefault(runtime.THREADS_ENV, str(min(2, os.cpu_count() or 1)))
 runtime.set_threads()
+# Decode eagerly unless a test asks for the compiled step (tests/test_generate.py checks it against eager): each new
+# model shape would otherwise wait for inductor, and the suite has to fit 15 minutes on 2 cores.
+os.environ.setdefault(runtime.COMPILE_ENV, "0")
 # Compiled decoding caches its kernels here, not under the user's ~/.lmforge (LLM.load's default).
 os.environ.setdefault(runtime.INDUCTOR_CACHE_ENV, str(Path(tempfile.gettempdir()) / "lmforge-tests-inductor"))
 

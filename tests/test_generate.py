@@ -103,6 +103,33 @@ def test_cached_generation_equals_full_recompute(preset, tiny_tokenizer):
     assert cached == ids[len(prompt) :]
 
 
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_compiled_decode_step_equals_eager_and_full_recompute(preset, tiny_tokenizer):
+    """The torch.compile'd step over a StaticKVCache (the default for loaded models) picks the same tokens as
+    eager decoding and as recomputing the whole sequence, for a left-padded batch with a Chinese prompt, with a
+    sliding window shorter than the sequence, and with a prompt longer than one prefill chunk."""
+    llm = tiny_llm(preset, tiny_tokenizer, sliding_window=12 if preset == "tiny-llama" else None)
+    prompts = [tiny_tokenizer.encode(t) for t in ("To be, or not to be", "明月几时有？把酒问青天。")]
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    llm.model.compile_decode = False
+    eager = torch.stack(list(generate_tokens(llm.model, prompts, params)), 1).tolist()
+    llm.model.compile_decode = True
+    compiled = torch.stack(list(generate_tokens(llm.model, prompts, params)), 1).tolist()
+    assert compiled == eager
+    for prompt, tokens in zip(prompts, compiled, strict=True):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(llm.model(torch.tensor([ids]))[0][0, -1].argmax()))
+        assert tokens == ids[len(prompt) :]
+    long_prompt = prompts[0] * 8  # > the prefill chunk set below: prefilled in 3 pieces
+    whole = [int(t) for t in generate_tokens(llm.model, [long_prompt], params)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lmforge.generate.PREFILL_CHUNK", 17)
+        chunked = [int(t) for t in generate_tokens(llm.model, [long_prompt], params)]
+    assert chunked == whole
+
+
 def test_context_limit_stops_generation(tiny_tokenizer):
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
     prompt = (tiny_tokenizer.encode("hello world " * 60) * 2)[:120]

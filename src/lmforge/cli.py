@@ -59,7 +59,9 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-compile",
         dest="compile",
-        action="store_false",
+        action="store_const",
+        const=False,
+        default=None,  # LLM.load's default: compile unless $LMFORGE_COMPILE=0
         help="decode eagerly instead of with the torch.compile'd step (no compile wait on the first answer)",
     )
 

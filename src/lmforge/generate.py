@@ -9,6 +9,9 @@ with ``next_tokens`` and assembles text with ``CompletionBuilder``, the same pie
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -172,24 +175,69 @@ def cache_length(tokens: int, context: int) -> int:
     return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
 
 
-_compiled_steps: weakref.WeakKeyDictionary[Transformer, Callable[..., torch.Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
+COMPILED_SHAPES = 64  # compiled variants dynamo keeps of the decode step before it refuses more
+COMPILE_NOTICE_S = 2.0  # a first call slower than this was a compile (not a cache hit): say so, once
+
+
+class CompiledStep:
+    """``model.decode_step`` through ``torch.compile``, telling the user once per shape what the wait was.
+
+    Inductor fuses each block's small ops; packed layers call their own kernels. Compiled code is cached on
+    disk (``TORCHINDUCTOR_CACHE_DIR``, under ``$LMFORGE_HOME`` — see ``lmforge.runtime``), so a later run with
+    the same shapes starts in seconds. Shapes are fixed per (batch, cache bucket): a new pair compiles once.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.step: Callable[..., torch.Tensor] = torch.compile(
+            model.decode_step, dynamic=False, fullgraph=True
+        )
+        self.shapes: set[tuple[int, int]] = set()
+        # Every model shares decode_step's code object, and each (model shape, batch, cache bucket) is one entry.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+
+    def __call__(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        shape = (idx.shape[0], cache.max_len)
+        if shape in self.shapes:
+            return self.step(idx, cache)
+        start = time.perf_counter()
+        try:
+            logits = self.step(idx, cache)
+        except _compile_errors() as e:
+            # No C++ compiler, an unsupported op: decoding still works, eagerly (the same numbers, slower).
+            print(f"warning: decoding eagerly, torch.compile failed ({type(e).__name__})", file=sys.stderr)
+            self.step = self.model.decode_step
+            return self.step(idx, cache)
+        self.shapes.add(shape)
+        seconds = time.perf_counter() - start
+        if seconds > COMPILE_NOTICE_S:
+            folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default folder")
+            print(
+                f"compiled the decode step for batch {shape[0]}, cache {shape[1]} in {seconds:.0f} s "
+                f"(once: cached in {folder}; --no-compile skips it)",
+                file=sys.stderr,
+            )
+        return logits
+
+
+def _compile_errors() -> tuple[type[Exception], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError
+
+
+_compiled_steps: weakref.WeakKeyDictionary[Transformer, CompiledStep] = weakref.WeakKeyDictionary()
 
 
 def decode_step_function(model: Transformer) -> Callable[[torch.Tensor, StaticKVCache], torch.Tensor]:
-    """``model.decode_step``, compiled once per model when ``model.compile_decode`` (the loader's default).
-
-    Inductor fuses each block's small ops and the packed layers' dequantize-in-register matvecs; its
-    kernels are cached on disk between runs (``TORCHINDUCTOR_CACHE_DIR``), so the compile cost is paid once.
-    Shapes are fixed per (batch, cache bucket): a new pair compiles once more.
-    """
+    """The one-token step generation uses: ``CompiledStep`` when ``model.compile_decode`` (the loader's
+    default), else ``model.decode_step`` as it is (eager)."""
     if not model.compile_decode:
         return model.decode_step
     step = _compiled_steps.get(model)
     if step is None:
-        step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
-        _compiled_steps[model] = step
+        step = _compiled_steps[model] = CompiledStep(model)
     return step
 
 
@@ -241,7 +289,7 @@ def generate_tokens(
         # Only real tokens count as seen: a pad position repeats its row's last prompt token (never a pad with
         # left padding), which the penalty then touches once, as alone. The scheduler penalises prompt + output.
         seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
-    logits = prefill(model, ids, mask, cache)
+    logits = prefill(model, ids, mask, cache, PREFILL_CHUNK)
     cache.start_decoding(mask)
     step_function = decode_step_function(model)
     for step in range(steps):

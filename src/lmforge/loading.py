@@ -312,16 +312,18 @@ class LoadedModel:
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
         quant: str = "auto",
-        compile: bool = True,
+        compile: bool | None = None,
     ) -> Any:  # an instance of cls: LoadedModel here, LLM when called as LLM.load
         """Load a model folder, a ``.gguf`` file, a stored name, a hub id, or (no argument) the bundled default.
 
         ``quant``: ``"auto"`` keeps a GGUF's quantized linear layers packed (Q4 -> int4, Q8_0 -> int8; see
         ``lmforge.quant``) on the CPU when no ``dtype`` is asked for, and loads everything else as floats;
         ``"none"`` dequantizes to ``dtype``; ``"int8"`` / ``"int4"`` pack any model's linear layers on load.
-        ``compile``: decode with the ``torch.compile``d one-token step (``lmforge.generate``); False keeps eager.
+        ``compile``: decode with the ``torch.compile``d one-token step (``lmforge.generate``); False keeps eager;
+        None (default) compiles unless ``$LMFORGE_COMPILE=0`` (``lmforge.runtime.compile_by_default``).
         """
         runtime.configure()  # once per process: intra-op threads, inductor's cache under $LMFORGE_HOME
+        compile = runtime.compile_by_default() if compile is None else compile
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         quant = check_quant(quant, torch_device)

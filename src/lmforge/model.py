@@ -288,6 +288,26 @@ class StaticKVCache(KVCache):
         self.positions.add_(1)
 
 
+def single_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One new token per row: q (B, H, 1, D), k/v (B, K, S, D), mask (B, 1, 1, S) -> (B, 1, H * D).
+
+    The same softmax(q k^T / sqrt(D)) v as SDPA, as plain reductions that torch.compile fuses: for one query,
+    SDPA's flash kernel costs ~110 us a layer on a 2-core CPU, these ~50 us (a third of the attention time).
+    Query heads are grouped over their key/value head (GQA) instead of repeating keys.
+    """
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    qg = q.view(B, K, H // K, 1, D)  # (B, K, G, 1, D)
+    scores = (qg * k[:, :, None]).sum(-1) * D**-0.5  # (B, K, G, S)
+    scores = scores.masked_fill(~mask[:, :, 0, None], float("-inf")).softmax(
+        -1
+    )  # mask (B, 1, 1, S) -> (B, 1, 1, S)
+    y = (scores[..., None] * v[:, :, None]).sum(-2)  # (B, K, G, D)
+    return y.reshape(B, 1, H * D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
@@ -315,6 +335,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
+        if T == 1 and mask is not None and not self.training:  # a decode step
+            return self.o_proj(single_query_attention(q, k, v, mask))
         # A query with no past (fresh prompt, no padding) can use the fused causal kernel.
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(

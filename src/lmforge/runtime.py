@@ -22,6 +22,7 @@ import torch
 from lmforge.errors import LmforgeError
 
 THREADS_ENV = "LMFORGE_THREADS"
+COMPILE_ENV = "LMFORGE_COMPILE"  # "0" / "false" / "no": decode eagerly unless a caller asks for compile
 HOME_ENV = "LMFORGE_HOME"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 CPUINFO = Path("/proc/cpuinfo")
@@ -82,6 +83,12 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(threads)
     _threads = threads
     return threads
+
+
+def compile_by_default() -> bool:
+    """Whether ``LLM.load`` compiles the decode step when not told: yes, unless ``$LMFORGE_COMPILE`` is 0/false/no
+    (a machine without a C++ compiler, or a test run that should not wait for compiles)."""
+    return os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def configure_compile_cache() -> Path:
