@@ -1,6 +1,7 @@
 """The main paths on a CUDA GPU, each checked against the same work on the CPU: python benchmarks/cuda_check.py
 
-CI has no GPU, so this is what a session with one runs: inference (GGUF SmolLM2, fp32 and bf16), the server's
+CI has no GPU, so this is what a session with one runs: inference (GGUF SmolLM2, fp32 and bf16, the compiled
+decode step against eager), the server's
 continuous batching, pretraining (fp32 losses vs CPU, bf16 + torch.compile, exact resume), LoRA fine-tuning and
 merging, embeddings. Prints one table row per check and exits non-zero if any check fails.
 """
@@ -76,6 +77,21 @@ def main() -> None:
     def _() -> tuple[bool, str]:
         same = [gpu.generate_text(p, max_length=32) == cpu.generate_text(p, max_length=32) for p in PROMPTS]
         return all(same), f"{sum(same)}/{len(same)} identical"
+
+    @check("compiled decode step (torch.compile, static KV cache) == eager: greedy text, and tok/s of both")
+    def _() -> tuple[bool, str]:
+        compiled = LLM.load(dtype="float32", device=DEVICE, compile=True)
+        eager = LLM.load(dtype="float32", device=DEVICE, compile=False)
+        for llm in (compiled, eager):
+            llm.generate_text(PROMPTS[0], max_new_tokens=4)  # compile (and CUDA warm-up) outside the timing
+        rates, same = [], []
+        for llm in (compiled, eager):
+            start = time.perf_counter()
+            texts = [llm.generate_text(p, max_new_tokens=64, stop_on_eos=False) for p in PROMPTS]
+            rates.append(64 * len(PROMPTS) / (time.perf_counter() - start))
+            same.append(texts)
+        ok = same[0] == same[1]
+        return ok, f"identical: {ok}; decode tok/s compiled {rates[0]:.0f}, eager {rates[1]:.0f}"
 
     @check("SmolLM2 bf16 (the GPU default): next-token argmax agrees with fp32")
     def _() -> tuple[bool, str]:
