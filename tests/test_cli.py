@@ -44,7 +44,7 @@ def keep_threads(monkeypatch, tmp_path: Path):
 def test_every_inference_command_takes_quant_and_no_compile(command: str) -> None:
     argv = INFERENCE_COMMANDS[command]
     defaults = build_parser().parse_args(argv)
-    assert (defaults.quant, defaults.compile) == ("auto", True)
+    assert (defaults.quant, defaults.compile) == ("auto", None)  # None: LLM.load decides ($LMFORGE_COMPILE)
     for quant in QUANT_CHOICES:
         args = build_parser().parse_args([*argv, "--quant", quant, "--no-compile"])
         assert (args.quant, args.compile) == (quant, False)
@@ -81,7 +81,7 @@ def test_quant_and_no_compile_reach_llm_load(monkeypatch, tiny_folder: Path, qua
     assert main(argv) == 0
     assert calls == [{"dtype": "auto", "device": "auto", "quant": quant, "compile": False}]
     assert main(["embed", "-m", str(tiny_folder), "a text"]) == 0
-    assert calls[-1]["quant"] == "auto" and calls[-1]["compile"] is True
+    assert calls[-1]["quant"] == "auto" and calls[-1]["compile"] is None  # LLM.load decides
     assert capsys.readouterr().out.count("embedding") == 1
 
 
