@@ -27,6 +27,7 @@ INFERENCE_COMMANDS = {
     "eval": ["eval", "--task", "perplexity", "--data", "x.txt"],
     "select": ["select", "--task", "classify", "--data", "x.jsonl", "--candidates", "a"],
     "quickstart": ["quickstart"],
+    "estimate": ["estimate"],  # sizes the model as these load it
 }
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,6 +24,7 @@ from lmforge.data import prepare_corpus
 from lmforge.export import export_model
 from lmforge.formats.gguf import GGUFFile
 from lmforge.lora import LoRAConfig, inject_lora, lora_layers
+from lmforge.quant import QuantizedWeight, packed_layers
 from lmforge.recipes.pretrain import pretrain
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.metrics import MetricsLogger
@@ -235,6 +238,69 @@ def test_gguf_keeps_smollm2s_tokenizer_and_chat_template(smollm2, tmp_path):
     assert back.tokenizer.apply_chat_template(chat) == smollm2.tokenizer.apply_chat_template(chat)
     ids = torch.tensor([smollm2.tokenizer.encode(TEXTS[2])])
     assert max_diff(logits(back.model, ids), logits(llm.model, ids)) <= Q4_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------- packed layers
+def gguf_blocks(path: Path) -> dict[str, tuple[GGMLQuantizationType, np.ndarray]]:
+    """gguf-py's reading of a file: each tensor's type and raw bytes."""
+    return {
+        t.name: (t.tensor_type, np.array(t.data).reshape(-1).view(np.uint8)) for t in GGUFReader(path).tensors
+    }
+
+
+def test_packed_int4_exports_to_q4_1_from_its_codes(smollm2_gguf, tmp_path):
+    """The bundled Q4_1 file loaded packed (210 int4 layers, the tied Q8_0 table as int8) goes back to Q4_1 from
+    its integer codes: no layer is dequantized, the codes and the Q8_0 table are the file's own bytes, and the
+    scales differ only by the bf16 rounding the int4 kernel's layout gave them at load."""
+    llm = LLM.load(smollm2_gguf, device="cpu", compile=False)
+    with mock.patch.object(QuantizedWeight, "dequantize", side_effect=AssertionError("dequantized")):
+        out = export_model(llm, tmp_path / "smol.Q4_1.gguf", format="gguf", quant="q4_1")
+    original, written = gguf_blocks(smollm2_gguf), gguf_blocks(out)
+    assert original.keys() == written.keys()
+    for name, (qtype, data) in original.items():
+        assert written[name][0] == qtype, name  # the int8 table stays Q8_0 in a 4-bit file, as it was
+        if qtype != GGMLQuantizationType.Q4_1:
+            assert np.array_equal(written[name][1], data), name  # F32 norms, the Q8_0 table: exact
+            continue
+        before, after = (
+            data.reshape(-1, 20),
+            written[name][1].reshape(-1, 20),
+        )  # d, m (fp16), 16 bytes of codes
+        assert np.array_equal(after[:, 4:], before[:, 4:]), name
+        d_before, d_after = (b[:, :2].copy().view(np.float16).astype(np.float32) for b in (before, after))
+        assert np.all(np.abs(d_after - d_before) <= 2**-8 * np.abs(d_before)), name  # one bf16 rounding
+        values = [gguf_dequantize(b, qtype) for b in (data, written[name][1])]
+        assert np.linalg.norm(values[1] - values[0]) <= 4e-3 * np.linalg.norm(values[0]), name
+    # and the file holds what the packed model computes with, up to one fp16 rounding of each m (our reader
+    # undoes llama.cpp's q/k row order; the first and last blocks are checked, and the tied table)
+    back = GGUFFile(out)
+    weights = back.state_dict(back.config(), quant="none")
+    last = llm.config.n_layer - 1
+    for name, layer in packed_layers(llm.model).items():
+        if name.startswith(("blocks.0.", f"blocks.{last}.", "lm_head")):
+            ours = layer.dequantize()
+            key = "wte.weight" if name == "lm_head" else f"{name}.weight"
+            assert max_diff(weights[key], ours) <= 1e-3 * ours.abs().max().item(), name
+
+
+def test_packed_int8_exports_q8_0_blocks_exactly(pretrained, tmp_path):
+    """A Q8_0 file loaded packed (every linear layer int8; GPT-2's fused q/k/v split and fused again) exports to
+    Q8_0 with the same bytes, tensor for tensor."""
+    q8 = pretrained.export(tmp_path / "model.Q8_0.gguf", format="gguf", quant="q8_0")
+    packed = LLM.load(q8, device="cpu", compile=False)
+    assert packed_layers(packed.model)
+    with mock.patch.object(QuantizedWeight, "dequantize", side_effect=AssertionError("dequantized")):
+        again = packed.export(tmp_path / "again.Q8_0.gguf", format="gguf", quant="q8_0")
+    first, second = gguf_blocks(q8), gguf_blocks(again)
+    assert first.keys() == second.keys()
+    for name, (qtype, data) in first.items():
+        assert second[name][0] == qtype and np.array_equal(second[name][1], data), name
+    # another type: the int8 layers are dequantized and quantized, an int8 head stays Q8_0 in a 4-bit file
+    q4 = gguf_blocks(packed.export(tmp_path / "model.Q4_1.gguf", format="gguf", quant="q4_1"))
+    matrix = "blk.0.attn_qkv.weight" if pretrained.config.model_type == "gpt2" else "blk.0.attn_q.weight"
+    assert q4[matrix][0] == GGMLQuantizationType.Q4_1
+    head = "output.weight" if "output.weight" in q4 else "token_embd.weight"  # the tied table is the head
+    assert q4[head][0] == GGMLQuantizationType.Q8_0 and np.array_equal(q4[head][1], first[head][1])
 
 
 # ------------------------------------------------------------------------------------------------ LoRA

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,18 @@ def _add_model(parser: argparse.ArgumentParser, positional: bool = True) -> None
     _add_speed(parser)
 
 
-def _add_speed(parser: argparse.ArgumentParser) -> None:
-    """--quant and --no-compile: how a model is loaded for inference (``LLM.load``'s quant and compile)."""
+def _add_speed(parser: argparse.ArgumentParser, *, old_file_types: bool = False) -> None:
+    """--quant and --no-compile: how a model is loaded for inference (``LLM.load``'s quant and compile).
+
+    ``old_file_types``: --quant also takes a GGUF type name (estimate's old meaning, deprecated; the API
+    checks it and says what it means)."""
+    checked: dict[str, Any] = {"choices": QUANT_CHOICES}
+    if old_file_types:
+        checked = {"type": str.lower, "metavar": "{" + ",".join(QUANT_CHOICES) + "}"}
     parser.add_argument(
         "--quant",
         default="auto",
-        choices=QUANT_CHOICES,
+        **checked,
         help="packed weights: auto keeps a GGUF's Q4/Q8 layers packed on the CPU (default), none loads floats, "
         "int8/int4 pack any model's linear layers (CPU)",
     )
@@ -174,19 +181,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_estimate(args: argparse.Namespace) -> None:
     from lmforge.sizing import estimate
 
-    result = estimate(
-        args.model,
-        context=args.context,
-        batch=args.batch,
-        mode=args.mode,
-        dtype=args.dtype,
-        quant=args.quant,
-        measure=args.measure,
-        task=args.task,
-        lora_rank=args.lora_rank,
-        train_last_blocks=args.train_last_blocks,
-        activation_checkpointing=args.activation_checkpointing,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        result = estimate(
+            args.model,
+            context=args.context,
+            batch=args.batch,
+            mode=args.mode,
+            dtype=args.dtype,
+            quant=args.quant,
+            compile=args.compile,
+            measure=args.measure,
+            task=args.task,
+            lora_rank=args.lora_rank,
+            train_last_blocks=args.train_last_blocks,
+            activation_checkpointing=args.activation_checkpointing,
+        )
+    for warning in caught:  # --quant q8_0, the old meaning: one line, then the estimate
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(result.table())
 
 
@@ -668,7 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="memory (weights, gradients, optimizer, activations, KV) and speed")
     p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, stored name or hub id")
-    p.add_argument("--context", type=int, help="tokens per sequence (default: up to 2048; 512 for training)")
+    p.add_argument(
+        "--context",
+        type=int,
+        help="tokens per sequence, prompt + new ones when generating (default: up to 2048; 512 for training)",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences at once")
     p.add_argument("--mode", default="infer", help="infer | full | freeze | lora")
     p.add_argument(
@@ -676,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate | score | classify | embed (default: embed for sentence encoders, else generate)",
     )
     p.add_argument("--dtype", default="auto", help="inference dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--quant", help="size a GGUF file of this type instead (q8_0, q4_0, q4_k...)")
+    _add_speed(p, old_file_types=True)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument(
         "--train-last-blocks", type=int, default=2, help="mode freeze: the last N blocks train (default: 2)"

@@ -7,6 +7,10 @@
 A model with LoRA adapters exports merged (the adapters folded into the weights) unless ``merge_lora=False``,
 which writes only the adapter, in PEFT's layout, next to which the base model's own export is the base.
 Every write is atomic: a failed export leaves whatever was at ``out`` before.
+
+Packed layers (``quant``, e.g. a Q4_1 GGUF loaded as int4) go to a GGUF file as their integer codes and scales:
+int4 -> Q4_1 and int8 -> Q8_0 are written without a dequantize/requantize round trip (``gguf_writer``'s
+``packed_blocks``); other pairings, and every Hugging Face export, dequantize them first.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from lmforge.formats.folder import atomic_write_folder, write_model_files
 from lmforge.formats.gguf_writer import check_file_type, write_gguf
 from lmforge.formats.peft import save_adapter
 from lmforge.loading import LoadedModel
-from lmforge.quant import float_state_dict
+from lmforge.quant import PackedEmbedding, QuantizedWeight, float_state_dict, packed_layers
 
 FORMATS = ("hf", "gguf")
 FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -55,10 +59,29 @@ def export_model(
     if lora.lora_layers(transformer):
         # Merge a copy: the caller's model keeps its adapters (and can still be trained or exported unmerged).
         transformer = lora.merge_lora(copy.deepcopy(transformer))
-    state = float_state_dict(transformer)  # packed int4/int8 layers as float weights, the form files take
     if format == "gguf":
-        return write_gguf(out, transformer.config, state, llm.tokenizer, file_type)
+        return write_gguf(out, transformer.config, _gguf_state(transformer), llm.tokenizer, file_type)
+    state = float_state_dict(transformer)  # packed int4/int8 layers as float weights, the form files take
     return _write_hf(out, llm, transformer.config, state, file_type)
+
+
+def _gguf_state(model: torch.nn.Module) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The model's weights for the GGUF writer, in the model's order: floats as they are, packed layers as their
+    integer codes and scales (``PackedLinear.unpacked``), which the writer turns into blocks directly where the
+    file type holds them. A packed embedding table is the tied head's codes."""
+    packed = {name: layer.unpacked() for name, layer in packed_layers(model).items()}
+    state: dict[str, torch.Tensor | QuantizedWeight] = {}
+    if isinstance(getattr(model, "wte", None), PackedEmbedding):  # packed only when tied to the head
+        state["wte.weight"] = packed["lm_head"] if "lm_head" in packed else model.wte.weight
+    for key, tensor in model.state_dict().items():
+        owner, _, field = key.rpartition(".")
+        if owner not in packed or field == "bias":
+            state[key] = tensor
+        elif (
+            f"{owner}.weight" not in state
+        ):  # once per layer (a tied head: the table, which the writer skips)
+            state[f"{owner}.weight"] = packed[owner]
+    return state
 
 
 def _check_options(out: Path, format: str, dtype: str | None, quant: str | None, merge_lora: bool) -> str:

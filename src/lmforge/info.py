@@ -11,7 +11,7 @@ from pathlib import Path
 from lmforge.config import Config
 from lmforge.errors import ModelFormatError
 from lmforge.formats.folder import CONFIG_FILE
-from lmforge.formats.gguf import GGUFFile
+from lmforge.formats.gguf import GGUFFile, TensorInfo
 from lmforge.loading import locate_model
 from lmforge.tokenizer import Tokenizer
 
@@ -26,6 +26,9 @@ class ModelHeader:
     tokenizer: Tokenizer
     weight_types: Counter[str]  # tensor (GGUF) or safetensors dtype -> how many tensors
     file_bytes: int  # weights on disk
+    tensors: tuple[
+        TensorInfo, ...
+    ] = ()  # a GGUF file's tensors: names, shapes, block types (none for folders)
 
 
 def read_header(name_or_path: str | Path | None) -> ModelHeader:
@@ -34,7 +37,8 @@ def read_header(name_or_path: str | Path | None) -> ModelHeader:
         gguf_file = GGUFFile(path)
         types = Counter(t.qtype.name for t in gguf_file.tensors)
         size = sum(t.nbytes for t in gguf_file.tensors)
-        return ModelHeader("gguf", path, gguf_file.config(), gguf_file.tokenizer(), types, size)
+        config, tokenizer = gguf_file.config(), gguf_file.tokenizer()
+        return ModelHeader("gguf", path, config, tokenizer, types, size, tuple(gguf_file.tensors))
     types, size = _safetensors_dtypes(path)
     return ModelHeader("folder", path, Config.load(path / CONFIG_FILE), Tokenizer.load(path), types, size)
 

@@ -319,17 +319,26 @@ def linear_names(model: nn.Module) -> list[str]:
     return [*names, "lm_head"] if isinstance(getattr(model, "lm_head", None), nn.Linear) else names
 
 
+def packing_plan(model: nn.Module, kind: Kind) -> dict[str, Kind]:
+    """The kind ``quantize_model`` gives each layer it packs (also read by sizing, on a meta-device shell)."""
+    return {
+        name: "int8"
+        if name == "lm_head" or not int4_fits(model.get_submodule(name).weight.shape[0])
+        else kind
+        for name in linear_names(model)
+    }
+
+
 def quantize_model(model: nn.Module, kind: Kind) -> nn.Module:
     """Pack a float model's linear layers as ``kind`` (the head and a tied embedding table as int8).
 
     int4 keeps the head at int8, as llama.cpp's Q4 files keep their output tensor at 6 to 8 bits: it decides
     every token, and its error shows first. A layer whose outputs the int4 kernel cannot tile is int8 too.
     """
-    weights = {}
-    for name in linear_names(model):
-        weight = model.get_submodule(name).weight
-        layer_kind: Kind = "int8" if name == "lm_head" or not int4_fits(weight.shape[0]) else kind
-        weights[name] = quantize_weight(weight, layer_kind)
+    weights = {
+        name: quantize_weight(model.get_submodule(name).weight, layer_kind)
+        for name, layer_kind in packing_plan(model, kind).items()
+    }
     if getattr(model.config, "tie_embeddings", False) and "lm_head" in weights:
         weights["wte"] = weights.pop("lm_head")
     return pack_model(model, weights)

@@ -207,7 +207,7 @@ class GGUFFile:
         out: dict[str, Weights] = {}
         undo_permutation = self.metadata.get("general.architecture") == "llama"
         for tensor in self.tensors:
-            kind = _packed_kind(tensor, config, quant)
+            kind = packed_kind(tensor, config, quant)
             weights: Weights
             if kind is None:
                 array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
@@ -246,8 +246,22 @@ class GGUFFile:
 _NEAREST_KIND: dict[str, Kind] = {"Q2_K": "int4", "Q3_K": "int4", "Q4_K": "int4"}
 
 
-def _packed_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
-    """The kind a GGUF tensor is packed as under ``quant``, or None to load it as floats."""
+def nearest_kind(qtype: gguf.GGMLQuantizationType) -> Kind | None:
+    """The packed kind ``quant="auto"`` keeps a block type's linear layers as: Q4_0/Q4_1 -> int4 and Q8_0 -> int8
+    exactly, the other 2-4 bit types -> int4 and 5-8 bit types -> int8 (requantized); None for float types."""
+    qtype = gguf.GGMLQuantizationType(qtype)
+    if qtype in PACKED_TYPES:
+        return PACKED_TYPES[qtype]  # type: ignore[return-value]
+    if qtype.name in _NEAREST_KIND:
+        return _NEAREST_KIND[qtype.name]
+    if qtype.name.startswith(("Q5", "Q6", "Q8")):
+        return "int8"
+    return None  # F32, F16, BF16: float weights stay float
+
+
+def packed_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
+    """The kind a GGUF tensor is packed as under ``quant``, or None to load it as floats (``state_dict``'s rule,
+    which sizing reads too)."""
     kind = _wanted_kind(tensor, config, quant)
     if kind == "int4" and not int4_fits(tensor.shape[0]):
         return "int8"  # the int4 kernel cannot tile these rows; int8 holds a 4-bit block's values as well
@@ -263,15 +277,10 @@ def _wanted_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
         return None  # an untied embedding table is read a row at a time: it costs no bandwidth per token
     if quant in ("int8", "int4"):
         return "int8" if head else quant  # type: ignore[return-value]
-    qtype = gguf.GGMLQuantizationType(tensor.qtype)
-    if qtype in PACKED_TYPES:
-        stored: Kind = PACKED_TYPES[qtype]  # type: ignore[assignment]
-        return "int8" if top == "token_embd" else stored  # a packed embedding table is int8
-    if qtype.name in _NEAREST_KIND:
-        return "int8" if top == "token_embd" else _NEAREST_KIND[qtype.name]
-    if qtype.name.startswith(("Q5", "Q6", "Q8")):
-        return "int8"
-    return None  # F32, F16, BF16: float weights stay float
+    stored = nearest_kind(tensor.qtype)
+    if stored is not None and top == "token_embd":
+        return "int8"  # a packed embedding table is int8
+    return stored
 
 
 def _rename(name: str, weights: Weights, config: Config, undo_permutation: bool) -> list[tuple[str, Weights]]:

@@ -14,6 +14,10 @@ Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes it:
   kernel (Qwen2 and GPT-2 are stored as they are).
 * 1-D tensors (norms, biases) and GPT-2's position table stay F32; every other matrix takes the file type, or F16
   where its rows do not fill whole quantization blocks.
+* Packed layers (``lmforge.quant``, given as ``QuantizedWeight``) are written from their integer codes, without a
+  dequantize/requantize round trip, where the file type holds their values (``packed_blocks``): int8 as Q8_0,
+  int4 as Q4_1 (and as Q4_0 when every zero is 0). In a Q4_0/Q4_1 file an int8 head or tied table stays Q8_0,
+  as in llama.cpp's Q4 files and lmforge's int4 packing. Any other pairing is dequantized and quantized.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -36,9 +40,12 @@ from gguf import LlamaFileType, TokenType
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
-from lmforge.formats.gguf import _LAYER_TENSORS, _TOP_TENSORS, GGUFFile, StateDict
+from lmforge.formats.gguf import _LAYER_TENSORS, _TOP_TENSORS, GGUFFile
 from lmforge.formats.gguf_tokenizer import _GPT2, _PRE_TOKENIZERS
+from lmforge.quant import GROUP, QuantizedWeight
 from lmforge.tokenizer import Tokenizer
+
+Weights = torch.Tensor | QuantizedWeight
 
 # Our model_type -> llama.cpp architecture. llama.cpp runs Mistral checkpoints as "llama".
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
@@ -120,9 +127,16 @@ def _can_quantize(qtype: QType) -> bool:
 
 
 def write_gguf(
-    path: str | Path, config: Config, state: StateDict, tokenizer: Tokenizer, file_type: str = "f32"
+    path: str | Path,
+    config: Config,
+    state: Mapping[str, Weights],
+    tokenizer: Tokenizer,
+    file_type: str = "f32",
 ) -> Path:
-    """Write one GGUF file atomically (temporary sibling, read back and checked, then renamed into place)."""
+    """Write one GGUF file atomically (temporary sibling, read back and checked, then renamed into place).
+
+    ``state`` holds float tensors, and packed layers as ``QuantizedWeight`` (written from their codes where the
+    file type allows, see ``packed_blocks``)."""
     path = Path(path)
     file_type = check_file_type(file_type)
     arch = _architecture(config)
@@ -203,8 +217,9 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: Config, ftype: LlamaFil
 
 
 # ------------------------------------------------------------------------------------------------ tensors
-def gguf_tensors(config: Config, state: StateDict) -> Iterator[tuple[str, torch.Tensor]]:
-    """(llama.cpp name, tensor in llama.cpp's layout) for every weight of the model."""
+def gguf_tensors(config: Config, state: Mapping[str, Weights]) -> Iterator[tuple[str, Weights]]:
+    """(llama.cpp name, tensor in llama.cpp's layout) for every weight of the model (a packed layer's codes and
+    scales are laid out as its weight would be)."""
     top = {ours: theirs for theirs, ours in _TOP_TENSORS.items()}  # "wte" -> "token_embd"
     layer = {ours: theirs for theirs, ours in _LAYER_TENSORS.items()}  # "attn.q_proj" -> "attn_q"
     permute = ARCHITECTURES[config.model_type] == "llama"
@@ -222,11 +237,31 @@ def gguf_tensors(config: Config, state: StateDict) -> Iterator[tuple[str, torch.
         if config.model_type == "gpt2" and part in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
             if part == "attn.q_proj":  # GPT-2 keeps q, k and v in one matrix: emit it once
                 fused = [state[f"blocks.{i}.attn.{p}_proj.{kind}"] for p in "qkv"]
-                yield f"blk.{i}.attn_qkv.{kind}", torch.cat(fused)
+                yield f"blk.{i}.attn_qkv.{kind}", _cat_rows(fused)
             continue
         if permute and part in ("attn.q_proj", "attn.k_proj"):
-            tensor = permute_qk(tensor, config.n_head if part == "attn.q_proj" else config.n_kv_head)
+            heads = config.n_head if part == "attn.q_proj" else config.n_kv_head
+            if isinstance(tensor, QuantizedWeight):  # codes, scales and zeros share the row order
+                tensor = tensor.map_rows(lambda rows, heads=heads: permute_qk(rows, heads))
+            else:
+                tensor = permute_qk(tensor, heads)
         yield f"blk.{i}.{layer[part]}.{kind}", tensor
+
+
+def _cat_rows(parts: Sequence[Weights]) -> Weights:
+    """Row blocks stacked (GPT-2's q, k, v): packed ones stay packed when all three are of one kind."""
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        kinds = {p.kind for p in parts}  # type: ignore[union-attr]
+        if len(kinds) == 1:
+            packed: list[QuantizedWeight] = list(parts)  # type: ignore[arg-type]
+            zeros = [p.zeros for p in packed]
+            return QuantizedWeight(
+                packed[0].kind,
+                torch.cat([p.codes for p in packed]),
+                torch.cat([p.scales for p in packed]),
+                torch.cat(zeros) if all(z is not None for z in zeros) else None,  # type: ignore[arg-type]
+            )
+    return torch.cat([p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts])
 
 
 def permute_qk(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -243,8 +278,21 @@ def permute_qk(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def _encode(name: str, tensor: torch.Tensor, qtype: QType) -> tuple[np.ndarray, QType]:
-    """The tensor's bytes in the type llama.cpp's converter would give it."""
+# The head and a tied table keep 8 bits in a 4-bit file (llama.cpp's Q4 files do, and lmforge's int4 packing).
+_KEEP_8_BITS = {"output.weight", "token_embd.weight"}
+
+
+def _encode(name: str, tensor: Weights, qtype: QType) -> tuple[np.ndarray, QType]:
+    """The tensor's bytes in the type llama.cpp's converter would give it; a packed layer's straight from its
+    codes where the type holds them."""
+    if isinstance(tensor, QuantizedWeight):
+        target = qtype
+        if tensor.kind == "int8" and qtype in (QType.Q4_0, QType.Q4_1) and name in _KEEP_8_BITS:
+            target = QType.Q8_0
+        blocks = packed_blocks(tensor, target)
+        if blocks is not None:
+            return blocks, target
+        tensor = tensor.dequantize()  # another type: dequantize, then quantize as any float weight
     array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
     # llama.cpp reads norms, biases and the position table as F32 only.
     if array.ndim == 1 or name.endswith("_norm.weight") or name.startswith("position_embd."):
@@ -253,6 +301,40 @@ def _encode(name: str, tensor: torch.Tensor, qtype: QType) -> tuple[np.ndarray, 
         return gguf.quants.quantize(array, qtype), qtype
     except gguf.QuantError:  # rows that do not fill whole blocks: llama.cpp falls back to F16 as well
         return gguf.quants.quantize(array, QType.F16), QType.F16
+
+
+def packed_blocks(weight: QuantizedWeight, qtype: QType) -> np.ndarray | None:
+    """The GGUF blocks of ``qtype`` written from a packed layer's integer codes, or None where ``qtype`` cannot
+    hold its values as they are (then the layer is dequantized and quantized like a float one).
+
+    int8 ``q * scale`` is Q8_0 with d = scale. int4 ``(q - 8) * scale + zero`` is Q4_1 (``q * d + m``) with
+    d = scale and m = zero - 8 * scale, and Q4_0 (``(q - 8) * d``) when every zero is 0. The codes are copied;
+    d and m are the format's fp16: exact for int8 scales read from a GGUF file (kept in fp32), while int4 layers
+    keep bf16 scales and zeros (their kernel's type), which fp16 holds exactly in its normal range, so only m
+    rounds, once. Returns ``(N, K / 32 * block bytes)`` uint8, as ``gguf.quants.quantize`` does.
+    """
+    N, K = weight.shape
+    groups = N * K // GROUP
+    codes = weight.codes.detach().cpu()
+    scales = weight.scales.detach().cpu().float()
+    d = scales.numpy().reshape(groups, 1).astype(np.float16).view(np.uint8)
+    if weight.kind == "int8" and qtype == QType.Q8_0:
+        qs = codes.to(torch.int8).numpy().reshape(groups, GROUP).view(np.uint8)
+        return np.concatenate([d, qs], axis=1).reshape(N, -1)
+    if weight.kind != "int4" or qtype not in (QType.Q4_0, QType.Q4_1):
+        return None
+    assert weight.zeros is not None
+    zeros = weight.zeros.detach().cpu().float()
+    if qtype == QType.Q4_0 and bool(zeros.any()):
+        return None  # not symmetric: Q4_0 has no zero to hold it
+    q = codes.to(torch.uint8).numpy().reshape(groups, 2, GROUP // 2)
+    qs = q[:, 0] | (
+        q[:, 1] << np.uint8(4)
+    )  # value j in the low nibble of byte j, value j + 16 in the high one
+    if qtype == QType.Q4_0:
+        return np.concatenate([d, qs], axis=1).reshape(N, -1)
+    m = (zeros - 8 * scales).numpy().reshape(groups, 1).astype(np.float16).view(np.uint8)
+    return np.concatenate([d, m, qs], axis=1).reshape(N, -1)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

@@ -1,14 +1,19 @@
 """Which model fits: ``estimate`` sizes one model for a workload, ``select`` ranks candidates on the user's data.
 
     lmforge.estimate("default", context=2048)                        # SmolLM2 inference: breakdown + tokens/s
+    lmforge.estimate("runs/base/model", quant="int4", context=512)    # packed on load, as LLM.load(quant=...)
     lmforge.estimate("runs/base/model", mode="lora", context=512, batch=8)
     lmforge.select("classify", "spam.jsonl", candidates=["default", "spam:v1"], max_ram="4GB")
 
 ``estimate`` lives here and joins the package's three parts:
 
-    memory.py    the memory model: runtime, weights, load-time mapping, AdamW state, activations saved for
-                 backward (measured on the real modules), backward peak, KV cache
-    measure.py   what is measured on this machine: tokens/s, and the runtime's own memory
+    memory.py    the memory model: runtime, AdamW state, activations saved for backward (measured on the
+                 real modules), backward peak, KV cache, and the peak they add up to
+    weights.py   the weights as the loader holds them (packed layers at their packed size, by its own rules)
+                 and what loading holds on top
+    units.py     an estimate's parts and sizes (4GB, 512MiB)
+    measure.py   what is measured on this machine: tokens/s, the runtime's own memory (and a compiled
+                 step's), and the real peak of a generation (``measure_peak``, what estimates are checked on)
     ranking.py   ``select``: fit, speed and quality on a sample, ranked
 """
 
@@ -24,20 +29,11 @@ import torch
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.info import read_header
 from lmforge.loading import resolve_dtype
-from lmforge.sizing.measure import measure_speed, runtime_baseline
-from lmforge.sizing.memory import (
-    MODES,
-    WORKLOADS,
-    Component,
-    Estimate,
-    check_choice,
-    format_size,
-    model_shell,
-    parse_size,
-    quant_type,
-    size_memory,
-)
+from lmforge.sizing.measure import measure_peak, measure_speed, runtime_baseline
+from lmforge.sizing.memory import MODES, WORKLOADS, Estimate, check_choice, model_shell, size_memory
 from lmforge.sizing.ranking import Candidate, Selection, select
+from lmforge.sizing.units import Component, format_size, parse_size
+from lmforge.sizing.weights import load_quant
 
 __all__ = [
     "Candidate",
@@ -46,6 +42,7 @@ __all__ = [
     "Selection",
     "estimate",
     "format_size",
+    "measure_peak",
     "parse_size",
     "runtime_baseline",
     "select",
@@ -59,7 +56,8 @@ def estimate(
     batch: int = 1,
     mode: str = "infer",
     dtype: str = "auto",
-    quant: str | None = None,
+    quant: str = "auto",
+    compile: bool = True,
     measure: bool = True,
     task: str | None = None,
     lora_rank: int = 8,
@@ -74,8 +72,13 @@ def estimate(
     ``context`` is the tokens per sequence (default: the model's context, at most 2048 for inference and 512,
     fine-tuning's default, for training), ``batch`` the sequences at once. ``mode``: infer | full | freeze |
     lora; ``task`` the workload (see ``WORKLOADS``; default embed for a sentence encoder, else generate).
-    ``quant`` sizes a GGUF file of that type (q8_0, q4_0...) instead of the model's own file. ``measure``
-    runs a few decode or training steps for tokens/s. ``freeze_last`` is the old name of ``train_last_blocks``.
+    ``quant`` and ``compile`` are ``LLM.load``'s: ``auto`` holds a GGUF's Q4_0/Q4_1 layers packed as int4 and
+    Q8_0 as int8 (the file's types say which), ``none`` float weights, ``int8`` / ``int4`` any model packed on
+    load; a compiled decode step adds its own memory to generation. A GGUF file type (``q8_0``, ``q4_0``...),
+    the old meaning of ``quant``, still works with a DeprecationWarning: it means the kind such a file loads as.
+    For generation ``context`` is prompt + new tokens: the KV cache is sized to it (in steps of 256 tokens),
+    as ``generate`` sizes it to the request. ``measure`` runs a few decode or training steps for tokens/s.
+    ``freeze_last`` is the old name of ``train_last_blocks``.
     """
     if freeze_last is not None:
         warnings.warn(
@@ -103,8 +106,10 @@ def estimate(
             hint="fine-tuning loads fp32 weights: drop --dtype",
         )
     torch_dtype = resolve_dtype("float32" if training else dtype, torch.device("cpu"))
-    disk_type = quant_type(quant) if quant else None
+    quant = load_quant(quant, dtype=dtype, training=training)
     header = read_header(model)
+    if header.config.is_encoder and quant in ("int8", "int4"):
+        quant = "none"  # the loader packs decoders only
     task = task or ("embed" if header.config.is_encoder else "generate")
     block = header.config.block_size
     context = context or min(block, 512 if training else 2048)
@@ -130,7 +135,8 @@ def estimate(
         context=context,
         batch=batch,
         dtype=torch_dtype,
-        quant=disk_type,
+        quant=quant,
+        compile=compile and task == "generate",
         checkpointing=activation_checkpointing,
     )
     if not measure:
@@ -150,5 +156,7 @@ def estimate(
         lora_targets=lora_targets,
         train_last_blocks=train_last_blocks,
         num_labels=num_labels,
+        quant=quant,
+        compile=compile,
     )
     return result

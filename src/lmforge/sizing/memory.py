@@ -2,16 +2,18 @@
 
 What the code really holds, counted on a model shell (the network on the meta device: shapes, no storage):
 
-- runtime: a Python process with torch and lmforge imported and warmed up (measured once, ``measure.py``).
-- weights as held in memory: lmforge dequantizes GGUF files at load, so a Q4 file costs its dtype in RAM.
-  Fine-tuning always holds fp32 weights (``finetune`` loads float32).
-- loading: a GGUF file (or safetensors in another dtype) is memory-mapped and read while the weights are
-  built, so its pages are resident next to the weights until the load returns.
+- runtime: a Python process with torch and lmforge imported and warmed up (measured once, ``measure.py``), and
+  for compiled decoding what building the ``torch.compile``d step adds (measured once too).
+- weights as ``LLM.load(quant=...)`` holds them, packed layers at their packed size, and what loading holds on
+  top (``weights.py``: the loader's own rules). Fine-tuning always holds fp32 weights (``finetune`` loads
+  float32).
 - training: AdamW's two moments for the parameters the method trains (decided by ``choose_trainable`` on the
   shell: the same code fine-tuning runs), the tensors autograd saves for backward (``saved_per_token``:
   measured by running the real modules on fake tensors, never a copy of their rules) and gradients, at the
   moment of the backward pass where their sum peaks (``_backward_peak``).
-- inference: the KV cache, one block's temporaries, and the logits the workload keeps.
+- inference: the KV cache (generation sizes it to the request: prompt + new tokens rounded up to
+  ``generate.CACHE_BUCKET``), one block's temporaries (a prompt is prefilled ``PREFILL_CHUNK`` tokens at a
+  time), and the logits the workload keeps.
 
 Not counted: the user's tokenized dataset, and heap memory the C allocator keeps after tensors are freed
 (a few percent of the activations in our measurements).
@@ -20,13 +22,11 @@ Not counted: the user's tokenized dataset, and heap memory the C allocator keeps
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # Fake tensors carry shape, dtype and device but no storage, and run each operator's real dispatch (so SDPA
 # picks the kernel it picks on a CPU). torch.compile and torch.export build on them; the module is private.
@@ -34,12 +34,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
-from lmforge.formats.gguf_quants import SUPPORTED_TYPES
+from lmforge.generate import CACHE_BUCKET, PREFILL_CHUNK, cache_length
 from lmforge.info import ModelHeader
 from lmforge.loading import build_network
 from lmforge.lora import LoRAConfig
 from lmforge.model import Network
-from lmforge.sizing.measure import runtime_baseline
+from lmforge.sizing.measure import PROBE, compile_overhead, runtime_baseline
+from lmforge.sizing.units import Component, MiB, format_size
+from lmforge.sizing.weights import held_weights, load_transient
 from lmforge.train.methods import choose_trainable
 
 MODES = ("infer", "full", "freeze", "lora")
@@ -52,17 +54,14 @@ FP32 = 4
 # read from GGUF and 29 MiB from its tokenizer.json, so about half a kilobyte per entry.
 TOKENIZER_BYTES_PER_ENTRY = 512
 PROBE_TOKENS = 8  # tokens per sequence when measuring what autograd saves (on fake tensors: any size is free)
-MiB, GiB = 2**20, 2**30
+# Compiling the decode step holds more the more blocks its graph has (dynamo's and inductor's graphs, IR and
+# generated code). Measured with an empty compile cache, decode steps of 2, 8 and 30 blocks of a tiny model
+# took 136, 153 and 228 MiB, SmolLM2's 30 blocks ~207 MiB: ~3 MiB a block beyond the measured 2-block probe
+# (with the kernels cached, later runs hold about half of that).
+COMPILE_BYTES_PER_LAYER = 3 * MiB
 
 
 # ------------------------------------------------------------------ results
-@dataclass
-class Component:
-    name: str
-    bytes: int
-    note: str = ""
-
-
 @dataclass
 class Estimate:
     """Memory at the peak of a workload, part by part (the parts add up to ``peak_bytes``), and its speed."""
@@ -80,6 +79,8 @@ class Estimate:
     tokens_per_s: float | None = None
     speed_note: str = ""
     notes: list[str] = field(default_factory=list)
+    quant: str = "none"  # how the weights are loaded: LLM.load's quant, as load_quant resolves it
+    packing: str = ""  # which layers are packed how, when any are
 
     @property
     def peak_bytes(self) -> int:
@@ -88,8 +89,9 @@ class Estimate:
     def table(self) -> str:
         what = f"{self.mode}" + (f" ({self.task})" if self.task != "generate" or self.mode != "infer" else "")
         lines = [
-            f"{self.model}: {what}, batch {self.batch} x context {self.context}, {self.dtype}, "
-            f"{self.parameters / 1e6:.1f}M parameters"
+            f"{self.model}: {what}, batch {self.batch} x context {self.context}, {self.dtype}"
+            + (f" ({self.packing})" if self.packing else "")
+            + f", {self.parameters / 1e6:.1f}M parameters"
             + (f", {self.trainable_parameters / 1e6:.2f}M trained" if self.mode != "infer" else ""),
             "",
             f"{'component':<34} {'memory':>10}  how it is counted",
@@ -156,10 +158,15 @@ def size_memory(
     context: int,
     batch: int,
     dtype: torch.dtype,
-    quant: GGMLQuantizationType | None = None,
+    quant: str = "none",
+    compile: bool = False,
     checkpointing: bool = False,
 ) -> Estimate:
-    """The memory part of ``estimate``, for a model shell whose ``requires_grad`` says what trains."""
+    """The memory part of ``estimate``, for a model shell whose ``requires_grad`` says what trains.
+
+    ``quant`` is ``LLM.load``'s, resolved by ``load_quant``: how the weights are held. ``compile``: the
+    workload runs a compiled decode step (inference only).
+    """
     training = mode != "infer"
     config = header.config
     width = torch.empty((), dtype=dtype).element_size()
@@ -167,7 +174,7 @@ def size_memory(
     params = _unique_parameters(net)
     count = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    disk, disk_note = _disk_size(header, net, quant=quant)
+    held = held_weights(header, net, quant=quant, width=width)
     vocab = header.tokenizer.vocab_size
     components = [
         Component(
@@ -176,14 +183,24 @@ def size_memory(
             "measured once in a subprocess",
         ),
         Component("tokenizer", vocab * TOKENIZER_BYTES_PER_ENTRY, f"{vocab:,} entries"),
-        Component("weights", count * width, f"{count:,} parameters as {dtype_name}; {disk_note}"),
+        Component("weights", held.bytes, held.note(dtype_name)),
     ]
-    load = _load_transient(header, disk=disk, quant=quant, dtype=dtype, parameters=count)
+    load = load_transient(header, held, dtype=dtype, parameters=count)
     if training:
         work, moment = _training_peak(net, task, tokens=batch * context, checkpointing=checkpointing)
         work.insert(0, Component("AdamW moments", 2 * trainable * FP32, f"2 x {trainable:,} trained params"))
     else:
         work, moment = _inference_peak(config, task, batch=batch, context=context, width=width)
+        if compile:
+            layers = max(0, config.n_layer - PROBE.n_layer)
+            work.append(
+                Component(
+                    "compiled decode step",
+                    compile_overhead() + layers * COMPILE_BYTES_PER_LAYER,
+                    f"torch.compile: measured on a {PROBE.n_layer}-block model, + {layers} blocks x "
+                    f"{COMPILE_BYTES_PER_LAYER // MiB} MiB (a first compile; cached kernels hold less)",
+                )
+            )
     notes = []
     if load and load.bytes > sum(c.bytes for c in work):
         components.append(load)
@@ -199,72 +216,8 @@ def size_memory(
     )
     return Estimate(
         str(header.path), mode, task, context, batch, dtype_name, config.num_parameters(), trainable,
-        components, phase, notes=notes,
+        components, phase, notes=notes, quant=quant, packing=held.packing(),
     )  # fmt: skip
-
-
-# ------------------------------------------------------------- load & disk
-def quant_type(name: str) -> GGMLQuantizationType:
-    try:
-        qtype = GGMLQuantizationType[name.upper()]
-    except KeyError:
-        qtype = None
-    if qtype not in SUPPORTED_TYPES:
-        raise LmforgeError(
-            f"unknown quantization {name!r}",
-            hint="use a GGUF type lmforge reads: " + ", ".join(t.name.lower() for t in SUPPORTED_TYPES),
-        )
-    return qtype
-
-
-def _disk_size(header: ModelHeader, net: nn.Module, *, quant: GGMLQuantizationType | None) -> tuple[int, str]:
-    """Weight bytes on disk and how they relate to memory."""
-    if quant is None:
-        types = ", ".join(f"{name} x{count}" for name, count in header.weight_types.most_common())
-        held = "dequantized at load" if header.kind == "gguf" else "read from the file"
-        return header.file_bytes, f"file: {types}, {format_size(header.file_bytes)}, {held}"
-    block, type_size = GGML_QUANT_SIZES[quant]
-    size = 0
-    for name, tensor in net.named_parameters():  # a tied head is listed once
-        if ".lora_" in name:
-            continue
-        rows_fit = tensor.dim() >= 2 and tensor.shape[-1] % block == 0
-        # llama.cpp quantizes matrices; norms and odd-sized rows stay F32
-        size += tensor.numel() // block * type_size if rows_fit else tensor.numel() * FP32
-    return size, f"as a {quant.name} GGUF {format_size(size)} on disk, dequantized at load"
-
-
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def _load_transient(
-    header: ModelHeader,
-    *,
-    disk: int,
-    quant: GGMLQuantizationType | None,
-    dtype: torch.dtype,
-    parameters: int,
-) -> Component | None:
-    """What loading holds on top of the weights: the mapped file while tensors are built from it.
-
-    GGUF tensors are dequantized to a float32 state dict, which another dtype is then cast from. Safetensors in
-    the target dtype are used in place from the memory map (their pages are the weights, counted once); in
-    another dtype they are read next to the weights they become.
-    """
-    if header.kind == "gguf" or quant is not None:
-        if dtype == torch.float32:
-            return Component(
-                "loading: GGUF file mapped", disk, "read while dequantizing, freed after loading"
-            )
-        fp32 = parameters * FP32
-        return Component(
-            "loading: GGUF file + float32 copy",
-            disk + fp32,
-            f"file mapped + {format_size(fp32)} dequantized to float32 before the cast, freed after loading",
-        )
-    if {_TORCH_DTYPES.get(t) for t in header.weight_types} == {dtype}:
-        return None
-    return Component("loading: file mapped", disk, "read while converting dtype, freed after loading")
 
 
 # ---------------------------------------------------------------- inference
@@ -276,24 +229,28 @@ def _inference_peak(
     # One block in inference mode keeps only its temporaries: the residual stream, the normalised input and
     # (gated MLP) act(gate), up and their product, or (GPT-2) up and act(up).
     mlp = (3 if config.gated_mlp else 2) * config.intermediate_size
+    if task == "generate":
+        # The prompt is prefilled PREFILL_CHUNK tokens at a time, into a cache sized to the request.
+        chunk = batch * min(context, PREFILL_CHUNK)
+        cached = cache_length(context, config.block_size)
+        kv = batch * cached * config.n_layer * config.n_kv_head * config.head_dim * 2 * width
+        return [
+            Component(
+                "KV cache",
+                kv,
+                f"{batch} x {cached} tokens (prompt + new, in steps of {CACHE_BUCKET}) x {config.n_layer} "
+                f"layers x {config.n_kv_head} kv heads x {config.head_dim} x 2",
+            ),
+            Component(
+                "activations (one block)", chunk * (2 * C + mlp) * width, f"{chunk:,} prompt tokens at a time"
+            ),
+            Component("logits", batch * V * (width + FP32), "last position only, as float32"),
+        ], "generate"
     parts = [
         Component(
             "activations (one block)", tokens * (2 * C + mlp) * width, f"{tokens:,} tokens, freed per block"
         )
     ]
-    if task == "generate":
-        kv = tokens * config.n_layer * config.n_kv_head * config.head_dim * 2 * width
-        parts.insert(
-            0,
-            Component(
-                "KV cache",
-                kv,
-                f"{batch} x {context} tokens x {config.n_layer} layers x {config.n_kv_head} kv heads x "
-                f"{config.head_dim} x 2",
-            ),
-        )
-        parts.append(Component("logits", batch * V * (width + FP32), "last position only, as float32"))
-        return parts, "prefill"
     if task == "score":
         # sequence_logprobs: logits for every position and their float32 log-softmax (a float copy first
         # when the model runs in 16 bits)
@@ -474,29 +431,3 @@ def _backward_peak(net: Network, task: str, *, tokens: int, checkpointing: bool)
     every_grad = sum(p.numel() for p in _unique_parameters(net) if p.requires_grad) * FP32
     stages.append(_Stage("optimizer step", 0, every_grad))
     return max(stages, key=lambda s: s.total)
-
-
-# ------------------------------------------------------------------- sizes
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``4GB`` (10^9), ``512MiB`` / ``512M`` (2^20) or a plain number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    match = _SIZE.match(str(text))
-    if match is None or match.group(2).lower() not in _UNITS:
-        raise LmforgeError(
-            f"cannot read the size {text!r}", hint="write a number and a unit, e.g. 4GB, 512MiB or 1.5G"
-        )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_size(size: int) -> str:
-    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / MiB:.1f} MiB"

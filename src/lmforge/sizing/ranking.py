@@ -29,7 +29,8 @@ from lmforge.loading import LoadedModel
 from lmforge.prompts import chat_or_plain, classification_prompt, summarization_prompt
 from lmforge.quant import QUANT_CHOICES
 from lmforge.sizing.measure import decode_speed
-from lmforge.sizing.memory import check_choice, format_size, model_shell, parse_size, size_memory
+from lmforge.sizing.memory import check_choice, model_shell, size_memory
+from lmforge.sizing.units import format_size, parse_size
 
 SELECT_TASKS = ("classify", "generate", "summarize", "embed")
 SUMMARY_TOKENS = 64  # summary length when scoring summarization
@@ -111,8 +112,9 @@ def select(
     the target text (lower is better; comparable across tokenizers), embed - nearest-neighbour label accuracy
     (skipped without labels). The best quality among those that fit and meet ``max_latency_ms`` is recommended;
     ties go to the faster, then the smaller model. Candidates load on the CPU with ``quant`` and ``compile``
-    (``LoadedModel.load``'s), so speed and quality are those of the model as the user will run it; the memory
-    check sizes float32 weights, an upper bound for packed ones.
+    (``LoadedModel.load``'s), so speed and quality are those of the model as the user will run it, and the
+    memory check sizes them as loaded: packed layers at their packed size, a compiled decode step's memory
+    where scoring decodes.
     """
     check_choice("task", task, allowed=SELECT_TASKS)
     check_choice("quant", quant, allowed=QUANT_CHOICES)  # before any candidate is loaded
@@ -184,6 +186,11 @@ class _Job:
     @property
     def higher_is_better(self) -> bool:
         return self.task != "generate"
+
+    @property
+    def decodes(self) -> bool:
+        """Whether scoring runs the decode step (summaries, and the decode speed of generate)."""
+        return self.task in ("generate", "summarize")
 
     @property
     def latency_unit(self) -> str:
@@ -345,7 +352,15 @@ def _evaluate_candidate(
         context = min(context, header.config.block_size)
         shell = model_shell(header.config, "infer", task=workload, num_labels=max(2, len(job.labels)))
         needed = size_memory(
-            header, shell, mode="infer", task=workload, context=context, batch=batch, dtype=torch.float32
+            header,
+            shell,
+            mode="infer",
+            task=workload,
+            context=context,
+            batch=batch,
+            dtype=torch.float32,
+            quant="none" if header.config.is_encoder else quant,  # the loader packs decoders only
+            compile=compile and job.decodes,
         )
         candidate.memory = needed.peak_bytes
         if candidate.memory > limit:
