@@ -2,8 +2,8 @@
 
 ``generate_tokens`` is the one decoding loop: it prefills a left-padded batch once, then feeds one token per
 sequence per step through the KV cache. Everything else (batched text, streaming, stop strings) is built on it.
-The server's continuous-batching scheduler (serve/scheduler.py) runs its own loop over slots but picks tokens
-with ``next_tokens`` and assembles text with ``CompletionBuilder``, the same pieces.
+The server's continuous-batching scheduler (serve/scheduler.py) runs its own loop over slots, with the same
+decode step (``decode_step_function``), ``next_tokens`` and ``CompletionBuilder``.
 """
 
 from __future__ import annotations
@@ -164,11 +164,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward pass: bounds its activations, lets others interleave
-CACHE_BUCKET = 256  # static caches are sized in multiples of this, so few sizes reach torch.compile
+CACHE_BUCKET = 256  # static caches are sized in multiples of this (the server's slot cache grows by them)
+COMPILED_BATCH_SIZES = 64  # compiled decode graphs a process may hold (torch's default of 8 is per function)
 
 
 def cache_length(tokens: int, context: int) -> int:
-    """The static cache size for ``tokens``: rounded up to a bucket (fewer compiled shapes), within the context."""
+    """The static cache size for ``tokens``: rounded up to a bucket, within the context."""
     return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
 
 
@@ -182,12 +183,16 @@ def decode_step_function(model: Transformer) -> Callable[[torch.Tensor, StaticKV
 
     Inductor fuses each block's small ops and the packed layers' dequantize-in-register matvecs; its
     kernels are cached on disk between runs (``TORCHINDUCTOR_CACHE_DIR``), so the compile cost is paid once.
-    Shapes are fixed per (batch, cache bucket): a new pair compiles once more.
+    Shapes are fixed except the cache's columns (dynamic, see ``StaticKVCache``): each batch size compiles
+    once. The server's scheduler keeps its batch sizes to a few buckets; ``COMPILED_BATCH_SIZES`` leaves room
+    for them and for ``generate_tokens``' batches, in all models of the process (torch counts per function).
     """
     if not model.compile_decode:
         return model.decode_step
     step = _compiled_steps.get(model)
     if step is None:
+        if torch._dynamo.config.recompile_limit < COMPILED_BATCH_SIZES:
+            torch._dynamo.config.recompile_limit = COMPILED_BATCH_SIZES
         step = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
         _compiled_steps[model] = step
     return step
