@@ -193,20 +193,21 @@ class StaticKVCache(KVCache):
 
     def step_positions_and_mask(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (B, 1) and attention mask (B, 1, 1, L) of one decode step (in-place, no new shapes)."""
-        column = self.column[:, None]  # (B, 1)
-        self.key_ok.scatter_(1, column, True)
+        rows = torch.arange(self.column.shape[0], device=self.column.device)
+        self.key_ok[rows, self.column] = True
         allowed = self.key_ok
         if window is not None:
             # Columns and positions differ by each row's left padding, a constant: distances agree.
-            columns = torch.arange(self.key_ok.shape[1], device=column.device)
-            allowed = allowed & (column - columns < window)
+            columns = torch.arange(self.key_ok.shape[1], device=rows.device)
+            allowed = allowed & (self.column[:, None] - columns < window)
         return self.positions, allowed[:, None, None, :]
 
     def step_update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, K, 1, D), each row's written at its own column -> all columns (B, K, L, D)
-        index = self.column.view(-1, 1, 1, 1).expand_as(k)
-        self.keys[layer].scatter_(2, index, k)
-        self.values[layer].scatter_(2, index, v)
+        # k, v: (B, K, 1, D), each row's written at its own column -> all columns (B, K, L, D). Indexed
+        # assignment (index_put_), not scatter_: inductor writes it in place, where a scatter copied the cache.
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[layer][rows, :, self.column] = k[:, :, 0]
+        self.values[layer][rows, :, self.column] = v[:, :, 0]
         return self.keys[layer], self.values[layer]
 
     def step_advance(self) -> None:
