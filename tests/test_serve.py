@@ -383,7 +383,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(one_thread, tiny_tokeni
     short = tiny_tokenizer.encode(TEXTS[0])
     long = (tiny_tokenizer.encode(" ".join(TEXTS)) * 4)[:100]
     params = SamplingParams(max_new_tokens=20, stop_on_eos=False)
-    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=16)
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=16, prefill_pause_s=None)
     seen: list[tuple[int, int]] = []  # (tokens of the running sequence, prompt tokens prefilled) per round
 
     def watch(round: int) -> None:
@@ -396,6 +396,31 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(one_thread, tiny_tokeni
     produced = [n for n, _ in seen]
     assert produced == list(range(produced[0], produced[0] + 6))  # one token per round, no stall
     assert tokens == [_solo(llm, short, params), _solo(llm, long, params)]
+
+
+def test_prefill_rounds_take_about_the_pause_while_sequences_decode(one_thread, tiny_tokenizer):
+    """Prompt tokens cost 2 ms each here (at most 500/s): with a 0.1 s pause a round prefills 32 (the least)
+    to 50 tokens while a sequence decodes, and the whole chunk when none does."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    llm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.002 * args[0].shape[1]))
+    long = (tiny_tokenizer.encode(" ".join(TEXTS)) * 4)[:100]
+    params = SamplingParams(max_new_tokens=25, stop_on_eos=False)
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=64, prefill_pause_s=0.1)
+    chunks: list[tuple[int, int]] = []  # (running sequences, prompt tokens prefilled) per round
+    done = 0
+
+    def watch(round: int) -> None:
+        nonlocal done
+        now = scheduler._prefilling[0].done if scheduler._prefilling else 0
+        if now > done:
+            chunks.append((scheduler.running, now - done))
+        done = now
+
+    short = tiny_tokenizer.encode(TEXTS[0])
+    tokens, _ = _iterate(scheduler, {0: [(long, params)], 10: [(short, params)], 12: [(long, params)]}, watch)
+    assert chunks[0] == (0, 64)  # alone: a whole chunk (the other 36 tokens join in the next round)
+    assert len(chunks) >= 3 and all(running == 2 and 32 <= n <= 50 for running, n in chunks[1:]), chunks
+    assert tokens == [_solo(llm, p, params) for p in (long, short, long)]
 
 
 def _slow_tiny(tiny_tokenizer, seconds_per_step: float) -> LLM:

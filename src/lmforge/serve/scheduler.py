@@ -2,8 +2,9 @@
 
 Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a bounded queue. Between decode
 steps the scheduler admits waiting jobs into free slots and prefills their prompts alone (the computation
-``LLM.generate_text`` does), at most ``prefill_chunk`` prompt tokens between two decode steps, so a long
-prompt does not stall the running sequences. A prompt once prefilled gives each sequence its first token,
+``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the running
+sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
+prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its first token,
 and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins the running
 batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string, length limit)
 or its job is cancelled (the client went away or timed out), so a long request never holds up short ones.
@@ -12,7 +13,7 @@ Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.co
 asks (``generate.decode_step_function``, the step ``generate_tokens`` uses). Its shapes stay in buckets:
 the slots are 1, 2, 4, 8... rows (free ones idle, their outputs ignored) and the columns a multiple of
 ``CACHE_BUCKET`` (dynamic to the compiled step), grown and shrunk by copying, so each slot count compiles
-once and no step waits for a compile of a new length.
+once (at start, before the first request) and no step waits for a compile of a new length.
 
 Tokens are picked with ``generate.next_tokens`` and text is assembled with ``generate.CompletionBuilder`` (a
 ``TextStream``: no character is ever cut, stop strings are held back) — the pieces ``LLM.generate_text`` uses.
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
     from lmforge.api import LLM
 
 MAX_TOP_LOGPROBS = 20
+PREFILL_PAUSE_S = (
+    0.5  # while sequences decode, a round prefills about this long (their tokens wait that long)
+)
+MIN_PREFILL_TOKENS = 32  # ... but at least this many prompt tokens, so a long prompt still moves on
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
 
 
@@ -128,7 +133,12 @@ class Scheduler:
     """Serves generation requests from any thread with continuous batching over ``max_batch`` slots."""
 
     def __init__(
-        self, llm: LLM, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = PREFILL_CHUNK
+        self,
+        llm: LLM,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_pause_s: float | None = PREFILL_PAUSE_S,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LmforgeError(
@@ -140,7 +150,11 @@ class Scheduler:
         self.eos_ids = llm.eos_ids
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled between two decode steps
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled between two decode steps, at most
+        self.prefill_pause_s = (
+            prefill_pause_s  # ... and for about this long while sequences decode (None: no cap)
+        )
+        self._prefill_rate: float | None = None  # prompt tokens per second, measured
         self.generated_tokens = 0
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()  # guards _waiting, _closing and _recent; wakes the idle thread
@@ -235,8 +249,28 @@ class Scheduler:
     # ----------------------------------------------------------- scheduler thread
     @torch.inference_mode()
     def _loop(self) -> None:
+        self._warm_up()
         while self._iteration():
             pass
+
+    def _warm_up(self) -> None:
+        """Compile the decode step for every slot bucket before the first request needs it: a compile holds
+        up every stream (a minute for SmolLM2 on a small CPU). Requests wait in the queue meanwhile. The
+        graphs are traced at the first column bucket, so they match the compile cache of earlier runs."""
+        if not getattr(self.model, "compile_decode", False):
+            return
+        config = self.model.config
+        columns = cache_length(1, config.block_size)
+        for slots in sorted({slot_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+            if self._closing:
+                return
+            try:
+                cache = SlotKVCache(config, slots, columns, self.model.device, self.model.dtype)
+                step = self._step_function or decode_step_function(self.model)
+                self._step_function = step
+                step(torch.zeros(slots, 1, dtype=torch.long, device=self.model.device), cache)
+            except Exception:  # noqa: BLE001 - a step that cannot compile fails the requests, and says why
+                return
 
     def _iteration(self) -> bool:
         """Drop cancelled work, admit jobs, prefill one chunk, decode one step; False once closing."""
@@ -287,20 +321,35 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
             self._fail(job, e)
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill this round: ``prefill_chunk``; while sequences are decoding, no more than
+        the measured rate gets through in ``prefill_pause_s`` (at least ``MIN_PREFILL_TOKENS``)."""
+        if not self._running or self.prefill_pause_s is None:
+            return self.prefill_chunk
+        if self._prefill_rate is None:
+            return min(self.prefill_chunk, MIN_PREFILL_TOKENS)
+        timed = int(self._prefill_rate * self.prefill_pause_s)
+        return min(self.prefill_chunk, max(MIN_PREFILL_TOKENS, timed))
+
     def _prefill_chunk(self) -> None:
-        """Prefill up to ``prefill_chunk`` prompt tokens, oldest job first; finished prompts join the batch."""
-        budget = self.prefill_chunk
+        """Prefill a round's budget of prompt tokens, oldest job first; finished prompts join the batch."""
+        budget = self._prefill_budget()
         while self._prefilling and budget > 0:
             work = self._prefilling[0]
             prompt = work.job.prompt
             end = min(len(prompt), work.done + budget)
             try:
                 ids = torch.tensor([prompt[work.done : end]], device=self.model.device)
+                start = time.perf_counter()
                 logits, _ = self.model(ids, cache=work.cache, last_logits_only=True)  # (1, 1, V)
+                rate = (end - work.done) / max(time.perf_counter() - start, 1e-6)
             except Exception as e:  # noqa: BLE001
                 self._prefilling.popleft()
                 self._fail(work.job, e)
                 continue
+            if end - work.done >= MIN_PREFILL_TOKENS:  # short prompts say little about the rate
+                old = self._prefill_rate
+                self._prefill_rate = rate if old is None else (old + rate) / 2
             budget -= end - work.done
             work.done = end
             if end == len(prompt):
