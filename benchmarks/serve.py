@@ -1,13 +1,26 @@
-"""Serving throughput: aggregate generated tokens/s and time to first token at 1, 4 and 8 concurrent streams.
+"""Serving throughput and fairness: aggregate tokens/s at 1, 4 and 8 concurrent streams, and how long a
+~2,000-token prompt arriving mid-run holds up the streams already decoding.
 
-    python benchmarks/serve.py [--max-tokens 64] [--rounds 3] [--threads N] [--model PATH]
+    python benchmarks/serve.py [--max-tokens 64] [--rounds 3] [--threads N] [--model PATH] [--float32]
+                               [--long-prompt-tokens 2000] [--long-streams 4] [--time-limit 1800]
 
-Starts `lmforge serve` on SmolLM2-135M-Instruct (fp32, CPU) in its own process, so client and server do not
-share an interpreter. At each level, that many client streams send chat requests back to back (greedy, EOS
-ignored so every answer is --max-tokens long), --rounds requests each. Aggregate tokens/s is all generated
-tokens over the level's wall time; time to first token (TTFT) is from sending a request to its first text.
---threads sets the server's intra-op threads (OMP_NUM_THREADS; default: torch's choice, one per core).
-Target: 8 streams >= 3x the aggregate of 1 stream.
+Starts `lmforge serve` on SmolLM2-135M-Instruct in its own process (client and server do not share an
+interpreter), loaded the default way: packed weights, compiled decode step (--float32: fp32 weights, eager
+steps, for comparison). Before timing, one short round at each level (and at 2 streams) lets the server
+compile its decode step for every slot bucket it will use.
+
+Throughput: at each level, that many client streams send chat requests back to back (greedy, EOS ignored so
+every answer is --max-tokens long), --rounds requests each. Aggregate tokens/s is all generated tokens over
+the level's wall time; time to first token (TTFT) is from sending a request to its first text. Target: 8
+streams >= 3x the aggregate of 1 stream.
+
+Long prompt: --long-streams streams decode (English answers: a token ending inside a Chinese character
+would reach the client with the next one); once each has produced 16 tokens, one prompt of about
+--long-prompt-tokens tokens arrives. The table compares the largest gap between consecutive tokens of the
+running streams before it arrived and while it was prefilled (until its first token). Target: < 1 s.
+
+--threads sets the server's intra-op threads (OMP_NUM_THREADS; default: torch's choice, one per core). The
+server listens on 127.0.0.1 only and ends itself after --time-limit seconds (SIGALRM), whatever happens here.
 """
 
 from __future__ import annotations
@@ -35,11 +48,19 @@ QUESTIONS = [
     "Explain how a bicycle stays upright.",
     "北京有哪些值得参观的地方？",
 ]
+# English only where gaps are timed: a token that ends inside a Chinese character is sent with the next one.
+ENGLISH = [q for q in QUESTIONS if q.isascii()]
+PARAGRAPH = (
+    "The printing press changed how knowledge moved through Europe. Before it, books were copied by hand, "
+    "slowly and at great cost, and few people owned any. Within fifty years of Gutenberg's first Bible, "
+    "presses in more than two hundred cities had printed millions of volumes: grammars, almanacs, sermons, "
+    "maps and pamphlets that argued about religion and politics. Readers compared editions, scholars "
+    "corrected errors in print, and ideas that once stayed in one monastery now crossed borders in weeks. "
+)
 
 
-async def one_request(http: httpx.AsyncClient, question: str, max_tokens: int) -> tuple[float, int]:
-    """Stream one answer; return (seconds to first text, generated tokens)."""
-    body = {
+def chat_body(question: str, max_tokens: int) -> dict:
+    return {
         "messages": [{"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -47,20 +68,28 @@ async def one_request(http: httpx.AsyncClient, question: str, max_tokens: int) -
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def stream_times(
+    http: httpx.AsyncClient, path: str, body: dict, times: list[float] | None = None
+) -> tuple[float, list[float], dict]:
+    """Stream one answer; return (time sent, arrival time of every piece of text, usage). The arrival times
+    go into ``times`` as they come, when given (the caller can watch them)."""
     sent = time.perf_counter()
-    first, tokens = None, 0
-    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+    times = [] if times is None else times
+    usage: dict = {}
+    async with http.stream("POST", path, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - sent
+            choice = chunk["choices"][0] if chunk["choices"] else {}
+            if choice.get("delta", {}).get("content") or choice.get("text"):
+                times.append(time.perf_counter())
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    assert first is not None and tokens == max_tokens, (first, tokens)
-    return first, tokens
+                usage = chunk["usage"]
+    return sent, times, usage
 
 
 async def level(base: str, streams: int, rounds: int, max_tokens: int) -> tuple[float, list[float]]:
@@ -68,15 +97,58 @@ async def level(base: str, streams: int, rounds: int, max_tokens: int) -> tuple[
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
 
         async def client(i: int) -> list[tuple[float, int]]:
-            return [
-                await one_request(http, QUESTIONS[(i + r) % len(QUESTIONS)], max_tokens)
-                for r in range(rounds)
-            ]
+            results = []
+            for r in range(rounds):
+                body = chat_body(QUESTIONS[(i + r) % len(QUESTIONS)], max_tokens)
+                sent, times, usage = await stream_times(http, "/v1/chat/completions", body)
+                assert times and usage["completion_tokens"] == max_tokens, usage
+                results.append((times[0] - sent, usage["completion_tokens"]))
+            return results
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(streams))) for r in rs]
         wall = time.perf_counter() - start
     return sum(tokens for _, tokens in results) / wall, [ttft for ttft, _ in results]
+
+
+async def long_prompt(base: str, streams: int, prompt_tokens: int) -> dict:
+    """``streams`` answers decode; a ~``prompt_tokens`` prompt arrives once each has 16 tokens. Returns the
+    largest token gap of the running streams before it and while it was prefilled, and its size and TTFT."""
+    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        r = await http.post("/v1/completions", json={"prompt": PARAGRAPH, "max_tokens": 1})
+        per_paragraph = r.json()["usage"]["prompt_tokens"]
+        text = PARAGRAPH * max(1, round(prompt_tokens / per_paragraph))
+        arrivals: list[list[float]] = [[] for _ in range(streams)]
+        running = [
+            asyncio.create_task(
+                stream_times(http, "/v1/chat/completions", chat_body(ENGLISH[i % 4], 4000), arrivals[i])
+            )
+            for i in range(streams)
+        ]
+        while min(len(times) for times in arrivals) < 16:
+            await asyncio.sleep(0.01)
+        body = {"prompt": text, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        sent, times, usage = await stream_times(http, "/v1/completions", body)
+        first = times[0]
+        await asyncio.sleep(1.0)  # the running streams' tokens after the newcomer joined
+        for task in running:
+            task.cancel()  # hanging up frees their slots
+        await asyncio.gather(*running, return_exceptions=True)
+    before, during = [], []
+    for times in arrivals:
+        for a, b in zip(times, times[1:], strict=False):
+            if b <= sent:
+                before.append(b - a)
+            elif a < first:
+                during.append(b - a)
+    return {
+        "prompt_tokens": usage["prompt_tokens"],
+        "ttft": first - sent,
+        "gap_before": max(before),
+        "gap_during": max(during) if during else float("nan"),
+        "median_before": statistics.median(before),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,21 +162,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_server(port: int, args: argparse.Namespace) -> subprocess.Popen:
+    """`lmforge serve` on 127.0.0.1:port in a process that ends itself after --time-limit seconds."""
+    argv = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    if args.float32:
+        argv += ["--dtype", "float32", "--quant", "none", "--no-compile"]
+    argv += [args.model] if args.model else []
+    code = (
+        "import signal, sys; signal.alarm(int(sys.argv[1])); "
+        "from lmforge.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    return subprocess.Popen([sys.executable, "-c", code, str(args.time_limit), *argv], env=env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="requests per stream at each level")
     parser.add_argument("--threads", type=int, help="the server's intra-op threads")
     parser.add_argument("--model", help="model to serve (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--float32", action="store_true", help="fp32 weights and eager steps (the old path)")
+    parser.add_argument("--long-prompt-tokens", type=int, default=2000)
+    parser.add_argument("--long-streams", type=int, default=4, help="streams decoding when it arrives")
+    parser.add_argument("--time-limit", type=int, default=1800, help="seconds before the server ends itself")
     args = parser.parse_args()
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "lmforge", "serve", "--port", str(port), "--dtype", "float32"]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    server = subprocess.Popen([*command, *([args.model] if args.model else [])], env=env)
+    server = start_server(port, args)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600  # a cold compile cache and a slow machine
         while True:
             try:
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
@@ -115,10 +203,14 @@ def main() -> None:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         model = httpx.get(base + "/v1/models").json()["data"][0]
-        asyncio.run(level(base, 1, 1, 8))  # warm-up
+        warm = time.perf_counter()
+        for streams in (1, 2, 4, 8):  # compile the decode step for each slot bucket before timing
+            asyncio.run(level(base, streams, 1, 8))
+        warm = time.perf_counter() - warm
         rows = [
             (streams, *asyncio.run(level(base, streams, args.rounds, args.max_tokens))) for streams in LEVELS
         ]
+        long = asyncio.run(long_prompt(base, args.long_streams, args.long_prompt_tokens))
     finally:
         server.terminate()
         server.wait()
@@ -126,8 +218,10 @@ def main() -> None:
     single = rows[0][1]
     info = model["lmforge"]
     print(
-        f"\n{model['id']} ({info['dtype']}, {info['device']}, {args.threads or 'default'} threads), "
-        f"{args.max_tokens} tokens per answer, {args.rounds} requests per stream"
+        f"\n{model['id']} ({info['dtype']}, {info.get('packing', '?')}, "
+        f"{'compiled' if info.get('compiled_decode') else 'eager'} steps, {info['device']}, "
+        f"{args.threads or 'default'} threads), {args.max_tokens} tokens per answer, "
+        f"{args.rounds} requests per stream; warm-up (compiling) {warm:.0f} s"
     )
     print("| streams | requests | aggregate tokens/s | vs 1 stream | TTFT p50 (s) | TTFT p99 (s) |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -136,6 +230,18 @@ def main() -> None:
             f"| {streams} | {len(ttfts)} | {rate:.1f} | {rate / single:.2f}x | "
             f"{statistics.median(ttfts):.3f} | {percentile(ttfts, 0.99):.3f} |"
         )
+    ratio = rows[-1][1] / single
+    print(f"\n8 streams vs 1: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+    print(
+        f"\nlong prompt: {long['prompt_tokens']} tokens arriving while {args.long_streams} streams decode "
+        f"(its first token after {long['ttft']:.2f} s)"
+    )
+    print("| running streams' gap between tokens | before it | while it was prefilled |")
+    print("|---|---:|---:|")
+    print(f"| largest (s) | {long['gap_before']:.3f} | {long['gap_during']:.3f} |")
+    print(f"| median before (s) | {long['median_before']:.3f} | |")
+    verdict = "met" if long["gap_during"] < 1.0 else "NOT met"
+    print(f"\nlargest gap while prefilling < 1 s: {verdict}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,15 @@ from transformers.generation.logits_process import (
 )
 
 from lmforge import LmforgeError, SamplingParams
-from lmforge.generate import TextStream, apply_repetition_penalty, complete, filter_logits, generate_tokens
+from lmforge.generate import (
+    TextStream,
+    apply_repetition_penalty,
+    complete,
+    filter_logits,
+    generate_tokens,
+    left_pad,
+    prefill,
+)
 
 from .conftest import tiny_llm
 
@@ -210,3 +218,22 @@ def test_repetition_penalty_ignores_left_padding(tiny_tokenizer):
     assert alone[0][0] == 0  # the model's greedy choice, with no 0 in the prompt
     batch = torch.stack(list(generate_tokens(llm.model, [short, long], params)))  # (steps, B)
     assert batch.T.tolist() == alone
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"), [("tiny-gpt2", {}), ("tiny-llama", {"sliding_window": 12})], ids=str
+)
+def test_chunked_prefill_equals_one_shot(preset, overrides, tiny_tokenizer):
+    """A left-padded batch prefilled 16 tokens at a time leaves the keys, values and last logits of one pass."""
+    llm = tiny_llm(preset, tiny_tokenizer, **overrides)
+    model = llm.model
+    long = (tiny_tokenizer.encode("To be, or not to be, that is the question. 床前明月光，") * 4)[:90]
+    ids, mask = left_pad([long, long[:7]], pad_id=0)
+    caches = [model.new_cache(2, ids.shape[1]) for _ in range(2)]
+    with torch.inference_mode():
+        whole = prefill(model, ids, mask, caches[0], chunk=ids.shape[1])
+        chunked = prefill(model, ids, mask, caches[1], chunk=16)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert caches[1].length == ids.shape[1]

@@ -19,12 +19,13 @@ import openai
 import psutil
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from lmforge import LLM, SamplingParams
+from lmforge import LLM, SamplingParams, generate
 from lmforge.cli import build_parser
 from lmforge.generate import generate_tokens
-from lmforge.model import SlotKVCache
 from lmforge.serve import create_app
+from lmforge.serve.scheduler import Scheduler
 
 from .conftest import tiny_llm
 from .serving import serving, wait_until
@@ -264,50 +265,177 @@ def test_models_health_and_metrics(smol):
 
 
 # ------------------------------------------------------------------------------ scheduling (tiny model)
+TEXTS = [
+    "The quick brown fox",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "a",
+    "def hello():\n    return",
+    "To be, or not to be",
+]
+
+
+def _iterate(
+    scheduler: Scheduler, arrivals: dict[int, list[tuple[list[int], SamplingParams]]], watch=None
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Run the scheduler's rounds in this thread, submitting ``arrivals[i]`` before round i: deterministic joins.
+
+    Returns each job's tokens (in submission order) and the slot cache's (slots, columns) after every round;
+    ``watch(round)`` runs after each round.
+    """
+    tokens: list[list[int] | None] = []
+    errors: list[Exception] = []
+    shapes: list[tuple[int, int]] = []
+
+    def listener(key: int):
+        def on_event(event) -> None:
+            if event.error is not None:
+                errors.append(event.error)
+            elif event.completion is not None:
+                tokens[key] = event.completion.token_ids
+
+        return on_event
+
+    with torch.inference_mode():
+        for i in range(1000):
+            for prompt, params in arrivals.get(i, []):
+                tokens.append(None)
+                scheduler.submit(prompt, params, on_event=listener(len(tokens) - 1))
+            busy = scheduler.queue_depth or scheduler.running or scheduler._prefilling
+            if not busy and i > max(arrivals):
+                break
+            if busy:
+                assert scheduler._iteration()
+            if scheduler._cache is not None:
+                shapes.append((scheduler._cache.slots, scheduler._cache.max_len))
+            if watch is not None:
+                watch(i)
+    assert not errors, errors
+    assert all(t is not None for t in tokens)
+    return tokens, shapes  # type: ignore[return-value]
+
+
+def _solo(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
+    return [int(t) for t in generate_tokens(llm.model, [prompt], params)]
+
+
 @pytest.mark.parametrize(
     ("preset", "overrides"),
     [("tiny-gpt2", {}), ("tiny-qwen2", {}), ("tiny-llama", {"sliding_window": 12})],
     ids=["learned-positions", "qwen2", "sliding-window"],
 )
-def test_slot_cache_rows_decode_as_if_alone(one_thread, tiny_tokenizer, preset, overrides):
-    """Sequences joining and leaving a SlotKVCache at different steps get exactly their solo tokens."""
+def test_slot_rows_joining_at_different_steps_decode_as_if_alone(
+    one_thread, tiny_tokenizer, preset, overrides, monkeypatch
+):
+    """Sequences that join and leave the slot cache at different steps, prefilled in chunks, while the cache
+    grows and shrinks in slots and columns, get exactly their solo tokens (eager steps)."""
+    monkeypatch.setattr(generate, "CACHE_BUCKET", 16)  # columns grow (and shrink) within the tiny context
     llm = tiny_llm(preset, tiny_tokenizer, **overrides)
-    model = llm.model
-    texts = ["The quick brown fox", "床前明月光，疑是地上霜。举头", "a", "def hello():\n    return"]
-    prompts = [tiny_tokenizer.encode(t) for t in texts]
+    prompts = [tiny_tokenizer.encode(t) for t in TEXTS]
+    budgets = [30, 12, 40, 25, 18]
+    params = [SamplingParams(max_new_tokens=b, stop_on_eos=False) for b in budgets]
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=8)  # the 2nd prompt takes 3 chunks
+    arrivals = {0: [(prompts[0], params[0])], 3: [(prompts[1], params[1])], 5: [(prompts[2], params[2])]}
+    arrivals |= {6: [(prompts[3], params[3])], 20: [(prompts[4], params[4])]}
+    tokens, shapes = _iterate(scheduler, arrivals)
+    assert tokens == [_solo(llm, p, sp) for p, sp in zip(prompts, params, strict=True)]
+    slots, columns = {s for s, _ in shapes}, {c for _, c in shapes}
+    assert slots == {1, 2, 4} and {16, 48} <= columns  # rows and columns grew and shrank by buckets
+
+
+def test_compiled_slot_steps_equal_eager_tokens_and_compile_once_per_bucket(
+    one_thread, tiny_tokenizer, monkeypatch
+):
+    """1, then 3, then 5 sequences through the compiled step: their solo (eager ``generate_tokens``) tokens,
+    one graph per slot bucket, none for a new number of columns."""
+    monkeypatch.setattr(generate, "CACHE_BUCKET", 16)
+    llm = tiny_llm("tiny-llama", tiny_tokenizer, sliding_window=12)
+    prompts = [tiny_tokenizer.encode(t) for t in TEXTS]
+    params = [SamplingParams(max_new_tokens=10 + 4 * i, stop_on_eos=False) for i in range(5)]
+    jobs = list(zip(prompts, params, strict=True))
+    five = [(p, SamplingParams(max_new_tokens=40, stop_on_eos=False)) for p in prompts]  # past 3 buckets
+    arrivals = {0: jobs[:1], 30: jobs[:3], 80: five}
+    expected = [_solo(llm, p, sp) for p, sp in arrivals[0] + arrivals[30] + arrivals[80]]  # eager
+    llm.model.compile_decode = True
+    scheduler = Scheduler(llm, max_batch=8, prefill_chunk=8)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled_at: dict[int, list[int]] = {}  # slots -> rounds whose step compiled a graph
+
+    def watch(round: int) -> None:
+        nonlocal graphs
+        now = counters["stats"]["unique_graphs"]
+        if now > graphs and scheduler._cache is not None:
+            compiled_at.setdefault(scheduler._cache.slots, []).append(round)
+        graphs = now
+
+    tokens, shapes = _iterate(scheduler, arrivals, watch)
+    assert tokens == expected
+    slots = {s for s, _ in shapes}
+    assert {1, 4, 8} <= slots <= {1, 2, 4, 8}
+    assert all(len(rounds) == 1 for rounds in compiled_at.values()), compiled_at  # never recompiled
+    assert set(compiled_at) <= slots
+    assert len({c for s, c in shapes if s == 8}) > 1  # the 8-slot graph ran at several column counts
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(one_thread, tiny_tokenizer):
+    """While a prompt of 7 chunks prefills, the running sequence gets a token every round; the newcomer's
+    answer equals its one-shot prefill's (``generate_tokens`` prefills 100 tokens in one pass)."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    short = tiny_tokenizer.encode(TEXTS[0])
+    long = (tiny_tokenizer.encode(" ".join(TEXTS)) * 4)[:100]
     params = SamplingParams(max_new_tokens=20, stop_on_eos=False)
-    solo = [[int(t) for t in generate_tokens(model, [p], params)] for p in prompts]
-    cache = SlotKVCache(model.config, slots=3, device=model.device, dtype=model.dtype, initial_len=8)
-    rows: list[int] = []  # prompt index of each cache row
-    out: list[list[int]] = [[] for _ in prompts]
-    waiting = list(range(len(prompts)))
-    with torch.inference_mode():
-        for step in range(100):
-            if step % 4 == 0 and waiting and len(rows) < 3:  # a newcomer every 4 steps while a slot is free
-                i = waiting.pop(0)
-                prefill = model.new_cache(1, len(prompts[i]))
-                logits, _ = model(torch.tensor([prompts[i]]), cache=prefill)
-                out[i].append(int(logits[0, -1].argmax()))
-                cache.add(prefill, row=0)
-                rows.append(i)
-            if not rows:
-                continue
-            logits, _ = model(torch.tensor([[out[i][-1]] for i in rows]), cache=cache)
-            for row in reversed(range(len(rows))):
-                i = rows[row]
-                out[i].append(int(logits[row, -1].argmax()))
-                if len(out[i]) == 20:
-                    cache.remove(row)  # the last row moves into the freed one, as the scheduler's list does
-                    rows[row] = rows[-1]
-                    rows.pop()
-    assert out == solo
-    assert cache.max_len > 8  # the columns grew on demand
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=16, prefill_pause_s=None)
+    seen: list[tuple[int, int]] = []  # (tokens of the running sequence, prompt tokens prefilled) per round
+
+    def watch(round: int) -> None:
+        if scheduler._prefilling:
+            running = scheduler._running[0].builder.tokens
+            seen.append((len(running), scheduler._prefilling[0].done))
+
+    tokens, _ = _iterate(scheduler, {0: [(short, params)], 3: [(long, params)]}, watch)
+    assert [done for _, done in seen] == [16, 32, 48, 64, 80, 96]  # then the last 4 tokens, and it joins
+    produced = [n for n, _ in seen]
+    assert produced == list(range(produced[0], produced[0] + 6))  # one token per round, no stall
+    assert tokens == [_solo(llm, short, params), _solo(llm, long, params)]
+
+
+def test_prefill_rounds_take_about_the_pause_while_sequences_decode(one_thread, tiny_tokenizer):
+    """Prompt tokens cost 2 ms each here (at most 500/s): with a 0.1 s pause a round prefills 32 (the least)
+    to 50 tokens while a sequence decodes, and the whole chunk when none does."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    llm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.002 * args[0].shape[1]))
+    long = (tiny_tokenizer.encode(" ".join(TEXTS)) * 4)[:100]
+    params = SamplingParams(max_new_tokens=25, stop_on_eos=False)
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=64, prefill_pause_s=0.1)
+    chunks: list[tuple[int, int]] = []  # (running sequences, prompt tokens prefilled) per round
+    done = 0
+
+    def watch(round: int) -> None:
+        nonlocal done
+        now = scheduler._prefilling[0].done if scheduler._prefilling else 0
+        if now > done:
+            chunks.append((scheduler.running, now - done))
+        done = now
+
+    short = tiny_tokenizer.encode(TEXTS[0])
+    tokens, _ = _iterate(scheduler, {0: [(long, params)], 10: [(short, params)], 12: [(long, params)]}, watch)
+    assert chunks[0] == (0, 64)  # alone: a whole chunk (the other 36 tokens join in the next round)
+    assert len(chunks) >= 3 and all(running == 2 and 32 <= n <= 50 for running, n in chunks[1:]), chunks
+    assert tokens == [_solo(llm, p, params) for p in (long, short, long)]
 
 
 def _slow_tiny(tiny_tokenizer, seconds_per_step: float) -> LLM:
-    """A tiny model whose every forward pass takes at least ``seconds_per_step``: timing made predictable."""
+    """A tiny model whose every forward pass (prefill) and decode step takes at least ``seconds_per_step``:
+    timing made predictable."""
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
-    llm.model.register_forward_pre_hook(lambda module, args: time.sleep(seconds_per_step))
+    model = llm.model
+    model.register_forward_pre_hook(lambda module, args: time.sleep(seconds_per_step))
+    step = model.decode_step
+
+    def slow_step(idx: torch.Tensor, cache) -> torch.Tensor:
+        time.sleep(seconds_per_step)
+        return step(idx, cache)
+
+    model.decode_step = slow_step  # what decode_step_function hands out for an eager model
     return llm
 
 

@@ -2,8 +2,8 @@
 
 ``generate_tokens`` is the one decoding loop: it prefills a left-padded batch once, then feeds one token per
 sequence per step through the KV cache. Everything else (batched text, streaming, stop strings) is built on it.
-The server's continuous-batching scheduler (serve/scheduler.py) runs its own loop over slots but picks tokens
-with ``next_tokens`` and assembles text with ``CompletionBuilder``, the same pieces.
+The server's continuous-batching scheduler (serve/scheduler.py) runs its own loop over slots, with the same
+decode step (``decode_step_function``), ``next_tokens`` and ``CompletionBuilder``.
 """
 
 from __future__ import annotations
@@ -167,11 +167,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward pass: bounds its activations, lets others interleave
-CACHE_BUCKET = 256  # static caches are sized in multiples of this, so few sizes reach torch.compile
+CACHE_BUCKET = 256  # static caches are sized in multiples of this (the server's slot cache grows by them)
 
 
 def cache_length(tokens: int, context: int) -> int:
-    """The static cache size for ``tokens``: rounded up to a bucket (fewer compiled shapes), within the context."""
+    """The static cache size for ``tokens``: rounded up to a bucket, within the context."""
     return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
 
 
@@ -184,7 +184,8 @@ class CompiledStep:
 
     Inductor fuses each block's small ops; packed layers call their own kernels. Compiled code is cached on
     disk (``TORCHINDUCTOR_CACHE_DIR``, under ``$LMFORGE_HOME`` — see ``lmforge.runtime``), so a later run with
-    the same shapes starts in seconds. Shapes are fixed per (batch, cache bucket): a new pair compiles once.
+    the same shapes starts in seconds. Shapes are fixed except the cache's columns (dynamic, see
+    ``StaticKVCache``): each batch size compiles once, and the server keeps its batch sizes to a few buckets.
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -192,13 +193,13 @@ class CompiledStep:
         self.step: Callable[..., torch.Tensor] = torch.compile(
             model.decode_step, dynamic=False, fullgraph=True
         )
-        self.shapes: set[tuple[int, int]] = set()
-        # Every model shares decode_step's code object, and each (model shape, batch, cache bucket) is one entry.
+        self.batch_sizes: set[int] = set()
+        # Every model shares decode_step's code object, and each (model shape, batch size) is one entry.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
 
     def __call__(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        shape = (idx.shape[0], cache.max_len)
-        if shape in self.shapes:
+        batch = idx.shape[0]
+        if batch in self.batch_sizes:
             return self.step(idx, cache)
         start = time.perf_counter()
         try:
@@ -208,12 +209,12 @@ class CompiledStep:
             print(f"warning: decoding eagerly, torch.compile failed ({type(e).__name__})", file=sys.stderr)
             self.step = self.model.decode_step
             return self.step(idx, cache)
-        self.shapes.add(shape)
+        self.batch_sizes.add(batch)
         seconds = time.perf_counter() - start
         if seconds > COMPILE_NOTICE_S:
             folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default folder")
             print(
-                f"compiled the decode step for batch {shape[0]}, cache {shape[1]} in {seconds:.0f} s "
+                f"compiled the decode step for batch {batch} in {seconds:.0f} s "
                 f"(once: cached in {folder}; --no-compile skips it)",
                 file=sys.stderr,
             )

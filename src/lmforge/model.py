@@ -139,104 +139,17 @@ class KVCache:
         self.values = [v.index_select(0, index) for v in self.values]
 
 
-class SlotKVCache(KVCache):
-    """A cache whose rows are independent sequences: the slots of continuous batching.
-
-    Row r holds ``lengths[r]`` tokens in columns [0, lengths[r]). A decode step feeds one token per row; each
-    row writes it at its own next column, uses that column as its position and attends to its own columns
-    only, so sequences that started at different times decode in one batch. Sequences enter with ``add``
-    (copied from the cache their prompt was prefilled in) and leave with ``remove``. Columns are allocated
-    on demand, up to the model's context, so idle slots cost little memory.
-
-    ``length`` is the longest row: a step attends to ``length + 1`` columns, shorter rows masking the rest.
-    """
-
-    def __init__(
-        self, config: Config, slots: int, device: torch.device, dtype: torch.dtype, initial_len: int = 256
-    ) -> None:
-        super().__init__(config, slots, min(initial_len, config.block_size), device, dtype)
-        self.limit = config.block_size
-        self.lengths: list[int] = []  # one entry per occupied row; rows [0, len(lengths)) are in use
-        self._columns: torch.Tensor | None = None  # (B,) where this step writes, one column per row
-
-    @property
-    def rows(self) -> int:
-        return len(self.lengths)
-
-    def reserve(self, length: int) -> None:
-        if length <= self.max_len:
-            return
-        if length > self.limit:
-            raise ValueError(f"sequence of {length} tokens exceeds the context length {self.limit}")
-        # Doubling keeps the copies rare: a sequence of N tokens causes at most log2(N / initial_len).
-        self.max_len = min(self.limit, max(length, 2 * self.max_len))
-        self.keys = [self._grown(t) for t in self.keys]
-        self.values = [self._grown(t) for t in self.values]
-
-    def _grown(self, old: torch.Tensor) -> torch.Tensor:
-        new = old.new_zeros(*old.shape[:2], self.max_len, old.shape[3])
-        new[:, :, : old.shape[2]] = old
-        return new
-
-    def add(self, source: KVCache, row: int) -> int:
-        """Copy row ``row`` of a cache a prompt was prefilled in (unpadded) into a free slot; return the slot."""
-        n = source.length
-        slot = self.rows
-        if slot == self.keys[0].shape[0]:
-            raise ValueError(f"all {slot} slots of the cache are taken")
-        self.reserve(n)
-        for mine, theirs in zip(self.keys + self.values, source.keys + source.values, strict=True):
-            mine[slot, :, :n] = theirs[row, :, :n]
-        self.lengths.append(n)
-        self.length = max(self.lengths)
-        return slot
-
-    def remove(self, row: int) -> None:
-        """Free ``row``; the last occupied row moves into it, so occupied rows stay [0, rows)."""
-        last = self.rows - 1
-        if row != last:
-            n = self.lengths[last]
-            for t in self.keys + self.values:
-                t[row, :, :n] = t[last, :, :n]
-            self.lengths[row] = n
-        self.lengths.pop()
-        self.length = max(self.lengths, default=0)
-
-    def positions_and_mask(self, B: int, T: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (B, 1) and attention mask (B, 1, 1, length + 1) of one decode step over all rows."""
-        if T != 1 or B != self.rows:
-            raise ValueError(
-                f"a slot cache decodes one token for each of its {self.rows} rows, got ({B}, {T})"
-            )
-        device = self.keys[0].device
-        self._columns = torch.tensor(self.lengths, device=device)  # (B,)
-        key_pos = torch.arange(self.length + 1, device=device)[None, :]  # (1, S)
-        allowed = key_pos <= self._columns[:, None]  # (B, S): the row's own tokens and the new one
-        if window is not None:
-            allowed = allowed & (self._columns[:, None] - key_pos < window)
-        return self._columns[:, None], allowed[:, None, None, :]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, K, 1, D), written at each row's own column -> (B, K, S, D)
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.keys[layer][rows, :, self._columns] = k[:, :, 0]
-        self.values[layer][rows, :, self._columns] = v[:, :, 0]
-        end = self.length + 1
-        return self.keys[layer][: k.shape[0], :, :end], self.values[layer][: k.shape[0], :, :end]
-
-    def advance(self, new_tokens: int) -> None:
-        self.lengths = [n + new_tokens for n in self.lengths]
-        self.length = max(self.lengths, default=0)
-
-
 class StaticKVCache(KVCache):
     """A cache for the compiled decode step: every shape is fixed, and its state lives in tensors.
 
     The prompt is prefilled through the plain ``KVCache`` interface (``length`` counts columns). After
-    ``start_decoding``, each ``Transformer.decode_step`` writes one token per row at ``column`` and attends over
-    all ``max_len`` columns, masking those not yet written (and each row's left padding): the step has the same
-    shapes at every position, so ``torch.compile`` captures it once. The attention over unwritten columns is
-    the price, and it is small next to the weights a step reads: the cache is sized to the request.
+    ``start_decoding``, each ``Transformer.decode_step`` writes one token per row at that row's ``column`` and
+    attends over all ``max_len`` columns, masking those not written (and each row's left padding): the step
+    has the same shapes at every position, so ``torch.compile`` captures it once. The column dimension is
+    marked dynamic, so a cache of another length reuses the compiled step (one graph per batch size). Rows
+    whose ``live`` is 0 (a ``SlotKVCache``'s free slots) compute an ignored token and stay where they are.
+    The attention over unwritten columns is the price, and it is small next to the weights a step reads
+    while the cache is sized to the requests.
     """
 
     def __init__(
@@ -246,9 +159,20 @@ class StaticKVCache(KVCache):
         self.key_ok = torch.zeros(
             batch_size, max_len, dtype=torch.bool, device=device
         )  # (B, L) written, real
-        self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token is written
+        self.column = torch.zeros(
+            batch_size, dtype=torch.long, device=device
+        )  # (B,) where each row writes next
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1) its position
+        self.live = torch.ones(batch_size, dtype=torch.long, device=device)  # (B,) 1: the row advances
         self.decoding = False  # False: prefill through KVCache.update; True: decode steps (step_update)
+        self._mark_columns_dynamic()
+
+    def _mark_columns_dynamic(self) -> None:
+        """Tell torch.compile that the column dimension varies, so a new cache length is no new graph."""
+        if self.max_len > 1:  # sizes 0 and 1 are always specialised
+            for t in self.keys + self.values:
+                torch._dynamo.mark_dynamic(t, 2)
+            torch._dynamo.mark_dynamic(self.key_ok, 1)
 
     def start_decoding(self, attention_mask: torch.Tensor | None) -> None:
         """After the prompt's prefill: ``attention_mask`` (B, length) marks its real tokens (None: all real)."""
@@ -261,6 +185,7 @@ class StaticKVCache(KVCache):
             self.key_ok[:, :n] = attention_mask.bool()
             self.positions.copy_(attention_mask.sum(-1, keepdim=True))
         self.column.fill_(n)
+        self.live.fill_(1)
         self.decoding = True
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,24 +193,131 @@ class StaticKVCache(KVCache):
 
     def step_positions_and_mask(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (B, 1) and attention mask (B, 1, 1, L) of one decode step (in-place, no new shapes)."""
-        self.key_ok.index_fill_(1, self.column, True)
+        rows = torch.arange(self.column.shape[0], device=self.column.device)
+        self.key_ok[rows, self.column] = True
         allowed = self.key_ok
-        if (
-            window is not None
-        ):  # columns and positions differ by each row's padding, a constant: distances agree
-            columns = torch.arange(self.max_len, device=self.column.device)
-            allowed = allowed & (self.column - columns < window)
+        if window is not None:
+            # Columns and positions differ by each row's left padding, a constant: distances agree.
+            columns = torch.arange(self.key_ok.shape[1], device=rows.device)
+            allowed = allowed & (self.column[:, None] - columns < window)
         return self.positions, allowed[:, None, None, :]
 
     def step_update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, K, 1, D) written at ``column`` -> all columns (B, K, L, D)
-        self.keys[layer].index_copy_(2, self.column, k)
-        self.values[layer].index_copy_(2, self.column, v)
+        # k, v: (B, K, 1, D), each row's written at its own column -> all columns (B, K, L, D). Indexed
+        # assignment (index_put_), not scatter_: inductor writes it in place, where a scatter copied the cache.
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[layer][rows, :, self.column] = k[:, :, 0]
+        self.values[layer][rows, :, self.column] = v[:, :, 0]
         return self.keys[layer], self.values[layer]
 
     def step_advance(self) -> None:
-        self.column.add_(1)
-        self.positions.add_(1)
+        self.column.add_(self.live)
+        self.positions.add_(self.live[:, None])
+
+
+class SlotKVCache(StaticKVCache):
+    """The slots of continuous batching: every row an independent sequence, at its own column and position.
+
+    A sequence joins with ``add`` (its prompt's keys and values copied from the cache it was prefilled in,
+    unpadded) and leaves with ``remove``; a free slot is an idle row (``live`` 0) whose output is ignored.
+    ``decode_step`` runs it exactly as a ``StaticKVCache``, so the same compiled step serves both, and a row
+    computes what it computes alone. ``resize`` copies the cache into another shape (more or fewer slots,
+    more or fewer columns), moving occupied slots down when slots shrink: callers keep the shapes in a few
+    buckets, so the compiled step sees a few batch sizes (the columns are dynamic to it anyway).
+    """
+
+    def __init__(
+        self, config: Config, slots: int, columns: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__(config, slots, columns, device, dtype)
+        self.limit = config.block_size
+        self.live.zero_()
+        self.decoding = True
+        self.used = [False] * slots
+
+    @property
+    def slots(self) -> int:
+        return len(self.used)
+
+    @property
+    def rows(self) -> int:
+        """Occupied slots."""
+        return sum(self.used)
+
+    def lengths(self) -> dict[int, int]:
+        """Tokens held by each occupied slot."""
+        columns = self.column.tolist()
+        return {slot: columns[slot] for slot in range(self.slots) if self.used[slot]}
+
+    def add(self, source: KVCache, row: int) -> int:
+        """Copy row ``row`` of a cache a prompt was prefilled in (unpadded) into a free slot; return the slot."""
+        n = source.length
+        if all(self.used):
+            raise ValueError(f"all {self.slots} slots of the cache are taken")
+        if n >= self.max_len:
+            raise ValueError(f"a sequence of {n} tokens needs more than the cache's {self.max_len} columns")
+        slot = self.used.index(False)
+        for mine, theirs in zip(self.keys + self.values, source.keys + source.values, strict=True):
+            mine[slot, :, :n] = theirs[row, :, :n]
+        self.key_ok[slot] = False
+        self.key_ok[slot, :n] = True
+        self.column[slot] = n
+        self.positions[slot] = n
+        self.live[slot] = 1
+        self.used[slot] = True
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free ``slot``: it becomes an idle row (its columns are simply overwritten by the next sequence)."""
+        self.used[slot] = False
+        self.live[slot] = 0
+        self.column[slot] = 0
+        self.positions[slot] = 0
+        self.key_ok[slot] = False
+
+    def resize(self, slots: int, columns: int) -> dict[int, int]:
+        """Copy into (``slots``, ``columns``); return ``{old: new}`` for the occupied slots that moved.
+
+        Occupied slots below ``slots`` keep their index; those above move into the lowest free ones.
+        """
+        lengths = self.lengths()
+        if len(lengths) > slots or max(lengths.values(), default=0) >= columns:
+            raise ValueError(
+                f"{len(lengths)} sequences of up to {max(lengths.values())} tokens do not fit "
+                f"{slots} slots of {columns} columns"
+            )
+        if columns > self.limit:
+            raise ValueError(f"{columns} columns exceed the context length {self.limit}")
+        free = iter(s for s in range(slots) if s >= self.slots or not self.used[s])
+        moves = {old: next(free) for old in lengths if old >= slots}
+        kept = [old for old in lengths if old < slots]
+        source = torch.tensor(kept + list(moves), dtype=torch.long, device=self.column.device)
+        target = torch.tensor(kept + list(moves.values()), dtype=torch.long, device=self.column.device)
+        width = min(columns, self.max_len)
+
+        def cache_rows(old: torch.Tensor) -> torch.Tensor:  # (B, K, L, D) -> (slots, K, columns, D)
+            new = old.new_zeros(slots, old.shape[1], columns, old.shape[3])
+            new[target, :, :width] = old[source, :, :width]
+            return new
+
+        def rows(old: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (slots, ...)
+            new = old.new_zeros(slots, *old.shape[1:])
+            new[target] = old[source]
+            return new
+
+        self.keys = [cache_rows(t) for t in self.keys]
+        self.values = [cache_rows(t) for t in self.values]
+        key_ok = self.key_ok.new_zeros(slots, columns)
+        key_ok[target, :width] = self.key_ok[source, :width]
+        self.key_ok = key_ok
+        self.column, self.positions, self.live = rows(self.column), rows(self.positions), rows(self.live)
+        used = [False] * slots
+        for slot in target.tolist():
+            used[slot] = True
+        self.used = used
+        self.max_len = columns
+        self._mark_columns_dynamic()
+        return moves
 
 
 def single_query_attention(
@@ -502,10 +534,7 @@ class Transformer(Network):
             raise ValueError(f"sequence of {S} tokens exceeds the context length {self.config.block_size}")
         if cache is not None:
             cache.reserve(S)
-        if isinstance(cache, SlotKVCache):  # each row at its own position (continuous batching)
-            positions, mask = cache.positions_and_mask(B, T, self.config.sliding_window)
-        else:
-            positions, mask = self._positions_and_mask(B, T, past, attention_mask, idx.device)
+        positions, mask = self._positions_and_mask(B, T, past, attention_mask, idx.device)
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -517,8 +546,9 @@ class Transformer(Network):
     def decode_step(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """idx (B, 1), one new token per row -> next-token logits (B, V), through a ``StaticKVCache``.
 
-        Fixed shapes and no Python-side state change: this is what ``torch.compile`` captures for decoding.
-        The caller checks that the cache has room (``cache.max_len``) before each step.
+        Fixed shapes and no Python-side state change: this is what ``torch.compile`` captures for decoding, for
+        ``generate_tokens`` (a ``StaticKVCache``) and the server's scheduler (a ``SlotKVCache``) alike. The
+        caller checks that every live row has room (its column < ``cache.max_len``) before each step.
         """
         positions, mask = cache.step_positions_and_mask(self.config.sliding_window)
         x = self.wte(idx)  # (B, 1, C)

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
+from lmforge.quant import packing_summary
 from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
 from lmforge.serve.protocol import (
     APIError,
@@ -338,6 +339,8 @@ class _Service:
                 "architecture": config.model_type,
                 "parameters": model.num_parameters(),
                 "dtype": str(model.dtype).removeprefix("torch."),
+                "packing": packing_summary(model),
+                "compiled_decode": bool(getattr(model, "compile_decode", False)),
                 "device": str(model.device),
                 "context_length": config.block_size,
                 "chat_template": bool(self.llm.tokenizer.chat_template),

@@ -1,11 +1,19 @@
 """Continuous batching: one thread owns the model and decodes every running sequence in one batch.
 
 Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a bounded queue. Between decode
-steps the scheduler admits waiting jobs into free slots: it prefills the prompt alone (the very computation
-``LLM.generate_text`` does), samples the first token from it and copies the prompt's keys and values into a
-row of a ``SlotKVCache``, where the newcomer joins the running batch at its own position. A sequence gives its
-slot back the step it ends (EOS, stop string, length limit) or its job is cancelled (the client went away or
-timed out), so a long request never holds up short ones.
+steps the scheduler admits waiting jobs into free slots and prefills their prompts alone (the computation
+``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the running
+sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
+prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its first token,
+and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins the running
+batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string, length limit)
+or its job is cancelled (the client went away or timed out), so a long request never holds up short ones.
+
+Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.compile``d when the model
+asks (``generate.decode_step_function``, the step ``generate_tokens`` uses). Its shapes stay in buckets:
+the slots are 1, 2, 4, 8... rows (free ones idle, their outputs ignored) and the columns a multiple of
+``CACHE_BUCKET`` (dynamic to the compiled step), grown and shrunk by copying, so each slot count compiles
+once (at start, before the first request) and no step waits for a compile of a new length.
 
 Tokens are picked with ``generate.next_tokens`` and text is assembled with ``generate.CompletionBuilder`` (a
 ``TextStream``: no character is ever cut, stop strings are held back) — the pieces ``LLM.generate_text`` uses.
@@ -25,19 +33,26 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import (
+    PREFILL_CHUNK,
     Completion,
     CompletionBuilder,
     SamplingParams,
+    cache_length,
+    decode_step_function,
     generation_budget,
     next_tokens,
     sampling_generator,
 )
-from lmforge.model import SlotKVCache
+from lmforge.model import KVCache, SlotKVCache
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
 
 MAX_TOP_LOGPROBS = 20
+PREFILL_PAUSE_S = (
+    0.5  # while sequences decode, a round prefills about this long (their tokens wait that long)
+)
+MIN_PREFILL_TOKENS = 32  # ... but at least this many prompt tokens, so a long prompt still moves on
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
 
 
@@ -85,7 +100,7 @@ class Job:
 
 
 class _Running:
-    """A sequence that holds a slot: the i-th running sequence owns row i of the cache."""
+    """A sequence that holds a slot: row ``slot`` of the cache."""
 
     def __init__(
         self, job: Job, index: int, builder: CompletionBuilder, generator: torch.Generator | None
@@ -94,31 +109,61 @@ class _Running:
         self.index = index
         self.builder = builder
         self.generator = generator
+        self.slot = -1  # its row in the slot cache, once it has one
         self.next_input = -1  # the token sampled last; the next step feeds it
         self.unreported: list[TokenLogprob] = []
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """An admitted job whose prompt is going into ``cache``, a chunk at a time; it holds ``job.n`` slots."""
+
+    job: Job
+    builders: list[CompletionBuilder]
+    cache: KVCache
+    done: int = 0  # prompt tokens in the cache so far
+
+
+def slot_bucket(rows: int, most: int) -> int:
+    """Slots for ``rows`` sequences: the next power of two, at most ``most`` (few shapes to compile)."""
+    return min(most, 1 << max(0, rows - 1).bit_length())
 
 
 class Scheduler:
     """Serves generation requests from any thread with continuous batching over ``max_batch`` slots."""
 
-    def __init__(self, llm: LLM, max_batch: int = 8, max_queue: int = 64) -> None:
-        if max_batch < 1 or max_queue < 0:
+    def __init__(
+        self,
+        llm: LLM,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_pause_s: float | None = PREFILL_PAUSE_S,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LmforgeError(
-                f"max_batch={max_batch} and max_queue={max_queue} are invalid",
-                hint="use max_batch >= 1 and max_queue >= 0",
+                f"max_batch={max_batch}, max_queue={max_queue} and prefill_chunk={prefill_chunk} are invalid",
+                hint="use max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1",
             )
         self.model = llm.model
         self.tokenizer = llm.tokenizer
         self.eos_ids = llm.eos_ids
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled between two decode steps, at most
+        self.prefill_pause_s = (
+            prefill_pause_s  # ... and for about this long while sequences decode (None: no cap)
+        )
+        self._prefill_rate: float | None = None  # prompt tokens per second, measured
         self.generated_tokens = 0
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()  # guards _waiting, _closing and _recent; wakes the idle thread
         self._closing = False
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
-        self._running: list[_Running] = []  # only the scheduler thread touches these two
+        self._running: list[_Running] = []  # only the scheduler thread touches these three
+        self._prefilling: deque[_Prefill] = deque()
         self._cache: SlotKVCache | None = None
+        self._step_function: Callable[[torch.Tensor, SlotKVCache], torch.Tensor] | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ any thread
@@ -187,45 +232,71 @@ class Scheduler:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread; jobs still waiting or running get an error event."""
+        """Stop the thread; jobs still waiting, prefilling or running get an error event."""
         with self._lock:
             self._closing = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
         with self._lock:
-            left = {*self._waiting, *(seq.job for seq in self._running)}
+            left = {*self._waiting, *(p.job for p in self._prefilling), *(seq.job for seq in self._running)}
             self._waiting.clear()
         error = LmforgeError("the server is shutting down", hint="retry once it is back")
         for job in left:
             self._fail(job, error)
-        self._running, self._cache = [], None
+        self._running, self._prefilling, self._cache = [], deque(), None
 
     # ----------------------------------------------------------- scheduler thread
     @torch.inference_mode()
     def _loop(self) -> None:
-        while True:
-            for row in reversed(range(len(self._running))):
-                if self._running[row].job.cancelled:  # the client went away, timed out or failed
-                    self._release(row)
-            admitted = self._admissions()
-            if admitted is None:
+        self._warm_up()
+        while self._iteration():
+            pass
+
+    def _warm_up(self) -> None:
+        """Compile the decode step for every slot bucket before the first request needs it: a compile holds
+        up every stream (a minute for SmolLM2 on a small CPU). Requests wait in the queue meanwhile. The
+        graphs are traced at the first column bucket, so they match the compile cache of earlier runs."""
+        if not getattr(self.model, "compile_decode", False):
+            return
+        config = self.model.config
+        columns = cache_length(1, config.block_size)
+        for slots in sorted({slot_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
+            if self._closing:
                 return
-            for job in admitted:
-                self._admit(job)
-            if self._running:
-                self._step()
-            elif self._cache is not None and self._cache.max_len > self._initial_columns:
-                self._cache = None  # idle: give back what one long sequence made the cache grow to
+            try:
+                cache = SlotKVCache(config, slots, columns, self.model.device, self.model.dtype)
+                step = self._step_function or decode_step_function(self.model)
+                self._step_function = step
+                step(torch.zeros(slots, 1, dtype=torch.long, device=self.model.device), cache)
+            except Exception:  # noqa: BLE001 - a step that cannot compile fails the requests, and says why
+                return
+
+    def _iteration(self) -> bool:
+        """Drop cancelled work, admit jobs, prefill one chunk, decode one step; False once closing."""
+        for seq in [seq for seq in self._running if seq.job.cancelled]:  # the client went away, timed out
+            self._release(seq)  # or failed
+        self._prefilling = deque(p for p in self._prefilling if not p.job.cancelled)
+        admitted = self._admissions()
+        if admitted is None:
+            return False
+        for job in admitted:
+            self._admit(job)
+        self._prefill_chunk()
+        if self._running:
+            self._step()
+        elif not self._prefilling:
+            self._cache = None  # idle: give back what the batch made the cache grow to
+        return True
 
     def _admissions(self) -> list[Job] | None:
         """Waiting jobs that fit the free slots, in arrival order (blocks while idle); None once closing."""
         with self._lock:
-            while not self._closing and not self._waiting and not self._running:
+            while not self._closing and not self._waiting and not self._running and not self._prefilling:
                 self._lock.wait()
             if self._closing:
                 return None
-            free = self.max_batch - len(self._running)
+            free = self.max_batch - len(self._running) - sum(p.job.n for p in self._prefilling)
             admitted = []
             while self._waiting and self._waiting[0].n <= free:
                 job = self._waiting.popleft()
@@ -233,63 +304,127 @@ class Scheduler:
                 free -= job.n
             return admitted
 
-    @property
-    def _initial_columns(self) -> int:
-        return min(256, self.model.config.block_size)
-
     def _admit(self, job: Job) -> None:
-        """Prefill the prompt alone, pick each sequence's first token, and give the survivors a slot."""
+        """Queue the job's prompt for prefilling (it holds its slots from now on)."""
         if job.cancelled:
             return
-        params = job.params
         try:
             builders = [
-                CompletionBuilder(self.tokenizer, len(job.prompt), params, self.eos_ids, job.budget)
+                CompletionBuilder(self.tokenizer, len(job.prompt), job.params, self.eos_ids, job.budget)
                 for _ in range(job.n)
             ]
             if job.budget == 0:
                 for index, builder in enumerate(builders):
                     self._emit(job, Event(index, builder.end("length"), completion=builder.completion))
                 return
-            device = self.model.device
-            prefill = self.model.new_cache(1, len(job.prompt))
-            ids = torch.tensor([job.prompt], device=device)
-            logits, _ = self.model(ids, cache=prefill, last_logits_only=True)  # (1, 1, V)
-            for index, builder in enumerate(builders):
-                seq = _Running(job, index, builder, sampling_generator(params, device, offset=index))
-                if self._advance(seq, logits[0, -1]):
-                    if self._cache is None:
-                        self._cache = SlotKVCache(
-                            self.model.config, self.max_batch, device, self.model.dtype, self._initial_columns
-                        )
-                    self._cache.add(prefill, row=0)
-                    self._running.append(seq)
-            self._count_tokens(job.n)
+            self._prefilling.append(_Prefill(job, builders, self.model.new_cache(1, len(job.prompt))))
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
             self._fail(job, e)
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill this round: ``prefill_chunk``; while sequences are decoding, no more than
+        the measured rate gets through in ``prefill_pause_s`` (at least ``MIN_PREFILL_TOKENS``)."""
+        if not self._running or self.prefill_pause_s is None:
+            return self.prefill_chunk
+        if self._prefill_rate is None:
+            return min(self.prefill_chunk, MIN_PREFILL_TOKENS)
+        timed = int(self._prefill_rate * self.prefill_pause_s)
+        return min(self.prefill_chunk, max(MIN_PREFILL_TOKENS, timed))
+
+    def _prefill_chunk(self) -> None:
+        """Prefill a round's budget of prompt tokens, oldest job first; finished prompts join the batch."""
+        budget = self._prefill_budget()
+        while self._prefilling and budget > 0:
+            work = self._prefilling[0]
+            prompt = work.job.prompt
+            end = min(len(prompt), work.done + budget)
+            try:
+                ids = torch.tensor([prompt[work.done : end]], device=self.model.device)
+                start = time.perf_counter()
+                logits, _ = self.model(ids, cache=work.cache, last_logits_only=True)  # (1, 1, V)
+                rate = (end - work.done) / max(time.perf_counter() - start, 1e-6)
+            except Exception as e:  # noqa: BLE001
+                self._prefilling.popleft()
+                self._fail(work.job, e)
+                continue
+            if end - work.done >= MIN_PREFILL_TOKENS:  # short prompts say little about the rate
+                old = self._prefill_rate
+                self._prefill_rate = rate if old is None else (old + rate) / 2
+            budget -= end - work.done
+            work.done = end
+            if end == len(prompt):
+                self._prefilling.popleft()
+                self._join(work, logits[0, -1])
+
+    def _join(self, work: _Prefill, logits: torch.Tensor) -> None:
+        """Pick each sequence's first token from the prompt's last logits (V,); the survivors get a slot."""
+        job = work.job
+        device = self.model.device
+        try:
+            for index, builder in enumerate(work.builders):
+                seq = _Running(job, index, builder, sampling_generator(job.params, device, offset=index))
+                if self._advance(seq, logits):
+                    self._fit(newcomer=len(job.prompt))
+                    assert self._cache is not None
+                    seq.slot = self._cache.add(work.cache, row=0)
+                    self._running.append(seq)
+            self._count_tokens(job.n)
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)
+
+    def _fit(self, newcomer: int = 0) -> None:
+        """Size the slot cache, in buckets (few shapes), for the running sequences' next step and, when
+        ``newcomer`` > 0, for one more sequence of that many tokens.
+
+        It grows when it must; it shrinks to fewer slots when no admitted job is about to join, and to fewer
+        columns when half of them would do (a long sequence left), so short sequences stop paying for them.
+        """
+        cache = self._cache
+        lengths = list(cache.lengths().values()) if cache is not None else []
+        rows = len(lengths) + (newcomer > 0)
+        slots = slot_bucket(rows, self.max_batch)
+        width = cache_length(max([*lengths, newcomer]) + 1, self.model.config.block_size)
+        if cache is None:
+            self._cache = SlotKVCache(self.model.config, slots, width, self.model.device, self.model.dtype)
+            return
+        if slots < cache.slots and self._prefilling:
+            slots = cache.slots
+        if width < cache.max_len and 2 * width > cache.max_len:
+            width = cache.max_len
+        if (slots, width) != (cache.slots, cache.max_len):
+            moves = cache.resize(slots, width)
+            for seq in self._running:
+                seq.slot = moves.get(seq.slot, seq.slot)
+
     def _step(self) -> None:
         """Feed every running sequence its last token, pick the next ones, free the slots of those that end."""
-        rows = self._running
-        ids = torch.tensor([[seq.next_input] for seq in rows], device=self.model.device)  # (B, 1)
+        rows = list(self._running)
         try:
-            logits, _ = self.model(ids, cache=self._cache)  # (B, 1, V)
+            self._fit()
+            cache = self._cache
+            assert cache is not None
+            ids = [0] * cache.slots  # free slots decode token 0; their outputs are ignored
+            for seq in rows:
+                ids[seq.slot] = seq.next_input
+            if (
+                self._step_function is None
+            ):  # compiled when the model asks (not for encoders: they never step)
+                self._step_function = decode_step_function(self.model)
+            ids_tensor = torch.tensor(ids, device=self.model.device)[:, None]  # (B, 1)
+            logits = self._step_function(ids_tensor, cache)  # (B, V)
         except Exception as e:  # noqa: BLE001
             # The cache may be half-written: fail this batch and start the next one from a fresh cache.
             for job in {seq.job for seq in rows}:
                 self._fail(job, e)
             self._running, self._cache = [], None
             return
-        finished = []
-        for row, seq in enumerate(rows):
+        for seq in rows:
             try:
-                if not self._advance(seq, logits[row, -1]):
-                    finished.append(row)
+                if not self._advance(seq, logits[seq.slot]):
+                    self._release(seq)
             except Exception as e:  # noqa: BLE001 - e.g. sampling settings that break on these logits
                 self._fail(seq.job, e)
-                finished.append(row)
-        for row in reversed(finished):
-            self._release(row)
+                self._release(seq)
         self._count_tokens(len(rows))
 
     def _advance(self, seq: _Running, logits: torch.Tensor) -> bool:
@@ -319,12 +454,11 @@ class Scheduler:
         )
         return TokenLogprob(token, float(logprobs[token]), pairs)
 
-    def _release(self, row: int) -> None:
-        """Free a slot; the last running sequence moves into it (as its cache row does)."""
+    def _release(self, seq: _Running) -> None:
+        """Give ``seq``'s slot back."""
         assert self._cache is not None
-        self._cache.remove(row)
-        self._running[row] = self._running[-1]
-        self._running.pop()
+        self._cache.remove(seq.slot)
+        self._running.remove(seq)
 
     def _emit(self, job: Job, event: Event) -> None:
         if job.cancelled:
