@@ -127,8 +127,8 @@ def test_estimate_breakdown_names_what_dominates(cases: dict) -> None:
     # SmolLM2's Q4_1 file stays packed (quant="auto"): the weights in memory are about the file's size.
     weights = next(c for c in infer.components if c.name == "weights")
     assert weights.bytes < 100 * 2**20 and "210 int4 + 1 int8 layers packed" in weights.note
-    # A short prompt: the runtime, then what compiling the decode step adds, dominate.
-    assert infer.peak_phase == "generate" and "compiled decode step" in infer.table()
+    # The suite decodes eagerly ($LMFORGE_COMPILE=0, as the estimate reads it): a short prompt peaks while loading.
+    assert infer.peak_phase == "loading" and "compiled decode step" not in infer.table()
     # Full fine-tuning holds AdamW moments for every parameter; LoRA for its adapters only.
     moments = {e.mode: next(c.bytes for c in e.components if c.name == "AdamW moments") for e in (lora, full)}
     assert moments["full"] == 2 * 4 * full.parameters and moments["lora"] < moments["full"] / 100

@@ -28,7 +28,7 @@ def run_quickstart(
     train_steps: int = 300,
     *,
     quant: str = "auto",
-    compile: bool = True,
+    compile: bool | None = None,
 ) -> None:
     """The tour; ``quant`` and ``compile`` are ``LLM.load``'s, for the pretrained model of part 1."""
     print("lmforge quickstart\n\n== 1. Run a real pretrained model ==\n")

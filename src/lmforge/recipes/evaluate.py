@@ -49,7 +49,7 @@ def evaluate_models(
     stride: int | None = None,
     max_length: int = 60,
     quant: str = "auto",
-    compile: bool = True,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate each of ``models`` (loaded with ``quant`` and ``compile``, as ``LoadedModel.load`` takes them)
     on ``data``. Models packed on request (``quant`` int8 / int4) are reported, and their scores stored, under

@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from lmforge import runtime
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.info import read_header
 from lmforge.loading import resolve_dtype
@@ -57,7 +58,7 @@ def estimate(
     mode: str = "infer",
     dtype: str = "auto",
     quant: str = "auto",
-    compile: bool = True,
+    compile: bool | None = None,
     measure: bool = True,
     task: str | None = None,
     lora_rank: int = 8,
@@ -80,6 +81,7 @@ def estimate(
     as ``generate`` sizes it to the request. ``measure`` runs a few decode or training steps for tokens/s.
     ``freeze_last`` is the old name of ``train_last_blocks``.
     """
+    compile = runtime.compile_by_default() if compile is None else compile  # as LLM.load decides
     if freeze_last is not None:
         warnings.warn(
             "freeze_last is deprecated, use train_last_blocks (it trains the last N blocks)",

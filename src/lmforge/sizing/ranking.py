@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import torch
 
+from lmforge import runtime
 from lmforge.config import Config
 from lmforge.data.labelled import encode_conversation, format_instruction, read_records
 from lmforge.errors import LmforgeError
@@ -102,7 +103,7 @@ def select(
     summary_field: str = "summary",
     seed: int = 0,
     quant: str = "auto",
-    compile: bool = True,
+    compile: bool | None = None,
 ) -> Selection:
     """Rank ``candidates`` (any name ``LoadedModel.load`` takes) for ``task`` on a sample of ``data``.
 
@@ -116,6 +117,7 @@ def select(
     memory check sizes them as loaded: packed layers at their packed size, a compiled decode step's memory
     where scoring decodes.
     """
+    compile = runtime.compile_by_default() if compile is None else compile  # as LLM.load decides
     check_choice("task", task, allowed=SELECT_TASKS)
     check_choice("quant", quant, allowed=QUANT_CHOICES)  # before any candidate is loaded
     names = [c.strip() for c in candidates.split(",")] if isinstance(candidates, str) else list(candidates)
