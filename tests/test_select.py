@@ -240,7 +240,7 @@ def test_activation_model_equals_the_real_modules_exactly(family: str, mode: str
 
 def test_estimate_measures_speed_and_sizes_a_packed_model(tmp_path: Path, tiny_tokenizer) -> None:
     folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "tiny")
-    result = estimate(folder, context=64, batch=2, quant="int8")
+    result = estimate(folder, context=64, batch=2, quant="int8", compile=True)
     assert result.tokens_per_s and result.tokens_per_s > 0
     assert "int8 layers packed" in result.table() and "KV cache" in result.table()
     trained = estimate(folder, mode="lora", context=32, task="classify")

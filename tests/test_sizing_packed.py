@@ -80,7 +80,7 @@ def test_the_kv_cache_is_sized_to_the_request(smollm2_gguf: Path) -> None:
     config = GGUFFile(smollm2_gguf).config()
     per_token = config.n_layer * config.n_kv_head * config.head_dim * 2 * 4
     for context, cached in [(32, CACHE_BUCKET), (300, 2 * CACHE_BUCKET), (2048, 2048)]:
-        sized = estimate(smollm2_gguf, context=context, batch=2, measure=False)
+        sized = estimate(smollm2_gguf, context=context, batch=2, compile=True, measure=False)
         kv = next(c for c in sized.components if c.name == "KV cache")
         assert kv.bytes == 2 * cached * per_token, (context, kv.note)
     assert config.block_size == 8192  # never the model's whole context
