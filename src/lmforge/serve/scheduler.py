@@ -48,9 +48,7 @@ if TYPE_CHECKING:
     from lmforge.api import LLM
 
 MAX_TOP_LOGPROBS = 20
-PREFILL_PAUSE_S = (
-    0.5  # while sequences decode, a round prefills about this long (their tokens wait that long)
-)
+PREFILL_PAUSE_S = 0.3  # while sequences decode, a round prefills about this long (so their tokens wait)
 MIN_PREFILL_TOKENS = 32  # ... but at least this many prompt tokens, so a long prompt still moves on
 COLUMN_BUCKET = 64  # the slot cache's columns are a multiple of this
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
