@@ -4,9 +4,9 @@ Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a bo
 steps the scheduler admits waiting jobs into free slots and prefills their prompts alone (the computation
 ``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the running
 sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
-prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its first token,
-and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins the running
-batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string, length limit)
+prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its
+first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
+the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string, length limit)
 or its job is cancelled (the client went away or timed out), so a long request never holds up short ones.
 
 Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.compile``d when the model
