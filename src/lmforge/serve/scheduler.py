@@ -6,8 +6,9 @@ steps the scheduler admits waiting jobs into free slots and prefills their promp
 sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
 prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its
 first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
-the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string, length limit)
-or its job is cancelled (the client went away or timed out), so a long request never holds up short ones.
+the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string,
+length limit) or its job is cancelled (the client went away or timed out), so a long request never holds up
+short ones.
 
 Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.compile``d when the model
 asks (``generate.decode_step_function``, the step ``generate_tokens`` uses). Its shapes stay in buckets:
