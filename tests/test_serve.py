@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lmforge import LLM, SamplingParams, generate
+from lmforge import LLM, SamplingParams
 from lmforge.cli import build_parser
 from lmforge.generate import generate_tokens
 from lmforge.serve import create_app
+from lmforge.serve import scheduler as scheduling
 from lmforge.serve.scheduler import Scheduler
 
 from .conftest import tiny_llm
@@ -328,7 +329,7 @@ def test_slot_rows_joining_at_different_steps_decode_as_if_alone(
 ):
     """Sequences that join and leave the slot cache at different steps, prefilled in chunks, while the cache
     grows and shrinks in slots and columns, get exactly their solo tokens (eager steps)."""
-    monkeypatch.setattr(generate, "CACHE_BUCKET", 16)  # columns grow (and shrink) within the tiny context
+    monkeypatch.setattr(scheduling, "COLUMN_BUCKET", 16)  # columns grow (and shrink) within the tiny context
     llm = tiny_llm(preset, tiny_tokenizer, **overrides)
     prompts = [tiny_tokenizer.encode(t) for t in TEXTS]
     budgets = [30, 12, 40, 25, 18]
@@ -347,7 +348,7 @@ def test_compiled_slot_steps_equal_eager_tokens_and_compile_once_per_bucket(
 ):
     """1, then 3, then 5 sequences through the compiled step: their solo (eager ``generate_tokens``) tokens,
     one graph per slot bucket, none for a new number of columns."""
-    monkeypatch.setattr(generate, "CACHE_BUCKET", 16)
+    monkeypatch.setattr(scheduling, "COLUMN_BUCKET", 16)
     llm = tiny_llm("tiny-llama", tiny_tokenizer, sliding_window=12)
     prompts = [tiny_tokenizer.encode(t) for t in TEXTS]
     params = [SamplingParams(max_new_tokens=10 + 4 * i, stop_on_eos=False) for i in range(5)]

@@ -170,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_context=args.max_context,
         cors_origins=args.cors,
+        warm_up=True,  # a server runs for long: compile every batch size's step before the first request
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

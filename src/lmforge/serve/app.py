@@ -70,11 +70,14 @@ def create_app(
     request_timeout_s: float = 600.0,
     cors_origins: Sequence[str] | None = None,
     model_name: str | None = None,
+    warm_up: bool = False,
 ) -> FastAPI:
     """The server for ``llm``: OpenAI's /v1 API, /health, /metrics and the playground at /.
 
     ``max_context`` caps prompt + max_tokens (default: the model's context); ``api_key`` guards /v1/*;
-    ``cors_origins`` lets those browser origins call the API. Run it with ``uvicorn.run(app)``.
+    ``cors_origins`` lets those browser origins call the API; ``warm_up`` compiles the decode step for every
+    batch size the scheduler uses when it starts (requests wait meanwhile) instead of when a batch first
+    needs one (every stream waits then). Run it with ``uvicorn.run(app)``.
     """
     context = llm.config.block_size
     if max_context is not None and not 1 <= max_context <= context:
@@ -82,7 +85,7 @@ def create_app(
             f"max_context={max_context} is outside the model's context of {context} tokens",
             hint=f"use a value from 1 to {context}",
         )
-    scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue, warm_up=warm_up)
     service = _Service(
         llm, scheduler, model_name or _model_id(llm.source), max_context or context, request_timeout_s
     )

@@ -4,16 +4,17 @@ Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a bo
 steps the scheduler admits waiting jobs into free slots and prefills their prompts alone (the computation
 ``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the running
 sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
-prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its first token,
-and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins the running
-batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string, length limit)
-or its job is cancelled (the client went away or timed out), so a long request never holds up short ones.
+prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its
+first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
+the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string,
+length limit) or its job is cancelled (the client went away or timed out), so a long request never holds up
+short ones.
 
 Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.compile``d when the model
 asks (``generate.decode_step_function``, the step ``generate_tokens`` uses). Its shapes stay in buckets:
 the slots are 1, 2, 4, 8... rows (free ones idle, their outputs ignored) and the columns a multiple of
-``CACHE_BUCKET`` (dynamic to the compiled step), grown and shrunk by copying, so each slot count compiles
-once (at start, before the first request) and no step waits for a compile of a new length.
+``COLUMN_BUCKET`` (dynamic to the compiled step), grown and shrunk by copying, so each slot count compiles
+once (``warm_up``: all at start, before the first request) and no step waits for a compile of a new length.
 
 Tokens are picked with ``generate.next_tokens`` and text is assembled with ``generate.CompletionBuilder`` (a
 ``TextStream``: no character is ever cut, stop strings are held back) — the pieces ``LLM.generate_text`` uses.
@@ -37,7 +38,6 @@ from lmforge.generate import (
     Completion,
     CompletionBuilder,
     SamplingParams,
-    cache_length,
     decode_step_function,
     generation_budget,
     next_tokens,
@@ -49,10 +49,9 @@ if TYPE_CHECKING:
     from lmforge.api import LLM
 
 MAX_TOP_LOGPROBS = 20
-PREFILL_PAUSE_S = (
-    0.5  # while sequences decode, a round prefills about this long (their tokens wait that long)
-)
+PREFILL_PAUSE_S = 0.3  # while sequences decode, a round prefills about this long (so their tokens wait)
 MIN_PREFILL_TOKENS = 32  # ... but at least this many prompt tokens, so a long prompt still moves on
+COLUMN_BUCKET = 64  # the slot cache's columns are a multiple of this
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this many recent seconds
 
 
@@ -124,6 +123,12 @@ class _Prefill:
     done: int = 0  # prompt tokens in the cache so far
 
 
+def column_bucket(tokens: int, context: int) -> int:
+    """Slot-cache columns for ``tokens``: a multiple of ``COLUMN_BUCKET``, within the context. The columns are
+    dynamic to the compiled step, and every row attends over all of them: the cache stays near the longest row."""
+    return min(context, -(-tokens // COLUMN_BUCKET) * COLUMN_BUCKET)
+
+
 def slot_bucket(rows: int, most: int) -> int:
     """Slots for ``rows`` sequences: the next power of two, at most ``most`` (few shapes to compile)."""
     return min(most, 1 << max(0, rows - 1).bit_length())
@@ -139,6 +144,7 @@ class Scheduler:
         max_queue: int = 64,
         prefill_chunk: int = PREFILL_CHUNK,
         prefill_pause_s: float | None = PREFILL_PAUSE_S,
+        warm_up: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LmforgeError(
@@ -155,6 +161,7 @@ class Scheduler:
             prefill_pause_s  # ... and for about this long while sequences decode (None: no cap)
         )
         self._prefill_rate: float | None = None  # prompt tokens per second, measured
+        self.warm_up = warm_up  # compile the step for every slot bucket when the thread starts
         self.generated_tokens = 0
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()  # guards _waiting, _closing and _recent; wakes the idle thread
@@ -254,13 +261,14 @@ class Scheduler:
             pass
 
     def _warm_up(self) -> None:
-        """Compile the decode step for every slot bucket before the first request needs it: a compile holds
-        up every stream (a minute for SmolLM2 on a small CPU). Requests wait in the queue meanwhile. The
-        graphs are traced at the first column bucket, so they match the compile cache of earlier runs."""
-        if not getattr(self.model, "compile_decode", False):
+        """With ``warm_up``, compile the decode step for every slot bucket before the first request needs it:
+        a compile holds up every stream (a minute for SmolLM2 on a small CPU, seconds from the disk cache).
+        Requests wait in the queue meanwhile. The graphs are traced at the first column bucket, so they match
+        the compile cache of earlier runs."""
+        if not self.warm_up or not getattr(self.model, "compile_decode", False):
             return
         config = self.model.config
-        columns = cache_length(1, config.block_size)
+        columns = column_bucket(1, config.block_size)
         for slots in sorted({slot_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}):
             if self._closing:
                 return
@@ -383,13 +391,16 @@ class Scheduler:
         lengths = list(cache.lengths().values()) if cache is not None else []
         rows = len(lengths) + (newcomer > 0)
         slots = slot_bucket(rows, self.max_batch)
-        width = cache_length(max([*lengths, newcomer]) + 1, self.model.config.block_size)
+        context = self.model.config.block_size
+        width = column_bucket(max([*lengths, newcomer]) + 1, context)
         if cache is None:
             self._cache = SlotKVCache(self.model.config, slots, width, self.model.device, self.model.dtype)
             return
         if slots < cache.slots and self._prefilling:
             slots = cache.slots
-        if width < cache.max_len and 2 * width > cache.max_len:
+        if width > cache.max_len:  # grow by a quarter at least, so that copies stay rare
+            width = max(width, column_bucket(cache.max_len * 5 // 4, context))
+        elif 2 * width > cache.max_len:  # shrink to half or less only
             width = cache.max_len
         if (slots, width) != (cache.slots, cache.max_len):
             moves = cache.resize(slots, width)
