@@ -248,10 +248,19 @@ def gguf_blocks(path: Path) -> dict[str, tuple[GGMLQuantizationType, np.ndarray]
     }
 
 
+def assert_q8_0_codes_kept(before: np.ndarray, after: np.ndarray, name: str) -> None:
+    """Q8_0 blocks (an fp16 d, 32 int8 codes): the same codes, d within the one bf16 rounding the packed
+    kernel's scales gave it at load."""
+    before, after = before.reshape(-1, 34), after.reshape(-1, 34)
+    assert np.array_equal(after[:, 2:], before[:, 2:]), name
+    d_before, d_after = (b[:, :2].copy().view(np.float16).astype(np.float32) for b in (before, after))
+    assert np.all(np.abs(d_after - d_before) <= 2**-8 * np.abs(d_before)), name
+
+
 def test_packed_int4_exports_to_q4_1_from_its_codes(smollm2_gguf, tmp_path):
     """The bundled Q4_1 file loaded packed (210 int4 layers, the tied Q8_0 table as int8) goes back to Q4_1 from
-    its integer codes: no layer is dequantized, the codes and the Q8_0 table are the file's own bytes, and the
-    scales differ only by the bf16 rounding the int4 kernel's layout gave them at load."""
+    its integer codes: no layer is dequantized, the codes are the file's own bytes, and the scales differ only by
+    the bf16 rounding the packed kernel's layout gave them at load."""
     llm = LLM.load(smollm2_gguf, device="cpu", compile=False)
     with mock.patch.object(QuantizedWeight, "dequantize", side_effect=AssertionError("dequantized")):
         out = export_model(llm, tmp_path / "smol.Q4_1.gguf", format="gguf", quant="q4_1")
@@ -259,8 +268,11 @@ def test_packed_int4_exports_to_q4_1_from_its_codes(smollm2_gguf, tmp_path):
     assert original.keys() == written.keys()
     for name, (qtype, data) in original.items():
         assert written[name][0] == qtype, name  # the int8 table stays Q8_0 in a 4-bit file, as it was
+        if qtype == GGMLQuantizationType.Q8_0:
+            assert_q8_0_codes_kept(data, written[name][1], name)
+            continue
         if qtype != GGMLQuantizationType.Q4_1:
-            assert np.array_equal(written[name][1], data), name  # F32 norms, the Q8_0 table: exact
+            assert np.array_equal(written[name][1], data), name  # F32 norms: exact
             continue
         before, after = (
             data.reshape(-1, 20),
@@ -285,7 +297,7 @@ def test_packed_int4_exports_to_q4_1_from_its_codes(smollm2_gguf, tmp_path):
 
 def test_packed_int8_exports_q8_0_blocks_exactly(pretrained, tmp_path):
     """A Q8_0 file loaded packed (every linear layer int8; GPT-2's fused q/k/v split and fused again) exports to
-    Q8_0 with the same bytes, tensor for tensor."""
+    Q8_0 with the same codes, tensor for tensor (scales: one bf16 rounding)."""
     q8 = pretrained.export(tmp_path / "model.Q8_0.gguf", format="gguf", quant="q8_0")
     packed = LLM.load(q8, device="cpu", compile=False)
     assert packed_layers(packed.model)
@@ -294,13 +306,18 @@ def test_packed_int8_exports_q8_0_blocks_exactly(pretrained, tmp_path):
     first, second = gguf_blocks(q8), gguf_blocks(again)
     assert first.keys() == second.keys()
     for name, (qtype, data) in first.items():
-        assert second[name][0] == qtype and np.array_equal(second[name][1], data), name
+        assert second[name][0] == qtype, name
+        if qtype == GGMLQuantizationType.Q8_0:
+            assert_q8_0_codes_kept(data, second[name][1], name)
+        else:
+            assert np.array_equal(second[name][1], data), name
     # another type: the int8 layers are dequantized and quantized, an int8 head stays Q8_0 in a 4-bit file
     q4 = gguf_blocks(packed.export(tmp_path / "model.Q4_1.gguf", format="gguf", quant="q4_1"))
     matrix = "blk.0.attn_qkv.weight" if pretrained.config.model_type == "gpt2" else "blk.0.attn_q.weight"
     assert q4[matrix][0] == GGMLQuantizationType.Q4_1
     head = "output.weight" if "output.weight" in q4 else "token_embd.weight"  # the tied table is the head
-    assert q4[head][0] == GGMLQuantizationType.Q8_0 and np.array_equal(q4[head][1], first[head][1])
+    assert q4[head][0] == GGMLQuantizationType.Q8_0
+    assert_q8_0_codes_kept(first[head][1], q4[head][1], head)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA

@@ -44,12 +44,13 @@ def held_bytes(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [(64, 32), (576, 576), (1536, 576), (48, 1536)])
+@pytest.mark.parametrize("shape", [(64, 32), (576, 576), (1536, 576), (48, 1536), (24, 64)])
 def test_packed_bytes_are_the_layers_buffers(kind: str, shape: tuple[int, int]) -> None:
     layer = PackedLinear(quantize_weight(torch.randn(shape), kind))  # type: ignore[arg-type]
     assert packed_bytes(kind, *shape) == layer.weight_bytes  # type: ignore[arg-type]
-    per_weight = layer.weight_bytes / (shape[0] * shape[1])
-    assert per_weight == (0.625 if kind == "int4" else 1.125)  # 1/2 or 1 byte + 1/8 byte of scales (zeros)
+    rows = -(-shape[0] // 16) * 16  # the kernel's tile: 24 rows are held as 32
+    per_weight = layer.weight_bytes / (rows * shape[1])
+    assert per_weight == (0.625 if kind == "int4" else 1.25)  # per 4-bit plane: 1/2 byte + 1/8 of scale, zero
 
 
 @pytest.mark.parametrize("quant", ["auto", "int8", "int4", "none"])

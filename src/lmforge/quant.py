@@ -1,20 +1,27 @@
 """Weight-only quantized linear layers: int4 and int8 weights stay packed in memory and in the matmul.
 
 A decode step reads every weight once per token, so its speed is memory bandwidth divided by weight bytes:
-fp32 reads 4 bytes a weight, int8 about 1.06 and int4 about 0.63 (with their per-group scales). Both kinds
+fp32 reads 4 bytes a weight, int8 1.25 and int4 0.63 (with their per-group scales and zeros). Both kinds
 quantize rows in groups of 32 values, as llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks do, so those GGUF blocks
 load without a dequantize/requantize round trip:
 
-    int4:  w = (q - 8) * scale + zero     q in 0..15     Q4_0: zero = 0;  Q4_1 (w = q*d + m): zero = m + 8*d
-    int8:  w = q * scale                  q in -127..127 Q8_0: scale = d
+    int4:  w = (q - 8) * scale + zero     q in 0..15      Q4_0: zero = 0;  Q4_1 (w = q*d + m): zero = m + 8*d
+    int8:  w = q * scale                  q in -128..127  Q8_0: scale = d
 
-Kernels, chosen by measurement (benchmarks/generate.py, docs/architecture.md):
-- int4 runs PyTorch's own CPU kernel ``_weight_int4pack_mm_for_cpu`` with bf16 activations (its fp32 path is
-  25x slower), so int4 scales and zeros are bf16: a layer's values are the codes' exactly, their scales and
-  zeros off by one bf16 rounding (a GGUF file's fp16 scales are not kept; saving writes the float weights).
-- int8 decodes (a few rows) with a dequantize-in-register reduction that ``torch.compile`` fuses into one
-  pass over the int8 weights; bigger inputs (prefill) dequantize the layer once and use the fp32/bf16 GEMM.
-  PyTorch's ``_weight_int8pack_mm`` needs one scale per row (no Q8_0 groups) and is compute-bound on AVX2.
+One kernel runs both kinds, chosen by measurement (benchmarks/generate.py, docs/architecture.md): PyTorch's own
+CPU ``_weight_int4pack_mm_for_cpu`` with bf16 activations (its fp32 path is 25x slower, its fp16 path 60x). An
+int8 code is two 4-bit planes, q = 16 * hi + lo with hi in -8..7 and lo in 0..15, so an int8 layer is an int4
+layer twice as wide whose input is x twice:
+
+    x @ w.T = [x, x] @ [w_hi, w_lo].T    w_hi = ((hi + 8) - 8) * 16s + 0     w_lo = (lo - 8) * s + 8s
+
+That reads one byte a weight through the same vectorised kernel, on every CPU PyTorch builds it for; it beat
+an inductor-compiled int8 dequantize-in-register matvec (which also needed one compile per layer shape) and
+``_weight_int8pack_mm`` (one scale per row: no Q8_0 groups; compute-bound on AVX2). The kernel reads scales
+and zeros as bf16: a layer's values are the codes exactly, their scales and zeros off by one bf16 rounding (a
+GGUF file's fp16 scales are not kept). Prefill and training inputs (more than ``DECODE_ROWS`` rows) take the
+GEMM instead: ``DEQUANT_ROWS`` output rows at a time are unpacked from the kernel's own layout, dequantized
+and multiplied in the activations' type.
 
 ``PackedLinear`` replaces ``nn.Linear`` inside the same ``Transformer`` (``pack_model``); LoRA wraps it like
 any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
@@ -22,33 +29,32 @@ any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError, UnsupportedError
 
 GROUP = 32  # values per quantization group (one scale, and for int4 one zero, each)
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
 Kind = Literal["int8", "int4"]
-DECODE_ROWS = 8  # inputs with at most this many rows take the fused matvec path of int8 layers
-INT8_ROWS = 2048  # output rows an int8 layer dequantizes at a time outside the fused path
-INT4_ROWS = 16  # the int4 kernel's layout needs a number of output rows (N) divisible by this
-
-
-def int4_fits(out_features: int) -> bool:
-    """Whether a layer with ``out_features`` rows can be packed as int4 (else it is packed as int8)."""
-    return out_features % INT4_ROWS == 0
+PLANES: dict[str, int] = {"int4": 1, "int8": 2}  # 4-bit planes a code is stored as
+DECODE_ROWS = 8  # inputs with at most this many rows take the packed kernel; bigger ones the dequantized GEMM
+DEQUANT_ROWS = 2048  # output rows the GEMM path dequantizes at a time (bounds the float copy of a big head)
+KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
+PACKED_BYTES_PER_GROUP = {"int4": 16 + 4, "int8": 2 * (16 + 4)}  # codes + a bf16 scale and zero, per plane
 
 
 @dataclass
 class QuantizedWeight:
     """One (N, K) weight as integer codes in groups of 32 along K, before packing for a kernel.
 
-    codes: (N, K) uint8 0..15 (int4) or int8 -127..127 (int8); scales: (N, K/32); zeros: (N, K/32), int4 only.
+    codes: (N, K) uint8 0..15 (int4) or int8 -128..127 (int8); scales: (N, K/32); zeros: (N, K/32), int4 only.
     Scales and zeros keep the source's precision (fp16 from a GGUF file, fp32 when quantized here).
     """
 
@@ -85,6 +91,21 @@ class QuantizedWeight:
             w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
         return w.view(N, K)
 
+    def planes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weight as 4-bit planes side by side, what the kernel multiplies: codes (N, P*K) 0..15 (int32),
+        scales and zeros (N, P*K/32) float32, with P = 1 (int4) or 2 (int8: hi, then lo; see the module)."""
+        if self.kind == "int4":
+            assert self.zeros is not None
+            return self.codes.to(torch.int32), self.scales.float(), self.zeros.float()
+        q = self.codes.to(torch.int32)
+        hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
+        scales = self.scales.float()
+        return (
+            torch.cat([hi + 8, q - 16 * hi], dim=1),
+            torch.cat([16 * scales, scales], dim=1),
+            torch.cat([torch.zeros_like(scales), 8 * scales], dim=1),
+        )
+
 
 def quantize_weight(weight: torch.Tensor, kind: Kind) -> QuantizedWeight:
     """Round a float (N, K) weight to ``kind``: int8 symmetric per group (Q8_0), int4 min/max per group (Q4_1)."""
@@ -105,49 +126,97 @@ def quantize_weight(weight: torch.Tensor, kind: Kind) -> QuantizedWeight:
     return QuantizedWeight("int4", codes.to(torch.uint8).view(N, K), scales, low + 8 * scales)
 
 
-def _int8_matvec(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ dequantized(codes (N, K), scales (N, K/32)).T, written so inductor fuses it into one pass.
+# ------------------------------------------------------------ the kernel's packed layout
+Layout = tuple[str, int]  # (how a byte pairs rows, rows per block)
+_LAYOUTS: tuple[Layout, ...] = (("split", 64), ("split", 32), ("pairs", 32))
 
-    One reduction per row of x over the same dequantized weights: inductor fuses the M reductions into one
-    loop that dequantizes each weight once for all rows. (One (M, N) reduction dequantized the weights again
-    for every row: 8 rows took 8 times one row; now about 3 times, with the same sums, bit for bit.)
+
+@functools.cache
+def kernel_layout() -> Layout:
+    """How ``_convert_weight_to_int4pack_for_cpu`` arranges codes on this CPU, found by packing a probe.
+
+    The packed (N, K/2) bytes are blocks of 64 rows (AVX-512) or 32 (AVX2 and plain C++), stored column by
+    column; in a block's column, byte j holds rows j and j + block/2 ("split", the vector builds) or rows 2j
+    and 2j + 1 ("pairs", plain C++ and every partial last block). It follows the CPU's vector width, so it is
+    probed, and a layout PyTorch might add fails here instead of garbling weights.
     """
-    M, K = x.shape
-    N = codes.shape[0]
-    w = codes.view(N, K // GROUP, GROUP).float() * scales.float()[..., None]  # (N, G, 32), never materialised
-    xs = x.float().view(M, K // GROUP, GROUP)
-    return torch.stack([(w * xs[m]).sum((-1, -2)) for m in range(M)])  # (M, N)
+    rows, width = 80, 64  # whole blocks and a partial one under every layout
+    codes = torch.randint(0, 16, (rows, width), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    for layout in _LAYOUTS:
+        if torch.equal(unpack_codes(packed, width, 0, rows, layout).to(torch.int32), codes):
+            return layout
+    raise UnsupportedError(
+        "this PyTorch build packs int4 weights in a layout lmforge does not know",
+        hint="load the model with quant='none'",
+    )
 
 
-_compiled_int8_matvec: Callable[..., torch.Tensor] | None = None
+def unpack_codes(packed: torch.Tensor, width: int, start: int, stop: int, layout: Layout) -> torch.Tensor:
+    """Codes (stop - start, width) uint8 of rows start..stop of a packed (rows, width) int4 weight.
 
-
-@torch.library.custom_op("lmforge::int8_matvec", mutates_args=())
-def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``_int8_matvec``, compiled on its own: an opaque op inside a compiled decode step.
-
-    Inside the step's graph, inductor would fuse the producer of x (a norm, SiLU(gate) * up) into the matvec's
-    loop and recompute it for every output row (the head then took 5.4 ms instead of 2.2). Behind this op
-    boundary x arrives computed once.
+    ``start`` is a multiple of the layout's block (or 0); whole blocks unpack as strided views, no gather.
     """
-    global _compiled_int8_matvec
-    if _compiled_int8_matvec is None:
-        _compiled_int8_matvec = torch.compile(_int8_matvec)
-    return _compiled_int8_matvec(x, codes, scales)
+    style, block = layout
+    rows = packed.shape[0]
+    flat = packed.view(-1)
+    whole = rows - rows % block  # rows in whole blocks
+    end = min(rows, -(-stop // block) * block)  # through the block that holds row stop - 1
+    parts = []
+    if min(end, whole) > start:
+        blocks = flat[start * width // 2 : min(end, whole) * width // 2].view(-1, width, block // 2)
+        low, high = blocks & 15, blocks >> 4  # (blocks, K, block/2)
+        if style == "split":
+            both = torch.cat([low, high], dim=2)  # rows j, then rows j + block/2
+        else:
+            both = torch.stack([low, high], dim=3).flatten(2)  # rows 2j and 2j + 1
+        parts.append(both.transpose(1, 2).reshape(-1, width))
+    if end > whole:  # the partial last block: neighbouring rows share a byte
+        tail = flat[whole * width // 2 :].view(width, -1)  # (K, rows/2)
+        parts.append(torch.stack([tail & 15, tail >> 4], dim=2).flatten(1).T)
+    codes = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return codes[: stop - start]
 
 
-@int8_matvec.register_fake
-def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+def gather_codes(packed: torch.Tensor, width: int, rows: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Codes (len(rows), width) uint8 of the given rows (any order, repeats): an embedding table's lookups."""
+    style, block = layout
+    whole = packed.shape[0] - packed.shape[0] % block
+    r = rows.reshape(-1, 1)
+    in_block = r < whole  # else in the partial last block
+    first = torch.where(in_block, r - r % block, whole)  # the first row of r's block
+    j = r - first
+    per_column = torch.where(
+        in_block, block // 2, (packed.shape[0] - whole) // 2
+    )  # bytes a block column holds
+    if style == "split":
+        byte, high = (
+            torch.where(in_block, j % (block // 2), j // 2),
+            torch.where(in_block, j >= block // 2, j % 2 == 1),
+        )
+    else:
+        byte, high = j // 2, j % 2 == 1
+    columns = torch.arange(width, device=rows.device)
+    values = packed.view(-1)[first * width // 2 + columns * per_column + byte]  # (R, K)
+    return torch.where(high, values >> 4, values & 15)
 
 
-class _Int4Matmul(torch.autograd.Function):
-    """The int4 kernel has no derivative; for LoRA on a packed base, x's gradient is grad @ W (dequantized)."""
+def dequantize_planes(codes: torch.Tensor, scales_zeros: torch.Tensor, planes: int) -> torch.Tensor:
+    """Float32 (R, K) weights from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each plane's
+    (q - 8) * scale + zero, the planes summed."""
+    R = codes.shape[0]
+    scales, zeros = scales_zeros.float().unbind(-1)  # (P*K/32, R)
+    w = (codes.float().view(R, -1, GROUP) - 8) * scales.T[..., None] + zeros.T[..., None]
+    return w.view(R, planes, -1).sum(1)
+
+
+class _KernelMatmul(torch.autograd.Function):
+    """The kernel has no derivative; for LoRA on a packed base, x's gradient is grad @ W (dequantized)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return layer.int4_matmul(x)
+        return layer.kernel_matmul(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -155,32 +224,37 @@ class _Int4Matmul(torch.autograd.Function):
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` with an int4 or int8 weight that stays packed; same call, same output shape and dtype."""
+    """``nn.Linear`` with an int4 or int8 weight that stays packed; same call, same output shape and dtype.
+
+    Buffers: ``packed`` (N', P*K/2) uint8 in the kernel's layout and ``scales_zeros`` (P*K/32, N', 2) bf16,
+    with P planes (1 for int4, 2 for int8) and N' the rows padded to ``KERNEL_ROWS``.
+    """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kind = weight.kind
+        self.planes = PLANES[weight.kind]
         self.out_features, self.in_features = weight.shape
         if self.in_features % GROUP:
             raise UnsupportedError(
                 f"a packed layer needs rows that are a multiple of {GROUP}, got {self.in_features}",
                 hint="load this model with quant='none'",
             )
-        if weight.kind == "int4" and not int4_fits(self.out_features):
-            raise UnsupportedError(
-                f"an int4 layer needs a number of outputs divisible by {INT4_ROWS}, got {self.out_features}",
-                hint="pack this layer as int8, or load the model with quant='none'",
-            )
-        if weight.kind == "int4":
-            assert weight.zeros is not None
-            codes = weight.codes.to(device="cpu", dtype=torch.int32).contiguous()
-            # The kernel's own layout (tiles of the N dimension, two values a byte): (N, K/2) uint8.
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2))
-            scales_zeros = torch.stack([weight.scales.T, weight.zeros.T], dim=-1)  # (K/32, N, 2)
-            self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16).contiguous())
-        else:
-            self.register_buffer("codes", weight.codes.to(torch.int8).contiguous())
-            self.register_buffer("scales", weight.scales.to(torch.float32).contiguous())
+        self.layout = kernel_layout()  # a plain tuple: a constant for torch.compile
+        packed, scales_zeros = [], []
+        # DEQUANT_ROWS rows at a time (whole blocks of the layout, which packs block by block): the int32 planes
+        # of a 49k-row head would be 17 bytes a weight at once.
+        for start in range(0, self.out_features, DEQUANT_ROWS):
+            part = weight.map_rows(lambda rows, start=start: rows[start : start + DEQUANT_ROWS].cpu())
+            codes, scales, zeros = part.planes()
+            pad = -codes.shape[0] % KERNEL_ROWS  # zero rows, sliced off the output
+            codes, scales, zeros = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scales, zeros))
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2))
+            scales_zeros.append(
+                torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
+            )  # (P*K/32, rows, 2)
+        self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0])
+        self.register_buffer("scales_zeros", torch.cat(scales_zeros, dim=1).contiguous())
         # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
         self.register_buffer("bias", bias.detach() if bias is not None else None)
 
@@ -201,35 +275,44 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kind == "int4":
-            y = _Int4Matmul.apply(x2, self) if x2.requires_grad else self.int4_matmul(x2)
-        elif x2.shape[0] <= DECODE_ROWS and torch.compiler.is_compiling():
-            y = int8_matvec(x2, self.codes, self.scales).to(x.dtype)
+        if x2.shape[0] > DECODE_ROWS:
+            y = self.dequantized_matmul(x2)  # autograd sees a plain matmul by a constant
+        elif x2.requires_grad:
+            y = _KernelMatmul.apply(x2, self)
         else:
-            y = self.int8_matmul(x2)
+            y = self.kernel_matmul(x2)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
 
-    def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N): dequantize ``INT8_ROWS`` output rows at a time and multiply in x's dtype.
+    def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N) in x's dtype through the packed kernel (which computes in bf16)."""
+        xb = x.to(torch.bfloat16)
+        if self.planes == 2:
+            xb = torch.cat([xb, xb], dim=-1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
+        return y[:, : self.out_features].to(x.dtype)
+
+    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N): ``DEQUANT_ROWS`` output rows at a time dequantized and multiplied in x's dtype.
 
         The slices bound the float copy (a 49k-token head would be 113 MB at once) and stay in cache.
         """
-        y = x.new_empty(x.shape[0], self.out_features)
-        for start in range(0, self.out_features, INT8_ROWS):
-            rows = slice(start, start + INT8_ROWS)
-            codes, scales = self.codes[rows], self.scales[rows]
-            w = codes.view(codes.shape[0], -1, GROUP).to(x.dtype) * scales.to(x.dtype)[..., None]
-            y[:, rows] = x @ w.view(codes.shape[0], self.in_features).T
-        return y
+        parts = [
+            x @ self.dequantize_rows(start, min(start + DEQUANT_ROWS, self.out_features)).to(x.dtype).T
+            for start in range(0, self.out_features, DEQUANT_ROWS)
+        ]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N) in x's dtype; the kernel computes in bf16."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
-        )
-        return y.to(x.dtype)
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the weight as float32 (start a multiple of 64): what the kernel computes with."""
+        width = self.planes * self.in_features
+        codes = unpack_codes(self.packed, width, start, stop, self.layout)
+        return dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as a float32 (N, K) matrix: what the packed matmul computes with."""
+        return self.dequantize_rows(0, self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         # model.to(dtype) converts every floating buffer; packed scales keep the type their kernel reads.
@@ -242,36 +325,27 @@ class PackedLinear(nn.Module):
         return self
 
     def unpacked(self) -> QuantizedWeight:
-        """The integer codes and scales back (for export and tests)."""
-        if self.kind == "int8":
-            return QuantizedWeight("int8", self.codes, self.scales)
-        K = self.in_features
-        # The kernel with scale 1 and zero 0 returns (q - 8) for an identity input: small integers, exact in bf16.
-        unit = torch.zeros(K // GROUP, self.out_features, 2, dtype=torch.bfloat16)
-        unit[..., 0] = 1
-        eye = torch.eye(K, dtype=torch.bfloat16)
-        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, unit).T + 8  # (N, K)
-        scales, zeros = self.scales_zeros.float().unbind(-1)
-        return QuantizedWeight("int4", codes.to(torch.uint8), scales.T.contiguous(), zeros.T.contiguous())
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight as a float32 (N, K) matrix: what the packed matmul computes with."""
-        return self.unpacked().dequantize()
+        """The integer codes, scales and zeros back (for export and tests)."""
+        K, N = self.in_features, self.out_features
+        codes = unpack_codes(self.packed, self.planes * K, 0, N, self.layout)
+        scales, zeros = (t.T.contiguous() for t in self.scales_zeros[:, :N].float().unbind(-1))
+        if self.kind == "int4":
+            return QuantizedWeight("int4", codes, scales, zeros)
+        q = 16 * (codes[:, :K].to(torch.int16) - 8) + codes[:, K:]
+        return QuantizedWeight("int8", q.to(torch.int8), scales[:, K // GROUP :].contiguous())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
 
 
 class PackedEmbedding(nn.Module):
-    """An embedding table stored as int8 groups: the lookup dequantizes only the rows it reads.
+    """An embedding table kept packed: the lookup unpacks and dequantizes only the rows it reads.
 
-    Shares its codes with the output head when the model ties them (SmolLM2, Qwen2.5-0.5B).
+    Shares its buffers with the output head when the model ties them (SmolLM2, Qwen2.5-0.5B).
     """
 
     def __init__(self, head: PackedLinear) -> None:
         super().__init__()
-        if head.kind != "int8":
-            raise UnsupportedError("a packed embedding table is int8", hint="pack the table as int8")
         self._head = (head,)  # a tuple: the head stays one module of the model, not registered twice
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         # Empty; model.to(dtype) converts it, so lookups return the model's activation type like nn.Embedding.
@@ -279,9 +353,10 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self._head[0]
-        rows = head.codes[idx].float().unflatten(-1, (-1, GROUP))  # (..., G, 32)
-        out = (rows * head.scales[idx].float()[..., None]).flatten(-2)  # (..., C)
-        return out.to(self.dtype_probe.dtype)
+        rows = idx.reshape(-1)
+        codes = gather_codes(head.packed, head.planes * head.in_features, rows, head.layout)
+        out = dequantize_planes(codes, head.scales_zeros[:, rows], head.planes)  # (R, C)
+        return out.view(*idx.shape, self.embedding_dim).to(self.dtype_probe.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -327,19 +402,14 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def packing_plan(model: nn.Module, kind: Kind) -> dict[str, Kind]:
     """The kind ``quantize_model`` gives each layer it packs (also read by sizing, on a meta-device shell)."""
-    return {
-        name: "int8"
-        if name == "lm_head" or not int4_fits(model.get_submodule(name).weight.shape[0])
-        else kind
-        for name in linear_names(model)
-    }
+    return {name: "int8" if name == "lm_head" else kind for name in linear_names(model)}
 
 
 def quantize_model(model: nn.Module, kind: Kind) -> nn.Module:
     """Pack a float model's linear layers as ``kind`` (the head and a tied embedding table as int8).
 
     int4 keeps the head at int8, as llama.cpp's Q4 files keep their output tensor at 6 to 8 bits: it decides
-    every token, and its error shows first. A layer whose outputs the int4 kernel cannot tile is int8 too.
+    every token, and its error shows first.
     """
     weights = {
         name: quantize_weight(model.get_submodule(name).weight, layer_kind)

@@ -22,7 +22,7 @@ from lmforge.config import Config
 from lmforge.errors import ModelFormatError, UnsupportedError
 from lmforge.formats.gguf_quants import PACKED_TYPES, block_codes, dequantize, tensor_nbytes
 from lmforge.formats.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
-from lmforge.quant import Kind, PackedLinear, QuantizedWeight, int4_fits, quantize_weight
+from lmforge.quant import Kind, PackedLinear, QuantizedWeight, quantize_weight
 from lmforge.tokenizer import Tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -262,13 +262,6 @@ def nearest_kind(qtype: gguf.GGMLQuantizationType) -> Kind | None:
 def packed_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
     """The kind a GGUF tensor is packed as under ``quant``, or None to load it as floats (``state_dict``'s rule,
     which sizing reads too)."""
-    kind = _wanted_kind(tensor, config, quant)
-    if kind == "int4" and not int4_fits(tensor.shape[0]):
-        return "int8"  # the int4 kernel cannot tile these rows; int8 holds a 4-bit block's values as well
-    return kind
-
-
-def _wanted_kind(tensor: TensorInfo, config: Config, quant: str) -> Kind | None:
     top, _, field = tensor.name.rpartition(".")
     if quant == "none" or field != "weight" or len(tensor.shape) != 2 or "norm" in top:
         return None

@@ -1,7 +1,7 @@
 """How a model's weights are held once loaded, and what loading holds on top, by the loader's own rules.
 
 ``LLM.load(quant=...)`` keeps linear layers packed (``lmforge.quant``): int4 at half a byte a weight + 1/8 byte
-of bf16 scales and zeros, int8 at one byte + 1/8 byte of fp32 scales, a tied embedding table and head as one
+of bf16 scales and zeros, int8 as two such planes (1.25 bytes a weight), a tied embedding table and head as one
 int8 table. Which layers are packed how is read from the same functions the loader runs:
 ``formats.gguf.packed_kind`` per tensor of a GGUF file (``quant="auto"``: Q4_0/Q4_1 stay int4, Q8_0 int8) and
 ``quant.packing_plan`` for a folder packed on load; everything else is held in the dtype.
@@ -22,7 +22,15 @@ from lmforge.formats.gguf import nearest_kind, packed_kind
 from lmforge.formats.gguf_quants import PACKED_TYPES, SUPPORTED_TYPES
 from lmforge.info import ModelHeader
 from lmforge.model import Transformer
-from lmforge.quant import GROUP, QUANT_CHOICES, Kind, packing_plan
+from lmforge.quant import (
+    DEQUANT_ROWS,
+    GROUP,
+    KERNEL_ROWS,
+    PACKED_BYTES_PER_GROUP,
+    QUANT_CHOICES,
+    Kind,
+    packing_plan,
+)
 from lmforge.sizing.units import Component, format_size
 
 FP32 = 4
@@ -72,20 +80,26 @@ def load_quant(quant: str | None, *, dtype: str, training: bool) -> str:
 
 
 def packed_bytes(kind: Kind, out_features: int, in_features: int) -> int:
-    """Bytes of one packed (N, K) layer's buffers (``PackedLinear.weight_bytes`` without a bias): int4 packs two
-    codes a byte plus a bf16 scale and zero per group of 32; int8 one code a byte plus an fp32 scale per group."""
-    groups = out_features * (in_features // GROUP)
-    if kind == "int4":
-        return out_features * in_features // 2 + groups * 2 * 2
-    return out_features * in_features + groups * 4
+    """Bytes of one packed (N, K) layer's buffers (``PackedLinear.weight_bytes`` without a bias): per group of 32
+    values and 4-bit plane (int4 one, int8 two), 16 bytes of codes and a bf16 scale and zero; rows padded to
+    the kernel's tile."""
+    rows = -(-out_features // KERNEL_ROWS) * KERNEL_ROWS
+    return rows * (in_features // GROUP) * PACKED_BYTES_PER_GROUP[kind]
 
 
-# Bytes per weight that converting one tensor holds for a moment while a model is packed on load (the largest
-# tensor sets it): its codes (1), and for int4 their int32 copy the packing kernel reads (4); requantizing a
-# float tensor adds the rounding's float32 temporaries (4; measured: SmolLM2's 49k x 384 head quantized from
-# a float32 folder held ~5.5 bytes a weight at once).
-_CONVERT_EXACT: dict[str, int] = {"int8": 1, "int4": 5}
+# Bytes that converting one tensor holds for a moment while a model is packed on load (the largest tensor sets
+# it): per weight of the tensor, its codes (1) and the packed chunks before they are joined (the kind's packed
+# size); per weight of one DEQUANT_ROWS-row chunk, its int32 planes and their temporaries (int4 4 + 4, int8
+# 3 * 4 + 2 * 4); requantizing a float tensor adds the rounding's float32 temporaries per weight (4; measured:
+# SmolLM2's 49k x 384 head quantized from a float32 folder held ~5.5 bytes a weight at once).
+_CONVERT_CHUNK: dict[str, int] = {"int8": 20, "int4": 8}
 _CONVERT_REQUANTIZED = 4
+
+
+def conversion_bytes(kind: Kind, rows: int, columns: int, exact: bool) -> int:
+    """Bytes packing one (rows, columns) tensor holds at once, beyond the packed layer it leaves."""
+    whole = rows * columns * (1 + (0 if exact else _CONVERT_REQUANTIZED)) + packed_bytes(kind, rows, columns)
+    return whole + min(rows, DEQUANT_ROWS) * columns * _CONVERT_CHUNK[kind]
 
 
 @dataclass
@@ -127,8 +141,7 @@ def held_weights(header: ModelHeader, net: nn.Module, *, quant: str, width: int)
         n, so_far = packed.get(kind, (0, 0))
         packed[kind] = (n + 1, so_far + size)
         total += size
-        per_weight = _CONVERT_EXACT[kind] + (0 if exact else _CONVERT_REQUANTIZED)
-        largest = max(largest, rows * columns * per_weight)
+        largest = max(largest, conversion_bytes(kind, rows, columns, exact))
 
     if header.kind == "gguf":
         types = ", ".join(f"{name} x{n}" for name, n in header.weight_types.most_common())
