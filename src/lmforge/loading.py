@@ -34,7 +34,7 @@ from lmforge.formats.folder import atomic_write_folder, load_model_folder, model
 from lmforge.formats.gguf import GGUFFile
 from lmforge.formats.peft import has_adapter, load_adapter
 from lmforge.generate import Completion, SamplingParams, complete
-from lmforge.model import Network, Transformer
+from lmforge.model import Network, Transformer, shell_device
 from lmforge.quant import (
     PackedLinear,
     QuantizedWeight,
@@ -234,7 +234,7 @@ def build_network(config: Config) -> Network:
 
 def _complete_state(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
     """Check a loaded state dict against the config; add the tied head the files leave out."""
-    with torch.device("meta"):
+    with shell_device():
         expected = build_network(config).state_dict()
     if config.tie_embeddings:
         state = {**state, "lm_head.weight": state.get("wte.weight")}
@@ -269,7 +269,7 @@ def build_from_state(
     is_packed = (QuantizedWeight, PackedLinear)
     packed = {k.removesuffix(".weight"): v for k, v in state.items() if isinstance(v, is_packed)}
     floats = {k: v for k, v in state.items() if not isinstance(v, is_packed)}
-    with torch.device("meta"):
+    with shell_device():
         model = build_network(config)
     model.load_state_dict(floats, strict=not packed, assign=True)
     if isinstance(model, Transformer):

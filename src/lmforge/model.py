@@ -11,7 +11,9 @@ A ``SlotKVCache`` instead gives every row its own length and position, for conti
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,37 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Config
+
+_INITIALISERS = (
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "zeros_",
+    "ones_",
+)
+
+
+@contextlib.contextmanager
+def shell_device() -> Iterator[None]:
+    """Build modules on the meta device, shapes only, without running their initialisers.
+
+    For networks whose weights are loaded next. On the meta device torch runs ``nn.init``'s initialisers through
+    its Python reference implementations, and the first one imports ``torch._dynamo`` (about 30 MiB resident in
+    a process that only decodes, measured); like transformers' ``no_init_weights``, the initialisers are no-ops
+    while the block runs (module-wide: shells are built one at a time).
+    """
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
 
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, masked prompts)
 

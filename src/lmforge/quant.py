@@ -226,8 +226,10 @@ class _KernelMatmul(torch.autograd.Function):
 class PackedLinear(nn.Module):
     """``nn.Linear`` with an int4 or int8 weight that stays packed; same call, same output shape and dtype.
 
-    Buffers: ``packed`` (N', P*K/2) uint8 in the kernel's layout and ``scales_zeros`` (P*K/32, N', 2) bf16,
-    with P planes (1 for int4, 2 for int8) and N' the rows padded to ``KERNEL_ROWS``.
+    Buffers: ``packed`` (N', P*K/2) uint8 in the kernel's layout and ``scale_bits`` (P*K/32, N', 2): the bf16
+    scales and zeros stored as int16 bits, so that ``model.to(dtype)`` leaves them alone (it converts floating
+    buffers only; a round trip through float32 cost a copy of every layer's scales). P is the number of planes
+    (1 for int4, 2 for int8), N' the rows padded to ``KERNEL_ROWS``.
     """
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
@@ -254,7 +256,7 @@ class PackedLinear(nn.Module):
                 torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
             )  # (P*K/32, rows, 2)
         self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0])
-        self.register_buffer("scales_zeros", torch.cat(scales_zeros, dim=1).contiguous())
+        self.register_buffer("scale_bits", torch.cat(scales_zeros, dim=1).contiguous().view(torch.int16))
         # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
         self.register_buffer("bias", bias.detach() if bias is not None else None)
 
@@ -271,6 +273,11 @@ class PackedLinear(nn.Module):
     @property
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def scales_zeros(self) -> torch.Tensor:
+        """(P*K/32, N', 2) bf16: each group's scale and zero, as the kernel reads them."""
+        return self.scale_bits.view(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -313,16 +320,6 @@ class PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as a float32 (N, K) matrix: what the packed matmul computes with."""
         return self.dequantize_rows(0, self.out_features)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # model.to(dtype) converts every floating buffer; packed scales keep the type their kernel reads.
-        kept = {name: b.dtype for name, b in self._buffers.items() if b is not None and name != "bias"}
-        super()._apply(fn, recurse)
-        for name, dtype in kept.items():
-            buffer = self._buffers[name]
-            if buffer is not None and buffer.dtype != dtype:
-                self._buffers[name] = buffer.to(dtype)
-        return self
 
     def unpacked(self) -> QuantizedWeight:
         """The integer codes, scales and zeros back (for export and tests)."""

@@ -36,7 +36,7 @@ from lmforge.config import Config
 from lmforge.generate import SamplingParams, generate_tokens
 from lmforge.loading import LoadedModel
 from lmforge.lora import LoRAConfig
-from lmforge.model import Transformer
+from lmforge.model import Transformer, shell_device
 from lmforge.quant import QUANT_CHOICES
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig, Trainer, make_optimizer
@@ -92,10 +92,8 @@ PROBE = Config(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64)  #
 
 def _tiny_model() -> Transformer:
     config = PROBE
-    with torch.device("meta"):
-        Transformer(
-            config
-        )  # LoadedModel.load builds on the meta device first; torch imports its tracing stack
+    with shell_device():  # as LoadedModel.load builds first: whatever that imports, the probe imports too
+        Transformer(config)
     return Transformer(config).eval()
 
 

@@ -38,7 +38,7 @@ from lmforge.generate import CACHE_BUCKET, PREFILL_CHUNK, cache_length
 from lmforge.info import ModelHeader
 from lmforge.loading import build_network
 from lmforge.lora import LoRAConfig
-from lmforge.model import Network
+from lmforge.model import Network, shell_device
 from lmforge.sizing.measure import PROBE, compile_overhead, runtime_baseline
 from lmforge.sizing.units import Component, MiB, format_size
 from lmforge.sizing.weights import held_weights, load_transient
@@ -132,7 +132,7 @@ def model_shell(
             hint="size it with --task embed (inference)",
         )
     config = config.replace(extra=dict(config.extra))  # inject_lora records itself in the config
-    with torch.device("meta"):
+    with shell_device():
         net = build_network(config)
         if task == "classify":
             net.score = nn.Linear(config.n_embd, num_labels, bias=False)
