@@ -20,8 +20,9 @@ rename, so a killed import leaves at most unreferenced blobs and temp files, nev
 the store-wide lock (concurrent imports run one after the other); readers take none. Every blob is re-hashed
 when a model is opened, so a damaged file is a one-line error instead of wrong outputs.
 
-Why one module of ~600 lines: crash safety rests on every writer (put, cp, tag, rm, gc, add_metrics) sharing
-one lock and one blob-then-manifest order; keeping them in one class keeps that discipline visible.
+Why one module of ~730 lines: crash safety rests on every writer (put, cp, tag, rm, gc, add_metrics) sharing
+one lock, one blob-then-manifest order and one rule about links; keeping them in one class keeps that
+discipline visible.
 
 The stored ``README.md`` is generated from the manifest (``formats.folder.model_card``) and is not part of a
 model's identity: ``id`` hashes the other files, so adding eval results to a model does not make it a new one.
