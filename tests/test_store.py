@@ -330,6 +330,10 @@ def test_rm_and_cp_refuse_links_planted_in_manifests_and_touch_nothing_outside(
     err = one_line_error(capsys, main(["rm", "evil:x"]))
     assert f"{home / 'manifests' / 'evil'} is a symbolic link" in err
     one_line_error(capsys, main(["cp", "ok:v1", "evil:y"]))
+    blobs = blob_names(home)
+    with pytest.raises(LmforgeError, match="symbolic link"):
+        store.put(models[1], "evil:z")
+    assert blob_names(home) == blobs  # refused before anything was copied
     assert [p.name for p in victim.iterdir()] == ["x.json"]
     assert (victim / "x.json").read_text(encoding="utf-8") == "保留 keep me"
     # A linked manifest file is refused as well: the link and what it points to stay.

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmforge.train.checkpoint as checkpoint
+import lmforge.train.loop as loop
 from lmforge import LmforgeError
 from lmforge.cli import main
 from lmforge.data import TokenShards
@@ -153,6 +154,24 @@ def test_disk_full_is_one_line_at_the_cli_and_resume_finishes_the_run(
     assert main([*args, "--resume"]) == 0
     assert [r["step"] for r in csv_rows(run)] == ["1", "2", "3", "4"]
     assert_checkpoint_loads(run / "checkpoints" / "step-000004", 4)
+
+
+def test_disk_full_writing_the_final_model_keeps_the_run_resumable(
+    shards: TokenShards, tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict
+) -> None:
+    def full_disk(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop, "write_model_files", full_disk)  # the final model/ only, not the checkpoints
+    with pytest.raises(LmforgeError) as err:
+        quick_trainer(tmp_path, shards, tok, max_steps=STEPS).fit()
+    assert err.value.message == f"could not save to {tmp_path / 'model'}: No space left on device"
+    last = tmp_path / "checkpoints" / f"step-00000{STEPS}"
+    assert f"`--resume` continues from {last}" in (err.value.hint or "")
+    assert not (tmp_path / "model").exists()
+    monkeypatch.undo()
+    assert quick_trainer(tmp_path, shards, tok, max_steps=STEPS).fit(resume=True).losses == []
+    assert_same_weights(tmp_path, reference)
 
 
 # ------------------------------------------------------------------ NaN / Inf

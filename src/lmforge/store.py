@@ -483,6 +483,7 @@ class Store:
         pooling in ``1_Pooling/``); ``README.md`` is regenerated from the manifest.
         """
         ref = parse_ref(name)
+        self._manifest_path(ref)  # a planted link where the manifest goes fails before anything is copied
         folder = Path(folder)
         if not folder.is_dir():
             raise LmforgeError(f"{folder}: no such model folder", hint="check the path")

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -178,7 +178,7 @@ class TrainResult:
     best_val_loss: float | None
     seconds: float
     model_dir: Path
-    losses: list[float] = field(default_factory=list)  # per step, for this process's run only (nan: skipped)
+    losses: list[float] = field(default_factory=list)  # per step, for this process's run only (skipped too)
     skipped: list[int] = field(default_factory=list)  # steps skipped for a NaN/Inf loss or gradient
 
 
@@ -316,10 +316,11 @@ class Trainer:
                 **self.objective.describe(),
                 "steps": cfg.max_steps,
             }
-            atomic_write_folder(
-                model_dir,
-                lambda tmp: write_model_files(tmp, model.config, state, self.tokenizer),
-            )
+            with self._resumable():
+                atomic_write_folder(
+                    model_dir,
+                    lambda tmp: write_model_files(tmp, model.config, state, self.tokenizer),
+                )
             metrics.plot()
         metrics.close()
         distributed.barrier(info)
@@ -477,7 +478,7 @@ class Trainer:
                 "train_config": dataclasses.asdict(self.config),
                 "world_size": info.world_size,
             }
-            try:
+            with self._resumable():
                 checkpoint.save_checkpoint(
                     folder,
                     model_state=model_state,
@@ -486,11 +487,17 @@ class Trainer:
                     optimizer_state=optim_state,
                     trainer_state=trainer_state,
                 )
-            except LmforgeError as e:  # a full disk: the previous checkpoints are intact, say where to go on
-                raise LmforgeError(e.message, hint=f"{e.hint}; {self._resume_hint()}") from None
             if name is None:
                 checkpoint.prune(self.run_dir, self.config.keep_last)
         distributed.barrier(info)
+
+    @contextlib.contextmanager
+    def _resumable(self) -> Iterator[None]:
+        """A failed save (a full disk) left the earlier checkpoints intact: its error says where to go on."""
+        try:
+            yield
+        except LmforgeError as e:
+            raise LmforgeError(e.message, hint=f"{e.hint}; {self._resume_hint()}") from None
 
     def _resume_hint(self) -> str:
         """Where ``--resume`` would continue, for the errors that stop a run."""
