@@ -391,7 +391,8 @@ class Store:
         found: list[tuple[str, Path | None]] = []
         for top, folders, names in os.walk(self.manifests):  # never descends into linked folders
             rel = Path(top).relative_to(self.manifests).as_posix()
-            prefix = "" if rel == "." else f"{rel}/"
+            rel = "" if rel == "." else rel  # a stray file right in manifests/ has no name: ":tag"
+            prefix = f"{rel}/" if rel else ""
             found += [(f"{prefix}{d}:*", None) for d in folders if (Path(top) / d).is_symlink()]
             for name in names:
                 path = Path(top) / name
