@@ -433,7 +433,10 @@ def test_verify_checks_snapshot_links_and_loading_repairs_them(home, models, tmp
     where = f"snapshots/{snapshot.name}/model.safetensors"
     assert not report.ok and list(report.bad_links) == [where] and not (report.missing or report.corrupt)
     assert "not to its blob sha256-" in report.bad_links[where]
-    one_line_error(capsys, main(["verify"]))
+    assert main(["verify"]) == 2
+    printed = capsys.readouterr()
+    assert f"bad snapshot link: {where} points to ../../blobs/{other}, not to its blob" in printed.out
+    assert printed.err.startswith("error: the model store has 1 problem(s)")
     # Loading checks where the links point and rebuilds the snapshot: a's own weights, not b's.
     assert torch.equal(logits(LLM.load("a:v1")), logits(LLM.load(models[0], dtype="float32", device="cpu")))
     assert store.verify().ok
