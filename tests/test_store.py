@@ -315,3 +315,137 @@ def test_sigkill_during_import_leaves_no_entry_and_a_clean_store(home, models):
     cleaned = store.gc()
     assert cleaned.temp == 1 and cleaned.blobs == 0
     assert store.verify().ok and store.verify().temp == 0
+
+
+# ------------------------------------------------------------------ links and permissions
+def test_rm_and_cp_refuse_links_planted_in_manifests_and_touch_nothing_outside(
+    home, models, tmp_path, capsys
+):
+    store = Store()
+    store.put(models[0], "ok:v1")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x.json").write_text("保留 keep me", encoding="utf-8")
+    (home / "manifests" / "evil").symlink_to(victim, target_is_directory=True)
+    err = one_line_error(capsys, main(["rm", "evil:x"]))
+    assert f"{home / 'manifests' / 'evil'} is a symbolic link" in err
+    one_line_error(capsys, main(["cp", "ok:v1", "evil:y"]))
+    blobs = blob_names(home)
+    with pytest.raises(LmforgeError, match="symbolic link"):
+        store.put(models[1], "evil:z")
+    assert blob_names(home) == blobs  # refused before anything was copied
+    assert [p.name for p in victim.iterdir()] == ["x.json"]
+    assert (victim / "x.json").read_text(encoding="utf-8") == "保留 keep me"
+    # A linked manifest file is refused as well: the link and what it points to stay.
+    secret = tmp_path / "secret.json"
+    secret.write_text((home / "manifests" / "ok" / "v1.json").read_text(encoding="utf-8"), encoding="utf-8")
+    planted = home / "manifests" / "ok" / "v2.json"
+    planted.symlink_to(secret)
+    assert "is a symbolic link" in one_line_error(capsys, main(["rm", "ok:v2"]))
+    assert planted.is_symlink() and secret.is_file()
+    with pytest.raises(LmforgeError, match="symbolic link"):
+        store.get("ok:v2")
+    # verify names both links; list shows the one real entry; gc will not guess what they need.
+    report = store.verify()
+    assert not report.ok and report.damaged == ["evil:*", "ok:v2"]
+    assert [f"{m['name']}:{m['tag']}" for m in store.list_models()] == ["ok:v1"]
+    with pytest.raises(LmforgeError, match="damaged"):
+        store.gc()
+    assert [p.name for p in victim.iterdir()] == ["x.json"] and secret.is_file()
+
+
+def test_gc_removes_links_planted_in_blobs_snapshots_and_tmp_never_their_targets(home, models, tmp_path):
+    store = Store()
+    store.put(models[0], "ok:v1")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.bin").write_bytes(b"\x00" * 100)
+    for planted in (home / "tmp" / "dir-link", home / "snapshots" / ("0" * 64)):
+        planted.symlink_to(victim, target_is_directory=True)
+    fake_blob = home / "blobs" / f"sha256-{'1' * 64}"
+    fake_blob.symlink_to(victim / "data.bin")
+    assert not store.verify().ok  # a linked blob is never read through
+    report = store.gc()
+    assert (report.blobs, report.snapshots, report.temp) == (1, 1, 1)
+    assert (victim / "data.bin").read_bytes() == b"\x00" * 100
+    assert not fake_blob.is_symlink() and store.verify().ok
+    # A whole store folder replaced by a link is refused before anything is written.
+    shutil.rmtree(home / "tmp")
+    (home / "tmp").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(LmforgeError, match="symbolic link"):
+        store.put(models[1], "other:v1")
+    assert [p.name for p in victim.iterdir()] == ["data.bin"]
+
+
+def test_import_refuses_links_in_the_folder_and_keeps_private_files_private(home, models, tmp_path, capsys):
+    store = Store()
+    folder = Path(shutil.copytree(models[0], tmp_path / "model"))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("秘密 secret", encoding="utf-8")
+    (folder / "notes.txt").symlink_to(outside)
+    with pytest.raises(LmforgeError) as caught:
+        store.put(folder, "linked")
+    assert f"{folder / 'notes.txt'} is a symbolic link (to {outside})" in caught.value.message
+    assert "cp -L" in (caught.value.hint or "")
+    (folder / "notes.txt").unlink()
+    (folder / "extra").symlink_to(tmp_path, target_is_directory=True)  # a linked folder, too
+    err = one_line_error(capsys, main(["import", str(folder), "--name", "linked"]))
+    assert "extra is a symbolic link" in err
+    assert not store.has("linked") and not any(home.rglob("sha256-*"))
+    (folder / "extra").unlink()
+
+    old_umask = os.umask(0o022)
+    try:
+        (folder / "model.safetensors").chmod(0o600)
+        manifest = store.put(folder, "private")
+        mode = {
+            name: (home / "blobs" / e["digest"].replace(":", "-")).stat().st_mode & 0o777
+            for name, e in manifest["files"].items()
+        }
+        assert mode["model.safetensors"] == 0o600 and mode["config.json"] == 0o644
+        store.put(models[0], "public")  # the same weights from a readable file: the blob stays private
+        assert mode == {
+            name: (home / "blobs" / e["digest"].replace(":", "-")).stat().st_mode & 0o777
+            for name, e in manifest["files"].items()
+        }
+        os.umask(0o077)
+        (folder / "added.json").write_text('{"说明": "new"}', encoding="utf-8")
+        added = store.put(folder, "umask")["files"]["added.json"]["digest"]
+        assert (home / "blobs" / added.replace(":", "-")).stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)
+    # A store entry is a folder of links by design: importing it under a new name still works.
+    import_model("private", "copy:v1", store=store)
+    assert store.get("copy:v1")["files"]["model.safetensors"] == manifest["files"]["model.safetensors"]
+
+
+def test_verify_checks_snapshot_links_and_loading_repairs_them(home, models, tmp_path, capsys):
+    store = Store()
+    store.put(models[0], "a:v1")
+    other = store.put(models[1], "b:v1")["files"]["model.safetensors"]["digest"].replace(":", "-")
+    snapshot = store.open("a:v1")
+    link = snapshot / "model.safetensors"
+    link.unlink()
+    link.symlink_to(
+        Path("..", "..", "blobs", other)
+    )  # b's weights under a's name: a valid blob, the wrong one
+    report = store.verify()
+    where = f"snapshots/{snapshot.name}/model.safetensors"
+    assert not report.ok and list(report.bad_links) == [where] and not (report.missing or report.corrupt)
+    assert "not to its blob sha256-" in report.bad_links[where]
+    assert main(["verify"]) == 2
+    printed = capsys.readouterr()
+    assert f"bad snapshot link: {where} points to ../../blobs/{other}, not to its blob" in printed.out
+    assert printed.err.startswith("error: the model store has 1 problem(s)")
+    # Loading checks where the links point and rebuilds the snapshot: a's own weights, not b's.
+    assert torch.equal(logits(LLM.load("a:v1")), logits(LLM.load(models[0], dtype="float32", device="cpu")))
+    assert store.verify().ok
+    outside = tmp_path / "model.safetensors"
+    shutil.copy(models[0] / "model.safetensors", outside)
+    link.unlink()
+    link.symlink_to(outside)  # the same bytes, but outside the store
+    assert list(store.verify().bad_links) == [where]
+    (snapshot / "stray.txt").write_text("不属于这个模型", encoding="utf-8")
+    assert set(store.verify().bad_links) == {where, f"snapshots/{snapshot.name}/stray.txt"}
+    store.open("a:v1")
+    assert store.verify().ok

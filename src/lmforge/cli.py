@@ -479,11 +479,14 @@ def cmd_verify(args: argparse.Namespace) -> None:
             print(f"{label}: {digest[:19]}… used by {', '.join(refs) or 'no model'}")
     for ref in report.damaged:
         print(f"damaged manifest: {ref}")
+    for link, problem in report.bad_links.items():
+        print(f"bad snapshot link: {link} {problem}")
     if not report.ok:
-        problems = len(report.missing) + len(report.corrupt) + len(report.damaged)
+        problems = len(report.missing) + len(report.corrupt) + len(report.damaged) + len(report.bad_links)
         raise LmforgeError(
             f"the model store has {problems} problem(s)",
-            hint="re-import the models named above (`lmforge import SOURCE --name NAME:TAG`) or rm them",
+            hint="re-import the models named above (`lmforge import SOURCE --name NAME:TAG`) or rm them; "
+            "loading a model rebuilds its snapshot links",
         )
     print("ok")
 

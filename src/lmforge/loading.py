@@ -201,7 +201,9 @@ def import_model(
     kind, path = locate_model(source)
     parent = describe_source(str(path) if kind in ("gguf", "folder") else str(source), store)
     if kind != "gguf":
-        return store.put(path, name, parent=parent, description=description)
+        # A store snapshot and a hub download are folders of links by design; a user's folder may not link out.
+        follow = kind in ("store", "hub")
+        return store.put(path, name, parent=parent, description=description, follow_links=follow)
     # The store holds one format: a GGUF becomes a model folder (weights dequantized to float32).
     with tempfile.TemporaryDirectory(prefix="lmforge-import-") as tmp:
         folder = LoadedModel.load(path, dtype="float32", device="cpu").save(Path(tmp) / "model")

@@ -8,13 +8,21 @@
       lock                           held while blobs, manifests or snapshots change
       inductor/                      not the store's: torch.compile's cache (``lmforge.runtime``)
 
+Links: the store makes symbolic links only inside snapshots/<hex>/ (pointing into blobs/) and follows none
+anywhere else, so a link planted in manifests/, blobs/ or tmp/ cannot make ``rm``, ``cp`` or ``gc`` read,
+write or delete a file outside the store: such an entry is refused with one error naming the link. An imported
+folder's own links are refused too (only store snapshots and hub downloads, whose layout is links, are read
+through them). A blob is never more readable than its source file (a 0600 file stays 0600), and the user's
+umask applies on top.
+
 Crash safety: a blob is written to tmp/, fsynced and renamed into place; the manifest comes last, also by
 rename, so a killed import leaves at most unreferenced blobs and temp files, never a half entry. Writers take
 the store-wide lock (concurrent imports run one after the other); readers take none. Every blob is re-hashed
 when a model is opened, so a damaged file is a one-line error instead of wrong outputs.
 
-Why one module of ~600 lines: crash safety rests on every writer (put, cp, tag, rm, gc, add_metrics) sharing
-one lock and one blob-then-manifest order; keeping them in one class keeps that discipline visible.
+Why one module of ~730 lines: crash safety rests on every writer (put, cp, tag, rm, gc, add_metrics) sharing
+one lock, one blob-then-manifest order and one rule about links; keeping them in one class keeps that
+discipline visible.
 
 The stored ``README.md`` is generated from the manifest (``formats.folder.model_card``) and is not part of a
 model's identity: ``id`` hashes the other files, so adding eval results to a model does not make it a new one.
@@ -153,6 +161,34 @@ def _read_manifest(path: Path) -> Manifest:
     return manifest
 
 
+def _folder_files(folder: Path, follow_links: bool) -> list[Path]:
+    """The files in ``folder`` and its subfolders, sorted; a link in it is an error unless ``follow_links``."""
+    files = []
+    for top, folders, names in os.walk(folder, followlinks=follow_links):
+        for name in (*folders, *names):
+            path = Path(top) / name
+            if path.is_symlink() and not follow_links:
+                raise LmforgeError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}): only a folder's own files are "
+                    "imported, so that nothing outside it is copied into the store",
+                    hint="replace the link with a copy of what it points to (`cp -L`), or import the folder "
+                    "it belongs to",
+                )
+        files += [Path(top) / name for name in names if (Path(top) / name).is_file()]
+    return sorted(files)
+
+
+def _remove(path: Path) -> int:
+    """Delete a file, link or folder of the store without following links; returns the bytes freed."""
+    if path.is_symlink() or not path.is_dir():
+        size = path.lstat().st_size
+        path.unlink()
+        return size
+    size = sum(p.lstat().st_size for p in path.rglob("*"))
+    shutil.rmtree(path)  # rmtree removes links inside, never what they point to
+    return size
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -160,20 +196,22 @@ def _now() -> str:
 # --------------------------------------------------------------------- reports
 @dataclass
 class VerifyReport:
-    """What ``verify`` found: ``ok`` when every entry's blobs are present and hash to their names."""
+    """What ``verify`` found: ``ok`` when every entry's blobs are present and hash to their names, and every
+    snapshot link points at the blob its entry names."""
 
     entries: int = 0
     blobs: int = 0
     bytes: int = 0
     missing: dict[str, list[str]] = field(default_factory=dict)  # digest -> entries that need it
     corrupt: dict[str, list[str]] = field(default_factory=dict)
-    damaged: list[str] = field(default_factory=list)  # manifest files that cannot be read
+    damaged: list[str] = field(default_factory=list)  # manifest files that cannot be read (or are links)
+    bad_links: dict[str, str] = field(default_factory=dict)  # "snapshots/<hex>/<file>" -> what is wrong
     unreferenced: int = 0  # blobs no entry uses (``gc`` frees them)
     temp: int = 0  # leftovers of interrupted writes (``gc`` removes them)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.damaged)
+        return not (self.missing or self.corrupt or self.damaged or self.bad_links)
 
 
 @dataclass
@@ -209,6 +247,8 @@ class Store:
             ) from None
         try:
             with self._lock:
+                for folder in (self.blobs, self.manifests, self.snapshots, self.tmp):
+                    self._own(folder)
                 yield
         except Timeout:
             raise LmforgeError(
@@ -216,8 +256,24 @@ class Store:
                 hint="another lmforge process is writing to it; wait for it to finish and try again",
             ) from None
 
+    def _own(self, path: Path) -> Path:
+        """``path``, a place in the store, after checking that nothing below the root on the way is a link.
+
+        Names are validated (no "..", no "/" at the start), so without links every such path stays inside.
+        """
+        current = self.root
+        for part in path.relative_to(self.root).parts:
+            current = current / part
+            if current.is_symlink():
+                raise LmforgeError(
+                    f"{current} is a symbolic link: the model store follows no links in its own folders",
+                    hint=f"lmforge never makes one there: delete the link itself (`rm {current}`), then run "
+                    "`lmforge verify`",
+                )
+        return path
+
     def _manifest_path(self, ref: Ref) -> Path:
-        return self.manifests / ref.name / f"{ref.tag}.json"
+        return self._own(self.manifests / ref.name / f"{ref.tag}.json")
 
     def _blob_path(self, digest: str) -> Path:
         return self.blobs / digest.replace(":", "-")
@@ -230,11 +286,18 @@ class Store:
         hexdigest, size = hash_file(path)
         digest = f"sha256:{hexdigest}"
         blob = self._blob_path(digest)
-        # An existing blob is re-hashed, so that importing a model again repairs a corrupted copy.
-        if blob.is_file() and hash_file(blob) == (hexdigest, size):
+        # Never wider than the source (a 0600 key file stays private); os.open applies the umask on top.
+        mode = os.stat(path).st_mode & 0o666
+        # An existing blob is re-hashed, so that importing a model again repairs a corrupted copy (or
+        # replaces a planted link: os.replace swaps the link itself, never its target).
+        if not blob.is_symlink() and blob.is_file() and hash_file(blob) == (hexdigest, size):
+            held = blob.stat().st_mode & 0o777
+            if held & ~mode:  # the same bytes, stored before from a more readable file: narrow to both
+                os.chmod(blob, held & mode)
             return {"digest": digest, "size": size}
         temp = self._temp_path(".part")
-        with open(path, "rb") as src, open(temp, "wb") as dst:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(fd, "wb") as dst, open(path, "rb") as src:
             copied, _ = _hash_into(src, dst)
             dst.flush()
             os.fsync(dst.fileno())
@@ -255,14 +318,47 @@ class Store:
         os.replace(temp, target)
         fsync_path(target.parent)
 
+    def _link_problem(self, link: Path, digest: str) -> str | None:
+        """What is wrong with one snapshot file ``link`` that should show the blob ``digest``, or None.
+
+        Only where the link points is checked here (cheap); whether the blob's bytes hash to its name is
+        ``open``'s and ``verify``'s re-hashing.
+        """
+        blob = self._blob_path(digest)
+        if link.is_symlink():
+            target = os.path.normpath(link.parent / os.readlink(link))
+            if target != os.path.normpath(blob):
+                return f"points to {os.readlink(link)}, not to its blob {blob.name}"
+        elif not link.is_file():
+            return "is missing"
+        elif not (blob.is_file() and os.path.samefile(link, blob)):  # a hard link (no symlinks here)
+            return f"is not a link to its blob {blob.name}"
+        if blob.is_symlink() or not blob.is_file():
+            return f"points to the blob {blob.name}, which is missing"
+        return None
+
+    def _snapshot_problems(self, folder: Path, files: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+        """``snapshots/<hex>/<file>`` -> what is wrong with it, for every file that is not as ``files`` says."""
+        label = f"{folder.parent.name}/{folder.name}"
+        if folder.is_symlink() or not folder.is_dir():
+            return {label: "is not a folder of the store"}
+        present = {
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()
+        }
+        problems = {f"{label}/{name}": "is not a file of its entry" for name in sorted(present - set(files))}
+        for name, entry in files.items():
+            problem = self._link_problem(folder / name, entry["digest"])
+            if problem:
+                problems[f"{label}/{name}"] = problem
+        return problems
+
     def _snapshot(self, manifest: Manifest) -> Path:
         """The folder view of an entry: symlinks named like the files, pointing into blobs/."""
         files = manifest["files"]
         folder = self.snapshots / _digest_of(files)
 
         def complete() -> bool:
-            present = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
-            return folder.is_dir() and sorted(present) == sorted(files)
+            return not self._snapshot_problems(folder, files)
 
         if complete():
             return folder
@@ -280,20 +376,31 @@ class Store:
                     (temp / name).symlink_to(target)
                 except OSError:  # no symlinks (Windows without developer mode): hard links work as well
                     os.link(self._blob_path(entry["digest"]), temp / name)
-            if folder.exists():
-                shutil.rmtree(folder)
+            if folder.is_symlink() or folder.exists():
+                _remove(folder)
             temp.rename(folder)
         return folder
 
     def _entries(self) -> Iterator[tuple[str, Manifest | None]]:
-        """(``name:tag``, manifest or None when unreadable) for every manifest file."""
-        if not self.manifests.is_dir():
+        """(``name:tag``, manifest or None when unreadable) for every manifest file.
+
+        Links are not followed: a linked manifest, or a linked name folder (``name:*``), is unreadable.
+        """
+        if not self._own(self.manifests).is_dir():
             return
-        for path in sorted(self.manifests.rglob("*.json")):
-            rel = path.relative_to(self.manifests)
-            ref = f"{'/'.join(rel.parts[:-1])}:{path.stem}"
+        found: list[tuple[str, Path | None]] = []
+        for top, folders, names in os.walk(self.manifests):  # never descends into linked folders
+            rel = Path(top).relative_to(self.manifests).as_posix()
+            rel = "" if rel == "." else rel  # a stray file right in manifests/ has no name: ":tag"
+            prefix = f"{rel}/" if rel else ""
+            found += [(f"{prefix}{d}:*", None) for d in folders if (Path(top) / d).is_symlink()]
+            for name in names:
+                path = Path(top) / name
+                if name.endswith(".json"):
+                    found.append((f"{rel}:{name[:-5]}", None if path.is_symlink() else path))
+        for ref, path in sorted(found):
             try:
-                yield ref, _read_manifest(path)
+                yield ref, None if path is None else _read_manifest(path)
             except (OSError, ValueError):
                 yield ref, None
 
@@ -362,8 +469,13 @@ class Store:
         data: Sequence[str | Path] = (),
         metrics: Mapping[str, Any] | None = None,
         description: str = "",
+        follow_links: bool = False,
     ) -> Manifest:
         """Store a model folder as ``name[:tag]`` (replacing what that tag held) and return its manifest.
+
+        Links inside ``folder`` are refused (one error naming the first), so that nothing outside it is
+        copied into the store; ``follow_links`` reads through them, for folders whose layout is links: a
+        store snapshot or a hub download (``lmforge.loading.import_model`` says which).
 
         ``parent`` is the lineage record of where the model came from (``lmforge.loading.describe_source``
         makes one from a store name, folder, .gguf file or hub id); ``recipe`` the
@@ -372,14 +484,15 @@ class Store:
         pooling in ``1_Pooling/``); ``README.md`` is regenerated from the manifest.
         """
         ref = parse_ref(name)
+        self._manifest_path(ref)  # a planted link where the manifest goes fails before anything is copied
         folder = Path(folder)
         if not folder.is_dir():
             raise LmforgeError(f"{folder}: no such model folder", hint="check the path")
         skip = (CARD_FILE, *TRAINER_FILES)
         files = {
             p.relative_to(folder).as_posix(): p
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and _FILE.fullmatch(p.relative_to(folder).as_posix()) and p.name not in skip
+            for p in _folder_files(folder, follow_links)
+            if _FILE.fullmatch(p.relative_to(folder).as_posix()) and p.name not in skip
         }
         if CONFIG_FILE not in files:
             raise LmforgeError(f"{folder}: not a model folder (no config.json)", hint="give a model folder")
@@ -414,7 +527,9 @@ class Store:
         for filename, entry in manifest["files"].items():
             blob = self._blob_path(entry["digest"])
             problem = None
-            if not blob.is_file():
+            if blob.is_symlink():
+                problem = "is a symbolic link, not a stored file"
+            elif not blob.is_file():
                 problem = "is missing"
             elif blob.stat().st_size != entry["size"] or f"sha256:{hash_file(blob)[0]}" != entry["digest"]:
                 problem = "is corrupt (its sha256 does not match the manifest)"
@@ -501,7 +616,8 @@ class Store:
             return self._finish(ref, manifest, self._snapshot(manifest))
 
     def verify(self) -> VerifyReport:
-        """Re-hash every blob; report the missing or corrupt blobs entries need, and damaged manifests."""
+        """Re-hash every blob; report the missing or corrupt blobs entries need, damaged manifests, and
+        snapshot links that do not point at the blob their entry names."""
         report = VerifyReport()
         needed: dict[str, list[str]] = {}
         for ref, manifest in self._entries():
@@ -511,11 +627,17 @@ class Store:
             report.entries += 1
             for entry in manifest["files"].values():
                 needed.setdefault(entry["digest"], []).append(ref)
+            folder = self.snapshots / _digest_of(manifest["files"])
+            if folder.is_symlink() or folder.exists():  # none yet is fine: ``open`` makes it
+                report.bad_links.update(self._snapshot_problems(folder, manifest["files"]))
         present = sorted(self.blobs.iterdir()) if self.blobs.is_dir() else []
         for blob in present:
             digest = blob.name.replace("-", ":", 1)
-            hexdigest, size = hash_file(blob)
             report.blobs += 1
+            if blob.is_symlink():  # its bytes live outside the store: never read through it
+                report.corrupt[digest] = needed.get(digest, [])
+                continue
+            hexdigest, size = hash_file(blob)
             report.bytes += size
             if f"sha256:{hexdigest}" != digest:
                 report.corrupt[digest] = needed.get(digest, [])
@@ -541,21 +663,15 @@ class Store:
             snapshots = {_digest_of(m["files"]) for m in manifests}
             # Snapshots first: with hard links (no symlinks) they would keep removed blobs' bytes alive.
             for folder in self.snapshots.iterdir():
-                if folder.name not in snapshots:
-                    shutil.rmtree(folder)
+                if folder.name not in snapshots or folder.is_symlink():
+                    _remove(folder)
                     report.snapshots += 1
             for blob in self.blobs.iterdir():
                 if blob.name not in blobs:
-                    report.bytes_freed += blob.stat().st_size
-                    blob.unlink()
+                    report.bytes_freed += _remove(blob)
                     report.blobs += 1
             for leftover in self.tmp.iterdir():
-                if leftover.is_dir():
-                    report.bytes_freed += sum(f.lstat().st_size for f in leftover.rglob("*"))
-                    shutil.rmtree(leftover)
-                else:
-                    report.bytes_freed += leftover.stat().st_size
-                    leftover.unlink()
+                report.bytes_freed += _remove(leftover)
                 report.temp += 1
         return report
 

@@ -31,7 +31,7 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
     try:
         tmp.mkdir()
         write(tmp)
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):  # subfolders too (an encoder's 1_Pooling/)
             fsync_path(f)
         fsync_path(tmp)
         if target.exists():

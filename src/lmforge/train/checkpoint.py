@@ -113,11 +113,15 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def remove_partial(run_dir: Path) -> None:
-    """Drop temporary folders left by a save that was killed midway."""
+    """Drop temporary folders left by a save that was killed midway, and put back a folder that a killed
+    replace had moved aside (``best``): between its two renames, ``.best.old-*`` is the only copy."""
     folder = run_dir / "checkpoints"
     if folder.is_dir():
-        for child in folder.iterdir():
-            if child.name.startswith(".") and (".tmp-" in child.name or ".old-" in child.name):
+        for child in sorted(folder.iterdir()):
+            name, old, _ = child.name[1:].partition(".old-")
+            if child.name.startswith(".") and old and not (folder / name).exists():
+                child.rename(folder / name)
+            elif child.name.startswith(".") and (".tmp-" in child.name or old):
                 shutil.rmtree(child, ignore_errors=True)
 
 
@@ -135,8 +139,13 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[
         )
         rng = load_file(str(folder / RNG_FILE))
     except Exception as e:  # missing files, bad JSON, damaged safetensors: all mean the same to the user
-        raise LmforgeError(
-            f"checkpoint {folder} is damaged ({type(e).__name__}: {e})".replace("\n", " "),
-            hint=f"delete {folder} to resume from the checkpoint before it",
-        ) from None
+        raise damaged(folder, f"{type(e).__name__}: {e}") from None
     return state, optim, rng
+
+
+def damaged(folder: Path, why: str) -> LmforgeError:
+    """The error for a checkpoint folder that cannot be read back."""
+    return LmforgeError(
+        f"checkpoint {folder} is damaged ({why})".replace("\n", " "),
+        hint=f"delete {folder} to resume from the checkpoint before it",
+    )

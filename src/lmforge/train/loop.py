@@ -6,6 +6,11 @@ state) and how a batch becomes a loss. Which parameters train is decided before 
 sensible weight-decay groups, warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast,
 ``torch.compile``, activation checkpointing, DDP/FSDP, evaluation, samples, checkpoints with exact resume,
 CSV/TensorBoard/PNG metrics and a progress bar.
+
+Failures lose nothing: a NaN/Inf loss or gradient is caught before the optimizer applies it (``on_nan``: stop
+the run, or skip that step), so no checkpoint ever holds poisoned weights; a checkpoint that cannot be written
+(a full disk) leaves the previous one as it was; ``--resume`` passes over a damaged newest checkpoint to the one
+before it, with a warning naming both.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -78,6 +84,11 @@ class TrainConfig:
     fsdp: bool = _setting(False, "shard model, gradients and optimizer state across processes (FSDP)")
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N")
     progress: bool = _setting(True, "show a progress bar")
+    on_nan: Literal["stop", "skip"] = _setting(
+        "stop",
+        "a NaN/Inf loss or gradient: stop the run (resume from the last checkpoint), or skip that step "
+        "(no update of weights or optimizer state)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +101,8 @@ class TrainConfig:
             problems.append(f"precision={self.precision!r} must be fp32 or bf16")
         if self.decay not in ("cosine", "linear", "constant"):
             problems.append(f"decay={self.decay!r} must be cosine, linear or constant")
+        if self.on_nan not in ("stop", "skip"):
+            problems.append(f"on_nan={self.on_nan!r} must be stop or skip")
         if problems:
             raise LmforgeError(
                 "invalid training settings: " + "; ".join(problems), hint="fix the values named"
@@ -165,7 +178,8 @@ class TrainResult:
     best_val_loss: float | None
     seconds: float
     model_dir: Path
-    losses: list[float] = field(default_factory=list)  # per step, for this process's run only
+    losses: list[float] = field(default_factory=list)  # per step, for this process's run only (skipped too)
+    skipped: list[int] = field(default_factory=list)  # steps skipped for a NaN/Inf loss or gradient
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -241,7 +255,7 @@ class Trainer:
         wrapped = distributed.wrap(model, info, cfg.fsdp)
         # State dicts go through the wrapper: under FSDP only it knows how to gather and shard them.
         if resume:
-            start_step, best = self._resume(wrapped, optimizer)
+            start_step, best = self._resume(wrapped, optimizer, info)
         forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
         save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
@@ -249,20 +263,21 @@ class Trainer:
             total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and info.is_main), unit="step"
         )
         losses: list[float] = []
+        skipped: list[int] = []
         train_loss = val_loss = float("nan")
         started = time.perf_counter()
         model.train()
         for step in range(start_step, cfg.max_steps):
             t0 = time.perf_counter()
             lr = self._set_lr(optimizer, step)
-            train_loss, tokens = self._train_step(forward_model, wrapped, optimizer, step, info)
-            losses.append(train_loss)
-            if not math.isfinite(train_loss):
-                raise LmforgeError(
-                    f"the loss became {train_loss} at step {step + 1}",
-                    hint="lower the learning rate, or use fp32 / gradient clipping",
-                )
+            loss, tokens, problem = self._train_step(forward_model, wrapped, optimizer, step, info)
+            losses.append(loss)
             done = step + 1
+            if problem is not None:
+                self._non_finite(problem, done, info)
+                skipped.append(done)
+            else:
+                train_loss = loss
             tokens_per_s = tokens * info.world_size / (time.perf_counter() - t0)
             evaluate = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps)
             val = self._evaluate(forward_model, info) if evaluate else None
@@ -275,7 +290,7 @@ class Trainer:
             if done % cfg.log_every == 0 or val is not None:
                 metrics.log(
                     done,
-                    loss=train_loss,
+                    loss=None if problem else train_loss,
                     lr=lr,
                     tokens_per_s=tokens_per_s,
                     val_loss=val,
@@ -286,7 +301,7 @@ class Trainer:
                 self._save(wrapped, optimizer, done, best, info)
             if val is not None:
                 metrics.plot()
-            shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
+            shown = {"loss": "skipped" if problem else f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
             if cfg.eval_every > 0:
                 shown["val"] = f"{val_loss:.4f}"
             bar.set_postfix(shown, refresh=False)  # drawn with the update, at the bar's own interval
@@ -301,10 +316,11 @@ class Trainer:
                 **self.objective.describe(),
                 "steps": cfg.max_steps,
             }
-            atomic_write_folder(
-                model_dir,
-                lambda tmp: write_model_files(tmp, model.config, state, self.tokenizer),
-            )
+            with self._resumable():
+                atomic_write_folder(
+                    model_dir,
+                    lambda tmp: write_model_files(tmp, model.config, state, self.tokenizer),
+                )
             metrics.plot()
         metrics.close()
         distributed.barrier(info)
@@ -316,6 +332,7 @@ class Trainer:
             seconds=time.perf_counter() - started,
             model_dir=model_dir,
             losses=losses,
+            skipped=skipped,
         )
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -344,13 +361,16 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         step: int,
         info: distributed.DistInfo,
-    ) -> tuple[float, int]:
-        """One optimizer step; returns the mean loss and the tokens this process read (padding excluded)."""
+    ) -> tuple[float, int, str | None]:
+        """One optimizer step: the mean loss, the tokens this process read (padding excluded), and what was
+        not finite (then no update was applied: weights and optimizer state are as before), or None."""
         cfg = self.config
         total = torch.zeros((), device=info.device)
+        micro_losses = []
         tokens = 0
+        first = step * cfg.grad_accum  # the data order's number of this step's first micro-batch
         for micro in range(cfg.grad_accum):
-            batch = self.objective.train_batch(step * cfg.grad_accum + micro, info.rank, info.world_size)
+            batch = self.objective.train_batch(first + micro, info.rank, info.world_size)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             batch = {k: v.to(info.device) for k, v in batch.items()}
@@ -361,14 +381,43 @@ class Trainer:
                 loss = self.objective.loss(forward_model, batch) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
-        if cfg.grad_clip > 0:
-            if isinstance(wrapped, nn.Module) and hasattr(wrapped, "clip_grad_norm_"):
-                wrapped.clip_grad_norm_(cfg.grad_clip)  # FSDP clips over all shards
-            else:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        optimizer.step()
+            micro_losses.append(loss.detach())
+        # The norm is wanted even without clipping, to catch an Inf/NaN gradient behind a finite loss; a
+        # max_norm of inf scales by exactly 1.0, which leaves every finite gradient as it was.
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        if isinstance(wrapped, nn.Module) and hasattr(wrapped, "clip_grad_norm_"):
+            norm = wrapped.clip_grad_norm_(max_norm)  # FSDP: over all shards, the same on every rank
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        mean = distributed.mean_across(total, info)  # every rank sees the same loss and norm: one decision
+        problem, bad = None, []
+        if not math.isfinite(mean):
+            problem = f"non-finite loss ({mean})"
+            losses = torch.stack(micro_losses).tolist()
+            bad = [first + i for i, x in enumerate(losses) if not math.isfinite(x)]
+        elif not math.isfinite(float(norm)):
+            problem = f"non-finite gradient norm ({float(norm)})"
+        if problem is None:
+            optimizer.step()
+        else:  # the batch that gave it when this process saw one, else all of the step's
+            bad = bad[:1] or list(range(first, first + cfg.grad_accum))
+            problem += f" in batch {bad[0]}" if len(bad) == 1 else f" in batches {bad[0]}-{bad[-1]}"
         optimizer.zero_grad(set_to_none=True)
-        return distributed.mean_across(total, info), tokens
+        return mean, tokens, problem
+
+    def _non_finite(self, problem: str, step: int, info: distributed.DistInfo) -> None:
+        """Stop (the default) or, with ``on_nan: skip``, warn and go on: the step's update was not applied."""
+        where = f"{problem} at step {step}"
+        if self.config.on_nan == "stop":
+            raise LmforgeError(
+                f"{where}: the run stopped without applying it",
+                hint=f"{self._resume_hint()}; lower the learning rate, use fp32 or gradient clipping, or pass "
+                "--on-nan skip to skip such steps",
+            )
+        if info.is_main:
+            tqdm.write(
+                f"warning: {where}: step skipped (weights and optimizer state unchanged)", file=sys.stderr
+            )
 
     @torch.no_grad()
     def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> float:
@@ -429,34 +478,61 @@ class Trainer:
                 "train_config": dataclasses.asdict(self.config),
                 "world_size": info.world_size,
             }
-            checkpoint.save_checkpoint(
-                folder,
-                model_state=model_state,
-                config=self.model.config,
-                tokenizer=self.tokenizer,
-                optimizer_state=optim_state,
-                trainer_state=trainer_state,
-            )
+            with self._resumable():
+                checkpoint.save_checkpoint(
+                    folder,
+                    model_state=model_state,
+                    config=self.model.config,
+                    tokenizer=self.tokenizer,
+                    optimizer_state=optim_state,
+                    trainer_state=trainer_state,
+                )
             if name is None:
                 checkpoint.prune(self.run_dir, self.config.keep_last)
         distributed.barrier(info)
 
-    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float | None]:
+    @contextlib.contextmanager
+    def _resumable(self) -> Iterator[None]:
+        """A failed save (a full disk) left the earlier checkpoints intact: its error says where to go on."""
+        try:
+            yield
+        except LmforgeError as e:
+            raise LmforgeError(e.message, hint=f"{e.hint}; {self._resume_hint()}") from None
+
+    def _resume_hint(self) -> str:
+        """Where ``--resume`` would continue, for the errors that stop a run."""
+        last = checkpoint.checkpoints(self.run_dir)
+        return f"`--resume` continues from {last[-1][1]}" if last else "no checkpoint was written yet"
+
+    def _resume(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, info: distributed.DistInfo
+    ) -> tuple[int, float | None]:
         checkpoint.remove_partial(self.run_dir)
         found = checkpoint.checkpoints(self.run_dir)
         if not found:
             raise LmforgeError(
                 f"nothing to resume in {self.run_dir}: no checkpoints", hint="start without --resume"
             )
-        step, folder = found[-1]
-        trainer_state, optim_state, rng = checkpoint.read_checkpoint(folder)
-        try:
-            model_state = load_model_state(self.model, folder)
-        except LmforgeError as e:
+        # Newest first; a damaged one (truncated by a crash outside our atomic writes, a bad disk) is passed
+        # over for the one before it, so one bad file costs the steps since that one, not the run.
+        damaged: list[str] = []
+        for _, folder in reversed(found):
+            try:
+                trainer_state, optim_state, rng = checkpoint.read_checkpoint(folder)
+                try:
+                    model_state = load_model_state(self.model, folder)
+                except LmforgeError as e:
+                    raise checkpoint.damaged(folder, e.message) from None
+                break
+            except LmforgeError as e:
+                damaged.append(e.message)
+        else:
             raise LmforgeError(
-                f"checkpoint {folder} is damaged ({e.message})",
-                hint=f"delete {folder} to resume from an earlier one",
-            ) from None
+                f"every checkpoint in {self.run_dir / 'checkpoints'} is damaged; the newest: {damaged[0]}",
+                hint="start the run again without --resume, in another --out-dir",
+            )
+        if damaged and info.is_main:
+            tqdm.write(f"warning: {'; '.join(damaged)}; resuming from {folder} instead", file=sys.stderr)
         if self.model.config.tie_embeddings:
             model_state["lm_head.weight"] = model_state["wte.weight"]
         options = StateDictOptions(full_state_dict=True)
