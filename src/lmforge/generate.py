@@ -170,9 +170,9 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill forward pass: bounds its activa
 CACHE_BUCKET = 256  # static caches are sized in multiples of this (the server's slot cache grows by them)
 
 
-def cache_length(tokens: int, context: int) -> int:
-    """The static cache size for ``tokens``: rounded up to a bucket, within the context."""
-    return min(context, -(-tokens // CACHE_BUCKET) * CACHE_BUCKET)
+def cache_length(tokens: int, context: int, bucket: int = CACHE_BUCKET) -> int:
+    """The static cache size for ``tokens``: rounded up to a ``bucket`` (1: exactly), within the context."""
+    return min(context, -(-tokens // bucket) * bucket)
 
 
 COMPILED_SHAPES = 64  # compiled variants dynamo keeps of the decode step before it refuses more
@@ -282,7 +282,13 @@ def generate_tokens(
     mask = mask.to(device) if mask is not None else None
     size = ids.shape[1] + steps - 1  # the last token is sampled, never fed back
     cache = StaticKVCache(
-        model.config, len(prompts), cache_length(size, model.config.block_size), device, model.dtype
+        model.config,
+        len(prompts),
+        # buckets keep a compiled step's guards few; eager decoding sizes the cache to the request
+        cache_length(size, model.config.block_size, CACHE_BUCKET if model.compile_decode else 1),
+        device,
+        model.dtype,
+        compiled=model.compile_decode,
     )
     generator = sampling_generator(params, device)
     seen = None

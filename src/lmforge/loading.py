@@ -279,9 +279,10 @@ def build_from_state(
             packed.pop("lm_head", None)  # packed with the table it shares
             if not packed:
                 model.lm_head.weight = model.wte.weight
-        # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.
+        # Non-persistent buffers (RoPE tables) are shapes only on the meta device: build them for real.
         if model.rope is not None:
-            model.rope = type(model.rope)(config)
+            with torch.device("cpu"):
+                model.rope = type(model.rope)(config)
     if packed:
         pack_model(model, packed)
     return model.to(device=device, dtype=dtype)
@@ -340,10 +341,15 @@ class LoadedModel:
         if kind == "gguf":
             gguf_file = GGUFFile(path)
             config = gguf_file.config()
+            tokenizer = gguf_file.tokenizer()  # first: its ~20 MB of temporaries come before the weights do
+            gguf_file.drop_vocabulary()
+            runtime.trim_heap()
             state = gguf_file.state_dict(config, quant=quant)
             network = build_from_state(config, state, torch_dtype, torch_device)
             network.compile_decode = compile
-            return cls(network, gguf_file.tokenizer(), {}, display)
+            del state
+            runtime.trim_heap()  # the conversions' freed buffers
+            return cls(network, tokenizer, {}, display)
         config, state, tokenizer, generation = load_model_folder(path)
         config.extra.pop("lora", None)  # re-created below from the adapter files, if there are any
         network = build_from_state(config, state, torch_dtype, torch_device)

@@ -91,10 +91,19 @@ ACTIVATIONS = {
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embeddings (RoPE), in Hugging Face's rotate-half layout."""
+    """cos/sin tables for rotary position embeddings (RoPE), in Hugging Face's rotate-half layout.
+
+    On the meta device (``shell_device``) only their shapes: computing them there would run torch's reference
+    implementations (and import torch._dynamo); the loader builds the real tables, which no file holds.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
+        if torch.empty(0).device.type == "meta":
+            shape = (config.block_size, config.head_dim)
+            self.register_buffer("cos", torch.empty(shape), persistent=False)
+            self.register_buffer("sin", torch.empty(shape), persistent=False)
+            return
         inv_freq = rope_inverse_frequencies(config)  # (D/2,)
         positions = torch.arange(config.block_size, dtype=torch.float32)
         angles = torch.outer(positions, inv_freq)  # (block_size, D/2)
@@ -186,9 +195,19 @@ class StaticKVCache(KVCache):
     """
 
     def __init__(
-        self, config: Config, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+        self,
+        config: Config,
+        batch_size: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        compiled: bool = False,
     ) -> None:
         super().__init__(config, batch_size, max_len, device, dtype)
+        self.compiled = (
+            compiled  # for a compiled step: mark the columns dynamic (which imports torch._dynamo)
+        )
         self.key_ok = torch.zeros(
             batch_size, max_len, dtype=torch.bool, device=device
         )  # (B, L) written, real
@@ -202,7 +221,7 @@ class StaticKVCache(KVCache):
 
     def _mark_columns_dynamic(self) -> None:
         """Tell torch.compile that the column dimension varies, so a new cache length is no new graph."""
-        if self.max_len > 1:  # sizes 0 and 1 are always specialised
+        if self.compiled and self.max_len > 1:  # sizes 0 and 1 are always specialised
             for t in self.keys + self.values:
                 torch._dynamo.mark_dynamic(t, 2)
             torch._dynamo.mark_dynamic(self.key_ok, 1)
@@ -260,9 +279,16 @@ class SlotKVCache(StaticKVCache):
     """
 
     def __init__(
-        self, config: Config, slots: int, columns: int, device: torch.device, dtype: torch.dtype
+        self,
+        config: Config,
+        slots: int,
+        columns: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        compiled: bool = False,
     ) -> None:
-        super().__init__(config, slots, columns, device, dtype)
+        super().__init__(config, slots, columns, device, dtype, compiled=compiled)
         self.limit = config.block_size
         self.live.zero_()
         self.decoding = True

@@ -46,6 +46,9 @@ Kind = Literal["int8", "int4"]
 PLANES: dict[str, int] = {"int4": 1, "int8": 2}  # 4-bit planes a code is stored as
 DECODE_ROWS = 8  # inputs with at most this many rows take the packed kernel; bigger ones the dequantized GEMM
 DEQUANT_ROWS = 2048  # output rows the GEMM path dequantizes at a time (bounds the float copy of a big head)
+PACK_ROWS = (
+    512  # rows packed at a time (a whole number of the layout's blocks): ~20 bytes a weight of temporaries
+)
 KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
 PACKED_BYTES_PER_GROUP = {"int4": 16 + 4, "int8": 2 * (16 + 4)}  # codes + a bf16 scale and zero, per plane
 
@@ -243,20 +246,22 @@ class PackedLinear(nn.Module):
                 hint="load this model with quant='none'",
             )
         self.layout = kernel_layout()  # a plain tuple: a constant for torch.compile
-        packed, scales_zeros = [], []
-        # DEQUANT_ROWS rows at a time (whole blocks of the layout, which packs block by block): the int32 planes
-        # of a 49k-row head would be 17 bytes a weight at once.
-        for start in range(0, self.out_features, DEQUANT_ROWS):
-            part = weight.map_rows(lambda rows, start=start: rows[start : start + DEQUANT_ROWS].cpu())
+        rows = -(-self.out_features // KERNEL_ROWS) * KERNEL_ROWS  # padded: zero rows, sliced off the output
+        width = self.planes * self.in_features
+        packed = torch.empty(rows, width // 2, dtype=torch.uint8)
+        scales_zeros = torch.empty(width // GROUP, rows, 2, dtype=torch.bfloat16)
+        # PACK_ROWS rows at a time, into the buffers (the layout packs block by block): the int32 planes and
+        # their temporaries are ~20 bytes a weight, 570 MB for all of a 49k-row head at once.
+        for start in range(0, self.out_features, PACK_ROWS):
+            part = weight.map_rows(lambda t, start=start: t[start : start + PACK_ROWS].cpu())
             codes, scales, zeros = part.planes()
-            pad = -codes.shape[0] % KERNEL_ROWS  # zero rows, sliced off the output
+            stop = min(start + PACK_ROWS, rows)
+            pad = stop - start - codes.shape[0]
             codes, scales, zeros = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scales, zeros))
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2))
-            scales_zeros.append(
-                torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16)
-            )  # (P*K/32, rows, 2)
-        self.register_buffer("packed", torch.cat(packed) if len(packed) > 1 else packed[0])
-        self.register_buffer("scale_bits", torch.cat(scales_zeros, dim=1).contiguous().view(torch.int16))
+            packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+            scales_zeros[:, start:stop] = torch.stack([scales.T, zeros.T], dim=-1)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_bits", scales_zeros.view(torch.int16))
         # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
         self.register_buffer("bias", bias.detach() if bias is not None else None)
 

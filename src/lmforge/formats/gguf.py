@@ -188,6 +188,11 @@ class GGUFFile:
             model_max_length=self.metadata.get(f"{arch}.context_length"),
         )
 
+    def drop_vocabulary(self) -> None:
+        """Forget the tokenizer's metadata (tens of thousands of strings, ~10 MB as Python objects) once the
+        tokenizer is built: the loader packs the weights next, and the peak memory is then what stays."""
+        self.metadata = {k: v for k, v in self.metadata.items() if not k.startswith("tokenizer.")}
+
     def tensor_names(self) -> list[str]:
         return [t.name for t in self.tensors]
 
@@ -229,17 +234,14 @@ class GGUFFile:
             else:
                 array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
                 weights = quantize_weight(torch.from_numpy(array), kind)
+            # Its codes or floats are copies now (a float32 view re-reads its pages when used): drop the file's
+            # pages from this process, and with them those the kernel mapped around the tensor (read-ahead and
+            # fault-around kept ~50 MB of SmolLM2's file resident until the end otherwise).
+            self._map.madvise(mmap.MADV_DONTNEED)
             for name, value in _rename(tensor.name, weights, config, undo_permutation):
                 # Pack now: the integer codes of one tensor at a time, not of the whole model, are ever in memory.
                 out[name] = PackedLinear(value) if isinstance(value, QuantizedWeight) else value
-            self._release(tensor)
-        self._map.madvise(mmap.MADV_DONTNEED)  # pages faulted in around the tensors too
         return out
-
-    def _release(self, tensor: TensorInfo) -> None:
-        """Drop the file pages of a tensor already converted from this process's memory (they stay on disk)."""
-        start = tensor.offset - tensor.offset % mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.nbytes - start)
 
 
 # Block types without a packed layout of their own, and the packed kind with at least their precision.

@@ -273,7 +273,14 @@ class Scheduler:
             if self._closing:
                 return
             try:
-                cache = SlotKVCache(config, slots, columns, self.model.device, self.model.dtype)
+                cache = SlotKVCache(
+                    config,
+                    slots,
+                    columns,
+                    self.model.device,
+                    self.model.dtype,
+                    compiled=self.model.compile_decode,
+                )
                 step = self._step_function or decode_step_function(self.model)
                 self._step_function = step
                 step(torch.zeros(slots, 1, dtype=torch.long, device=self.model.device), cache)
@@ -394,7 +401,14 @@ class Scheduler:
         context = self.model.config.block_size
         width = column_bucket(max([*lengths, newcomer]) + 1, context)
         if cache is None:
-            self._cache = SlotKVCache(self.model.config, slots, width, self.model.device, self.model.dtype)
+            self._cache = SlotKVCache(
+                self.model.config,
+                slots,
+                width,
+                self.model.device,
+                self.model.dtype,
+                compiled=self.model.compile_decode,
+            )
             return
         if slots < cache.slots and self._prefilling:
             slots = cache.slots

@@ -23,9 +23,9 @@ from lmforge.formats.gguf_quants import PACKED_TYPES, SUPPORTED_TYPES
 from lmforge.info import ModelHeader
 from lmforge.model import Transformer
 from lmforge.quant import (
-    DEQUANT_ROWS,
     GROUP,
     KERNEL_ROWS,
+    PACK_ROWS,
     PACKED_BYTES_PER_GROUP,
     QUANT_CHOICES,
     Kind,
@@ -89,7 +89,7 @@ def packed_bytes(kind: Kind, out_features: int, in_features: int) -> int:
 
 # Bytes that converting one tensor holds for a moment while a model is packed on load (the largest tensor sets
 # it): per weight of the tensor, its codes (1) and the packed chunks before they are joined (the kind's packed
-# size); per weight of one DEQUANT_ROWS-row chunk, its int32 planes and their temporaries (int4 4 + 4, int8
+# size); per weight of one PACK_ROWS-row chunk, its int32 planes and their temporaries (int4 4 + 4, int8
 # 3 * 4 + 2 * 4); requantizing a float tensor adds the rounding's float32 temporaries per weight (4; measured:
 # SmolLM2's 49k x 384 head quantized from a float32 folder held ~5.5 bytes a weight at once).
 _CONVERT_CHUNK: dict[str, int] = {"int8": 20, "int4": 8}
@@ -99,7 +99,7 @@ _CONVERT_REQUANTIZED = 4
 def conversion_bytes(kind: Kind, rows: int, columns: int, exact: bool) -> int:
     """Bytes packing one (rows, columns) tensor holds at once, beyond the packed layer it leaves."""
     whole = rows * columns * (1 + (0 if exact else _CONVERT_REQUANTIZED)) + packed_bytes(kind, rows, columns)
-    return whole + min(rows, DEQUANT_ROWS) * columns * _CONVERT_CHUNK[kind]
+    return whole + min(rows, PACK_ROWS) * columns * _CONVERT_CHUNK[kind]
 
 
 @dataclass
