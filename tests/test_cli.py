@@ -123,12 +123,14 @@ def test_the_server_runs_with_the_cli_threads(monkeypatch, tiny_folder: Path, ca
 
     seen: dict[str, int] = {}
 
-    def fake_run(app, **kwargs) -> None:  # the scheduler decodes in its own thread: what does one see?
+    def fake_run(
+        server, *args, **kwargs
+    ) -> None:  # the scheduler decodes in its own thread: what does one see?
         thread = threading.Thread(target=lambda: seen.update(threads=torch.get_num_threads()))
         thread.start()
         thread.join()
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     monkeypatch.setattr(runtime, "_configured", False)  # as in a fresh process: LLM.load would set it up
     torch.set_num_threads(2)
     assert main(["--threads", "1", "serve", str(tiny_folder), "--no-compile"]) == 0

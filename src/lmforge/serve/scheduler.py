@@ -3,11 +3,11 @@
 Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a queue bounded in sequences
 (``max_queue``). Between decode steps the scheduler admits waiting jobs into free slots, taking turns between
 requests (``Job.group``: the job of the request holding the fewest slots goes first, oldest first among
-equals, so one request's many prompts cannot keep others out), and prefills their prompts alone (the computation
-``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the running
-sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
-prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its
-first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
+equals, so one request's many prompts cannot keep others out), and prefills their prompts alone (the
+computation ``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the
+running sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the
+measured prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence
+its first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
 the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string,
 length limit) or its job is cancelled (the client went away or timed out), so a long request never holds up
 short ones.
@@ -191,8 +191,8 @@ class Scheduler:
         logprobs: int | None = None,
         group: object = None,
     ) -> Job:
-        """Queue a request (``group``: the jobs of one client request share it); raises ``QueueFullError`` when
-        its ``n`` sequences do not fit the queue's ``max_queue``, ``LmforgeError`` when invalid."""
+        """Queue a request (``group``: the jobs of one client request share it); raises ``QueueFullError``
+        when its ``n`` sequences do not fit the queue's ``max_queue``, ``LmforgeError`` when invalid."""
         if not 1 <= n <= self.max_batch:
             raise LmforgeError(
                 f"n={n} sequences do not fit the server's batch of {self.max_batch}",
