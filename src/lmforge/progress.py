@@ -1,5 +1,5 @@
 """Progress bars that read well both in a terminal and in a log file, and a way to stop batched work from
-outside (``stop_when``): every batch loop of a task goes through ``tracked``, which checks it between batches."""
+outside (``stop_when``): every batch loop of a task goes through ``tracked``, which checks between batches."""
 
 from __future__ import annotations
 
