@@ -680,7 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 429")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="sequences (prompts x n) waiting before new requests get 429",
+    )
     p.add_argument("--max-context", type=int, help="cap on prompt + max_tokens (default: model's context)")
     p.add_argument("--cors", action="append", help="browser origin allowed to call the API (repeatable)")
     p.add_argument(

@@ -482,7 +482,7 @@ class _Service:
     async def metrics(self) -> str:
         s = self.scheduler
         lines = [
-            *sample("lmforge_queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth),
+            *sample("lmforge_queue_depth", "gauge", "Sequences waiting for a slot.", s.queue_depth),
             *sample("lmforge_running_sequences", "gauge", "Sequences being decoded.", s.running),
             *sample("lmforge_generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens),
             *sample(
