@@ -16,7 +16,8 @@ import pytest
 from lmforge import LLM, cli
 from lmforge.generate import TextStream
 from lmforge.serve import ServerLimits, create_app
-from lmforge.serve.app import _host_name, longest_token_chars
+from lmforge.serve.app import longest_token_chars
+from lmforge.serve.guard import host_name
 from lmforge.serve.protocol import MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS
 
 from .conftest import tiny_llm
@@ -298,7 +299,7 @@ def test_host_headers_are_checked_without_a_key(one_thread, tiny_tokenizer):
         assert httpx.get(base + "/health", headers={"Host": "evil.example"}).status_code == 421
     with serving(create_app(llm, api_key="sekret")) as base:  # a key guards the API: any name may be used
         assert httpx.get(base + "/health", headers={"Host": "evil.example"}).status_code == 200
-    assert [_host_name(h) for h in ("[::1]:80", "Example.COM.", "::1", "a:1")] == [
+    assert [host_name(h) for h in ("[::1]:80", "Example.COM.", "::1", "a:1")] == [
         "::1",
         "example.com",
         "::1",

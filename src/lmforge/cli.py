@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from lmforge.serve import create_app, uvicorn_config
-    from lmforge.serve.app import LOCAL_HOSTS
+    from lmforge.serve.guard import LOCAL_HOSTS
 
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY")
     if args.host not in LOCAL_HOSTS and not api_key and not args.insecure_no_key:
