@@ -111,7 +111,7 @@ def main() -> None:
         from lmforge.serve import create_app
 
         prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
-        with TestClient(create_app(gpu)) as client:
+        with TestClient(create_app(gpu), base_url="http://localhost") as client:  # a Host it answers to
 
             def ask(prompt: str) -> str:
                 body = {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0}

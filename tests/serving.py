@@ -11,15 +11,18 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from lmforge.serve import uvicorn_config
+
 
 @contextmanager
 def serving(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` until the block ends; yields its base URL. The socket is bound before uvicorn starts,
-    so the port (chosen by the OS) cannot be taken in between."""
+    """Serve ``app`` as ``lmforge serve`` does (its connection limits included) until the block ends; yields
+    its base URL. The socket is bound before uvicorn starts, so the port (chosen by the OS) cannot be taken in
+    between."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

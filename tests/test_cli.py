@@ -121,14 +121,22 @@ def test_an_invalid_threads_variable_is_one_line(monkeypatch, capsys) -> None:
 def test_the_server_runs_with_the_cli_threads(monkeypatch, tiny_folder: Path, capsys) -> None:
     import uvicorn
 
+    from lmforge import serve
+
     seen: dict[str, int] = {}
 
-    def fake_run(app, **kwargs) -> None:  # the scheduler decodes in its own thread: what does one see?
-        thread = threading.Thread(target=lambda: seen.update(threads=torch.get_num_threads()))
-        thread.start()
-        thread.join()
+    class FakeServer:
+        def __init__(self, config) -> None:
+            pass
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+        def run(self) -> None:  # the scheduler decodes in its own thread: what does one see?
+            thread = threading.Thread(target=lambda: seen.update(threads=torch.get_num_threads()))
+            thread.start()
+            thread.join()
+
+    # No uvicorn.Config either: it would point uvicorn's log handlers at this test's captured stderr.
+    monkeypatch.setattr(serve, "uvicorn_config", lambda app, *args, **kwargs: app)
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
     monkeypatch.setattr(runtime, "_configured", False)  # as in a fresh process: LLM.load would set it up
     torch.set_num_threads(2)
     assert main(["--threads", "1", "serve", str(tiny_folder), "--no-compile"]) == 0

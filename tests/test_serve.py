@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 from lmforge import LLM, SamplingParams
 from lmforge.cli import build_parser
 from lmforge.generate import generate_tokens
-from lmforge.serve import create_app
+from lmforge.serve import ServerLimits, create_app
 from lmforge.serve import scheduler as scheduling
 from lmforge.serve.scheduler import Scheduler
 
@@ -479,7 +479,12 @@ def test_api_key_body_size_context_and_field_errors(one_thread, tiny_tokenizer):
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
     origin = "http://localhost:5173"
     app = create_app(
-        llm, api_key="sekret", max_body_bytes=20_000, max_context=64, max_batch=4, cors_origins=[origin]
+        llm,
+        api_key="sekret",
+        limits=ServerLimits(max_body_bytes=20_000),
+        max_context=64,
+        max_batch=4,
+        cors_origins=[origin],
     )
     with serving(app) as base:
         preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
@@ -492,7 +497,7 @@ def test_api_key_body_size_context_and_field_errors(one_thread, tiny_tokenizer):
         assert httpx.get(base + "/health").status_code == 200  # only /v1 needs the key
 
         client = _client(base, api_key="sekret")
-        auth = {"Authorization": "Bearer sekret"}
+        auth = {"Authorization": "Bearer sekret", "Content-Type": "application/json"}
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
 
         big = json.dumps({"prompt": "x" * 30_000}).encode()

@@ -159,9 +159,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from lmforge.serve import create_app
+    from lmforge.serve import create_app, uvicorn_config
+    from lmforge.serve.guard import LOCAL_HOSTS
 
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY")
+    if args.host not in LOCAL_HOSTS and not api_key and not args.insecure_no_key:
+        raise LmforgeError(
+            f"refusing to serve on {args.host} without an API key: anyone who can reach it could use it",
+            hint="pass --api-key KEY (or set LMFORGE_API_KEY), or --insecure-no-key if that is what you want",
+        )
     llm = _load(args)
     app = create_app(
         llm,
@@ -170,13 +176,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_context=args.max_context,
         cors_origins=args.cors,
+        # The bound name is one clients use; without a key, only it and the loopback names are answered.
+        allowed_hosts=[args.host, *args.allowed_host] if args.allowed_host or not api_key else None,
         warm_up=True,  # a server runs for long: compile every batch size's step before the first request
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     url = f"http://{args.host}:{args.port}"
     print(f"serving {llm!r} (threads: {args.threads})\n  playground: {url}/   API: {url}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level="warning")).run()
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -677,9 +683,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting before new ones get 429")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="sequences (prompts x n) waiting before new requests get 429",
+    )
     p.add_argument("--max-context", type=int, help="cap on prompt + max_tokens (default: model's context)")
     p.add_argument("--cors", action="append", help="browser origin allowed to call the API (repeatable)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="Host header name to answer besides localhost, 127.0.0.1, ::1 and --host (repeatable; '*': any)",
+    )
+    p.add_argument(
+        "--insecure-no-key",
+        action="store_true",
+        help="serve on an address other than localhost without an API key (refused otherwise)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("estimate", help="memory (weights, gradients, optimizer, activations, KV) and speed")

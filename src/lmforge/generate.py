@@ -353,13 +353,20 @@ class TextStream:
         return piece
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        longest = 0
+        """Length of the longest tail of the text that is a proper prefix of some stop string.
+
+        Only prefixes that end in the text's last character can match: ``rfind`` jumps between those, so a
+        token costs a scan of each stop string, not a comparison of every one of its prefixes."""
+        if not self.text:
+            return 0
+        last, longest = self.text[-1], 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:n]):
-                    longest = n
+            end = s.rfind(last, 0, min(len(s) - 1, len(self.text)))  # a prefix s[: end + 1] ending in it
+            while end >= longest:
+                if self.text.endswith(s[: end + 1]):
+                    longest = end + 1
                     break
+                end = s.rfind(last, 0, end)
         return longest
 
 

@@ -1,11 +1,30 @@
 """``create_app(llm)``: the OpenAI-compatible HTTP server (FastAPI) and the web playground at ``/``.
 
 Routes only translate. Generation goes to the continuous-batching ``Scheduler`` (one thread owns decoding);
-embeddings, classify and summarize run in worker threads, so the event loop never blocks. Limits are checked
-before any work starts: API key (401), body size (413), prompt + max_tokens beyond the context (400, naming
-both numbers: nothing is ever truncated silently), a full queue (429 with Retry-After). A request that runs
-past its timeout gets 504 (mid-stream: an error event) and frees its slots, as does a client that goes away.
-Every error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
+tokenizing and chat-template rendering, embeddings, classify and summarize run in worker threads, so the
+event loop, which answers every client (``/health`` included), never waits on one request's work.
+
+Limits are checked before any work starts, cheapest first (README.md's serve section has the table):
+
+- ``guard.Guard``, before a route: a Host header other than localhost / 127.0.0.1 / ::1 / ``allowed_hosts`` when
+  there is no API key (421: DNS rebinding), the API key (401), the body size (``ServerLimits.max_body_bytes``,
+  413, counted as it arrives), a POST body that is not ``application/json`` (415: a cross-site page can send
+  text or forms without a CORS preflight, never JSON).
+- The request models (``protocol.py``): at most ``MAX_MESSAGES`` chat messages, ``MAX_STOP`` stop strings of
+  ``MAX_STOP_CHARS`` characters, ``MAX_INPUTS`` texts to embed or classify, ``MAX_LABELS`` labels and examples
+  (422).
+- Characters, before tokenizing: a prompt (all chat messages together) longer than ``max_context`` times
+  the longest vocabulary entry's characters (``longest_token_chars``) cannot fit, since no token covers more;
+  nor can a text to embed or classify longer than the model's context times that, or a text to summarize
+  longer than ``SUMMARY_CONTEXTS`` contexts' worth (400 ``context_length_exceeded``).
+- Sequences: prompts x n at most ``ServerLimits.max_rows`` and at most the queue (400 ``too_many_sequences``);
+  prompt + max_tokens beyond the context (400, naming both numbers: nothing is ever truncated silently); a
+  full queue, counted in sequences (429 with Retry-After). Requests take turns for free slots (scheduler).
+
+A request that runs past its timeout gets 504 (mid-stream: an error event) and frees its slots, as does a
+client that goes away; a task (embeddings, classify, summarize) stops before its next batch in both cases.
+Connections (half-sent requests, idle keep-alives, their number) are bounded in ``serve/limits.py``. Every
+error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -14,7 +33,7 @@ import asyncio
 import base64
 import functools
 import json
-import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,16 +43,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
+from lmforge.progress import stop_when
 from lmforge.quant import packing_summary
+from lmforge.serve.guard import LOCAL_HOSTS, Guard, answer_errors
+from lmforge.serve.limits import ServerLimits
 from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
 from lmforge.serve.protocol import (
     APIError,
@@ -45,10 +64,10 @@ from lmforge.serve.protocol import (
     ResponseFormat,
     SummarizeRequest,
     TokenText,
-    error_body,
     usage,
 )
 from lmforge.serve.scheduler import Event, QueueFullError, Scheduler, TokenLogprob
+from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
@@ -56,6 +75,8 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 1.0  # how often a request waiting for tokens checks that its client is still there
 TASK_THREADS = 2  # embeddings / classify / summarize running at once
+PREPARE_THREADS = 2  # prompts being tokenized (or rendered with the chat template) at once
+SUMMARY_CONTEXTS = 8  # /v1/summarize takes up to this many contexts' worth of characters (it chunks them)
 T = TypeVar("T")
 
 
@@ -66,19 +87,24 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     max_context: int | None = None,
-    max_body_bytes: int = 4_000_000,
+    limits: ServerLimits | None = None,
     request_timeout_s: float = 600.0,
     cors_origins: Sequence[str] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
     model_name: str | None = None,
     warm_up: bool = False,
 ) -> FastAPI:
     """The server for ``llm``: OpenAI's /v1 API, /health, /metrics and the playground at /.
 
     ``max_context`` caps prompt + max_tokens (default: the model's context); ``api_key`` guards /v1/*;
-    ``cors_origins`` lets those browser origins call the API; ``warm_up`` compiles the decode step for every
-    batch size the scheduler uses when it starts (requests wait meanwhile) instead of when a batch first
-    needs one (every stream waits then). Run it with ``uvicorn.run(app)``.
+    ``limits`` bounds bodies, sequences and connections (``ServerLimits()``); ``cors_origins`` lets those
+    browser origins call the API; ``allowed_hosts`` are Host names accepted besides localhost, 127.0.0.1 and
+    ::1 ("*": any) — None accepts any Host when there is an API key and only those three when there is not;
+    ``warm_up`` compiles the decode step for every batch size the scheduler uses when it starts (requests wait
+    meanwhile) instead of when a batch first needs one (every stream waits then). Run it with
+    ``uvicorn.Server(lmforge.serve.uvicorn_config(app)).run()``, which also applies the connection limits.
     """
+    limits = limits or ServerLimits()
     context = llm.config.block_size
     if max_context is not None and not 1 <= max_context <= context:
         raise LmforgeError(
@@ -87,7 +113,7 @@ def create_app(
         )
     scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue, warm_up=warm_up)
     service = _Service(
-        llm, scheduler, model_name or _model_id(llm.source), max_context or context, request_timeout_s
+        llm, scheduler, model_name or _model_id(llm.source), max_context or context, request_timeout_s, limits
     )
 
     @asynccontextmanager
@@ -100,6 +126,7 @@ def create_app(
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.state.limits = limits
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], response_model=None)
     app.add_api_route("/v1/completions", service.completions, methods=["POST"], response_model=None)
@@ -113,13 +140,15 @@ def create_app(
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(LmforgeError, _lmforge_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
+    answer_errors(app)
     # Added last = outermost: CORS answers preflights and decorates every response, the guard runs next.
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    hosts = None if allowed_hosts is None and api_key else [*LOCAL_HOSTS, *(allowed_hosts or ())]
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_body_bytes=limits.max_body_bytes,
+        allowed_hosts=None if hosts is None or "*" in hosts else frozenset(h.lower() for h in hosts),
+    )
     if cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"]
@@ -128,26 +157,49 @@ def create_app(
 
 
 def _model_id(source: str) -> str:
-    """A short model name: a file's stem or a folder's name; store names and hub ids stay as they are."""
+    """A short model name, never a path: a file's stem, a folder's name (a training run's ``runs/NAME/model``
+    folder: the run's NAME); store names, packaged names and hub ids stay as they are."""
     path = Path(source)
     if path.is_file():
         return path.stem
-    return path.name if path.is_dir() else source
+    if path.is_dir():
+        path = path.resolve()
+        return path.parent.name if path.name == "model" and path.parent.name else path.name
+    return source
+
+
+def longest_token_chars(tokenizer: Tokenizer) -> int:
+    """Characters the longest vocabulary entry can stand for (its spelling: byte-level entries spell each byte
+    with one character, and a character is at least a byte), so a text of C characters needs at least
+    C / this many tokens: beyond ``context`` times this, it cannot fit, and is refused before tokenizing."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    return max((len(piece) for piece in vocab), default=1)
 
 
 # ------------------------------------------------------------------ endpoints
 class _Service:
     def __init__(
-        self, llm: LLM, scheduler: Scheduler, model_id: str, max_context: int, request_timeout_s: float
+        self,
+        llm: LLM,
+        scheduler: Scheduler,
+        model_id: str,
+        max_context: int,
+        request_timeout_s: float,
+        limits: ServerLimits,
     ) -> None:
         self.llm = llm
         self.scheduler = scheduler
         self.model_id = model_id
         self.max_context = max_context
         self.request_timeout_s = request_timeout_s
+        self.limits = limits
+        token_chars = longest_token_chars(llm.tokenizer)
+        self.max_prompt_chars = max_context * token_chars  # a generation prompt (all messages together)
+        self.max_text_chars = llm.config.block_size * token_chars  # a text to embed or classify
         self.token_text = TokenText(llm.tokenizer)
         self.created = int(time.time())
         self.task_limiter = anyio.CapacityLimiter(TASK_THREADS)
+        self.prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
         self.ttft = Histogram(
             "lmforge_time_to_first_token_seconds", "Time from request to first generated text.", TTFT_BUCKETS
         )
@@ -159,7 +211,10 @@ class _Service:
 
     # ------------------------------------------------------------- generation
     async def chat(self, body: ChatRequest, request: Request) -> Response:
-        prompt = self.llm.prompt_ids([m.as_dict() for m in body.messages])
+        messages = [m.as_dict() for m in body.messages]
+        self._check_rows(1, body.n)
+        self._check_chars([sum(len(m["content"]) for m in messages)], self.max_prompt_chars, "messages")
+        prompt = await self._prepare(self.llm.prompt_ids, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # OpenAI's chat default: whatever the context leaves
             max_tokens = max(1, self.max_context - len(prompt))
@@ -170,7 +225,12 @@ class _Service:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        prompts = self._completion_prompts(body.prompt)
+        prompt = body.prompt
+        texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+        one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
+        self._check_rows(1 if one else len(prompt), body.n)
+        self._check_chars([len(t) for t in texts], self.max_prompt_chars, "prompt")
+        prompts = await self._prepare(self._completion_prompts, prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         fmt = ResponseFormat(chat=False, model_id=self.model_id, token_text=self.token_text)
         return await self._generate(request, body, prompts, max_tokens, body.logprobs, fmt)
@@ -189,6 +249,35 @@ class _Service:
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return prompts
+
+    async def _prepare(self, fn: Callable[..., T], *args: Any) -> T:
+        """Tokenize (or render a chat template) in a worker thread: a long prompt must not hold up the event
+        loop, which answers every other client."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.prepare_limiter)
+
+    def _check_rows(self, prompts: int, n: int) -> None:
+        """Sequences per request: at most ``limits.max_rows``, and never more than the queue can hold."""
+        limit = min(self.limits.max_rows, self.scheduler.max_queue)
+        if prompts * n > limit:
+            raise APIError(
+                400,
+                f"{prompts} prompt(s) x n={n} asks for {prompts * n} sequences; the server's limit is "
+                f"{limit} per request",
+                param="n" if prompts == 1 else "prompt",
+                code="too_many_sequences",
+            )
+
+    def _check_chars(self, lengths: list[int], limit: int, param: str) -> None:
+        """Refuse texts too long to fit before tokenizing them (see ``longest_token_chars``)."""
+        longest = max(lengths, default=0)
+        if longest > limit:
+            raise APIError(
+                400,
+                f"{param} has {longest} characters, more than the {limit} any text that fits the context can "
+                "have; shorten it (nothing is truncated)",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def _check_fits(self, prompts: list[list[int]], max_tokens: int) -> None:
         for prompt in prompts:
@@ -286,22 +375,44 @@ class _Service:
             generation.cancel()
 
     # ------------------------------------------------------------------ tasks
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a task off the event loop (tasks share the model with the scheduler; inference is read-only)."""
-        try:
-            with anyio.fail_after(self.request_timeout_s):
-                return await anyio.to_thread.run_sync(
-                    functools.partial(fn, *args), limiter=self.task_limiter, abandon_on_cancel=True
-                )
-        except TimeoutError:
-            raise _timeout(self.request_timeout_s) from None
+    async def _in_thread(self, request: Request, fn: Callable[..., T], *args: Any) -> T:
+        """Run a task off the event loop (tasks share the model with the scheduler; inference is read-only).
 
-    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        A client that goes away (checked every ``DISCONNECT_POLL_S``) or a timeout stops the task before its
+        next batch (``progress.stop_when``), so abandoned work does not hold the task threads."""
+        stop = threading.Event()
+
+        def run() -> T:
+            with stop_when(stop):
+                return fn(*args)
+
+        work = asyncio.ensure_future(anyio.to_thread.run_sync(run, limiter=self.task_limiter))
+        deadline = time.monotonic() + self.request_timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _timeout(self.request_timeout_s)
+                done, _ = await asyncio.wait({work}, timeout=min(DISCONNECT_POLL_S, left))
+                if done:
+                    return work.result()
+                if await request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed")
+        finally:
+            if not work.done():
+                stop.set()
+                work.add_done_callback(_discard_outcome)
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise APIError(400, "input is empty", param="input")
-        vectors = await self._in_thread(self.llm.embed, texts)
-        tokens = sum(len(self.llm.tokenizer.encode(t)) for t in texts)
+        self._check_chars([len(t) for t in texts], self.max_text_chars, "input")
+
+        def embed() -> tuple[np.ndarray, int]:
+            return self.llm.embed(texts), sum(len(self.llm.tokenizer.encode(t)) for t in texts)
+
+        vectors, tokens = await self._in_thread(request, embed)
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
             for i, v in enumerate(vectors)
@@ -313,19 +424,22 @@ class _Service:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
+    async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise APIError(400, "input is empty", param="input")
-        results = await self._in_thread(self.llm.classify_text, texts, body.labels, body.examples)
+        self._check_chars([len(t) for t in texts], self.max_text_chars, "input")
+        self._check_chars([len(t) for t, _ in body.examples], self.max_text_chars, "examples")
+        results = await self._in_thread(request, self.llm.classify_text, texts, body.labels, body.examples)
         return {
             "object": "list",
             "model": self.model_id,
             "data": [{"index": i, **r} for i, r in enumerate(results)],
         }
 
-    async def summarize(self, body: SummarizeRequest) -> dict[str, Any]:
-        summary = await self._in_thread(self.llm.summarize, body.input, body.max_tokens)
+    async def summarize(self, body: SummarizeRequest, request: Request) -> dict[str, Any]:
+        self._check_chars([len(body.input)], SUMMARY_CONTEXTS * self.max_text_chars, "input")
+        summary = await self._in_thread(request, self.llm.summarize, body.input, body.max_tokens)
         return {"object": "summary", "model": self.model_id, "summary": summary}
 
     # ----------------------------------------------------------- information
@@ -338,7 +452,6 @@ class _Service:
             "owned_by": "lmforge",
             "max_model_len": self.max_context,
             "lmforge": {
-                "source": self.llm.source,
                 "architecture": config.model_type,
                 "parameters": model.num_parameters(),
                 "dtype": str(model.dtype).removeprefix("torch."),
@@ -360,7 +473,7 @@ class _Service:
     async def metrics(self) -> str:
         s = self.scheduler
         lines = [
-            *sample("lmforge_queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth),
+            *sample("lmforge_queue_depth", "gauge", "Sequences waiting for a slot.", s.queue_depth),
             *sample("lmforge_running_sequences", "gauge", "Sequences being decoded.", s.running),
             *sample("lmforge_generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens),
             *sample(
@@ -394,7 +507,9 @@ class _Generation:
         try:
             for i, prompt in enumerate(prompts):
                 deliver = functools.partial(self._deliver, loop, i * n)
-                self.jobs.append(scheduler.submit(prompt, params, n=n, logprobs=logprobs, on_event=deliver))
+                self.jobs.append(
+                    scheduler.submit(prompt, params, n=n, logprobs=logprobs, on_event=deliver, group=self)
+                )
         except QueueFullError as e:
             self.cancel()
             raise APIError(
@@ -449,6 +564,12 @@ def _timeout(seconds: float) -> APIError:
     )
 
 
+def _discard_outcome(work: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's result or error (``progress.Stopped``, usually): nobody waits for it."""
+    if not work.cancelled():
+        work.exception()
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -457,93 +578,3 @@ def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
     if encoding == "base64":  # little-endian float32, as OpenAI sends it
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return vector.tolist()
-
-
-# ------------------------------------------------------------------- errors
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def _lmforge_error(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(str(exc)), status_code=400)
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """Malformed JSON is a 400; JSON whose fields do not fit the schema is a 422 naming the first field."""
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    broken = [e for e in errors if e.get("type") == "json_invalid"]
-    if broken:
-        detail = broken[0].get("ctx", {}).get("error", "")
-        body = error_body(f"the request body is not valid JSON ({detail})", code="invalid_json")
-        return JSONResponse(body, status_code=400)
-    fields = [".".join(str(x) for x in e["loc"] if x != "body") or "body" for e in errors]
-    problems = "; ".join(f"{field}: {e['msg']}" for field, e in zip(fields, errors, strict=True))
-    return JSONResponse(error_body("invalid request: " + problems, param=fields[0]), status_code=422)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    body = error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-    return JSONResponse(body, status_code=500)
-
-
-class _BodyTooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body exceeds the server's limit of {limit} bytes")
-
-
-class _Guard:
-    """ASGI middleware for what comes before any route: the API key on /v1/* (401), the body size (413), and
-    reading /v1 bodies as JSON.
-
-    A body is measured as it arrives, so a client without a Content-Length header cannot slip past the limit.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.api_key = api_key
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(headers):
-            body = error_body(
-                "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
-            )
-            await JSONResponse(body, status_code=401)(scope, receive, send)
-            return
-        declared = headers.get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            exc = _BodyTooLarge(self.max_body_bytes)
-            await JSONResponse(error_body(exc.detail), status_code=413)(scope, receive, send)
-            return
-        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
-            # The API speaks JSON only; read it as JSON even when a client labels it otherwise (`curl -d`).
-            kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise _BodyTooLarge(self.max_body_bytes)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        assert self.api_key is not None
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        token = given[len("Bearer ") :].strip() if given.startswith("Bearer ") else ""
-        return secrets.compare_digest(token.encode(), self.api_key.encode())

@@ -1,6 +1,8 @@
 """The OpenAI wire format: request bodies, response and stream-chunk shapes, error objects.
 
-Only translation lives here; what a request does is decided in ``app.py`` and the scheduler.
+Only translation lives here; what a request does is decided in ``app.py`` and the scheduler. The request
+models carry the fixed bounds on list and string fields (``MAX_*`` below; beyond them: 422 naming the field),
+so no request reaches a tokenizer, a chat template or the stop-string matcher with unbounded input.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 from tokenizers import decoders
@@ -45,6 +47,19 @@ def error_body(
 
 
 # ------------------------------------------------------------------- requests
+MAX_STOP = 16  # stop strings per request: each is checked at every token
+MAX_STOP_CHARS = 256  # characters per stop string (the matcher looks this far back)
+MAX_MESSAGES = 1024  # chat messages per request (their characters are bounded by the context, in app.py)
+MAX_INPUTS = 2048  # texts per embeddings or classify request (OpenAI's embeddings limit)
+MAX_LABELS = 64  # classify labels, and few-shot examples, per request
+MAX_LABEL_CHARS = 256  # characters per classify label
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
+Label = Annotated[str, Field(max_length=MAX_LABEL_CHARS)]
+Texts = Annotated[list[str], Field(max_length=MAX_INPUTS)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -62,7 +77,7 @@ class GenerationRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | StopList | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -116,7 +131,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -129,15 +144,15 @@ class CompletionRequest(GenerationRequest):
 
 
 class EmbeddingRequest(BaseModel):
-    input: str | list[str]
+    input: str | Texts
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
 
 
 class ClassifyRequest(BaseModel):
-    input: str | list[str]
-    labels: list[str] | None = None
-    examples: list[tuple[str, str]] = []
+    input: str | Texts
+    labels: list[Label] | None = Field(default=None, max_length=MAX_LABELS)
+    examples: list[tuple[str, Label]] = Field(default=[], max_length=MAX_LABELS)
     model: str | None = None
 
 

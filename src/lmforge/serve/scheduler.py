@@ -1,11 +1,13 @@
 """Continuous batching: one thread owns the model and decodes every running sequence in one batch.
 
-Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a bounded queue. Between decode
-steps the scheduler admits waiting jobs into free slots and prefills their prompts alone (the computation
-``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the running
-sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the measured
-prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence its
-first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
+Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a queue bounded in sequences
+(``max_queue``). Between decode steps the scheduler admits waiting jobs into free slots, taking turns between
+requests (``Job.group``: the job of the request holding the fewest slots goes first, oldest first among
+equals, so one request's many prompts cannot keep others out), and prefills their prompts alone (the
+computation ``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the
+running sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the
+measured prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence
+its first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
 the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string,
 length limit) or its job is cancelled (the client went away or timed out), so a long request never holds up
 short ones.
@@ -96,6 +98,7 @@ class Job:
     on_event: Callable[[Event], None]
     budget: int  # new tokens each sequence may produce (max_tokens, cut by the context)
     cancelled: bool = False  # set from any thread; the scheduler frees the job's slots before its next step
+    group: object = None  # the request the job belongs to (None: itself); admission takes turns between them
 
 
 class _Running:
@@ -121,6 +124,10 @@ class _Prefill:
     builders: list[CompletionBuilder]
     cache: KVCache
     done: int = 0  # prompt tokens in the cache so far
+
+
+def _group(job: Job) -> object:
+    return job if job.group is None else job.group
 
 
 def column_bucket(tokens: int, context: int) -> int:
@@ -182,8 +189,10 @@ class Scheduler:
         on_event: Callable[[Event], None],
         n: int = 1,
         logprobs: int | None = None,
+        group: object = None,
     ) -> Job:
-        """Queue a request; raises ``QueueFullError`` when the queue is full, ``LmforgeError`` when invalid."""
+        """Queue a request (``group``: the jobs of one client request share it); raises ``QueueFullError``
+        when its ``n`` sequences do not fit the queue's ``max_queue``, ``LmforgeError`` when invalid."""
         if not 1 <= n <= self.max_batch:
             raise LmforgeError(
                 f"n={n} sequences do not fit the server's batch of {self.max_batch}",
@@ -194,14 +203,15 @@ class Scheduler:
                 f"top logprobs={logprobs} is out of range", hint=f"ask for 0 to {MAX_TOP_LOGPROBS}"
             )
         budget = generation_budget(len(prompt), params, self.model.config.block_size)
-        job = Job(list(prompt), params, n, logprobs, on_event, budget)
+        job = Job(list(prompt), params, n, logprobs, on_event, budget, group=group)
         with self._lock:
             if self._closing:
                 raise LmforgeError("the server is shutting down", hint="retry once it is back")
-            if len(self._waiting) >= self.max_queue:
+            waiting = self._waiting_rows()
+            if waiting + n > self.max_queue:
                 raise QueueFullError(
-                    f"the server is busy: its {self.max_batch} slots are taken and {len(self._waiting)} "
-                    "requests are waiting",
+                    f"the server is busy: its {self.max_batch} slots are taken and {waiting} sequences are "
+                    f"waiting (at most {self.max_queue})",
                     hint="retry in a moment",
                 )
             self._waiting.append(job)
@@ -215,9 +225,14 @@ class Scheduler:
             if job in self._waiting:
                 self._waiting.remove(job)
 
+    def _waiting_rows(self) -> int:
+        return sum(job.n for job in self._waiting)
+
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Sequences waiting for a slot."""
+        with self._lock:
+            return self._waiting_rows()
 
     @property
     def running(self) -> int:
@@ -305,18 +320,28 @@ class Scheduler:
         return True
 
     def _admissions(self) -> list[Job] | None:
-        """Waiting jobs that fit the free slots, in arrival order (blocks while idle); None once closing."""
+        """Waiting jobs that fit the free slots (blocks while idle); None once closing. The next job is the
+        oldest of the request holding the fewest slots; when it does not fit, nothing overtakes it."""
         with self._lock:
             while not self._closing and not self._waiting and not self._running and not self._prefilling:
                 self._lock.wait()
             if self._closing:
                 return None
-            free = self.max_batch - len(self._running) - sum(p.job.n for p in self._prefilling)
+            held: dict[object, int] = {}  # slots per request
+            for seq in self._running:
+                held[_group(seq.job)] = held.get(_group(seq.job), 0) + 1
+            for p in self._prefilling:
+                held[_group(p.job)] = held.get(_group(p.job), 0) + p.job.n
+            free = self.max_batch - sum(held.values())
             admitted = []
-            while self._waiting and self._waiting[0].n <= free:
-                job = self._waiting.popleft()
+            while self._waiting:
+                job = min(self._waiting, key=lambda j: held.get(_group(j), 0))  # min keeps arrival order
+                if job.n > free:
+                    break
+                self._waiting.remove(job)
                 admitted.append(job)
                 free -= job.n
+                held[_group(job)] = held.get(_group(job), 0) + job.n
             return admitted
 
     def _admit(self, job: Job) -> None:
