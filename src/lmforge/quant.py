@@ -29,10 +29,10 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from lmforge.config import QUANT_CHOICES
 from lmforge.errors import LmforgeError, UnsupportedError
 
 GROUP = 32  # values per quantization group (one scale, and for int4 one zero, each)
-QUANT_CHOICES = ("auto", "none", "int8", "int4")
 Kind = Literal["int8", "int4"]
 DECODE_ROWS = 8  # inputs with at most this many rows take the fused matvec path of int8 layers
 INT8_ROWS = 2048  # output rows an int8 layer dequantizes at a time outside the fused path

@@ -40,8 +40,7 @@ from filelock import FileLock, Timeout
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.formats.atomic import fsync_path
-from lmforge.formats.folder import CARD_FILE, CONFIG_FILE, TRAINER_FILES, model_card
-from lmforge.runtime import lmforge_home
+from lmforge.home import lmforge_home
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_TAG = "latest"
@@ -302,6 +301,9 @@ class Store:
 
         Its title is the stored name without the tag, so tags of one model share one card.
         """
+        # formats.folder imports torch: only the writing operations import it, so `lmforge list` need not.
+        from lmforge.formats.folder import CONFIG_FILE, model_card
+
         config = Config.load(folder / CONFIG_FILE).replace(name=manifest["name"])
         record = {
             "description": manifest.get("description"),
@@ -316,6 +318,8 @@ class Store:
 
     def _finish(self, ref: Ref, manifest: Manifest, folder: Path) -> Manifest:
         """Add the generated card, then the manifest (last, atomically) and its snapshot. Needs the lock."""
+        from lmforge.formats.folder import CARD_FILE  # see _card
+
         card = self._card(folder, manifest)
         try:
             manifest["files"][CARD_FILE] = self._add_blob(card)
@@ -371,6 +375,8 @@ class Store:
         (fingerprinted by sha256). Its files are stored, subfolders included (sentence-transformers keeps the
         pooling in ``1_Pooling/``); ``README.md`` is regenerated from the manifest.
         """
+        from lmforge.formats.folder import CARD_FILE, CONFIG_FILE, TRAINER_FILES  # see _card
+
         ref = parse_ref(name)
         folder = Path(folder)
         if not folder.is_dir():
