@@ -23,6 +23,7 @@ model's identity: ``id`` hashes the other files, so adding eval results to a mod
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -336,8 +337,27 @@ class Store:
     # ------------------------------------------------------------- operations
     def _not_found(self, ref: Ref) -> LmforgeError:
         return LmforgeError(
-            f"no model {str(ref)!r} in the store {self.root}", hint="see `lmforge list` for the stored models"
+            f"no model {str(ref)!r} in the store {self.root}",
+            hint=self.near_names_hint(str(ref)) or "see `lmforge list` for the stored models",
         )
+
+    def near_names(self, text: str, limit: int = 5) -> list[str]:
+        """Stored ``name:tag``s that ``text`` (a name that matched nothing) probably meant: the name's own tags
+        (``mine`` or ``mine:v2`` when only ``mine:v1`` exists), else those of the names closest in spelling."""
+        refs = sorted(f"{m['name']}:{m['tag']}" for m in self.list_models())
+        name = text.partition(":")[0]
+        names = sorted({ref.partition(":")[0] for ref in refs})
+        close = [name] if name in names else difflib.get_close_matches(name, names, n=limit)
+        return [ref for n in close for ref in refs if ref.partition(":")[0] == n][:limit]
+
+    def near_names_hint(self, text: str) -> str | None:
+        """``near_names`` as an error's hint, None when there are none."""
+        near = self.near_names(text)
+        if not near:
+            return None
+        if near[0].partition(":")[0] == text.partition(":")[0]:
+            return f"the store has {', '.join(near)}: name the tag"
+        return f"did you mean {' or '.join(near)}? (`lmforge list` shows the stored models)"
 
     def get(self, name: str) -> Manifest:
         """The manifest of ``name[:tag]``."""
