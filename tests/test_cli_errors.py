@@ -98,6 +98,15 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys) -> None
         main(["--debug", "list"])
 
 
+def test_an_unreadable_path_is_the_users_error(monkeypatch, capsys) -> None:
+    def denied(self):
+        raise PermissionError(13, "Permission denied", "/srv/模型/manifests")
+
+    monkeypatch.setattr(Store, "list_models", denied)
+    assert main(["list"]) == 2
+    assert "error: /srv/模型/manifests: Permission denied" in one_line(capsys.readouterr().err)
+
+
 def test_summarize_a_missing_file_or_a_folder_is_one_line(tmp_path: Path, capsys) -> None:
     # Checked before any model loads: the default model is never needed here.
     assert main(["summarize", "--file", str(tmp_path / "missing.txt")]) == 2

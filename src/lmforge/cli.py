@@ -941,6 +941,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename is not None:
+            # A path the user gave that cannot be read or written (permissions, a full disk): theirs to fix.
+            print(f"error: {e.filename}: {e.strerror} — check the path and its permissions", file=sys.stderr)
+            return EXIT_USER_ERROR
         print(_bug(args.command, e), file=sys.stderr)
         return EXIT_BUG
     return 0
