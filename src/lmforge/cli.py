@@ -249,12 +249,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _check_bindable(host: str, port: int) -> None:
     """Bind ``host:port`` once and let it go: a busy port or a host that is not this machine's is then a one-line
-    error instead of uvicorn's log lines after the URL was printed. SO_REUSEADDR as uvicorn sets it, so a port
-    left in TIME_WAIT by a stopped server passes here as it does there."""
+    error instead of uvicorn's log lines after the URL was printed. The address family and SO_REUSEADDR as
+    uvicorn picks them (IPv6 only for a host with a ':'), so what passes here binds there too."""
     if not 1 <= port <= 65535:
         raise LmforgeError(f"--port {port} is not a port", hint="use a number from 1 to 65535, e.g. 8000")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
