@@ -134,6 +134,22 @@ def test_sampling_errors_name_the_flags_as_typed(capsys) -> None:
     assert "top_p" not in err and "max_new_tokens" not in err
 
 
+def test_a_nested_commands_errors_name_its_flags(tmp_path: Path, capsys) -> None:
+    (tmp_path / "诗.txt").write_text("床前明月光，疑是地上霜。\n", encoding="utf-8")
+    argv = [
+        "tokenizer",
+        "train",
+        str(tmp_path / "诗.txt"),
+        "--vocab-size",
+        "0",
+        "--out",
+        str(tmp_path / "tok"),
+    ]
+    assert main(argv) == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith("error: --vocab-size 0 is smaller than the alphabet") and "vocab_size" not in err
+
+
 def set_stdin(monkeypatch, data: bytes) -> None:
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
 

@@ -897,17 +897,30 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argpars
     return parser, parser.parse_args(argv)
 
 
-def _as_typed(message: str, parser: argparse.ArgumentParser, command: str) -> str:
-    """``message`` with the API's ``name=value`` spelled as the flag the user typed: ``--top-p 2.0``.
+def _actions_under(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    """A command's arguments, those of its actions included (``tokenizer train``'s --vocab-size)."""
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from _actions_under(subparser)
 
-    Only numeric flags: their values read the same either way (a list of labels would not)."""
+
+def _as_typed(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``message`` with the API's names spelled as the flags the user typed: ``top_p=2.0`` -> ``--top-p 2.0``,
+    ``vocab_size`` -> ``--vocab-size``.
+
+    Only numeric flags, whose values read the same either way (a Python list of labels would not), and a bare
+    name only when it has an underscore: ``threads`` or ``seed`` alone may be plain English."""
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in [*parser._actions, *commands.choices[command]._actions]:
+    for action in [*parser._actions, *_actions_under(commands.choices[command])]:
         if action.type not in (int, float) or not action.option_strings:
             continue
         flag = max(action.option_strings, key=len)
         for name in (action.dest, *_API_NAMES.get(action.dest, ())):
-            message = re.sub(rf"(?<![\w-]){name}=", f"{flag} ", message)
+            message = re.sub(rf"(?<![\w/.-]){name}=", f"{flag} ", message)
+            if "_" in name:
+                message = re.sub(rf"(?<![\w/.-]){name}(?![\w/-])", flag, message)
     return message
 
 
