@@ -103,17 +103,17 @@ def test_eval_passes_quant_and_names_the_packed_rows(tmp_path: Path, tiny_folder
     assert f"| {tiny_folder} (int8) |" in capsys.readouterr().out
 
 
-def test_threads_are_set_once_at_start(capsys) -> None:
-    assert main(["--threads", "1", "list"]) == 0
+def test_threads_are_set_once_at_start(tiny_folder: Path, capsys) -> None:
+    assert main(["--threads", "1", "generate", str(tiny_folder), "-p", "hi", "--max-tokens", "1"]) == 0
     assert torch.get_num_threads() == 1
-    assert main(["--threads", "0", "list"]) == 2
+    assert main(["--threads", "0", "generate", "-p", "hi"]) == 2  # checked before any model loads
     err = capsys.readouterr().err
-    assert err.startswith("error: threads=0 is not a number of threads") and err.count("\n") == 1
+    assert err.startswith("error: --threads 0 is not a number of threads") and err.count("\n") == 1
 
 
 def test_an_invalid_threads_variable_is_one_line(monkeypatch, capsys) -> None:
     monkeypatch.setenv(runtime.THREADS_ENV, "many")
-    assert main(["list"]) == 2
+    assert main(["generate", "-p", "hi"]) == 2
     err = capsys.readouterr().err
     assert "$LMFORGE_THREADS='many'" in err and err.count("\n") == 1
 

@@ -126,7 +126,7 @@ def test_cli_prints_one_line_and_exits_2(fixture, message, request):
 def test_missing_file_and_bad_options_on_cli(tmp_path):
     assert_one_line_error(run_cli("info", str(tmp_path / "nope.gguf")), "nope.gguf", "no such file")
     assert_one_line_error(run_cli("info", "not/a-real-model-anywhere-xyz"), "not/a-real-model-anywhere-xyz")
-    assert_one_line_error(run_cli("generate", "-p", "hi", "--top-p", "2"), "top_p=2.0")
+    assert_one_line_error(run_cli("generate", "-p", "hi", "--top-p", "2"), "--top-p 2.0")
 
 
 def test_pickle_weights_are_refused(tmp_path, tiny_tokenizer):

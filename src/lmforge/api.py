@@ -98,9 +98,12 @@ class LLM(LoadedModel):
         text: str | Sequence[str],
         labels: Sequence[str] | None = None,
         examples: Sequence[tuple[str, str]] = (),
+        zero_shot: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        """``{"label": ..., "probabilities": {label: p}}`` per text: a fine-tuned head, or zero/few-shot labels."""
-        results = inference.classify(self, [text] if isinstance(text, str) else list(text), labels, examples)
+        """``{"label": ..., "probabilities": {label: p}}`` per text: the fine-tuned head when the model has one
+        (``labels`` must then be its labels), else, or with ``zero_shot=True``, zero/few-shot label scoring."""
+        texts = [text] if isinstance(text, str) else list(text)
+        results = inference.classify(self, texts, labels, examples, zero_shot=zero_shot)
         return results[0] if isinstance(text, str) else results
 
     def summarize(

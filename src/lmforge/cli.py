@@ -1,16 +1,23 @@
 """``lmforge`` command line: parses arguments, calls the Python API, prints. No logic of its own.
 
-User mistakes (``LmforgeError``) print one line, ``error: what is wrong — how to fix it``, and exit with code 2.
+User mistakes (``LmforgeError``, and a missing or unreadable input file) print one line, ``error: what is wrong —
+how to fix it``, naming flags as typed (``--top-p 2.0``, not ``top_p=2.0``), and exit with code 2. Anything else
+is a bug: one line saying what failed and where to report it, exit code 1; ``--debug`` shows the traceback.
 
 Why one module of ~800 lines: it is a table of commands (a parser builder and a few-line ``cmd_*`` per command),
 read one command at a time. Each command imports what it needs inside its function, the one place in lmforge
-where that is the rule: ``lmforge --help`` and the store commands must start without importing torch.
+where that is the rule: ``lmforge --help``, ``--version`` and the store commands (``STORE_COMMANDS``) start without
+importing torch, and so do the parser's ``pretrain`` and ``finetune`` flags unless one of them runs (their
+settings dataclasses live in modules that import torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
+import socket
 import sys
 import time
 import warnings
@@ -18,11 +25,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmforge.config import QUANT_CHOICES
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingParams
-from lmforge.quant import QUANT_CHOICES
 
+EXIT_BUG = 1
 EXIT_USER_ERROR = 2
+# Commands that only read or change the model store: they never import torch, so --threads does not apply.
+STORE_COMMANDS = frozenset({"list", "show", "rm", "cp", "tag", "verify", "gc"})
+# Commands whose flags come from a settings dataclass in a module that imports torch (see build_parser).
+RECIPE_COMMANDS = frozenset({"pretrain", "finetune"})
+# Other names the Python API gives a flag's value in its errors (SamplingParams, summarize), by the flag's dest.
+_API_NAMES = {"max_tokens": ("max_new_tokens", "max_length")}
+REPORT_TO = "the lmforge issue tracker"
+MAX_TEXT_BYTES = 16 << 20  # a --file or stdin text: far beyond any context, small enough to read at once
 
 
 def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -85,6 +100,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
         seed=args.seed,
         stop=args.stop,
     )
+    from lmforge.generate import SamplingParams
+
     SamplingParams.from_kwargs(**options)
     return options
 
@@ -96,14 +113,62 @@ def _load(args: argparse.Namespace):
 
 
 def _print_stream(pieces) -> tuple[int, float]:
-    """Print pieces as they come; return (characters, seconds)."""
+    """Print pieces as they come; return (characters, seconds). An empty answer is said on stderr: an empty
+    line alone looks like a hang or a bug."""
     start, chars = time.perf_counter(), 0
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
         chars += len(piece)
     sys.stdout.write("\n")
+    if not chars:
+        _note_empty_answer()
     return chars, time.perf_counter() - start
+
+
+def _note_empty_answer() -> None:
+    sys.stdout.flush()
+    print(
+        "note: the model's answer is empty (it ended at once: end of text or a stop string); "
+        "try another prompt, --temperature 0.7 or another model",
+        file=sys.stderr,
+    )
+
+
+def _read_text(file: str | None, what: str) -> str:
+    """``file``'s text (stdin when None), at most MAX_TEXT_BYTES; a missing, unreadable or empty input is a
+    one-line error."""
+    source = file if file is not None else "stdin"
+    try:
+        if file is None:
+            data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)
+        else:
+            with open(file, "rb") as f:
+                data = f.read(MAX_TEXT_BYTES + 1)
+        text = data.decode("utf-8")
+    except FileNotFoundError:
+        raise LmforgeError(f"{source}: no such file", hint="check the path given to --file") from None
+    except IsADirectoryError:
+        raise LmforgeError(f"{source}: is a folder, not a file", hint="give a text file to --file") from None
+    except OSError as e:
+        raise LmforgeError(f"{source}: cannot read it ({e.strerror})", hint="check the file") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{source}: not UTF-8 text (byte {e.start})", hint="save it as UTF-8") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise LmforgeError(
+            f"{source}: more than {MAX_TEXT_BYTES >> 20} MiB of text", hint="split it into smaller files"
+        )
+    if not text.strip():
+        raise LmforgeError(f"{source}: no text to {what}", hint="give a file or stdin with some text")
+    return text
+
+
+def _texts(args: argparse.Namespace, what: str) -> list[str]:
+    """The command's texts: its arguments, else one per non-blank stdin line; none, or a blank one, is an error."""
+    texts = args.text or [line for line in _read_text(None, what).splitlines() if line.strip()]
+    if any(not text.strip() for text in texts):
+        raise LmforgeError(f"an empty text to {what}", hint="give every text some characters")
+    return texts
 
 
 def _collect(stream: Iterator[str], into: list[str]) -> Iterator[str]:
@@ -115,8 +180,10 @@ def _collect(stream: Iterator[str], into: list[str]) -> Iterator[str]:
 # ---------------------------------------------------------------- commands
 def cmd_generate(args: argparse.Namespace) -> None:
     options = _sampling(args)
+    prompt = args.prompt if args.prompt is not None else _read_text(None, "continue")
+    if not prompt.strip():
+        raise LmforgeError("empty prompt", hint="give some text with -p/--prompt or on stdin")
     llm = _load(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat:
         _print_stream(llm.stream([{"role": "user", "content": prompt}], **options))
     else:
@@ -168,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"refusing to serve on {args.host} without an API key: anyone who can reach it could use it",
             hint="pass --api-key KEY (or set LMFORGE_API_KEY), or --insecure-no-key if that is what you want",
         )
+    _check_bindable(args.host, args.port)  # before the model loads (seconds) and before any URL is printed
     llm = _load(args)
     app = create_app(
         llm,
@@ -183,6 +251,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{args.host}:{args.port}"
     print(f"serving {llm!r} (threads: {args.threads})\n  playground: {url}/   API: {url}/v1")
     uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level="warning")).run()
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let it go: a busy port or a host that is not this machine's is then a one-line
+    error instead of uvicorn's log lines after the URL was printed. The address family and SO_REUSEADDR as
+    uvicorn picks them (IPv6 only for a host with a ':'), so what passes here binds there too."""
+    if not 1 <= port <= 65535:
+        raise LmforgeError(f"--port {port} is not a port", hint="use a number from 1 to 65535, e.g. 8000")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            raise LmforgeError(
+                f"cannot serve on {host}:{port}: the port is in use",
+                hint="stop the program using it, or pick another with --port",
+            ) from None
+        raise LmforgeError(
+            f"cannot serve on --host {host}: {reason}",
+            hint="use an address of this machine: 127.0.0.1 (default), ::1, or 0.0.0.0 for every interface",
+        ) from None
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -332,25 +425,28 @@ def _print_stored(save_as: str | None) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
+    texts = _texts(args, "classify")
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     llm = _load(args)
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    labels = args.labels.split(",") if args.labels else None
-    for text, result in zip(texts, llm.classify_text(texts, labels=labels), strict=True):
+    results = llm.classify_text(texts, labels=labels, zero_shot=args.zero_shot)
+    for text, result in zip(texts, results, strict=True):
         probs = " ".join(f"{k}={v:.3f}" for k, v in result.get("probabilities", {}).items())
         print(f"{result['label']}\t{probs}\t{text}")
 
 
 def cmd_summarize(args: argparse.Namespace) -> None:
-    llm = _load(args)
-    text = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
-    print(llm.summarize(text, max_length=args.max_tokens))
+    text = _read_text(args.file, "summarize")
+    summary = _load(args).summarize(text, max_length=args.max_tokens)
+    print(summary)
+    if not summary:
+        _note_empty_answer()
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
     import json as json_module
 
+    texts = _texts(args, "embed")
     llm = _load(args)
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for text, vector in zip(texts, llm.embed(texts), strict=True):
         print(
             json_module.dumps(
@@ -516,16 +612,46 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from lmforge.recipes.finetune import FinetuneSettings
-    from lmforge.recipes.pretrain import PretrainSettings
-    from lmforge.recipes.settings import add_flags, renamed_flag
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmforge")
+    except PackageNotFoundError:
+        from lmforge import __version__
+
+        return __version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up only when asked (importlib.metadata is not free at start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"lmforge {_version()}")
+        parser.exit()
+
+
+def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``recipes=False`` leaves out the ``pretrain`` and ``finetune`` flags, whose
+    settings dataclasses live in modules that import torch: ``main`` builds them only when one of those runs."""
+    from lmforge.recipes.settings import renamed_flag
 
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_VersionAction, help="print lmforge's version and exit")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback when a command fails with an unexpected error",
+    )
     parser.add_argument(
         "--threads",
         type=int,
-        help="intra-op threads for every command (default: $LMFORGE_THREADS, else one per physical core)",
+        help="intra-op threads for every command that runs a model "
+        "(default: $LMFORGE_THREADS, else one per physical core)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -573,35 +699,58 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a model on prepared token shards")
-    p.add_argument(
-        "--config",
-        help="YAML file: the settings below as keys (data: shards), model sizes under model_config:, "
-        "training settings under train:; flags override it",
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain (or continue pretraining) a model on prepared token shards",
+        add_help=recipes,  # without its flags, its --help waits for the full parser
     )
-    add_flags(p, PretrainSettings)
+    if recipes:
+        from lmforge.recipes.pretrain import PretrainSettings
+        from lmforge.recipes.settings import add_flags
+
+        p.add_argument(
+            "--config",
+            help="YAML file: the settings below as keys (data: shards), model sizes under model_config:, "
+            "training settings under train:; flags override it",
+        )
+        add_flags(p, PretrainSettings)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser(
-        "finetune", help="fine-tune a model: classify | instruct | summarize, full | freeze | lora"
+        "finetune",
+        help="fine-tune a model: classify | instruct | summarize, full | freeze | lora",
+        add_help=recipes,
     )
-    p.add_argument(
-        "--config",
-        help="YAML file: the settings below as keys (task: classify), LoRA ones under lora: (rank: 16), "
-        "training ones under train:; flags override it",
-    )
-    add_flags(p, FinetuneSettings)
+    if recipes:
+        from lmforge.recipes.finetune import FinetuneSettings
+        from lmforge.recipes.settings import add_flags
+
+        p.add_argument(
+            "--config",
+            help="YAML file: the settings below as keys (task: classify), LoRA ones under lora: (rank: 16), "
+            "training ones under train:; flags override it",
+        )
+        add_flags(p, FinetuneSettings)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("classify", help="classify texts (fine-tuned head, or zero-shot with --labels)")
+    p = sub.add_parser("classify", help="classify texts (the fine-tuned head, or zero-shot with --labels)")
     _add_model(p, positional=False)
     p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
-    p.add_argument("--labels", help="comma-separated candidate labels for zero-shot classification")
+    p.add_argument(
+        "--labels",
+        help="comma-separated candidate labels: zero-shot on a model without a classification head; "
+        "with a head they must be the head's labels",
+    )
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="score --labels by likelihood even when the model has a fine-tuned head",
+    )
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("summarize", help="summarize a text file (or stdin)")
     _add_model(p)
-    p.add_argument("--file")
+    p.add_argument("--file", help=f"UTF-8 text file, up to {MAX_TEXT_BYTES >> 20} MiB (default: read stdin)")
     p.add_argument("--max-tokens", type=int, default=80)
     p.set_defaults(func=cmd_summarize)
 
@@ -764,14 +913,61 @@ def _configure_runtime(args: argparse.Namespace) -> None:
     runtime.configure_compile_cache()
 
 
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse with the light parser, or with the full one when the command is pretrain or finetune."""
+    parser = build_parser(recipes=False)
+    known, _ = parser.parse_known_args(argv)
+    if known.command in RECIPE_COMMANDS:
+        parser = build_parser()
+    return parser, parser.parse_args(argv)
+
+
+def _actions_under(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    """A command's arguments, those of its actions included (``tokenizer train``'s --vocab-size)."""
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from _actions_under(subparser)
+
+
+def _as_typed(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """``message`` with the API's names spelled as the flags the user typed: ``top_p=2.0`` -> ``--top-p 2.0``,
+    ``vocab_size`` -> ``--vocab-size``.
+
+    Only numeric flags, whose values read the same either way (a Python list of labels would not), and a bare
+    name only when it has an underscore: ``threads`` or ``seed`` alone may be plain English."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in [*parser._actions, *_actions_under(commands.choices[command])]:
+        if action.type not in (int, float) or not action.option_strings:
+            continue
+        flag = max(action.option_strings, key=len)
+        for name in (action.dest, *_API_NAMES.get(action.dest, ())):
+            message = re.sub(rf"(?<![\w/.-]){name}=", f"{flag} ", message)
+            if "_" in name:
+                message = re.sub(rf"(?<![\w/.-]){name}(?![\w/-])", flag, message)
+    return message
+
+
+def _bug(command: str, error: BaseException) -> str:
+    """The one line for an unexpected error: what failed, the error itself, and where to report it."""
+    detail = " ".join(f"{type(error).__name__}: {error}".split())
+    detail = detail if len(detail) <= 300 else detail[:299] + "…"
+    return (
+        f"error: `lmforge {command}` failed unexpectedly ({detail}) — this is a bug in lmforge: please report "
+        f"it to {REPORT_TO} with the output of `lmforge --debug {command} ...`"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, args = _parse(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
-        _configure_runtime(args)
+        if args.command not in STORE_COMMANDS:
+            _configure_runtime(args)
         func(args)
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_typed(str(e), parser, args.command)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -781,4 +977,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and e.filename is not None:
+            # A path the user gave that cannot be read or written (permissions, a full disk): theirs to fix.
+            print(f"error: {e.filename}: {e.strerror} — check the path and its permissions", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(_bug(args.command, e), file=sys.stderr)
+        return EXIT_BUG
     return 0

@@ -19,6 +19,9 @@ from typing import Any, Literal
 from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
 
 HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert")
+# ``LLM.load``'s quant modes (``lmforge.quant`` packs the weights). Here rather than in quant.py, which imports
+# torch, so that the command line lists them in ``--help`` without importing torch.
+QUANT_CHOICES = ("auto", "none", "int8", "int4")
 
 
 @dataclass

@@ -73,15 +73,32 @@ def classify(
     texts: Sequence[str],
     labels: Sequence[str] | None = None,
     examples: Sequence[Example] = (),
+    zero_shot: bool = False,
 ) -> list[dict[str, Any]]:
+    """A model with a fine-tuned head classifies with it; ``labels``, when given, must then be the head's own
+    (a different set would be silently ignored otherwise). ``zero_shot=True``, or a model without a head, scores
+    ``labels`` (with few-shot ``examples``) by likelihood instead."""
     config = llm.config
-    if labels is None:
-        if not config.labels:
+    if config.labels and not zero_shot:
+        if labels is not None and sorted(labels) != sorted(config.labels):
             raise LmforgeError(
-                "this model has no classification head, so it needs candidate labels",
-                hint="pass labels=[...] for zero-shot classification, or fine-tune with --task classify",
+                f"labels {list(labels)} are not this model's fine-tuned labels {config.labels}",
+                hint="leave the labels out to use its classification head, or ask for zero-shot scoring "
+                "(zero_shot=True; the command line's --zero-shot)",
+            )
+        if examples:
+            raise LmforgeError(
+                "few-shot examples are for zero-shot scoring, and this model has a classification head",
+                hint="leave the examples out to use the head, or pass zero_shot=True",
             )
         return _classify_with_head(llm, texts)
+    if labels is None:
+        raise LmforgeError(
+            "this model has no classification head, so it needs candidate labels"
+            if not config.labels
+            else "zero-shot classification needs candidate labels",
+            hint="pass labels=[...] (the command line's --labels a,b), or fine-tune with --task classify",
+        )
     if len(set(labels)) < 2:
         raise LmforgeError(
             f"need at least two distinct labels, got {list(labels)}", hint="pass labels=['a', 'b']"

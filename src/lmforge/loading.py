@@ -126,14 +126,16 @@ def resolve(name_or_path: str | Path | None, store: Store | None = None) -> Sour
         return Source("gguf", name, path)
     if path.is_dir():
         return Source("folder", name, path)
-    stored = (store or Store()).find(name)
+    store = store or Store()
+    stored = store.find(name)
     if stored is not None:
         return Source("store", name, stored)
     if HUB_ID.match(name):
         return Source("hub", name, None)
     raise LmforgeError(
         f"no model found at {name!r}",
-        hint="give a model folder, a .gguf file, a stored name like 'name:tag' (see `lmforge list`), "
+        hint=store.near_names_hint(name)
+        or "give a model folder, a .gguf file, a stored name like 'name:tag' (see `lmforge list`), "
         "a hub id like 'org/name', or nothing for the default model",
     )
 

@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import QUANT_CHOICES
 from lmforge.errors import LmforgeError, UnsupportedError
 
 GROUP = 32  # values per quantization group (one scale, and for int4 one zero, each)
-QUANT_CHOICES = ("auto", "none", "int8", "int4")
 Kind = Literal["int8", "int4"]
 PLANES: dict[str, int] = {"int4": 1, "int8": 2}  # 4-bit planes a code is stored as
 DECODE_ROWS = 8  # inputs with at most this many rows take the packed kernel; bigger ones the dequantized GEMM

@@ -7,8 +7,9 @@ that applies: ``set_threads(n)``; ``$LMFORGE_THREADS``; ``$OMP_NUM_THREADS`` (wh
 physical cores this process may run on (a hyperthread sibling shares its core's arithmetic units, so more
 threads only queue for them); ``os.cpu_count()`` where ``/proc/cpuinfo`` does not say.
 
-``lmforge_home()`` is the one resolution of ``$LMFORGE_HOME`` (default ``~/.lmforge``): the model store lives
-there, and so does inductor's cache (``<home>/inductor``), so only the first run waits for most of the compiling.
+``lmforge_home()`` is the one resolution of ``$LMFORGE_HOME`` (default ``~/.lmforge``; ``lmforge.home``, which
+imports no torch, defines it): the model store lives there, and so does inductor's cache (``<home>/inductor``),
+so only the first run waits for most of the compiling.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.home import HOME_ENV as HOME_ENV  # re-exported: runtime is where callers look for it
+from lmforge.home import lmforge_home
 
 THREADS_ENV = "LMFORGE_THREADS"
 COMPILE_ENV = "LMFORGE_COMPILE"  # "0" / "false" / "no": decode eagerly unless a caller asks for compile
-HOME_ENV = "LMFORGE_HOME"
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 CPUINFO = Path("/proc/cpuinfo")
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
@@ -31,11 +33,6 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _threads: int | None = None  # what set_threads set, None until it runs
 _configured = False
 _initial_threads = torch.get_num_threads()  # to see whether the user changed it before LLM.load
-
-
-def lmforge_home() -> Path:
-    """``$LMFORGE_HOME``, or ``~/.lmforge``: where the store and the compile cache live."""
-    return Path(os.environ.get(HOME_ENV) or "~/.lmforge").expanduser()
 
 
 def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int | None:

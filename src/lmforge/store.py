@@ -31,6 +31,7 @@ model's identity: ``id`` hashes the other files, so adding eval results to a mod
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -48,8 +49,7 @@ from filelock import FileLock, Timeout
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.formats.atomic import fsync_path
-from lmforge.formats.folder import CARD_FILE, CONFIG_FILE, TRAINER_FILES, model_card
-from lmforge.runtime import lmforge_home
+from lmforge.home import lmforge_home
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_TAG = "latest"
@@ -409,6 +409,9 @@ class Store:
 
         Its title is the stored name without the tag, so tags of one model share one card.
         """
+        # formats.folder imports torch: only the writing operations import it, so `lmforge list` need not.
+        from lmforge.formats.folder import CONFIG_FILE, model_card
+
         config = Config.load(folder / CONFIG_FILE).replace(name=manifest["name"])
         record = {
             "description": manifest.get("description"),
@@ -423,6 +426,8 @@ class Store:
 
     def _finish(self, ref: Ref, manifest: Manifest, folder: Path) -> Manifest:
         """Add the generated card, then the manifest (last, atomically) and its snapshot. Needs the lock."""
+        from lmforge.formats.folder import CARD_FILE  # see _card
+
         card = self._card(folder, manifest)
         try:
             manifest["files"][CARD_FILE] = self._add_blob(card)
@@ -439,8 +444,27 @@ class Store:
     # ------------------------------------------------------------- operations
     def _not_found(self, ref: Ref) -> LmforgeError:
         return LmforgeError(
-            f"no model {str(ref)!r} in the store {self.root}", hint="see `lmforge list` for the stored models"
+            f"no model {str(ref)!r} in the store {self.root}",
+            hint=self.near_names_hint(str(ref)) or "see `lmforge list` for the stored models",
         )
+
+    def near_names(self, text: str, limit: int = 5) -> list[str]:
+        """Stored ``name:tag``s that ``text`` (a name that matched nothing) probably meant: the name's own tags
+        (``mine`` or ``mine:v2`` when only ``mine:v1`` exists), else those of the names closest in spelling."""
+        refs = sorted(f"{m['name']}:{m['tag']}" for m in self.list_models())
+        name = text.partition(":")[0]
+        names = sorted({ref.partition(":")[0] for ref in refs})
+        close = [name] if name in names else difflib.get_close_matches(name, names, n=limit)
+        return [ref for n in close for ref in refs if ref.partition(":")[0] == n][:limit]
+
+    def near_names_hint(self, text: str) -> str | None:
+        """``near_names`` as an error's hint, None when there are none."""
+        near = self.near_names(text)
+        if not near:
+            return None
+        if near[0].partition(":")[0] == text.partition(":")[0]:
+            return f"the store has {', '.join(near)}: name the tag"
+        return f"did you mean {' or '.join(near)}? (`lmforge list` shows the stored models)"
 
     def get(self, name: str) -> Manifest:
         """The manifest of ``name[:tag]``."""
@@ -483,6 +507,8 @@ class Store:
         (fingerprinted by sha256). Its files are stored, subfolders included (sentence-transformers keeps the
         pooling in ``1_Pooling/``); ``README.md`` is regenerated from the manifest.
         """
+        from lmforge.formats.folder import CARD_FILE, CONFIG_FILE, TRAINER_FILES  # see _card
+
         ref = parse_ref(name)
         self._manifest_path(ref)  # a planted link where the manifest goes fails before anything is copied
         folder = Path(folder)

@@ -244,7 +244,10 @@ class _Job:
         if self.task == "classify":
             texts = [r["text"] for r in self.rows]
             head = self.uses_head(llm.config)
-            found = classify(llm, texts) if head else classify(llm, texts, self.labels, self.examples)
+            if head:
+                found = classify(llm, texts)
+            else:  # zero-shot, also for a model whose head knows other labels
+                found = classify(llm, texts, self.labels, self.examples, zero_shot=True)
             latency = (time.perf_counter() - start) * 1000 / len(texts)
             truth = [r["label"] for r in self.rows]
             metrics = classification_metrics(truth, [f["label"] for f in found], self.labels)
