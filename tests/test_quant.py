@@ -1,10 +1,9 @@
 """Packed int4/int8 weights (lmforge.quant): kernels against the dequantized weight, GGUF block codes against
 llama.cpp's own ``gguf.quants``, the bundled SmolLM2 packed vs float, quantize-on-load, saving, LoRA (QLoRA).
 
-Tolerances: decode-sized inputs (up to ``DECODE_ROWS`` rows) run the packed kernel, which computes with bf16
-activations and returns bf16 (``PackedLinear.kernel_matmul``, both kinds: int8 is two 4-bit planes), so it is
-compared with that rounding applied to the reference, and with the float32 result within bf16's rounding
-bound. Bigger inputs dequantize and multiply in float32: ``F.linear`` on the dequantized weight, to 1e-5.
+Tolerances: packed layers run one kernel, which computes with bf16 activations and returns bf16
+(``PackedLinear.kernel_matmul``, both kinds: int8 is two 4-bit planes), so it is compared with that rounding
+applied to the reference, and with the float32 result within bf16's rounding bound.
 """
 
 from __future__ import annotations
@@ -29,9 +28,8 @@ from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.gguf_quants import block_codes
 from lmforge.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora
 from lmforge.quant import (
-    DECODE_ROWS,
-    DEQUANT_ROWS,
     GROUP,
+    PACK_ROWS,
     PackedEmbedding,
     PackedLinear,
     QuantizedWeight,
@@ -92,15 +90,13 @@ def test_packed_linear_matches_its_dequantized_weight(kind, rows, bias):
         y = layer(x)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     exact = F.linear(x, w, b)
-    if rows > DECODE_ROWS:
-        assert relative_error(y, exact) <= 1e-5
-    else:
-        # What the kernel is documented to compute: bf16 activations in, the product rounded to bf16 out.
-        rounded = F.linear(x.bfloat16().float(), w).bfloat16().float() + (b if bias else 0)
-        assert relative_error(y, rounded) <= 1e-3
-        # and against float32 arithmetic: within two bf16 roundings (input and output) of each term
-        bound = BF16_EPS * (F.linear(x, w).abs() + x.abs() @ w.abs().T) + 1e-6
-        assert ((y - exact).abs() <= bound).all()
+    # What the kernel is documented to compute: bf16 activations in, the product rounded to bf16 out.
+    # (Relative error of the whole output, as a norm: single elements may round to the neighbouring bf16.)
+    rounded = F.linear(x.bfloat16().float(), w).bfloat16().float() + (b if bias else 0)
+    assert ((y - rounded).norm() / rounded.norm()).item() <= 1e-3
+    # and against float32 arithmetic: within two bf16 roundings (input and output) of each term
+    bound = BF16_EPS * (F.linear(x, w).abs() + x.abs() @ w.abs().T) + 1e-6
+    assert ((y - exact).abs() <= bound).all()
     # a batch of sequences (B, T, K) gives the same rows
     with torch.no_grad():
         y3 = layer(x.view(1, rows, k).expand(2, rows, k))
@@ -128,7 +124,7 @@ def test_compiled_packed_layer_runs_the_packed_kernel(kind):
     layer = PackedLinear(quantize_weight(random_weight(40, 96, seed=2), kind), torch.randn(40))  # 40: padded
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=False)
-    for rows in (1, DECODE_ROWS):  # decode-sized inputs
+    for rows in (1, 8):  # decode-sized inputs
         x = torch.randn(rows, 96)
         with torch.no_grad():
             assert relative_error(compiled(x), layer(x)) <= 1e-3
@@ -171,7 +167,7 @@ def test_block_codes_decode_like_llama_cpp(qtype):
 
 # ----------------------------------------------------------------------------------- packing round trip
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-@pytest.mark.parametrize("n", [40, DEQUANT_ROWS + 48])  # rows padded to 48; packed in two chunks
+@pytest.mark.parametrize("n", [40, PACK_ROWS + 48])  # rows padded to 48; packed in two chunks
 def test_unpacked_recovers_the_exact_codes(kind, n):
     k = 96
     g = torch.Generator().manual_seed(4)
@@ -295,8 +291,8 @@ def test_saving_a_packed_model_writes_its_float_weights(preset, kind, float_fold
     reloaded = LLM.load(out, device="cpu", dtype="float32")
     assert packing_summary(reloaded.model) == "not packed (float weights)"
     a, b = logits(reloaded, SAMPLE_TEXT[:2]), logits(packed, SAMPLE_TEXT[:2])
-    # the same weights; int4 differs only by its kernel's bf16 arithmetic
-    assert relative_error(a, b) <= (1e-5 if kind == "int8" else 0.01)
+    # the same weights; the packed model differs only by its kernel's bf16 arithmetic
+    assert relative_error(a, b) <= 0.01
     assert cosine(a, b).min() > 0.9999
 
 
@@ -306,7 +302,7 @@ def test_export_of_a_packed_model_writes_float_weights(float_folders, tmp_path):
     q8 = LLM.load(packed.export(tmp_path / "m.gguf", format="gguf", quant="q8_0"), device="cpu")
     assert packing_summary(q8.model).startswith("13 int8")  # the GGUF's Q8_0 layers load packed again
     ref = logits(packed, SAMPLE_TEXT[0])
-    assert relative_error(logits(hf, SAMPLE_TEXT[0]), ref) <= 1e-5
+    assert relative_error(logits(hf, SAMPLE_TEXT[0]), ref) <= 0.01  # float32 vs the packed kernel's bf16
     assert relative_error(logits(q8, SAMPLE_TEXT[0]), ref) <= 0.05
 
 
@@ -435,7 +431,7 @@ def test_qlora_step_lowers_loss_and_merges_to_float(kind, float_folders, tiny_to
                 relative_error(merged(x), before_merge) <= 1e-2
             )  # 3 rows: the packed layer ran its bf16 kernel
         merged_logits = packed.model(batch)[0]
-    assert relative_error(merged_logits, unmerged_logits) <= (1e-5 if kind == "int8" else 0.01)
+    assert relative_error(merged_logits, unmerged_logits) <= 0.01  # the packed base's bf16 kernel
     assert cosine(merged_logits, unmerged_logits).min() > 0.9999
     # the layers LoRA did not target stay packed
     assert isinstance(packed.model.get_submodule("blocks.0.mlp.gate_proj"), PackedLinear)

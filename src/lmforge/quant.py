@@ -19,9 +19,9 @@ That reads one byte a weight through the same vectorised kernel, on every CPU Py
 an inductor-compiled int8 dequantize-in-register matvec (which also needed one compile per layer shape) and
 ``_weight_int8pack_mm`` (one scale per row: no Q8_0 groups; compute-bound on AVX2). The kernel reads scales
 and zeros as bf16: a layer's values are the codes exactly, their scales and zeros off by one bf16 rounding (a
-GGUF file's fp16 scales are not kept). Prefill and training inputs (more than ``DECODE_ROWS`` rows) take the
-GEMM instead: ``DEQUANT_ROWS`` output rows at a time are unpacked from the kernel's own layout, dequantized
-and multiplied in the activations' type.
+GGUF file's fp16 scales are not kept). The kernel serves prefill too: dequantizing the layers for a float
+GEMM measured slower at every prompt length tried (16 to 256 tokens, both kinds). Codes come back out of the
+kernel's layout (``unpack_codes``) for export, an embedding table's lookups and a QLoRA backward.
 
 ``PackedLinear`` replaces ``nn.Linear`` inside the same ``Transformer`` (``pack_model``); LoRA wraps it like
 any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
@@ -44,8 +44,6 @@ from lmforge.errors import LmforgeError, UnsupportedError
 GROUP = 32  # values per quantization group (one scale, and for int4 one zero, each)
 Kind = Literal["int8", "int4"]
 PLANES: dict[str, int] = {"int4": 1, "int8": 2}  # 4-bit planes a code is stored as
-DECODE_ROWS = 8  # inputs with at most this many rows take the packed kernel; bigger ones the dequantized GEMM
-DEQUANT_ROWS = 2048  # output rows the GEMM path dequantizes at a time (bounds the float copy of a big head)
 PACK_ROWS = (
     512  # rows packed at a time (a whole number of the layout's blocks): ~20 bytes a weight of temporaries
 )
@@ -206,11 +204,16 @@ def gather_codes(packed: torch.Tensor, width: int, rows: torch.Tensor, layout: L
 
 def dequantize_planes(codes: torch.Tensor, scales_zeros: torch.Tensor, planes: int) -> torch.Tensor:
     """Float32 (R, K) weights from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each plane's
-    (q - 8) * scale + zero, the planes summed."""
+    (q - 8) * scale + zero, the planes summed. Two planes are joined into the int8 code first (q = 16 hi + lo,
+    the lo plane's scale): one multiply a weight instead of two."""
     R = codes.shape[0]
     scales, zeros = scales_zeros.float().unbind(-1)  # (P*K/32, R)
+    if planes == 2:
+        K = codes.shape[1] // 2
+        q = (codes[:, :K].to(torch.int16) - 8) * 16 + codes[:, K:]  # the int8 codes, exactly
+        return (q.view(R, -1, GROUP).float() * scales[K // GROUP :].T[..., None]).view(R, K)
     w = (codes.float().view(R, -1, GROUP) - 8) * scales.T[..., None] + zeros.T[..., None]
-    return w.view(R, planes, -1).sum(1)
+    return w.view(R, -1)
 
 
 class _KernelMatmul(torch.autograd.Function):
@@ -287,9 +290,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] > DECODE_ROWS:
-            y = self.dequantized_matmul(x2)  # autograd sees a plain matmul by a constant
-        elif x2.requires_grad:
+        if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
             y = self.kernel_matmul(x2)
@@ -305,26 +306,10 @@ class PackedLinear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
         return y[:, : self.out_features].to(x.dtype)
 
-    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N): ``DEQUANT_ROWS`` output rows at a time dequantized and multiplied in x's dtype.
-
-        The slices bound the float copy (a 49k-token head would be 113 MB at once) and stay in cache.
-        """
-        parts = [
-            x @ self.dequantize_rows(start, min(start + DEQUANT_ROWS, self.out_features)).to(x.dtype).T
-            for start in range(0, self.out_features, DEQUANT_ROWS)
-        ]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop of the weight as float32 (start a multiple of 64): what the kernel computes with."""
-        width = self.planes * self.in_features
-        codes = unpack_codes(self.packed, width, start, stop, self.layout)
-        return dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes)
-
     def dequantize(self) -> torch.Tensor:
         """The weight as a float32 (N, K) matrix: what the packed matmul computes with."""
-        return self.dequantize_rows(0, self.out_features)
+        codes = unpack_codes(self.packed, self.planes * self.in_features, 0, self.out_features, self.layout)
+        return dequantize_planes(codes, self.scales_zeros[:, : self.out_features], self.planes)
 
     def unpacked(self) -> QuantizedWeight:
         """The integer codes, scales and zeros back (for export and tests)."""
