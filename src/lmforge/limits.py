@@ -58,9 +58,10 @@ def read_json_object(
     """A JSON object from ``path``, size-capped before it is read; one ``ModelFormatError`` naming the file for
     anything else (too large, not UTF-8, not JSON, nested too deep, not an object). A missing file raises
     ``FileNotFoundError`` so callers can say which file a folder lacks."""
-    check_file_size(path, max_bytes, what)
+    size = check_file_size(path, max_bytes, what)
     with open(path, "rb") as f:
-        raw = f.read(max_bytes + 1)  # the file may have grown since the size check
+        # read(n) allocates n bytes up front: ask for the size checked (one more shows a file grown past the cap).
+        raw = f.read(size + 1)
     try:
         if len(raw) > max_bytes:
             raise ValueError(f"over the {max_bytes:,}-byte limit")

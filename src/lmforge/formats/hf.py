@@ -222,7 +222,7 @@ def _safetensors_entry(path: Path, name: str, info: Any, data_size: int) -> Safe
     if not isinstance(info, dict):
         _bad_safetensors(path, f"tensor {name!r} has no description")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise UnsupportedError(
             f"{path}: tensor {name!r} has dtype {dtype!r}",
             hint=f"lmforge reads safetensors dtypes {', '.join(SAFETENSORS_DTYPES)}",
