@@ -276,6 +276,8 @@ def safetensors_case(draw: st.DrawFn) -> bytes:
     length = draw(st.sampled_from([len(raw)] * 4 + INTERESTING))
     buf = bytearray(struct.pack("<Q", length % 2**64) + raw + data)
     for kind, where, value in draw(st.lists(raw_bytes_mutation, max_size=2)):
+        if not buf:
+            break
         if kind == "byte":
             buf[where % len(buf)] = value
         else:
