@@ -27,13 +27,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import lmforge.store
 from lmforge import LLM, Config, limits
 from lmforge.errors import LmforgeError
 from lmforge.formats.gguf import GGUFFile
 from lmforge.formats.gguf_writer import write_gguf
 from lmforge.formats.hf import read_safetensors
+from lmforge.formats.peft import load_adapter
 from lmforge.model import Transformer
-from tests.conftest import train_tiny_tokenizer
+from lmforge.store import Store
+from tests.conftest import tiny_llm, train_tiny_tokenizer
 
 # An input that takes longer than this is a hang (the files are a few kB; a real parse takes milliseconds).
 HANG_SECONDS = 5.0
@@ -484,8 +487,6 @@ def gguf_writer_seed_path(folder: Path) -> Path:
     ],
 )
 def test_llm_load_of_a_folder_whose_config_lies_fails_fast(value, message, tmp_path, tiny_tokenizer):
-    from tests.conftest import tiny_llm
-
     folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "liar")
     config_path = folder / "config.json"
     hf = json.loads(config_path.read_text(encoding="utf-8"))
@@ -516,8 +517,6 @@ def test_a_damaged_config_json_is_one_error_naming_it(text, message, tmp_path):
 
 
 def test_json_side_files_are_capped_before_they_are_read(tmp_path, monkeypatch, tiny_tokenizer):
-    from tests.conftest import tiny_llm
-
     folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "m")
     monkeypatch.setattr(limits, "MAX_CONFIG_BYTES", 100)
     with pytest.raises(LmforgeError, match=r"config\.json: .* over the 100-byte limit for a config\.json"):
@@ -574,9 +573,6 @@ def test_gguf_tensor_offsets_must_be_aligned_and_inside_the_file(tmp_path):
 
 
 def test_a_store_manifest_is_capped(tmp_path, monkeypatch):
-    import lmforge.store as store_module
-    from lmforge.store import Store
-
     monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
     store = Store()
     path = store.manifests / "big" / "latest.json"
@@ -584,15 +580,12 @@ def test_a_store_manifest_is_capped(tmp_path, monkeypatch):
     path.write_text(
         json.dumps({"files": {}, "description": "很长" * 1000}, ensure_ascii=False), encoding="utf-8"
     )
-    monkeypatch.setattr(store_module, "MAX_MANIFEST_BYTES", 1000)
+    monkeypatch.setattr(lmforge.store, "MAX_MANIFEST_BYTES", 1000)
     with pytest.raises(LmforgeError, match=r"latest\.json: damaged manifest .*over the 1,000-byte limit"):
         store.get("big")
 
 
 def test_a_lora_adapter_config_is_bounded_before_layers_are_injected(tmp_path, tiny_tokenizer):
-    from lmforge.formats.peft import load_adapter
-    from tests.conftest import tiny_llm
-
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
     folder = tmp_path / "adapter"
     folder.mkdir()

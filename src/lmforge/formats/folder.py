@@ -43,7 +43,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINER_FILES = (OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE)
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d{1,9})\.")  # more digits than any layer count: not a layer
 
 
 def write_model_files(
