@@ -508,6 +508,8 @@ def test_llm_load_of_a_folder_whose_config_lies_fails_fast(value, message, tmp_p
         ('{"model_type": "llama", "vocab_size": 10, "num_hidden_layers": 1, "num_attention_heads": 2, '
          '"hidden_size": 8, "intermediate_size": 8, "rope_scaling": "线性"}', "rope_scaling='线性' is not an object"),
         ("\xff\xfe", "not a valid config.json"),
+        # Found by the fuzzer before the fix: the error did not name the file.
+        ('{"model_type": null}', "unsupported architecture: model_type=None"),
     ],
 )  # fmt: skip
 def test_a_damaged_config_json_is_one_error_naming_it(text, message, tmp_path):
@@ -597,3 +599,55 @@ def test_a_lora_adapter_config_is_bounded_before_layers_are_injected(tmp_path, t
     )
     assert "r (1 to 65536)" in message
     assert not any("lora" in name for name in llm.model.state_dict())  # nothing was injected
+
+
+def _safetensors(header: dict[str, Any], data: bytes = b"") -> bytes:
+    raw = json.dumps(header, ensure_ascii=False).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        # Found by the fuzzer: a list as the dtype raised TypeError (unhashable) from the dtype lookup.
+        ({"w": {"dtype": [], "shape": [1], "data_offsets": [0, 4]}}, "tensor 'w' has dtype []"),
+        ({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, "tensor 'w' has dtype 'C64'"),
+        ({"权重": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "tensor '权重' has shape [-1]"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 400]}}, "outside the 4 data bytes"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "needs 8 bytes, its offsets give 4"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "data_offsets [4, 0]"),
+        ({"__metadata__": {"格式": 1}}, "__metadata__ is not a map of strings"),
+        ({"w": "F32"}, "tensor 'w' has no description"),
+    ],
+)
+def test_safetensors_header_entries_are_checked(header, message, tmp_path):
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(_safetensors(header, b"\0" * 4))
+    assert message in _fails_fast(
+        lambda: read_safetensors(path), path, seconds=0.1, max_bytes=10 * limits.MiB
+    )
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "message"),
+    [
+        # Found by the fuzzer before the fix: metadata errors that did not name the file.
+        ("llama.embedding_length type", 13, "unknown metadata value type 13"),
+        ("general.architecture length", 2**40, "declares 1,099,511,627,776 string bytes"),
+        ("llama.block_count type", 8, "damaged GGUF header"),
+    ],
+)
+def test_gguf_metadata_errors_name_the_file(label, value, message, tmp_path):
+    path = tmp_path / "模型.gguf"
+    path.write_bytes(_gguf_patched(gguf_seeds()[0], label, value))
+    assert message in _fails_fast(lambda: read_gguf(path), path, seconds=1.0, max_bytes=100 * limits.MiB)
+
+
+def test_gguf_config_errors_name_the_file(tmp_path):
+    """A GGUF that lacks a size (here: its embedding length renamed away) is one error naming the file."""
+    seed = gguf_seeds()[0]
+    key = b"llama.embedding_length"
+    path = tmp_path / "缺少.gguf"
+    path.write_bytes(seed.replace(key, b"llama.embedding_lengtX", 1))
+    message = _fails_fast(lambda: read_gguf(path), path, seconds=1.0, max_bytes=100 * limits.MiB)
+    assert "GGUF metadata lacks llama.embedding_length" in message
