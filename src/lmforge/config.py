@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge import limits
 from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
 
 HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert")
@@ -61,6 +62,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -90,6 +92,40 @@ class Config:
                 )
             if kind == "default":
                 self.rope_scaling = None
+
+    def _check_sizes(self) -> None:
+        """Every declared size is an integer within its documented maximum (``lmforge.limits``), before anything
+        is derived from it: a config is read from files, and a million layers would build until memory runs out."""
+        for name, (low, high) in _SIZE_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_SIZES:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ModelFormatError(
+                    f"config {name}={value!r} is out of range (an integer from {low} to {high:,})",
+                    hint="the config is damaged, or describes a model beyond lmforge's limits (docs/architecture.md)",
+                )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ModelFormatError(
+                f"config rope_scaling={self.rope_scaling!r} is not an object", hint="fix the config"
+            )
+
+    def check_weights(self, source: str | Path, layers: set[int], embedding: tuple[int, ...] | None) -> None:
+        """Before a network is built: the layers the file holds tensors for (``layers``, their indices) are the
+        config's, and the token embedding table (``embedding``, rows first; None when absent) is
+        (vocab_size, n_embd). A header that declares more than the file holds is one error naming ``source``."""
+        if layers != set(range(self.n_layer)):
+            held = f"{len(layers)} layers' tensors" + (f" (indices up to {max(layers)})" if layers else "")
+            raise ModelFormatError(
+                f"{source}: declares {self.n_layer} layers, but the file holds {held}",
+                hint="the config and the weights come from different models, or the file is damaged",
+            )
+        if embedding is not None and tuple(embedding) != (self.vocab_size, self.n_embd):
+            raise ModelFormatError(
+                f"{source}: declares vocabulary {self.vocab_size} x hidden {self.n_embd}, but the token "
+                f"embedding is {' x '.join(map(str, embedding))}",
+                hint="the config and the weights come from different models, or the file is damaged",
+            )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -344,16 +380,13 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
+        """A Hugging Face ``config.json`` (size-capped before reading); every problem is one error naming it."""
         path = Path(path)
         try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
+            hf = limits.read_json_object(path, limits.MAX_CONFIG_BYTES, "config.json")
         except FileNotFoundError:
             raise ModelFormatError(
                 f"{path}: no such file", hint="a model folder needs a config.json"
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFormatError(
-                f"{path}: not valid JSON ({e})", hint="fix or re-download config.json"
             ) from None
         try:
             return cls.from_hf(hf, name=path.parent.name)
@@ -361,6 +394,17 @@ class Config:
             raise ModelFormatError(
                 f"{path}: missing key {e}", hint="fix or re-download config.json"
             ) from None
+        except (
+            TypeError,
+            ValueError,
+            ArithmeticError,
+            AttributeError,
+        ) as e:  # a value of the wrong type or 0
+            raise ModelFormatError(
+                f"{path}: malformed value ({type(e).__name__}: {e})", hint="fix or re-download config.json"
+            ) from None
+        except LmforgeError as e:
+            raise type(e)(f"{path}: {e.message}", hint=e.hint) from None
 
 
 def _activation_from_hf(name: str) -> str:
@@ -397,6 +441,20 @@ _GPT2 = dict(
     bos_token_id=50256,
     eos_token_id=50256,
 )
+# Declared sizes and their inclusive bounds (lmforge.limits); the optional ones may be None (derived later).
+_SIZE_BOUNDS = {
+    "vocab_size": (1, limits.MAX_VOCAB),
+    "block_size": (1, limits.MAX_CONTEXT),
+    "n_layer": (1, limits.MAX_LAYERS),
+    "n_head": (1, limits.MAX_HEADS),
+    "n_kv_head": (1, limits.MAX_HEADS),
+    "n_embd": (1, limits.MAX_HIDDEN),
+    "head_dim": (1, limits.MAX_HEAD_DIM),
+    "intermediate_size": (1, limits.MAX_INTERMEDIATE),
+    "type_vocab_size": (0, limits.MAX_VOCAB),
+    "sliding_window": (1, limits.MAX_CONTEXT),
+}
+_OPTIONAL_SIZES = ("n_kv_head", "head_dim", "intermediate_size", "sliding_window")
 _LLAMA = dict(model_type="llama", position="rope", norm="rmsnorm", gated_mlp=True, activation="silu")
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import Config
-from lmforge.errors import ModelFormatError
 from lmforge.formats.folder import CONFIG_FILE
 from lmforge.formats.gguf import GGUFFile, TensorInfo
+from lmforge.formats.hf import read_safetensors_header
 from lmforge.loading import locate_model
 from lmforge.tokenizer import Tokenizer
 
@@ -75,14 +73,7 @@ def _safetensors_dtypes(folder: Path) -> tuple[Counter[str], int]:
     dtypes: Counter[str] = Counter()
     size = 0
     for file in folder.glob("*.safetensors"):
-        with open(file, "rb") as f:
-            try:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError) as e:
-                raise ModelFormatError(
-                    f"{file}: unreadable safetensors header ({e})", hint="re-save the file"
-                ) from None
-        dtypes.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
-        size += file.stat().st_size - 8 - length
+        header = read_safetensors_header(file)
+        dtypes.update(entry.dtype for entry in header.values())
+        size += sum(entry.nbytes for entry in header.values())
     return dtypes, size

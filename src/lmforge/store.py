@@ -47,9 +47,10 @@ from typing import IO, Any
 from filelock import FileLock, Timeout
 
 from lmforge.config import Config
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, ModelFormatError
 from lmforge.formats.atomic import fsync_path
 from lmforge.home import lmforge_home
+from lmforge.limits import MAX_MANIFEST_BYTES, read_json_object
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_TAG = "latest"
@@ -150,9 +151,13 @@ def fingerprint(paths: Sequence[str | Path]) -> dict[str, Any]:
 
 
 def _read_manifest(path: Path) -> Manifest:
-    """A manifest's contents; ValueError when it is not one (so no name in it can point outside the store)."""
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    """A manifest's contents; ValueError when it is not one (so no name in it can point outside the store), also
+    when it is over ``MAX_MANIFEST_BYTES`` (checked before it is read)."""
+    try:
+        manifest = read_json_object(path, MAX_MANIFEST_BYTES, "store manifest")
+    except ModelFormatError as e:
+        raise ValueError(e.message) from None
+    files = manifest.get("files")
     if not isinstance(files, dict) or not all(
         _FILE.fullmatch(name) and isinstance(e, dict) and _DIGEST.fullmatch(str(e.get("digest")))
         for name, e in files.items()

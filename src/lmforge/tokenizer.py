@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmforge import limits
 from lmforge.corpus import Inputs, text_pieces
 from lmforge.errors import LmforgeError, ModelFormatError
 
@@ -137,25 +138,28 @@ class Tokenizer:
                 f"{folder}: no tokenizer.json",
                 hint="a model folder needs the tokenizer saved next to the weights",
             )
+        limits.check_file_size(path, limits.MAX_TOKENIZER_BYTES, "tokenizer.json")  # parsed whole, in Rust
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception for malformed files
             raise ModelFormatError(
                 f"{path}: not a valid tokenizer file ({e})", hint="re-save the tokenizer"
             ) from None
-        cfg: dict[str, Any] = {}
         cfg_path = folder / "tokenizer_config.json"
-        if cfg_path.is_file():
-            try:
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ModelFormatError(f"{cfg_path}: not valid JSON ({e})", hint="fix the file") from None
+        cfg = limits.read_json_object(cfg_path, what="tokenizer config") if cfg_path.is_file() else {}
         template = cfg.get("chat_template")
         jinja_file = folder / "chat_template.jinja"
         if template is None and jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
+            limits.check_file_size(jinja_file, limits.MAX_CONFIG_BYTES, "chat template")
+            try:
+                template = jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ModelFormatError(f"{jinja_file}: not UTF-8 text ({e})", hint="fix the file") from None
         if isinstance(template, list):  # transformers also allows [{"name": "default", "template": ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next(
+                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                None,
+            )
         max_len = cfg.get("model_max_length")
         return cls(
             backend,
@@ -163,7 +167,7 @@ class Tokenizer:
             eos_token=_token_text(cfg.get("eos_token")),
             pad_token=_token_text(cfg.get("pad_token")),
             unk_token=_token_text(cfg.get("unk_token")),
-            chat_template=template,
+            chat_template=template if isinstance(template, str) else None,  # a file's value of another type
             model_max_length=max_len if isinstance(max_len, int) and max_len < 10**9 else None,
         )
 
@@ -179,8 +183,8 @@ DEFAULT_CHAT_TEMPLATE = (
 
 def _token_text(token: Any) -> str | None:
     if isinstance(token, dict):  # AddedToken serialised as {"content": ...}
-        return token.get("content")
-    return token
+        token = token.get("content")
+    return token if isinstance(token, str) else None  # a damaged file's number or list names no token
 
 
 def _raise_exception(message: str) -> None:

@@ -17,6 +17,7 @@ crash mid-save leaves the previous folder intact.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from lmforge.errors import ModelFormatError, UnsupportedError
 from lmforge.formats.atomic import atomic_write_folder
 from lmforge.formats.hf import StateDict, from_hf_state, read_hf_weights, to_hf_state
 from lmforge.formats.peft import has_adapter, read_adapter_state, write_adapter_files
+from lmforge.limits import MAX_CONFIG_BYTES, read_json_object
 from lmforge.lora import join_lora_state, split_lora_state
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -41,6 +43,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINER_FILES = (OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE)
+_BLOCK_KEY = re.compile(r"^blocks\.(\d{1,9})\.")  # more digits than any layer count: not a layer
 
 
 def write_model_files(
@@ -103,12 +106,9 @@ def _sentence_transformers_pooling(folder: Path) -> str | None:
     path = folder / "1_Pooling" / "config.json"
     if not path.is_file():
         return None
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8")).items()
-        # Newer files add non-mode switches such as "include_prompt": only the pooling_mode_* ones choose.
-        modes = {k for k, v in settings if k.startswith("pooling_mode_") and v is True}
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ModelFormatError(f"{path}: not a valid pooling config ({e})", hint="fix the file") from None
+    settings = read_json_object(path, MAX_CONFIG_BYTES, "pooling config")
+    # Newer files add non-mode switches such as "include_prompt": only the pooling_mode_* ones choose.
+    modes = {k for k, v in settings.items() if k.startswith("pooling_mode_") and v is True}
     if modes == {"pooling_mode_mean_tokens"}:
         return "mean"
     if modes == {"pooling_mode_cls_token"}:
@@ -140,16 +140,15 @@ def load_model_folder(folder: str | Path) -> tuple[Config, StateDict, Tokenizer,
     if config.is_encoder:
         config.pooling = _sentence_transformers_pooling(folder) or config.pooling
     state = from_hf_state(read_hf_weights(folder), config)
+    # Before anything is built from the config: it must describe the tensors the folder holds.
+    layers = {int(m.group(1)) for name in state if (m := _BLOCK_KEY.match(name))}
+    embedding = state["wte.weight"].shape if "wte.weight" in state else None
+    config.check_weights(folder / CONFIG_FILE, layers, embedding)
     tokenizer = Tokenizer.load(folder)
-    generation: dict[str, Any] = {}
     gen_path = folder / GENERATION_FILE
-    if gen_path.is_file():
-        try:
-            generation = json.loads(gen_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ModelFormatError(
-                f"{gen_path}: not valid JSON ({e})", hint="fix or delete the file"
-            ) from None
+    generation = (
+        read_json_object(gen_path, MAX_CONFIG_BYTES, "generation config") if gen_path.is_file() else {}
+    )
     return config, state, tokenizer, generation
 
 

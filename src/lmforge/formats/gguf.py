@@ -7,9 +7,11 @@ RoPE that transformers (and our model) use.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,9 @@ import gguf
 import numpy as np
 import torch
 
+from lmforge import limits
 from lmforge.config import Config
-from lmforge.errors import ModelFormatError, UnsupportedError
+from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
 from lmforge.formats.gguf_quants import PACKED_TYPES, block_codes, dequantize, tensor_nbytes
 from lmforge.formats.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
 from lmforge.quant import Kind, PackedLinear, QuantizedWeight, quantize_weight
@@ -82,11 +85,147 @@ class TensorInfo:
     nbytes: int
 
 
+class _Damaged(Exception):
+    """The header contradicts itself or the file (GGUFFile turns it into one ModelFormatError)."""
+
+
+class _Truncated(_Damaged):
+    """A tensor's data runs past the end of the file."""
+
+
+# The fewest bytes one metadata pair (key length, empty key, value type, 1-byte value) and one tensor description
+# (name length, empty name, dimension count, type, offset) can take: the counts in the header must fit the file.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+# The fewest bytes one array item of each value type takes (a string: its length; an array: type and count).
+_MIN_ITEM_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALAR_FORMATS.items()}, 8: 8, 9: 12}
+
+
+class _HeaderReader:
+    """Reads a GGUF header from a buffer, checking every declared count and size against the bytes left."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf = buf
+        self.pos = 4  # after the magic
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if size > self.left():
+            raise _Damaged(f"the header runs past the end of the file at byte {self.pos:,}")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def count(self, what: str, item_bytes: int) -> int:
+        """A declared count of items of at least ``item_bytes`` each, which the rest of the file must hold."""
+        n = self.take("<Q")
+        if n * item_bytes > self.left():
+            raise _Damaged(f"declares {n:,} {what}, more than the {self.left():,} bytes left can hold")
+        return n
+
+    def string(self) -> str:
+        n = self.count("string bytes", 1)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Damaged(f"a string at byte {self.pos - n:,} is not UTF-8 ({e.reason})") from None
+
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if vtype == 8:
+            return self.string()
+        if vtype in _SCALAR_FORMATS:
+            return self.take(_SCALAR_FORMATS[vtype])
+        if vtype != 9:
+            raise _Damaged(f"unknown metadata value type {vtype}")
+        if depth >= limits.GGUF_MAX_ARRAY_DEPTH:
+            raise _Damaged(f"arrays nested deeper than {limits.GGUF_MAX_ARRAY_DEPTH} levels")
+        item_type = self.take("<I")
+        if item_type not in _MIN_ITEM_BYTES:
+            raise _Damaged(f"unknown metadata array item type {item_type}")
+        n = self.count("array items", _MIN_ITEM_BYTES[item_type])
+        if item_type in _NUMPY_TYPES:
+            values = np.frombuffer(
+                self.buf, dtype=np.dtype(_NUMPY_TYPES[item_type]), count=n, offset=self.pos
+            )
+            self.pos += values.nbytes
+            return values.tolist()
+        return [self.value(item_type, depth + 1) for _ in range(n)]
+
+    def read(self) -> tuple[dict[str, Any], list[TensorInfo]]:
+        version = self.take("<I")
+        if version not in (2, 3):
+            raise _Damaged(f"GGUF version {version} (lmforge reads versions 2 and 3)")
+        n_tensors, n_kv = self.take("<Q"), self.take("<Q")
+        if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > self.left():
+            raise _Damaged(
+                f"declares {n_tensors:,} tensors and {n_kv:,} metadata pairs, more than the "
+                f"{self.left():,} bytes left can hold"
+            )
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self.string()
+            if key in metadata:
+                raise _Damaged(f"metadata key {key!r} appears twice")
+            metadata[key] = self.value(self.take("<I"))
+        raw_tensors = [self.tensor_info() for _ in range(n_tensors)]
+        alignment = metadata.get("general.alignment", 32)
+        if (
+            type(alignment) is not int
+            or not 0 < alignment <= limits.GGUF_MAX_ALIGNMENT
+            or alignment & (alignment - 1)
+        ):
+            raise _Damaged(
+                f"general.alignment {alignment!r} is not a power of two up to {limits.GGUF_MAX_ALIGNMENT:,}"
+            )
+        data_start = -(-self.pos // alignment) * alignment
+        tensors, names = [], set()
+        for name, shape, qtype_id, offset in raw_tensors:
+            if name in names:
+                raise _Damaged(f"tensor {name} appears twice")
+            names.add(name)
+            if offset % alignment:
+                raise _Damaged(f"tensor {name} starts at offset {offset:,}, not a multiple of {alignment}")
+            try:
+                qtype = gguf.GGMLQuantizationType(qtype_id)
+            except ValueError:
+                raise UnsupportedError(
+                    f"tensor {name} has unknown GGML type id {qtype_id}",
+                    hint="this file needs a newer reader; re-quantize it to a common type such as Q8_0",
+                ) from None
+            nbytes = tensor_nbytes(qtype, shape)
+            end = data_start + offset + nbytes
+            if end > len(self.buf):
+                raise _Truncated(f"tensor {name} ends at byte {end:,}, the file has {len(self.buf):,}")
+            tensors.append(TensorInfo(name, shape, qtype, data_start + offset, nbytes))
+        return metadata, tensors
+
+    def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
+        name = self.string()
+        n_dims = self.take("<I")
+        if not 1 <= n_dims <= limits.GGUF_MAX_DIMS:
+            raise _Damaged(
+                f"tensor {name} has {n_dims} dimensions (GGUF tensors have 1 to {limits.GGUF_MAX_DIMS})"
+            )
+        dims = [self.take("<Q") for _ in range(n_dims)]
+        if min(dims) < 1:
+            raise _Damaged(f"tensor {name} has an empty dimension {dims}")
+        # Python integers do not overflow, and a tensor larger than the whole file fails the end check later.
+        return name, tuple(reversed(dims)), self.take("<I"), self.take("<Q")
+
+
 class GGUFFile:
     """An opened GGUF file: its metadata as plain Python values and its tensors, read lazily from a memory map.
 
     We parse the header ourselves (the layout is small and fixed, see the GGUF spec in llama.cpp's docs):
-    it gives one-line errors for damaged files and reads a 50k-token vocabulary in milliseconds.
+    it gives one-line errors for damaged files and reads a 50k-token vocabulary in milliseconds. No count,
+    length or size in the header is trusted: each is checked against the bytes the file has left (and the caps in
+    ``lmforge.limits``) before anything is allocated, so a damaged or hostile file fails with one
+    ``ModelFormatError`` naming it and costs at most its own size in memory.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -102,91 +241,58 @@ class GGUFFile:
                 )
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            self.metadata, self.tensors = self._parse_header()
-        except (struct.error, UnicodeDecodeError, ValueError, KeyError, OverflowError) as e:
+            self.metadata, self.tensors = _HeaderReader(self._map).read()
+        except _Truncated as e:
             raise ModelFormatError(
-                f"{self.path}: damaged GGUF header ({type(e).__name__}: {e})",
+                f"{self.path}: truncated GGUF file ({e})",
+                hint="the download was cut short; download the file again",
+            ) from None
+        except _Damaged as e:
+            raise ModelFormatError(
+                f"{self.path}: damaged GGUF header ({e})",
                 hint="the file is truncated or corrupt; download it again",
             ) from None
-        for tensor in self.tensors:
-            if tensor.offset + tensor.nbytes > self.size:
-                raise ModelFormatError(
-                    f"{self.path}: truncated GGUF file (tensor {tensor.name} ends at byte "
-                    f"{tensor.offset + tensor.nbytes:,}, the file has {self.size:,})",
-                    hint="the download was cut short; download the file again",
-                )
-
-    def _parse_header(self) -> tuple[dict[str, Any], list[TensorInfo]]:
-        buf = self._map
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} (lmforge reads versions 2 and 3)")
-        pos = 24
-
-        def read(fmt: str) -> Any:
-            nonlocal pos
-            (value,) = struct.unpack_from(fmt, buf, pos)
-            pos += struct.calcsize(fmt)
-            return value
-
-        def read_str() -> str:
-            nonlocal pos
-            n = read("<Q")
-            if pos + n > len(buf):
-                raise ValueError("string runs past the end of the file")
-            text = bytes(buf[pos : pos + n]).decode("utf-8")
-            pos += n
-            return text
-
-        def read_value(vtype: int) -> Any:
-            nonlocal pos
-            if vtype == 8:
-                return read_str()
-            if vtype == 9:
-                item_type, count = read("<I"), read("<Q")
-                if item_type in _NUMPY_TYPES:
-                    dtype = np.dtype(_NUMPY_TYPES[item_type])
-                    values = np.frombuffer(buf, dtype=dtype, count=count, offset=pos)
-                    pos += dtype.itemsize * count
-                    return values.tolist()
-                return [read_value(item_type) for _ in range(count)]
-            return read(_SCALAR_FORMATS[vtype])
-
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = read_str()
-            metadata[key] = read_value(read("<I"))
-        raw_tensors = []
-        for _ in range(n_tensors):
-            name = read_str()
-            dims = [read("<Q") for _ in range(read("<I"))]
-            raw_tensors.append((name, tuple(reversed(dims)), read("<I"), read("<Q")))
-        alignment = int(metadata.get("general.alignment", 32))
-        data_start = -(-pos // alignment) * alignment
-        tensors = []
-        for name, shape, qtype_id, offset in raw_tensors:
-            try:
-                qtype = gguf.GGMLQuantizationType(qtype_id)
-            except ValueError:
-                raise UnsupportedError(
-                    f"{self.path}: tensor {name} has unknown GGML type id {qtype_id}",
-                    hint="this file needs a newer reader; re-quantize it to a common type such as Q8_0",
-                ) from None
-            tensors.append(TensorInfo(name, shape, qtype, data_start + offset, tensor_nbytes(qtype, shape)))
-        return metadata, tensors
+        except LmforgeError as e:
+            raise type(e)(f"{self.path}: {e.message}", hint=e.hint) from None
 
     def config(self) -> Config:
-        return config_from_gguf(self.metadata, self.tensor_names(), name=self.path.stem)
+        """The model the metadata declares, checked against the tensors the file holds (layer count, embedding
+        shape) before anything is built from it."""
+        with self._naming_file("model metadata"):
+            config = config_from_gguf(self.metadata, self.tensor_names(), name=self.path.stem)
+            layers = {int(m.group(1)) for t in self.tensors if (m := _TENSOR_NAME.match(t.name))}
+            embedding = next((t.shape for t in self.tensors if t.name == "token_embd.weight"), None)
+            config.check_weights(self.path, layers, embedding)
+        return config
 
     def tokenizer(self) -> Tokenizer:
-        specials = special_tokens_from_gguf(self.metadata)
-        arch = self.metadata.get("general.architecture", "")
-        return Tokenizer(
-            tokenizer_from_gguf(self.metadata),
-            **specials,
-            chat_template=self.metadata.get("tokenizer.chat_template"),
-            model_max_length=self.metadata.get(f"{arch}.context_length"),
-        )
+        with self._naming_file("tokenizer metadata"):
+            specials = special_tokens_from_gguf(self.metadata)
+            arch = self.metadata.get("general.architecture", "")
+            context = self.metadata.get(f"{arch}.context_length")
+            return Tokenizer(
+                tokenizer_from_gguf(self.metadata),
+                **specials,
+                chat_template=self.metadata.get("tokenizer.chat_template"),
+                model_max_length=context if type(context) is int else None,
+            )
+
+    @contextlib.contextmanager
+    def _naming_file(self, what: str) -> Iterator[None]:
+        """Errors in reading the metadata's values become one error naming this file: a value of the wrong type
+        (a string where a count belongs) surfaces as TypeError / ValueError / ArithmeticError in the code that
+        uses it, a tensor that does not fit the declared heads as torch's RuntimeError."""
+        try:
+            yield
+        except LmforgeError as e:
+            if str(self.path) in e.message:
+                raise
+            raise type(e)(f"{self.path}: {e.message}", hint=e.hint) from None
+        except (TypeError, ValueError, ArithmeticError, AttributeError, LookupError, RuntimeError) as e:
+            raise ModelFormatError(
+                f"{self.path}: malformed {what} ({type(e).__name__}: {e})",
+                hint="the file is corrupt or was written by a broken converter; re-download or re-convert it",
+            ) from None
 
     def drop_vocabulary(self) -> None:
         """Forget the tokenizer's metadata (tens of thousands of strings, ~10 MB as Python objects) once the
@@ -212,35 +318,44 @@ class GGUFFile:
         out: dict[str, Weights] = {}
         undo_permutation = self.metadata.get("general.architecture") == "llama"
         for tensor in self.tensors:
-            kind = packed_kind(tensor, config, quant)
-            weights: Weights
-            if kind is None:
-                array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
-                weights = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-            elif PACKED_TYPES.get(tensor.qtype) == kind:
-                codes, scales, zeros = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
-                weights = QuantizedWeight(
-                    kind,
-                    torch.from_numpy(np.ascontiguousarray(codes)),
-                    torch.from_numpy(scales),
-                    torch.from_numpy(zeros) if zeros is not None else None,
-                )
-            elif tensor.qtype == gguf.GGMLQuantizationType.Q4_0 and kind == "int8":
-                # Q4_0 is (q - 8) * d: int8 codes q - 8 with the same scales hold it exactly (a tied table).
-                codes, scales, _ = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
-                weights = QuantizedWeight(
-                    "int8", torch.from_numpy(codes.astype(np.int8) - 8), torch.from_numpy(scales)
-                )
-            else:
-                array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
-                weights = quantize_weight(torch.from_numpy(array), kind)
-            # Its codes or floats are copies now (a float32 view re-reads its pages when used): drop the file's
-            # pages from this process, and with them those the kernel mapped around the tensor (read-ahead and
-            # fault-around kept ~50 MB of SmolLM2's file resident until the end otherwise).
-            self._map.madvise(mmap.MADV_DONTNEED)
-            for name, value in _rename(tensor.name, weights, config, undo_permutation):
-                # Pack now: the integer codes of one tensor at a time, not of the whole model, are ever in memory.
-                out[name] = PackedLinear(value) if isinstance(value, QuantizedWeight) else value
+            with self._naming_file(f"tensor {tensor.name} of shape {tensor.shape}"):
+                out.update(self._convert(tensor, config, quant, dtype, undo_permutation))
+        return out
+
+    def _convert(
+        self, tensor: TensorInfo, config: Config, quant: str, dtype: torch.dtype, undo_permutation: bool
+    ) -> dict[str, Weights]:
+        """One tensor under lmforge's name(s) and layout: float, or packed as ``packed_kind`` says."""
+        out: dict[str, Weights] = {}
+        kind = packed_kind(tensor, config, quant)
+        weights: Weights
+        if kind is None:
+            array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+            weights = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        elif PACKED_TYPES.get(tensor.qtype) == kind:
+            codes, scales, zeros = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+            weights = QuantizedWeight(
+                kind,
+                torch.from_numpy(np.ascontiguousarray(codes)),
+                torch.from_numpy(scales),
+                torch.from_numpy(zeros) if zeros is not None else None,
+            )
+        elif tensor.qtype == gguf.GGMLQuantizationType.Q4_0 and kind == "int8":
+            # Q4_0 is (q - 8) * d: int8 codes q - 8 with the same scales hold it exactly (a tied table).
+            codes, scales, _ = block_codes(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+            weights = QuantizedWeight(
+                "int8", torch.from_numpy(codes.astype(np.int8) - 8), torch.from_numpy(scales)
+            )
+        else:
+            array = dequantize(self.tensor_data(tensor), tensor.qtype, tensor.shape)
+            weights = quantize_weight(torch.from_numpy(array), kind)
+        # Its codes or floats are copies now (a float32 view re-reads its pages when used): drop the file's pages
+        # from this process, and with them those the kernel mapped around the tensor (read-ahead and fault-around
+        # kept ~50 MB of SmolLM2's file resident until the end otherwise).
+        self._map.madvise(mmap.MADV_DONTNEED)
+        for name, value in _rename(tensor.name, weights, config, undo_permutation):
+            # Pack now: the integer codes of one tensor at a time, not of the whole model, are ever in memory.
+            out[name] = PackedLinear(value) if isinstance(value, QuantizedWeight) else value
         return out
 
 

@@ -7,13 +7,18 @@ Our model folder stores weights under transformers' names, so the same folder lo
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from lmforge import limits
 from lmforge.config import Config
 from lmforge.errors import ModelFormatError, UnsupportedError
 
@@ -160,17 +165,102 @@ def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
     return out
 
 
-def read_safetensors(path: Path) -> StateDict:
-    """Load a safetensors file, turning the library's terse errors into one line naming the file."""
+# safetensors dtypes lmforge reads, and their bytes per element.
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, SafetensorsEntry]:
+    """The tensors a safetensors file holds (name -> dtype, shape, bytes), from its header alone.
+
+    Nothing in the header is trusted: its length is checked against the file and ``MAX_SAFETENSORS_HEADER_BYTES``
+    before it is read, and every tensor's dtype, shape and byte range against the data the file holds, so a
+    damaged file is one ``ModelFormatError`` naming it before any tensor is allocated.
+    """
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file", hint="check the path")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            _bad_safetensors(path, f"{size} bytes, shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, limits.MAX_SAFETENSORS_HEADER_BYTES):
+            _bad_safetensors(
+                path,
+                f"its header claims {length:,} bytes; the file has {size - 8:,} after the length and "
+                f"headers are capped at {limits.MAX_SAFETENSORS_HEADER_BYTES:,}",
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        _bad_safetensors(path, f"its header is not JSON: {e}")
+    if not isinstance(header, dict):
+        _bad_safetensors(path, "its header is not a JSON object")
+    data_size = size - 8 - length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                _bad_safetensors(path, "__metadata__ is not a map of strings")
+            continue
+        entries[name] = _safetensors_entry(path, name, info, data_size)
+    return entries
+
+
+def _safetensors_entry(path: Path, name: str, info: Any, data_size: int) -> SafetensorsEntry:
+    if not isinstance(info, dict):
+        _bad_safetensors(path, f"tensor {name!r} has no description")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise UnsupportedError(
+            f"{path}: tensor {name!r} has dtype {dtype!r}",
+            hint=f"lmforge reads safetensors dtypes {', '.join(SAFETENSORS_DTYPES)}",
+        )
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        _bad_safetensors(path, f"tensor {name!r} has shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(n) is int for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        _bad_safetensors(
+            path, f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size:,} data bytes"
+        )
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        _bad_safetensors(
+            path,
+            f"tensor {name!r} ({dtype} {shape}) needs {nbytes:,} bytes, its offsets give {offsets[1] - offsets[0]:,}",
+        )
+    return SafetensorsEntry(dtype, tuple(shape), nbytes)
+
+
+def _bad_safetensors(path: Path, problem: str) -> NoReturn:
+    raise ModelFormatError(
+        f"{path}: not a valid safetensors file ({problem})",
+        hint="the file is truncated or corrupt; re-download or re-save it",
+    )
+
+
+def read_safetensors(path: Path) -> StateDict:
+    """Load a safetensors file, its header checked first (``read_safetensors_header``); one error naming the file."""
+    read_safetensors_header(path)
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelFormatError(
-            f"{path}: not a valid safetensors file ({e})",
-            hint="the file is truncated or corrupt; re-download or re-save it",
-        ) from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        _bad_safetensors(path, str(e))
 
 
 def read_hf_weights(folder: Path) -> StateDict:
@@ -180,14 +270,18 @@ def read_hf_weights(folder: Path) -> StateDict:
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        weight_map = limits.read_json_object(index, limits.MAX_CONFIG_BYTES, "shard index").get("weight_map")
+        shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        # A shard name is a file beside the index: no path may lead out of the folder.
+        if not shards or not all(
+            isinstance(s, str) and s == Path(s).name and s not in ("", ".", "..") for s in shards
+        ):
             raise ModelFormatError(
-                f"{index}: not a valid shard index ({e})", hint="re-download the model"
-            ) from None
+                f"{index}: not a valid shard index (weight_map must map tensor names to files in the folder)",
+                hint="re-download the model",
+            )
         state: StateDict = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(shards):
             state.update(read_safetensors(folder / shard))
         return state
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):

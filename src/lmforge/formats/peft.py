@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.formats.atomic import atomic_write_folder
-from lmforge.formats.hf import hf_module_name, lmforge_module_name
+from lmforge.formats.hf import hf_module_name, lmforge_module_name, read_safetensors
+from lmforge.limits import MAX_CONFIG_BYTES, MAX_HIDDEN, read_json_object
 from lmforge.lora import LINEAR_NAMES, LoRAConfig, inject_lora, split_lora_state
 from lmforge.model import Transformer
 
@@ -59,12 +60,13 @@ def write_adapter_files(
 
 def read_adapter_state(folder: Path, model_config: Any) -> dict[str, torch.Tensor]:
     """Adapter tensors of a PEFT-layout folder, under our module names."""
-    try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except Exception as e:  # missing or damaged file
-        raise LmforgeError(f"{folder}: unreadable LoRA adapter ({e})", hint="re-save the adapter") from None
+    tensors = read_safetensors(folder / ADAPTER_WEIGHTS)  # header checked before any tensor is read
     out = {}
     for key, value in tensors.items():
+        if ".lora_" not in key:
+            raise LmforgeError(
+                f"{folder / ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA weight", hint="re-save the adapter"
+            )
         hf_name, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
         part = part.replace(".default", "")  # PEFT may store adapter names: lora_A.default.weight
         out[f"{lmforge_module_name(hf_name, model_config)}.lora_{part}"] = value
@@ -87,8 +89,8 @@ def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
     """Attach a PEFT-layout LoRA adapter (ours or one trained with PEFT) to ``model``."""
     folder = Path(folder)
     try:
-        peft_config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        peft_config = read_json_object(folder / ADAPTER_CONFIG, MAX_CONFIG_BYTES, "LoRA adapter config")
+    except OSError as e:
         raise LmforgeError(
             f"{folder}: not a LoRA adapter folder ({e})", hint="point to adapter_config.json's folder"
         ) from None
@@ -96,9 +98,23 @@ def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
         raise LmforgeError(
             f"{folder}: adapter type {peft_config.get('peft_type')!r}", hint="only LoRA adapters load"
         )
-    targets = peft_config["target_modules"]
-    targets = list(LINEAR_NAMES) if targets == "all-linear" else list(targets)
-    config = LoRAConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"], dropout=0.0, targets=targets)
+    targets, rank, alpha = (peft_config.get(k) for k in ("target_modules", "r", "lora_alpha"))
+    targets = list(LINEAR_NAMES) if targets == "all-linear" else targets
+    # The rank sizes the matrices inject_lora allocates: bounded like a hidden size, before anything is built.
+    if (
+        not isinstance(targets, list)
+        or not all(isinstance(t, str) for t in targets)
+        or type(rank) is not int
+        or not 1 <= rank <= MAX_HIDDEN
+        or isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+    ):
+        raise LmforgeError(
+            f"{folder / ADAPTER_CONFIG}: needs target_modules (names), r (1 to {MAX_HIDDEN}) and a numeric "
+            f"lora_alpha; it has {targets!r}, {rank!r}, {alpha!r}",
+            hint="re-save the adapter",
+        )
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets)
     inject_lora(model, config)
     state = read_adapter_state(folder, model.config)
     missing, unexpected = model.load_state_dict(state, strict=False)
