@@ -42,13 +42,17 @@ def keep_threads(monkeypatch, tmp_path: Path):
 
 
 @pytest.mark.parametrize("command", INFERENCE_COMMANDS)
-def test_every_inference_command_takes_quant_and_no_compile(command: str) -> None:
+def test_every_inference_command_takes_quant_and_compile(command: str) -> None:
     argv = INFERENCE_COMMANDS[command]
     defaults = build_parser().parse_args(argv)
-    assert (defaults.quant, defaults.compile) == ("auto", None)  # None: LLM.load decides ($LMFORGE_COMPILE)
+    # Commands that run long compile unless $LMFORGE_COMPILE=0 (None: LLM.load decides); one-shot ones decode
+    # eagerly (the compiler's start-up costs more than it saves on one answer).
+    long_running = command in ("serve", "eval", "select")
+    assert (defaults.quant, defaults.compile) == ("auto", None if long_running else False)
     for quant in QUANT_CHOICES:
         args = build_parser().parse_args([*argv, "--quant", quant, "--no-compile"])
         assert (args.quant, args.compile) == (quant, False)
+        assert build_parser().parse_args([*argv, "--quant", quant, "--compile"]).compile is True
 
 
 def test_an_unknown_quant_is_a_usage_error(capsys) -> None:
@@ -82,7 +86,7 @@ def test_quant_and_no_compile_reach_llm_load(monkeypatch, tiny_folder: Path, qua
     assert main(argv) == 0
     assert calls == [{"dtype": "auto", "device": "auto", "quant": quant, "compile": False}]
     assert main(["embed", "-m", str(tiny_folder), "a text"]) == 0
-    assert calls[-1]["quant"] == "auto" and calls[-1]["compile"] is None  # LLM.load decides
+    assert calls[-1]["quant"] == "auto" and calls[-1]["compile"] is False  # a one-shot command: eager
     assert capsys.readouterr().out.count("embedding") == 1
 
 
