@@ -7,6 +7,10 @@ H query heads, K key/value heads, D head_dim, V vocab.
 Batches of prompts with different lengths are left-padded; ``attention_mask`` (B, S) marks real tokens, and
 positions are counted over real tokens only, so a padded prompt computes exactly what it computes alone.
 A ``SlotKVCache`` instead gives every row its own length and position, for continuous batching.
+
+Why one module: as nanoGPT's ``model.py``, the network reads top to bottom in one file, attention next to the
+caches it writes and the one-token decode step next to the forward it shortcuts; splitting them would send a
+reader across files to follow one tensor's shape.
 """
 
 from __future__ import annotations

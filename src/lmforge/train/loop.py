@@ -27,7 +27,6 @@ from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
@@ -201,6 +200,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
         raise LmforgeError("no trainable parameters", hint="unfreeze some layers or add LoRA adapters")
     # The fused kernel (one pass over all parameters) is available on CPU and CUDA in current torch.
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
+
+
+def _dcp() -> Any:
+    """``torch.distributed.checkpoint.state_dict``, imported when a checkpoint is written or read: it pulls in
+    DTensor and sympy (~50 MiB resident), which a process that imports lmforge only to decode never needs."""
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    return state_dict
 
 
 class Trainer:
@@ -447,15 +454,15 @@ class Trainer:
         tqdm.write(f"[step {step}] {self.config.sample_prompt}{text}")
 
     # ------------------------------------------------------------- checkpoints
-    def _state_options(self) -> StateDictOptions:
+    def _state_options(self) -> Any:  # a StateDictOptions
         # Full (unsharded) tensors. Offload only from an accelerator: FSDP's gather with offload on a CPU
         # model (rank0_only) segfaults in torch 2.x, and the tensors are in CPU memory already.
-        return StateDictOptions(full_state_dict=True, cpu_offload=self.model.device.type != "cpu")
+        return _dcp().StateDictOptions(full_state_dict=True, cpu_offload=self.model.device.type != "cpu")
 
     def _full_model_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> dict[str, torch.Tensor]:
-        state, _ = get_state_dict(model, optimizer, options=self._state_options())
+        state, _ = _dcp().get_state_dict(model, optimizer, options=self._state_options())
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def _save(
@@ -468,7 +475,7 @@ class Trainer:
         name: str | None = None,
         val_loss: float | None = None,
     ) -> None:
-        model_state, optim_state = get_state_dict(model, optimizer, options=self._state_options())
+        model_state, optim_state = _dcp().get_state_dict(model, optimizer, options=self._state_options())
         if info.is_main:
             folder = self.run_dir / "checkpoints" / (name or f"step-{step:06d}")
             trainer_state = {
@@ -535,8 +542,8 @@ class Trainer:
             tqdm.write(f"warning: {'; '.join(damaged)}; resuming from {folder} instead", file=sys.stderr)
         if self.model.config.tie_embeddings:
             model_state["lm_head.weight"] = model_state["wte.weight"]
-        options = StateDictOptions(full_state_dict=True)
-        set_state_dict(
+        options = _dcp().StateDictOptions(full_state_dict=True)
+        _dcp().set_state_dict(
             model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
         )
         checkpoint.set_rng_state(rng)
