@@ -48,7 +48,8 @@ PACK_ROWS = (
     512  # rows packed at a time (a whole number of the layout's blocks): ~20 bytes a weight of temporaries
 )
 KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
-PACKED_BYTES_PER_GROUP = {"int4": 16 + 4, "int8": 2 * (16 + 4)}  # codes + a bf16 scale and zero, per plane
+# per group of 32 values and plane: 16 bytes of codes (two a byte) and a bf16 scale and zero
+PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2) for kind, planes in PLANES.items()}
 
 
 @dataclass
