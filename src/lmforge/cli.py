@@ -243,6 +243,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"refusing to serve on {args.host} without an API key: anyone who can reach it could use it",
             hint="pass --api-key KEY (or set LMFORGE_API_KEY), or --insecure-no-key if that is what you want",
         )
+    if args.ray:
+        _serve_on_ray(args, api_key)
+        return
+    ray_only = {"--replicas": args.replicas != 1, "--replica-threads": args.replica_threads != 1}
+    ray_only["--ray-address"] = args.ray_address is not None
+    if any(ray_only.values()):
+        flag = next(name for name, given in ray_only.items() if given)
+        raise LmforgeError(f"{flag} applies to Ray Serve only", hint=f"add --ray, or leave {flag} out")
     _check_bindable(args.host, args.port)  # before the model loads (seconds) and before any URL is printed
     llm = _load(args)
     app = create_app(
@@ -259,6 +267,44 @@ def cmd_serve(args: argparse.Namespace) -> None:
     url = f"http://{args.host}:{args.port}"
     print(f"serving {llm!r} (threads: {args.threads})\n  playground: {url}/   API: {url}/v1")
     uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level="warning")).run()
+
+
+def _serve_on_ray(args: argparse.Namespace, api_key: str | None) -> None:
+    """``serve --ray``: the same server as N Ray Serve replicas (``lmforge.serve.ray``); only here is ray imported."""
+    try:
+        from lmforge.serve import ray as on_ray
+    except ImportError as e:
+        raise LmforgeError(
+            f"--ray needs Ray Serve, which is not installed ({e.msg})", hint="pip install 'lmforge[ray]'"
+        ) from None
+
+    on_ray.check_replicas(args.replicas, args.replica_threads)
+    if args.ray_address is None:  # a local cluster: its proxy binds here
+        _check_bindable(args.host, args.port)
+    spec = on_ray.ReplicaSpec(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quant=args.quant,
+        compile=args.compile,
+        threads=args.replica_threads,
+        api_key=api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        cors_origins=tuple(args.cors or ()),
+        allowed_hosts=(args.host, *args.allowed_host) if args.allowed_host or not api_key else None,
+    )
+
+    def ready(url: str) -> None:
+        print(
+            f"serving {args.model or 'the bundled model'} on Ray: {args.replicas} replica(s), "
+            f"{args.replica_threads} thread(s) each\n  playground: {url}/   API: {url}/v1   (Ctrl-C stops)"
+        )
+
+    on_ray.serve_until_interrupted(
+        spec, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address, on_ready=ready
+    )
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -858,6 +904,23 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         "--insecure-no-key",
         action="store_true",
         help="serve on an address other than localhost without an API key (refused otherwise)",
+    )
+    ray = p.add_argument_group("Ray Serve (pip install 'lmforge[ray]')")
+    ray.add_argument(
+        "--ray", action="store_true", help="serve as Ray Serve replicas behind Ray's router (a local cluster)"
+    )
+    ray.add_argument(
+        "--replicas", type=int, default=1, help="with --ray: replicas, each loads the model (1-64)"
+    )
+    ray.add_argument(
+        "--replica-threads",
+        type=int,
+        default=1,
+        help="with --ray: intra-op threads (and CPUs reserved from Ray) per replica (default 1)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        help="with --ray: join this Ray cluster (e.g. auto, ray://HEAD:10001) instead of a local one",
     )
     p.set_defaults(func=cmd_serve)
 

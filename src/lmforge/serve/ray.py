@@ -1,0 +1,297 @@
+"""Serving beyond one process: N replicas of ``create_app`` as a Ray Serve deployment behind Ray's router.
+
+Each replica is a Ray actor that loads the model itself and runs the same app as ``lmforge serve`` (the same
+routes, limits, guard and continuous-batching scheduler); Ray's HTTP proxy picks a replica per request
+(least ongoing requests of two, retrying another replica when the picked one has died). Nothing here is a
+second server: a replica builds its app with ``create_app`` and adds one response header,
+``X-Lmforge-Replica`` (the replica's id), so a client (and ``/health``, ``/metrics``) can tell which replica
+answered.
+
+Entry points, from the smallest:
+
+- ``application(spec, replicas=N)``: the bound Ray Serve application, for ``serve.run`` on any cluster;
+- ``build({"model": ..., "replicas": "2", ...})``: the same from string arguments, the form Ray's config
+  files use (``serve run lmforge.serve.ray:build model=NAME replicas=2``; KubeRay's RayService
+  ``import_path: lmforge.serve.ray:build`` with ``args``);
+- ``start(spec, replicas=N, host=..., port=..., address=None)``: a local Ray cluster (or the one at
+  ``address``), Serve's proxy on host:port and the application, until ``.stop()``;
+  ``serve_until_interrupted`` (``lmforge serve --ray``) until Ctrl-C.
+
+Each replica reserves ``spec.threads`` CPUs from Ray and runs that many intra-op threads (default 1: replicas
+are processes that would otherwise each take every core, and on a small machine they fight for them).
+Ray is imported only here, and this module only by ``lmforge serve --ray`` and callers that want it: plain
+``lmforge serve`` never imports ray (``pip install lmforge[ray]`` adds it).
+
+Connections behind Ray are Ray's proxy's (uvicorn, ``keep_alive_s`` from ``ServerLimits``): the per-connection
+read timeout and connection cap of ``serve/limits.py`` apply to ``lmforge serve`` alone. The router queues at
+most ``max_queue`` requests beyond the ``max_batch + max_queue`` each replica takes; past that, 503.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmforge import runtime
+from lmforge.api import LLM
+from lmforge.errors import LmforgeError
+from lmforge.serve.app import create_app
+from lmforge.serve.limits import ServerLimits
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ray.serve import Application
+
+MAX_REPLICAS = 64  # replicas of one application: each holds its own copy of the model
+MAX_THREADS = 256  # intra-op threads (= CPUs reserved) per replica
+APP_NAME = "lmforge"
+DEPLOYMENT_NAME = "LmforgeServer"
+REPLICA_HEADER = "X-Lmforge-Replica"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What every replica loads (``LLM.load``'s arguments) and serves (``create_app``'s), and its threads.
+
+    The spec travels to the replicas through Ray (``api_key`` included: Ray's cluster is trusted with it)."""
+
+    model: str | None = None  # a name LLM.load resolves on the replica's node (None: the bundled model)
+    dtype: str = "auto"
+    device: str = "auto"
+    quant: str = "auto"
+    compile: bool | None = None  # None: LLM.load's default ($LMFORGE_COMPILE)
+    threads: int = 1  # intra-op threads per replica, and the CPUs it reserves from Ray
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    max_context: int | None = None
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] | None = None
+    model_name: str | None = None
+    warm_up: bool = True  # compile every batch size's step before the replica takes requests
+
+
+class LmforgeReplica:
+    """One replica: loads the model when Ray builds its app (``__serve_build_asgi_app__``) and serves it."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self.server: FastAPI | None = None  # not `app`: Ray's ingress wrapper has that name
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        spec = self.spec
+        runtime.set_threads(spec.threads)
+        llm = LLM.load(
+            spec.model, dtype=spec.dtype, device=spec.device, quant=spec.quant, compile=spec.compile
+        )
+        app = create_app(
+            llm,
+            api_key=spec.api_key,
+            max_batch=spec.max_batch,
+            max_queue=spec.max_queue,
+            max_context=spec.max_context,
+            cors_origins=spec.cors_origins,
+            allowed_hosts=spec.allowed_hosts,
+            model_name=spec.model_name,
+            warm_up=spec.warm_up,
+        )
+        app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
+        self.server = app
+        return app
+
+    def check_health(self) -> None:
+        """Ray replaces a replica whose scheduler thread has stopped (its /health answers 503 then)."""
+        if self.server is not None and not self.server.state.scheduler.alive:
+            raise RuntimeError("the replica's scheduler has stopped")
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response names the replica that answered it."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.value = replica.encode("ascii")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (REPLICA_HEADER.lower().encode(), self.value)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
+def check_replicas(replicas: int, threads: int) -> None:
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise LmforgeError(
+            f"replicas={replicas} is outside 1 to {MAX_REPLICAS}",
+            hint=f"use 1 to {MAX_REPLICAS} replicas (each loads its own copy of the model)",
+        )
+    if not 1 <= threads <= MAX_THREADS:
+        raise LmforgeError(
+            f"{threads} threads per replica is outside 1 to {MAX_THREADS}",
+            hint="use e.g. 1, the default (--replica-threads; threads= in Ray's config arguments)",
+        )
+
+
+def application(spec: ReplicaSpec, *, replicas: int = 1) -> Application:
+    """The Ray Serve application: ``replicas`` copies of ``spec``'s server, ``spec.threads`` CPUs each."""
+    check_replicas(replicas, spec.threads)
+    deployment = serve.deployment(
+        serve.ingress()(LmforgeReplica),
+        name=DEPLOYMENT_NAME,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": spec.threads},
+        # A replica takes what its scheduler would (running + queued sequences); the router holds back the rest,
+        # at most max_queue of them, so a full cluster answers 503 instead of queueing without bound.
+        max_ongoing_requests=spec.max_batch + spec.max_queue,
+        max_queued_requests=spec.max_queue,
+        logging_config={"log_level": "WARNING"},  # not a line per request, as `lmforge serve`
+    )
+    return deployment.bind(spec)
+
+
+def build(args: Mapping[str, str]) -> Application:
+    """``application`` from string arguments, as Ray's config files give them (``serve run`` ``key=value``
+    pairs, a RayService's ``args``): ``replicas`` and ``ReplicaSpec``'s fields (``compile``: true/false)."""
+    fields = {f.name: f for f in dataclasses.fields(ReplicaSpec)}
+    unknown = sorted(set(args) - set(fields) - {"replicas"})
+    if unknown:
+        raise LmforgeError(
+            f"unknown argument(s) {', '.join(unknown)}", hint=f"use replicas or {', '.join(fields)}"
+        )
+    values: dict[str, Any] = {}
+    for name, raw in args.items():
+        if name == "replicas":
+            continue
+        values[name] = _parse(name, str(raw), fields[name].type)
+    replicas = _parse("replicas", str(args.get("replicas", "1")), "int")
+    return application(ReplicaSpec(**values), replicas=replicas)
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    if kind.startswith("int"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise LmforgeError(f"{name}={raw!r} is not a whole number", hint=f"e.g. {name}=2") from None
+    if kind.startswith("bool"):
+        if raw.lower() not in ("true", "false"):
+            raise LmforgeError(f"{name}={raw!r} is not true or false", hint=f"e.g. {name}=false")
+        return raw.lower() == "true"
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+@dataclass(frozen=True)
+class RayServer:
+    """An application ``start`` deployed: its URL, and what ``stop`` ends."""
+
+    url: str
+    local: bool  # this process started the Ray cluster: stopping ends it
+    connected: bool  # this process connected to Ray in ``start``: stopping disconnects
+
+    def stop(self) -> None:
+        """Remove the application; a cluster ``start`` started ends with it, one it joined keeps running
+        (and its other applications)."""
+        try:
+            if not ray.is_initialized():
+                return
+            if self.local:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            if self.connected:
+                ray.shutdown()
+
+
+def start(
+    spec: ReplicaSpec,
+    *,
+    replicas: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+) -> RayServer:
+    """Start a local Ray cluster (or join the one at ``address``), Serve's proxy on ``host:port`` and
+    ``replicas`` replicas of ``spec``; returns once every replica has loaded its model and answers.
+
+    A local cluster gets at least ``replicas x spec.threads`` CPUs, so the replicas start on a small machine
+    (sharing its cores); a cluster at ``address`` must have them, and where Serve already runs there, its proxy
+    keeps the host and port it has. Anything started is stopped again if the replicas fail."""
+    app = application(spec, replicas=replicas)
+    connected = not ray.is_initialized()  # a caller may have connected already: then its cluster is used
+    if connected:
+        options: dict[str, Any] = dict(
+            address=address, include_dashboard=False, logging_level=logging.WARNING
+        )
+        if address is None:
+            options["num_cpus"] = max(os.cpu_count() or 1, replicas * spec.threads)
+        try:
+            ray.init(**options)
+        except ConnectionError as e:
+            raise LmforgeError(
+                f"cannot reach the Ray cluster at {address}: {e}",
+                hint="check --ray-address (e.g. auto, or ray://HEAD:10001), or leave it out for a local cluster",
+            ) from None
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    server = RayServer(url, local=connected and address is None, connected=connected)
+    try:
+        keep_alive = ServerLimits().keep_alive_s
+        serve.start(
+            http_options={"host": host, "port": port, "keep_alive_timeout_s": keep_alive},
+            logging_config={"log_level": "WARNING"},
+        )
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)  # waits until every replica is ready
+    except RuntimeError as e:  # Serve's word for a failed deployment; the replicas' errors are in its log
+        server.stop()
+        raise LmforgeError(
+            f"the replicas failed to start: {e}", hint="see the replicas' errors above"
+        ) from None
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def serve_until_interrupted(
+    spec: ReplicaSpec,
+    *,
+    replicas: int,
+    host: str,
+    port: int,
+    address: str | None,
+    on_ready: Callable[[str], None],
+) -> None:
+    """``start``, call ``on_ready(url)``, and serve until the process is interrupted (Ctrl-C), then stop."""
+    server = start(spec, replicas=replicas, host=host, port=port, address=address)
+    try:
+        on_ready(server.url)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def replica_actor(replica_id: str) -> ray.actor.ActorHandle:
+    """The Ray actor of the replica named ``replica_id`` (the ``X-Lmforge-Replica`` header's value)."""
+    return ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{replica_id}", namespace="serve")
