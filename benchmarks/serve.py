@@ -21,6 +21,14 @@ running streams before it arrived and while it was prefilled (until its first to
 
 --threads sets the server's intra-op threads (OMP_NUM_THREADS; default: torch's choice, one per core). The
 server listens on 127.0.0.1 only and ends itself after --time-limit seconds (SIGALRM), whatever happens here.
+
+    python benchmarks/serve.py --ray [--ray-streams 8] [--replica-threads 1] [--max-tokens 64] [--rounds 3]
+
+--ray: `lmforge serve --ray` with 1, then 2 replicas (a local Ray cluster each time, replicas of
+--replica-threads intra-op threads), --ray-streams client streams of --rounds requests each; aggregate
+tokens/s per replica count, and how many requests each replica answered (its X-Lmforge-Replica header).
+Replicas only add speed where there are cores for them: on a machine whose cores one server already keeps
+busy, two replicas share the same cores.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +47,7 @@ import time
 import httpx
 
 LEVELS = (1, 4, 8)
+REPLICA_HEADER = "X-Lmforge-Replica"  # lmforge.serve.ray.REPLICA_HEADER (importing it would import ray)
 QUESTIONS = [
     "Tell me about the history of the printing press.",
     "请介绍一下长城的历史。",
@@ -71,15 +81,22 @@ def chat_body(question: str, max_tokens: int) -> dict:
 
 
 async def stream_times(
-    http: httpx.AsyncClient, path: str, body: dict, times: list[float] | None = None
+    http: httpx.AsyncClient,
+    path: str,
+    body: dict,
+    times: list[float] | None = None,
+    replicas: list[str] | None = None,
 ) -> tuple[float, list[float], dict]:
     """Stream one answer; return (time sent, arrival time of every piece of text, usage). The arrival times
-    go into ``times`` as they come, when given (the caller can watch them)."""
+    go into ``times`` as they come, when given (the caller can watch them); the replica that answered (Ray
+    Serve) into ``replicas``."""
     sent = time.perf_counter()
     times = [] if times is None else times
     usage: dict = {}
     async with http.stream("POST", path, json=body) as response:
         response.raise_for_status()
+        if replicas is not None:
+            replicas.append(response.headers.get(REPLICA_HEADER, "?"))
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -92,15 +109,18 @@ async def stream_times(
     return sent, times, usage
 
 
-async def level(base: str, streams: int, rounds: int, max_tokens: int) -> tuple[float, list[float]]:
-    """Run ``streams`` clients of ``rounds`` requests each; return (aggregate tokens/s, TTFTs)."""
+async def level(
+    base: str, streams: int, rounds: int, max_tokens: int, replicas: list[str] | None = None
+) -> tuple[float, list[float]]:
+    """Run ``streams`` clients of ``rounds`` requests each; return (aggregate tokens/s, TTFTs). The replica
+    that answered each request goes into ``replicas``, when given."""
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
 
         async def client(i: int) -> list[tuple[float, int]]:
             results = []
             for r in range(rounds):
                 body = chat_body(QUESTIONS[(i + r) % len(QUESTIONS)], max_tokens)
-                sent, times, usage = await stream_times(http, "/v1/chat/completions", body)
+                sent, times, usage = await stream_times(http, "/v1/chat/completions", body, replicas=replicas)
                 assert times and usage["completion_tokens"] == max_tokens, usage
                 results.append((times[0] - sent, usage["completion_tokens"]))
             return results
@@ -162,18 +182,76 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, args: argparse.Namespace) -> subprocess.Popen:
-    """`lmforge serve` on 127.0.0.1:port in a process that ends itself after --time-limit seconds."""
+def start_server(port: int, args: argparse.Namespace, replicas: int | None = None) -> subprocess.Popen:
+    """`lmforge serve` on 127.0.0.1:port in a process that ends itself after --time-limit seconds; with
+    ``replicas``, `lmforge serve --ray` (SIGALRM then exits through Python, so the Ray cluster is shut down)."""
     argv = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     if args.float32:
         argv += ["--dtype", "float32", "--quant", "none", "--no-compile"]
+    if replicas is not None:
+        argv += ["--ray", "--replicas", str(replicas), "--replica-threads", str(args.replica_threads)]
     argv += [args.model] if args.model else []
+    # The alarm ends the process; with Ray, through Python (SystemExit), so that the cluster is shut down too.
+    exit_by = "signal.signal(signal.SIGALRM, lambda *_: sys.exit(1)); " if replicas is not None else ""
     code = (
-        "import signal, sys; signal.alarm(int(sys.argv[1])); "
+        f"import signal, sys; {exit_by}signal.alarm(int(sys.argv[1])); "
         "from lmforge.cli import main; sys.exit(main(sys.argv[2:]))"
     )
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     return subprocess.Popen([sys.executable, "-c", code, str(args.time_limit), *argv], env=env)
+
+
+def wait_until_serving(base: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600  # a cold compile cache and a slow machine
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
+
+
+def describe(model: dict, args: argparse.Namespace, threads: str) -> str:
+    info = model["lmforge"]
+    return (
+        f"{model['id']} ({info['dtype']}, {info.get('packing', '?')}, "
+        f"{'compiled' if info.get('compiled_decode') else 'eager'} steps, {info['device']}, {threads}), "
+        f"{args.max_tokens} tokens per answer, {args.rounds} requests per stream"
+    )
+
+
+def ray_main(args: argparse.Namespace) -> None:
+    """Aggregate tokens/s of `lmforge serve --ray` with 1 and 2 replicas (see the module docstring)."""
+    rows = []
+    for replicas in (1, 2):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = start_server(port, args, replicas=replicas)
+        try:
+            wait_until_serving(base, server)
+            model = httpx.get(base + "/v1/models").json()["data"][0]
+            for streams in (1, 2, 4, 8):  # each replica compiles its slot buckets as it meets them
+                asyncio.run(level(base, min(streams, args.ray_streams), 1, 8))
+            answered: list[str] = []
+            rate, ttfts = asyncio.run(level(base, args.ray_streams, args.rounds, args.max_tokens, answered))
+            rows.append((replicas, rate, ttfts, sorted(answered.count(r) for r in set(answered))))
+        finally:
+            server.send_signal(signal.SIGINT)  # Ctrl-C: the CLI shuts its Ray cluster down
+            server.wait()
+    print(f"\n{describe(model, args, f'{args.replica_threads} thread(s) per replica')}, on Ray Serve")
+    print(
+        "| replicas | streams | requests | aggregate tokens/s | vs 1 replica | TTFT p50 (s) | TTFT p99 (s) | "
+        "requests per replica |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for replicas, rate, ttfts, per_replica in rows:
+        print(
+            f"| {replicas} | {args.ray_streams} | {len(ttfts)} | {rate:.1f} | {rate / rows[0][1]:.2f}x | "
+            f"{statistics.median(ttfts):.3f} | {percentile(ttfts, 0.99):.3f} | {per_replica} |"
+        )
 
 
 def main() -> None:
@@ -186,22 +264,19 @@ def main() -> None:
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
     parser.add_argument("--long-streams", type=int, default=4, help="streams decoding when it arrives")
     parser.add_argument("--time-limit", type=int, default=1800, help="seconds before the server ends itself")
+    parser.add_argument("--ray", action="store_true", help="`lmforge serve --ray` with 1 and 2 replicas")
+    parser.add_argument("--ray-streams", type=int, default=8, help="with --ray: concurrent client streams")
+    parser.add_argument("--replica-threads", type=int, default=1, help="with --ray: threads per replica")
     args = parser.parse_args()
+    if args.ray:
+        ray_main(args)
+        return
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(port, args)
     try:
-        deadline = time.monotonic() + 600  # a cold compile cache and a slow machine
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
+        wait_until_serving(base, server)
         model = httpx.get(base + "/v1/models").json()["data"][0]
         warm = time.perf_counter()
         for streams in (1, 2, 4, 8):  # compile the decode step for each slot bucket before timing
@@ -216,13 +291,8 @@ def main() -> None:
         server.wait()
 
     single = rows[0][1]
-    info = model["lmforge"]
-    print(
-        f"\n{model['id']} ({info['dtype']}, {info.get('packing', '?')}, "
-        f"{'compiled' if info.get('compiled_decode') else 'eager'} steps, {info['device']}, "
-        f"{args.threads or 'default'} threads), {args.max_tokens} tokens per answer, "
-        f"{args.rounds} requests per stream; warm-up (compiling) {warm:.0f} s"
-    )
+    threads = f"{args.threads or 'default'} threads"
+    print(f"\n{describe(model, args, threads)}; warm-up (compiling) {warm:.0f} s")
     print("| streams | requests | aggregate tokens/s | vs 1 stream | TTFT p50 (s) | TTFT p99 (s) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for streams, rate, ttfts in rows:

@@ -281,6 +281,7 @@ def serve_until_interrupted(
     on_ready: Callable[[str], None],
 ) -> None:
     """``start``, call ``on_ready(url)``, and serve until the process is interrupted (Ctrl-C), then stop."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the URL line says what its INFO lines say
     server = start(spec, replicas=replicas, host=host, port=port, address=address)
     try:
         on_ready(server.url)
