@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -239,7 +238,7 @@ def ray_main(args: argparse.Namespace) -> None:
             rate, ttfts = asyncio.run(level(base, args.ray_streams, args.rounds, args.max_tokens, answered))
             rows.append((replicas, rate, ttfts, sorted(answered.count(r) for r in set(answered))))
         finally:
-            server.send_signal(signal.SIGINT)  # Ctrl-C: the CLI shuts its Ray cluster down
+            server.terminate()  # on SIGTERM the CLI shuts its Ray cluster down
             server.wait()
     print(f"\n{describe(model, args, f'{args.replica_threads} thread(s) per replica')}, on Ray Serve")
     print(

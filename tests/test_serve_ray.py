@@ -131,6 +131,11 @@ def test_builder_arguments_become_the_replicas_spec():
     assert deployment.ray_actor_options["num_cpus"] == 1  # one intra-op thread per replica by default
     (spec,) = app._bound_deployment.init_args
     assert spec == on_ray.ReplicaSpec(model="runs/x/model", compile=False, cors_origins=("a", "b"))
+    # A RayService's YAML args arrive as numbers and booleans
+    yaml_args: Any = on_ray.build(
+        {"model": "runs/x/model", "replicas": 3, "compile": False, "cors_origins": "a,b"}
+    )
+    assert yaml_args._bound_deployment.init_args == (spec,) and yaml_args._bound_deployment.num_replicas == 3
 
 
 def test_cli_ray_flags_parse_with_one_replica_of_one_thread_by_default():

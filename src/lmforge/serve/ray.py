@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -165,9 +167,10 @@ def application(spec: ReplicaSpec, *, replicas: int = 1) -> Application:
     return deployment.bind(spec)
 
 
-def build(args: Mapping[str, str]) -> Application:
-    """``application`` from string arguments, as Ray's config files give them (``serve run`` ``key=value``
-    pairs, a RayService's ``args``): ``replicas`` and ``ReplicaSpec``'s fields (``compile``: true/false)."""
+def build(args: Mapping[str, object]) -> Application:
+    """``application`` from the arguments Ray's config files give (strings from ``serve run``'s ``key=value``
+    pairs; YAML values from a RayService's ``args``): ``replicas`` and ``ReplicaSpec``'s fields
+    (``compile``: true/false; ``cors_origins``, ``allowed_hosts``: comma-separated)."""
     fields = {f.name: f for f in dataclasses.fields(ReplicaSpec)}
     unknown = sorted(set(args) - set(fields) - {"replicas"})
     if unknown:
@@ -280,19 +283,35 @@ def serve_until_interrupted(
     address: str | None,
     on_ready: Callable[[str], None],
 ) -> None:
-    """``start``, call ``on_ready(url)``, and serve until the process is interrupted (Ctrl-C), then stop."""
+    """``start``, call ``on_ready(url)``, and serve until the process is interrupted (Ctrl-C, SIGTERM), then
+    stop."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the URL line says what its INFO lines say
+    _stop_on_signals()
     server = start(spec, replicas=replicas, host=host, port=port, address=address)
+    _stop_on_signals()  # again: ray.init installs a SIGTERM handler of its own
     try:
         on_ready(server.url)
-        while True:
-            time.sleep(3600)
+        while True:  # short sleeps: a signal delivered to one of Ray's threads does not wake a long one
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
 
 
-def replica_actor(replica_id: str) -> ray.actor.ActorHandle:
-    """The Ray actor of the replica named ``replica_id`` (the ``X-Lmforge-Replica`` header's value)."""
-    return ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{replica_id}", namespace="serve")
+def _stop_on_signals() -> None:
+    """Ctrl-C and a service manager's SIGTERM both raise KeyboardInterrupt, so the cluster is shut down; SIGINT
+    too where the shell started the process with it ignored (a background job)."""
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, _interrupt)
+
+
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def replica_actor(replica_id: str, app_name: str = APP_NAME) -> ray.actor.ActorHandle:
+    """The Ray actor of the replica named ``replica_id`` (the ``X-Lmforge-Replica`` header's value) in the
+    application ``app_name`` (``start``'s; ``serve run`` and config files name theirs)."""
+    return ray.get_actor(f"SERVE_REPLICA::{app_name}#{DEPLOYMENT_NAME}#{replica_id}", namespace="serve")
