@@ -20,7 +20,7 @@ import pytest
 import ray
 
 import lmforge
-from lmforge import LLM
+from lmforge import LLM, runtime
 from lmforge.cli import build_parser, main
 from lmforge.errors import LmforgeError
 from lmforge.serve import create_app
@@ -66,8 +66,10 @@ def _gone(pid: int) -> bool:
 
 
 def test_two_replicas_share_requests_answer_like_one_server_and_survive_a_killed_replica(
-    tmp_path, tiny_tokenizer
+    tmp_path, tiny_tokenizer, monkeypatch
 ):
+    home = tmp_path / "home"  # the replicas inherit it: where they keep the shipped model
+    monkeypatch.setenv(runtime.HOME_ENV, str(home))
     folder = tmp_path / "tiny"
     tiny_llm("tiny-llama", tiny_tokenizer).save(folder)
     # The single server runs on one intra-op thread, as each replica does: the same sums in the same order.
@@ -77,11 +79,17 @@ def test_two_replicas_share_requests_answer_like_one_server_and_survive_a_killed
 
     started = time.monotonic()
     spec = on_ray.ReplicaSpec(model=str(folder), compile=False, warm_up=False)
-    server = on_ray.start(spec, replicas=2, port=_free_port())  # stops what it started if it fails
+    # ship: the folder travels through Ray's object store, as it does to the nodes of a cluster joined
+    server = on_ray.start(spec, replicas=2, port=_free_port(), ship=True)  # stops what it started if it fails
     try:
         base = server.url
         answers = _answers(base, PROMPTS)
         assert [text for text, _ in answers] == expected
+        (copy,) = (home / "ray-models").glob("*/tiny")  # one copy for the node, its files as they were
+        assert {p.name: p.read_bytes() for p in copy.iterdir()} == {
+            p.name: p.read_bytes() for p in folder.iterdir()
+        }
+        assert httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"] == "tiny"  # its own name
         served: dict[str | None, int] = {}
         for _, replica in answers:
             served[replica] = served.get(replica, 0) + 1
@@ -119,6 +127,10 @@ def test_replica_counts_and_builder_arguments_are_checked_before_ray_starts():
         on_ray.build({"compile": "yes"})
     with pytest.raises(LmforgeError, match="max_batch='eight' is not a whole number"):
         on_ray.build({"max_batch": "eight"})
+    with pytest.raises(LmforgeError, match="17 GPUs per replica is outside 0 to 16"):
+        on_ray.build({"gpus": 17})
+    with pytest.raises(LmforgeError, match="gpus='half' is not a number"):
+        on_ray.build({"gpus": "half"})
     assert not ray.is_initialized()
 
 
@@ -128,14 +140,20 @@ def test_builder_arguments_become_the_replicas_spec():
     )
     deployment = app._bound_deployment
     assert deployment.num_replicas == 3
-    assert deployment.ray_actor_options["num_cpus"] == 1  # one intra-op thread per replica by default
-    (spec,) = app._bound_deployment.init_args
+    assert deployment.ray_actor_options == {"num_cpus": 1, "num_gpus": 0.0}  # one thread, no GPU by default
+    spec, shipped = app._bound_deployment.init_args
+    assert shipped is None  # a config file's model is resolved on each node
     assert spec == on_ray.ReplicaSpec(model="runs/x/model", compile=False, cors_origins=("a", "b"))
     # A RayService's YAML args arrive as numbers and booleans
     yaml_args: Any = on_ray.build(
         {"model": "runs/x/model", "replicas": 3, "compile": False, "cors_origins": "a,b"}
     )
-    assert yaml_args._bound_deployment.init_args == (spec,) and yaml_args._bound_deployment.num_replicas == 3
+    assert (
+        yaml_args._bound_deployment.init_args == (spec, None)
+        and yaml_args._bound_deployment.num_replicas == 3
+    )
+    shared_gpu: Any = on_ray.build({"gpus": "0.5", "threads": 2})
+    assert shared_gpu._bound_deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5}
 
 
 def test_cli_ray_flags_parse_with_one_replica_of_one_thread_by_default():
@@ -156,10 +174,14 @@ def test_cli_ray_flags_parse_with_one_replica_of_one_thread_by_default():
         ),
         (["--replicas", "2"], "error: --replicas applies to Ray Serve only — add --ray"),
         (["--ray-address", "auto"], "error: --ray-address applies to Ray Serve only"),
+        (["--ray", "--replica-gpus", "-1"], "error: -1 GPUs per replica is outside 0 to 16"),
+        (["--ray", "no/such-folder/"], "error: no model found at 'no/such-folder/'"),
     ],
 )
 def test_cli_ray_mistakes_are_one_line_before_anything_starts(argv, expected, capsys):
-    assert main(["serve", *argv]) == 2
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["serve", "--port", str(_free_port()), *argv]) == 2
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # as they were
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith(expected), (
         captured

@@ -247,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _serve_on_ray(args, api_key)
         return
     ray_only = {"--replicas": args.replicas != 1, "--replica-threads": args.replica_threads != 1}
+    ray_only["--replica-gpus"] = args.replica_gpus != 0
     ray_only["--ray-address"] = args.ray_address is not None
     if any(ray_only.values()):
         flag = next(name for name, given in ray_only.items() if given)
@@ -278,7 +279,7 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None) -> None:
             f"--ray needs Ray Serve, which is not installed ({e.msg})", hint="pip install 'lmforge[ray]'"
         ) from None
 
-    on_ray.check_replicas(args.replicas, args.replica_threads)
+    on_ray.check_replicas(args.replicas, args.replica_threads, args.replica_gpus)
     if args.ray_address is None:  # a local cluster: its proxy binds here
         _check_bindable(args.host, args.port)
     spec = on_ray.ReplicaSpec(
@@ -288,6 +289,7 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None) -> None:
         quant=args.quant,
         compile=args.compile,
         threads=args.replica_threads,
+        gpus=args.replica_gpus,
         api_key=api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -919,8 +921,15 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         help="with --ray: intra-op threads (and CPUs reserved from Ray) per replica (default 1)",
     )
     ray.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=0.0,
+        help="with --ray: GPUs each replica reserves (0.5: two per GPU; default 0: CPU replicas)",
+    )
+    ray.add_argument(
         "--ray-address",
-        help="with --ray: join this Ray cluster (e.g. auto, ray://HEAD:10001) instead of a local one",
+        help="with --ray: join this Ray cluster (e.g. auto, ray://HEAD:10001) instead of a local one; a model "
+        "folder, file or store entry of this machine is sent to the replicas' nodes through Ray",
     )
     p.set_defaults(func=cmd_serve)
 

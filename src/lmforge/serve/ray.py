@@ -30,13 +30,16 @@ most ``max_queue`` requests beyond the ``max_batch + max_queue`` each replica ta
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -46,7 +49,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmforge import runtime
 from lmforge.api import LLM
 from lmforge.errors import LmforgeError
-from lmforge.serve.app import create_app
+from lmforge.home import lmforge_home
+from lmforge.loading import resolve
+from lmforge.serve.app import _model_id, create_app  # the served name of a shipped model: the one it had
 from lmforge.serve.limits import ServerLimits
 
 if TYPE_CHECKING:
@@ -55,9 +60,14 @@ if TYPE_CHECKING:
 
 MAX_REPLICAS = 64  # replicas of one application: each holds its own copy of the model
 MAX_THREADS = 256  # intra-op threads (= CPUs reserved) per replica
+MAX_GPUS = 16  # GPUs reserved per replica
+SHIP_PIECE_BYTES = (
+    64 << 20
+)  # a shipped model file travels in pieces of this size: bounded memory at both ends
 APP_NAME = "lmforge"
 DEPLOYMENT_NAME = "LmforgeServer"
 REPLICA_HEADER = "X-Lmforge-Replica"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what ends `lmforge serve --ray`, shutting its cluster down
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class ReplicaSpec:
     quant: str = "auto"
     compile: bool | None = None  # None: LLM.load's default ($LMFORGE_COMPILE)
     threads: int = 1  # intra-op threads per replica, and the CPUs it reserves from Ray
+    gpus: float = 0.0  # GPUs each replica reserves (a fraction shares one); Ray hides the GPUs of 0
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
@@ -82,19 +93,28 @@ class ReplicaSpec:
     warm_up: bool = True  # compile every batch size's step before the replica takes requests
 
 
+@dataclass(frozen=True)
+class ShippedModel:
+    """A local model's files in Ray's object store, for replicas on nodes that do not have them."""
+
+    name: str  # the folder's or file's name
+    digest: str  # sha256 of the relative paths, sizes and contents: its cache folder on every node
+    files: tuple[tuple[str, tuple[ray.ObjectRef, ...]], ...]  # relative path ("" for a lone file) -> pieces
+
+
 class LmforgeReplica:
     """One replica: loads the model when Ray builds its app (``__serve_build_asgi_app__``) and serves it."""
 
-    def __init__(self, spec: ReplicaSpec) -> None:
+    def __init__(self, spec: ReplicaSpec, shipped: ShippedModel | None = None) -> None:
         self.spec = spec
+        self.shipped = shipped
         self.server: FastAPI | None = None  # not `app`: Ray's ingress wrapper has that name
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         spec = self.spec
         runtime.set_threads(spec.threads)
-        llm = LLM.load(
-            spec.model, dtype=spec.dtype, device=spec.device, quant=spec.quant, compile=spec.compile
-        )
+        model = spec.model if self.shipped is None else str(receive_model(self.shipped))
+        llm = LLM.load(model, dtype=spec.dtype, device=spec.device, quant=spec.quant, compile=spec.compile)
         app = create_app(
             llm,
             api_key=spec.api_key,
@@ -137,7 +157,75 @@ class ReplicaHeader:
         await self.app(scope, receive, named)
 
 
-def check_replicas(replicas: int, threads: int) -> None:
+def ship_model(model: str | None) -> ShippedModel | None:
+    """Put a model folder, .gguf file or store entry of this machine into Ray's object store, in pieces of
+    ``SHIP_PIECE_BYTES``; None for a packaged model or a hub id, which every node has or downloads itself.
+    The objects live while this process does (it owns them): replicas Ray restarts later fetch them too."""
+    source = resolve(model)
+    if source.kind not in ("folder", "gguf", "store") or source.path is None:
+        return None
+    root = source.path
+    if root.is_file():
+        entries = [("", root)]
+    else:
+        entries = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    files = []
+    for relative, path in entries:
+        digest.update(f"{relative}\0".encode())
+        pieces, size = [], 0
+        with path.open("rb") as f:
+            while piece := f.read(SHIP_PIECE_BYTES):
+                digest.update(piece)
+                size += len(piece)
+                pieces.append(ray.put(piece))
+        digest.update(f"\0{size}\0".encode())  # after the bytes: the receiver hashes them as they arrive
+        files.append((relative, tuple(pieces)))
+    return ShippedModel(root.resolve().name, digest.hexdigest(), tuple(files))
+
+
+def receive_model(shipped: ShippedModel) -> Path:
+    """The shipped model on this node: ``<home>/ray-models/DIGEST/NAME``, fetched once per node (written to a
+    temporary folder and renamed into place, so replicas sharing a node never read a half-written copy), its
+    digest checked."""
+    cache = lmforge_home() / "ray-models"
+    target = cache / shipped.digest
+    if not target.is_dir():
+        temporary = cache / f".{shipped.digest}.{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        digest = hashlib.sha256()
+        try:
+            for relative, pieces in shipped.files:
+                if ".." in Path(relative).parts or Path(relative).is_absolute():
+                    raise LmforgeError(f"shipped model file {relative!r} is outside its folder")
+                path = temporary / shipped.name / relative if relative else temporary / shipped.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                digest.update(f"{relative}\0".encode())
+                size = 0
+                with path.open("wb") as f:
+                    for ref in pieces:
+                        piece = ray.get(ref)
+                        digest.update(piece)
+                        size += len(piece)
+                        f.write(piece)
+                    f.flush()
+                    os.fsync(f.fileno())
+                digest.update(f"\0{size}\0".encode())
+            if digest.hexdigest() != shipped.digest:
+                raise LmforgeError(
+                    f"the shipped model {shipped.name} arrived damaged (sha256 differs)", hint="start again"
+                )
+            try:
+                temporary.rename(target)
+            except OSError:  # another replica of this node renamed its copy first
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return target / shipped.name
+
+
+def check_replicas(replicas: int, threads: int, gpus: float = 0.0) -> None:
     if not 1 <= replicas <= MAX_REPLICAS:
         raise LmforgeError(
             f"replicas={replicas} is outside 1 to {MAX_REPLICAS}",
@@ -148,23 +236,29 @@ def check_replicas(replicas: int, threads: int) -> None:
             f"{threads} threads per replica is outside 1 to {MAX_THREADS}",
             hint="use e.g. 1, the default (--replica-threads; threads= in Ray's config arguments)",
         )
+    if not 0 <= gpus <= MAX_GPUS:
+        raise LmforgeError(
+            f"{gpus:g} GPUs per replica is outside 0 to {MAX_GPUS}",
+            hint="use e.g. 1, or 0.5 for two replicas per GPU (--replica-gpus; gpus= in Ray's config arguments)",
+        )
 
 
-def application(spec: ReplicaSpec, *, replicas: int = 1) -> Application:
-    """The Ray Serve application: ``replicas`` copies of ``spec``'s server, ``spec.threads`` CPUs each."""
-    check_replicas(replicas, spec.threads)
+def application(spec: ReplicaSpec, *, replicas: int = 1, shipped: ShippedModel | None = None) -> Application:
+    """The Ray Serve application: ``replicas`` copies of ``spec``'s server, ``spec.threads`` CPUs and
+    ``spec.gpus`` GPUs each; with ``shipped`` (``ship_model``), they load that instead of ``spec.model``."""
+    check_replicas(replicas, spec.threads, spec.gpus)
     deployment = serve.deployment(
         serve.ingress()(LmforgeReplica),
         name=DEPLOYMENT_NAME,
         num_replicas=replicas,
-        ray_actor_options={"num_cpus": spec.threads},
+        ray_actor_options={"num_cpus": spec.threads, "num_gpus": spec.gpus},
         # A replica takes what its scheduler would (running + queued sequences); the router holds back the rest,
         # at most max_queue of them, so a full cluster answers 503 instead of queueing without bound.
         max_ongoing_requests=spec.max_batch + spec.max_queue,
         max_queued_requests=spec.max_queue,
         logging_config={"log_level": "WARNING"},  # not a line per request, as `lmforge serve`
     )
-    return deployment.bind(spec)
+    return deployment.bind(spec, shipped)
 
 
 def build(args: Mapping[str, object]) -> Application:
@@ -188,6 +282,11 @@ def build(args: Mapping[str, object]) -> Application:
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
     kind = str(kind)
+    if kind.startswith("float"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise LmforgeError(f"{name}={raw!r} is not a number", hint=f"e.g. {name}=0.5") from None
     if kind.startswith("int"):
         try:
             return int(raw)
@@ -232,14 +331,20 @@ def start(
     host: str = "127.0.0.1",
     port: int = 8000,
     address: str | None = None,
+    ship: bool | None = None,
 ) -> RayServer:
     """Start a local Ray cluster (or join the one at ``address``), Serve's proxy on ``host:port`` and
     ``replicas`` replicas of ``spec``; returns once every replica has loaded its model and answers.
 
     A local cluster gets at least ``replicas x spec.threads`` CPUs, so the replicas start on a small machine
     (sharing its cores); a cluster at ``address`` must have them, and where Serve already runs there, its proxy
-    keeps the host and port it has. Anything started is stopped again if the replicas fail."""
-    app = application(spec, replicas=replicas)
+    keeps the host and port it has. ``ship`` (default: when joining a cluster) sends a model folder, file or
+    store entry of this machine to the replicas' nodes (``ship_model``); otherwise each node resolves the name
+    itself. Anything started is stopped again if the replicas fail."""
+    check_replicas(replicas, spec.threads, spec.gpus)
+    ship = address is not None if ship is None else ship
+    if address is None:
+        resolve(spec.model)  # a misspelt name is one line here, not a replica's traceback in Ray's log
     connected = not ray.is_initialized()  # a caller may have connected already: then its cluster is used
     if connected:
         options: dict[str, Any] = dict(
@@ -257,6 +362,10 @@ def start(
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     server = RayServer(url, local=connected and address is None, connected=connected)
     try:
+        shipped = ship_model(spec.model) if ship else None
+        if shipped is not None and spec.model_name is None:  # the name the replicas serve, not the cache's
+            spec = dataclasses.replace(spec, model_name=_model_id(str(spec.model)))
+        app = application(spec, replicas=replicas, shipped=shipped)
         keep_alive = ServerLimits().keep_alive_s
         serve.start(
             http_options={"host": host, "port": port, "keep_alive_timeout_s": keep_alive},
@@ -282,28 +391,35 @@ def serve_until_interrupted(
     port: int,
     address: str | None,
     on_ready: Callable[[str], None],
+    ship: bool | None = None,
 ) -> None:
     """``start``, call ``on_ready(url)``, and serve until the process is interrupted (Ctrl-C, SIGTERM), then
     stop."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the URL line says what its INFO lines say
-    _stop_on_signals()
-    server = start(spec, replicas=replicas, host=host, port=port, address=address)
-    _stop_on_signals()  # again: ray.init installs a SIGTERM handler of its own
+    main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS} if main else {}
     try:
-        on_ready(server.url)
-        while True:  # short sleeps: a signal delivered to one of Ray's threads does not wake a long one
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        _stop_on_signals(main)
+        server = start(spec, replicas=replicas, host=host, port=port, address=address, ship=ship)
+        _stop_on_signals(main)  # again: ray.init installs a SIGTERM handler of its own
+        try:
+            on_ready(server.url)
+            while True:  # short sleeps: a signal delivered to one of Ray's threads does not wake a long one
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
-def _stop_on_signals() -> None:
+def _stop_on_signals(main: bool) -> None:
     """Ctrl-C and a service manager's SIGTERM both raise KeyboardInterrupt, so the cluster is shut down; SIGINT
     too where the shell started the process with it ignored (a background job)."""
-    if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, signal.SIGTERM):
+    if main:
+        for number in STOP_SIGNALS:
             signal.signal(number, _interrupt)
 
 
