@@ -18,7 +18,13 @@ Entry points, from the smallest:
   ``serve_until_interrupted`` (``lmforge serve --ray``) until Ctrl-C.
 
 Each replica reserves ``spec.threads`` CPUs from Ray and runs that many intra-op threads (default 1: replicas
-are processes that would otherwise each take every core, and on a small machine they fight for them).
+are processes that would otherwise each take every core, and on a small machine they fight for them), and
+``spec.gpus`` GPUs (default 0: Ray hides the GPUs from a replica that reserves none).
+
+A replica loads the model by name, which its node must resolve (a hub id, the bundled model, a shared path);
+``start`` joining a cluster ships a local folder, file or store entry instead (``ship_model``): its files go
+into Ray's object store and each node's first replica writes them to ``<home>/ray-models/SHA256/``.
+
 Ray is imported only here, and this module only by ``lmforge serve --ray`` and callers that want it: plain
 ``lmforge serve`` never imports ray (``pip install lmforge[ray]`` adds it).
 
