@@ -67,9 +67,8 @@ if TYPE_CHECKING:
 MAX_REPLICAS = 64  # replicas of one application: each holds its own copy of the model
 MAX_THREADS = 256  # intra-op threads (= CPUs reserved) per replica
 MAX_GPUS = 16  # GPUs reserved per replica
-SHIP_PIECE_BYTES = (
-    64 << 20
-)  # a shipped model file travels in pieces of this size: bounded memory at both ends
+# A shipped model file travels in pieces of this size: memory stays bounded at both ends.
+SHIP_PIECE_BYTES = 64 << 20
 APP_NAME = "lmforge"
 DEPLOYMENT_NAME = "LmforgeServer"
 REPLICA_HEADER = "X-Lmforge-Replica"
