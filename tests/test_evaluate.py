@@ -247,20 +247,22 @@ def test_eval_says_within_noise_for_two_models_two_examples_apart(
     tmp_path, tiny_tokenizer, monkeypatch, capsys
 ):
     """`lmforge eval` on 836 messages, two models at 98.21 % and 97.97 % (the second wrong on the first's 15
-    errors and 2 more): the pair is within noise, McNemar p = 0.5. The models are real tiny ones; their
-    answers are set (the recipe's classify stands in), so the gap is exactly the issue's."""
+    errors and 2 more): the pair is within noise, McNemar p = 0.5. The models are real tiny ones, the first a
+    store entry (which records the verdict); their answers are set (the recipe's classify stands in), so the
+    gap is exactly the issue's."""
     import lmforge.recipes.evaluate as recipe
     from lmforge.cli import main
+    from lmforge.store import Store
 
     from .conftest import tiny_llm
 
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
     data, labels = _spam_836(tmp_path)
-    folders = [
-        tiny_llm("tiny-llama", tiny_tokenizer, seed=s, block_size=1024).save(tmp_path / f"m{s}")
-        for s in (1, 2)
-    ]
+    folders = [tiny_llm("tiny-llama", tiny_tokenizer, seed=s).save(tmp_path / f"m{s}") for s in (1, 2)]
+    Store().put(folders[0], "spam:v1")
+    models = ["spam:v1", str(folders[1])]
     flip = {"ham": "spam", "spam": "ham"}
-    wrong = {str(folders[0]): set(range(0, 836, 56)), str(folders[1]): set(range(0, 836, 56)) | {3, 5}}
+    wrong = {models[0]: set(range(0, 836, 56)), models[1]: set(range(0, 836, 56)) | {3, 5}}
     assert [len(w) for w in wrong.values()] == [15, 17]
 
     def answers(llm, texts, labels_=None, *args, **kwargs):
@@ -269,7 +271,7 @@ def test_eval_says_within_noise_for_two_models_two_examples_apart(
 
     monkeypatch.setattr(recipe, "classify", answers)
     out = tmp_path / "report"
-    argv = ["eval", *map(str, folders), "--task", "classify", "--data", str(data), "--labels", "ham,spam"]
+    argv = ["eval", *models, "--task", "classify", "--data", str(data), "--labels", "ham,spam"]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -280,3 +282,10 @@ def test_eval_says_within_noise_for_two_models_two_examples_apart(
     line = next(x for x in printed.splitlines() if "accuracy 0.9821 vs 0.9797" in x)
     assert line.endswith("within noise (p=0.5): a tie, not significant")
     assert "McNemar exact, 2 vs 0 discordant" in line
+    # the store keeps the interval and the verdict against the other model, in the manifest and the card
+    scores = Store().get("spam:v1")["metrics"]["classify:spam_836.jsonl"]
+    assert scores["accuracy_ci95"] == report["rows"][0]["accuracy_ci95"]
+    paired = scores["paired"][f"{folders[1]} (zero-shot)"]["accuracy"]
+    assert paired["p_value"] == 0.5 and abs(paired["difference"] - 2 / 836) < 1e-12
+    card = (Store().open("spam:v1") / "README.md").read_text(encoding="utf-8")
+    assert "within noise (p=0.5)" in card
