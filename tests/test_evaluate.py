@@ -289,3 +289,25 @@ def test_eval_says_within_noise_for_two_models_two_examples_apart(
     assert paired["p_value"] == 0.5 and abs(paired["difference"] - 2 / 836) < 1e-12
     card = (Store().open("spam:v1") / "README.md").read_text(encoding="utf-8")
     assert "within noise (p=0.5)" in card
+
+
+def test_eval_choice_tests_the_pair_with_mcnemar(tmp_path, tiny_tokenizer, capsys):
+    from lmforge.cli import main
+
+    from .conftest import tiny_llm
+
+    folders = [
+        tiny_llm("tiny-llama", tiny_tokenizer, seed=s, block_size=1024).save(tmp_path / f"m{s}")
+        for s in (1, 2)
+    ]
+    items = _songci_next_verse_items(4)
+    data = tmp_path / "songci_mc.jsonl"
+    data.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+    out = tmp_path / "report"
+    assert main(["eval", *map(str, folders), "--task", "choice", "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    a, b = report["rows"]
+    (test,) = report["comparisons"]
+    assert test["test"] == "McNemar exact" and (test["a"], test["b"]) == (a["accuracy"], b["accuracy"])
+    assert a["accuracy_ci95"][0] <= a["accuracy"] <= a["accuracy_ci95"][1]
+    assert test["verdict"] in capsys.readouterr().out

@@ -9,7 +9,8 @@
 
 Every score comes with its 95 % bootstrap interval (``stats``), under ``<metric>_ci95``: accuracy and ROUGE
 resample the examples, macro-F1 recomputes the confusion matrix per resample, perplexity resamples the windows'
-summed NLL and token counts. ``compare`` tests two models scored on the same examples against each other.
+summed NLL and token counts. ``compare_classifiers`` and ``compare_rouge`` test two models scored on the same
+examples against each other.
 """
 
 from __future__ import annotations
@@ -168,7 +169,11 @@ def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
     """Mean ROUGE-1/2/L F1, each with its 95 % bootstrap interval (``rouge1_ci95``...)."""
-    per_example = rouge_per_example(predictions, references)
+    return rouge_means(rouge_per_example(predictions, references))
+
+
+def rouge_means(per_example: dict[str, list[float]]) -> dict[str, Any]:
+    """``rouge``'s scores from ``rouge_per_example``'s."""
     out: dict[str, Any] = {}
     for key, values in per_example.items():
         out[key] = sum(values) / max(1, len(values))

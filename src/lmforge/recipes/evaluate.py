@@ -24,7 +24,7 @@ from lmforge.evaluate import (
     multiple_choice,
     perplexity,
     plot_confusion,
-    rouge,
+    rouge_means,
     rouge_per_example,
     write_report,
 )
@@ -119,12 +119,12 @@ def evaluate_models(
         elif task == "summarize":
             records = read_records(data, [text_field, summary_field])[:limit]
             predictions = summarize(llm, [str(r[text_field]) for r in records], max_length)
-            references = [str(r[summary_field]) for r in records]
-            scores = rouge(predictions, references)
+            per_example = rouge_per_example(predictions, [str(r[summary_field]) for r in records])
+            scores = rouge_means(per_example)
             rows.append(
                 {"model": label, **scores, "examples": len(records), "seconds": time.perf_counter() - start}
             )
-            answers.append(rouge_per_example(predictions, references))
+            answers.append(per_example)
         else:
             items = read_records(data, ["question", "choices", "answer"])[:limit]
             result = multiple_choice(llm, items)

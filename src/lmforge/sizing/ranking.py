@@ -27,7 +27,7 @@ from lmforge import runtime
 from lmforge.config import Config
 from lmforge.data.labelled import encode_conversation, format_instruction, read_records
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import classification_metrics, markdown_table, rouge, rouge_per_example
+from lmforge.evaluate import classification_metrics, markdown_table, rouge_means, rouge_per_example
 from lmforge.inference import classify, embed, sequence_logprobs, summarize
 from lmforge.info import ModelHeader, read_header
 from lmforge.loading import LoadedModel
@@ -325,9 +325,9 @@ class _Job:
         if self.task == "summarize":
             summaries = summarize(llm, [r["text"] for r in self.rows], max_length=SUMMARY_TOKENS)
             latency = (time.perf_counter() - start) * 1000 / len(self.rows)
-            references = [r["summary"] for r in self.rows]
-            scores = rouge(summaries, references)
-            return scores["rougeL"], latency, scores, rouge_per_example(summaries, references)["rougeL"]
+            per_example = rouge_per_example(summaries, [r["summary"] for r in self.rows])
+            scores = rouge_means(per_example)
+            return scores["rougeL"], latency, scores, per_example["rougeL"]
         if self.task == "generate":
             bits, size = _bits_and_bytes(llm, self.rows)
             tokens_per_s, how = decode_speed(llm)
