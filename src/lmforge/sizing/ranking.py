@@ -139,7 +139,9 @@ def select(
     head when its labels match, else zero/``shots``-shot), summarize - ROUGE-L, generate - bits per byte of
     the target text (lower is better; comparable across tokenizers), embed - nearest-neighbour label accuracy
     (skipped without labels). The best quality among those that fit and meet ``max_latency_ms`` is recommended;
-    ties go to the faster, then the smaller model. Candidates load on the CPU with ``quant`` and ``compile``
+    ties go to the faster, then the smaller model. Each quality has its 95 % bootstrap interval
+    (``Candidate.quality_ci95``), and ``Selection.comparisons`` tests the recommended candidate against each
+    other scored one on the same sample (``stats``). Candidates load on the CPU with ``quant`` and ``compile``
     (``LoadedModel.load``'s), so speed and quality are those of the model as the user will run it, and the
     memory check sizes them as loaded: packed layers at their packed size, a compiled decode step's memory
     where scoring decodes.
