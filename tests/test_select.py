@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from scipy.stats import binomtest
 
 import lmforge
 from lmforge import LLM, Config, LmforgeError, Transformer
@@ -305,10 +306,26 @@ def test_select_ranks_chinese_classes_and_prints_the_table(
     best, other = result.candidates
     assert result.recommended == best.name
     assert (best.quality, -best.latency_ms) >= (other.quality, -other.latency_ms)
+    # each accuracy with its interval, and the recommended one tested against the other on the same 8 rows
+    for c in result.candidates:
+        assert c.quality_ci95[0] <= c.quality <= c.quality_ci95[1] and len(c.per_example) == 8
+        assert c.quality == sum(c.per_example) / 8
+    (test,) = result.comparisons
+    only_best = sum(a and not b for a, b in zip(best.per_example, other.per_example, strict=True))
+    only_other = sum(b and not a for a, b in zip(best.per_example, other.per_example, strict=True))
+    expected = binomtest(only_best, only_best + only_other).pvalue if only_best + only_other else 1.0
+    assert (test["a_model"], test["b_model"], test["test"]) == (best.name, other.name, "McNemar exact")
+    assert abs(test["p_value"] - expected) < 1e-9
+    table = result.table()
+    assert f"{best.quality:.3f} [{best.quality_ci95[0]:.3f}, {best.quality_ci95[1]:.3f}]" in table
+    assert test["verdict"] in table
+    if best.quality > other.quality and not test["significant"]:
+        assert f"ahead of {other.name} within noise" in result.reason
     assert main(["select", "--task", "classify", "--data", str(data), "--candidates", ",".join(names),
                  "--sample", "8"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "| rank | candidate |" in out and "recommended: " in out and "genre_zh" in out
+    assert "95 % bootstrap interval" in out and "paired tests on the same examples" in out
 
 
 @pytest.mark.parametrize(
@@ -326,6 +343,8 @@ def test_select_scores_every_task(
     result = select(task, path, candidates=[str(tiny_models["llama"])], sample=2)
     (only,) = result.candidates
     assert result.metric == metric and only.status == "ok" and only.quality is not None and only.quality >= 0
+    assert only.quality_ci95[0] <= only.quality + 1e-12 and only.quality <= only.quality_ci95[1] + 1e-12
+    assert result.comparisons == []  # nothing to compare with
     assert result.recommended == only.name and "the only candidate" in result.reason
 
 

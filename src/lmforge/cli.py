@@ -512,7 +512,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lmforge.evaluate import markdown_table
+    from lmforge.evaluate import comparison_lines, markdown_table
     from lmforge.recipes.evaluate import COLUMNS, evaluate_models
 
     report = evaluate_models(
@@ -532,6 +532,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         compile=args.compile,
     )
     print(markdown_table(report["rows"], COLUMNS[args.task]))
+    print("\n[low, high]: 95 % bootstrap interval")
+    if report["comparisons"]:
+        print("paired tests on the same examples (p < 0.05 is significant):")
+        print("\n".join(f"  {line}" for line in comparison_lines(report["comparisons"])))
     print(f"\nreport: {', '.join(report['files'])}")
 
 

@@ -6,6 +6,11 @@
   linear baseline (scikit-learn) trained on the same training file.
 - ``rouge``: ROUGE-1/2/L, word-level for English (rouge-score, stemmed) and character-level for Chinese.
 - ``multiple_choice``: accuracy by length-normalised log-likelihood of each choice.
+
+Every score comes with its 95 % bootstrap interval (``stats``), under ``<metric>_ci95``: accuracy and ROUGE
+resample the examples, macro-F1 recomputes the confusion matrix per resample, perplexity resamples the windows'
+summed NLL and token counts. ``compare_classifiers`` and ``compare_rouge`` test two models scored on the same
+examples against each other.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from lmforge.loading import LoadedModel
 from lmforge.model import perplexity_from_loss
 from lmforge.progress import tracked
 from lmforge.prompts import choice_prompt, is_chinese
+from lmforge.stats import Comparison, interval, macro_f1_of, mcnemar, mean_of, paired_bootstrap, ratio_of
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
 # ---------------------------------------------------------------- perplexity
@@ -41,7 +49,9 @@ def perplexity(
     if not 0 < stride <= window:
         raise LmforgeError(f"stride {stride} must be in 1..{window}", hint="e.g. half the window")
     model = llm.model
-    total_nll, counted, previous_end = 0.0, 0, 0
+    window_nll: list[float] = []  # each window's summed NLL of the tokens it scores, and their count
+    window_tokens: list[int] = []
+    previous_end = 0
     last_begin = max(0, math.ceil((len(ids) - window) / stride)) * stride  # the first window to reach the end
     for begin in tracked(range(0, last_begin + 1, stride), "perplexity"):
         end = min(begin + window, len(ids))
@@ -52,16 +62,22 @@ def perplexity(
         targets = chunk[0, 1:]
         token_nll = -logprobs.gather(1, targets[:, None])[:, 0]
         scored = token_nll[-new:] if begin > 0 else token_nll
-        total_nll += float(scored.sum())
-        counted += scored.numel()
+        window_nll.append(float(scored.sum()))
+        window_tokens.append(scored.numel())
         previous_end = end
+    total_nll, counted = sum(window_nll), sum(window_tokens)
     nll = total_nll / counted
     n_bytes = len(llm.tokenizer.decode(ids[1:]).encode("utf-8"))
+    # The windows score disjoint tokens, so they are the units resampled. One window has no spread to measure.
+    ppl = ratio_of(window_nll, window_tokens, np.exp)
+    ci = list(interval(ppl, len(window_nll))) if len(window_nll) > 1 else None
     return {
         "perplexity": perplexity_from_loss(nll),
+        "perplexity_ci95": ci,
         "nll_per_token": nll,
         "bits_per_byte": total_nll / math.log(2) / max(1, n_bytes),
         "tokens": counted,
+        "windows": len(window_nll),
     }
 
 
@@ -69,14 +85,30 @@ def perplexity(
 def classification_metrics(
     truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
 ) -> dict[str, Any]:
+    """Accuracy and macro-F1 over ``labels`` with their 95 % bootstrap intervals, and the confusion matrix."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+    correct = [t == p for t, p in zip(truth, predicted, strict=True)]
+    n = len(correct)
     return {
         "accuracy": float(accuracy_score(truth, predicted)),
+        "accuracy_ci95": list(interval(mean_of(correct), n)),
         "macro_f1": float(f1_score(truth, predicted, labels=list(labels), average="macro", zero_division=0)),
+        "macro_f1_ci95": list(interval(macro_f1_of(truth, predicted, labels), n)),
         "confusion_matrix": confusion_matrix(truth, predicted, labels=list(labels)).tolist(),
         "labels": list(labels),
     }
+
+
+def compare_classifiers(
+    truth: Sequence[str], a: Sequence[str], b: Sequence[str], labels: Sequence[str]
+) -> list[Comparison]:
+    """Two classifiers' predictions on the same examples: McNemar's exact test on accuracy, the paired
+    bootstrap on macro-F1."""
+    right_a = [t == p for t, p in zip(truth, a, strict=True)]
+    right_b = [t == p for t, p in zip(truth, b, strict=True)]
+    f1_a, f1_b = macro_f1_of(truth, a, labels), macro_f1_of(truth, b, labels)
+    return [mcnemar(right_a, right_b), paired_bootstrap(f1_a, f1_b, len(truth), metric="macro_f1")]
 
 
 def baseline_predictions(
@@ -121,19 +153,44 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str) -> Pat
 
 
 # --------------------------------------------------------------------- ROUGE
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1. Chinese pairs are compared character by character, English word by word."""
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 of each pair. Chinese pairs are compared character by character, English word by word."""
     from rouge_score import rouge_scorer
 
-    words = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    chars = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_CharTokenizer())
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    words = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    chars = rouge_scorer.RougeScorer(list(ROUGE_KEYS), tokenizer=_CharTokenizer())
+    scores: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
     for prediction, reference in zip(predictions, references, strict=True):
         scorer = chars if is_chinese(reference) else words
         for key, score in scorer.score(reference, prediction).items():
-            totals[key] += score.fmeasure
-    n = max(1, len(predictions))
-    return {key: value / n for key, value in totals.items()}
+            scores[key].append(score.fmeasure)
+    return scores
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Mean ROUGE-1/2/L F1, each with its 95 % bootstrap interval (``rouge1_ci95``...)."""
+    return rouge_means(rouge_per_example(predictions, references))
+
+
+def rouge_means(per_example: dict[str, list[float]]) -> dict[str, Any]:
+    """``rouge``'s scores from ``rouge_per_example``'s."""
+    out: dict[str, Any] = {}
+    for key, values in per_example.items():
+        out[key] = sum(values) / max(1, len(values))
+        out[f"{key}_ci95"] = list(interval(mean_of(values), len(values))) if values else None
+    return out
+
+
+def compare_rouge(
+    per_example_a: dict[str, list[float]], per_example_b: dict[str, list[float]]
+) -> list[Comparison]:
+    """The paired bootstrap on each ROUGE score of two models' summaries of the same texts."""
+    return [
+        paired_bootstrap(
+            mean_of(per_example_a[key]), mean_of(per_example_b[key]), len(per_example_a[key]), metric=key
+        )
+        for key in ROUGE_KEYS
+    ]
 
 
 class _CharTokenizer:
@@ -162,18 +219,40 @@ def multiple_choice(llm: LoadedModel, items: Sequence[dict[str, Any]]) -> dict[s
         n = len(item["choices"])
         predicted.append(int(np.argmax(normalised[offset : offset + n])))
         offset += n
-    correct = sum(int(p == int(item["answer"])) for p, item in zip(predicted, items, strict=True))
-    return {"accuracy": correct / max(1, len(items)), "predicted": predicted, "items": len(items)}
+    correct = [p == int(item["answer"]) for p, item in zip(predicted, items, strict=True)]
+    return {
+        "accuracy": sum(correct) / max(1, len(items)),
+        "accuracy_ci95": list(interval(mean_of(correct), len(items))) if items else None,
+        "correct": correct,
+        "predicted": predicted,
+        "items": len(items),
+    }
 
 
 # ------------------------------------------------------------------- reports
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    """A markdown table; a score with an interval (``<column>_ci95``) is written ``0.9821 [0.9725, 0.9904]``."""
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column, "")
+        if not isinstance(value, float):
+            return str(value)
+        ci = row.get(f"{column}_ci95")
+        return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def comparison_lines(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per paired test: ``a vs b: accuracy 0.9821 vs 0.9797 (McNemar exact, 2 vs 0 discordant):
+    within noise (p=0.5): a tie, not significant``."""
+    return [
+        f"{c['a_model']} vs {c['b_model']}: {c['metric']} {c['a']:.4f} vs {c['b']:.4f} "
+        f"({c['test']}{', ' + c['detail'] if c.get('detail') else ''}): {c['verdict']}"
+        for c in comparisons
+    ]
 
 
 def write_report(report: dict[str, Any], folder: str | Path, columns: Sequence[str]) -> tuple[Path, Path]:
@@ -181,5 +260,11 @@ def write_report(report: dict[str, Any], folder: str | Path, columns: Sequence[s
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "report.json", folder / "report.md"
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md_path.write_text(markdown_table(report["rows"], columns) + "\n", encoding="utf-8")
+    text = markdown_table(report["rows"], columns) + "\n"
+    if report.get("comparisons"):
+        text += (
+            "\nPaired tests on the same examples (95 % intervals in brackets; p < 0.05 is significant):\n\n"
+        )
+        text += "".join(f"- {line}\n" for line in comparison_lines(report["comparisons"]))
+    md_path.write_text(text, encoding="utf-8")
     return json_path, md_path

@@ -1,5 +1,9 @@
 """Evaluation recipe: one or more models on one data file -> a JSON report and a markdown table, side by side.
 
+Every score carries its 95 % bootstrap interval; models scored on the same examples (classify, summarize,
+choice) are tested pairwise, each model against the baseline row and against each other (McNemar's exact test
+on accuracy, the paired bootstrap on macro-F1 and ROUGE), under ``comparisons``, with the verdict in words.
+
 lmforge eval runs/spam/model default --task classify --data test.jsonl --train-file train.jsonl
 lmforge eval default --task perplexity --data book.txt
 """
@@ -15,14 +19,18 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluate import (
     baseline_predictions,
     classification_metrics,
+    compare_classifiers,
+    compare_rouge,
     multiple_choice,
     perplexity,
     plot_confusion,
-    rouge,
+    rouge_means,
+    rouge_per_example,
     write_report,
 )
 from lmforge.inference import classify, summarize
 from lmforge.loading import LoadedModel, add_metrics_if_stored
+from lmforge.stats import Comparison, mcnemar
 
 EvalTask = Literal["perplexity", "classify", "summarize", "choice"]
 COLUMNS = {
@@ -59,6 +67,12 @@ def evaluate_models(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    # What each row's model answered, example by example, for the paired tests: predicted labels (classify),
+    # per-example ROUGE (summarize) or right/wrong (choice).
+    answers: list[Any] = []
+    stored: list[tuple[str, str, dict[str, Any]]] = []  # (store entry, metrics key, scores): written last
+    truth: list[str] = []
+    names: list[str] = []
     if task == "classify":
         records = read_records(data, [text_field, label_field])[:limit]
         truth = [str(r[label_field]) for r in records]
@@ -75,6 +89,7 @@ def evaluate_models(
                 metrics, out / "confusion-baseline.png", "TF-IDF char n-grams + logistic regression"
             )
             rows.append(_row("baseline: tf-idf + logistic regression", metrics, len(texts), start))
+            answers.append(predicted)
     for name in models:
         start = time.perf_counter()
         llm = LoadedModel.load(name, quant=quant, compile=compile)
@@ -100,13 +115,16 @@ def evaluate_models(
             metrics = classification_metrics(truth, predicted, names)
             plot_confusion(metrics, out / f"confusion-{_slug(name)}.png", name)
             rows.append(_row(label + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
+            answers.append(predicted)
         elif task == "summarize":
             records = read_records(data, [text_field, summary_field])[:limit]
             predictions = summarize(llm, [str(r[text_field]) for r in records], max_length)
-            scores = rouge(predictions, [str(r[summary_field]) for r in records])
+            per_example = rouge_per_example(predictions, [str(r[summary_field]) for r in records])
+            scores = rouge_means(per_example)
             rows.append(
                 {"model": label, **scores, "examples": len(records), "seconds": time.perf_counter() - start}
             )
+            answers.append(per_example)
         else:
             items = read_records(data, ["question", "choices", "answer"])[:limit]
             result = multiple_choice(llm, items)
@@ -114,19 +132,71 @@ def evaluate_models(
                 {
                     "model": label,
                     "accuracy": result["accuracy"],
+                    "accuracy_ci95": result["accuracy_ci95"],
                     "examples": len(items),
                     "seconds": time.perf_counter() - start,
                 }
             )
-        # A model from the store keeps its scores: `lmforge show` and its model card list them.
+            answers.append(result["correct"])
         scores = {k: v for k, v in rows[-1].items() if k not in ("model", "seconds")}
         scores["data"] = str(Path(data).resolve())
         suffix = label[len(name) :]  # packed scores are kept beside the float model's, not over them
-        add_metrics_if_stored(llm.source, {f"{task}:{Path(data).name}{suffix}": scores})
-    report = {"task": task, "data": str(data), "rows": rows}
+        stored.append((llm.source, f"{task}:{Path(data).name}{suffix}", scores))
+    baseline = len(rows) > len(stored)  # the baseline row comes first
+    comparisons = _paired_tests(task, rows, answers, truth=truth, labels=names, baseline=baseline)
+    report: dict[str, Any] = {"task": task, "data": str(data), "rows": rows, "comparisons": comparisons}
+    # A model from the store keeps its scores, intervals and paired verdicts: `lmforge show` and its card list
+    # them. Written once every model is scored, as the verdicts need them all.
+    for row, (source, key, scores) in zip(rows[int(baseline) :], stored, strict=True):
+        paired = _paired_with(row["model"], comparisons)
+        add_metrics_if_stored(source, {key: {**scores, **({"paired": paired} if paired else {})}})
     json_path, md_path = write_report(report, out, COLUMNS[task])
     report["files"] = [str(json_path), str(md_path)]
     return report
+
+
+def _paired_tests(
+    task: str,
+    rows: list[dict[str, Any]],
+    answers: list[Any],
+    *,
+    truth: list[str],
+    labels: list[str],
+    baseline: bool,
+) -> list[dict[str, Any]]:
+    """Every pair of rows scored on the same examples: each model against the baseline (the first row, if
+    ``baseline``; written "model vs baseline"), then each model against the models after it."""
+    if task == "perplexity" or len(answers) < 2:  # tokenizers differ: windows are not the same examples
+        return []
+    first = int(baseline)
+    order = [(j, 0) for j in range(1, len(rows))] if baseline else []
+    order += [(i, j) for i in range(first, len(rows)) for j in range(i + 1, len(rows))]
+    out = []
+    for i, j in order:
+        tests: list[Comparison]
+        if task == "classify":
+            tests = compare_classifiers(truth, answers[i], answers[j], labels)
+        elif task == "summarize":
+            tests = compare_rouge(answers[i], answers[j])
+        else:
+            tests = [mcnemar(answers[i], answers[j])]
+        out += [{"a_model": rows[i]["model"], "b_model": rows[j]["model"], **t.to_dict()} for t in tests]
+    return out
+
+
+def _paired_with(model: str, comparisons: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{other model: {metric: difference (this one minus the other), p-value, verdict}}`` for the store."""
+    paired: dict[str, dict[str, Any]] = {}
+    for c in comparisons:
+        if model not in (c["a_model"], c["b_model"]):
+            continue
+        other, sign = (c["b_model"], 1) if c["a_model"] == model else (c["a_model"], -1)
+        paired.setdefault(other, {})[c["metric"]] = {
+            "difference": sign * c["difference"],
+            "p_value": c["p_value"],
+            "verdict": c["verdict"],
+        }
+    return paired
 
 
 def _row(model: str, metrics: dict[str, Any], examples: int, start: float) -> dict[str, Any]:

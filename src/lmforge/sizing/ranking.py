@@ -1,6 +1,10 @@
 """Ranking candidates (``select``): each is sized for the workload its scoring runs, checked against the
 memory limit, and, if it fits, loaded and scored on a seeded sample of the user's data (quality, latency).
 
+Quality comes with its 95 % bootstrap interval, and the recommended candidate is tested against each other
+scored one on the same sample (McNemar's exact test for accuracies, the paired bootstrap for ROUGE-L and bits
+per byte), so a recommendation that is within noise of the runner-up says so.
+
 Named ``ranking`` rather than ``select`` so that the module does not shadow the ``lmforge.sizing.select``
 function (``import lmforge.sizing.select as m`` would bind the function).
 """
@@ -23,7 +27,7 @@ from lmforge import runtime
 from lmforge.config import Config
 from lmforge.data.labelled import encode_conversation, format_instruction, read_records
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import classification_metrics, markdown_table, rouge
+from lmforge.evaluate import classification_metrics, markdown_table, rouge_means, rouge_per_example
 from lmforge.inference import classify, embed, sequence_logprobs, summarize
 from lmforge.info import ModelHeader, read_header
 from lmforge.loading import LoadedModel
@@ -32,6 +36,7 @@ from lmforge.quant import QUANT_CHOICES
 from lmforge.sizing.measure import decode_speed
 from lmforge.sizing.memory import check_choice, model_shell, size_memory
 from lmforge.sizing.units import format_size, parse_size
+from lmforge.stats import Comparison, Statistic, interval, mcnemar, mean_of, paired_bootstrap, ratio_of
 
 SELECT_TASKS = ("classify", "generate", "summarize", "embed")
 SUMMARY_TOKENS = 64  # summary length when scoring summarization
@@ -46,6 +51,10 @@ class Candidate:
     quality: float | None = None
     status: str = "ok"  # ok, or why the candidate cannot be recommended
     details: dict[str, Any] = field(default_factory=dict)
+    quality_ci95: tuple[float, float] | None = None
+    # Per-example results on the sample, for the paired tests: right/wrong (accuracies), ROUGE-L, or
+    # (bits, bytes) of each row (bits per byte).
+    per_example: Any = field(default=None, repr=False)
 
     @property
     def eligible(self) -> bool:
@@ -65,6 +74,8 @@ class Selection:
     reason: str
     max_ram: int
     max_latency_ms: float | None = None
+    # The recommended candidate against each other scored one: {"a_model", "b_model", **Comparison.to_dict()}
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
         rows = [
@@ -74,7 +85,7 @@ class Selection:
                 "params": f"{c.parameters / 1e6:.1f}M" if c.parameters else "-",
                 "memory (est.)": format_size(c.memory) if c.memory else "-",
                 self.latency_unit: f"{c.latency_ms:.1f}" if c.latency_ms is not None else "-",
-                self.metric: f"{c.quality:.3f}" if c.quality is not None else "-",
+                self.metric: _with_interval(c.quality, c.quality_ci95),
                 "status": c.status,
             }
             for i, c in enumerate(self.candidates)
@@ -86,7 +97,23 @@ class Selection:
         better = "higher" if self.higher_is_better else "lower"
         head = f"{self.task} on {self.sample} examples of {self.data} ({limits}; {self.metric}: {better} is better)\n\n"
         verdict = f"recommended: {self.recommended} — {self.reason}" if self.recommended else self.reason
-        return head + markdown_table(rows, columns) + "\n\n" + verdict
+        tests = [
+            f"  {c['a_model']} vs {c['b_model']}: {c['metric']} {c['a']:.3f} vs {c['b']:.3f} "
+            f"({c['test']}, {c['detail']}): {c['verdict']}"
+            for c in self.comparisons
+        ]
+        if tests:
+            tests.insert(0, "paired tests on the same examples (p < 0.05 is significant):")
+        note = (
+            "\n\n[low, high]: 95 % bootstrap interval" if any(c.quality_ci95 for c in self.candidates) else ""
+        )
+        return head + markdown_table(rows, columns) + note + "\n" + "\n".join([*tests, "", verdict]).rstrip()
+
+
+def _with_interval(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def select(
@@ -112,7 +139,9 @@ def select(
     head when its labels match, else zero/``shots``-shot), summarize - ROUGE-L, generate - bits per byte of
     the target text (lower is better; comparable across tokenizers), embed - nearest-neighbour label accuracy
     (skipped without labels). The best quality among those that fit and meet ``max_latency_ms`` is recommended;
-    ties go to the faster, then the smaller model. Candidates load on the CPU with ``quant`` and ``compile``
+    ties go to the faster, then the smaller model. Each quality has its 95 % bootstrap interval
+    (``Candidate.quality_ci95``), and ``Selection.comparisons`` tests the recommended candidate against each
+    other scored one on the same sample (``stats``). Candidates load on the CPU with ``quant`` and ``compile``
     (``LoadedModel.load``'s), so speed and quality are those of the model as the user will run it, and the
     memory check sizes them as loaded: packed layers at their packed size, a compiled decode step's memory
     where scoring decodes.
@@ -149,6 +178,7 @@ def select(
     ]
     ranked = sorted(results, key=job.sort_key)
     best = next((c for c in ranked if c.eligible), None)
+    comparisons = _against_best(best, ranked, job)
     return Selection(
         task,
         str(data),
@@ -158,10 +188,24 @@ def select(
         job.latency_unit,
         ranked,
         best.name if best else None,
-        _reason(ranked, best, job, limit, max_latency_ms),
+        _reason(ranked, best, job, limit, max_latency_ms, comparisons),
         limit,
         max_latency_ms,
+        comparisons,
     )
+
+
+def _against_best(best: Candidate | None, ranked: list[Candidate], job: _Job) -> list[dict[str, Any]]:
+    """The recommended candidate tested against each other candidate scored on the sample."""
+    if best is None or best.per_example is None:
+        return []
+    out = []
+    for other in ranked:
+        if other is best or other.per_example is None:
+            continue
+        test = job.compare(best.per_example, other.per_example)
+        out.append({"a_model": best.name, "b_model": other.name, **test.to_dict()})
+    return out
 
 
 @dataclass
@@ -206,6 +250,21 @@ class _Job:
             quality = -c.quality if self.higher_is_better else c.quality
         return (not c.eligible, round(quality, 6), c.latency_ms or math.inf, c.memory or math.inf)
 
+    # --------------------------------------------------------- uncertainty
+    def statistic(self, per_example: Any) -> tuple[Statistic, int]:
+        """The quality as a function of resampled rows (``stats``), and the number of rows."""
+        if self.task == "generate":
+            bits, size = per_example
+            return ratio_of(bits, size), len(bits)
+        return mean_of(per_example), len(per_example)
+
+    def compare(self, a: Any, b: Any) -> Comparison:
+        """A paired test of two candidates' per-example results on the sample."""
+        if self.task in ("classify", "embed"):
+            return mcnemar(a, b, metric=self.metric)
+        (stat_a, n), (stat_b, _) = self.statistic(a), self.statistic(b)
+        return paired_bootstrap(stat_a, stat_b, n, metric=self.metric)
+
     # ------------------------------------------------------- sizing a model
     def uses_head(self, config: Config) -> bool:
         return self.task == "classify" and bool(config.labels) and set(self.labels) <= set(config.labels)
@@ -238,8 +297,9 @@ class _Job:
         return "embed", 16, max(len(tok.encode(t)) for t in texts)
 
     # ------------------------------------------------------------- scoring
-    def score(self, llm: LoadedModel) -> tuple[float | None, float, dict[str, Any]]:
-        """(quality, latency in ms per example or per token, details) of a loaded model on the sample."""
+    def score(self, llm: LoadedModel) -> tuple[float | None, float, dict[str, Any], Any]:
+        """(quality, latency in ms per example or per token, details, per-example results) of a loaded model
+        on the sample."""
         start = time.perf_counter()
         if self.task == "classify":
             texts = [r["text"] for r in self.rows]
@@ -250,32 +310,44 @@ class _Job:
                 found = classify(llm, texts, self.labels, self.examples, zero_shot=True)
             latency = (time.perf_counter() - start) * 1000 / len(texts)
             truth = [r["label"] for r in self.rows]
-            metrics = classification_metrics(truth, [f["label"] for f in found], self.labels)
+            predicted = [f["label"] for f in found]
+            metrics = classification_metrics(truth, predicted, self.labels)
             method = "fine-tuned head" if head else f"{len(self.examples)}-shot"
-            return metrics["accuracy"], latency, {"macro_f1": metrics["macro_f1"], "method": method}
+            details = {
+                "macro_f1": metrics["macro_f1"],
+                "macro_f1_ci95": metrics["macro_f1_ci95"],
+                "method": method,
+            }
+            return (
+                metrics["accuracy"],
+                latency,
+                details,
+                [t == p for t, p in zip(truth, predicted, strict=True)],
+            )
         if self.task == "summarize":
             summaries = summarize(llm, [r["text"] for r in self.rows], max_length=SUMMARY_TOKENS)
             latency = (time.perf_counter() - start) * 1000 / len(self.rows)
-            scores = rouge(summaries, [r["summary"] for r in self.rows])
-            return scores["rougeL"], latency, scores
+            per_example = rouge_per_example(summaries, [r["summary"] for r in self.rows])
+            scores = rouge_means(per_example)
+            return scores["rougeL"], latency, scores, per_example["rougeL"]
         if self.task == "generate":
-            bits = _bits_per_byte(llm, self.rows)
+            bits, size = _bits_and_bytes(llm, self.rows)
             tokens_per_s, how = decode_speed(llm)
-            return bits, 1000 / tokens_per_s, {"speed": how}
+            return sum(bits) / max(1, sum(size)), 1000 / tokens_per_s, {"speed": how}, (bits, size)
         vectors = embed(llm, [r["text"] for r in self.rows])
         latency = (time.perf_counter() - start) * 1000 / len(self.rows)
         if not self.labels:
-            return None, latency, {"note": "the data has no labels, so quality is not scored"}
+            return None, latency, {"note": "the data has no labels, so quality is not scored"}, None
         similarity = vectors @ vectors.T
         similarity[range(len(vectors)), range(len(vectors))] = -math.inf  # leave each text out of its search
         truth = [r["label"] for r in self.rows]
         hits = [truth[int(j)] == truth[i] for i, j in enumerate(similarity.argmax(1))]
-        return sum(hits) / len(hits), latency, {}
+        return sum(hits) / len(hits), latency, {}, hits
 
 
-def _bits_per_byte(llm: LoadedModel, rows: Sequence[dict[str, Any]]) -> float:
-    """Negative log-likelihood of each row's target text (an answer after its prompt, or a whole text), in
-    bits per UTF-8 byte: comparable between models with different tokenizers."""
+def _bits_and_bytes(llm: LoadedModel, rows: Sequence[dict[str, Any]]) -> tuple[list[float], list[int]]:
+    """Negative log-likelihood in bits of each row's target text (an answer after its prompt, or a whole
+    text), and its UTF-8 bytes: their sums' ratio, bits per byte, compares models with different tokenizers."""
     tok, context = llm.tokenizer, llm.config.block_size
     prompts, targets = [], []
     for row in rows:
@@ -287,9 +359,9 @@ def _bits_per_byte(llm: LoadedModel, rows: Sequence[dict[str, Any]]) -> float:
         target = ids[split:][: context - 1]  # a target longer than the context is scored up to it
         prompts.append(ids[:split][-(context - len(target)) :])
         targets.append(target)
-    nll = -sum(sequence_logprobs(llm, prompts, targets))
-    size = sum(len(tok.decode(t, skip_special_tokens=True).encode("utf-8")) for t in targets)
-    return nll / math.log(2) / max(1, size)
+    bits = [-logprob / math.log(2) for logprob in sequence_logprobs(llm, prompts, targets)]
+    size = [len(tok.decode(t, skip_special_tokens=True).encode("utf-8")) for t in targets]
+    return bits, size
 
 
 def _read_job(
@@ -375,7 +447,9 @@ def _evaluate_candidate(
             return candidate
         # float32 on the CPU as sized above (dtype auto), its linear layers packed if ``quant`` asks
         llm = LoadedModel.load(name, device="cpu", quant=quant, compile=compile)
-        candidate.quality, candidate.latency_ms, candidate.details = job.score(llm)
+        candidate.quality, candidate.latency_ms, candidate.details, candidate.per_example = job.score(llm)
+        if candidate.per_example is not None:
+            candidate.quality_ci95 = interval(*job.statistic(candidate.per_example))
         del llm
         gc.collect()
     except LmforgeError as e:
@@ -387,7 +461,12 @@ def _evaluate_candidate(
 
 
 def _reason(
-    ranked: list[Candidate], best: Candidate | None, job: _Job, limit: int, max_latency: float | None
+    ranked: list[Candidate],
+    best: Candidate | None,
+    job: _Job,
+    limit: int,
+    max_latency: float | None,
+    comparisons: list[dict[str, Any]],
 ) -> str:
     if best is None:
         why = "; ".join(f"{c.name}: {c.status}" for c in ranked)
@@ -414,4 +493,8 @@ def _reason(
             reason += f"; tied with {other.name}, and faster ({best.latency_ms:.1f} vs {other.latency_ms:.1f} {job.latency_unit})"
         else:
             reason += f"; tied with {other.name}, and smaller ({format_size(best.memory or 0)})"
+    elif len(eligible) > 1:  # better on the sample, but is it better beyond it?
+        runner_up = next((c for c in comparisons if c["b_model"] == eligible[1].name), None)
+        if runner_up and not runner_up["significant"]:
+            reason += f"; ahead of {eligible[1].name} {runner_up['verdict']}"
     return reason
