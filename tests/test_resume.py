@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 from lmforge.cli import main
 from lmforge.train.schedule import learning_rate
 
+from . import test_finetune as tuned
 from . import test_train as trained
 from .conftest import tiny_llm
-from .test_finetune import spam_files  # noqa: F401 (a fixture)
 
-shards_dir = trained.shards_dir
+# The other modules' fixtures, used here too: token shards, labelled spam/ham files, one torch thread.
+shards_dir, spam_files = trained.shards_dir, tuned.spam_files
 one_thread_for_the_module = trained.one_thread_for_the_module
 
 PRETRAIN = ["--model", "tiny-llama", "--n-layer", "2", "--max-steps", "6", "--micro-batch-size", "2"]
@@ -155,7 +156,7 @@ def test_partial_fine_tune_checkpoints_hold_what_trains_and_resume_bit_exactly(
     base: Path,
     spam_files,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture,  # noqa: F811
+    capsys: pytest.CaptureFixture,
 ) -> None:
     args = [
         "finetune",
@@ -197,7 +198,7 @@ def test_resume_on_a_changed_base_is_one_line(
     base: Path,
     spam_files,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture,  # noqa: F811
+    capsys: pytest.CaptureFixture,
 ) -> None:
     run = tmp_path / "run"
     args = ["finetune", str(base), "--data", str(spam_files[0]), "--method", "freeze", *METHODS["freeze"]]
@@ -215,7 +216,7 @@ def test_resume_on_a_changed_base_is_one_line(
 def test_freeze_run_folder_is_small_and_follows_the_umask(
     base: Path,
     spam_files,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """The issue's case: a 10-step freeze fine-tune (default evaluation and checkpoints) under umask 027."""
     run = tmp_path / "run"
