@@ -172,7 +172,7 @@ def _help(f: dataclasses.Field, default_help: str | None = None) -> str:
     elif isinstance(default, bool):
         shown = "on" if default else "off"
     elif isinstance(default, list | tuple):
-        shown = ",".join(map(str, default))
+        shown = ",".join(map(str, default)) or f.metadata.get("default_help", "none")
     elif default == "":
         shown = '""'
     else:

@@ -125,6 +125,27 @@ def frozen_digest(state: Mapping[str, torch.Tensor], trainable: set[str]) -> str
     return digest.hexdigest()
 
 
+def check_base(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None, folder: Path) -> None:
+    """A partial checkpoint (``saved``: its base record) continues only on the frozen weights it was trained on
+    top of (``current``: this run's base record, None when every weight trains). A full checkpoint, ``saved``
+    None, holds every weight: any run can continue from it, as from older lmforge versions."""
+    if saved is None:
+        return
+    if current is None:
+        raise LmforgeError(
+            f"{folder} holds only the trained weights of a freeze or LoRA run, but this run trains every weight",
+            hint="resume with the run's own method (--method), or start a new run in another --out-dir",
+        )
+    if saved.get("sha256") != current["sha256"]:
+        raise LmforgeError(
+            f"the base model {current['model']} is not the one {folder} was trained on "
+            f"(its frozen weights changed: sha256 {str(saved.get('sha256'))[:12]}… then, "
+            f"{current['sha256'][:12]}… now)",
+            hint=f"resume on the base the run started from ({saved.get('model')}), or start a new run "
+            "in another --out-dir",
+        )
+
+
 def read_weights(model: Transformer, folder: Path, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A step checkpoint's weights for ``model``: the whole state, or only the trained tensors when the
     checkpoint's ``state`` (its trainer_state.json) names a frozen base."""

@@ -44,7 +44,8 @@ Batch = dict[str, torch.Tensor]
 
 def _setting(default: Any, help: str, default_help: str | None = None, per_process: bool = False) -> Any:
     """A TrainConfig field; its help text (and what a default of None means) also serves ``--help``.
-    ``per_process``: how this process runs, not what the run is (``--resume`` does not restore it)."""
+    ``per_process``: how this process runs, not what the run is (given with ``--resume``, it needs no
+    ``--override``)."""
     meta: dict[str, Any] = {"help": help, "per_process": per_process}
     if default_help is not None:
         meta["default_help"] = default_help
@@ -562,33 +563,13 @@ class Trainer:
             )
         if damaged and info.is_main:
             tqdm.write(f"warning: {'; '.join(damaged)}; resuming from {folder} instead", file=sys.stderr)
-        self._check_base(trainer_state.get("base"), folder)
+        checkpoint.check_base(trainer_state.get("base"), self._base, folder)
         if self.model.config.tie_embeddings and "wte.weight" in model_state:
             model_state["lm_head.weight"] = model_state["wte.weight"]
         # A partial checkpoint sets only what trains; the frozen rest is the base loaded, checked above.
-        options = _dcp().StateDictOptions(full_state_dict=True, strict=self._base is None)
+        options = _dcp().StateDictOptions(full_state_dict=True, strict=trainer_state.get("base") is None)
         _dcp().set_state_dict(
             model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
         )
         checkpoint.set_rng_state(rng)
         return int(trainer_state["step"]), trainer_state.get("best_val_loss")
-
-    def _check_base(self, saved: dict[str, Any] | None, folder: Path) -> None:
-        """A partial checkpoint continues only on the frozen weights it was trained on top of."""
-        if saved is None and self._base is None:
-            return
-        if saved is None or self._base is None:
-            held = "every weight" if saved is None else "only the trained weights"
-            trains = "part of the model" if saved is None else "every weight"
-            raise LmforgeError(
-                f"{folder} holds {held}, but this run trains {trains}",
-                hint="resume with the run's own method (--method), or start a new run in another --out-dir",
-            )
-        if saved.get("sha256") != self._base["sha256"]:
-            raise LmforgeError(
-                f"the base model {self._base['model']} is not the one {folder} was trained on "
-                f"(its frozen weights changed: sha256 {str(saved.get('sha256'))[:12]}… then, "
-                f"{self._base['sha256'][:12]}… now)",
-                hint=f"resume on the base the run started from ({saved.get('model')}), or start a new run "
-                "in another --out-dir",
-            )
