@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge import LmforgeError
 from lmforge.cli import main
+from lmforge.recipes.pretrain import pretrain
 from lmforge.train.schedule import learning_rate
 
 from . import test_finetune as tuned
@@ -102,6 +104,8 @@ def test_a_flag_that_differs_from_the_run_is_one_line_naming_it(
     assert main([*args, "--max-steps", "8", "--override", "max-step"]) == 2
     err = one_line_error(capsys)
     assert "--override names no setting: max-step" in err and "did you mean max-steps?" in err
+    assert main(["pretrain", "--out-dir", str(run), "--max-steps", "8", "--override", "max-steps"]) == 2
+    assert "error: --override only applies with --resume" in one_line_error(capsys)
     # A per-process setting (the device, the progress bar) is not the run's: it may change freely.
     assert main([*args, "--device", "cpu", "--progress", "--keep-last", "3"]) == 0
 
@@ -124,6 +128,19 @@ def test_override_extends_a_run_on_the_longer_schedule(
     # The record now says 8: resuming with the old 6 is the differing flag.
     assert main(["pretrain", "--out-dir", str(run), "--resume", "--max-steps", "6"]) == 2
     assert "--max-steps 6 (the run's: 8)" in one_line_error(capsys)
+
+
+def test_python_keywords_resume_like_the_flags(pretrained: Path, shards_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    with pytest.raises(LmforgeError, match=r"--lr 0\.001 \(the run's: 0\.003\)") as err:
+        pretrain(shards_dir, resume=True, train={"out_dir": str(run), "lr": 1e-3})
+    assert err.value.hint == "add --override lr to change them, or drop them"
+    result = pretrain(
+        shards_dir, resume=True, override=["max_steps"], train={"out_dir": str(run), "max_steps": 7}
+    )
+    assert result.steps == 7 and len(result.losses) == 1
+    assert [r["step"] for r in rows(run)] == [str(s) for s in range(1, 8)]
 
 
 # ------------------------------------------------------------------ fine-tuning: small checkpoints

@@ -131,6 +131,8 @@ def run_pretrain(settings: PretrainSettings, *, given: Collection[str] | None = 
     ``given``: the settings the user gave (``given_settings``); with ``resume`` the others come from the run's
     record. None: those that differ from their defaults.
     """
+    if settings.override and not settings.resume:
+        raise LmforgeError("--override only applies with --resume", hint="add --resume, or drop --override")
     if settings.resume and (recorded := checkpoint.recorded_settings(Path(settings.train.out_dir))):
         if given is None:
             given = given_settings(None, settings, PretrainSettings)
