@@ -434,12 +434,14 @@ def _tokenizer_from(source: str):
     return LLM.load(source).tokenizer
 
 
-def _settings(args: argparse.Namespace, cls: type) -> Any:
-    """The command's settings dataclass: its --config YAML file with the flags the user gave laid over it."""
-    from lmforge.recipes.settings import load_yaml, settings_from
+def _settings(args: argparse.Namespace, cls: type) -> tuple[Any, frozenset[str]]:
+    """The command's settings dataclass (its --config YAML file with the flags the user gave laid over it),
+    and the names of the settings the user gave, which ``--resume`` compares with the run's."""
+    from lmforge.recipes.settings import given_settings, load_yaml, settings_from
 
     values = load_yaml(args.config) if args.config else {}
-    return settings_from(args, values, cls, source=args.config or "settings", warn=_warn)
+    settings = settings_from(args, values, cls, source=args.config or "settings", warn=_warn)
+    return settings, given_settings(args, values, cls)
 
 
 def _warn(message: str) -> None:
@@ -457,8 +459,8 @@ def _print_done(result) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from lmforge.recipes.pretrain import PretrainSettings, run_pretrain
 
-    settings = _settings(args, PretrainSettings)
-    result = run_pretrain(settings)
+    settings, given = _settings(args, PretrainSettings)
+    result = run_pretrain(settings, given=given)
     if result.model_dir.exists():  # on rank 0 of a distributed run only
         _print_done(result)
         print(f"model: {result.model_dir}   loss curve: {result.model_dir.parent / 'loss.png'}")
@@ -468,8 +470,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.recipes.finetune import FinetuneSettings, run_finetune
 
-    settings = _settings(args, FinetuneSettings)
-    result = run_finetune(settings)
+    settings, given = _settings(args, FinetuneSettings)
+    result = run_finetune(settings, given=given)
     _print_done(result)
     print(f"model: {result.model_dir}")
     _print_stored(settings.save_as)

@@ -1,5 +1,8 @@
 """Atomic folder writes: everything goes to a temporary sibling folder, is fsynced, then renamed into place,
 so a crash or a full disk mid-save leaves the previous folder intact. Every model-folder writer goes through here.
+
+Files get the mode the user's umask gives any new file (0644 under umask 022, 0640 under 027): safetensors
+creates its files 0600 whatever the umask, which made weights unreadable to the user's group.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
     try:
         tmp.mkdir()
         write(tmp)
+        mask = current_umask()
         for f in tmp.rglob("*"):  # subfolders too (an encoder's 1_Pooling/)
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~mask)
             fsync_path(f)
         fsync_path(tmp)
         if target.exists():
@@ -53,6 +59,18 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc (no change, so no race with other threads creating files);
+    elsewhere it can only be read by setting it, briefly."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_path(path: Path) -> None:

@@ -42,7 +42,8 @@ CARD_FILE = "README.md"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-TRAINER_FILES = (OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE)
+TRAINABLE_FILE = "trainable.safetensors"  # a freeze / LoRA checkpoint's weights: only the ones that train
+TRAINER_FILES = (OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE, TRAINABLE_FILE)
 _BLOCK_KEY = re.compile(r"^blocks\.(\d{1,9})\.")  # more digits than any layer count: not a layer
 
 

@@ -9,6 +9,7 @@ scratch" ch. 6) and keeps the rest frozen; ``lora`` trains low-rank adapters (pl
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,10 +26,10 @@ from lmforge.formats.folder import save_model_folder
 from lmforge.formats.peft import save_adapter
 from lmforge.loading import LoadedModel
 from lmforge.lora import LoRAConfig, merge_lora
-from lmforge.recipes.settings import settings_from
+from lmforge.recipes.settings import given_settings, resumed, settings_from, settings_record
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
-from lmforge.train import TrainConfig, Trainer
+from lmforge.train import TrainConfig, Trainer, checkpoint
 from lmforge.train.loop import TrainResult
 from lmforge.train.methods import Method, add_classifier, choose_trainable
 
@@ -99,10 +100,22 @@ class FinetuneSettings:
         },
     )
     resume: bool = field(
-        default=False, metadata={"help": "continue the run in --out-dir from its newest checkpoint"}
+        default=False,
+        metadata={
+            "help": "continue the run in --out-dir from its newest checkpoint, with the run's settings",
+            "per_process": True,
+        },
+    )
+    override: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "with --resume: settings that may differ from the run's, as flags (max-steps,lr)",
+            "per_process": True,
+        },
     )
     save_as: str | None = field(
-        default=None, metadata={"help": "put the tuned model into the model store as NAME[:TAG]"}
+        default=None,
+        metadata={"help": "put the tuned model into the model store as NAME[:TAG]", "per_process": True},
     )
 
 
@@ -118,11 +131,25 @@ def finetune(model: str | Path | LoadedModel, train_file: str | Path, **options:
         raise LmforgeError("finetune() takes its training data as train_file", hint="drop data=")
     llm = model if isinstance(model, LoadedModel) else None
     values = {**options, "model": None if llm else model, "data": train_file}
-    return run_finetune(settings_from(None, values, FinetuneSettings, source="finetune()"), llm=llm)
+    settings = settings_from(None, values, FinetuneSettings, source="finetune()")
+    given = given_settings(None, values, FinetuneSettings) - ({"model"} if llm else set())
+    return run_finetune(settings, llm=llm, given=given)
 
 
-def run_finetune(settings: FinetuneSettings, *, llm: LoadedModel | None = None) -> TrainResult:
-    """The recipe: ``settings.model`` (or ``llm``, already loaded) + data + method -> head, task, Trainer."""
+def run_finetune(
+    settings: FinetuneSettings, *, llm: LoadedModel | None = None, given: Collection[str] | None = None
+) -> TrainResult:
+    """The recipe: ``settings.model`` (or ``llm``, already loaded) + data + method -> head, task, Trainer.
+
+    ``given``: the settings the user gave (``given_settings``); with ``resume`` the others come from the run's
+    record. None: those that differ from their defaults.
+    """
+    if settings.override and not settings.resume:
+        raise LmforgeError("--override only applies with --resume", hint="add --resume, or drop --override")
+    if settings.resume and (recorded := checkpoint.recorded_settings(Path(settings.train.out_dir))):
+        if given is None:
+            given = given_settings(None, settings, FinetuneSettings)
+        settings = resumed(settings, recorded[0], given, where=str(recorded[1]))
     s, cfg = settings, settings.train
     if not s.data:
         raise LmforgeError("no training data given", hint="pass --data FILE.jsonl (or .csv)")
@@ -170,7 +197,8 @@ def run_finetune(settings: FinetuneSettings, *, llm: LoadedModel | None = None) 
         "trainable_parameters": trainable,
         "data": str(s.data),
     }
-    result = Trainer(net, tok, job, cfg, lineage=lineage).fit(resume=s.resume)
+    trainer = Trainer(net, tok, job, cfg, lineage=lineage, settings=settings_record(s))
+    result = trainer.fit(resume=s.resume)
     if s.method == "lora":
         save_adapter(net, result.model_dir.parent / "adapter", base_model=llm.source)
         if s.merge:

@@ -6,6 +6,7 @@ no training logic of its own. ``lmforge pretrain`` and ``torchrun -m lmforge pre
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.loading import LoadedModel
 from lmforge.model import Transformer
-from lmforge.recipes.settings import load_yaml, settings_from
+from lmforge.recipes.settings import given_settings, load_yaml, resumed, settings_from, settings_record
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer
+from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer, checkpoint
 from lmforge.train.loop import TrainResult
 
 MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
@@ -65,11 +66,25 @@ class PretrainSettings:
         metadata={"flag_prefix": "", "title": "training (override the YAML file's train: section)"},
     )
     resume: bool = field(
-        default=False, metadata={"help": "continue the run in --out-dir from its newest checkpoint"}
+        default=False,
+        metadata={
+            "help": "continue the run in --out-dir from its newest checkpoint, with the run's settings",
+            "per_process": True,
+        },
+    )
+    override: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "with --resume: settings that may differ from the run's, as flags (max-steps,lr)",
+            "per_process": True,
+        },
     )
     save_as: str | None = field(
         default=None,
-        metadata={"help": "put the final model into the model store as NAME[:TAG], with lineage"},
+        metadata={
+            "help": "put the final model into the model store as NAME[:TAG], with lineage",
+            "per_process": True,
+        },
     )
 
 
@@ -105,11 +120,23 @@ def pretrain(data: str | Path, **options: Any) -> TrainResult:
     ``resume`` and ``save_as``. ``save_as="name:tag"`` puts the final model into the model store with its
     lineage (the ``init`` model, these settings, the data's sha256) and the run's final losses.
     """
-    return run_pretrain(settings_from(None, {**options, "data": data}, PretrainSettings, source="pretrain()"))
+    values = {**options, "data": data}
+    settings = settings_from(None, values, PretrainSettings, source="pretrain()")
+    return run_pretrain(settings, given=given_settings(None, values, PretrainSettings))
 
 
-def run_pretrain(settings: PretrainSettings) -> TrainResult:
-    """The recipe: tokenizer, shards and model from ``settings``, then the Trainer."""
+def run_pretrain(settings: PretrainSettings, *, given: Collection[str] | None = None) -> TrainResult:
+    """The recipe: tokenizer, shards and model from ``settings``, then the Trainer.
+
+    ``given``: the settings the user gave (``given_settings``); with ``resume`` the others come from the run's
+    record. None: those that differ from their defaults.
+    """
+    if settings.override and not settings.resume:
+        raise LmforgeError("--override only applies with --resume", hint="add --resume, or drop --override")
+    if settings.resume and (recorded := checkpoint.recorded_settings(Path(settings.train.out_dir))):
+        if given is None:
+            given = given_settings(None, settings, PretrainSettings)
+        settings = resumed(settings, recorded[0], given, where=str(recorded[1]))
     s, train_config = settings, settings.train
     if not s.data:
         raise LmforgeError(
@@ -134,7 +161,8 @@ def run_pretrain(settings: PretrainSettings) -> TrainResult:
     shards = TokenShards(s.data, tok)
     block = train_config.block_size or net.config.block_size
     task = LanguageModelingObjective(shards, train_config.micro_batch_size, block, seed=train_config.seed)
-    result = Trainer(net, tok, task, train_config, lineage=lineage).fit(resume=s.resume)
+    trainer = Trainer(net, tok, task, train_config, lineage=lineage, settings=settings_record(s))
+    result = trainer.fit(resume=s.resume)
     if s.save_as:
         recipe = training_recipe(lineage, train_config, model_config=s.model_config or None)
         store_run(result, s.save_as, parent=lineage.get("parent"), recipe=recipe, data=[s.data])

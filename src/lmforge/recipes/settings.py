@@ -18,12 +18,19 @@ Field metadata read here (all optional):
     title         a nested dataclass's argument group in ``--help``
     skip_flags    names inside a nested dataclass that get no flag (the outer settings have their own)
     flags_from    for a mapping field: (dataclass, names) whose flags set those keys of the mapping
+    per_process   True for a setting of how this process runs (device, progress bar), not of the run:
+                  given with ``--resume``, it takes effect without ``--override``
+
+``--resume`` continues a run as it was: ``resumed`` lays the settings recorded in the run's checkpoint under the
+ones the user gave (``given_settings``), and a given setting that differs from the record is one error naming
+its flags, unless ``override`` names them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import numbers
 import operator
@@ -32,7 +39,7 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -165,7 +172,7 @@ def _help(f: dataclasses.Field, default_help: str | None = None) -> str:
     elif isinstance(default, bool):
         shown = "on" if default else "off"
     elif isinstance(default, list | tuple):
-        shown = ",".join(map(str, default))
+        shown = ",".join(map(str, default)) or f.metadata.get("default_help", "none")
     elif default == "":
         shown = '""'
     else:
@@ -341,3 +348,182 @@ def _deprecation_warning(message: str) -> None:
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "lmforge":
         frame, level = frame.f_back, level + 1
     warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
+# ------------------------------------------------------------------ resume
+def given_settings(args: argparse.Namespace | None, values: Any, cls: type) -> frozenset[str]:
+    """Dotted names (``train.max_steps``, ``model_config.n_layer``) of the settings the user gave: the flags in
+    ``args`` that are set, the keys of a YAML mapping or keyword arguments, and for a ready dataclass instance
+    the fields that differ from their defaults (from Python, that is all one can tell)."""
+    given = {k for k, v in vars(args).items() if v is not None} if args is not None else set()
+    given |= _given_values(values, cls, "")
+    return frozenset(given)
+
+
+def _given_values(values: Any, cls: type, dest: str) -> set[str]:
+    fields = dataclasses.fields(cls)
+    if isinstance(values, cls):
+        default = _defaults(cls)
+        values = {
+            f.name: getattr(values, f.name) for f in fields if getattr(values, f.name) != default[f.name]
+        }
+    if not isinstance(values, Mapping):
+        return set()
+    hints, given = typing.get_type_hints(cls), set()
+    for f in fields:
+        name = f.name if f.name in values else f.metadata.get("renamed_from")
+        if name not in values:
+            continue
+        value = values[name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            given |= _given_values(value, hints[f.name], f"{dest}{f.name}.")
+        elif "flags_from" in f.metadata and isinstance(value, Mapping):
+            given |= {f"{dest}{f.name}.{k}" for k in value}
+        else:
+            given.add(dest + f.name)
+    return given
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+    }
+
+
+def settings_record(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as JSON-ready values (paths as text), as a checkpoint records it."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, os.PathLike) else value
+
+    return plain(dataclasses.asdict(settings))
+
+
+def resumed(settings: T, recorded: Mapping[str, Any], given: Collection[str], *, where: str) -> T:
+    """``settings`` as the run recorded them (in ``where``): a given per-process setting and one named by
+    ``settings.override`` take effect; any other given setting must equal the record.
+
+    A given setting that differs is one error naming every such flag with both values.
+    """
+    cls = type(settings)
+    flags = _flag_names(cls)
+    override = _override_keys(getattr(settings, "override", []), flags)
+    mine, theirs = _leaves(settings_record(settings), cls), _leaves(recorded, cls)
+    merged, differ = dict(theirs), {}
+    for key, value in mine.items():
+        if key in override or (key in given and _per_process(cls, key)):
+            merged[key] = value
+        elif key in given and not _same(value, theirs.get(key)):
+            differ[key] = f"{flags.get(key, key)} {value} (the run's: {theirs.get(key)})"
+    if differ:
+        names = ",".join(dict.fromkeys(flags.get(k, k).lstrip("-") for k in differ))
+        raise LmforgeError(
+            f"--resume continues the run as recorded in {where}, but these differ: "
+            + "; ".join(differ.values()),
+            hint=f"add --override {names} to change them, or drop them",
+        )
+    for key in [k for k in merged if k not in mine and k.partition(".")[0] not in _mapping_fields(cls)]:
+        merged.pop(key)  # a setting the record has and this version does not (from an older lmforge)
+    return typing.cast(T, settings_from(None, _unflatten(merged), cls, source=where))
+
+
+def _same(mine: Any, theirs: Any) -> bool:
+    """Equal, or two spellings of one path (``shards`` and ``/home/me/shards``)."""
+    if mine == theirs:
+        return True
+    if isinstance(mine, str) and isinstance(theirs, str) and mine and theirs:
+        return Path(mine).resolve() == Path(theirs).resolve()
+    return False
+
+
+def _leaves(values: Mapping[str, Any], cls: type, dest: str = "") -> dict[str, Any]:
+    """Nested settings -> {dotted name: value}; a mapping field (``model_config``) gives one leaf per key."""
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, key = values[f.name], dest + f.name
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, Mapping):
+            out.update(_leaves(value, hints[f.name], key + "."))
+        elif "flags_from" in f.metadata:
+            out.update({f"{key}.{k}": v for k, v in (value or {}).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _unflatten(leaves: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in leaves.items():
+        *parents, last = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
+
+def _mapping_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if "flags_from" in f.metadata}
+
+
+def _per_process(cls: type, key: str) -> bool:
+    hints = typing.get_type_hints(cls)
+    head, _, rest = key.partition(".")
+    for f in dataclasses.fields(cls):
+        if f.name == head:
+            if rest and dataclasses.is_dataclass(hints[f.name]):
+                return _per_process(hints[f.name], rest)
+            return bool(f.metadata.get("per_process"))
+    return False
+
+
+def _flag_names(cls: type, prefix: str = "", dest: str = "") -> dict[str, str]:
+    """{dotted name: the flag as the user types it} (``train.max_steps`` -> ``--max-steps``), as ``add_flags``
+    names them; a setting without a flag keeps its dotted name."""
+    hints, names = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        kind, key = hints[f.name], dest + f.name
+        if dataclasses.is_dataclass(kind):
+            inner = _flag_names(
+                kind, prefix + f.metadata.get("flag_prefix", f.name.replace("_", "-") + "-"), key + "."
+            )
+            names.update(
+                {k: v for k, v in inner.items() if k[len(key) + 1 :] not in f.metadata.get("skip_flags", ())}
+            )
+        elif "flags_from" in f.metadata:
+            names.update(
+                {f"{key}.{n}": "--" + prefix + n.replace("_", "-") for n in f.metadata["flags_from"][1]}
+            )
+        elif f.metadata.get("cli", True) is False or f.metadata.get("positional"):
+            names[key] = key
+        else:
+            names[key] = "--" + prefix + f.name.replace("_", "-")
+    return names
+
+
+def _override_keys(override: Collection[str], flags: Mapping[str, str]) -> set[str]:
+    """The dotted names ``--override`` means: each entry a flag with or without its dashes (``max-steps``,
+    ``--lora-rank``) or a YAML key (``max_steps``, ``train.max_steps``); an entry naming nothing is an error."""
+    spelled: dict[str, set[str]] = {}
+    for key, flag in flags.items():
+        for name in (flag.lstrip("-"), key, key.rpartition(".")[2]):
+            spelled.setdefault(name.replace("_", "-"), set()).add(key)
+    keys: set[str] = set()
+    for entry in override:
+        name = entry.strip().lstrip("-").replace("_", "-")
+        if name not in spelled:
+            near = difflib.get_close_matches(name, [f.lstrip("-") for f in flags.values()], n=1)
+            raise LmforgeError(
+                f"--override names no setting: {entry}",
+                hint=f"did you mean {near[0]}?"
+                if near
+                else "name flags as you type them, e.g. --override max-steps,lr",
+            )
+        keys |= spelled[name]
+    return keys

@@ -30,7 +30,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.folder import atomic_write_folder, load_model_state, write_model_files
+from lmforge.formats.folder import atomic_write_folder, write_model_files
 from lmforge.generate import SamplingParams, complete
 from lmforge.model import Transformer, perplexity_from_loss
 from lmforge.progress import progress_bar
@@ -42,9 +42,13 @@ from lmforge.train.schedule import Decay, learning_rate
 Batch = dict[str, torch.Tensor]
 
 
-def _setting(default: Any, help: str, default_help: str | None = None) -> Any:
-    """A TrainConfig field; its help text (and what a default of None means) also serves ``--help``."""
-    meta = {"help": help} if default_help is None else {"help": help, "default_help": default_help}
+def _setting(default: Any, help: str, default_help: str | None = None, per_process: bool = False) -> Any:
+    """A TrainConfig field; its help text (and what a default of None means) also serves ``--help``.
+    ``per_process``: how this process runs, not what the run is (given with ``--resume``, it needs no
+    ``--override``)."""
+    meta: dict[str, Any] = {"help": help, "per_process": per_process}
+    if default_help is not None:
+        meta["default_help"] = default_help
     return field(default=default, metadata=meta)
 
 
@@ -52,7 +56,9 @@ def _setting(default: Any, help: str, default_help: str | None = None) -> Any:
 class TrainConfig:
     """How the one loop trains. Each field is also a CLI flag (``--max-steps``) and a key of a YAML train:."""
 
-    out_dir: str = _setting("runs/lmforge", "run folder: metrics, checkpoints and the final model/")
+    out_dir: str = _setting(
+        "runs/lmforge", "run folder: metrics, checkpoints and the final model/", per_process=True
+    )
     max_steps: int = _setting(1000, "optimizer steps")
     micro_batch_size: int = _setting(8, "sequences per forward pass, per process")
     grad_accum: int = _setting(1, "micro-batches per optimizer step")
@@ -68,9 +74,9 @@ class TrainConfig:
     beta2: float = _setting(0.95, "AdamW beta2")
     grad_clip: float = _setting(1.0, "clip the gradient norm to this; 0 disables clipping")
     precision: Literal["fp32", "bf16"] = _setting("fp32", "fp32, or bf16 autocast")
-    compile: bool = _setting(False, "torch.compile the model")
+    compile: bool = _setting(False, "torch.compile the model", per_process=True)
     activation_checkpointing: bool = _setting(
-        False, "recompute activations in the backward pass (less memory, more compute)"
+        False, "recompute activations in the backward pass (less memory, more compute)", per_process=True
     )
     seed: int = _setting(1337, "seed of the initial weights and the data order")
     eval_every: int = _setting(100, "steps between evaluations; 0 disables evaluation")
@@ -78,11 +84,13 @@ class TrainConfig:
     sample_prompt: str = _setting("", "at each evaluation, print a sample continuing this prompt")
     sample_tokens: int = _setting(64, "tokens per sample")
     save_every: int | None = _setting(None, "steps between checkpoints", "at every evaluation")
-    keep_last: int = _setting(2, "newest checkpoints kept (the best one is kept besides)")
+    keep_last: int = _setting(2, "newest checkpoints kept (the best one is kept besides)", per_process=True)
     log_every: int = _setting(1, "steps between logged metrics")
-    fsdp: bool = _setting(False, "shard model, gradients and optimizer state across processes (FSDP)")
-    device: str = _setting("auto", "auto, cpu, cuda or cuda:N")
-    progress: bool = _setting(True, "show a progress bar")
+    fsdp: bool = _setting(
+        False, "shard model, gradients and optimizer state across processes (FSDP)", per_process=True
+    )
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N", per_process=True)
+    progress: bool = _setting(True, "show a progress bar", per_process=True)
     on_nan: Literal["stop", "skip"] = _setting(
         "stop",
         "a NaN/Inf loss or gradient: stop the run (resume from the last checkpoint), or skip that step "
@@ -218,10 +226,16 @@ class Trainer:
         objective: Objective,
         config: TrainConfig,
         lineage: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
+        """``lineage``: where the model came from (its ``parent`` names a frozen base in partial checkpoints);
+        ``settings``: the recipe's settings, recorded in every checkpoint for ``--resume`` to restore."""
         self.model, self.tokenizer, self.objective, self.config = model, tokenizer, objective, config
         self.lineage = lineage or {}
+        self.settings = settings
         self.run_dir = Path(config.out_dir)
+        self._trainable: set[str] = set()
+        self._base: dict[str, Any] | None = None  # the frozen base of a partial run, once fit() starts
         self._check_fit()
 
     def _check_fit(self) -> None:
@@ -253,6 +267,14 @@ class Trainer:
         model.to(info.device)
         model.gradient_checkpointing = cfg.activation_checkpointing
         optimizer = make_optimizer(model, cfg, info.device)
+        self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if any(not p.requires_grad for p in model.parameters()):
+            # Checkpoints hold only what trains; the rest is the base, known by its source and content.
+            state = model.state_dict()
+            self._base = {
+                "model": self.lineage.get("parent"),
+                "sha256": checkpoint.frozen_digest(state, self._trainable),
+            }
         start_step, best = 0, None
         if not resume and checkpoint.checkpoints(self.run_dir) and info.is_main:
             raise LmforgeError(
@@ -483,15 +505,19 @@ class Trainer:
                 "best_val_loss": best,
                 "val_loss": val_loss,
                 "train_config": dataclasses.asdict(self.config),
+                "settings": self.settings,
                 "world_size": info.world_size,
+                "base": self._base,
             }
+            if self._base is not None:
+                model_state = {k: v for k, v in model_state.items() if k in self._trainable}
             with self._resumable():
                 checkpoint.save_checkpoint(
                     folder,
                     model_state=model_state,
                     config=self.model.config,
                     tokenizer=self.tokenizer,
-                    optimizer_state=optim_state,
+                    optimizer_state=None if name == "best" else optim_state,  # best is no resume point
                     trainer_state=trainer_state,
                 )
             if name is None:
@@ -526,10 +552,7 @@ class Trainer:
         for _, folder in reversed(found):
             try:
                 trainer_state, optim_state, rng = checkpoint.read_checkpoint(folder)
-                try:
-                    model_state = load_model_state(self.model, folder)
-                except LmforgeError as e:
-                    raise checkpoint.damaged(folder, e.message) from None
+                model_state = checkpoint.read_weights(self.model, folder, trainer_state)
                 break
             except LmforgeError as e:
                 damaged.append(e.message)
@@ -540,9 +563,11 @@ class Trainer:
             )
         if damaged and info.is_main:
             tqdm.write(f"warning: {'; '.join(damaged)}; resuming from {folder} instead", file=sys.stderr)
-        if self.model.config.tie_embeddings:
+        checkpoint.check_base(trainer_state.get("base"), self._base, folder)
+        if self.model.config.tie_embeddings and "wte.weight" in model_state:
             model_state["lm_head.weight"] = model_state["wte.weight"]
-        options = _dcp().StateDictOptions(full_state_dict=True)
+        # A partial checkpoint sets only what trains; the frozen rest is the base loaded, checked above.
+        options = _dcp().StateDictOptions(full_state_dict=True, strict=trainer_state.get("base") is None)
         _dcp().set_state_dict(
             model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
         )
