@@ -7,6 +7,11 @@ sensible weight-decay groups, warmup + cosine schedule, gradient accumulation an
 ``torch.compile``, activation checkpointing, DDP/FSDP, evaluation, samples, checkpoints with exact resume,
 CSV/TensorBoard/PNG metrics and a progress bar.
 
+Evaluation keeps ``checkpoints/best``. With a ``Selection`` (fine-tuning) "best" is by the metric it names
+(validation loss, accuracy or macro-F1), the run stops early after ``patience`` evaluations without a better
+one, and the final model is the best evaluation's weights, not the last step's; without one (pretraining)
+the run keeps its last weights.
+
 Failures lose nothing: a NaN/Inf loss or gradient is caught before the optimizer applies it (``on_nan``: stop
 the run, or skip that step), so no checkpoint ever holds poisoned weights; a checkpoint that cannot be written
 (a full disk) leaves the previous one as it was; ``--resume`` passes over a damaged newest checkpoint to the one
@@ -74,7 +79,9 @@ class TrainConfig:
     )
     seed: int = _setting(1337, "seed of the initial weights and the data order")
     eval_every: int = _setting(100, "steps between evaluations; 0 disables evaluation")
-    eval_batches: int = _setting(20, "validation batches per evaluation")
+    eval_batches: int | None = _setting(
+        None, "validation batches per evaluation", "pretraining: 20; fine-tuning: the whole validation set"
+    )
     sample_prompt: str = _setting("", "at each evaluation, print a sample continuing this prompt")
     sample_tokens: int = _setting(64, "tokens per sample")
     save_every: int | None = _setting(None, "steps between checkpoints", "at every evaluation")
@@ -92,7 +99,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             problems.append(f"lr={self.lr} must be > 0")
@@ -125,9 +132,17 @@ class Objective(Protocol):
         """Micro-batch number ``index`` for process ``rank`` (a pure function of its arguments)."""
         ...
 
-    def val_batches(self, count: int) -> Iterable[Batch]: ...
+    def val_batches(self, count: int | None) -> Iterable[Batch]:
+        """``count`` validation batches, or as many as the objective deems whole (None); none at all when it
+        has no validation data (then evaluations are skipped)."""
+        ...
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """Validation figures over ``batches``: ``val_loss``, and what else the task measures (``accuracy``,
+        ``macro_f1``); empty when there were no batches."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """What the objective trains on, for lineage records."""
@@ -136,6 +151,8 @@ class Objective(Protocol):
 
 class LanguageModelingObjective:
     """Next-token prediction on prepared token shards (random windows, nanoGPT style)."""
+
+    EVAL_BATCHES = 20  # the val shard's windows are countless: a fixed sample of them per evaluation
 
     def __init__(self, shards: Any, micro_batch_size: int, block_size: int, seed: int = 1337) -> None:
         self.shards, self.micro_batch_size, self.block_size, self.seed = (
@@ -151,13 +168,17 @@ class LanguageModelingObjective:
         x, y = self.shards.batch("train", b * world_size, self.block_size, self.seed, index)
         return {"input_ids": x[rank * b : (rank + 1) * b], "targets": y[rank * b : (rank + 1) * b]}
 
-    def val_batches(self, count: int) -> Iterable[Batch]:
-        for i in range(count):
+    def val_batches(self, count: int | None) -> Iterable[Batch]:
+        for i in range(self.EVAL_BATCHES if count is None else count):
             x, y = self.shards.batch("val", self.micro_batch_size, self.block_size, self.seed + 1, i)
             yield {"input_ids": x, "targets": y}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], targets=batch["targets"])[1]
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        losses = [self.loss(model, batch).float() for batch in batches]
+        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
 
     def describe(self) -> dict[str, Any]:
         meta = self.shards.meta
@@ -169,16 +190,53 @@ class LanguageModelingObjective:
         }
 
 
+HIGHER_IS_BETTER = {"val_loss": False, "accuracy": True, "macro_f1": True}  # what a Selection may go by
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which weights a run ends with: those of the evaluation with the best ``metric`` (a tie on accuracy or
+    macro-F1 goes to the lower validation loss: small validation sets tie often), stopping once ``patience``
+    evaluations in a row brought no better one (None: never early)."""
+
+    metric: str = "val_loss"
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in HIGHER_IS_BETTER:
+            raise LmforgeError(
+                f"select_by={self.metric!r} is not a validation metric",
+                hint=f"use {', '.join(HIGHER_IS_BETTER)}",
+            )
+        if self.patience is not None and self.patience < 1:
+            raise LmforgeError(
+                f"patience={self.patience} must be at least 1", hint="leave it out to never stop early"
+            )
+
+    def better(self, values: dict[str, float], best: dict[str, float] | None) -> bool:
+        """Whether the evaluation ``values`` beats ``best`` (the best one so far, or None)."""
+        if best is None:
+            return True
+        sign = 1 if HIGHER_IS_BETTER[self.metric] else -1
+        return (sign * values[self.metric], -values["val_loss"]) > (
+            sign * best[self.metric],
+            -best["val_loss"],
+        )
+
+
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # the last step trained (below max_steps when the run stopped early)
     train_loss: float
-    val_loss: float | None
-    best_val_loss: float | None
+    val_loss: float | None  # of the last evaluation
+    best_val_loss: float | None  # of the best evaluation (the final model's, with a Selection)
     seconds: float
     model_dir: Path
     losses: list[float] = field(default_factory=list)  # per step, for this process's run only (skipped too)
     skipped: list[int] = field(default_factory=list)  # steps skipped for a NaN/Inf loss or gradient
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", ...}, whole run
+    best: dict[str, float] | None = None  # the best of them
+    stopped_early: bool = False  # the Selection's patience ran out
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -218,9 +276,11 @@ class Trainer:
         objective: Objective,
         config: TrainConfig,
         lineage: dict[str, Any] | None = None,
+        selection: Selection | None = None,
     ) -> None:
         self.model, self.tokenizer, self.objective, self.config = model, tokenizer, objective, config
         self.lineage = lineage or {}
+        self.selection = selection
         self.run_dir = Path(config.out_dir)
         self._check_fit()
 
@@ -250,10 +310,12 @@ class Trainer:
 
     def _fit(self, info: distributed.DistInfo, resume: bool) -> TrainResult:
         cfg, model = self.config, self.model
+        select = self.selection or Selection()
         model.to(info.device)
         model.gradient_checkpointing = cfg.activation_checkpointing
         optimizer = make_optimizer(model, cfg, info.device)
-        start_step, best = 0, None
+        # What evaluation found so far; saved in every checkpoint, so a resumed run selects and stops alike.
+        start_step, progress = 0, {"evaluations": [], "best": None, "without_improvement": 0}
         if not resume and checkpoint.checkpoints(self.run_dir) and info.is_main:
             raise LmforgeError(
                 f"{self.run_dir} already holds checkpoints",
@@ -262,7 +324,8 @@ class Trainer:
         wrapped = distributed.wrap(model, info, cfg.fsdp)
         # State dicts go through the wrapper: under FSDP only it knows how to gather and shard them.
         if resume:
-            start_step, best = self._resume(wrapped, optimizer, info)
+            start_step, trainer_state = self._resume(wrapped, optimizer, info)
+            progress = {key: trainer_state.get(key, value) for key, value in progress.items()}
         forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
         save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
@@ -273,8 +336,11 @@ class Trainer:
         skipped: list[int] = []
         train_loss = val_loss = float("nan")
         started = time.perf_counter()
+        done = start_step
         model.train()
         for step in range(start_step, cfg.max_steps):
+            if self._patience_spent(progress):  # a resumed run that had stopped early stays stopped
+                break
             t0 = time.perf_counter()
             lr = self._set_lr(optimizer, step)
             loss, tokens, problem = self._train_step(forward_model, wrapped, optimizer, step, info)
@@ -287,41 +353,60 @@ class Trainer:
                 train_loss = loss
             tokens_per_s = tokens * info.world_size / (time.perf_counter() - t0)
             evaluate = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps)
-            val = self._evaluate(forward_model, info) if evaluate else None
-            if val is not None:
-                val_loss = val
-                if best is None or val < best:
-                    best = val
-                    self._save(wrapped, optimizer, done, best, info, name="best", val_loss=val)
+            values = self._evaluate(forward_model, info) if evaluate else {}
+            if values:
+                val_loss = values["val_loss"]
+                record = {"step": done, **values}
+                progress["evaluations"].append(record)
+                if select.better(record, progress["best"]):
+                    progress["best"], progress["without_improvement"] = record, 0
+                    self._save(wrapped, optimizer, done, progress, info, name="best", val_loss=val_loss)
+                else:
+                    progress["without_improvement"] += 1
                 self._sample(model, metrics, done, info)
-            if done % cfg.log_every == 0 or val is not None:
+            if done % cfg.log_every == 0 or values:
                 metrics.log(
                     done,
                     loss=None if problem else train_loss,
                     lr=lr,
                     tokens_per_s=tokens_per_s,
-                    val_loss=val,
-                    val_ppl=perplexity_from_loss(val) if val is not None else None,
+                    val_loss=values.get("val_loss"),
+                    val_ppl=perplexity_from_loss(values["val_loss"]) if values else None,
+                    val_accuracy=values.get("accuracy"),
+                    val_macro_f1=values.get("macro_f1"),
                     elapsed_s=round(time.perf_counter() - started, 3),
                 )
-            if save_every and done % save_every == 0 and done != cfg.max_steps:
-                self._save(wrapped, optimizer, done, best, info)
-            if val is not None:
+            stop = self._patience_spent(progress)
+            if save_every and done % save_every == 0 and done != cfg.max_steps and not stop:
+                self._save(wrapped, optimizer, done, progress, info)
+            if values:
                 metrics.plot()
             shown = {"loss": "skipped" if problem else f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
             if cfg.eval_every > 0:
                 shown["val"] = f"{val_loss:.4f}"
             bar.set_postfix(shown, refresh=False)  # drawn with the update, at the bar's own interval
             bar.update(1)
+            if stop:
+                break
         bar.close()
-        self._save(wrapped, optimizer, cfg.max_steps, best, info)
+        stopped_early = self._patience_spent(progress)
+        best = progress["best"]
+        if stopped_early and info.is_main:
+            tqdm.write(
+                f"stopped early at step {done}: no better {select.metric} in {select.patience} evaluations; "
+                f"the best was at step {best['step']}"
+            )
+        self._save(wrapped, optimizer, done, progress, info)  # the last step's: where --resume continues
+        if self.selection is not None and best is not None and best["step"] != done:
+            self._load_best(wrapped)
         model_dir = self.run_dir / "model"
         state = self._full_model_state(wrapped, optimizer)  # collective under FSDP: every rank calls it
         if info.is_main:
             model.config.extra["lineage"] = {
                 **self.lineage,
                 **self.objective.describe(),
-                "steps": cfg.max_steps,
+                "steps": done,
+                **({"selected": best} if self.selection is not None and best is not None else {}),
             }
             with self._resumable():
                 atomic_write_folder(
@@ -332,15 +417,30 @@ class Trainer:
         metrics.close()
         distributed.barrier(info)
         return TrainResult(
-            steps=cfg.max_steps,
+            steps=done,
             train_loss=train_loss,
             val_loss=None if math.isnan(val_loss) else val_loss,
-            best_val_loss=best,
+            best_val_loss=best["val_loss"] if best else None,
             seconds=time.perf_counter() - started,
             model_dir=model_dir,
             losses=losses,
             skipped=skipped,
+            evaluations=progress["evaluations"],
+            best=best,
+            stopped_early=stopped_early,
         )
+
+    def _patience_spent(self, progress: dict[str, Any]) -> bool:
+        patience = self.selection.patience if self.selection is not None else None
+        return patience is not None and progress["without_improvement"] >= patience
+
+    def _load_best(self, wrapped: nn.Module) -> None:
+        """Put the best evaluation's weights (``checkpoints/best``) back into the model, on every process."""
+        folder = self.run_dir / "checkpoints" / "best"
+        state = load_model_state(self.model, folder)
+        if self.model.config.tie_embeddings:
+            state["lm_head.weight"] = state["wte.weight"]
+        _dcp().set_model_state_dict(wrapped, state, options=_dcp().StateDictOptions(full_state_dict=True))
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":
@@ -427,15 +527,16 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> float:
+    def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> dict[str, float]:
         self.model.eval()
-        losses = []
-        for batch in self.objective.val_batches(self.config.eval_batches):
-            batch = {k: v.to(info.device) for k, v in batch.items()}
-            with self._autocast(info.device):
-                losses.append(self.objective.loss(forward_model, batch).float())
+        batches = (
+            {k: v.to(info.device) for k, v in batch.items()}
+            for batch in self.objective.val_batches(self.config.eval_batches)
+        )
+        with self._autocast(info.device):
+            values = self.objective.evaluate(forward_model, batches)
         self.model.train()
-        return float(torch.stack(losses).mean())
+        return values
 
     def _sample(
         self, model: Transformer, metrics: MetricsLogger, step: int, info: distributed.DistInfo
@@ -470,7 +571,7 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         step: int,
-        best: float | None,
+        progress: dict[str, Any],
         info: distributed.DistInfo,
         name: str | None = None,
         val_loss: float | None = None,
@@ -478,10 +579,12 @@ class Trainer:
         model_state, optim_state = _dcp().get_state_dict(model, optimizer, options=self._state_options())
         if info.is_main:
             folder = self.run_dir / "checkpoints" / (name or f"step-{step:06d}")
+            best = progress["best"]
             trainer_state = {
                 "step": step,
-                "best_val_loss": best,
+                "best_val_loss": best["val_loss"] if best else None,
                 "val_loss": val_loss,
+                **progress,
                 "train_config": dataclasses.asdict(self.config),
                 "world_size": info.world_size,
             }
@@ -513,7 +616,7 @@ class Trainer:
 
     def _resume(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, info: distributed.DistInfo
-    ) -> tuple[int, float | None]:
+    ) -> tuple[int, dict[str, Any]]:
         checkpoint.remove_partial(self.run_dir)
         found = checkpoint.checkpoints(self.run_dir)
         if not found:
@@ -547,4 +650,4 @@ class Trainer:
             model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
         )
         checkpoint.set_rng_state(rng)
-        return int(trainer_state["step"]), trainer_state.get("best_val_loss")
+        return int(trainer_state["step"]), trainer_state
