@@ -276,6 +276,7 @@ class Trainer:
         objective: Objective,
         config: TrainConfig,
         lineage: dict[str, Any] | None = None,
+        *,
         selection: Selection | None = None,
     ) -> None:
         self.model, self.tokenizer, self.objective, self.config = model, tokenizer, objective, config
