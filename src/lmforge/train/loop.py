@@ -7,10 +7,8 @@ sensible weight-decay groups, warmup + cosine schedule, gradient accumulation an
 ``torch.compile``, activation checkpointing, DDP/FSDP, evaluation, samples, checkpoints with exact resume,
 CSV/TensorBoard/PNG metrics and a progress bar.
 
-Evaluation keeps ``checkpoints/best``. With a ``Selection`` (fine-tuning) "best" is by the metric it names
-(validation loss, accuracy or macro-F1), the run stops early after ``patience`` evaluations without a better
-one, and the final model is the best evaluation's weights, not the last step's; without one (pretraining)
-the run keeps its last weights.
+Evaluation keeps ``checkpoints/best``; with a ``Selection`` (fine-tuning, ``selection.py``) the run ends with
+that evaluation's weights and may stop early, without one (pretraining) it ends with the last step's.
 
 Failures lose nothing: a NaN/Inf loss or gradient is caught before the optimizer applies it (``on_nan``: stop
 the run, or skip that step), so no checkpoint ever holds poisoned weights; a checkpoint that cannot be written
@@ -43,6 +41,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, distributed
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.schedule import Decay, learning_rate
+from lmforge.train.selection import Selection
 
 Batch = dict[str, torch.Tensor]
 
@@ -133,15 +132,13 @@ class Objective(Protocol):
         ...
 
     def val_batches(self, count: int | None) -> Iterable[Batch]:
-        """``count`` validation batches, or as many as the objective deems whole (None); none at all when it
-        has no validation data (then evaluations are skipped)."""
+        """``count`` validation batches, or all the objective has (None); none: no evaluation."""
         ...
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        """Validation figures over ``batches``: ``val_loss``, and what else the task measures (``accuracy``,
-        ``macro_f1``); empty when there were no batches."""
+        """``val_loss`` over ``batches`` and the task's other figures (``accuracy``...); {} for no batches."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -188,40 +185,6 @@ class LanguageModelingObjective:
             "data_tokens": meta.get("tokens"),
             "tokenizer_sha256": meta.get("tokenizer_sha256"),
         }
-
-
-HIGHER_IS_BETTER = {"val_loss": False, "accuracy": True, "macro_f1": True}  # what a Selection may go by
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which weights a run ends with: those of the evaluation with the best ``metric`` (a tie on accuracy or
-    macro-F1 goes to the lower validation loss: small validation sets tie often), stopping once ``patience``
-    evaluations in a row brought no better one (None: never early)."""
-
-    metric: str = "val_loss"
-    patience: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.metric not in HIGHER_IS_BETTER:
-            raise LmforgeError(
-                f"select_by={self.metric!r} is not a validation metric",
-                hint=f"use {', '.join(HIGHER_IS_BETTER)}",
-            )
-        if self.patience is not None and self.patience < 1:
-            raise LmforgeError(
-                f"patience={self.patience} must be at least 1", hint="leave it out to never stop early"
-            )
-
-    def better(self, values: dict[str, float], best: dict[str, float] | None) -> bool:
-        """Whether the evaluation ``values`` beats ``best`` (the best one so far, or None)."""
-        if best is None:
-            return True
-        sign = 1 if HIGHER_IS_BETTER[self.metric] else -1
-        return (sign * values[self.metric], -values["val_loss"]) > (
-            sign * best[self.metric],
-            -best["val_loss"],
-        )
 
 
 @dataclass
@@ -315,8 +278,7 @@ class Trainer:
         model.to(info.device)
         model.gradient_checkpointing = cfg.activation_checkpointing
         optimizer = make_optimizer(model, cfg, info.device)
-        # What evaluation found so far; saved in every checkpoint, so a resumed run selects and stops alike.
-        start_step, progress = 0, {"evaluations": [], "best": None, "without_improvement": 0}
+        start_step, progress = 0, Selection.start()  # what evaluations found, kept in every checkpoint
         if not resume and checkpoint.checkpoints(self.run_dir) and info.is_main:
             raise LmforgeError(
                 f"{self.run_dir} already holds checkpoints",
@@ -340,7 +302,7 @@ class Trainer:
         done = start_step
         model.train()
         for step in range(start_step, cfg.max_steps):
-            if self._patience_spent(progress):  # a resumed run that had stopped early stays stopped
+            if select.stopped(progress):  # a resumed run that had stopped early stays stopped
                 break
             t0 = time.perf_counter()
             lr = self._set_lr(optimizer, step)
@@ -357,13 +319,8 @@ class Trainer:
             values = self._evaluate(forward_model, info) if evaluate else {}
             if values:
                 val_loss = values["val_loss"]
-                record = {"step": done, **values}
-                progress["evaluations"].append(record)
-                if select.better(record, progress["best"]):
-                    progress["best"], progress["without_improvement"] = record, 0
+                if select.record(progress, {"step": done, **values}):
                     self._save(wrapped, optimizer, done, progress, info, name="best", val_loss=val_loss)
-                else:
-                    progress["without_improvement"] += 1
                 self._sample(model, metrics, done, info)
             if done % cfg.log_every == 0 or values:
                 metrics.log(
@@ -377,7 +334,7 @@ class Trainer:
                     val_macro_f1=values.get("macro_f1"),
                     elapsed_s=round(time.perf_counter() - started, 3),
                 )
-            stop = self._patience_spent(progress)
+            stop = select.stopped(progress)
             if save_every and done % save_every == 0 and done != cfg.max_steps and not stop:
                 self._save(wrapped, optimizer, done, progress, info)
             if values:
@@ -390,13 +347,7 @@ class Trainer:
             if stop:
                 break
         bar.close()
-        stopped_early = self._patience_spent(progress)
         best = progress["best"]
-        if stopped_early and info.is_main:
-            tqdm.write(
-                f"stopped early at step {done}: no better {select.metric} in {select.patience} evaluations; "
-                f"the best was at step {best['step']}"
-            )
         self._save(wrapped, optimizer, done, progress, info)  # the last step's: where --resume continues
         if self.selection is not None and best is not None and best["step"] != done:
             self._load_best(wrapped)
@@ -428,17 +379,12 @@ class Trainer:
             skipped=skipped,
             evaluations=progress["evaluations"],
             best=best,
-            stopped_early=stopped_early,
+            stopped_early=select.stopped(progress),
         )
-
-    def _patience_spent(self, progress: dict[str, Any]) -> bool:
-        patience = self.selection.patience if self.selection is not None else None
-        return patience is not None and progress["without_improvement"] >= patience
 
     def _load_best(self, wrapped: nn.Module) -> None:
         """Put the best evaluation's weights (``checkpoints/best``) back into the model, on every process."""
-        folder = self.run_dir / "checkpoints" / "best"
-        state = load_model_state(self.model, folder)
+        state = load_model_state(self.model, self.run_dir / "checkpoints" / "best")
         if self.model.config.tie_embeddings:
             state["lm_head.weight"] = state["wte.weight"]
         _dcp().set_model_state_dict(wrapped, state, options=_dcp().StateDictOptions(full_state_dict=True))
