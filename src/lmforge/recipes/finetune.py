@@ -209,11 +209,12 @@ def run_finetune(settings: FinetuneSettings, *, llm: LoadedModel | None = None) 
         "data": str(s.data),
     }
     split = {"file": str(s.val_file)} if s.val_file else held_out
-    if split is None:
-        selection = None  # nothing to select on: the last step's weights, as in pretraining
-    result = Trainer(net, tok, job, cfg, lineage=lineage, selection=selection).fit(resume=s.resume)
-    if split is not None and selection is not None:
-        _write_validation(Path(cfg.out_dir), split, selection, result)
+    selected = (
+        selection if split else None
+    )  # nothing to select on: the last step's weights, as in pretraining
+    result = Trainer(net, tok, job, cfg, lineage=lineage, selection=selected).fit(resume=s.resume)
+    if selected:  # written once the run is done: an earlier one would overwrite a finished run's by mistake
+        _write_validation(Path(cfg.out_dir), split, selected, result)
     if s.method == "lora":
         save_adapter(net, result.model_dir.parent / "adapter", base_model=llm.source)
         if s.merge:
@@ -228,8 +229,8 @@ def run_finetune(settings: FinetuneSettings, *, llm: LoadedModel | None = None) 
             train_last_blocks=s.train_last_blocks if s.method == "freeze" else None,
             lora=dataclasses.asdict(s.lora) if s.method == "lora" else None,
             validation={"val_file": str(s.val_file)} if s.val_file else {"val_split": s.val_split},
-            select_by=selection.metric if selection else None,
-            patience=selection.patience if selection else None,
+            select_by=selected.metric if selected else None,
+            patience=selected.patience if selected else None,
         )
         data_files = [f for f in (s.data, s.val_file) if f]
         store_run(result, s.save_as, parent=llm.source, recipe=recipe, data=data_files)
