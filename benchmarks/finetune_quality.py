@@ -94,6 +94,7 @@ def classify(args: argparse.Namespace) -> None:
             train_last_blocks=args.train_last_blocks,
             lora=lora_settings(args),
             block_size=args.block_size,
+            val_split=0,  # fixed settings, trained on all of train.jsonl as before (no evaluation to select on)
             train=train_settings(args, run / "run", examples),
         )
         model = str(run / "run" / "model")
@@ -157,6 +158,7 @@ def sequences(args: argparse.Namespace) -> None:
         method=args.method,
         train_last_blocks=args.train_last_blocks,
         lora=lora_settings(args),
+        val_split=0,  # as in classify(): all of the training data, no evaluation
         train=train_settings(args, run / "run", examples),
     )
     train_minutes = (time.perf_counter() - start) / 60

@@ -207,6 +207,10 @@ def test_training_runs_record_lineage_and_eval_adds_metrics(home, models, tmp_pa
     data = info["data"]["files"]
     assert [f["sha256"] for f in data] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in (train, val)]
     assert info["metrics"]["train"]["steps"] == 4 and info["metrics"]["train"]["val_loss"] > 0
+    assert (
+        info["metrics"]["train"]["best_step"] == 4 and 0 <= info["metrics"]["train"]["best_val_macro_f1"] <= 1
+    )
+    assert recipe["validation"] == {"val_file": str(val)} and recipe["select_by"] == "macro_f1"
     assert info["config"]["labels"] == ["ham", "spam"]
     card = (store.open("spam:v1") / "README.md").read_text(encoding="utf-8")
     assert "1. pre:v1 (pretrain" in card and '"recipe": "finetune"' in card and "train / val_loss" in card

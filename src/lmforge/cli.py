@@ -473,6 +473,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     settings, given = _settings(args, FinetuneSettings)
     result = run_finetune(settings, given=given)
     _print_done(result)
+    if result.best is not None:  # fine-tuning with validation data keeps its best evaluation
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "step")
+        early = f"; stopped early at step {result.steps}" if result.stopped_early else ""
+        record = result.model_dir.parent / "validation.json"
+        print(f"kept the evaluation at step {result.best['step']} ({figures}){early}   record: {record}")
     print(f"model: {result.model_dir}")
     _print_stored(settings.save_as)
 

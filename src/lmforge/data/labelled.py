@@ -2,12 +2,16 @@
 
 Each objective draws micro-batch ``i`` as a pure function of ``i`` (an epoch-seeded permutation), like pretraining,
 so fine-tuning resumes exactly too. Summarization is instruction tuning with a summarization prompt.
+
+``split_validation`` holds a validation split out of the training rows (stratified by class for classification,
+deterministic by seed); the objectives evaluate on it only, never on training rows.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import warnings
 from collections.abc import Iterable, Sequence
@@ -65,6 +69,39 @@ def read_records(path: str | Path, required: Sequence[str]) -> list[dict[str, An
     return rows
 
 
+def split_validation(
+    count: int, fraction: float, seed: int, *, classes: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(training rows, validation rows) of ``count`` examples, sorted: about ``fraction`` of them held out,
+    the same rows for the same ``seed``.
+
+    With ``classes`` (each row's class) the split is stratified: each class gives round(its size x
+    ``fraction``) rows, so every class's share of the validation rows is within one example of its ideal,
+    and keeps at least one training row. Without, it is a plain random sample of round(count x fraction).
+    """
+    if not 0 < fraction < 1:
+        raise LmforgeError(
+            f"val_split={fraction} must be above 0 and below 1", hint="use e.g. 0.1, or 0 for no validation"
+        )
+    groups: dict[int, list[int]] = {}
+    for row, group in enumerate(classes if classes is not None else [0] * count):
+        groups.setdefault(group, []).append(row)
+    rng = random.Random(f"{seed}:validation")
+    held: list[int] = []
+    for group in sorted(groups):
+        rows = groups[group]
+        rng.shuffle(rows)
+        # floor(x + 0.5), not round(): Python's round() takes 2.5 to 2 and 3.5 to 4
+        held += rows[: min(math.floor(len(rows) * fraction + 0.5), len(rows) - 1)]
+    if not held:
+        raise LmforgeError(
+            f"{count} examples are too few to hold out {fraction:.0%} for validation",
+            hint="give more data, a --val-file, a larger --val-split, or --val-split 0 for no validation",
+        )
+    kept = set(held)
+    return [row for row in range(count) if row not in kept], sorted(held)
+
+
 class _EpochSampler:
     """Deterministic example indices for global batch ``i`` (stateless, so resume is exact).
 
@@ -115,7 +152,8 @@ class _EpochSampler:
 
 
 class _ExampleObjective:
-    """Shared by the fine-tuning objectives: epoch-shuffled training rows, the first rows of val for evaluation."""
+    """Shared by the fine-tuning objectives: epoch-shuffled training rows; the validation rows, if any, for
+    evaluation (never training rows: a figure measured on them would say nothing about unseen data)."""
 
     train: Any
     val: Any
@@ -131,11 +169,27 @@ class _ExampleObjective:
         rows = self.sampler.indices(index, b * world_size)[rank * b : (rank + 1) * b]
         return self._batch(self.train, rows)
 
-    def val_batches(self, count: int) -> Iterable[Batch]:
-        data = self.val or self.train
-        n = min(len(data), count * self.micro_batch_size)
+    def val_batches(self, count: int | None) -> Iterable[Batch]:
+        """The validation rows (the first ``count`` batches' worth, or all), batched shortest first: each
+        example counts the same wherever it lands, and similar lengths waste less on padding."""
+        if self.val is None:
+            return
+        n = len(self.val) if count is None else min(len(self.val), count * self.micro_batch_size)
+        ids = self._ids(self.val)
+        rows = sorted(range(n), key=lambda i: len(ids[i]))
         for start in range(0, n, self.micro_batch_size):
-            yield self._batch(data, range(start, min(n, start + self.micro_batch_size)))
+            yield self._batch(self.val, rows[start : start + self.micro_batch_size])
+
+    def _ids(self, data: Any) -> list[list[int]]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """The mean loss over the batches, the figure every task has."""
+        losses = [self.loss(model, batch).float() for batch in batches]
+        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
 
 
 # ------------------------------------------------------------ classification
@@ -148,6 +202,11 @@ class ClassificationData:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, rows: Sequence[int]) -> ClassificationData:
+        return ClassificationData(
+            [self.ids[i] for i in rows], [self.targets[i] for i in rows], self.labels, self.regression
+        )
 
 
 def load_classification(
@@ -225,6 +284,9 @@ class ClassificationObjective(_ExampleObjective):
         lengths = [len(ids) for ids in train.ids] if group_by_length else None
         self.sampler = _EpochSampler(len(train.ids), seed, sample_weights, lengths)
 
+    def _ids(self, data: ClassificationData) -> list[list[int]]:
+        return data.ids
+
     def _batch(self, data: ClassificationData, rows: Sequence[int]) -> Batch:
         ids, mask = left_pad([data.ids[i] for i in rows], pad_id=0)
         batch = {"input_ids": ids, "targets": torch.tensor([data.targets[i] for i in rows])}
@@ -232,15 +294,45 @@ class ClassificationObjective(_ExampleObjective):
             batch["attention_mask"] = mask
         return batch
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        scores = _unwrap(model).classify(batch["input_ids"], batch.get("attention_mask")).float()
+    def _scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return _unwrap(model).classify(batch["input_ids"], batch.get("attention_mask")).float()
+
+    def _loss(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.train.regression:
-            return F.mse_loss(scores[:, 0], batch["targets"].float())
+            return F.mse_loss(scores[:, 0], targets.float())
         weight = self.class_weights.to(scores.device) if self.class_weights is not None else None
-        return F.cross_entropy(scores, batch["targets"].long(), weight=weight)
+        return F.cross_entropy(scores, targets.long(), weight=weight)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self._loss(self._scores(model, batch), batch["targets"])
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """Mean loss, and for labels accuracy and macro-F1 (sklearn's: classes absent from both the truth
+        and the predictions count as F1 0), from one forward pass per batch."""
+        losses, predicted, truth = [], [], []
+        for batch in batches:
+            scores = self._scores(model, batch)
+            losses.append(self._loss(scores, batch["targets"]))
+            predicted.append(scores.argmax(-1).cpu())
+            truth.append(batch["targets"].long().cpu())
+        if not losses:
+            return {}
+        values = {"val_loss": float(torch.stack(losses).mean())}
+        if not self.train.regression:
+            values |= classification_scores(torch.cat(truth), torch.cat(predicted), len(self.train.labels))
+        return values
 
     def describe(self) -> dict[str, Any]:
         return {"task": "classify", "labels": self.train.labels, "train_examples": len(self.train.ids)}
+
+
+def classification_scores(truth: torch.Tensor, predicted: torch.Tensor, classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of class indices (the validation figures the best checkpoint is chosen by)."""
+    pairs = torch.bincount(truth * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+    right = pairs.diag().double()
+    # F1 of a class = 2 TP / (2 TP + FP + FN) = 2 TP / (its true count + its predicted count); 0 when both are 0
+    f1 = torch.where(right > 0, 2 * right / (pairs.sum(1) + pairs.sum(0)).clamp(min=1), 0.0)
+    return {"accuracy": float(right.sum() / len(truth)), "macro_f1": float(f1.mean())}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -273,6 +365,9 @@ class SequenceData:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def subset(self, rows: Sequence[int]) -> SequenceData:
+        return SequenceData([self.input_ids[i] for i in rows], [self.targets[i] for i in rows])
 
 
 def encode_conversation(
@@ -370,6 +465,9 @@ class SequenceObjective(_ExampleObjective):
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
         lengths = [len(ids) for ids in train.input_ids] if group_by_length else None
         self.sampler = _EpochSampler(len(train.input_ids), seed, lengths=lengths)
+
+    def _ids(self, data: SequenceData) -> list[list[int]]:
+        return data.input_ids
 
     def _batch(self, data: SequenceData, rows: Sequence[int]) -> Batch:
         longest = max(len(data.input_ids[i]) for i in rows)

@@ -4,11 +4,20 @@
 
 ``freeze`` trains only the last ``train_last_blocks`` blocks, the final norm and the task head ("LLMs from
 scratch" ch. 6) and keeps the rest frozen; ``lora`` trains low-rank adapters (plus the head for classification) and saves them in PEFT's layout.
+
+Validation by default: ``val_split`` (10 %) of the training data is held out (stratified by label for
+classification, at random for instructions and summaries, the same rows for the same seed), or ``val_file``
+is read instead; the Trainer evaluates on it every ``eval_every`` steps and the final model is the evaluation
+with the best ``select_by`` figure, stopping early after ``patience`` evaluations without a better one. The
+run folder's ``validation.json`` says which rows were held out, the validation curve and the step chosen. No
+test file is read: a test set is for ``lmforge eval`` on the finished model, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +29,7 @@ from lmforge.data.labelled import (
     load_classification,
     load_sequences,
     pack,
+    split_validation,
 )
 from lmforge.errors import LmforgeError
 from lmforge.formats.folder import save_model_folder
@@ -30,7 +40,7 @@ from lmforge.recipes.settings import given_settings, resumed, settings_from, set
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.train import TrainConfig, Trainer, checkpoint
-from lmforge.train.loop import TrainResult
+from lmforge.train.loop import Selection, TrainResult
 from lmforge.train.methods import Method, add_classifier, choose_trainable
 
 TaskName = Literal["classify", "instruct", "summarize"]
@@ -50,7 +60,31 @@ class FinetuneSettings:
         },
     )
     data: str | Path | None = field(default=None, metadata={"help": "training data (.jsonl or .csv)"})
-    val_file: str | Path | None = field(default=None, metadata={"help": "validation data (.jsonl or .csv)"})
+    val_file: str | Path | None = field(
+        default=None,
+        metadata={"help": "validation data (.jsonl or .csv), instead of holding out part of --data"},
+    )
+    val_split: float = field(
+        default=0.1,
+        metadata={
+            "help": "fraction of --data held out for validation (classify: stratified by label); 0: none, "
+            "the final model is then the last step's"
+        },
+    )
+    select_by: Literal["val_loss", "accuracy", "macro_f1"] | None = field(
+        default=None,
+        metadata={
+            "help": "the validation figure that picks the final model among the evaluations",
+            "default_help": "macro_f1 for classify with labels, val_loss otherwise",
+        },
+    )
+    patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "stop after N evaluations in a row without a better --select-by figure",
+            "default_help": "train all --max-steps",
+        },
+    )
     task: TaskName = field(
         default="classify", metadata={"help": "a label per text, answers to prompts, or summaries"}
     )
@@ -155,15 +189,17 @@ def run_finetune(
         raise LmforgeError("no training data given", hint="pass --data FILE.jsonl (or .csv)")
     if s.save_as:
         parse_ref(s.save_as)  # a bad name fails now, not after the run
+    selection = _selection(s)
     llm = llm or LoadedModel.load(s.model, dtype="float32", device="cpu")
     net, tok = llm.model, llm.tokenizer
     block = min(s.block_size or 512, net.config.block_size)
     fields = {"text_field": s.text_field, "label_field": s.label_field, "regression": s.regression}
     if s.task == "classify":
         data = load_classification(s.data, tok, block, **fields)
-        val = (
-            load_classification(s.val_file, tok, block, **fields, labels=data.labels) if s.val_file else None
-        )
+        classes = None if s.regression else [int(t) for t in data.targets]
+        data, val, held_out = _hold_out(s, data, classes)
+        if s.val_file:
+            val = load_classification(s.val_file, tok, block, **fields, labels=data.labels)
         add_classifier(net, data.labels, s.regression, cfg.seed)
         job: Any = ClassificationObjective(
             data, val, cfg.micro_batch_size, cfg.seed, balance=s.balance, group_by_length=s.group_by_length
@@ -181,7 +217,9 @@ def run_finetune(
                 include_prompt=s.include_prompt,
             )
 
-        data, val = load(s.data), (load(s.val_file) if s.val_file else None)
+        data, val, held_out = _hold_out(s, load(s.data), None)
+        if s.val_file:
+            val = load(s.val_file)
         if s.packing:
             data = pack(data, block)
         job = SequenceObjective(
@@ -197,8 +235,14 @@ def run_finetune(
         "trainable_parameters": trainable,
         "data": str(s.data),
     }
-    trainer = Trainer(net, tok, job, cfg, lineage=lineage, settings=settings_record(s))
+    split = {"file": str(s.val_file)} if s.val_file else held_out
+    selected = (
+        selection if split else None
+    )  # nothing to select on: the last step's weights, as in pretraining
+    trainer = Trainer(net, tok, job, cfg, lineage=lineage, settings=settings_record(s), selection=selected)
     result = trainer.fit(resume=s.resume)
+    if selected:  # written once the run is done: an earlier one would overwrite a finished run's by mistake
+        _write_validation(Path(cfg.out_dir), split, selected, result)
     if s.method == "lora":
         save_adapter(net, result.model_dir.parent / "adapter", base_model=llm.source)
         if s.merge:
@@ -212,7 +256,81 @@ def run_finetune(
             task=s.task,
             train_last_blocks=s.train_last_blocks if s.method == "freeze" else None,
             lora=dataclasses.asdict(s.lora) if s.method == "lora" else None,
+            validation={"val_file": str(s.val_file)} if s.val_file else {"val_split": s.val_split},
+            select_by=selected.metric if selected else None,
+            patience=selected.patience if selected else None,
         )
         data_files = [f for f in (s.data, s.val_file) if f]
         store_run(result, s.save_as, parent=llm.source, recipe=recipe, data=data_files)
     return result
+
+
+def _selection(s: FinetuneSettings) -> Selection:
+    """How the final model is chosen (checked before the model loads, so a bad value costs nothing)."""
+    labelled = s.task == "classify" and not s.regression
+    # macro-F1 for labels: on imbalanced data (SMS spam is 13 % spam) accuracy rewards the majority class,
+    # and macro-F1 weighs every class alike; ties between evaluations go to the lower validation loss
+    metric = s.select_by or ("macro_f1" if labelled else "val_loss")
+    if metric != "val_loss" and not labelled:
+        what = "scores (--regression)" if s.task == "classify" else f"{s.task} examples"
+        raise LmforgeError(
+            f"--select-by {metric} needs class labels, but this run trains on {what}",
+            hint="use --select-by val_loss",
+        )
+    if not 0 <= s.val_split < 1:
+        raise LmforgeError(
+            f"--val-split {s.val_split} must be at least 0 and below 1",
+            hint="use e.g. 0.1 (10 %), or 0 for no validation",
+        )
+    for flag, value in (("--select-by", s.select_by), ("--patience", s.patience)):
+        if value is not None and not (s.val_file or s.val_split):
+            raise LmforgeError(
+                f"{flag} needs validation data, and --val-split 0 gave none",
+                hint="give a --val-split above 0 or a --val-file",
+            )
+    if s.patience is not None and s.train.eval_every == 0:
+        raise LmforgeError(
+            "--patience needs evaluations, and --eval-every 0 turns them off", hint="give --eval-every N"
+        )
+    return Selection(metric, s.patience)
+
+
+def _hold_out(s: FinetuneSettings, data: Any, classes: list[int] | None) -> tuple[Any, Any, dict | None]:
+    """(training data, validation data, what was held out) by ``--val-split``; no split with a
+    ``--val-file`` or ``--val-split 0``."""
+    if s.val_file or not s.val_split:
+        return data, None, None
+    kept, held = split_validation(len(data), s.val_split, s.train.seed, classes=classes)
+    record: dict[str, Any] = {
+        "file": str(s.data),
+        "fraction": s.val_split,
+        "seed": s.train.seed,
+        "stratified": classes is not None,
+        "examples": len(held),
+        "rows": held,  # 0-based positions among the file's examples (blank lines are not examples)
+    }
+    if classes is not None:
+        record["per_label"] = {
+            label: sum(classes[i] == k for i in held) for k, label in enumerate(data.labels)
+        }
+    return data.subset(kept), data.subset(held), record
+
+
+def _write_validation(
+    run_dir: Path, split: dict[str, Any], selection: Selection, result: TrainResult
+) -> None:
+    """``validation.json``: the held-out rows (or the file), the validation curve and the evaluation kept."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    record = {
+        "split": split,
+        "select_by": selection.metric,
+        "patience": selection.patience,
+        "best": result.best,
+        "stopped_early": result.stopped_early,
+        "curve": result.evaluations,
+    }
+    path = run_dir / "validation.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -29,12 +29,16 @@ def store_run(
     """Store a finished training run's model with its lineage and final metrics (main process only)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
+    best = result.best or {}  # the best evaluation: a fine-tuned model's weights are its
     train = {
         "steps": result.steps,
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
         "val_perplexity": perplexity_from_loss(result.val_loss) if result.val_loss is not None else None,
         "best_val_loss": result.best_val_loss,
+        "best_step": best.get("step"),
+        "best_val_accuracy": best.get("accuracy"),
+        "best_val_macro_f1": best.get("macro_f1"),
     }
     metrics = {"train": {k: v for k, v in train.items() if v is not None}}
     store = Store()

@@ -7,10 +7,19 @@ sensible weight-decay groups, warmup + cosine schedule, gradient accumulation an
 ``torch.compile``, activation checkpointing, DDP/FSDP, evaluation, samples, checkpoints with exact resume,
 CSV/TensorBoard/PNG metrics and a progress bar.
 
+Evaluation keeps ``checkpoints/best``; with a ``Selection`` (fine-tuning, ``selection.py``) the run ends with
+that evaluation's weights and may stop early, without one (pretraining) it ends with the last step's.
+
 Failures lose nothing: a NaN/Inf loss or gradient is caught before the optimizer applies it (``on_nan``: stop
 the run, or skip that step), so no checkpoint ever holds poisoned weights; a checkpoint that cannot be written
 (a full disk) leaves the previous one as it was; ``--resume`` passes over a damaged newest checkpoint to the one
 before it, with a warning naming both.
+
+Why one module: the Trainer's steps (fit, evaluate, save, resume) share one run's state (step, optimizer,
+selection, the frozen base of a partial run) and one order of events that exact resume depends on; split apart,
+each piece would need that state passed around and the order would be spread over files. What stands alone is
+already elsewhere: checkpoint files (``checkpoint.py``), best-step selection (``selection.py``), metrics, the
+schedule and distributed set-up.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint, distributed
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.schedule import Decay, learning_rate
+from lmforge.train.selection import Selection
 
 Batch = dict[str, torch.Tensor]
 
@@ -80,7 +90,9 @@ class TrainConfig:
     )
     seed: int = _setting(1337, "seed of the initial weights and the data order")
     eval_every: int = _setting(100, "steps between evaluations; 0 disables evaluation")
-    eval_batches: int = _setting(20, "validation batches per evaluation")
+    eval_batches: int | None = _setting(
+        None, "validation batches per evaluation", "pretraining: 20; fine-tuning: the whole validation set"
+    )
     sample_prompt: str = _setting("", "at each evaluation, print a sample continuing this prompt")
     sample_tokens: int = _setting(64, "tokens per sample")
     save_every: int | None = _setting(None, "steps between checkpoints", "at every evaluation")
@@ -100,7 +112,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.lr <= 0:
             problems.append(f"lr={self.lr} must be > 0")
@@ -133,9 +145,15 @@ class Objective(Protocol):
         """Micro-batch number ``index`` for process ``rank`` (a pure function of its arguments)."""
         ...
 
-    def val_batches(self, count: int) -> Iterable[Batch]: ...
+    def val_batches(self, count: int | None) -> Iterable[Batch]:
+        """``count`` validation batches, or all the objective has (None); none: no evaluation."""
+        ...
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """``val_loss`` over ``batches`` and the task's other figures (``accuracy``...); {} for no batches."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """What the objective trains on, for lineage records."""
@@ -144,6 +162,8 @@ class Objective(Protocol):
 
 class LanguageModelingObjective:
     """Next-token prediction on prepared token shards (random windows, nanoGPT style)."""
+
+    EVAL_BATCHES = 20  # the val shard's windows are countless: a fixed sample of them per evaluation
 
     def __init__(self, shards: Any, micro_batch_size: int, block_size: int, seed: int = 1337) -> None:
         self.shards, self.micro_batch_size, self.block_size, self.seed = (
@@ -159,13 +179,17 @@ class LanguageModelingObjective:
         x, y = self.shards.batch("train", b * world_size, self.block_size, self.seed, index)
         return {"input_ids": x[rank * b : (rank + 1) * b], "targets": y[rank * b : (rank + 1) * b]}
 
-    def val_batches(self, count: int) -> Iterable[Batch]:
-        for i in range(count):
+    def val_batches(self, count: int | None) -> Iterable[Batch]:
+        for i in range(self.EVAL_BATCHES if count is None else count):
             x, y = self.shards.batch("val", self.micro_batch_size, self.block_size, self.seed + 1, i)
             yield {"input_ids": x, "targets": y}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], targets=batch["targets"])[1]
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        losses = [self.loss(model, batch).float() for batch in batches]
+        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
 
     def describe(self) -> dict[str, Any]:
         meta = self.shards.meta
@@ -179,14 +203,17 @@ class LanguageModelingObjective:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # the last step trained (below max_steps when the run stopped early)
     train_loss: float
-    val_loss: float | None
-    best_val_loss: float | None
+    val_loss: float | None  # of the last evaluation
+    best_val_loss: float | None  # of the best evaluation (the final model's, with a Selection)
     seconds: float
     model_dir: Path
     losses: list[float] = field(default_factory=list)  # per step, for this process's run only (skipped too)
     skipped: list[int] = field(default_factory=list)  # steps skipped for a NaN/Inf loss or gradient
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", ...}, whole run
+    best: dict[str, float] | None = None  # the best of them
+    stopped_early: bool = False  # the Selection's patience ran out
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -227,12 +254,15 @@ class Trainer:
         config: TrainConfig,
         lineage: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
+        *,
+        selection: Selection | None = None,
     ) -> None:
         """``lineage``: where the model came from (its ``parent`` names a frozen base in partial checkpoints);
         ``settings``: the recipe's settings, recorded in every checkpoint for ``--resume`` to restore."""
         self.model, self.tokenizer, self.objective, self.config = model, tokenizer, objective, config
         self.lineage = lineage or {}
         self.settings = settings
+        self.selection = selection
         self.run_dir = Path(config.out_dir)
         self._trainable: set[str] = set()
         self._base: dict[str, Any] | None = None  # the frozen base of a partial run, once fit() starts
@@ -264,6 +294,7 @@ class Trainer:
 
     def _fit(self, info: distributed.DistInfo, resume: bool) -> TrainResult:
         cfg, model = self.config, self.model
+        select = self.selection or Selection()
         model.to(info.device)
         model.gradient_checkpointing = cfg.activation_checkpointing
         optimizer = make_optimizer(model, cfg, info.device)
@@ -275,7 +306,7 @@ class Trainer:
                 "model": self.lineage.get("parent"),
                 "sha256": checkpoint.frozen_digest(state, self._trainable),
             }
-        start_step, best = 0, None
+        start_step, progress = 0, Selection.start()  # what evaluations found, kept in every checkpoint
         if not resume and checkpoint.checkpoints(self.run_dir) and info.is_main:
             raise LmforgeError(
                 f"{self.run_dir} already holds checkpoints",
@@ -284,7 +315,8 @@ class Trainer:
         wrapped = distributed.wrap(model, info, cfg.fsdp)
         # State dicts go through the wrapper: under FSDP only it knows how to gather and shard them.
         if resume:
-            start_step, best = self._resume(wrapped, optimizer, info)
+            start_step, trainer_state = self._resume(wrapped, optimizer, info)
+            progress = {key: trainer_state.get(key, value) for key, value in progress.items()}
         forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         metrics = MetricsLogger(self.run_dir, start_step, enabled=info.is_main)
         save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
@@ -295,8 +327,11 @@ class Trainer:
         skipped: list[int] = []
         train_loss = val_loss = float("nan")
         started = time.perf_counter()
+        done = start_step
         model.train()
         for step in range(start_step, cfg.max_steps):
+            if select.stopped(progress):  # a resumed run that had stopped early stays stopped
+                break
             t0 = time.perf_counter()
             lr = self._set_lr(optimizer, step)
             loss, tokens, problem = self._train_step(forward_model, wrapped, optimizer, step, info)
@@ -309,41 +344,49 @@ class Trainer:
                 train_loss = loss
             tokens_per_s = tokens * info.world_size / (time.perf_counter() - t0)
             evaluate = cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.max_steps)
-            val = self._evaluate(forward_model, info) if evaluate else None
-            if val is not None:
-                val_loss = val
-                if best is None or val < best:
-                    best = val
-                    self._save(wrapped, optimizer, done, best, info, name="best", val_loss=val)
+            values = self._evaluate(forward_model, info) if evaluate else {}
+            if values:
+                val_loss = values["val_loss"]
+                if select.record(progress, {"step": done, **values}):
+                    self._save(wrapped, optimizer, done, progress, info, name="best", val_loss=val_loss)
                 self._sample(model, metrics, done, info)
-            if done % cfg.log_every == 0 or val is not None:
+            if done % cfg.log_every == 0 or values:
                 metrics.log(
                     done,
                     loss=None if problem else train_loss,
                     lr=lr,
                     tokens_per_s=tokens_per_s,
-                    val_loss=val,
-                    val_ppl=perplexity_from_loss(val) if val is not None else None,
+                    val_loss=values.get("val_loss"),
+                    val_ppl=perplexity_from_loss(values["val_loss"]) if values else None,
+                    val_accuracy=values.get("accuracy"),
+                    val_macro_f1=values.get("macro_f1"),
                     elapsed_s=round(time.perf_counter() - started, 3),
                 )
-            if save_every and done % save_every == 0 and done != cfg.max_steps:
-                self._save(wrapped, optimizer, done, best, info)
-            if val is not None:
+            stop = select.stopped(progress)
+            if save_every and done % save_every == 0 and done != cfg.max_steps and not stop:
+                self._save(wrapped, optimizer, done, progress, info)
+            if values:
                 metrics.plot()
             shown = {"loss": "skipped" if problem else f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
             if cfg.eval_every > 0:
                 shown["val"] = f"{val_loss:.4f}"
             bar.set_postfix(shown, refresh=False)  # drawn with the update, at the bar's own interval
             bar.update(1)
+            if stop:
+                break
         bar.close()
-        self._save(wrapped, optimizer, cfg.max_steps, best, info)
+        best = progress["best"]
+        self._save(wrapped, optimizer, done, progress, info)  # the last step's: where --resume continues
+        if self.selection is not None and best is not None and best["step"] != done:
+            self._load_best(wrapped)
         model_dir = self.run_dir / "model"
         state = self._full_model_state(wrapped, optimizer)  # collective under FSDP: every rank calls it
         if info.is_main:
             model.config.extra["lineage"] = {
                 **self.lineage,
                 **self.objective.describe(),
-                "steps": cfg.max_steps,
+                "steps": done,
+                **({"selected": best} if self.selection is not None and best is not None else {}),
             }
             with self._resumable():
                 atomic_write_folder(
@@ -354,15 +397,29 @@ class Trainer:
         metrics.close()
         distributed.barrier(info)
         return TrainResult(
-            steps=cfg.max_steps,
+            steps=done,
             train_loss=train_loss,
             val_loss=None if math.isnan(val_loss) else val_loss,
-            best_val_loss=best,
+            best_val_loss=best["val_loss"] if best else None,
             seconds=time.perf_counter() - started,
             model_dir=model_dir,
             losses=losses,
             skipped=skipped,
+            evaluations=progress["evaluations"],
+            best=best,
+            stopped_early=select.stopped(progress),
         )
+
+    def _load_best(self, wrapped: nn.Module) -> None:
+        """Put the best evaluation's weights (``checkpoints/best``) back into the model, on every process."""
+        # In a partial run (freeze, LoRA) ``best`` holds only what trains; the frozen rest is already in place.
+        state = checkpoint.read_weights(
+            self.model, self.run_dir / "checkpoints" / "best", {"base": self._base}
+        )
+        if self.model.config.tie_embeddings and "wte.weight" in state:
+            state["lm_head.weight"] = state["wte.weight"]
+        options = _dcp().StateDictOptions(full_state_dict=True, strict=self._base is None)
+        _dcp().set_model_state_dict(wrapped, state, options=options)
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":
@@ -449,15 +506,16 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> float:
+    def _evaluate(self, forward_model: nn.Module, info: distributed.DistInfo) -> dict[str, float]:
         self.model.eval()
-        losses = []
-        for batch in self.objective.val_batches(self.config.eval_batches):
-            batch = {k: v.to(info.device) for k, v in batch.items()}
-            with self._autocast(info.device):
-                losses.append(self.objective.loss(forward_model, batch).float())
+        batches = (
+            {k: v.to(info.device) for k, v in batch.items()}
+            for batch in self.objective.val_batches(self.config.eval_batches)
+        )
+        with self._autocast(info.device):
+            values = self.objective.evaluate(forward_model, batches)
         self.model.train()
-        return float(torch.stack(losses).mean())
+        return values
 
     def _sample(
         self, model: Transformer, metrics: MetricsLogger, step: int, info: distributed.DistInfo
@@ -492,7 +550,7 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         step: int,
-        best: float | None,
+        progress: dict[str, Any],
         info: distributed.DistInfo,
         name: str | None = None,
         val_loss: float | None = None,
@@ -500,10 +558,12 @@ class Trainer:
         model_state, optim_state = _dcp().get_state_dict(model, optimizer, options=self._state_options())
         if info.is_main:
             folder = self.run_dir / "checkpoints" / (name or f"step-{step:06d}")
+            best = progress["best"]
             trainer_state = {
                 "step": step,
-                "best_val_loss": best,
+                "best_val_loss": best["val_loss"] if best else None,
                 "val_loss": val_loss,
+                **progress,
                 "train_config": dataclasses.asdict(self.config),
                 "settings": self.settings,
                 "world_size": info.world_size,
@@ -539,7 +599,7 @@ class Trainer:
 
     def _resume(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, info: distributed.DistInfo
-    ) -> tuple[int, float | None]:
+    ) -> tuple[int, dict[str, Any]]:
         checkpoint.remove_partial(self.run_dir)
         found = checkpoint.checkpoints(self.run_dir)
         if not found:
@@ -572,4 +632,4 @@ class Trainer:
             model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options
         )
         checkpoint.set_rng_state(rng)
-        return int(trainer_state["step"]), trainer_state.get("best_val_loss")
+        return int(trainer_state["step"]), trainer_state

@@ -9,7 +9,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-CSV_FIELDS = ["step", "loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "elapsed_s"]
+CSV_FIELDS = [
+    "step",
+    "loss",
+    "lr",
+    "tokens_per_s",
+    "val_loss",
+    "val_ppl",
+    "val_accuracy",
+    "val_macro_f1",
+    "elapsed_s",
+]
 
 
 class MetricsLogger:
@@ -48,7 +58,7 @@ class MetricsLogger:
         row["step"] = step
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
-        for key in ("loss", "lr", "tokens_per_s", "val_loss", "val_ppl"):
+        for key in ("loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "val_accuracy", "val_macro_f1"):
             value = values.get(key)
             if value is not None and self.tb is not None:
                 self.tb.add_scalar(
