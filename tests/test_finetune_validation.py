@@ -193,6 +193,7 @@ def diverging_run(
     patience=None,
     resume_run=False,
     method="full",
+    override=(),
     **train,
 ):
     """A learning rate far too large: validation loss falls for two steps, then jumps (0.48, 0.36, 3.2, 1.4,
@@ -200,7 +201,8 @@ def diverging_run(
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
     settings = {**FAST, "out_dir": str(out), "lr": 0.03, "decay": "constant", "eval_every": 1, **train}
     return finetune(llm, data, task="classify", method=method, select_by=select_by, patience=patience,
-                    val_split=0.25, block_size=32, resume=resume_run, train=settings)  # fmt: skip
+                    val_split=0.25, block_size=32, resume=resume_run, override=list(override),
+                    train=settings)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +261,7 @@ def test_a_resumed_run_selects_and_stops_as_an_uninterrupted_one(spam_small, tin
     whole = run(tmp_path / "whole", max_steps=30)
     assert whole.stopped_early and 3 < whole.steps < 30  # it stops after the point it is resumed from
     run(tmp_path / "split", max_steps=3)  # then stopped
-    resumed = run(tmp_path / "split", max_steps=30, resume_run=True)
+    resumed = run(tmp_path / "split", max_steps=30, resume_run=True, override=["max_steps"])
     assert resumed.steps == whole.steps and resumed.stopped_early
     assert resumed.evaluations == whole.evaluations and resumed.best == whole.best
     a, b = model_weights(whole.model_dir), model_weights(resumed.model_dir)
