@@ -210,20 +210,30 @@ def spam_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("spam") / "train.jsonl", spam_rows(64))
 
 
-def test_the_final_model_is_the_best_evaluations_not_the_last_step(spam_small, tiny_tokenizer, tmp_path):
-    result = diverging_run(tiny_tokenizer, spam_small, tmp_path / "run", max_steps=5)
+@pytest.mark.parametrize("method", ["full", "freeze"])  # checkpoints hold only the trained tensors
+def test_the_final_model_is_the_best_evaluations_not_the_last_step(
+    method, spam_small, tiny_tokenizer, tmp_path
+):
+    result = diverging_run(tiny_tokenizer, spam_small, tmp_path / "run", max_steps=5, method=method)
     losses = {e["step"]: e["val_loss"] for e in result.evaluations}
     best_step = min(losses, key=losses.get)
     assert result.best["step"] == best_step and best_step < 5, losses  # the case the test is for
     # The same run cut at the best step trains the same weights (a constant rate, batches a function of
     # the step); without evaluations it keeps its last weights: those must be the saved model's.
-    cut = diverging_run(tiny_tokenizer, spam_small, tmp_path / "cut", max_steps=best_step, eval_every=0)
+    cut = diverging_run(
+        tiny_tokenizer, spam_small, tmp_path / "cut", max_steps=best_step, eval_every=0, method=method
+    )
     assert cut.best is None
     saved, reference = model_weights(result.model_dir), model_weights(cut.model_dir)
-    last = model_weights(tmp_path / "run" / "checkpoints" / "step-000005")
     assert saved.keys() == reference.keys()
     assert all(torch.equal(saved[k], reference[k]) for k in saved)
-    assert not all(torch.equal(saved[k], last[k]) for k in saved)  # the last step's weights differ
+    # and the last step's weights differ (checkpoints hold the trained tensors: a classifier's LM head is
+    # frozen even in "full")
+    best, last = (
+        load_file(str(tmp_path / "run" / "checkpoints" / name / "trainable.safetensors"))
+        for name in ("best", "step-000005")
+    )
+    assert best.keys() == last.keys() and not all(torch.equal(best[k], last[k]) for k in last)
     selected = json.loads((result.model_dir / "config.json").read_text())["lmforge"]["lineage"]["selected"]
     assert selected["step"] == best_step
 
@@ -256,8 +266,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(
 
 
 def test_a_resumed_run_selects_and_stops_as_an_uninterrupted_one(spam_small, tiny_tokenizer, tmp_path):
-    # freeze: `full` on a classifier cannot resume yet (the unused lm_head has no optimizer state)
-    run = functools.partial(diverging_run, tiny_tokenizer, spam_small, method="freeze", patience=2)
+    run = functools.partial(diverging_run, tiny_tokenizer, spam_small, method="full", patience=2)
     whole = run(tmp_path / "whole", max_steps=30)
     assert whole.stopped_early and 3 < whole.steps < 30  # it stops after the point it is resumed from
     run(tmp_path / "split", max_steps=3)  # then stopped

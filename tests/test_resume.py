@@ -211,6 +211,25 @@ def test_partial_fine_tune_checkpoints_hold_what_trains_and_resume_bit_exactly(
     assert rows(run) == rows(reference)
 
 
+def test_full_fine_tune_of_an_untied_classifier_resumes_bit_exactly(
+    spam_files, tiny_tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Its LM head gets no gradient (the score head answers), so it stays frozen: resuming used to fail on the
+    head's missing optimizer state."""
+    base = tiny_llm("tiny-llama", tiny_tokenizer, tie_embeddings=False).save(tmp_path / "untied")
+    args = ["finetune", str(base), "--data", str(spam_files[0]), "--method", "full", *FINETUNE]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main([*args, "--out-dir", str(reference)]) == 0
+    assert main([*args, "--out-dir", str(run)]) == 0
+    trained_names = set(weights(run / "checkpoints" / "step-000003", "trainable.safetensors"))
+    assert "lm_head.weight" not in trained_names and "score.weight" in trained_names
+    assert "wte.weight" in trained_names  # everything else trains
+    stop_after(run, 3)
+    assert main(["finetune", "--out-dir", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert_same(weights(run / "model"), weights(reference / "model"))
+    assert rows(run) == rows(reference)
+
+
 def test_resume_on_a_changed_base_is_one_line(
     base: Path,
     spam_files,

@@ -33,8 +33,10 @@ def choose_trainable(
     """Set requires_grad for the method; returns the number of trainable parameters."""
     head = ["score."] if model.score is not None else []
     if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            # A classifier reads its score head: an untied LM head gets no gradient, and a parameter the
+            # optimizer never steps has no state to checkpoint (resume needs one for every trainable tensor).
+            p.requires_grad_(not (head and name.startswith("lm_head.")))
     elif method == "freeze":
         if not 1 <= train_last_blocks <= model.config.n_layer:
             raise LmforgeError(
