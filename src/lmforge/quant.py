@@ -48,6 +48,8 @@ PACK_ROWS = (
     512  # rows packed at a time (a whole number of the layout's blocks): ~20 bytes a weight of temporaries
 )
 KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
+# The output head's best candidates per row are scored again in float32 (``PackedLinear.exact_top``).
+HEAD_EXACT_TOP = 8
 # per group of 32 values and plane: 16 bytes of codes (two a byte) and a bf16 scale and zero
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2) for kind, planes in PLANES.items()}
 
@@ -237,7 +239,15 @@ class PackedLinear(nn.Module):
     scales and zeros stored as int16 bits, so that ``model.to(dtype)`` leaves them alone (it converts floating
     buffers only; a round trip through float32 cost a copy of every layer's scales). P is the number of planes
     (1 for int4, 2 for int8), N' the rows padded to ``KERNEL_ROWS``.
+
+    ``exact_top`` (0: off; the output head gets ``HEAD_EXACT_TOP``): the kernel returns bf16, whose rounding is
+    up to 1/256 of a value, about 0.06 for a logit of 15, and greedy decoding's top-2 gaps are often smaller.
+    Rounding the head's output flipped near-ties: with it, 5/10 greedy chat answers on SmolLM2 Q8_0 equalled
+    the fp32 path's; with each row's ``exact_top`` highest logits computed again in float32 from their rows'
+    codes (a gather of 8 rows, not a second pass over the head), 8/10 (``benchmarks/quant_quality.py``).
     """
+
+    exact_top: int = 0
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -295,6 +305,8 @@ class PackedLinear(nn.Module):
             y = _KernelMatmul.apply(x2, self)
         else:
             y = self.kernel_matmul(x2)
+            if self.exact_top:
+                y = self._rescore_top(x2, y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -306,6 +318,15 @@ class PackedLinear(nn.Module):
             xb = torch.cat([xb, xb], dim=-1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
         return y[:, : self.out_features].to(x.dtype)
+
+    def _rescore_top(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (M, N) with each row's ``exact_top`` largest values recomputed in float32: x (M, K) @ their rows."""
+        top = y.topk(min(self.exact_top, self.out_features), dim=-1).indices  # (M, k)
+        rows = top.reshape(-1)
+        codes = gather_codes(self.packed, self.planes * self.in_features, rows, self.layout)
+        w = dequantize_planes(codes, self.scales_zeros[:, rows], self.planes)  # (M*k, K)
+        exact = torch.bmm(w.view(*top.shape, -1), x.float()[:, :, None])[..., 0]  # (M, k)
+        return y.scatter(-1, top, exact.to(y.dtype))
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a float32 (N, K) matrix: what the packed matmul computes with."""
@@ -379,6 +400,8 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight | PackedL
         model.wte = PackedEmbedding(table).to(model.wte.weight.dtype)  # lookups in the activations' type
         if getattr(model.config, "tie_embeddings", False):
             model.lm_head = table
+    if isinstance(getattr(model, "lm_head", None), PackedLinear):
+        model.lm_head.exact_top = HEAD_EXACT_TOP
     return model
 
 
