@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as QType
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lmforge import LLM
+from lmforge import LLM, quant
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.gguf_quants import block_codes
 from lmforge.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora
@@ -135,13 +135,33 @@ def test_compiled_packed_layer_runs_the_packed_kernel(kind):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_long_inputs_run_a_float_gemm_over_slices_of_rows(kind, monkeypatch):
+    """From GEMM_ROWS input rows on, a layer dequantizes a slice of rows at a time for a float32 GEMM: the
+    product of the same dequantized weight, exactly, whichever slice a row falls in (the padded last block too)."""
+    n, k = 300, 160  # 300 rows: padded to 304, the last block partial in every layout
+    layer = PackedLinear(quantize_weight(random_weight(n, k, seed=6), kind), torch.randn(n))
+    x = torch.randn(quant.GEMM_ROWS, k, generator=torch.Generator().manual_seed(7))
+    exact = F.linear(x, layer.dequantize(), layer.bias)
+    for weights in (quant.GEMM_DEQUANT_WEIGHTS, 64 * k, 1):  # one slice; slices of 64 rows; one block a slice
+        monkeypatch.setattr(quant, "GEMM_DEQUANT_WEIGHTS", weights)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (quant.GEMM_ROWS, n) and torch.allclose(y, exact, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # one row fewer: the kernel, bf16 activations in and out
+        assert relative_error(layer(x[1:]), exact[1:]) <= 1e-2
+        assert not torch.allclose(layer(x[1:]), exact[1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_exact_top_rescores_a_heads_best_logits_in_float32(kind):
     """The head's top logits come out in float32 arithmetic, so a near-tie the bf16 output would blur stays
     ordered as the dequantized weights order it; the other logits stay the kernel's."""
     n, k = 300, 160
     layer = PackedLinear(quantize_weight(random_weight(n, k, seed=3), kind))
     w = layer.dequantize()
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(4)) * 4  # logits of tens: bf16 steps of 1/8+
+    x = (
+        torch.randn(5, k, generator=torch.Generator().manual_seed(4)) * 4
+    )  # logits of tens: bf16 steps of 1/8+
     with torch.no_grad():
         plain = layer(x)
         layer.exact_top = 8

@@ -19,9 +19,10 @@ That reads one byte a weight through the same vectorised kernel, on every CPU Py
 an inductor-compiled int8 dequantize-in-register matvec (which also needed one compile per layer shape) and
 ``_weight_int8pack_mm`` (one scale per row: no Q8_0 groups; compute-bound on AVX2). The kernel reads scales
 and zeros as bf16: a layer's values are the codes exactly, their scales and zeros off by one bf16 rounding (a
-GGUF file's fp16 scales are not kept). The kernel serves prefill too: dequantizing the layers for a float
-GEMM measured slower at every prompt length tried (16 to 256 tokens, both kinds). Codes come back out of the
-kernel's layout (``unpack_codes``) for export, an embedding table's lookups and a QLoRA backward.
+GGUF file's fp16 scales are not kept). The kernel is built for a few rows (decoding); from ``GEMM_ROWS`` rows
+on (a long prompt's prefill chunk) a layer is dequantized, a slice of rows at a time, for a float32 GEMM.
+Codes come back out of the kernel's layout (``unpack_codes``) for that, export, an embedding table's lookups
+and a QLoRA backward.
 
 ``PackedLinear`` replaces ``nn.Linear`` inside the same ``Transformer`` (``pack_model``); LoRA wraps it like
 any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
@@ -50,6 +51,12 @@ PACK_ROWS = (
 KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
 # The output head's best candidates per row are scored again in float32 (``PackedLinear.exact_top``).
 HEAD_EXACT_TOP = 8
+# From this many input rows on (a prefill chunk), a layer is dequantized for a float32 GEMM instead: the kernel
+# is built for a few rows, and at 512 it took 3-8x the time of dequantizing plus the GEMM (docs/architecture.md).
+GEMM_ROWS = 384
+GEMM_DEQUANT_WEIGHTS = (
+    1 << 21
+)  # weights dequantized at a time on that path: 8 MiB of float32 (not a 113 MB head)
 # per group of 32 values and plane: 16 bytes of codes (two a byte) and a bf16 scale and zero
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2) for kind, planes in PLANES.items()}
 
@@ -304,7 +311,7 @@ class PackedLinear(nn.Module):
         if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
-            y = self.kernel_matmul(x2)
+            y = self.gemm(x2) if x2.shape[0] >= GEMM_ROWS else self.kernel_matmul(x2)
             if self.exact_top:
                 y = self._rescore_top(x2, y)
         if self.bias is not None:
@@ -318,6 +325,20 @@ class PackedLinear(nn.Module):
             xb = torch.cat([xb, xb], dim=-1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
         return y[:, : self.out_features].to(x.dtype)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N) in x's dtype by float32 GEMMs over the weight dequantized a slice of rows at a time."""
+        block = self.layout[1]  # unpack_codes starts at a block's first row
+        rows = max(block, GEMM_DEQUANT_WEIGHTS // self.in_features // block * block)
+        xf = x.float()
+        parts = []
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
+            parts.append(
+                F.linear(xf, dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes))
+            )
+        return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
 
     def _rescore_top(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (M, N) with each row's ``exact_top`` largest values recomputed in float32: x (M, K) @ their rows."""
