@@ -135,18 +135,28 @@ def test_compiled_packed_layer_runs_the_packed_kernel(kind):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_long_inputs_run_a_float_gemm_over_slices_of_rows(kind, monkeypatch):
-    """From GEMM_ROWS input rows on, a layer dequantizes a slice of rows at a time for a float32 GEMM: the
-    product of the same dequantized weight, exactly, whichever slice a row falls in (the padded last block too)."""
+def test_long_inputs_run_a_gemm_over_slices_of_rows(kind, monkeypatch):
+    """From GEMM_ROWS input rows on, a layer dequantizes a slice of rows at a time for a GEMM: in float32 the
+    product of the same dequantized weight, exactly, whichever slice a row falls in (the padded last block too);
+    in bf16 (CPUs with bf16 units) within the kernel's bounds."""
     n, k = 300, 160  # 300 rows: padded to 304, the last block partial in every layout
     layer = PackedLinear(quantize_weight(random_weight(n, k, seed=6), kind), torch.randn(n))
+    w = layer.dequantize()
     x = torch.randn(quant.GEMM_ROWS, k, generator=torch.Generator().manual_seed(7))
-    exact = F.linear(x, layer.dequantize(), layer.bias)
+    exact = F.linear(x, w, layer.bias)
+    monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
     for weights in (quant.GEMM_DEQUANT_WEIGHTS, 64 * k, 1):  # one slice; slices of 64 rows; one block a slice
         monkeypatch.setattr(quant, "GEMM_DEQUANT_WEIGHTS", weights)
         with torch.no_grad():
             y = layer(x)
         assert y.shape == (quant.GEMM_ROWS, n) and torch.allclose(y, exact, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
+    with torch.no_grad():
+        y = layer(x)
+    bound = (
+        2 * BF16_EPS * (F.linear(x, w).abs() + x.abs() @ w.abs().T) + 1e-6
+    )  # as the kernel's, and w in bf16
+    assert y.dtype == torch.float32 and ((y - exact).abs() <= bound).all()
     with torch.no_grad():  # one row fewer: the kernel, bf16 activations in and out
         assert relative_error(layer(x[1:]), exact[1:]) <= 1e-2
         assert not torch.allclose(layer(x[1:]), exact[1:], rtol=1e-5, atol=1e-5)

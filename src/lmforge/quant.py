@@ -20,7 +20,8 @@ an inductor-compiled int8 dequantize-in-register matvec (which also needed one c
 ``_weight_int8pack_mm`` (one scale per row: no Q8_0 groups; compute-bound on AVX2). The kernel reads scales
 and zeros as bf16: a layer's values are the codes exactly, their scales and zeros off by one bf16 rounding (a
 GGUF file's fp16 scales are not kept). The kernel is built for a few rows (decoding); from ``GEMM_ROWS`` rows
-on (a long prompt's prefill chunk) a layer is dequantized, a slice of rows at a time, for a float32 GEMM.
+on (a long prompt's prefill chunk) a layer is dequantized, a slice of rows at a time, for a GEMM (bf16 where
+the CPU has bf16 units, float32 elsewhere).
 Codes come back out of the kernel's layout (``unpack_codes``) for that, export, an embedding table's lookups
 and a QLoRA backward.
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import runtime
 from lmforge.config import QUANT_CHOICES
 from lmforge.errors import LmforgeError, UnsupportedError
 
@@ -51,7 +53,7 @@ PACK_ROWS = (
 KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
 # The output head's best candidates per row are scored again in float32 (``PackedLinear.exact_top``).
 HEAD_EXACT_TOP = 8
-# From this many input rows on (a prefill chunk), a layer is dequantized for a float32 GEMM instead: the kernel
+# From this many input rows on (a prefill chunk), a layer is dequantized for a GEMM instead (``gemm``): the kernel
 # is built for a few rows, and at 512 it took 3-8x the time of dequantizing plus the GEMM (docs/architecture.md).
 GEMM_ROWS = 384
 GEMM_DEQUANT_WEIGHTS = (
@@ -212,18 +214,24 @@ def gather_codes(packed: torch.Tensor, width: int, rows: torch.Tensor, layout: L
     return torch.where(high, values >> 4, values & 15)
 
 
-def dequantize_planes(codes: torch.Tensor, scales_zeros: torch.Tensor, planes: int) -> torch.Tensor:
-    """Float32 (R, K) weights from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each plane's
-    (q - 8) * scale + zero, the planes summed. Two planes are joined into the int8 code first (q = 16 hi + lo,
-    the lo plane's scale): one multiply a weight instead of two."""
+def dequantize_planes(
+    codes: torch.Tensor, scales_zeros: torch.Tensor, planes: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(R, K) weights in ``dtype`` from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each
+    plane's (q - 8) * scale + zero, the planes summed.
+
+    Few passes over the weight (this is the prefill GEMM path's cost): two planes are joined into the int8 code
+    in uint8 arithmetic (16 hi + lo, then the sign bit flipped: q = 16 (hi - 8) + lo), which one promoting
+    multiply scales; one plane is ``addcmul(zero - 8 scale, code, scale)``. In float32 both are exact: codes of
+    4 to 8 bits times bf16 scales fit float32's mantissa."""
     R = codes.shape[0]
-    scales, zeros = scales_zeros.float().unbind(-1)  # (P*K/32, R)
+    scales, zeros = scales_zeros.to(dtype).unbind(-1)  # (P*K/32, R)
     if planes == 2:
         K = codes.shape[1] // 2
-        q = (codes[:, :K].to(torch.int16) - 8) * 16 + codes[:, K:]  # the int8 codes, exactly
-        return (q.view(R, -1, GROUP).float() * scales[K // GROUP :].T[..., None]).view(R, K)
-    w = (codes.float().view(R, -1, GROUP) - 8) * scales.T[..., None] + zeros.T[..., None]
-    return w.view(R, -1)
+        q = ((codes[:, :K] << 4) | codes[:, K:]).view(torch.int8) ^ -128  # the int8 codes, exactly
+        return (q.view(R, -1, GROUP) * scales[K // GROUP :].T[..., None]).view(R, K)
+    s, z = scales.T[..., None], zeros.T[..., None]  # (R, K/32, 1)
+    return torch.addcmul(z - 8 * s, codes.view(R, -1, GROUP), s).reshape(R, -1)
 
 
 class _KernelMatmul(torch.autograd.Function):
@@ -327,17 +335,18 @@ class PackedLinear(nn.Module):
         return y[:, : self.out_features].to(x.dtype)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N) in x's dtype by float32 GEMMs over the weight dequantized a slice of rows at a time."""
+        """x (M, K) -> (M, N) in x's dtype by GEMMs over the weight dequantized a slice of rows at a time: in
+        bf16 where the CPU multiplies bf16 in hardware (as the kernel does), else in float32."""
+        dtype = torch.bfloat16 if runtime.bf16_matmul_units() else torch.float32
         block = self.layout[1]  # unpack_codes starts at a block's first row
         rows = max(block, GEMM_DEQUANT_WEIGHTS // self.in_features // block * block)
-        xf = x.float()
+        xd = x.to(dtype)
         parts = []
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
-            parts.append(
-                F.linear(xf, dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes))
-            )
+            w = dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes, dtype)
+            parts.append(F.linear(xd, w))
         return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
 
     def _rescore_top(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
