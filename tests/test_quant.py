@@ -142,14 +142,14 @@ def test_long_inputs_run_a_gemm_over_slices_of_rows(kind, monkeypatch):
     n, k = 300, 160  # 300 rows: padded to 304, the last block partial in every layout
     layer = PackedLinear(quantize_weight(random_weight(n, k, seed=6), kind), torch.randn(n))
     w = layer.dequantize()
-    x = torch.randn(quant.GEMM_ROWS, k, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(quant.GEMM_ROWS[kind], k, generator=torch.Generator().manual_seed(7))
     exact = F.linear(x, w, layer.bias)
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
     for weights in (quant.GEMM_DEQUANT_WEIGHTS, 64 * k, 1):  # one slice; slices of 64 rows; one block a slice
         monkeypatch.setattr(quant, "GEMM_DEQUANT_WEIGHTS", weights)
         with torch.no_grad():
             y = layer(x)
-        assert y.shape == (quant.GEMM_ROWS, n) and torch.allclose(y, exact, rtol=1e-5, atol=1e-5)
+        assert y.shape == (quant.GEMM_ROWS[kind], n) and torch.allclose(y, exact, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
     with torch.no_grad():
         y = layer(x)

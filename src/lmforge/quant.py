@@ -54,8 +54,9 @@ KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padde
 # The output head's best candidates per row are scored again in float32 (``PackedLinear.exact_top``).
 HEAD_EXACT_TOP = 8
 # From this many input rows on (a prefill chunk), a layer is dequantized for a GEMM instead (``gemm``): the kernel
-# is built for a few rows, and at 512 it took 3-8x the time of dequantizing plus the GEMM (docs/architecture.md).
-GEMM_ROWS = 384
+# is built for a few rows. Crossovers measured on SmolLM2's prefill (docs/architecture.md); int8 runs the kernel
+# on two planes, twice the work, so its GEMM pays off sooner.
+GEMM_ROWS: dict[str, int] = {"int4": 384, "int8": 128}
 GEMM_DEQUANT_WEIGHTS = (
     1 << 21
 )  # weights dequantized at a time on that path: 8 MiB of float32 (not a 113 MB head)
@@ -319,7 +320,7 @@ class PackedLinear(nn.Module):
         if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
-            y = self.gemm(x2) if x2.shape[0] >= GEMM_ROWS else self.kernel_matmul(x2)
+            y = self.gemm(x2) if x2.shape[0] >= GEMM_ROWS[self.kind] else self.kernel_matmul(x2)
             if self.exact_top:
                 y = self._rescore_top(x2, y)
         if self.bias is not None:
