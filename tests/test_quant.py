@@ -23,12 +23,13 @@ from gguf import GGMLQuantizationType as QType
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lmforge import LLM
+from lmforge import LLM, quant
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.gguf_quants import block_codes
 from lmforge.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora
 from lmforge.quant import (
     GROUP,
+    HEAD_EXACT_TOP,
     PACK_ROWS,
     PackedEmbedding,
     PackedLinear,
@@ -133,6 +134,62 @@ def test_compiled_packed_layer_runs_the_packed_kernel(kind):
     assert "aten._weight_int4pack_mm_for_cpu" in ops and not any("linear" in op for op in ops)
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_long_inputs_run_a_gemm_over_slices_of_rows(kind, monkeypatch):
+    """From GEMM_ROWS input rows on, a layer dequantizes a slice of rows at a time for a GEMM: in float32 the
+    product of the same dequantized weight, exactly, whichever slice a row falls in (the padded last block too);
+    in bf16 (CPUs with bf16 units) within the kernel's bounds."""
+    n, k = 300, 160  # 300 rows: padded to 304, the last block partial in every layout
+    layer = PackedLinear(quantize_weight(random_weight(n, k, seed=6), kind), torch.randn(n))
+    w = layer.dequantize()
+    x = torch.randn(quant.GEMM_ROWS[kind], k, generator=torch.Generator().manual_seed(7))
+    exact = F.linear(x, w, layer.bias)
+    monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
+    for weights in (quant.GEMM_DEQUANT_WEIGHTS, 64 * k, 1):  # one slice; slices of 64 rows; one block a slice
+        monkeypatch.setattr(quant, "GEMM_DEQUANT_WEIGHTS", weights)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (quant.GEMM_ROWS[kind], n) and torch.allclose(y, exact, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
+    with torch.no_grad():
+        y = layer(x)
+    bound = (
+        2 * BF16_EPS * (F.linear(x, w).abs() + x.abs() @ w.abs().T) + 1e-6
+    )  # as the kernel's, and w in bf16
+    assert y.dtype == torch.float32 and ((y - exact).abs() <= bound).all()
+    with torch.no_grad():  # one row fewer: the kernel, bf16 activations in and out
+        assert relative_error(layer(x[1:]), exact[1:]) <= 1e-2
+        assert not torch.allclose(layer(x[1:]), exact[1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_exact_top_rescores_a_heads_best_logits_in_float32(kind):
+    """The head's top logits come out in float32 arithmetic, so a near-tie the bf16 output would blur stays
+    ordered as the dequantized weights order it; the other logits stay the kernel's."""
+    n, k = 300, 160
+    layer = PackedLinear(quantize_weight(random_weight(n, k, seed=3), kind))
+    w = layer.dequantize()
+    x = (
+        torch.randn(5, k, generator=torch.Generator().manual_seed(4)) * 4
+    )  # logits of tens: bf16 steps of 1/8+
+    with torch.no_grad():
+        plain = layer(x)
+        layer.exact_top = 8
+        rescored = layer(x)
+    exact = F.linear(x, w)
+    top = exact.topk(4, dim=-1).indices
+    assert torch.allclose(rescored.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(plain.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert torch.equal(rescored.argmax(-1), exact.argmax(-1))
+    # only the k best of each row change
+    assert ((rescored != plain).sum(-1) <= 8).all()
+    # a vocabulary smaller than k is rescored whole
+    small = PackedLinear(quantize_weight(random_weight(16, k, seed=5), kind))
+    small.exact_top = 32
+    with torch.no_grad():
+        assert torch.allclose(small(x), F.linear(x, small.dequantize()), rtol=1e-6, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ GGUF block codes
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0], ids=lambda t: t.name)
 def test_block_codes_decode_like_llama_cpp(qtype):
@@ -223,6 +280,7 @@ def test_smollm2_packed_matches_float(smollm2_packed, smollm2):
     # conftest's smollm2 loads with dtype="float32": quant "auto" then means "none"
     packed, floats = smollm2_packed, smollm2
     assert packing_summary(packed.model).startswith("210 int4, 1 int8 linear layers")
+    assert packed.model.lm_head.exact_top == HEAD_EXACT_TOP
     assert packing_summary(floats.model) == "not packed (float weights)"
     # the tied table and head are one set of int8 codes
     assert isinstance(packed.model.wte, PackedEmbedding) and packed.model.wte._head[0] is packed.model.lm_head

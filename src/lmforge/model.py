@@ -97,6 +97,10 @@ ACTIVATIONS = {
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embeddings (RoPE), in Hugging Face's rotate-half layout.
 
+    The tables hold each angle once, (block_size, D/2): the rotate-half layout repeats them in the second half
+    of the head dimension, which ``forward`` does for the positions it reads (half the memory: 2 MiB for
+    SmolLM2's 8,192 positions).
+
     On the meta device (``shell_device``) only their shapes: computing them there would run torch's reference
     implementations (and import torch._dynamo); the loader builds the real tables, which no file holds.
     """
@@ -104,20 +108,20 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         if torch.empty(0).device.type == "meta":
-            shape = (config.block_size, config.head_dim)
+            shape = (config.block_size, config.head_dim // 2)
             self.register_buffer("cos", torch.empty(shape), persistent=False)
             self.register_buffer("sin", torch.empty(shape), persistent=False)
             return
         inv_freq = rope_inverse_frequencies(config)  # (D/2,)
         positions = torch.arange(config.block_size, dtype=torch.float32)
         angles = torch.outer(positions, inv_freq)  # (block_size, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (block_size, D)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, 1, T, D), broadcast over heads
-        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+        cos, sin = self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)  # (B, 1, T, D/2)
+        return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
 
 
 def rope_inverse_frequencies(config: Config) -> torch.Tensor:

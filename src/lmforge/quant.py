@@ -19,9 +19,11 @@ That reads one byte a weight through the same vectorised kernel, on every CPU Py
 an inductor-compiled int8 dequantize-in-register matvec (which also needed one compile per layer shape) and
 ``_weight_int8pack_mm`` (one scale per row: no Q8_0 groups; compute-bound on AVX2). The kernel reads scales
 and zeros as bf16: a layer's values are the codes exactly, their scales and zeros off by one bf16 rounding (a
-GGUF file's fp16 scales are not kept). The kernel serves prefill too: dequantizing the layers for a float
-GEMM measured slower at every prompt length tried (16 to 256 tokens, both kinds). Codes come back out of the
-kernel's layout (``unpack_codes``) for export, an embedding table's lookups and a QLoRA backward.
+GGUF file's fp16 scales are not kept). The kernel is built for a few rows (decoding); from ``GEMM_ROWS`` rows
+on (a long prompt's prefill chunk) a layer is dequantized, a slice of rows at a time, for a GEMM (bf16 where
+the CPU has bf16 units, float32 elsewhere).
+Codes come back out of the kernel's layout (``unpack_codes``) for that, export, an embedding table's lookups
+and a QLoRA backward.
 
 ``PackedLinear`` replaces ``nn.Linear`` inside the same ``Transformer`` (``pack_model``); LoRA wraps it like
 any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
@@ -38,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import runtime
 from lmforge.config import QUANT_CHOICES
 from lmforge.errors import LmforgeError, UnsupportedError
 
@@ -48,6 +51,15 @@ PACK_ROWS = (
     512  # rows packed at a time (a whole number of the layout's blocks): ~20 bytes a weight of temporaries
 )
 KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padded up to a multiple of this
+# The output head's best candidates per row are scored again in float32 (``PackedLinear.exact_top``).
+HEAD_EXACT_TOP = 8
+# From this many input rows on (a prefill chunk), a layer is dequantized for a GEMM instead (``gemm``): the kernel
+# is built for a few rows. Crossovers measured on SmolLM2's prefill (docs/architecture.md); int8 runs the kernel
+# on two planes, twice the work, so its GEMM pays off sooner.
+GEMM_ROWS: dict[str, int] = {"int4": 384, "int8": 128}
+GEMM_DEQUANT_WEIGHTS = (
+    1 << 21
+)  # weights dequantized at a time on that path: 8 MiB of float32 (not a 113 MB head)
 # per group of 32 values and plane: 16 bytes of codes (two a byte) and a bf16 scale and zero
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2) for kind, planes in PLANES.items()}
 
@@ -203,18 +215,24 @@ def gather_codes(packed: torch.Tensor, width: int, rows: torch.Tensor, layout: L
     return torch.where(high, values >> 4, values & 15)
 
 
-def dequantize_planes(codes: torch.Tensor, scales_zeros: torch.Tensor, planes: int) -> torch.Tensor:
-    """Float32 (R, K) weights from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each plane's
-    (q - 8) * scale + zero, the planes summed. Two planes are joined into the int8 code first (q = 16 hi + lo,
-    the lo plane's scale): one multiply a weight instead of two."""
+def dequantize_planes(
+    codes: torch.Tensor, scales_zeros: torch.Tensor, planes: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(R, K) weights in ``dtype`` from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each
+    plane's (q - 8) * scale + zero, the planes summed.
+
+    Few passes over the weight (this is the prefill GEMM path's cost): two planes are joined into the int8 code
+    in uint8 arithmetic (16 hi + lo, then the sign bit flipped: q = 16 (hi - 8) + lo), which one promoting
+    multiply scales; one plane is ``addcmul(zero - 8 scale, code, scale)``. In float32 both are exact: codes of
+    4 to 8 bits times bf16 scales fit float32's mantissa."""
     R = codes.shape[0]
-    scales, zeros = scales_zeros.float().unbind(-1)  # (P*K/32, R)
+    scales, zeros = scales_zeros.to(dtype).unbind(-1)  # (P*K/32, R)
     if planes == 2:
         K = codes.shape[1] // 2
-        q = (codes[:, :K].to(torch.int16) - 8) * 16 + codes[:, K:]  # the int8 codes, exactly
-        return (q.view(R, -1, GROUP).float() * scales[K // GROUP :].T[..., None]).view(R, K)
-    w = (codes.float().view(R, -1, GROUP) - 8) * scales.T[..., None] + zeros.T[..., None]
-    return w.view(R, -1)
+        q = ((codes[:, :K] << 4) | codes[:, K:]).view(torch.int8) ^ -128  # the int8 codes, exactly
+        return (q.view(R, -1, GROUP) * scales[K // GROUP :].T[..., None]).view(R, K)
+    s, z = scales.T[..., None], zeros.T[..., None]  # (R, K/32, 1)
+    return torch.addcmul(z - 8 * s, codes.view(R, -1, GROUP), s).reshape(R, -1)
 
 
 class _KernelMatmul(torch.autograd.Function):
@@ -237,7 +255,15 @@ class PackedLinear(nn.Module):
     scales and zeros stored as int16 bits, so that ``model.to(dtype)`` leaves them alone (it converts floating
     buffers only; a round trip through float32 cost a copy of every layer's scales). P is the number of planes
     (1 for int4, 2 for int8), N' the rows padded to ``KERNEL_ROWS``.
+
+    ``exact_top`` (0: off; the output head gets ``HEAD_EXACT_TOP``): the kernel returns bf16, whose rounding is
+    up to 1/256 of a value, about 0.06 for a logit of 15, and greedy decoding's top-2 gaps are often smaller.
+    Rounding the head's output flipped near-ties: with it, 5/10 greedy chat answers on SmolLM2 Q8_0 equalled
+    the fp32 path's; with each row's ``exact_top`` highest logits computed again in float32 from their rows'
+    codes (a gather of 8 rows, not a second pass over the head), 8/10 (``benchmarks/quant_quality.py``).
     """
+
+    exact_top: int = 0
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -294,7 +320,9 @@ class PackedLinear(nn.Module):
         if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
-            y = self.kernel_matmul(x2)
+            y = self.gemm(x2) if x2.shape[0] >= GEMM_ROWS[self.kind] else self.kernel_matmul(x2)
+            if self.exact_top:
+                y = self._rescore_top(x2, y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -306,6 +334,30 @@ class PackedLinear(nn.Module):
             xb = torch.cat([xb, xb], dim=-1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
         return y[:, : self.out_features].to(x.dtype)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N) in x's dtype by GEMMs over the weight dequantized a slice of rows at a time: in
+        bf16 where the CPU multiplies bf16 in hardware (as the kernel does), else in float32."""
+        dtype = torch.bfloat16 if runtime.bf16_matmul_units() else torch.float32
+        block = self.layout[1]  # unpack_codes starts at a block's first row
+        rows = max(block, GEMM_DEQUANT_WEIGHTS // self.in_features // block * block)
+        xd = x.to(dtype)
+        parts = []
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
+            w = dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes, dtype)
+            parts.append(F.linear(xd, w))
+        return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
+
+    def _rescore_top(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (M, N) with each row's ``exact_top`` largest values recomputed in float32: x (M, K) @ their rows."""
+        top = y.topk(min(self.exact_top, self.out_features), dim=-1).indices  # (M, k)
+        rows = top.reshape(-1)
+        codes = gather_codes(self.packed, self.planes * self.in_features, rows, self.layout)
+        w = dequantize_planes(codes, self.scales_zeros[:, rows], self.planes)  # (M*k, K)
+        exact = torch.bmm(w.view(*top.shape, -1), x.float()[:, :, None])[..., 0]  # (M, k)
+        return y.scatter(-1, top, exact.to(y.dtype))
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a float32 (N, K) matrix: what the packed matmul computes with."""
@@ -379,6 +431,8 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight | PackedL
         model.wte = PackedEmbedding(table).to(model.wte.weight.dtype)  # lookups in the activations' type
         if getattr(model.config, "tie_embeddings", False):
             model.lm_head = table
+    if isinstance(getattr(model, "lm_head", None), PackedLinear):
+        model.lm_head.exact_top = HEAD_EXACT_TOP
     return model
 
 
