@@ -99,7 +99,7 @@ class FinetuneSettings:
         },
     )
     resume: bool = field(
-        default=False, metadata={"help": "continue the run in --out-dir from its newest checkpoint"}
+        default=False, metadata={"help": "continue the run in --out from its newest checkpoint"}
     )
     save_as: str | None = field(
         default=None, metadata={"help": "put the tuned model into the model store as NAME[:TAG]"}
