@@ -15,6 +15,7 @@ import torch
 from lmforge import LLM, cli, quickstart, runtime
 from lmforge.cli import build_parser, main
 from lmforge.data.text import prepare_corpus
+from lmforge.recipes.pretrain import PretrainSettings
 from lmforge.train.schedule import learning_rate, warmup_note
 
 from .conftest import SAMPLE_TEXT, tiny_llm
@@ -262,8 +263,6 @@ def test_every_flag_has_help_that_says_its_default() -> None:
 
 
 def test_a_yaml_model_key_is_the_old_name_of_arch(tmp_path: Path, capsys) -> None:
-    from lmforge.recipes.pretrain import PretrainSettings
-
     config = tmp_path / "run.yaml"
     config.write_text("model: tiny-llama\ndata: shards\n", encoding="utf-8")
     settings = cli._settings(parsed(["pretrain", "--config", str(config)]), PretrainSettings)

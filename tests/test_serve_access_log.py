@@ -9,8 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
-from lmforge import LLM, cli, runtime
+from lmforge import LLM, cli, runtime, serve
 from lmforge.loading import import_model
 from lmforge.serve import create_app
 from lmforge.serve.access_log import MAX_PATH_CHARS, printable
@@ -59,11 +60,9 @@ def test_no_access_log_unless_asked(one_thread, tiny_tokenizer, capsys) -> None:
 
 
 @pytest.mark.parametrize("access_log", [True, False])
-def test_the_cli_flag_reaches_the_app(monkeypatch, tmp_path: Path, tiny_tokenizer, access_log, capsys) -> None:
-    import uvicorn
-
-    from lmforge import serve
-
+def test_the_cli_flag_reaches_the_app(
+    monkeypatch, tmp_path: Path, tiny_tokenizer, access_log, capsys
+) -> None:
     folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "runs" / "poems" / "model")
     seen = {}
 
@@ -93,7 +92,9 @@ def test_the_cli_flag_reaches_the_app(monkeypatch, tmp_path: Path, tiny_tokenize
         assert capsys.readouterr().out.endswith("GET / 200 tokens=- 1.0 ms\n")
 
 
-def test_the_model_id_is_the_store_name_or_the_run_name(monkeypatch, tmp_path, one_thread, tiny_tokenizer) -> None:
+def test_the_model_id_is_the_store_name_or_the_run_name(
+    monkeypatch, tmp_path, one_thread, tiny_tokenizer
+) -> None:
     monkeypatch.setenv(runtime.HOME_ENV, str(tmp_path / "home"))
     folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "runs" / "poems" / "model")
     import_model(folder, "poems:v2")
