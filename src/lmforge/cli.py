@@ -9,7 +9,7 @@ User mistakes (``LmforgeError``, and a missing or unreadable input file) print o
 how to fix it``, naming flags as typed (``--top-p 2.0``, not ``top_p=2.0``), and exit with code 2. Anything else
 is a bug: one line saying what failed and where to report it, exit code 1; ``--debug`` shows the traceback.
 
-Why one module of ~800 lines: it is a table of commands (a parser builder and a few-line ``cmd_*`` per command),
+Why one module of ~1,200 lines: it is a table of commands (a parser builder and a few-line ``cmd_*`` per command),
 read one command at a time. Each command imports what it needs inside its function, the one place in lmforge
 where that is the rule: ``lmforge --help``, ``--version`` and the store commands (``STORE_COMMANDS``) start without
 importing torch, and so do the parser's ``pretrain`` and ``finetune`` flags unless one of them runs (their
@@ -198,7 +198,8 @@ def _print_stream(llm, pieces: Iterator[str], *, quiet: bool) -> str:
     elif not quiet:
         sys.stdout.flush()  # the answer before the figure, where both go to one terminal
         tokens = len(llm.tokenizer.encode(text, add_special_tokens=False))
-        print(f"[{tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s]", file=sys.stderr)
+        rate = tokens / max(seconds, 1e-9)
+        print(f"[{tokens} tokens in {seconds:.1f} s: {rate:.1f} tokens/s]", file=sys.stderr)
     return text
 
 
