@@ -142,7 +142,7 @@ def main() -> None:
     def train(name: str, device: str, steps: int, resume: bool = False, **extra: object) -> Path:
         settings = {"out_dir": str(work / name), "max_steps": steps, "micro_batch_size": 8, "device": device}
         settings |= {"eval_every": 10, "eval_batches": 2, "save_every": 10, "progress": False, **extra}
-        pretrain(work / "data", model="baby-gpt", model_config=tiny, train=settings, resume=resume)
+        pretrain(work / "data", arch="baby-gpt", model_config=tiny, train=settings, resume=resume)
         return work / name
 
     @check("pretrain fp32: 30 per-step losses, GPU vs CPU")

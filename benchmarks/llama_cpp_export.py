@@ -90,7 +90,7 @@ def pretrained_models(out: Path, steps: int, sources: list[Path]) -> dict[str, L
     for preset in ("tiny-gpt2", "tiny-llama"):
         result = pretrain(
             out / "data",
-            model=preset,
+            arch=preset,
             model_config={
                 **sizes,
                 **({"n_kv_head": 2, "intermediate_size": 352} if preset == "tiny-llama" else {}),

@@ -32,7 +32,7 @@ def shakespeare(
     prepare_corpus([corpus], tokenizer, out / "data", val_fraction=0.1, show_progress=False)
     result = pretrain(
         out / "data",
-        model="baby-gpt",
+        arch="baby-gpt",
         model_config={"vocab_size": tokenizer.vocab_size, "dropout": dropout},
         train={
             "out_dir": str(out / "run"),
@@ -64,7 +64,7 @@ def chinese(
     )
     result = pretrain(
         out / "data",
-        model="tiny-gpt2",
+        arch="tiny-gpt2",
         model_config={"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": dropout},
         train={
             "out_dir": str(out / "run"),

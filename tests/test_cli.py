@@ -108,7 +108,10 @@ def test_eval_passes_quant_and_names_the_packed_rows(tmp_path: Path, tiny_folder
 
 
 def test_threads_are_set_once_at_start(tiny_folder: Path, capsys) -> None:
-    assert main(["--threads", "1", "generate", str(tiny_folder), "-p", "hi", "--max-tokens", "1"]) == 0
+    assert (
+        main(["--threads", "1", "generate", str(tiny_folder), "-p", "hi", "--max-tokens", "1", "--quiet"])
+        == 0
+    )
     assert torch.get_num_threads() == 1
     assert main(["--threads", "0", "generate", "-p", "hi"]) == 2  # checked before any model loads
     err = capsys.readouterr().err

@@ -96,7 +96,7 @@ def pretrained(request, shards, tmp_path_factory) -> LLM:
     }
     # The loss-curve PNG costs seconds of matplotlib and is not what this file tests.
     with mock.patch.object(MetricsLogger, "plot"):
-        result = pretrain(shards, model=request.param, model_config=sizes, train=train)
+        result = pretrain(shards, arch=request.param, model_config=sizes, train=train)
     return LLM.load(result.model_dir, dtype="float32", device="cpu")
 
 

@@ -263,7 +263,7 @@ def test_cli_finetune_yaml_takes_the_keys_its_help_lists(spam_files, tiny_model_
         encoding="utf-8",
     )
     run = tmp_path / "run"
-    assert main(["finetune", "--config", str(config), "--out-dir", str(run)]) == 0, capsys.readouterr().err
+    assert main(["finetune", "--config", str(config), "--out", str(run)]) == 0, capsys.readouterr().err
     assert lineage_of(run)["method"] == "freeze"
     assert LLM.load(run / "model").config.labels == ["ham", "spam"]
 
@@ -287,12 +287,12 @@ def test_freeze_last_still_trains_the_last_blocks_with_a_deprecation(
     one_block = choose_trainable(reference.model, "freeze", 1, None)
     train = str(spam_files[0])
     args = ["finetune", str(tiny_model_dir), "--data", train, "--method", "freeze", *QUICK_FLAGS]
-    assert main([*args, "--out-dir", str(tmp_path / "old"), "--freeze-last", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "old"), "--freeze-last", "1"]) == 0
     err = capsys.readouterr().err
     warning = "warning: --freeze-last is deprecated, use --train-last-blocks (it trains the last N blocks)"
     assert err.splitlines().count(warning) == 1, err
     assert lineage_of(tmp_path / "old")["trainable_parameters"] == one_block
-    assert main([*args, "--out-dir", str(tmp_path / "new"), "--train-last-blocks", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "new"), "--train-last-blocks", "1"]) == 0
     assert "deprecated" not in capsys.readouterr().err
     assert lineage_of(tmp_path / "new")["trainable_parameters"] == one_block
     assert build_parser().parse_args(["estimate", "--freeze-last", "3"]).train_last_blocks == 3

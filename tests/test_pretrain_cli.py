@@ -32,14 +32,14 @@ def test_chinese_bpe_pretraining_end_to_end(songci, tmp_path, capsys):
     assert main([*args, "--val-fraction", "0.05"]) == 0
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
-        "model: tiny-gpt2\n"
+        "arch: tiny-gpt2\n"
         "model_config: {n_layer: 2, n_embd: 64, n_head: 4, block_size: 64}\n"
         f"data: {data}\n"
         "train: {max_steps: 30, micro_batch_size: 8, lr: 0.003, warmup_steps: 3, eval_every: 15,"
         " eval_batches: 2, sample_prompt: '东风', progress: false}\n",
         encoding="utf-8",
     )
-    assert main(["pretrain", "--config", str(yaml_file), "--out-dir", str(run)]) == 0
+    assert main(["pretrain", "--config", str(yaml_file), "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "done: 30 steps" in out
     with (run / "metrics.csv").open() as f:
@@ -57,7 +57,7 @@ def test_chinese_bpe_pretraining_end_to_end(songci, tmp_path, capsys):
 def test_continue_pretraining_smollm2_on_chinese_poetry(songci, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     assert main(["data", "prepare", str(songci), "--tokenizer", "default", "--out", str(data)]) == 0
-    args = ["pretrain", "--init", "default", "--data", str(data), "--out-dir", str(run), "--max-steps", "2"]
+    args = ["pretrain", "default", "--data", str(data), "--out", str(run), "--max-steps", "2"]
     args += ["--micro-batch-size", "2", "--block-size", "32", "--eval-every", "2", "--eval-batches", "1"]
     assert main([*args, "--lr", "1e-5", "--warmup-steps", "0", "--no-progress"]) == 0
     config = json.loads((run / "model" / "config.json").read_text())
@@ -83,7 +83,7 @@ def test_pretrain_bad_input_is_one_line(tmp_path, songci):
 def test_recipe_settings_are_the_yaml_file_with_the_given_flags_laid_over(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
-        "model: tiny-llama\nmodel_config: {n_layer: 2, n_embd: 64}\ndata: shards\n"
+        "arch: tiny-llama\nmodel_config: {n_layer: 2, n_embd: 64}\ndata: shards\n"
         "train: {max_steps: 30, lr: 1e-3, compile: true}\n",  # 1e-3 is a string to YAML 1.1
         encoding="utf-8",
     )
@@ -91,7 +91,7 @@ def test_recipe_settings_are_the_yaml_file_with_the_given_flags_laid_over(tmp_pa
         ["pretrain", "--config", str(config), "--n-layer", "4", "--max-steps", "5"]
     )
     settings = settings_from(args, load_yaml(config), PretrainSettings, source=config)
-    assert (settings.model, settings.data, settings.model_config) == (
+    assert (settings.arch, settings.data, settings.model_config) == (
         "tiny-llama",
         "shards",
         {"n_layer": 4, "n_embd": 64},

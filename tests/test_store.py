@@ -175,7 +175,7 @@ def test_training_runs_record_lineage_and_eval_adds_metrics(home, models, tmp_pa
     shards = tmp_path / "shards"
     args = ["data", "prepare", str(corpus), "--tokenizer", str(models[0]), "--out", str(shards)]
     assert main([*args, "--val-fraction", "0.1"]) == 0
-    args = ["pretrain", "--model", "tiny-llama", "--data", str(shards), "--out-dir", str(tmp_path / "pre")]
+    args = ["pretrain", "--arch", "tiny-llama", "--data", str(shards), "--out", str(tmp_path / "pre")]
     args += ["--max-steps", "2", "--micro-batch-size", "2", "--block-size", "16", "--eval-every", "0"]
     assert main([*args, "--no-progress", "--save-as", "pre:v1"]) == 0
     assert "stored as pre:v1" in capsys.readouterr().out

@@ -135,9 +135,10 @@ def test_disk_full_is_one_line_at_the_cli_and_resume_finishes_the_run(
     shards_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     run = tmp_path / "运行"  # a Chinese run folder: paths in the messages stay readable
-    args = ["pretrain", "--model", "tiny-llama", "--data", str(shards_dir), "--out-dir", str(run)]
+    args = ["pretrain", "--arch", "tiny-llama", "--data", str(shards_dir), "--out", str(run)]
     args += ["--max-steps", "4", "--micro-batch-size", "2", "--block-size", "16", "--eval-every", "0"]
     args += ["--save-every", "2", "--no-progress", "--device", "cpu", "--on-nan", "stop"]
+    args += ["--warmup-steps", "2"]  # below --max-steps: no warning line beside the error
     full_disk_at(monkeypatch, 1)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

@@ -1,10 +1,15 @@
 """``lmforge`` command line: parses arguments, calls the Python API, prints. No logic of its own.
 
+One grammar in every command: the model is the positional ``MODEL`` or ``-m/--model`` (``_add_model``; in
+``classify``, ``embed`` and ``summarize``, whose positional arguments are texts, only the flag), a new model's
+architecture is ``pretrain --arch``, and where a command writes is ``--out``. Old spellings keep working for one
+release, after one deprecation line on stderr (``_deprecated``). Every flag's help says its default.
+
 User mistakes (``LmforgeError``, and a missing or unreadable input file) print one line, ``error: what is wrong —
 how to fix it``, naming flags as typed (``--top-p 2.0``, not ``top_p=2.0``), and exit with code 2. Anything else
 is a bug: one line saying what failed and where to report it, exit code 1; ``--debug`` shows the traceback.
 
-Why one module of ~800 lines: it is a table of commands (a parser builder and a few-line ``cmd_*`` per command),
+Why one module of ~1,200 lines: it is a table of commands (a parser builder and a few-line ``cmd_*`` per command),
 read one command at a time. Each command imports what it needs inside its function, the one place in lmforge
 where that is the rule: ``lmforge --help``, ``--version`` and the store commands (``STORE_COMMANDS``) start without
 importing torch, and so do the parser's ``pretrain`` and ``finetune`` flags unless one of them runs (their
@@ -38,28 +43,84 @@ RECIPE_COMMANDS = frozenset({"pretrain", "finetune"})
 _API_NAMES = {"max_tokens": ("max_new_tokens", "max_length")}
 REPORT_TO = "the lmforge issue tracker"
 MAX_TEXT_BYTES = 16 << 20  # a --file or stdin text: far beyond any context, small enough to read at once
+_FILE_HELP = (
+    f"UTF-8 text file, up to {MAX_TEXT_BYTES >> 20} MiB: {{what}} (default: stdin when no texts are given)"
+)
 
 
 def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=int, default=max_tokens, help="most new tokens to generate")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--min-p", type=float)
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
-    group.add_argument("--seed", type=int)
-    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    group.add_argument(
+        "--top-k", type=int, help="sample among the K likeliest tokens only (default: none, all tokens)"
+    )
+    group.add_argument(
+        "--top-p",
+        type=float,
+        help="sample among the likeliest tokens holding P of the probability (default: 1)",
+    )
+    group.add_argument(
+        "--min-p", type=float, help="drop tokens below P times the likeliest one's probability (default: 0)"
+    )
+    group.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="divide repeated tokens' scores by this"
+    )
+    group.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable; default: none)")
+    group.add_argument("--quiet", action="store_true", help="do not print tokens/s to stderr")
+
+
+MODEL_HELP = (
+    "model folder, .gguf file, stored NAME[:TAG] or hub id (default: the bundled SmolLM2-135M-Instruct)"
+)
 
 
 def _add_model(
-    parser: argparse.ArgumentParser, positional: bool = True, *, compile_default: bool | None = False
+    parser: argparse.ArgumentParser,
+    *,
+    positional: bool = True,
+    flag: bool = True,
+    into: str = "model",
+    help: str = MODEL_HELP,
 ) -> None:
-    help_text = "model folder, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct)"
+    """MODEL, the same argument in every command that loads one: positional (unless the command's positional
+    arguments are texts) and ``-m/--model``. They land in ``args.<into>`` (``_merge_model``), where a value the
+    command set otherwise (finetune's own positional, ``pretrain --init``) is a third way to name it."""
     if positional:
-        parser.add_argument("model", nargs="?", default=None, help=help_text)
-    else:  # the command's positional arguments are texts
-        parser.add_argument("-m", "--model", default=None, help=help_text)
+        parser.add_argument("model_positional", nargs="?", metavar="MODEL", help=help)
+    if flag:
+        parser.add_argument("-m", "--model", dest="model_flag", metavar="MODEL", help=help)
+    parser.set_defaults(model_into=into)
+
+
+def _merge_model(args: argparse.Namespace) -> None:
+    """Put the model named positionally or with -m/--model into ``args.<model_into>``; naming two is an error."""
+    into = vars(args).pop("model_into", None)
+    named = [vars(args).pop(key, None) for key in ("model_positional", "model_flag")]
+    if into is None:
+        return
+    named = [value for value in (getattr(args, into, None), *named) if value is not None]
+    if len(set(named)) > 1:
+        raise LmforgeError(
+            f"two models given: {' and '.join(map(repr, dict.fromkeys(named)))}",
+            hint="name the model once, positionally or with -m/--model",
+        )
+    setattr(args, into, named[0] if named else None)
+
+
+def _deprecated(
+    parser: argparse.ArgumentParser, old: str, new: str, why: str | None = None, **options: Any
+) -> None:
+    """``old``, a flag renamed to ``new``, kept for one release: it stores like ``new`` (give its ``dest``,
+    type, nargs...) after one line on stderr, and ``--help`` no longer shows it."""
+    from lmforge.recipes.settings import renamed_flag
+
+    parser.add_argument(old, help=argparse.SUPPRESS, action=renamed_flag(old, new, why), **options)
+
+
+def _add_loading(parser: argparse.ArgumentParser, *, compile_default: bool | None = False) -> None:
+    """How a model is loaded for inference: --dtype, --device, --quant, --compile."""
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_speed(parser, compile_default=compile_default)
@@ -89,11 +150,12 @@ def _add_speed(
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=compile_default,
         help="decode with the torch.compile'd step: faster tokens after a wait for the compiler (default: "
         + ("on unless $LMFORGE_COMPILE=0" if compile_default is None else "off, eager")
         + ")",
     )
+    # The default set here, not in the action: argparse would append a second "(default: False)" to the help.
+    parser.set_defaults(compile=compile_default)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, object]:
@@ -120,18 +182,25 @@ def _load(args: argparse.Namespace):
     return LLM.load(args.model, dtype=args.dtype, device=args.device, quant=args.quant, compile=args.compile)
 
 
-def _print_stream(pieces) -> tuple[int, float]:
-    """Print pieces as they come; return (characters, seconds). An empty answer is said on stderr: an empty
-    line alone looks like a hang or a bug."""
-    start, chars = time.perf_counter(), 0
+def _print_stream(llm, pieces: Iterator[str], *, quiet: bool) -> str:
+    """Print pieces as they come and return the answer; then its tokens/s on stderr, unless ``quiet``. An
+    empty answer is said on stderr: an empty line alone looks like a hang or a bug."""
+    start, answer = time.perf_counter(), []
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
-        chars += len(piece)
+        answer.append(piece)
+    seconds = time.perf_counter() - start  # from the request, so the prompt's prefill counts
     sys.stdout.write("\n")
-    if not chars:
+    text = "".join(answer)
+    if not text:
         _note_empty_answer()
-    return chars, time.perf_counter() - start
+    elif not quiet:
+        sys.stdout.flush()  # the answer before the figure, where both go to one terminal
+        tokens = len(llm.tokenizer.encode(text, add_special_tokens=False))
+        rate = tokens / max(seconds, 1e-9)
+        print(f"[{tokens} tokens in {seconds:.1f} s: {rate:.1f} tokens/s]", file=sys.stderr)
+    return text
 
 
 def _note_empty_answer() -> None:
@@ -171,18 +240,21 @@ def _read_text(file: str | None, what: str) -> str:
     return text
 
 
-def _texts(args: argparse.Namespace, what: str) -> list[str]:
-    """The command's texts: its arguments, else one per non-blank stdin line; none, or a blank one, is an error."""
-    texts = args.text or [line for line in _read_text(None, what).splitlines() if line.strip()]
+def _texts(args: argparse.Namespace, what: str, *, whole: bool = False) -> list[str]:
+    """The command's texts: its arguments, or those of --file, else of stdin: the whole text when ``whole``
+    (summarize), else one per non-blank line. None, or a blank one, is an error; so are texts and --file."""
+    if args.text and args.file is not None:
+        raise LmforgeError(
+            f"texts given both as arguments and with --file {args.file}", hint="give the texts one way"
+        )
+    if args.text:
+        texts = args.text
+    else:
+        text = _read_text(args.file, what)
+        texts = [text] if whole else [line for line in text.splitlines() if line.strip()]
     if any(not text.strip() for text in texts):
         raise LmforgeError(f"an empty text to {what}", hint="give every text some characters")
     return texts
-
-
-def _collect(stream: Iterator[str], into: list[str]) -> Iterator[str]:
-    for piece in stream:
-        into.append(piece)
-        yield piece
 
 
 # ---------------------------------------------------------------- commands
@@ -193,10 +265,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise LmforgeError("empty prompt", hint="give some text with -p/--prompt or on stdin")
     llm = _load(args)
     if args.chat:
-        _print_stream(llm.stream([{"role": "user", "content": prompt}], **options))
+        _print_stream(llm, llm.stream([{"role": "user", "content": prompt}], **options), quiet=args.quiet)
     else:
         sys.stdout.write(prompt)
-        _print_stream(llm.stream(prompt, **options))
+        _print_stream(llm, llm.stream(prompt, **options), quiet=args.quiet)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -214,9 +286,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        pieces: list[str] = []
-        _print_stream(_collect(llm.stream(messages, **options), pieces))
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+        answer = _print_stream(llm, llm.stream(messages, **options), quiet=args.quiet)
+        messages.append({"role": "assistant", "content": answer})
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -264,6 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # The bound name is one clients use; without a key, only it and the loopback names are answered.
         allowed_hosts=[args.host, *args.allowed_host] if args.allowed_host or not api_key else None,
         warm_up=True,  # a server runs for long: compile every batch size's step before the first request
+        access_log=_log_line if args.access_log else None,
     )
     url = f"http://{args.host}:{args.port}"
     print(f"serving {llm!r} (threads: {args.threads})\n  playground: {url}/   API: {url}/v1")
@@ -307,6 +379,10 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None) -> None:
     on_ray.serve_until_interrupted(
         spec, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address, on_ready=ready
     )
+
+
+def _log_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -381,7 +457,9 @@ def cmd_select(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from lmforge.quickstart import run_quickstart
 
-    run_quickstart(max_tokens=args.max_tokens, quant=args.quant, compile=args.compile)
+    run_quickstart(
+        max_tokens=args.max_tokens, pretraining=args.pretrain, quant=args.quant, compile=args.compile
+    )
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -438,9 +516,13 @@ def _settings(args: argparse.Namespace, cls: type) -> tuple[Any, frozenset[str]]
     """The command's settings dataclass (its --config YAML file with the flags the user gave laid over it),
     and the names of the settings the user gave, which ``--resume`` compares with the run's."""
     from lmforge.recipes.settings import given_settings, load_yaml, settings_from
+    from lmforge.train.schedule import warmup_note
 
     values = load_yaml(args.config) if args.config else {}
     settings = settings_from(args, values, cls, source=args.config or "settings", warn=_warn)
+    note = None if settings.resume else warmup_note(settings.train.warmup_steps, settings.train.max_steps)
+    if note:  # a resumed run's settings are the recorded ones, checked when it started
+        _warn(_as_typed(note, build_parser(), args.command))
     return settings, given_settings(args, values, cls)
 
 
@@ -498,11 +580,28 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_summarize(args: argparse.Namespace) -> None:
-    text = _read_text(args.file, "summarize")
-    summary = _load(args).summarize(text, max_length=args.max_tokens)
-    print(summary)
-    if not summary:
-        _note_empty_answer()
+    _old_summarize_model(args)
+    texts = _texts(args, "summarize", whole=True)
+    llm = _load(args)
+    for i, text in enumerate(texts):
+        summary = llm.summarize(text, max_length=args.max_tokens)
+        print(("\n" if i else "") + summary)  # a blank line between the summaries of several texts
+        if not summary:
+            _note_empty_answer()
+
+
+def _old_summarize_model(args: argparse.Namespace) -> None:
+    """``summarize MODEL --file F`` and ``summarize PATH < F``, the spellings before texts were positional:
+    a lone argument beside --file, or naming a model that exists here, is still the model for one release."""
+    if args.model is not None or len(args.text) != 1:
+        return
+    (first,) = args.text
+    if args.file is not None or first == "default" or Path(first).exists():
+        print(
+            f"warning: summarize MODEL is deprecated, use summarize -m {first} (its arguments are texts now)",
+            file=sys.stderr,
+        )
+        args.model, args.text = first, []
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
@@ -523,7 +622,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.recipes.evaluate import COLUMNS, evaluate_models
 
     report = evaluate_models(
-        args.models or ["default"],
+        [*args.models, *(args.model_flags or [])] or ["default"],
         args.data,
         task=args.task,
         out_dir=args.out,
@@ -673,6 +772,8 @@ def cmd_gc(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from lmforge.export import export_model
 
+    if args.out is None:
+        raise LmforgeError("no output given", hint="pass --out FOLDER (hf, adapter) or --out FILE.gguf")
     path = export_model(
         args.model, args.out, format=args.format, dtype=args.dtype, quant=args.quant, merge_lora=args.merge
     )
@@ -689,6 +790,28 @@ def _version() -> str:
         from lmforge import __version__
 
         return __version__
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default: "(default: X)" is added where the help does not say it in its
+    own words; a switch (off unless given) needs none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.nargs == 0:
+            return text
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _parsers_under(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every (sub)command's parser."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from _parsers_under(subparser)
 
 
 class _VersionAction(argparse.Action):
@@ -724,6 +847,7 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt (streams the text)")
     _add_model(p)
+    _add_loading(p)
     p.add_argument("-p", "--prompt", help="the prompt (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(p, max_tokens=100)
@@ -731,7 +855,8 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat with streaming answers")
     _add_model(p)
-    p.add_argument("--system", help="system prompt")
+    _add_loading(p)
+    p.add_argument("--system", help="system prompt (default: none, the chat template's own)")
     _add_sampling(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
@@ -740,30 +865,39 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         help="architecture, parameters, dtype, context, chat template and packing (loads it) of a model",
     )
     _add_model(p)
+    _add_loading(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer")
     tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     t = tok_sub.add_parser("train", help="train a byte-level BPE (or character) tokenizer on text files")
     t.add_argument("files", nargs="+", help=".txt / .jsonl files, folders or globs")
-    t.add_argument("--vocab-size", type=int, help="number of tokens (required for bpe)")
-    t.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    t.add_argument("--vocab-size", type=int, help="number of tokens (required for bpe; default: none)")
+    t.add_argument(
+        "--kind", choices=["bpe", "char"], default="bpe", help="byte-level BPE, or one per character"
+    )
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
     t.add_argument("--split-paragraphs", action="store_true", help="treat blank-line paragraphs as documents")
-    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json into (required)")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("data", help="prepare training data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     d = data_sub.add_parser("prepare", help="tokenize a corpus into train/val token shards")
     d.add_argument("inputs", nargs="+", help=".txt / .jsonl files, folders or globs")
-    d.add_argument("--tokenizer", required=True, help="tokenizer folder / tokenizer.json / model")
-    d.add_argument("--out", required=True, help="output folder for the shards and meta.json")
-    d.add_argument("--text-field", default="text")
-    d.add_argument("--split-paragraphs", action="store_true")
-    d.add_argument("--val-fraction", type=float, default=0.005)
-    d.add_argument("--workers", type=int, default=1)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer folder / tokenizer.json / model ('default': its own; required)",
+    )
+    d.add_argument("--out", required=True, help="output folder for the shards and meta.json (required)")
+    d.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    d.add_argument("--split-paragraphs", action="store_true", help="treat blank-line paragraphs as documents")
+    d.add_argument(
+        "--val-fraction", type=float, default=0.005, help="share of documents held out for validation"
+    )
+    d.add_argument("--workers", type=int, default=1, help="processes tokenizing in parallel (same shards)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     d.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser(
@@ -778,7 +912,14 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         p.add_argument(
             "--config",
             help="YAML file: the settings below as keys (data: shards), model sizes under model_config:, "
-            "training settings under train:; flags override it",
+            "training settings under train:; flags override it (default: none)",
+        )
+        _add_model(
+            p,
+            flag=False,  # --model is still the old name of --arch, for one release
+            into="init",
+            help="continue pretraining this model (folder, .gguf, stored NAME[:TAG] or hub id), like --init "
+            "(default: a new model, see --arch)",
         )
         add_flags(p, PretrainSettings)
     p.set_defaults(func=cmd_pretrain)
@@ -795,18 +936,21 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         p.add_argument(
             "--config",
             help="YAML file: the settings below as keys (task: classify), LoRA ones under lora: (rank: 16), "
-            "training ones under train:; flags override it",
+            "training ones under train:; flags override it (default: none)",
         )
         add_flags(p, FinetuneSettings)
+        _add_model(p, positional=False)  # its positional MODEL is the settings' own
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("classify", help="classify texts (the fine-tuned head, or zero-shot with --labels)")
     _add_model(p, positional=False)
-    p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
+    _add_loading(p)
+    p.add_argument("text", nargs="*", help="texts (default: --file's, else stdin's, one per line)")
+    p.add_argument("--file", help=_FILE_HELP.format(what="one text per line"))
     p.add_argument(
         "--labels",
         help="comma-separated candidate labels: zero-shot on a model without a classification head; "
-        "with a head they must be the head's labels",
+        "with a head they must be the head's labels (default: the head's)",
     )
     p.add_argument(
         "--zero-shot",
@@ -815,32 +959,59 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("summarize", help="summarize a text file (or stdin)")
-    _add_model(p)
-    p.add_argument("--file", help=f"UTF-8 text file, up to {MAX_TEXT_BYTES >> 20} MiB (default: read stdin)")
-    p.add_argument("--max-tokens", type=int, default=80)
+    p = sub.add_parser("summarize", help="summarize texts, a text file or stdin")
+    _add_model(p, positional=False)
+    _add_loading(p)
+    p.add_argument("text", nargs="*", help="texts, each summarized (default: --file's text, else stdin's)")
+    p.add_argument("--file", help=_FILE_HELP.format(what="one text"))
+    p.add_argument("--max-tokens", type=int, default=80, help="most tokens in a summary")
     p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("embed", help="embed texts: one JSON line per text")
     _add_model(p, positional=False)
-    p.add_argument("text", nargs="*")
+    _add_loading(p)
+    p.add_argument("text", nargs="*", help="texts (default: --file's, else stdin's, one per line)")
+    p.add_argument("--file", help=_FILE_HELP.format(what="one text per line"))
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser(
         "eval", help="evaluate models side by side: perplexity | classify | summarize | choice"
     )
-    p.add_argument("models", nargs="*", help="models to compare (default: the bundled model)")
-    p.add_argument("--task", required=True, choices=["perplexity", "classify", "summarize", "choice"])
-    p.add_argument("--data", required=True, help="text file (perplexity) or .jsonl/.csv test set")
-    p.add_argument("--train-file", help="classification: training data for the TF-IDF baseline row")
-    p.add_argument("--labels", help="classification: candidate labels for zero-shot models")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--summary-field", default="summary")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--window", type=int, help="perplexity: tokens of context per window")
-    p.add_argument("--stride", type=int, help="perplexity: tokens between windows")
+    p.add_argument(
+        "models", nargs="*", metavar="MODEL", help="models to compare (default: the bundled model)"
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        dest="model_flags",
+        action="append",
+        metavar="MODEL",
+        help="a model to compare (repeatable; default: none beyond MODEL)",
+    )
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=["perplexity", "classify", "summarize", "choice"],
+        help="what to score (required)",
+    )
+    p.add_argument("--data", required=True, help="text file (perplexity) or .jsonl/.csv test set (required)")
+    p.add_argument(
+        "--train-file",
+        help="classification: training data for the TF-IDF baseline row (default: no baseline)",
+    )
+    p.add_argument(
+        "--labels", help="classification: candidate labels for zero-shot models (default: the test set's)"
+    )
+    p.add_argument("--text-field", default="text", help="field holding the text")
+    p.add_argument("--label-field", default="label", help="classification: field holding the label")
+    p.add_argument("--summary-field", default="summary", help="summarization: field holding the reference")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples (default: all)")
+    p.add_argument(
+        "--window", type=int, help="perplexity: tokens of context per window (default: the model's context)"
+    )
+    p.add_argument("--stride", type=int, help="perplexity: tokens between windows (default: half a window)")
     p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
+    _deprecated(p, "--out-dir", "--out", dest="out")
     _add_speed(p, compile_default=None)
     p.set_defaults(func=cmd_eval)
 
@@ -868,8 +1039,8 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="put a model folder, .gguf file or hub id into the store")
     p.add_argument("source", metavar="PATH|GGUF|HUB-ID")
-    p.add_argument("--name", required=True, help="NAME[:TAG] to store it as")
-    p.add_argument("--description", default="", help="a line for `show` and the model card")
+    p.add_argument("--name", required=True, help="NAME[:TAG] to store it as (required)")
+    p.add_argument("--description", default="", help="a line for `show` and the model card (default: none)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("verify", help="re-hash every stored file; report missing or corrupt ones")
@@ -879,11 +1050,15 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("export", help="write a model as a Hugging Face folder, a GGUF file or a PEFT adapter")
-    p.add_argument("model", nargs="?", default=None, help="model folder, .gguf file, stored name or hub id")
+    _add_model(p)
     p.add_argument("--format", default="hf", help="hf (transformers folder, default) or gguf (llama.cpp)")
-    p.add_argument("--out", required=True, help="folder (hf, adapter) or file (gguf) to write")
+    # Not required=True: argparse would refuse the old spelling, --out-dir, before it could say it is one.
+    p.add_argument("--out", help="folder (hf, adapter) or file (gguf) to write (required)")
+    _deprecated(p, "--out-dir", "--out", dest="out")
     p.add_argument("--dtype", help="weight type: f32 (default), f16 or bf16")
-    p.add_argument("--quant", help="GGUF quantization: q8_0, q4_0, q4_1, q5_0 or q5_1")
+    p.add_argument(
+        "--quant", help="GGUF quantization: q8_0, q4_0, q4_1, q5_0 or q5_1 (default: none, --dtype's floats)"
+    )
     p.add_argument(
         "--no-merge",
         "--adapter-only",
@@ -894,10 +1069,16 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server (continuous batching) and a web playground")
-    _add_model(p, compile_default=None)
+    _add_model(p)
+    _add_loading(p, compile_default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LMFORGE_API_KEY)")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="print a line per request: method, path, status, tokens generated, latency in ms",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-queue",
@@ -906,12 +1087,15 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         help="sequences (prompts x n) waiting before new requests get 429",
     )
     p.add_argument("--max-context", type=int, help="cap on prompt + max_tokens (default: model's context)")
-    p.add_argument("--cors", action="append", help="browser origin allowed to call the API (repeatable)")
+    p.add_argument(
+        "--cors", action="append", help="browser origin allowed to call the API (repeatable; default: none)"
+    )
     p.add_argument(
         "--allowed-host",
         action="append",
         default=[],
-        help="Host header name to answer besides localhost, 127.0.0.1, ::1 and --host (repeatable; '*': any)",
+        help="Host header name to answer besides localhost, 127.0.0.1, ::1 and --host (repeatable; '*': any; "
+        "default: none)",
     )
     p.add_argument(
         "--insecure-no-key",
@@ -945,21 +1129,21 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("estimate", help="memory (weights, gradients, optimizer, activations, KV) and speed")
-    p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, stored name or hub id")
+    _add_model(p)
     p.add_argument(
         "--context",
         type=int,
         help="tokens per sequence, prompt + new ones when generating (default: up to 2048; 512 for training)",
     )
     p.add_argument("--batch", type=int, default=1, help="sequences at once")
-    p.add_argument("--mode", default="infer", help="infer | full | freeze | lora")
+    p.add_argument("--mode", default="infer", help="infer | full | freeze | lora (training methods)")
     p.add_argument(
         "--task",
         help="generate | score | classify | embed (default: embed for sentence encoders, else generate)",
     )
     p.add_argument("--dtype", default="auto", help="inference dtype: auto, float32, bfloat16, float16")
     _add_speed(p, old_file_types=True)
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=8, help="mode lora: the adapters' rank")
     p.add_argument(
         "--train-last-blocks", type=int, default=2, help="mode freeze: the last N blocks train (default: 2)"
     )
@@ -971,28 +1155,46 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         help=argparse.SUPPRESS,
         action=renamed_flag("--freeze-last", "--train-last-blocks", "it trains the last N blocks"),
     )
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="training modes: recompute activations"
+    )
     p.add_argument("--no-measure", dest="measure", action="store_false", help="skip the speed measurement")
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("select", help="rank candidate models on your task, data and machine")
-    p.add_argument("--task", required=True, help="classify | generate | summarize | embed")
-    p.add_argument("--data", required=True, help=".jsonl / .csv file with your examples")
-    p.add_argument("--candidates", required=True, help="comma-separated models (folder, .gguf, name, hub id)")
+    p.add_argument("--task", required=True, help="classify | generate | summarize | embed (required)")
+    p.add_argument("--data", required=True, help=".jsonl / .csv file with your examples (required)")
+    p.add_argument(
+        "--candidates", required=True, help="comma-separated models (folder, .gguf, name, hub id; required)"
+    )
     p.add_argument("--max-ram", help="memory limit, e.g. 4GB or 512MiB (default: RAM free now)")
-    p.add_argument("--max-latency-ms", type=float, help="per example (per token for generate)")
+    p.add_argument(
+        "--max-latency-ms", type=float, help="per example (per token for generate; default: no limit)"
+    )
     p.add_argument("--sample", type=int, default=32, help="examples to score each candidate on")
     p.add_argument("--shots", type=int, default=0, help="classify: few-shot examples in the prompt")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--summary-field", default="summary")
+    p.add_argument("--text-field", default="text", help="field holding the text")
+    p.add_argument("--label-field", default="label", help="classify: field holding the label")
+    p.add_argument("--summary-field", default="summary", help="summarize: field holding the reference")
     _add_speed(p, compile_default=None)
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("quickstart", help="a tour: load the default model and answer in English and Chinese")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p = sub.add_parser(
+        "quickstart",
+        help="a tour: the default model answers in English and Chinese, then a tiny GPT trains for about a "
+        "minute",
+    )
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer")
+    p.add_argument(
+        "--pretrain",
+        action=argparse.BooleanOptionalAction,
+        help="the tour's second part: train a tokenizer and a tiny GPT for about a minute (default: on)",
+    )
+    p.set_defaults(pretrain=True)
     _add_speed(p)
     p.set_defaults(func=cmd_quickstart)
+    for each in _parsers_under(parser):
+        each.formatter_class = _HelpFormatter
     return parser
 
 
@@ -1033,7 +1235,8 @@ def _as_typed(message: str, parser: argparse.ArgumentParser, command: str) -> st
         if action.type not in (int, float) or not action.option_strings:
             continue
         flag = max(action.option_strings, key=len)
-        for name in (action.dest, *_API_NAMES.get(action.dest, ())):
+        field = action.dest.rpartition(".")[2]  # a settings flag's dest is its path: train.max_steps
+        for name in (field, *_API_NAMES.get(field, ())):
             message = re.sub(rf"(?<![\w/.-]){name}=", f"{flag} ", message)
             if "_" in name:
                 message = re.sub(rf"(?<![\w/.-]){name}(?![\w/-])", flag, message)
@@ -1054,6 +1257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, args = _parse(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
+        _merge_model(args)
         if args.command not in STORE_COMMANDS:
             _configure_runtime(args)
         func(args)

@@ -1,8 +1,9 @@
 """``lmforge quickstart``: a first tour that shows the toolkit working on this machine, in English and Chinese.
 
 1. Inference: load the bundled SmolLM2-135M-Instruct and stream answers to an English and a Chinese prompt.
-2. Pretraining: train a tokenizer and a tiny GPT on text every Python install has (the stdlib's
-   ``pydoc_data.topics``, the Python reference manual), watch the loss fall, and generate from it.
+2. Pretraining (about a minute on 2 cores; ``pretraining=False``, ``--no-pretrain``, skips it): train a tokenizer
+   and a tiny GPT on text every Python install has (the stdlib's ``pydoc_data.topics``, the Python reference
+   manual), watch the loss fall, and generate from it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ def run_quickstart(
     out_dir: str | Path = "runs/quickstart",
     train_steps: int = 300,
     *,
+    pretraining: bool = True,
     quant: str = "auto",
     compile: bool | None = None,
 ) -> None:
-    """The tour; ``quant`` and ``compile`` are ``LLM.load``'s, for the pretrained model of part 1."""
+    """The tour; ``quant`` and ``compile`` are ``LLM.load``'s, for the pretrained model of part 1; ``pretraining``
+    False ends it after part 1."""
     print("lmforge quickstart\n\n== 1. Run a real pretrained model ==\n")
     start = time.perf_counter()
     llm = LLM.load(quant=quant, compile=compile)
@@ -47,9 +50,10 @@ def run_quickstart(
         tokens = len(llm.tokenizer.encode("".join(pieces), add_special_tokens=False))
         print(f"\n[{tokens} tokens in {seconds:.1f} s: {tokens / seconds:.1f} tokens/s]\n")
     print(
-        "(SmolLM2-135M learned mostly English; `lmforge pretrain --init` and `lmforge finetune` teach it more.)\n"
+        "(SmolLM2-135M learned mostly English; `lmforge pretrain MODEL` and `lmforge finetune` teach it more.)\n"
     )
-    pretrain_demo(Path(out_dir), train_steps)
+    if pretraining:
+        pretrain_demo(Path(out_dir), train_steps)
     print("\nNext: `lmforge chat` to talk to SmolLM2, `lmforge pretrain --help` to train on your own text.")
 
 
@@ -66,7 +70,7 @@ def pretrain_demo(out_dir: Path, steps: int) -> None:
     print(f"prepared {meta['tokens']['train']:,} training and {meta['tokens']['val']:,} validation tokens\n")
     result = pretrain(
         out_dir / "data",
-        model="tiny-gpt2",
+        arch="tiny-gpt2",
         model_config={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
         train={
             "out_dir": str(out_dir / "run"),

@@ -136,7 +136,7 @@ class FinetuneSettings:
     resume: bool = field(
         default=False,
         metadata={
-            "help": "continue the run in --out-dir from its newest checkpoint, with the run's settings",
+            "help": "continue the run in --out from its newest checkpoint, with the run's settings",
             "per_process": True,
         },
     )

@@ -36,11 +36,14 @@ class PretrainSettings:
     data: str | Path | None = field(
         default=None, metadata={"help": "token shard folder from `lmforge data prepare`"}
     )
-    model: str | None = field(
+    arch: str | None = field(
         default=None,
         metadata={
-            "help": f"model preset, e.g. baby-gpt, tiny-llama, gpt2 ({len(Config.presets())} presets)",
+            "help": f"architecture preset of a new model, e.g. baby-gpt, tiny-llama, gpt2 "
+            f"({len(Config.presets())} presets)",
             "default_help": "custom sizes from model_config",
+            "renamed_from": "model",
+            "renamed_why": "a preset is an architecture; a model to continue is MODEL or --init",
         },
     )
     model_config: dict[str, Any] | None = field(
@@ -54,7 +57,8 @@ class PretrainSettings:
     init: str | None = field(
         default=None,
         metadata={
-            "help": "continue pretraining this model (folder, .gguf or hub id)",
+            "help": "continue pretraining this model (folder, .gguf, stored name or hub id); "
+            "also the positional MODEL",
             "default_help": "a new model",
         },
     )
@@ -68,7 +72,7 @@ class PretrainSettings:
     resume: bool = field(
         default=False,
         metadata={
-            "help": "continue the run in --out-dir from its newest checkpoint, with the run's settings",
+            "help": "continue the run in --out from its newest checkpoint, with the run's settings",
             "per_process": True,
         },
     )
@@ -94,7 +98,7 @@ def load_recipe(path: str | Path) -> PretrainSettings:
 
 
 def build_model(
-    tokenizer: Tokenizer, model: str | None, model_config: dict[str, Any] | None, seed: int
+    tokenizer: Tokenizer, arch: str | None, model_config: dict[str, Any] | None, seed: int
 ) -> Transformer:
     """A freshly initialised model from a preset and/or explicit sizes; the vocabulary follows the tokenizer."""
     overrides = dict(model_config or {})
@@ -103,7 +107,7 @@ def build_model(
     overrides.setdefault("eos_token_id", tokenizer.eos_id)
     overrides.setdefault("pad_token_id", tokenizer.pad_id)
     try:
-        config = Config.from_name(model, **overrides) if model else Config(name="custom", **overrides)
+        config = Config.from_name(arch, **overrides) if arch else Config(name="custom", **overrides)
     except TypeError as e:
         raise LmforgeError(
             f"invalid model setting: {e}", hint="see lmforge.Config for the field names"
@@ -115,7 +119,7 @@ def build_model(
 def pretrain(data: str | Path, **options: Any) -> TrainResult:
     """Pretrain (or continue pretraining, with ``init``) a model on token shards prepared by ``prepare_corpus``.
 
-    ``options`` are the fields of ``PretrainSettings``: ``model`` (a preset) and/or ``model_config`` (sizes),
+    ``options`` are the fields of ``PretrainSettings``: ``arch`` (a preset) and/or ``model_config`` (sizes),
     or ``init`` (a model to continue); ``tokenizer``, ``train`` (a TrainConfig or a mapping of its fields),
     ``resume`` and ``save_as``. ``save_as="name:tag"`` puts the final model into the model store with its
     lineage (the ``init`` model, these settings, the data's sha256) and the run's final losses.
@@ -146,18 +150,18 @@ def run_pretrain(settings: PretrainSettings, *, given: Collection[str] | None = 
         parse_ref(s.save_as)  # a bad name fails now, not after the run
     lineage: dict[str, Any] = {"recipe": "pretrain"}
     if s.init:
-        if s.model or s.model_config:
+        if s.arch or s.model_config:
             raise LmforgeError(
-                "a model preset or model settings were given together with --init",
-                hint="--init continues an existing model as it is; drop --model / model settings",
+                "an architecture preset or model sizes were given together with a model to continue",
+                hint="MODEL / --init continues an existing model as it is; drop --arch / the model sizes",
             )
         llm = LoadedModel.load(s.init, dtype="float32", device="cpu")
         tok, net = llm.tokenizer, llm.model
         lineage["parent"] = llm.source
     else:
         tok = Tokenizer.load(Path(s.tokenizer)) if s.tokenizer else TokenShards(s.data).tokenizer()
-        net = build_model(tok, s.model, s.model_config, train_config.seed)
-        lineage["preset"] = s.model or "custom"
+        net = build_model(tok, s.arch, s.model_config, train_config.seed)
+        lineage["preset"] = s.arch or "custom"
     shards = TokenShards(s.data, tok)
     block = train_config.block_size or net.config.block_size
     task = LanguageModelingObjective(shards, train_config.micro_batch_size, block, seed=train_config.seed)

@@ -48,6 +48,10 @@ import yaml
 from lmforge.errors import LmforgeError
 
 T = TypeVar("T")
+# Flags named apart from their field: every command names where it writes ``--out`` (``export``, ``eval``,
+# ``data prepare`` too); TrainConfig's field keeps the name its YAML key and keyword have (a folder). The old
+# flag still works for one release, with a deprecation line.
+FLAG_NAMES = {"out_dir": ("out", "every command names its output --out")}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -128,7 +132,10 @@ def _add_flags(
                 default_help=meta.get("default_help"),  # the other dataclass's defaults do not apply
             )
             continue
-        flag = prefix + f.name.replace("_", "-")
+        flag, renamed = prefix + f.name.replace("_", "-"), None
+        if f.name in FLAG_NAMES:
+            renamed, (name, why) = "--" + flag, FLAG_NAMES[f.name]
+            flag = prefix + name
         options: dict[str, Any] = {"dest": dest + f.name, "default": None, "help": _help(f, default_help)}
         options.update(_parse_options(kind, f"{cls.__name__}.{f.name}"))
         if options.get("action") is None:
@@ -142,6 +149,9 @@ def _add_flags(
             old = "--" + prefix + meta["renamed_from"].replace("_", "-")
             action = renamed_flag(old, "--" + flag, meta.get("renamed_why"))
             group.add_argument(old, **{**options, "help": argparse.SUPPRESS, "action": action})
+        if renamed:
+            action = renamed_flag(renamed, "--" + flag, why)
+            group.add_argument(renamed, **{**options, "help": argparse.SUPPRESS, "action": action})
 
 
 def renamed_flag(old: str, new: str, why: str | None = None) -> type[argparse.Action]:

@@ -51,6 +51,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
 from lmforge.progress import stop_when
 from lmforge.quant import packing_summary
+from lmforge.serve.access_log import TOKENS, AccessLog
 from lmforge.serve.guard import LOCAL_HOSTS, Guard, answer_errors
 from lmforge.serve.limits import ServerLimits
 from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
@@ -93,6 +94,7 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     model_name: str | None = None,
     warm_up: bool = False,
+    access_log: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The server for ``llm``: OpenAI's /v1 API, /health, /metrics and the playground at /.
 
@@ -101,7 +103,8 @@ def create_app(
     browser origins call the API; ``allowed_hosts`` are Host names accepted besides localhost, 127.0.0.1 and
     ::1 ("*": any) — None accepts any Host when there is an API key and only those three when there is not;
     ``warm_up`` compiles the decode step for every batch size the scheduler uses when it starts (requests wait
-    meanwhile) instead of when a batch first needs one (every stream waits then). Run it with
+    meanwhile) instead of when a batch first needs one (every stream waits then); ``access_log`` is given one
+    line per request (``serve.access_log``). Run it with
     ``uvicorn.Server(lmforge.serve.uvicorn_config(app)).run()``, which also applies the connection limits.
     """
     limits = limits or ServerLimits()
@@ -153,6 +156,8 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
+    if access_log is not None:  # outermost: refused requests are logged too
+        app.add_middleware(AccessLog, write=access_log)
     return app
 
 
@@ -311,7 +316,7 @@ class _Service:
         events = self._observed(generation.events(request, deadline, self.request_timeout_s), started)
         if body.stream:
             chunks = self._stream(
-                generation, events, fmt, logprobs is not None, prompt_tokens, body.include_usage
+                generation, events, fmt, logprobs is not None, prompt_tokens, body.include_usage, request
             )
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
@@ -327,6 +332,7 @@ class _Service:
                     completion_tokens += len(event.completion.token_ids)
         finally:
             generation.cancel()
+        setattr(request.state, TOKENS, completion_tokens)
         lps = token_logprobs if logprobs is not None else [None] * total
         choices = list(zip(texts, lps, reasons, strict=True))
         return JSONResponse(fmt.response(choices, usage(prompt_tokens, completion_tokens)))
@@ -351,6 +357,7 @@ class _Service:
         with_logprobs: bool,
         prompt_tokens: int,
         include_usage: bool,
+        request: Request,
     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
         started: set[int] = set()
@@ -373,6 +380,7 @@ class _Service:
             yield _sse(e.body())
         finally:
             generation.cancel()
+            setattr(request.state, TOKENS, completion_tokens)
 
     # ------------------------------------------------------------------ tasks
     async def _in_thread(self, request: Request, fn: Callable[..., T], *args: Any) -> T:
