@@ -167,7 +167,7 @@ def test_finetune_never_opens_the_test_file(tiny_tokenizer, tmp_path, capsys):
     args = ["finetune", str(model), "--data", str(folder / "train.jsonl"), "--task", "classify"]
     args += ["--method", "freeze", "--max-steps", "2", "--eval-every", "1", "--micro-batch-size", "8"]
     args += ["--block-size", "32"]
-    args += ["--warmup-steps", "0", "--no-progress", "--out-dir", str(tmp_path / "run")]
+    args += ["--warmup-steps", "0", "--no-progress", "--out", str(tmp_path / "run")]
     watching[0] = True
     try:
         code = main(args)
@@ -314,7 +314,7 @@ def test_no_validation_with_val_split_zero_keeps_the_last_step(spam_small, tiny_
     ],
 )
 def test_bad_validation_settings_are_one_line_errors(flags, message, spam_small, tmp_path, capsys):
-    args = ["finetune", "--data", str(spam_small), *flags, "--out-dir", str(tmp_path / "run")]
+    args = ["finetune", "--data", str(spam_small), *flags, "--out", str(tmp_path / "run")]
     try:
         code = main(args)
     except SystemExit as e:  # argparse refuses a bad choice itself

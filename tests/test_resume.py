@@ -1,7 +1,7 @@
 """``--resume`` restores the run as it was, and freeze / LoRA runs checkpoint only what trains.
 
 The oracle is an uninterrupted run of the same settings: a run stopped after a checkpoint (its later checkpoints
-and final model removed, as a kill leaves it) and resumed with nothing but ``--out-dir --resume`` must end on
+and final model removed, as a kill leaves it) and resumed with nothing but ``--out --resume`` must end on
 bitwise the same weights, with the same learning rate at every step.
 """
 
@@ -30,7 +30,7 @@ from .conftest import tiny_llm
 shards_dir, spam_files = trained.shards_dir, tuned.spam_files
 one_thread_for_the_module = trained.one_thread_for_the_module
 
-PRETRAIN = ["--model", "tiny-llama", "--n-layer", "2", "--max-steps", "6", "--micro-batch-size", "2"]
+PRETRAIN = ["--arch", "tiny-llama", "--n-layer", "2", "--max-steps", "6", "--micro-batch-size", "2"]
 PRETRAIN += ["--block-size", "16", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0"]
 PRETRAIN += ["--save-every", "3", "--no-progress", "--device", "cpu"]
 
@@ -67,7 +67,7 @@ def one_line_error(capsys: pytest.CaptureFixture) -> str:
 def pretrained(shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted pretraining run: the reference."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["pretrain", "--data", str(shards_dir), "--out-dir", str(run), *PRETRAIN]) == 0
+    assert main(["pretrain", "--data", str(shards_dir), "--out", str(run), *PRETRAIN]) == 0
     return run
 
 
@@ -77,9 +77,9 @@ def test_resume_without_model_or_settings_continues_bit_exactly(
     run = tmp_path / "运行"
     shutil.copytree(pretrained, run)
     stop_after(run, 3)
-    # As README writes it: no --model, no --lr; --max-steps as the run had it.
+    # As README writes it: no --arch, no --lr; --max-steps as the run had it.
     assert (
-        main(["pretrain", "--data", str(shards_dir), "--out-dir", str(run), "--max-steps", "6", "--resume"])
+        main(["pretrain", "--data", str(shards_dir), "--out", str(run), "--max-steps", "6", "--resume"])
         == 0
     )
     assert_same(weights(run / "model"), weights(pretrained / "model"))
@@ -94,7 +94,7 @@ def test_a_flag_that_differs_from_the_run_is_one_line_naming_it(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
-    args = ["pretrain", "--out-dir", str(run), "--resume"]
+    args = ["pretrain", "--out", str(run), "--resume"]
     assert main([*args, "--lr", "1e-3", "--n-layer", "3", "--max-steps", "8"]) == 2
     err = one_line_error(capsys)
     assert "--resume continues the run as recorded in" in err and "step-000006" in err
@@ -104,7 +104,7 @@ def test_a_flag_that_differs_from_the_run_is_one_line_naming_it(
     assert main([*args, "--max-steps", "8", "--override", "max-step"]) == 2
     err = one_line_error(capsys)
     assert "--override names no setting: max-step" in err and "did you mean max-steps?" in err
-    assert main(["pretrain", "--out-dir", str(run), "--max-steps", "8", "--override", "max-steps"]) == 2
+    assert main(["pretrain", "--out", str(run), "--max-steps", "8", "--override", "max-steps"]) == 2
     assert "error: --override only applies with --resume" in one_line_error(capsys)
     # A per-process setting (the device, the progress bar) is not the run's: it may change freely.
     assert main([*args, "--device", "cpu", "--progress", "--keep-last", "3"]) == 0
@@ -116,7 +116,7 @@ def test_override_extends_a_run_on_the_longer_schedule(
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
     assert (
-        main(["pretrain", "--out-dir", str(run), "--resume", "--max-steps", "8", "--override", "max-steps"])
+        main(["pretrain", "--out", str(run), "--resume", "--max-steps", "8", "--override", "max-steps"])
         == 0
     )
     lrs = [float(r["lr"]) for r in rows(run)]
@@ -126,7 +126,7 @@ def test_override_extends_a_run_on_the_longer_schedule(
     state = json.loads((run / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
     assert state["settings"]["train"]["max_steps"] == 8 and state["settings"]["train"]["lr"] == 3e-3
     # The record now says 8: resuming with the old 6 is the differing flag.
-    assert main(["pretrain", "--out-dir", str(run), "--resume", "--max-steps", "6"]) == 2
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "6"]) == 2
     assert "--max-steps 6 (the run's: 8)" in one_line_error(capsys)
 
 
@@ -186,8 +186,8 @@ def test_partial_fine_tune_checkpoints_hold_what_trains_and_resume_bit_exactly(
         *FINETUNE,
     ]
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert main([*args, "--out-dir", str(reference)]) == 0
-    assert main([*args, "--out-dir", str(run)]) == 0
+    assert main([*args, "--out", str(reference)]) == 0
+    assert main([*args, "--out", str(run)]) == 0
     step = run / "checkpoints" / "step-000003"
     assert sorted(p.name for p in step.iterdir()) == [
         "optimizer.safetensors",
@@ -206,7 +206,7 @@ def test_partial_fine_tune_checkpoints_hold_what_trains_and_resume_bit_exactly(
     assert state["base"]["model"] == str(base) and len(state["base"]["sha256"]) == 64
 
     stop_after(run, 3)
-    assert main(["finetune", "--out-dir", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert main(["finetune", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
     assert_same(weights(run / "model"), weights(reference / "model"))
     assert rows(run) == rows(reference)
 
@@ -219,13 +219,13 @@ def test_full_fine_tune_of_an_untied_classifier_resumes_bit_exactly(
     base = tiny_llm("tiny-llama", tiny_tokenizer, tie_embeddings=False).save(tmp_path / "untied")
     args = ["finetune", str(base), "--data", str(spam_files[0]), "--method", "full", *FINETUNE]
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert main([*args, "--out-dir", str(reference)]) == 0
-    assert main([*args, "--out-dir", str(run)]) == 0
+    assert main([*args, "--out", str(reference)]) == 0
+    assert main([*args, "--out", str(run)]) == 0
     trained_names = set(weights(run / "checkpoints" / "step-000003", "trainable.safetensors"))
     assert "lm_head.weight" not in trained_names and "score.weight" in trained_names
     assert "wte.weight" in trained_names  # everything else trains
     stop_after(run, 3)
-    assert main(["finetune", "--out-dir", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert main(["finetune", "--out", str(run), "--resume"]) == 0, capsys.readouterr().err
     assert_same(weights(run / "model"), weights(reference / "model"))
     assert rows(run) == rows(reference)
 
@@ -238,13 +238,13 @@ def test_resume_on_a_changed_base_is_one_line(
 ) -> None:
     run = tmp_path / "run"
     args = ["finetune", str(base), "--data", str(spam_files[0]), "--method", "freeze", *METHODS["freeze"]]
-    assert main([*args, *FINETUNE, "--out-dir", str(run)]) == 0
+    assert main([*args, *FINETUNE, "--out", str(run)]) == 0
     stop_after(run, 3)
     tensors = weights(base)
     frozen = next(k for k in tensors if k.startswith("model.layers.0."))
     tensors[frozen] = tensors[frozen] + 1e-3  # someone re-saved the base, a little different
     save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
-    assert main(["finetune", "--out-dir", str(run), "--resume"]) == 2
+    assert main(["finetune", "--out", str(run), "--resume"]) == 2
     err = one_line_error(capsys)
     assert f"the base model {base} is not the one {run / 'checkpoints' / 'step-000003'} was trained on" in err
 
@@ -260,7 +260,7 @@ def test_freeze_run_folder_is_small_and_follows_the_umask(
     args += ["--method", "freeze", "--train-last-blocks", "1", "--max-steps", "10", "--micro-batch-size", "4"]
     old = os.umask(0o027)
     try:
-        assert main([*args, "--no-progress", "--device", "cpu", "--out-dir", str(run)]) == 0
+        assert main([*args, "--no-progress", "--device", "cpu", "--out", str(run)]) == 0
     finally:
         os.umask(old)
     trainable = load_file(str(run / "checkpoints" / "step-000010" / "trainable.safetensors"))

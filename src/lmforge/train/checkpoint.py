@@ -135,7 +135,7 @@ def check_base(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | Non
     if current is None:
         raise LmforgeError(
             f"{folder} holds only the trained weights of a freeze or LoRA run, but this run trains every weight",
-            hint="resume with the run's own method (--method), or start a new run in another --out-dir",
+            hint="resume with the run's own method (--method), or start a new run in another --out folder",
         )
     if saved.get("sha256") != current["sha256"]:
         raise LmforgeError(
@@ -143,7 +143,7 @@ def check_base(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | Non
             f"(its frozen weights changed: sha256 {str(saved.get('sha256'))[:12]}… then, "
             f"{current['sha256'][:12]}… now)",
             hint=f"resume on the base the run started from ({saved.get('model')}), or start a new run "
-            "in another --out-dir",
+            "in another --out folder",
         )
 
 

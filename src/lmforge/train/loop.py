@@ -619,7 +619,7 @@ class Trainer:
         else:
             raise LmforgeError(
                 f"every checkpoint in {self.run_dir / 'checkpoints'} is damaged; the newest: {damaged[0]}",
-                hint="start the run again without --resume, in another --out-dir",
+                hint="start the run again without --resume, in another --out folder",
             )
         if damaged and info.is_main:
             tqdm.write(f"warning: {'; '.join(damaged)}; resuming from {folder} instead", file=sys.stderr)
