@@ -482,3 +482,26 @@ def test_serving_beyond_localhost_needs_a_key(monkeypatch, capsys):
         cli.main(["--debug", "serve", "--host", "0.0.0.0", "--api-key", "sekret"])
     with pytest.raises(RuntimeError, match="would load"):
         cli.main(["--debug", "serve"])  # 127.0.0.1
+
+
+# --------------------------------------------------------------------------------- 500s found by fuzzing
+def test_extreme_sampling_values_are_refused_or_sampled_not_500(one_thread, tiny_tokenizer):
+    """seed 2**70 and repetition_penalty NaN are refused (400); temperature 1e-45 and top_p 1e-300 (0 in
+    float32) keep only the likeliest token, so the answer is the greedy one."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    chat = {"messages": [{"role": "user", "content": "床前明月光"}], "max_tokens": 6, "ignore_eos": True}
+    with serving(create_app(llm)) as base:
+
+        def post(**extra) -> httpx.Response:
+            body = json.dumps({**chat, **extra})  # NaN is written as NaN, which Python's json reads
+            headers = {"Content-Type": "application/json"}
+            return httpx.post(base + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+
+        for name, value in (("seed", 2**70), ("seed", -(2**64)), ("repetition_penalty", float("nan"))):
+            r = post(**{name: value})
+            assert r.status_code == 400 and f"{name}=" in r.json()["error"]["message"], r.text
+        greedy = post(temperature=0).json()["choices"][0]["message"]["content"]
+        for extra in ({"temperature": 1e-45}, {"top_p": 1e-300, "temperature": 1.0}, {"seed": 2**63 - 1}):
+            r = post(**extra, n=2) if "seed" not in extra else post(**extra, temperature=1e-45)
+            assert r.status_code == 200, r.text
+            assert {c["message"]["content"] for c in r.json()["choices"]} == {greedy}, extra

@@ -167,7 +167,7 @@ def parse_body(model: type[BaseModel], body: bytes) -> BaseModel:
     except RecursionError:
         raise _invalid_json("nested too deeply") from None
     try:
-        parsed = model.model_validate(data)
+        parsed = model.model_validate(data, strict=True)  # JSON's types as the schema says: no true for 1.0
     except ValidationError as e:
         errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors(include_url=False)]
         raise RequestValidationError(errors) from None

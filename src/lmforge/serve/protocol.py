@@ -114,6 +114,13 @@ def _only_ints(value: Any) -> Any:
     return value
 
 
+def _pairs_as_tuples(value: Any) -> Any:
+    """JSON arrays as tuples, which strict validation (``guard.parse_body``) takes only as such."""
+    if isinstance(value, list):
+        return [tuple(pair) if isinstance(pair, list) else pair for pair in value]
+    return value
+
+
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP), _at_most(MAX_STOP)]
 Label = Annotated[str, Field(max_length=MAX_LABEL_CHARS)]
@@ -228,8 +235,8 @@ class EmbeddingRequest(BaseModel):
 class ClassifyRequest(BaseModel):
     input: str | Texts
     labels: Annotated[list[Label], _at_most(MAX_LABELS)] | None = Field(default=None, max_length=MAX_LABELS)
-    examples: Annotated[list[tuple[str, Label]], _at_most(MAX_LABELS)] = Field(
-        default=[], max_length=MAX_LABELS
+    examples: Annotated[list[tuple[str, Label]], BeforeValidator(_pairs_as_tuples), _at_most(MAX_LABELS)] = (
+        Field(default=[], max_length=MAX_LABELS)
     )
     model: str | None = None
 
