@@ -26,6 +26,7 @@ from lmforge.serve.protocol import (
     MAX_STOP_CHARS,
     APIError,
     ChatRequest,
+    ClassifyRequest,
     CompletionRequest,
     EmbeddingRequest,
 )
@@ -190,6 +191,20 @@ def test_lists_are_counted_before_their_items_are_validated():
     assert time.process_time() - started < 3.0
     ids = parse_body(CompletionRequest, json.dumps({"prompt": list(range(100_000))}).encode())
     assert ids.prompt == list(range(100_000))
+
+
+def test_bodies_are_validated_strictly():
+    """JSON's types as the schema gives them: true is no number, 3.5 no integer, "2" no n (Schemathesis found
+    repetition_penalty=true accepted); classify's example pairs are JSON arrays."""
+    for extra in ({"repetition_penalty": True}, {"max_tokens": 3.5}, {"n": "2"}, {"stream": 1}):
+        body = json.dumps({"messages": [{"role": "user", "content": "你好"}], **extra}).encode()
+        with pytest.raises(RequestValidationError) as e:
+            parse_body(ChatRequest, body)
+        assert e.value.errors()[0]["loc"][:2] == ("body", next(iter(extra))), e.value.errors()
+    pairs = parse_body(
+        ClassifyRequest, '{"input": "好", "labels": ["a", "b"], "examples": [["月", "a"]]}'.encode()
+    )
+    assert pairs.examples == [("月", "a")]
 
 
 def test_objects_and_arrays_are_counted_outside_strings():
