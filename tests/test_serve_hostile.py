@@ -189,6 +189,12 @@ def test_lists_are_counted_before_their_items_are_validated():
         ]  # one per shape a field may have, not per item
         assert any(x["type"] in ("too_long", "int_type") for x in e.value.errors())
     assert time.process_time() - started < 3.0
+    # Errors name the field, not pydantic's names for the shapes a prompt may have.
+    assert {x["loc"] for x in e.value.errors()} == {("body", "messages", 0, "content")}
+    with pytest.raises(RequestValidationError) as e:
+        parse_body(CompletionRequest, json.dumps({"prompt": [1, "a"]}).encode())
+    assert {x["loc"][:2] for x in e.value.errors()} == {("body", "prompt")}
+    assert all(isinstance(part, int) for x in e.value.errors() for part in x["loc"][2:])  # item indices
     ids = parse_body(CompletionRequest, json.dumps({"prompt": list(range(100_000))}).encode())
     assert ids.prompt == list(range(100_000))
 

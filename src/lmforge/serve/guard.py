@@ -169,7 +169,9 @@ def parse_body(model: type[BaseModel], body: bytes) -> BaseModel:
     try:
         parsed = model.model_validate(data, strict=True)  # JSON's types as the schema says: no true for 1.0
     except ValidationError as e:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors(include_url=False)]
+        errors = [
+            {**error, "loc": ("body", *_field_path(error["loc"]))} for error in e.errors(include_url=False)
+        ]
         raise RequestValidationError(errors) from None
     if SURROGATE_ESCAPE.search(text):  # rare: look for a lone one among the fields the model kept
         try:
@@ -182,6 +184,15 @@ def parse_body(model: type[BaseModel], body: bytes) -> BaseModel:
                 code="invalid_unicode",
             ) from None
     return parsed
+
+
+def _field_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A validation error's location without pydantic's names for the members of a union (``str``,
+    ``function-before[...]``, ``list[int]``): ``prompt``, not ``prompt.function-before[check(), list[str]]``."""
+    return tuple(p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES))
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "tuple", "none"})
 
 
 def json_containers(body: bytes) -> int:
