@@ -522,7 +522,8 @@ def test_extreme_sampling_values_are_refused_or_sampled_not_500(one_thread, tiny
             r = post(**{name: value})
             assert r.status_code == 400 and f"{name}=" in r.json()["error"]["message"], r.text
         greedy = post(temperature=0).json()["choices"][0]["message"]["content"]
-        for extra in ({"temperature": 1e-45}, {"top_p": 1e-300, "temperature": 1.0}, {"seed": 2**63 - 1}):
+        cases = ({"temperature": 1e-45}, {"temperature": 4.8e-307}, {"top_p": 1e-300, "temperature": 1.0})
+        for extra in (*cases, {"seed": 2**63 - 1}):
             r = post(**extra, n=2) if "seed" not in extra else post(**extra, temperature=1e-45)
             assert r.status_code == 200, r.text
             assert {c["message"]["content"] for c in r.json()["choices"]} == {greedy}, extra

@@ -117,6 +117,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (a subnormal); anything below rounds to 0
+
+
 def next_tokens(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -127,7 +130,7 @@ def next_tokens(
     logits = logits.float()
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < FLOAT32_TINIEST:  # 0, or a temperature float32 holds as 0 (dividing by it: NaN)
         return logits.argmax(dim=-1)
     # Shifted so the largest is 0 before scaling: a tiny temperature (1e-45) then sends the others to -inf
     # (greedy) instead of sending every logit to +-inf (NaN probabilities). No filter or softmax sees a shift.
