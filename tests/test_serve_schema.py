@@ -42,6 +42,15 @@ def test_the_schema_has_every_endpoint_with_its_request_model(api_schema):
     }
     for path in posts:
         assert operations["POST", path].body, path  # a JSON request body with its model's schema
+    spec = api_schema.raw_schema["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions"):  # JSON, or a stream of server-sent events
+        assert set(spec[path]["post"]["responses"]["200"]["content"]) == {
+            "application/json",
+            "text/event-stream",
+        }
+    for status in ("400", "413", "422", "429"):  # every error is an OpenAI error object
+        error = spec["/v1/embeddings"]["post"]["responses"][status]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

@@ -59,6 +59,7 @@ from lmforge.serve.limits import ServerLimits
 from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
 from lmforge.serve.protocol import (
     ERROR_RESPONSES,
+    STREAMED_RESPONSE,
     APIError,
     ChatRequest,
     ClassifyRequest,
@@ -133,8 +134,9 @@ def create_app(
     app.state.scheduler = scheduler
     app.state.limits = limits
     app.add_api_route("/v1/models", service.models, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/completions", service.completions, methods=["POST"], response_model=None)
+    streams = {"response_model": None, "responses": STREAMED_RESPONSE}
+    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], **streams)
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"], **streams)
     app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
     app.add_api_route("/v1/classify", service.classify, methods=["POST"])
     app.add_api_route("/v1/summarize", service.summarize, methods=["POST"])

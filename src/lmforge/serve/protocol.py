@@ -73,6 +73,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Chat and completions answer JSON, or server-sent events when the request asks for a stream.
+STREAMED_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the answer; with stream=true, server-sent events (OpenAI's chunks, then [DONE])",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
 def error_body(
     message: str, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
