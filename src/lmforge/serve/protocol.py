@@ -77,7 +77,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 STREAMED_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the answer; with stream=true, server-sent events (OpenAI's chunks, then [DONE])",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # One event: its data is a JSON chunk (or "[DONE]"), as text.
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+            }
+        },
     }
 }
 
