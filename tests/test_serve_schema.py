@@ -56,7 +56,9 @@ def test_the_schema_has_every_endpoint_with_its_request_model(api_schema):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_endpoint_answers_as_its_schema_says(api_schema, mode):
     """Every Schemathesis check but one: a request the schema allows may still be refused (a documented 400:
-    a prompt too long for the context, an image content part), so a 4xx for valid data is no failure."""
+    a prompt too long for the context, an image content part), so a 4xx for valid data is no failure. Every
+    endpoint runs even after one fails, so a long run reports all it finds."""
+    failures = []
     for result in api_schema.get_all_operations():
         operation = result.ok()
         if mode == GenerationMode.NEGATIVE and not operation.body:
@@ -73,4 +75,8 @@ def test_every_endpoint_answers_as_its_schema_says(api_schema, mode):
         def answers(case: schemathesis.Case) -> None:
             case.call_and_validate(timeout=60, excluded_checks=[checks.positive_data_acceptance])
 
-        answers()
+        try:
+            answers()
+        except Exception as e:  # noqa: BLE001 — Hypothesis' falsifying example, with its curl command
+            failures.append(f"{operation.method.upper()} {operation.path}: {e}")
+    assert not failures, "\n\n".join(failures)
