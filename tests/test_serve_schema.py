@@ -2,7 +2,7 @@
 its request model, valid ones and ones that break it, and every answer must be one the schema documents
 (status, content type, body), never a 500. A tiny random model serves on 127.0.0.1.
 
-$LMFORGE_SCHEMA_EXAMPLES sets the examples per endpoint and mode (CI: 6; `LMFORGE_SCHEMA_EXAMPLES=2000 pytest
+$LMFORGE_SCHEMA_EXAMPLES sets the examples per endpoint and mode (CI: 25; `LMFORGE_SCHEMA_EXAMPLES=2000 pytest
 tests/test_serve_schema.py` is the long run). The operations are driven here with Hypothesis rather than
 through Schemathesis' pytest plugin, whose lazy fixture loading does not run under this pytest.
 """
@@ -22,7 +22,7 @@ from lmforge.serve import create_app
 from .conftest import one_intra_op_thread, tiny_llm, train_tiny_tokenizer
 from .serving import serving
 
-EXAMPLES = int(os.environ.get("LMFORGE_SCHEMA_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("LMFORGE_SCHEMA_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
