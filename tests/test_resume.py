@@ -79,8 +79,7 @@ def test_resume_without_model_or_settings_continues_bit_exactly(
     stop_after(run, 3)
     # As README writes it: no --arch, no --lr; --max-steps as the run had it.
     assert (
-        main(["pretrain", "--data", str(shards_dir), "--out", str(run), "--max-steps", "6", "--resume"])
-        == 0
+        main(["pretrain", "--data", str(shards_dir), "--out", str(run), "--max-steps", "6", "--resume"]) == 0
     )
     assert_same(weights(run / "model"), weights(pretrained / "model"))
     assert rows(run) == rows(pretrained)  # the losses and the learning rate of every step
@@ -116,8 +115,7 @@ def test_override_extends_a_run_on_the_longer_schedule(
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
     assert (
-        main(["pretrain", "--out", str(run), "--resume", "--max-steps", "8", "--override", "max-steps"])
-        == 0
+        main(["pretrain", "--out", str(run), "--resume", "--max-steps", "8", "--override", "max-steps"]) == 0
     )
     lrs = [float(r["lr"]) for r in rows(run)]
     assert len(lrs) == 8 and lrs[:6] == [float(r["lr"]) for r in rows(pretrained)]

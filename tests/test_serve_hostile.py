@@ -12,13 +12,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from fastapi.exceptions import RequestValidationError
 
 from lmforge import LLM, cli
 from lmforge.generate import TextStream
 from lmforge.serve import ServerLimits, create_app
 from lmforge.serve.app import longest_token_chars
-from lmforge.serve.guard import host_name
-from lmforge.serve.protocol import MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS
+from lmforge.serve.guard import MAX_JSON_CONTAINERS, host_name, json_containers, parse_body
+from lmforge.serve.protocol import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 
 from .conftest import tiny_llm
 from .serving import serving, wait_until
@@ -64,6 +75,162 @@ def test_a_huge_prompt_is_refused_before_tokenizing_and_health_stays_fast(one_th
             assert unit in r.json()["error"]["message"]
 
 
+def test_a_4mb_body_of_small_items_is_parsed_off_the_event_loop(one_thread, tiny_tokenizer):
+    """JSON is parsed and validated in a worker thread, in bounded time: bodies just under the size limit made
+    of a million small items (parsed on the event loop before, and validated item by item before being
+    counted) leave /health fast. Objects and arrays are counted before parsing, lists before their items."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    bodies = [
+        ("/v1/completions", {"prompt": [[7]] * 880_000}, 400, "too_many_json_values"),  # as token-id prompts
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "好"}] * 120_000},
+            400,
+            "too_many_json_values",
+        ),
+        ("/v1/embeddings", {"input": ["月"] * 600_000}, 422, None),
+        ("/v1/completions", {"prompt": [1, *["a"] * 900_000]}, 422, None),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "stop": ["光"] * 600_000}, 422, None),
+        (
+            "/v1/completions",
+            {"prompt": "ab[{" * 900_000},
+            400,
+            "context_length_exceeded",
+        ),  # brackets in a string
+    ]
+    with serving(create_app(llm)) as base, ThreadPoolExecutor(1) as pool:
+        for path, payload, status, code in bodies:
+            body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+            assert 3_500_000 < len(body) < ServerLimits().max_body_bytes
+            answer = pool.submit(
+                httpx.post,
+                base + path,
+                content=body,
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            )
+            health = []
+            while not answer.done():
+                health.append(_timed_get(base + "/health"))
+                time.sleep(0.05)
+            r = answer.result()
+            assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+            assert health and all(s == 200 and seconds < 1.0 for s, seconds in health), (path, health)
+        # The most objects a valid request can hold (every message with its most parts) are parsed.
+        part = {"type": "text", "text": "好"}
+        most = {"messages": [{"role": "user", "content": [part] * MAX_CONTENT_PARTS}] * MAX_MESSAGES}
+        r = httpx.post(base + "/v1/chat/completions", json=most, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_lone_surrogates_and_bodies_that_are_not_json_are_refused(one_thread, tiny_tokenizer):
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    json_type = {"Content-Type": "application/json"}
+    with serving(create_app(llm)) as base:
+        lone = [
+            ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "月\\ud800"}]}'),
+            (
+                "/v1/chat/completions",
+                '{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}',
+            ),
+            ("/v1/completions", '{"prompt": ["ok", "\\ud83d"], "max_tokens": 1}'),
+            ("/v1/embeddings", '{"input": "\\udfff好"}'),
+            ("/v1/classify", '{"input": "a", "labels": ["x\\ud800", "y"]}'),
+            ("/v1/summarize", '{"input": "\\ud800"}'),
+        ]
+        for path, body in lone:
+            r = httpx.post(base + path, content=body.encode(), headers=json_type, timeout=30)
+            error = r.json()["error"]
+            if '"stop"' in body or '"labels"' in body:  # strings with a length limit: pydantic refuses them
+                assert r.status_code == 422 and error["param"].startswith(("stop", "labels")), r.text
+            else:
+                assert r.status_code == 400 and error["code"] == "invalid_unicode", (path, r.text)
+        # A pair is a character (an emoji); an escaped backslash before "ud800" is plain text; an unknown field
+        # holding a lone surrogate is ignored like any unknown field.
+        for content in ("\\ud83d\\ude00 床前明月光", "\\\\ud800", "hi"):
+            body = f'{{"messages": [{{"role": "user", "content": "{content}"}}], "max_tokens": 1, "x": "\\ud800"}}'
+            r = httpx.post(
+                base + "/v1/chat/completions", content=body.encode(), headers=json_type, timeout=30
+            )
+            assert r.status_code == 200, (content, r.text)
+
+        for body, detail in (
+            (b'{"prompt": "\xed\xa0\x80"}', "not UTF-8"),  # a surrogate encoded in UTF-8 bytes
+            (b'{"prompt": "\xff"}', "not UTF-8"),
+            (b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+            (b'{"prompt": "hi",', "line 1 column 17"),
+        ):
+            r = httpx.post(base + "/v1/completions", content=body, headers=json_type, timeout=30)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "invalid_json" and detail in error["message"], (
+                r.text
+            )
+
+
+def test_lists_are_counted_before_their_items_are_validated():
+    """One 'too long' error, in far less time than validating the items (a million of them)."""
+    started = time.process_time()
+    payloads = [
+        (ChatRequest, {"messages": [{"role": "user"}] * 20_000}),
+        (ChatRequest, {"messages": [{"role": "user"}], "stop": ["a"] * 1_000_000}),
+        (CompletionRequest, {"prompt": [1] + ["a"] * 1_000_000}),
+        (CompletionRequest, {"prompt": ["a"] * 1_000_000}),
+        (EmbeddingRequest, {"input": ["a"] * 1_000_000}),
+        (
+            ChatRequest,
+            {"messages": [{"role": "user", "content": [{"type": "text"}] * (MAX_CONTENT_PARTS + 1)}]},
+        ),
+    ]
+    for model, payload in payloads:
+        with pytest.raises(RequestValidationError) as e:
+            parse_body(model, json.dumps(payload).encode())
+        assert len(e.value.errors()) <= 4, e.value.errors()[
+            :5
+        ]  # one per shape a field may have, not per item
+        assert any(x["type"] in ("too_long", "int_type") for x in e.value.errors())
+    assert time.process_time() - started < 3.0
+    # Errors name the field, not pydantic's names for the shapes a prompt may have.
+    assert {x["loc"] for x in e.value.errors()} == {("body", "messages", 0, "content")}
+    with pytest.raises(RequestValidationError) as e:
+        parse_body(CompletionRequest, json.dumps({"prompt": [1, "a"]}).encode())
+    assert {x["loc"][:2] for x in e.value.errors()} == {("body", "prompt")}
+    assert all(isinstance(part, int) for x in e.value.errors() for part in x["loc"][2:])  # item indices
+    ids = parse_body(CompletionRequest, json.dumps({"prompt": list(range(100_000))}).encode())
+    assert ids.prompt == list(range(100_000))
+
+
+def test_bodies_are_validated_strictly():
+    """JSON's types as the schema gives them: true is no number, 3.5 no integer, "2" no n (Schemathesis found
+    repetition_penalty=true accepted); classify's example pairs are JSON arrays."""
+    for extra in ({"repetition_penalty": True}, {"max_tokens": 3.5}, {"n": "2"}, {"stream": 1}):
+        body = json.dumps({"messages": [{"role": "user", "content": "你好"}], **extra}).encode()
+        with pytest.raises(RequestValidationError) as e:
+            parse_body(ChatRequest, body)
+        assert e.value.errors()[0]["loc"][:2] == ("body", next(iter(extra))), e.value.errors()
+    pairs = parse_body(
+        ClassifyRequest, '{"input": "好", "labels": ["a", "b"], "examples": [["月", "a"]]}'.encode()
+    )
+    assert pairs.examples == [("月", "a")]
+
+
+def test_objects_and_arrays_are_counted_outside_strings():
+    # Past the limit, brackets inside strings (with escaped quotes and backslashes around them) are left out.
+    tricky = {
+        "a": [1, {"b": "[[[{{"}],
+        "c": 'x\\"[[',
+        "d": "\\\\[[",
+        "e": "\\\\",
+        "f": "[" * MAX_JSON_CONTAINERS,
+    }
+    assert json_containers(json.dumps(tricky).encode()) == 3
+    assert json_containers(json.dumps(tricky, ensure_ascii=False, indent=1).encode()) == 3
+    many = json.dumps({"prompt": ["[{"] * 40_000}).encode()
+    assert json_containers(many) == 2
+    assert json_containers(json.dumps([[1]] * 40_000).encode()) == 40_001
+    with pytest.raises(APIError, match="40002 JSON objects and arrays"):
+        parse_body(CompletionRequest, json.dumps({"prompt": [[1]] * 40_000}).encode())
+
+
 def test_too_many_chat_messages_or_characters_are_refused_fast(one_thread, tiny_tokenizer):
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
     limit = llm.config.block_size * longest_token_chars(llm.tokenizer)
@@ -78,8 +245,11 @@ def test_too_many_chat_messages_or_characters_are_refused_fast(one_thread, tiny_
             headers={"Content-Type": "application/json"},
             timeout=60,
         )
-        assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_json_values"
         assert time.monotonic() - started < 5
+        fewer = {"messages": [{"role": "user", "content": "好"}] * (MAX_JSON_CONTAINERS - 2)}
+        r = httpx.post(base + "/v1/chat/completions", json=fewer, timeout=60)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
         half = {"role": "user", "content": "月" * (limit // 2 + 1)}  # each fits; together they cannot
         r = httpx.post(base + "/v1/chat/completions", json={"messages": [half, half]}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
@@ -333,3 +503,27 @@ def test_serving_beyond_localhost_needs_a_key(monkeypatch, capsys):
         cli.main(["--debug", "serve", "--host", "0.0.0.0", "--api-key", "sekret"])
     with pytest.raises(RuntimeError, match="would load"):
         cli.main(["--debug", "serve"])  # 127.0.0.1
+
+
+# --------------------------------------------------------------------------------- 500s found by fuzzing
+def test_extreme_sampling_values_are_refused_or_sampled_not_500(one_thread, tiny_tokenizer):
+    """seed 2**70 and repetition_penalty NaN are refused (400); temperature 1e-45 and top_p 1e-300 (0 in
+    float32) keep only the likeliest token, so the answer is the greedy one."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    chat = {"messages": [{"role": "user", "content": "床前明月光"}], "max_tokens": 6, "ignore_eos": True}
+    with serving(create_app(llm)) as base:
+
+        def post(**extra) -> httpx.Response:
+            body = json.dumps({**chat, **extra})  # NaN is written as NaN, which Python's json reads
+            headers = {"Content-Type": "application/json"}
+            return httpx.post(base + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+
+        for name, value in (("seed", 2**70), ("seed", -(2**64)), ("repetition_penalty", float("nan"))):
+            r = post(**{name: value})
+            assert r.status_code == 400 and f"{name}=" in r.json()["error"]["message"], r.text
+        greedy = post(temperature=0).json()["choices"][0]["message"]["content"]
+        cases = ({"temperature": 1e-45}, {"temperature": 4.8e-307}, {"top_p": 1e-300, "temperature": 1.0})
+        for extra in (*cases, {"seed": 2**63 - 1}):
+            r = post(**extra, n=2) if "seed" not in extra else post(**extra, temperature=1e-45)
+            assert r.status_code == 200, r.text
+            assert {c["message"]["content"] for c in r.json()["choices"]} == {greedy}, extra

@@ -9,6 +9,7 @@ decode step (``decode_step_function``), ``next_tokens`` and ``CompletionBuilder`
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -43,16 +44,19 @@ class SamplingParams:
         problems = []
         if self.max_new_tokens < 0:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} must be >= 0")
+        # Written as "not (in range)" so that NaN, which fails every comparison, is out of range too.
+        if not self.temperature >= 0 or self.temperature == math.inf:
+            problems.append(f"temperature={self.temperature} must be a finite number >= 0")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"top_k={self.top_k} must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # NaN included
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.min_p is not None and not 0 <= self.min_p < 1:
             problems.append(f"min_p={self.min_p} must be in [0, 1)")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if not 0 < self.repetition_penalty < math.inf:
+            problems.append(f"repetition_penalty={self.repetition_penalty} must be a finite number > 0")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            problems.append(f"seed={self.seed} must fit in 64 bits: [-2**63, 2**63)")
         if problems:
             raise LmforgeError(
                 "invalid sampling settings: " + "; ".join(problems), hint="fix the values named"
@@ -107,9 +111,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token once the tokens ranked above it already cover top_p; the first token always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted[:, 0] = False  # a top_p below float32's range (1e-300) compares as 0, dropping it too
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (a subnormal); anything below rounds to 0
 
 
 def next_tokens(
@@ -122,9 +130,11 @@ def next_tokens(
     logits = logits.float()
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < FLOAT32_TINIEST:  # 0, or a temperature float32 holds as 0 (dividing by it: NaN)
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(-1)
+    # Shifted so the largest is 0 before scaling: a tiny temperature (1e-45) then sends the others to -inf
+    # (greedy) instead of sending every logit to +-inf (NaN probabilities). No filter or softmax sees a shift.
+    probs = filter_logits(logits - logits.amax(dim=-1, keepdim=True), params).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -134,7 +144,7 @@ def sampling_generator(
     """A private generator when a seed makes sampling reproducible (``offset`` tells sequences apart)."""
     if params.temperature == 0 or params.seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(params.seed + offset)
+    return torch.Generator(device=device).manual_seed((params.seed + offset) % 2**64)  # torch takes 64 bits
 
 
 def generation_budget(prompt_tokens: int, params: SamplingParams, context: int) -> int:

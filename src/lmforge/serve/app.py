@@ -1,8 +1,9 @@
 """``create_app(llm)``: the OpenAI-compatible HTTP server (FastAPI) and the web playground at ``/``.
 
 Routes only translate. Generation goes to the continuous-batching ``Scheduler`` (one thread owns decoding);
-tokenizing and chat-template rendering, embeddings, classify and summarize run in worker threads, so the
-event loop, which answers every client (``/health`` included), never waits on one request's work.
+parsing and validating JSON bodies (``guard.ParsedOffLoop``), tokenizing and chat-template rendering,
+embeddings, classify and summarize run in worker threads, so the event loop, which answers every client
+(``/health`` included), never waits on one request's work.
 
 Limits are checked before any work starts, cheapest first (README.md's serve section has the table):
 
@@ -10,6 +11,8 @@ Limits are checked before any work starts, cheapest first (README.md's serve sec
   there is no API key (421: DNS rebinding), the API key (401), the body size (``ServerLimits.max_body_bytes``,
   413, counted as it arrives), a POST body that is not ``application/json`` (415: a cross-site page can send
   text or forms without a CORS preflight, never JSON).
+- ``guard.parse_body``, in a worker thread: at most ``MAX_JSON_CONTAINERS`` objects and arrays, counted before
+  parsing (400), UTF-8 JSON (400), no lone surrogate in a string (400).
 - The request models (``protocol.py``): at most ``MAX_MESSAGES`` chat messages, ``MAX_STOP`` stop strings of
   ``MAX_STOP_CHARS`` characters, ``MAX_INPUTS`` texts to embed or classify, ``MAX_LABELS`` labels and examples
   (422).
@@ -52,10 +55,12 @@ from lmforge.generate import SamplingParams
 from lmforge.progress import stop_when
 from lmforge.quant import packing_summary
 from lmforge.serve.access_log import TOKENS, AccessLog
-from lmforge.serve.guard import LOCAL_HOSTS, Guard, answer_errors
+from lmforge.serve.guard import LOCAL_HOSTS, Guard, ParsedOffLoop, answer_errors
 from lmforge.serve.limits import ServerLimits
 from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
 from lmforge.serve.protocol import (
+    ERROR_RESPONSES,
+    STREAMED_RESPONSE,
     APIError,
     ChatRequest,
     ClassifyRequest,
@@ -127,12 +132,14 @@ def create_app(
         finally:
             scheduler.close()
 
-    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app = FastAPI(title="lmforge", lifespan=lifespan, responses=ERROR_RESPONSES)
+    app.router.route_class = ParsedOffLoop  # JSON bodies are parsed in a worker thread (guard.py)
     app.state.scheduler = scheduler
     app.state.limits = limits
     app.add_api_route("/v1/models", service.models, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/completions", service.completions, methods=["POST"], response_model=None)
+    streams = {"response_model": None, "responses": STREAMED_RESPONSE}
+    app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], **streams)
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"], **streams)
     app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
     app.add_api_route("/v1/classify", service.classify, methods=["POST"])
     app.add_api_route("/v1/summarize", service.summarize, methods=["POST"])

@@ -2,7 +2,9 @@
 
 Only translation lives here; what a request does is decided in ``app.py`` and the scheduler. The request
 models carry the fixed bounds on list and string fields (``MAX_*`` below; beyond them: 422 naming the field),
-so no request reaches a tokenizer, a chat template or the stop-string matcher with unbounded input.
+so no request reaches a tokenizer, a chat template or the stop-string matcher with unbounded input. A list's
+length is checked before its items (``_at_most``): pydantic validates every item before it compares the count
+with ``max_length``, and a 4 MB body holds a million small items, seconds of validation holding the GIL.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
 from lmforge.generate import SamplingParams
@@ -40,6 +43,50 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (the OpenAPI schema documents it for each status below)."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {
+    400: "a value the schema allows but the server refuses (too long for the context, too many sequences...)",
+    401: "a missing or wrong API key",
+    413: "a body over the size limit",
+    415: "a POST body that is not JSON",
+    421: "a Host header the server does not answer to",
+    422: "a body that does not fit the request's schema",
+    429: "a full queue (with Retry-After)",
+    499: "the client went away",
+    503: "the scheduler stopped",
+    504: "the request ran past the server's timeout",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in _ERRORS.items()
+}
+
+
+# Chat and completions answer JSON, or server-sent events when the request asks for a stream.
+STREAMED_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the answer; with stream=true, server-sent events (OpenAI's chunks, then [DONE])",
+        # One event: its data is a JSON chunk (or "[DONE]"), as text.
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+            }
+        },
+    }
+}
+
+
 def error_body(
     message: str, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
@@ -53,11 +100,48 @@ MAX_MESSAGES = 1024  # chat messages per request (their characters are bounded b
 MAX_INPUTS = 2048  # texts per embeddings or classify request (OpenAI's embeddings limit)
 MAX_LABELS = 64  # classify labels, and few-shot examples, per request
 MAX_LABEL_CHARS = 256  # characters per classify label
+MAX_CONTENT_PARTS = 16  # content parts per chat message (x MAX_MESSAGES: each is a model to validate)
+MAX_PROMPTS = 2048  # prompts per completion request (ServerLimits.max_rows counts them with n, in app.py)
+MAX_PROMPT_IDS = 2**20  # token ids per prompt: a bound on validation work; app.py checks the context
+
+
+def _at_most(limit: int) -> BeforeValidator:
+    """Refuse a list longer than ``limit`` before its items are validated (``max_length`` counts after)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > limit:
+            raise PydanticCustomError(
+                "too_long",
+                "List should have at most {max_length} items, not {actual_length}",
+                {"max_length": limit, "actual_length": len(value)},
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+def _only_ints(value: Any) -> Any:
+    """One error for a list of token ids holding something else (pydantic would report every item: a
+    million strings in a 4 MB body, and the union of prompt shapes tries each)."""
+    if isinstance(value, list) and not all(type(x) is int for x in value):
+        raise PydanticCustomError("int_type", "Token ids should be integers")
+    return value
+
+
+def _pairs_as_tuples(value: Any) -> Any:
+    """JSON arrays as tuples, which strict validation (``guard.parse_body``) takes only as such."""
+    if isinstance(value, list):
+        return [tuple(pair) if isinstance(pair, list) else pair for pair in value]
+    return value
+
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP), _at_most(MAX_STOP)]
 Label = Annotated[str, Field(max_length=MAX_LABEL_CHARS)]
-Texts = Annotated[list[str], Field(max_length=MAX_INPUTS)]
+Texts = Annotated[list[str], Field(max_length=MAX_INPUTS), _at_most(MAX_INPUTS)]
+TokenIds = Annotated[
+    list[int], Field(max_length=MAX_PROMPT_IDS), BeforeValidator(_only_ints), _at_most(MAX_PROMPT_IDS)
+]
 
 
 class StreamOptions(BaseModel):
@@ -118,7 +202,11 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: (
+        str
+        | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS), _at_most(MAX_CONTENT_PARTS)]
+        | None
+    ) = None
 
     def as_dict(self) -> dict[str, str]:
         if isinstance(self.content, list):
@@ -131,14 +219,23 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: Annotated[list[ChatMessage], _at_most(MAX_MESSAGES)] = Field(
+        min_length=1, max_length=MAX_MESSAGES
+    )
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids before texts: pydantic tries the members in turn, and a list of a million ids checked as
+    # texts first would collect a million errors.
+    prompt: (
+        str
+        | TokenIds
+        | Annotated[list[str], Field(max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS)]
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS)]
+    )
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
@@ -151,8 +248,10 @@ class EmbeddingRequest(BaseModel):
 
 class ClassifyRequest(BaseModel):
     input: str | Texts
-    labels: list[Label] | None = Field(default=None, max_length=MAX_LABELS)
-    examples: list[tuple[str, Label]] = Field(default=[], max_length=MAX_LABELS)
+    labels: Annotated[list[Label], _at_most(MAX_LABELS)] | None = Field(default=None, max_length=MAX_LABELS)
+    examples: Annotated[list[tuple[str, Label]], BeforeValidator(_pairs_as_tuples), _at_most(MAX_LABELS)] = (
+        Field(default=[], max_length=MAX_LABELS)
+    )
     model: str | None = None
 
 
