@@ -78,7 +78,7 @@ def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("rows", [1, 8, 300])
+@pytest.mark.parametrize("rows", [1, 8, 100])  # the kernel: below GEMM_ROWS
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_packed_linear_matches_its_dequantized_weight(kind, rows, bias):
     n, k = 96, 160
