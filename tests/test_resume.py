@@ -103,7 +103,8 @@ def test_a_flag_that_differs_from_the_run_is_one_line_naming_it(
     assert main([*args, "--max-steps", "8", "--override", "max-step"]) == 2
     err = one_line_error(capsys)
     assert "--override names no setting: max-step" in err and "did you mean max-steps?" in err
-    assert main(["pretrain", "--out", str(run), "--max-steps", "8", "--override", "max-steps"]) == 2
+    no_resume = ["pretrain", "--out", str(run), "--max-steps", "8", "--warmup-steps", "2"]
+    assert main([*no_resume, "--override", "max-steps"]) == 2
     assert "error: --override only applies with --resume" in one_line_error(capsys)
     # A per-process setting (the device, the progress bar) is not the run's: it may change freely.
     assert main([*args, "--device", "cpu", "--progress", "--keep-last", "3"]) == 0

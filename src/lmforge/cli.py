@@ -1124,7 +1124,8 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     ray.add_argument(
         "--ray-address",
         help="with --ray: join this Ray cluster (e.g. auto, ray://HEAD:10001) instead of a local one; a model "
-        "folder, file or store entry of this machine is sent to the replicas' nodes through Ray",
+        "folder, file or store entry of this machine is sent to the replicas' nodes through Ray "
+        "(default: none, a local cluster)",
     )
     p.set_defaults(func=cmd_serve)
 
