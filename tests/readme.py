@@ -8,11 +8,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = {"en": ROOT / "README.md", "zh": ROOT / "README.zh.md"}
-PROGRAMS = ("lmforge", "make", "python", "torchrun")
+PROGRAMS = ("lmforge", "make", "python", "torchrun", "pip")
 # Words that name a command rather than an argument of one: lmforge's commands (and actions), make's targets.
 COMMAND_WORDS = frozenset(
     "quickstart generate chat info tokenizer train data prepare pretrain finetune classify summarize embed eval "
-    "list show rm cp tag import verify gc export serve estimate select demo test".split()
+    "list show rm cp tag import verify gc export serve estimate select demo test install".split()
 )
 
 

@@ -17,7 +17,13 @@ for a real run is scaled down here, and only that (``scaled`` does it, in these 
 - ``serve`` listens on a free port instead of 8000, without compiling (``--no-compile``, ``--max-batch 1``),
   in a thread, until /health and /v1/models answered;
 - ``torchrun``: the multi-machine line runs on this one (``--nnodes=1 --nproc_per_node=1``, a local
-  rendezvous on a free port); each line writes its own run folder (``--out``).
+  rendezvous on a free port); each line writes its own run folder (``--out``);
+- ``serve --ray``: one replica on a local Ray cluster (``--replicas 1``, no ``--ray-address`` or
+  ``--replica-gpus``: no cluster or GPU here; tests/test_serve_ray.py runs two and kills one), as a process,
+  until /health answers, then Ctrl-C (SIGINT);
+- ``pip install 'lmforge[EXTRA]'``: ``make test`` installed the ``dev`` extra, which holds the EXTRA's
+  packages; instead of reaching the network, each of the extra's requirements must be installed at a version
+  it allows.
 
 A stored model a command names before (or after) the README makes it — ``serve spam:v1`` comes before the
 store section, ``select ... spam:v1`` after its ``rm spam:v1`` — is stored from ``runs/spam/model`` first
@@ -32,18 +38,23 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import httpx
+import tomllib
 import torch
 import uvicorn
+from packaging.requirements import Requirement
 
 import lmforge
 from lmforge import LLM, runtime
@@ -98,6 +109,8 @@ def scaled(argv: list[str], work: Path) -> list[str]:
                 for a in argv
             ]
         return [*argv, "--out", str(work / "runs" / f"torchrun-{_free_port()}")]
+    if argv[0] == "pip":
+        return argv
     assert argv[0] == "lmforge", argv
     argv = argv[1:]
     command = next(a for a in argv if not a.startswith("-") and not a.isdigit())
@@ -125,7 +138,17 @@ def scaled(argv: list[str], work: Path) -> list[str]:
         argv = [*argv, "--no-measure"]
     if command == "serve":
         argv = [*_set(argv, "--port", str(_free_port())), "--no-compile", "--max-batch", "1"]
+    if "--ray" in argv:
+        argv = _set(_drop(_drop(argv, "--ray-address"), "--replica-gpus"), "--replicas", "1")
     return argv
+
+
+def _drop(argv: list[str], flag: str) -> list[str]:
+    """argv without ``flag`` and its value."""
+    if flag not in argv:
+        return argv
+    i = argv.index(flag)
+    return [*argv[:i], *argv[i + 2 :]]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -222,7 +245,48 @@ def _ensure_stored(argv: list[str], work: Path) -> None:
                 import_model(work / "runs" / "spam" / "model", ref)
 
 
+def _extra_installed(argv: list[str]) -> tuple[int, str]:
+    """``pip install 'lmforge[EXTRA]'``: every requirement pyproject.toml gives the extra is installed at a
+    version it allows."""
+    (extra,) = re.fullmatch(r"lmforge\[(\w+)\]", argv[-1]).groups()
+    extras = tomllib.loads((SRC.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [Requirement(r) for r in extras["optional-dependencies"].get(extra, [])]
+    missing = [str(r) for r in wanted if metadata.version(r.name) not in r.specifier]
+    return (
+        0 if wanted and not missing else 1
+    ), f"extra {extra}: {len(wanted)} requirements, missing {missing}"
+
+
+def _serve_on_ray(argv: list[str]) -> tuple[int, str]:
+    """``lmforge serve ... --ray`` as a process until its /health answers, then Ctrl-C."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), *sys.path]), "OMP_NUM_THREADS": "1"}
+    port = argv[argv.index("--port") + 1]
+    with subprocess.Popen(
+        [sys.executable, "-m", "lmforge", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as server:
+        try:
+            deadline, health = time.monotonic() + 240, None
+            while server.poll() is None and time.monotonic() < deadline and health is None:
+                try:  # Ray's proxy listens before the replica is up: 503s, or no answer, until it is
+                    answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                    health = answer.json() if answer.status_code == 200 else None
+                except httpx.HTTPError:
+                    pass
+                if health is None:
+                    time.sleep(1)
+            server.send_signal(signal.SIGINT)
+            out = server.communicate(timeout=120)[0].decode(errors="replace")
+        finally:
+            server.kill()
+    code = server.returncode if health is not None else 1
+    return (0 if code in (0, 130) else code), out + f"\n/health: {health}"
+
+
 def _run(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    if argv[0] == "pip":
+        return _extra_installed(argv)
+    if "--ray" in argv:
+        return _serve_on_ray(argv)
     if argv[0] == sys.executable:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), *sys.path]), "OMP_NUM_THREADS": "1"}
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
