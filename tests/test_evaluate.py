@@ -214,6 +214,11 @@ def test_eval_command_compares_models_and_the_baseline(tmp_path, tiny_tokenizer,
     row = json.loads((out / "report.json").read_text())["rows"][0]
     assert row["perplexity"] > 1 and row["windows"] > 1
     assert row["perplexity_ci95"][0] <= row["perplexity"] <= row["perplexity_ci95"][1]
+    capsys.readouterr()
+    text.write_bytes("床前明月光".encode("gb18030"))  # not UTF-8: one line naming the file, exit 2
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {text}: not UTF-8 text") and "\n" not in err
 
 
 def _spam_836(tmp_path) -> tuple[Path, list[str]]:

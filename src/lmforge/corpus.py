@@ -161,6 +161,13 @@ def _open_text(path: Path) -> Iterator[IO[str]]:
         ) from None
 
 
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file (a BOM dropped, newlines as written); a file that is not UTF-8 or cannot be read is
+    one ``LmforgeError`` naming it."""
+    with _open_text(path) as f:
+        return f.read()
+
+
 def _txt_pieces(path: Path, split_paragraphs: bool) -> Iterator[tuple[str, bool]]:
     with _open_text(path) as f:
         buf: list[str] = []

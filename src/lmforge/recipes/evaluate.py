@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge.corpus import read_text
 from lmforge.data.labelled import read_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import (
@@ -95,7 +96,7 @@ def evaluate_models(
         llm = LoadedModel.load(name, quant=quant, compile=compile)
         label = f"{name} ({quant})" if quant in ("int8", "int4") else name
         if task == "perplexity":
-            text = Path(data).read_text(encoding="utf-8")
+            text = read_text(Path(data))
             rows.append(
                 {
                     "model": label,
