@@ -36,7 +36,14 @@ from lmforge.formats.folder import save_model_folder
 from lmforge.formats.peft import save_adapter
 from lmforge.loading import LoadedModel
 from lmforge.lora import LoRAConfig, merge_lora
-from lmforge.recipes.settings import given_settings, resumed, settings_from, settings_record
+from lmforge.recipes.settings import (
+    given_settings,
+    override_field,
+    resume_field,
+    resumed,
+    settings_from,
+    settings_record,
+)
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.train import TrainConfig, Trainer, checkpoint
@@ -133,20 +140,8 @@ class FinetuneSettings:
             "title": "training (override the YAML file's train: section)",
         },
     )
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "continue the run in --out from its newest checkpoint, with the run's settings",
-            "per_process": True,
-        },
-    )
-    override: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "with --resume: settings that may differ from the run's, as flags (max-steps,lr)",
-            "per_process": True,
-        },
-    )
+    resume: bool = resume_field()
+    override: list[str] = override_field()
     save_as: str | None = field(
         default=None,
         metadata={"help": "put the tuned model into the model store as NAME[:TAG]", "per_process": True},

@@ -18,7 +18,15 @@ from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.loading import LoadedModel
 from lmforge.model import Transformer
-from lmforge.recipes.settings import given_settings, load_yaml, resumed, settings_from, settings_record
+from lmforge.recipes.settings import (
+    given_settings,
+    load_yaml,
+    override_field,
+    resume_field,
+    resumed,
+    settings_from,
+    settings_record,
+)
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.tokenizer import Tokenizer
@@ -69,20 +77,8 @@ class PretrainSettings:
         default_factory=TrainConfig,
         metadata={"flag_prefix": "", "title": "training (override the YAML file's train: section)"},
     )
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "continue the run in --out from its newest checkpoint, with the run's settings",
-            "per_process": True,
-        },
-    )
-    override: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "with --resume: settings that may differ from the run's, as flags (max-steps,lr)",
-            "per_process": True,
-        },
-    )
+    resume: bool = resume_field()
+    override: list[str] = override_field()
     save_as: str | None = field(
         default=None,
         metadata={

@@ -361,6 +361,28 @@ def _deprecation_warning(message: str) -> None:
 
 
 # ------------------------------------------------------------------ resume
+def resume_field() -> Any:
+    """The ``resume`` setting of every training recipe's settings."""
+    return dataclasses.field(
+        default=False,
+        metadata={
+            "help": "continue the run in --out from its newest checkpoint, with the run's settings",
+            "per_process": True,
+        },
+    )
+
+
+def override_field() -> Any:
+    """The ``override`` setting of every training recipe's settings: what ``--resume`` may change."""
+    return dataclasses.field(
+        default_factory=list,
+        metadata={
+            "help": "with --resume: settings that may differ from the run's, as flags (max-steps,lr)",
+            "per_process": True,
+        },
+    )
+
+
 def given_settings(args: argparse.Namespace | None, values: Any, cls: type) -> frozenset[str]:
     """Dotted names (``train.max_steps``, ``model_config.n_layer``) of the settings the user gave: the flags in
     ``args`` that are set, the keys of a YAML mapping or keyword arguments, and for a ready dataclass instance
