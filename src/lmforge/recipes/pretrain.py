@@ -23,9 +23,9 @@ from lmforge.recipes.settings import (
     load_yaml,
     override_field,
     resume_field,
-    resumed,
     settings_from,
     settings_record,
+    settings_to_run,
 )
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
@@ -131,12 +131,8 @@ def run_pretrain(settings: PretrainSettings, *, given: Collection[str] | None = 
     ``given``: the settings the user gave (``given_settings``); with ``resume`` the others come from the run's
     record. None: those that differ from their defaults.
     """
-    if settings.override and not settings.resume:
-        raise LmforgeError("--override only applies with --resume", hint="add --resume, or drop --override")
-    if settings.resume and (recorded := checkpoint.recorded_settings(Path(settings.train.out_dir))):
-        if given is None:
-            given = given_settings(None, settings, PretrainSettings)
-        settings = resumed(settings, recorded[0], given, where=str(recorded[1]))
+    recorded = checkpoint.recorded_settings(Path(settings.train.out_dir)) if settings.resume else None
+    settings = settings_to_run(settings, given, recorded)
     s, train_config = settings, settings.train
     if not s.data:
         raise LmforgeError(

@@ -436,6 +436,21 @@ def settings_record(settings: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(settings))
 
 
+def settings_to_run(
+    settings: T, given: Collection[str] | None, recorded: tuple[Mapping[str, Any], Path] | None
+) -> T:
+    """The settings a training recipe runs with: with ``resume``, the ones ``recorded`` in the run's newest
+    checkpoint (and where), under those the user gave (``given``; None: those that differ from the defaults).
+    ``override`` without ``resume`` is an error."""
+    if getattr(settings, "override", None) and not getattr(settings, "resume", False):
+        raise LmforgeError("--override only applies with --resume", hint="add --resume, or drop --override")
+    if not getattr(settings, "resume", False) or recorded is None:
+        return settings
+    if given is None:
+        given = given_settings(None, settings, type(settings))
+    return resumed(settings, recorded[0], given, where=str(recorded[1]))
+
+
 def resumed(settings: T, recorded: Mapping[str, Any], given: Collection[str], *, where: str) -> T:
     """``settings`` as the run recorded them (in ``where``): a given per-process setting and one named by
     ``settings.override`` take effect; any other given setting must equal the record.
