@@ -258,9 +258,10 @@ class PackedLinear(nn.Module):
 
     ``exact_top`` (0: off; the output head gets ``HEAD_EXACT_TOP``): the kernel returns bf16, whose rounding is
     up to 1/256 of a value, about 0.06 for a logit of 15, and greedy decoding's top-2 gaps are often smaller.
-    Rounding the head's output flipped near-ties: with it, 5/10 greedy chat answers on SmolLM2 Q8_0 equalled
-    the fp32 path's; with each row's ``exact_top`` highest logits computed again in float32 from their rows'
-    codes (a gather of 8 rows, not a second pass over the head), 8/10 (``benchmarks/quant_quality.py``).
+    Rounding the head's output flipped near-ties. Each row's ``exact_top`` highest logits are computed again in
+    float32 from their rows' codes (a gather of 8 rows, not a second pass over the head); greedy chat answers
+    equal to the fp32 path's went from 5/10 to 8/10 on SmolLM2 Q8_0 and from 4/10 to 8/10 on Q4_1 (eager, one
+    thread; docs/architecture.md has the compiled figures).
     """
 
     exact_top: int = 0
