@@ -4,6 +4,7 @@ home folder and inductor's cache, and LLM.load setting them up once per process.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,16 @@ def test_home_and_compile_cache(monkeypatch, tmp_path: Path) -> None:
     assert not (tmp_path / "home").exists()  # inductor makes it when it first compiles
     monkeypatch.setenv(runtime.INDUCTOR_CACHE_ENV, str(tmp_path / "mine"))
     assert runtime.configure_compile_cache() == tmp_path / "mine"  # the user's choice stays
+
+
+def test_compile_cache_falls_back_to_temp_where_home_cannot_be_made(monkeypatch, tmp_path: Path) -> None:
+    # A user whose home is not writable (runuser -u nobody: HOME=/nonexistent) still compiles: a cache never
+    # stops a command. A file where the home's parent folder should be stands in for "not writable" under root.
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(runtime.HOME_ENV, str(tmp_path / "file" / "home"))
+    monkeypatch.delenv(runtime.INDUCTOR_CACHE_ENV, raising=False)
+    cache = runtime.configure_compile_cache()
+    assert cache.parent == Path(tempfile.gettempdir()) and cache.name.endswith("-inductor")
 
 
 def test_the_store_lives_in_the_same_home(monkeypatch, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,12 +90,27 @@ def compile_by_default() -> bool:
     return os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _can_create(path: Path) -> bool:
+    """Whether ``path`` exists as a writable folder or could be made: its nearest existing ancestor is a folder
+    this process may write into."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    return False
+
+
 def configure_compile_cache() -> Path:
     """Point inductor's cache at ``<LMFORGE_HOME>/inductor`` unless ``$TORCHINDUCTOR_CACHE_DIR`` is set; return it.
 
-    The folder is created by inductor when it first compiles."""
+    A cache must never stop a command: where the home folder cannot be created (a user whose ``$HOME`` is not
+    writable, such as ``nobody``), the cache goes to a per-user folder in the temp directory instead. Either folder
+    is created by inductor when it first compiles."""
     if not os.environ.get(INDUCTOR_CACHE_ENV):
-        os.environ[INDUCTOR_CACHE_ENV] = str(lmforge_home() / "inductor")
+        cache = lmforge_home() / "inductor"
+        if not _can_create(cache):
+            user = os.getuid() if hasattr(os, "getuid") else "user"
+            cache = Path(tempfile.gettempdir()) / f"lmforge-{user}-inductor"
+        os.environ[INDUCTOR_CACHE_ENV] = str(cache)
     return Path(os.environ[INDUCTOR_CACHE_ENV])
 
 
