@@ -368,7 +368,7 @@ class Trainer:
             if values:
                 metrics.plot()
             shown = {"loss": "skipped" if problem else f"{train_loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
-            if cfg.eval_every > 0:
+            if not math.isnan(val_loss):  # before the first evaluation there is nothing to show
                 shown["val"] = f"{val_loss:.4f}"
             bar.set_postfix(shown, refresh=False)  # drawn with the update, at the bar's own interval
             bar.update(1)
