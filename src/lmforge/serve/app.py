@@ -30,6 +30,12 @@ A request that runs past its timeout gets 504 (mid-stream: an error event) and f
 client that goes away; a task (embeddings, classify, summarize) stops before its next batch in both cases.
 Connections (half-sent requests, idle keep-alives, their number) are bounded in ``serve/limits.py``. Every
 error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
+
+Why one module: the routes are thin translations onto one ``_Service`` state (the scheduler, the limits, the
+latency histograms), and the checks above run in one order for every generation route; split by route, each
+file would import and thread that state again. What can stand alone already does: the wire shapes
+(``protocol.py``), the guard (``guard.py``), connection limits (``limits.py``), decoding (``scheduler.py``) and
+constraints (``lmforge.structured``).
 """
 
 from __future__ import annotations
