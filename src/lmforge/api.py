@@ -88,7 +88,9 @@ class LLM(LoadedModel):
         """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
         params = self.sampling(max_new_tokens=_new_tokens(max_new_tokens, max_length), **options)
         ids = [self.prompt_ids(prompt)]
-        for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
+        for _, piece, _ in stream_completions(
+            self.model, self.tokenizer, ids, params, self.eos_ids, self.prefix_cache
+        ):
             if piece:
                 yield piece
 
