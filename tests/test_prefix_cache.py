@@ -249,3 +249,22 @@ def test_smollm2_chats_sharing_a_system_prompt_report_cached_tokens(one_thread, 
     if lang == "en":  # the library's own calls share the server's cache (LLM keeps one across calls)
         assert llm.chat(chats[0], max_new_tokens=NEW) == expected[0]
         assert llm.prefix_cache.stats.hit_tokens - before == cached[1] + (len(ids[0]) - 1) // BLOCK * BLOCK
+
+
+def test_few_shot_scoring_of_many_texts_reuses_the_shared_head(one_thread, tiny_tokenizer):
+    """classify_text builds one prompt per text around the same instructions and examples: after the first
+    batch, the head comes from the cache, and the probabilities equal uncached scoring's."""
+    tiny = tiny_llm(
+        "tiny-llama", tiny_tokenizer, block_size=512
+    )  # the prompt's instructions take ~150 tokens
+    texts = ["good fox", "bad dog", "to be", "床前明月光", "举头望明月"]  # Chinese texts get a Chinese prompt
+    examples = [("a fine day", "yes"), ("a sad day", "no")]
+    tiny.set_prefix_cache(0)
+    expected = tiny.classify_text(texts, labels=["yes", "no"], examples=examples, zero_shot=True)
+    tiny.set_prefix_cache(1)
+    for text, want in zip(texts, expected, strict=True):  # one text per call: each call after the first hits
+        got = tiny.classify_text(text, labels=["yes", "no"], examples=examples, zero_shot=True)
+        assert got["label"] == want["label"]
+        for label, p in want["probabilities"].items():
+            assert got["probabilities"][label] == pytest.approx(p, abs=1e-5)
+    assert tiny.prefix_cache.stats.hits == 2 * (2 + 1)  # both labels' rows of every later text of a language

@@ -17,7 +17,8 @@ never reused.
 scheduler) and returns the column the prefill continues from; ``store`` keeps the full blocks once the prompt
 is in. A batch continues from one column for every row: the smallest reach over the rows of padding plus cached
 tokens (a row may take part of a block), so one row without a hit in a padded batch costs the others theirs
-(the scheduler prefills each prompt alone, so it never does). A lock makes every call atomic: the server's scheduler and task threads share one.
+(the scheduler prefills each prompt alone, so it never does). A lock makes every call atomic: the server's
+scheduler and its task threads share one cache.
 """
 
 from __future__ import annotations
@@ -113,14 +114,24 @@ class PrefixCache:
             self._blocks.clear()
             self.stats.bytes_in_use = self.stats.blocks = 0
 
-    def reuse(self, cache: KVCache, prompts: Sequence[Sequence[int]], width: int) -> list[int]:
+    def reuse(
+        self,
+        cache: KVCache,
+        prompts: Sequence[Sequence[int]],
+        width: int,
+        heads: Sequence[int] | None = None,
+    ) -> list[int]:
         """Copy cached blocks of ``prompts`` (left-padded to ``width`` columns) into the empty ``cache`` and set
-        its length to the column prefill continues from; return each row's reused token count."""
+        its length to the column prefill continues from; return each row's reused token count.
+
+        ``heads`` (per row) limits the reuse to a row's first tokens, as if the row ended there (scoring needs
+        the logits from there on); by default a row's last token is the one always computed."""
         with self._lock:
             self._check_model()
             found = []
-            for prompt in prompts:
-                usable = (len(prompt) - 1) // self.block_size  # the last token is always computed
+            for i, prompt in enumerate(prompts):
+                head = len(prompt) if heads is None else heads[i]
+                usable = (head - 1) // self.block_size  # the head's last token is always computed
                 names = block_names(prompt, self.block_size, usable)
                 hit = 0
                 while hit < len(names) and names[hit] in self._blocks:
@@ -149,12 +160,20 @@ class PrefixCache:
             cache.length = start
             return reused
 
-    def store(self, cache: KVCache, prompts: Sequence[Sequence[int]], width: int) -> None:
-        """Keep the full blocks of ``prompts`` (left-padded to ``width`` columns, prefilled into ``cache``)."""
+    def store(
+        self,
+        cache: KVCache,
+        prompts: Sequence[Sequence[int]],
+        width: int,
+        heads: Sequence[int] | None = None,
+    ) -> None:
+        """Keep the full blocks of ``prompts`` (left-padded to ``width`` columns, prefilled into ``cache``);
+        ``heads`` as in ``reuse``: only blocks that a later ``reuse`` of the same heads could take."""
         with self._lock:
             self._check_model()
             for row, prompt in enumerate(prompts):
-                count = (len(prompt) - 1) // self.block_size
+                head = len(prompt) if heads is None else heads[row]
+                count = (head - 1) // self.block_size
                 names = block_names(prompt, self.block_size, count)
                 pad = width - len(prompt)
                 size = self._block_bytes(cache)
