@@ -10,9 +10,9 @@ measured prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once
 its first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
 the running batch at its own position. With a ``PrefixCache``, a prompt's start already cached (a shared system
 prompt, few-shot examples, the earlier turns of a chat) is copied into its prefill cache instead of computed
-(``Job.cached_tokens`` says how much), and its full blocks are kept once it is in. A sequence gives its slot back the step it ends (EOS, stop string,
-length limit) or its job is cancelled (the client went away or timed out), so a long request never holds up
-short ones.
+(``Job.cached_tokens`` says how much), and its full blocks are kept once it is in. A sequence gives its slot
+back the step it ends (EOS, stop string, length limit) or its job is cancelled (the client went away or timed
+out), so a long request never holds up short ones.
 
 Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.compile``d when the model
 asks (``generate.decode_step_function``, the step ``generate_tokens`` uses). Its shapes stay in buckets:
