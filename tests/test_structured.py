@@ -213,7 +213,7 @@ def test_constrained_and_free_rows_in_one_batch(llm, tiny_tokenizer, one_thread)
     schema = SCHEMAS["enums"]
     constraint = compile_constraint(tiny_tokenizer, json_schema=schema)
     mixed = complete(
-        llm.model, tiny_tokenizer, prompts, params, llm.eos_ids, [None, constraint.start(), None]
+        llm.model, tiny_tokenizer, prompts, params, llm.eos_ids, constraints=[None, constraint.start(), None]
     )
     for row in (0, 2):
         alone = complete(llm.model, tiny_tokenizer, [prompts[row]], params, llm.eos_ids)[0]

@@ -115,7 +115,15 @@ class LLM(LoadedModel):
         )
         ids = [self.prompt_ids(prompt)]
         states = [constraint.start()] if constraint is not None else None
-        for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids, states):
+        for _, piece, _ in stream_completions(
+            self.model,
+            self.tokenizer,
+            ids,
+            params,
+            self.eos_ids,
+            constraints=states,
+            prefix_cache=self.prefix_cache,
+        ):
             if piece:
                 yield piece
 
@@ -129,7 +137,15 @@ class LLM(LoadedModel):
         params = SamplingParams.from_kwargs(**options)
         ids = [self.prompt_ids(p) for p in prompts]
         states = [constraint.start() for _ in ids]
-        return complete(self.model, self.tokenizer, ids, params, self.eos_ids, states)
+        return complete(
+            self.model,
+            self.tokenizer,
+            ids,
+            params,
+            self.eos_ids,
+            constraints=states,
+            prefix_cache=self.prefix_cache,
+        )
 
     # -------------------------------------------------------------------- tasks
     def classify_text(

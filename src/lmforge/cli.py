@@ -32,6 +32,7 @@ from typing import Any
 
 from lmforge.config import QUANT_CHOICES
 from lmforge.errors import LmforgeError
+from lmforge.limits import DEFAULT_PREFIX_CACHE_MB, check_prefix_cache_mb
 
 EXIT_BUG = 1
 EXIT_USER_ERROR = 2
@@ -314,6 +315,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"refusing to serve on {args.host} without an API key: anyone who can reach it could use it",
             hint="pass --api-key KEY (or set LMFORGE_API_KEY), or --insecure-no-key if that is what you want",
         )
+    if args.prefix_cache_mb is not None:
+        check_prefix_cache_mb(args.prefix_cache_mb)  # before the model loads (it is set once it has)
+    if args.ray and args.prefix_cache_mb is not None:
+        raise LmforgeError(
+            "--prefix-cache-mb applies to a single server",
+            hint="leave it out with --ray (replicas use the default)",
+        )
     if args.ray:
         _serve_on_ray(args, api_key)
         return
@@ -325,6 +333,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise LmforgeError(f"{flag} applies to Ray Serve only", hint=f"add --ray, or leave {flag} out")
     _check_bindable(args.host, args.port)  # before the model loads (seconds) and before any URL is printed
     llm = _load(args)
+    if args.prefix_cache_mb is not None:
+        llm.set_prefix_cache(args.prefix_cache_mb)
     app = create_app(
         llm,
         api_key=api_key,
@@ -1087,6 +1097,12 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         help="sequences (prompts x n) waiting before new requests get 429",
     )
     p.add_argument("--max-context", type=int, help="cap on prompt + max_tokens (default: model's context)")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        help="memory for the keys and values of prompt prefixes requests share (a system prompt), reused "
+        f"instead of prefilled again (default: {DEFAULT_PREFIX_CACHE_MB:.0f}; 0: off)",
+    )
     p.add_argument(
         "--cors", action="append", help="browser origin allowed to call the API (repeatable; default: none)"
     )

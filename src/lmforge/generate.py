@@ -21,6 +21,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, StaticKVCache, Transformer
+from lmforge.prefix_cache import PrefixCache
 from lmforge.structured import ConstraintState, mask_logits
 from lmforge.tokenizer import Tokenizer
 
@@ -259,13 +260,17 @@ def prefill(
     mask: torch.Tensor | None,
     cache: KVCache,
     chunk: int = PREFILL_CHUNK,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Run a left-padded prompt batch ids (B, T) into ``cache``, ``chunk`` tokens at a time; last logits (B, V)."""
+    """Run a left-padded prompt batch ids (B, T) into ``cache``, ``chunk`` tokens at a time; last logits (B, V).
+
+    ``start`` > 0: the cache already holds columns [0, start) (a ``PrefixCache`` hit); prefill goes on from there.
+    """
     logits = None
-    for start in range(0, ids.shape[1], chunk):
-        end = min(start + chunk, ids.shape[1])
+    for begin in range(start, ids.shape[1], chunk):
+        end = min(begin + chunk, ids.shape[1])
         part_mask = mask[:, :end] if mask is not None else None
-        logits, _ = model(ids[:, start:end], attention_mask=part_mask, cache=cache, last_logits_only=True)
+        logits, _ = model(ids[:, begin:end], attention_mask=part_mask, cache=cache, last_logits_only=True)
     assert logits is not None
     return logits[:, -1]
 
@@ -275,7 +280,9 @@ def generate_tokens(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
+    *,
     constraints: Sequence[ConstraintState | None] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield one (B,) tensor of next-token ids per step, for a batch of prompts of any lengths.
 
@@ -285,6 +292,7 @@ def generate_tokens(
     The caller decides when a sequence is done (EOS, stop strings) and stops iterating when all are; this loop
     stops by itself after ``max_new_tokens`` or when the context is full. The prompt is prefilled in chunks;
     every further token goes through ``decode_step_function`` (compiled or eager) over a ``StaticKVCache``.
+    A ``prefix_cache`` fills the cache's first columns from earlier prompts and keeps this batch's blocks.
     """
     if not prompts:
         raise LmforgeError("no prompts to generate for", hint="pass at least one prompt")
@@ -311,7 +319,13 @@ def generate_tokens(
         # Only real tokens count as seen: a pad position repeats its row's last prompt token (never a pad with
         # left padding), which the penalty then touches once, as alone. The scheduler penalises prompt + output.
         seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
-    logits = prefill(model, ids, mask, cache, PREFILL_CHUNK)
+    start = 0
+    if prefix_cache is not None:
+        prefix_cache.reuse(cache, prompts, ids.shape[1])
+        start = cache.length
+    logits = prefill(model, ids, mask, cache, PREFILL_CHUNK, start)
+    if prefix_cache is not None:
+        prefix_cache.store(cache, prompts, ids.shape[1])
     cache.start_decoding(mask)
     step_function = decode_step_function(model)
     for step in range(steps):
@@ -447,7 +461,9 @@ def stream_completions(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     eos_ids: Sequence[int] = (),
+    *,
     constraints: Sequence[ConstraintState | None] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield ``(row, text_piece, completion_or_None)`` as each sequence of the batch grows.
 
@@ -455,7 +471,9 @@ def stream_completions(
     constraint's grammar complete: finish_reason "stop").
     """
     outputs = [CompletionBuilder(tokenizer, len(p), params, eos_ids, params.max_new_tokens) for p in prompts]
-    for step_tokens in generate_tokens(model, prompts, params, constraints):
+    for step_tokens in generate_tokens(
+        model, prompts, params, constraints=constraints, prefix_cache=prefix_cache
+    ):
         for row, token in enumerate(step_tokens.tolist()):
             out = outputs[row]
             if out.done:
@@ -478,11 +496,15 @@ def complete(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     eos_ids: Sequence[int] = (),
+    *,
     constraints: Sequence[ConstraintState | None] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[Completion]:
     """Generate for a batch of prompts at once; one Completion per prompt, in order."""
     results: list[Completion | None] = [None] * len(prompts)
-    for row, _, completion in stream_completions(model, tokenizer, prompts, params, eos_ids, constraints):
+    for row, _, completion in stream_completions(
+        model, tokenizer, prompts, params, eos_ids, constraints=constraints, prefix_cache=prefix_cache
+    ):
         if completion is not None:
             results[row] = completion
     return [r for r in results if r is not None]

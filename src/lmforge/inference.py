@@ -44,20 +44,29 @@ def _padded(llm: LoadedModel, rows: Sequence[list[int]], hint: str) -> tuple[tor
 def sequence_logprobs(
     llm: LoadedModel, prompts: Sequence[list[int]], continuations: Sequence[list[int]]
 ) -> list[float]:
-    """Sum of log p(continuation | prompt) for each pair, computed in left-padded batches."""
-    model = llm.model
+    """Sum of log p(continuation | prompt) for each pair, computed in left-padded batches.
+
+    With ``llm.prefix_cache``, prompt blocks seen before (few-shot examples, the instructions every text
+    shares) are taken from it, and the batch is computed from the first column not every row has cached."""
+    model, prefix_cache = llm.model, llm.prefix_cache
     rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
     out = [0.0] * len(rows)
     for chunk in tracked(_length_batches([len(r) for r in rows], 8), "scoring"):
-        ids, mask = _padded(
-            llm, [rows[i] for i in chunk], hint="shorten the text (classification never truncates silently)"
-        )
-        logits, _ = model(ids, attention_mask=mask)
-        logprobs = logits.float().log_softmax(-1)  # (B, T, V)
-        width = ids.shape[1]
+        batch = [rows[i] for i in chunk]
+        ids, mask = _padded(llm, batch, hint="shorten the text (classification never truncates silently)")
+        width, start, cache = ids.shape[1], 0, None
+        heads = [len(prompts[i]) for i in chunk]  # only prompt tokens are reused: their logits are not read
+        if prefix_cache is not None:
+            cache = model.new_cache(len(chunk), width)
+            prefix_cache.reuse(cache, batch, width, heads)
+            start = cache.length
+        logits, _ = model(ids[:, start:], attention_mask=mask, cache=cache)
+        if prefix_cache is not None:
+            prefix_cache.store(cache, batch, width, heads)
+        logprobs = logits.float().log_softmax(-1)  # (B, T - start, V)
         for r, i in enumerate(chunk):
             n = len(continuations[i])
-            positions = torch.arange(width - n - 1, width - 1)
+            positions = torch.arange(width - n - 1, width - 1) - start
             out[i] = float(logprobs[r, positions, torch.tensor(continuations[i])].sum())
     return out
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import ModelFormatError
+from lmforge.errors import LmforgeError, ModelFormatError
 
 MiB = 1 << 20
 
@@ -43,6 +43,21 @@ MAX_CONTEXT = 1 << 20
 # Constrained decoding (lmforge.structured): a JSON schema, regex or choice list, as JSON text, at most this size.
 # OpenAI's structured outputs allow 100 object properties nested 5 deep; such a schema is about 10 KB.
 MAX_CONSTRAINT_BYTES = 64 * 1024
+
+# The prefix cache's budget in MiB (lmforge.prefix_cache): LLM's and `lmforge serve --prefix-cache-mb`'s default
+# holds ~5,600 tokens of SmolLM2 in float32 (46 KiB each); above the maximum, a figure is a typo.
+DEFAULT_PREFIX_CACHE_MB = 256.0
+MAX_PREFIX_CACHE_MB = float(1 << 20)
+
+
+def check_prefix_cache_mb(megabytes: float) -> float:
+    """A prefix cache budget in MiB, checked: 0 (off) to ``MAX_PREFIX_CACHE_MB``."""
+    if not 0 <= megabytes <= MAX_PREFIX_CACHE_MB:  # NaN fails too
+        raise LmforgeError(
+            f"prefix cache budget of {megabytes} MB is out of range",
+            hint=f"use 0 (off) to {MAX_PREFIX_CACHE_MB:.0f} MB",
+        )
+    return float(megabytes)
 
 
 def check_file_size(path: Path, max_bytes: int, what: str) -> int:

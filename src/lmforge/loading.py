@@ -34,7 +34,9 @@ from lmforge.formats.folder import atomic_write_folder, load_model_folder, model
 from lmforge.formats.gguf import GGUFFile
 from lmforge.formats.peft import has_adapter, load_adapter
 from lmforge.generate import Completion, SamplingParams, complete
+from lmforge.limits import DEFAULT_PREFIX_CACHE_MB
 from lmforge.model import Network, Transformer, shell_device
+from lmforge.prefix_cache import PrefixCache
 from lmforge.quant import (
     PackedLinear,
     QuantizedWeight,
@@ -304,6 +306,12 @@ class LoadedModel:
         self.tokenizer = tokenizer
         self.generation_config = generation_config or {}
         self.source = source
+        # Kept across calls: prompts that start alike (a system prompt, few-shot examples) prefill once.
+        self.prefix_cache: PrefixCache | None = PrefixCache.megabytes(self.model, DEFAULT_PREFIX_CACHE_MB)
+
+    def set_prefix_cache(self, megabytes: float) -> None:
+        """Give the prefix cache (``lmforge.prefix_cache``) a new budget in MiB, emptying it; 0 turns it off."""
+        self.prefix_cache = PrefixCache.megabytes(self.model, megabytes)
 
     @property
     def config(self) -> Config:
@@ -409,7 +417,7 @@ class LoadedModel:
         """
         params = SamplingParams.from_kwargs(**options)
         ids = [self.prompt_ids(p) for p in prompts]
-        return complete(self.model, self.tokenizer, ids, params, self.eos_ids)
+        return complete(self.model, self.tokenizer, ids, params, self.eos_ids, prefix_cache=self.prefix_cache)
 
     def __repr__(self) -> str:
         c = self.config

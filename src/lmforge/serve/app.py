@@ -65,7 +65,7 @@ from lmforge.quant import packing_summary
 from lmforge.serve.access_log import TOKENS, AccessLog
 from lmforge.serve.guard import LOCAL_HOSTS, Guard, ParsedOffLoop, answer_errors
 from lmforge.serve.limits import ServerLimits
-from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, sample
+from lmforge.serve.metrics import LATENCY_BUCKETS, TTFT_BUCKETS, Histogram, prefix_cache_metrics, sample
 from lmforge.serve.protocol import (
     ERROR_RESPONSES,
     STREAMED_RESPONSE,
@@ -129,6 +129,9 @@ def create_app(
             hint=f"use a value from 1 to {context}",
         )
     scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue, warm_up=warm_up)
+    scheduler.prefix_cache = (
+        llm.prefix_cache
+    )  # one cache for the API and llm's own calls (llm.set_prefix_cache)
     service = _Service(
         llm, scheduler, model_name or _model_id(llm.source), max_context or context, request_timeout_s, limits
     )
@@ -353,7 +356,7 @@ class _Service:
         setattr(request.state, TOKENS, completion_tokens)
         lps = token_logprobs if logprobs is not None else [None] * total
         choices = list(zip(texts, lps, reasons, strict=True))
-        return JSONResponse(fmt.response(choices, usage(prompt_tokens, completion_tokens)))
+        return JSONResponse(fmt.response(choices, usage(prompt_tokens, completion_tokens, generation.jobs)))
 
     async def _observed(
         self, events: AsyncIterator[tuple[int, Event]], started: float
@@ -392,7 +395,7 @@ class _Service:
                     completion_tokens += len(event.completion.token_ids)
                     yield _sse(fmt.chunk(index, "", None, finish_reason=event.completion.finish_reason))
             if include_usage:
-                yield _sse(fmt.usage_chunk(usage(prompt_tokens, completion_tokens)))
+                yield _sse(fmt.usage_chunk(usage(prompt_tokens, completion_tokens, generation.jobs)))
             yield "data: [DONE]\n\n"
         except APIError as e:  # the response has started: report the error as an event
             yield _sse(e.body())
@@ -523,6 +526,7 @@ class _Service:
             ),
             *self.ttft.render(),
             *self.latency.render(),
+            *prefix_cache_metrics(s.prefix_cache),
         ]
         return "\n".join(lines) + "\n"
 

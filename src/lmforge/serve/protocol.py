@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field
@@ -19,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
 from lmforge.generate import SamplingParams
-from lmforge.serve.scheduler import TokenLogprob
+from lmforge.serve.scheduler import Job, TokenLogprob
 from lmforge.tokenizer import Tokenizer
 
 
@@ -294,11 +295,14 @@ class SummarizeRequest(BaseModel):
 
 
 # ------------------------------------------------------------------ responses
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, jobs: Sequence[Job] = ()) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens`` counts the prompt tokens of ``jobs`` the prefix cache supplied
+    (each job's count is set before its first event, so it is complete once every job has one)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(job.cached_tokens for job in jobs)},
     }
 
 

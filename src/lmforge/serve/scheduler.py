@@ -8,9 +8,11 @@ computation ``LLM.generate_text`` does), a chunk between two decode steps, so a 
 running sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the
 measured prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence
 its first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
-the running batch at its own position. A sequence gives its slot back the step it ends (EOS, stop string,
-length limit) or its job is cancelled (the client went away or timed out), so a long request never holds up
-short ones.
+the running batch at its own position. With a ``PrefixCache``, a prompt's start already cached (a shared system
+prompt, few-shot examples, the earlier turns of a chat) is copied into its prefill cache instead of computed
+(``Job.cached_tokens`` says how much), and its full blocks are kept once it is in. A sequence gives its slot
+back the step it ends (EOS, stop string, length limit) or its job is cancelled (the client went away or timed
+out), so a long request never holds up short ones.
 
 Every decode step is ``Transformer.decode_step`` over the slot cache, ``torch.compile``d when the model
 asks (``generate.decode_step_function``, the step ``generate_tokens`` uses). Its shapes stay in buckets:
@@ -48,6 +50,7 @@ from lmforge.generate import (
     sampling_generator,
 )
 from lmforge.model import KVCache, SlotKVCache
+from lmforge.prefix_cache import PrefixCache
 from lmforge.structured import Constraint, ConstraintState, mask_logits
 
 if TYPE_CHECKING:
@@ -103,6 +106,7 @@ class Job:
     cancelled: bool = False  # set from any thread; the scheduler frees the job's slots before its next step
     group: object = None  # the request the job belongs to (None: itself); admission takes turns between them
     constraint: Constraint | None = None  # each sequence's tokens masked to this grammar (lmforge.structured)
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (set before the job's first event)
 
 
 class _Running:
@@ -157,6 +161,7 @@ class Scheduler:
         prefill_chunk: int = PREFILL_CHUNK,
         prefill_pause_s: float | None = PREFILL_PAUSE_S,
         warm_up: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LmforgeError(
@@ -174,6 +179,7 @@ class Scheduler:
         )
         self._prefill_rate: float | None = None  # prompt tokens per second, measured
         self.warm_up = warm_up  # compile the step for every slot bucket when the thread starts
+        self.prefix_cache = prefix_cache  # prompt blocks seen before (None: every prompt is prefilled whole)
         self.generated_tokens = 0
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()  # guards _waiting, _closing and _recent; wakes the idle thread
@@ -364,7 +370,11 @@ class Scheduler:
                 for index, builder in enumerate(builders):
                     self._emit(job, Event(index, builder.end("length"), completion=builder.completion))
                 return
-            self._prefilling.append(_Prefill(job, builders, self.model.new_cache(1, len(job.prompt))))
+            work = _Prefill(job, builders, self.model.new_cache(1, len(job.prompt)))
+            if self.prefix_cache is not None:
+                self.prefix_cache.reuse(work.cache, [job.prompt], len(job.prompt))
+                work.done = job.cached_tokens = work.cache.length
+            self._prefilling.append(work)
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
             self._fail(job, e)
 
@@ -390,6 +400,8 @@ class Scheduler:
                 start = time.perf_counter()
                 logits, _ = self.model(ids, cache=work.cache, last_logits_only=True)  # (1, 1, V)
                 rate = (end - work.done) / max(time.perf_counter() - start, 1e-6)
+                if end == len(prompt) and self.prefix_cache is not None:
+                    self.prefix_cache.store(work.cache, [prompt], len(prompt))
             except Exception as e:  # noqa: BLE001
                 self._prefilling.popleft()
                 self._fail(work.job, e)

@@ -256,7 +256,10 @@ def _inference_peak(
         # when the model runs in 16 bits)
         per_token = V * (width + FP32 + (FP32 if width != FP32 else 0))
         logits = Component("logits + log-probabilities", tokens * per_token, "every position, as float32")
-        return ([logits] if logits.bytes > parts[0].bytes else parts), "scoring"
+        # The batch runs through a KV cache, from which LLM's prefix cache keeps the prompts' blocks.
+        kv = tokens * config.n_layer * config.n_kv_head * config.head_dim * 2 * width
+        cache = Component("KV cache", kv, f"{tokens:,} tokens (the prefix cache's blocks come from it)")
+        return ([logits] if logits.bytes > parts[0].bytes else parts) + [cache], "scoring"
     hidden = Component("hidden states (float32)", tokens * C * FP32, "pooled or read at the last token")
     return parts + [hidden], "forward"
 
