@@ -40,6 +40,13 @@ MAX_VOCAB = 1 << 22
 # at 1M tokens (Qwen2.5-1M's context fits).
 MAX_CONTEXT = 1 << 20
 
+# Tool calling (``lmforge.tools``): what one request's ``tools`` may hold. OpenAI's own caps: 128 tools, names of
+# 64 letters, digits, '_' or '-'. A tool's JSON (name, description, schema) is rendered into every prompt, so it
+# is capped too; the whole prompt is then bounded by the context.
+MAX_TOOLS = 128
+MAX_TOOL_NAME_CHARS = 64
+MAX_TOOL_CHARS = 32_768
+
 
 def check_file_size(path: Path, max_bytes: int, what: str) -> int:
     """The size of ``path``; a ``ModelFormatError`` when it is over ``max_bytes`` (checked before reading it)."""
