@@ -47,6 +47,10 @@ MAX_TOOLS = 128
 MAX_TOOL_NAME_CHARS = 64
 MAX_TOOL_CHARS = 32_768
 
+# Constrained decoding (lmforge.structured): a JSON schema, regex or choice list, as JSON text, at most this size.
+# OpenAI's structured outputs allow 100 object properties nested 5 deep; such a schema is about 10 KB.
+MAX_CONSTRAINT_BYTES = 64 * 1024
+
 
 def check_file_size(path: Path, max_bytes: int, what: str) -> int:
     """The size of ``path``; a ``ModelFormatError`` when it is over ``max_bytes`` (checked before reading it)."""
