@@ -315,6 +315,40 @@ def render_prompt(
     return text + OPEN + "\n" if choice.constrained else text
 
 
+@dataclass(frozen=True)
+class ToolCalling:
+    """One request's tools and choice: its prompt, the schema its reply is decoded under, its reply parsed."""
+
+    functions: list[Function]
+    choice: ToolChoice
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        return call_schema(self.functions, self.choice)
+
+    def prompt(self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> str:
+        return render_prompt(tokenizer, messages, self.functions, self.choice)
+
+    def prompt_ids(self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        # The template writes the special tokens itself (as LoadedModel.prompt_ids does for chats).
+        return tokenizer.encode(self.prompt(tokenizer, messages), add_special_tokens=False)
+
+    def reply(self, text: str, finish_reason: str = "stop") -> ToolReply:
+        return parse_reply(text, self.functions, self.choice, finish_reason)
+
+
+def tool_calling(
+    tools: Sequence[Any] | None, tool_choice: Any, messages: Sequence[Mapping[str, Any]]
+) -> ToolCalling | None:
+    """The request's ``ToolCalling``, or None when neither it nor its conversation involves tools (a plain
+    chat, rendered as before)."""
+    involved = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+    if tools is None and tool_choice is None and not involved:
+        return None
+    functions = parse_tools(tools)
+    return ToolCalling(functions, resolve_choice(functions, tool_choice))
+
+
 # ------------------------------------------------------------------- parsing
 def _call_from_json(raw: str, names: set[str]) -> ToolCall | None:
     try:

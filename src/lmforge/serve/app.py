@@ -74,6 +74,7 @@ from lmforge.serve.protocol import (
 )
 from lmforge.serve.scheduler import Event, QueueFullError, Scheduler, TokenLogprob
 from lmforge.tokenizer import Tokenizer
+from lmforge.tools import tool_calling
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
@@ -225,13 +226,18 @@ class _Service:
     async def chat(self, body: ChatRequest, request: Request) -> Response:
         messages = [m.as_dict() for m in body.messages]
         self._check_rows(1, body.n)
-        self._check_chars([sum(len(m["content"]) for m in messages)], self.max_prompt_chars, "messages")
-        prompt = await self._prepare(self.llm.prompt_ids, messages)
+        self._check_chars([sum(m.chars for m in body.messages)], self.max_prompt_chars, "messages")
+        calling = tool_calling(body.tools, body.tool_choice, messages)
+        if calling is None:
+            prompt = await self._prepare(self.llm.prompt_ids, messages)
+        else:
+            prompt = await self._prepare(calling.prompt_ids, self.llm.tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # OpenAI's chat default: whatever the context leaves
             max_tokens = max(1, self.max_context - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        fmt = ResponseFormat(chat=True, model_id=self.model_id, token_text=self.token_text)
+        tools = None if calling is None else (calling.functions, calling.choice)
+        fmt = ResponseFormat(chat=True, model_id=self.model_id, token_text=self.token_text, tools=tools)
         return await self._generate(request, body, [prompt], max_tokens, logprobs, fmt)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -373,13 +379,12 @@ class _Service:
             async for index, event in events:
                 first = index not in started
                 started.add(index)
-                if event.text or event.logprobs or (first and fmt.chat):
-                    yield _sse(
-                        fmt.chunk(index, event.text, event.logprobs if with_logprobs else None, first=first)
-                    )
+                for chunk in fmt.pieces(index, event.text, event.logprobs if with_logprobs else None, first):
+                    yield _sse(chunk)
                 if event.completion is not None:
                     completion_tokens += len(event.completion.token_ids)
-                    yield _sse(fmt.chunk(index, "", None, finish_reason=event.completion.finish_reason))
+                    for chunk in fmt.ending(index, event.completion.finish_reason):
+                        yield _sse(chunk)
             if include_usage:
                 yield _sse(fmt.usage_chunk(usage(prompt_tokens, completion_tokens)))
             yield "data: [DONE]\n\n"
