@@ -67,7 +67,7 @@ BOUNDS: dict[str, Any] = {
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "rating": {"type": "integer", "minimum": 1, "maximum": 5},
         "temperature": {"type": "number", "minimum": -40, "maximum": 50},
-        "discount": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "discount": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "multipleOf": 0.25},
     },
     "required": ["age", "rating", "temperature", "discount"],
     "additionalProperties": False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import jsonschema
 import pydantic
@@ -175,3 +176,64 @@ def test_mask_logits_leaves_unconstrained_rows_alone(tiny_tokenizer):
     allowed = masked[1].isfinite().nonzero().flatten().tolist()
     assert allowed and all("yes".startswith(tiny_tokenizer.decode([t])) for t in allowed)
     assert mask_logits(logits, [None, None, None]) is logits
+
+
+# --------------------------------------------------------------- generation with a tiny random model
+@pytest.fixture(scope="module")
+def llm(tiny_tokenizer):
+    from tests.conftest import tiny_llm
+
+    return tiny_llm("tiny-llama", tiny_tokenizer)
+
+
+def test_generate_text_follows_schema_regex_and_choices(llm, one_thread):
+    """A random model left alone writes noise; constrained, every sample is a valid instance."""
+    schema = SCHEMAS["chinese"]  # strings bounded by patterns: a random model's answer fits 150 tokens
+    texts = llm.generate_text(["a", "床前"] * 2, 150, json_schema=schema, temperature=1.0, seed=3)
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+    assert len(set(texts)) > 1  # sampled, not one forced path
+    assert re.fullmatch(r"[a-c]{2}-\d", llm.generate_text("x", 20, regex=r"[a-c]{2}-\d", temperature=1.0))
+    assert llm.generate_text("x", 20, choices=["是", "否", "maybe"], temperature=1.0, seed=1) in {
+        "是",
+        "否",
+        "maybe",
+    }
+    completion = llm._complete(["x"], {"choices": ["ab"]}, max_new_tokens=20)[0]
+    assert completion.text == "ab" and completion.finish_reason == "stop"  # ends with the grammar
+
+
+def test_constrained_and_free_rows_in_one_batch(llm, tiny_tokenizer, one_thread):
+    """Free rows decode exactly as alone (greedy) while their neighbours are masked; masked ones validate."""
+    from lmforge.generate import SamplingParams, complete
+
+    prompts = [tiny_tokenizer.encode(p) for p in ["The quick", "床前明月光", "To be, or"]]
+    params = SamplingParams(max_new_tokens=64)
+    schema = SCHEMAS["enums"]
+    constraint = compile_constraint(tiny_tokenizer, json_schema=schema)
+    mixed = complete(
+        llm.model, tiny_tokenizer, prompts, params, llm.eos_ids, [None, constraint.start(), None]
+    )
+    for row in (0, 2):
+        alone = complete(llm.model, tiny_tokenizer, [prompts[row]], params, llm.eos_ids)[0]
+        assert mixed[row].token_ids == alone.token_ids
+    jsonschema.validate(json.loads(mixed[1].text), schema)
+    free = complete(llm.model, tiny_tokenizer, [prompts[1]], params, llm.eos_ids)[0]
+    assert free.text != mixed[1].text
+
+
+def test_chat_and_stream_take_response_format(llm, one_thread):
+    class Reply(pydantic.BaseModel):
+        answer: bool
+        score: int = pydantic.Field(ge=0, le=9)
+
+    text = llm.chat("hi", 40, response_format=Reply, temperature=1.0, seed=0)
+    assert isinstance(Reply.model_validate_json(text), Reply)
+    pieces = list(llm.stream("hi", 40, response_format=Reply, temperature=1.0, seed=0))
+    assert "".join(pieces) == text  # same seed, same constrained sample, streamed
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMAS["chinese"]}}
+    jsonschema.validate(json.loads(llm.chat("诗", 80, response_format=fmt)), SCHEMAS["chinese"])
+    with pytest.raises(LmforgeError, match="cannot be combined"):
+        list(llm.stream("hi", 5, response_format=Reply, regex="a"))
+    with pytest.raises(LmforgeError, match="unclosed character class"):
+        llm.generate_text("hi", 5, regex="([")

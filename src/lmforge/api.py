@@ -18,8 +18,9 @@ import numpy as np
 
 from lmforge import inference
 from lmforge.export import export_model
-from lmforge.generate import SamplingParams, stream_completions
+from lmforge.generate import Completion, SamplingParams, complete, stream_completions
 from lmforge.loading import LoadedModel
+from lmforge.structured import requested_constraint
 from lmforge.tokenizer import Message
 
 
@@ -52,15 +53,21 @@ class LLM(LoadedModel):
         max_new_tokens: int = 100,
         *,
         max_length: int | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        choices: Sequence[str] | None = None,
         **options: Any,
     ) -> str | list[str]:
         """Continue ``prompt`` (or each of a list of prompts) by up to ``max_new_tokens`` new tokens.
 
         Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop.
+        ``json_schema`` (a dict or its JSON text), ``regex`` or ``choices`` (a list of strings) constrain the
+        output to match it (``lmforge.structured``); a complete match ends the text.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         budget = _new_tokens(max_new_tokens, max_length)
-        texts = [c.text for c in self.complete(prompts, max_new_tokens=budget, **options)]
+        constrained = {"json_schema": json_schema, "regex": regex, "choices": choices}
+        texts = [c.text for c in self._complete(prompts, constrained, max_new_tokens=budget, **options)]
         return texts[0] if isinstance(prompt, str) else texts
 
     def chat(
@@ -69,13 +76,19 @@ class LLM(LoadedModel):
         max_new_tokens: int = 256,
         *,
         max_length: int | None = None,
+        response_format: Any = None,
         **options: Any,
     ) -> str:
-        """Answer a conversation (rendered with the model's own chat template) in up to ``max_new_tokens``."""
+        """Answer a conversation (rendered with the model's own chat template) in up to ``max_new_tokens``.
+
+        ``response_format`` as in OpenAI's API (``{"type": "json_object"}``, ``{"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}}``) or a pydantic model class constrains the answer to
+        that JSON (``Model.model_validate_json(answer)`` parses it)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         budget = _new_tokens(max_new_tokens, max_length)
-        return self.complete([messages], max_new_tokens=budget, **options)[0].text
+        constrained = {"response_format": response_format}
+        return self._complete([messages], constrained, max_new_tokens=budget, **options)[0].text
 
     def stream(
         self,
@@ -83,14 +96,40 @@ class LLM(LoadedModel):
         max_new_tokens: int = 256,
         *,
         max_length: int | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        choices: Sequence[str] | None = None,
+        response_format: Any = None,
         **options: Any,
     ) -> Iterator[str]:
-        """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
+        """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe).
+        ``json_schema``, ``regex``, ``choices`` or ``response_format`` constrain it as in ``generate_text`` and
+        ``chat``."""
         params = self.sampling(max_new_tokens=_new_tokens(max_new_tokens, max_length), **options)
+        constraint = requested_constraint(
+            self.tokenizer,
+            json_schema=json_schema,
+            regex=regex,
+            choices=choices,
+            response_format=response_format,
+        )
         ids = [self.prompt_ids(prompt)]
-        for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
+        states = [constraint.start()] if constraint is not None else None
+        for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids, states):
             if piece:
                 yield piece
+
+    def _complete(
+        self, prompts: Sequence[str | Sequence[Message]], constrained: dict[str, Any], **options: Any
+    ) -> list[Completion]:
+        """``complete``, each row under the constraint the keywords in ``constrained`` ask for (if any)."""
+        constraint = requested_constraint(self.tokenizer, **constrained)
+        if constraint is None:
+            return self.complete(prompts, **options)
+        params = SamplingParams.from_kwargs(**options)
+        ids = [self.prompt_ids(p) for p in prompts]
+        states = [constraint.start() for _ in ids]
+        return complete(self.model, self.tokenizer, ids, params, self.eos_ids, states)
 
     # -------------------------------------------------------------------- tasks
     def classify_text(

@@ -21,6 +21,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, StaticKVCache, Transformer
+from lmforge.structured import ConstraintState, mask_logits
 from lmforge.tokenizer import Tokenizer
 
 
@@ -274,8 +275,12 @@ def generate_tokens(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
+    constraints: Sequence[ConstraintState | None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield one (B,) tensor of next-token ids per step, for a batch of prompts of any lengths.
+
+    ``constraints`` (one per prompt, None for a free row) mask each row's logits before sampling and advance
+    by the token picked (``lmforge.structured``); free rows compute exactly what they compute alone.
 
     The caller decides when a sequence is done (EOS, stop strings) and stops iterating when all are; this loop
     stops by itself after ``max_new_tokens`` or when the context is full. The prompt is prefilled in chunks;
@@ -310,7 +315,13 @@ def generate_tokens(
     cache.start_decoding(mask)
     step_function = decode_step_function(model)
     for step in range(steps):
+        if constraints is not None:
+            logits = mask_logits(logits, constraints)
         token = next_tokens(logits, params, generator, seen)  # (B,)
+        if constraints is not None:
+            for state, picked in zip(constraints, token.tolist(), strict=True):
+                if state is not None:
+                    state.advance(picked)
         yield token
         if step == steps - 1:
             break
@@ -436,18 +447,22 @@ def stream_completions(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     eos_ids: Sequence[int] = (),
+    constraints: Sequence[ConstraintState | None] | None = None,
 ) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield ``(row, text_piece, completion_or_None)`` as each sequence of the batch grows.
 
-    A row's final event carries its ``Completion``; rows end independently (EOS, stop string, length).
+    A row's final event carries its ``Completion``; rows end independently (EOS, stop string, length, or its
+    constraint's grammar complete: finish_reason "stop").
     """
     outputs = [CompletionBuilder(tokenizer, len(p), params, eos_ids, params.max_new_tokens) for p in prompts]
-    for step_tokens in generate_tokens(model, prompts, params):
+    for step_tokens in generate_tokens(model, prompts, params, constraints):
         for row, token in enumerate(step_tokens.tolist()):
             out = outputs[row]
             if out.done:
                 continue
             piece = out.push(token)
+            if constraints is not None and not out.done and (state := constraints[row]) and state.finished:
+                piece += out.end("stop")
             if piece or out.done:
                 yield row, piece, out.completion
         if all(out.done for out in outputs):
@@ -463,10 +478,11 @@ def complete(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     eos_ids: Sequence[int] = (),
+    constraints: Sequence[ConstraintState | None] | None = None,
 ) -> list[Completion]:
     """Generate for a batch of prompts at once; one Completion per prompt, in order."""
     results: list[Completion | None] = [None] * len(prompts)
-    for row, _, completion in stream_completions(model, tokenizer, prompts, params, eos_ids):
+    for row, _, completion in stream_completions(model, tokenizer, prompts, params, eos_ids, constraints):
         if completion is not None:
             results[row] = completion
     return [r for r in results if r is not None]

@@ -279,6 +279,27 @@ def response_format_constraint(tokenizer: Tokenizer, response_format: Any) -> Co
     )
 
 
+def requested_constraint(
+    tokenizer: Tokenizer,
+    *,
+    json_schema: dict[str, Any] | str | None = None,
+    regex: str | None = None,
+    choices: Sequence[str] | None = None,
+    response_format: Any = None,
+) -> Constraint | None:
+    """The constraint a generation call's keywords ask for (at most one of them), or None for free text."""
+    if response_format is not None:
+        if json_schema is not None or regex is not None or choices is not None:
+            raise LmforgeError(
+                "response_format cannot be combined with json_schema, regex or choices",
+                hint="pass one of them",
+            )
+        return response_format_constraint(tokenizer, response_format)
+    if json_schema is None and regex is None and choices is None:
+        return None
+    return compile_constraint(tokenizer, json_schema=json_schema, regex=regex, choices=choices)
+
+
 def mask_logits(logits: torch.Tensor, states: Sequence[ConstraintState | None]) -> torch.Tensor:
     """logits (B, V) with the tokens each row's constraint forbids set to -inf; rows without one unchanged."""
     if all(state is None for state in states):
