@@ -19,7 +19,8 @@ before the conversation's own system message, which it keeps.
 tools are not shown to the model and nothing is parsed (earlier calls in the conversation still render).
 ``"required"`` and ``{"type": "function", "function": {"name": X}}``: the prompt ends with the ``<tool_call>``
 opener and the reply is decoded under ``call_schema`` (one call, ``{"name": const, "arguments": the function's
-parameters}``), so its arguments always parse. A name not among the tools is an error naming the known ones.
+parameters}``, objects closed to the properties they list), so its arguments always parse. A name not among
+the tools is an error naming the known ones.
 
 Bounds (``limits.MAX_TOOLS`` and the rest) are checked in ``parse_tools`` before anything is rendered.
 """
@@ -38,6 +39,7 @@ from jinja2 import Environment, TemplateSyntaxError, meta
 
 from lmforge import limits
 from lmforge.errors import LmforgeError
+from lmforge.structured import Constraint, compile_constraint
 from lmforge.tokenizer import Tokenizer
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -204,7 +206,7 @@ def call_schema(functions: Sequence[Function], choice: ToolChoice) -> dict[str, 
     def one(function: Function) -> dict[str, Any]:
         return {
             "type": "object",
-            "properties": {"name": {"const": function.name}, "arguments": dict(function.parameters)},
+            "properties": {"name": {"const": function.name}, "arguments": _closed(function.parameters)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -214,6 +216,27 @@ def call_schema(functions: Sequence[Function], choice: ToolChoice) -> dict[str, 
     if len(functions) == 1:
         return one(functions[0])
     return {"anyOf": [one(f) for f in functions]}
+
+
+def _closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its properties and says
+    nothing of others: a sampled call otherwise invents keys until it runs out of tokens. Whatever the closed
+    schema allows, the original allows too."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties"):
+            out[key] = {k: _closed(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not", "additionalProperties"):
+            out[key] = _closed(value)
+        else:
+            out[key] = value
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 # ----------------------------------------------------------------- rendering
@@ -325,6 +348,11 @@ class ToolCalling:
     @property
     def schema(self) -> dict[str, Any] | None:
         return call_schema(self.functions, self.choice)
+
+    def constraint(self, tokenizer: Tokenizer) -> Constraint | None:
+        """The compiled ``schema`` a forced call is decoded under (None when the model may answer freely)."""
+        schema = self.schema
+        return None if schema is None else compile_constraint(tokenizer, json_schema=schema)
 
     def prompt(self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> str:
         return render_prompt(tokenizer, messages, self.functions, self.choice)
