@@ -9,9 +9,10 @@ build the library's tokenizer index, to compile each of the five acceptance sche
 and the mean time of one token mask along a valid instance of each schema (mask, then advance by its token). This
 is the measurement docs/architecture.md ("Constrained decoding") gives for choosing llguidance.
 
-``serve`` runs the acceptance at full size: a live ``lmforge serve`` of the bundled SmolLM2, the five schemas x
-``--samples`` sampled generations at temperature 1.0 through the openai client, each parsed and validated with
-``jsonschema``; prints valid/total per schema and the wall time.
+``serve`` runs the acceptance at full size: the server of the bundled SmolLM2 (``create_app``, on 127.0.0.1 as
+the tests run it), the five schemas x ``--samples`` sampled generations at temperature 1.0 through the openai
+client (the test suite's questions, ``n`` sequences a request, all schemas at once), each parsed and validated
+with ``jsonschema``; prints valid/total and finish reasons per schema and the wall time.
 """
 
 from __future__ import annotations
@@ -136,14 +137,74 @@ def compare(repeats: int) -> None:
                 )
 
 
+def serve(samples: int, max_tokens: int, per_request: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+    import openai
+    from tests.serving import serving
+    from tests.test_structured_serve import QUESTIONS, json_schema_format
+
+    from lmforge.api import LLM
+    from lmforge.serve import create_app
+
+    llm = LLM.load(bundled_model_path(), dtype="float32", device="cpu")
+    with serving(create_app(llm, max_batch=8)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=3600)
+
+        def ask(job: tuple[str, int]) -> list[tuple[str, str | None]]:
+            name, seed = job
+            answer = client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": QUESTIONS[name]}],
+                response_format=json_schema_format(name),  # type: ignore[arg-type]
+                n=per_request,
+                temperature=1.0,
+                max_tokens=max_tokens,
+                seed=seed,
+            )
+            return [(c.message.content or "", c.finish_reason) for c in answer.choices]
+
+        jobs = [(name, seed) for name in SCHEMAS for seed in range(samples // per_request)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(SCHEMAS)) as pool:
+            results = list(pool.map(ask, jobs))
+        seconds = time.perf_counter() - start
+    print(f"{'schema':<8} {'valid':>9} {'stop':>5} {'length':>6}")
+    total = valid_total = 0
+    for name in SCHEMAS:
+        answers = [
+            a for (job_name, _), result in zip(jobs, results, strict=True) if job_name == name for a in result
+        ]
+        valid = 0
+        for text, _ in answers:
+            try:
+                jsonschema.validate(json.loads(text), SCHEMAS[name])
+                valid += 1
+            except (ValueError, jsonschema.ValidationError) as e:
+                print(f"  invalid {name}: {text!r} ({str(e).splitlines()[0]})")
+        reasons = [reason for _, reason in answers]
+        print(
+            f"{name:<8} {valid:>4}/{len(answers):<4} {reasons.count('stop'):>5} {reasons.count('length'):>6}"
+        )
+        total, valid_total = total + len(answers), valid_total + valid
+    print(f"all      {valid_total:>4}/{total:<4} in {seconds:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare", help="xgrammar vs llguidance: compile and mask times")
     cmp.add_argument("--repeats", type=int, default=3)
+    srv = sub.add_parser("serve", help="the acceptance at full size against the server of SmolLM2")
+    srv.add_argument("--samples", type=int, default=40, help="sampled answers per schema")
+    srv.add_argument("--max-tokens", type=int, default=120)
+    srv.add_argument("--per-request", type=int, default=8, help="n of each request (divides --samples)")
     args = parser.parse_args()
     if args.command == "compare":
         compare(args.repeats)
+    else:
+        serve(args.samples, args.max_tokens, args.per_request)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from lmforge.structured import (
     mask_logits,
     response_format_constraint,
 )
-from tests.structured_schemas import EXAMPLES, SCHEMAS
+
+from .structured_schemas import EXAMPLES, SCHEMAS
 
 
 def walk(tokenizer, constraint, text: str) -> list[bool]:
@@ -181,7 +182,7 @@ def test_mask_logits_leaves_unconstrained_rows_alone(tiny_tokenizer):
 # --------------------------------------------------------------- generation with a tiny random model
 @pytest.fixture(scope="module")
 def llm(tiny_tokenizer):
-    from tests.conftest import tiny_llm
+    from .conftest import tiny_llm
 
     return tiny_llm("tiny-llama", tiny_tokenizer)
 

@@ -20,6 +20,8 @@ Limits are checked before any work starts, cheapest first (README.md's serve sec
   the longest vocabulary entry's characters (``longest_token_chars``) cannot fit, since no token covers more;
   nor can a text to embed or classify longer than the model's context times that, or a text to summarize
   longer than ``SUMMARY_CONTEXTS`` contexts' worth (400 ``context_length_exceeded``).
+- ``response_format``: a schema of at most ``limits.MAX_CONSTRAINT_BYTES`` as JSON text, compiled in a worker
+  thread; a malformed or unsatisfiable one is a 400 ``invalid_schema`` naming the problem (``structured.py``).
 - Sequences: prompts x n at most ``ServerLimits.max_rows`` and at most the queue (400 ``too_many_sequences``);
   prompt + max_tokens beyond the context (400, naming both numbers: nothing is ever truncated silently); a
   full queue, counted in sequences (429 with Retry-After). Requests take turns for free slots (scheduler).
@@ -73,6 +75,7 @@ from lmforge.serve.protocol import (
     usage,
 )
 from lmforge.serve.scheduler import Event, QueueFullError, Scheduler, TokenLogprob
+from lmforge.structured import Constraint, response_format_constraint
 from lmforge.tokenizer import Tokenizer
 from lmforge.tools import tool_calling
 
@@ -323,7 +326,9 @@ class _Service:
         if self.llm.config.is_encoder:
             raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
         self._check_fits(prompts, max_tokens)
-        generation = _Generation(self.scheduler, prompts, body.sampling(max_tokens), body.n, logprobs)
+        params = body.sampling(max_tokens)
+        constraint = await self._constraint(body)
+        generation = _Generation(self.scheduler, prompts, params, body.n, logprobs, constraint)
         deadline = started + self.request_timeout_s
         prompt_tokens = sum(len(p) for p in prompts)
         events = self._observed(generation.events(request, deadline, self.request_timeout_s), started)
@@ -393,6 +398,19 @@ class _Service:
         finally:
             generation.cancel()
             setattr(request.state, TOKENS, completion_tokens)
+
+    async def _constraint(self, body: GenerationRequest) -> Constraint | None:
+        """The request's ``response_format`` compiled (in a worker thread: a new schema takes milliseconds,
+        the tokenizer's first one a few tenths of a second); a malformed schema is a 400 naming the problem."""
+        spec = body.response_format.as_dict() if body.response_format is not None else None
+        if spec is None:
+            return None
+        try:
+            return await self._prepare(response_format_constraint, self.llm.tokenizer, spec)
+        except LmforgeError as e:
+            raise APIError(
+                400, f"invalid response_format: {e.message}", param="response_format", code="invalid_schema"
+            ) from None
 
     # ------------------------------------------------------------------ tasks
     async def _in_thread(self, request: Request, fn: Callable[..., T], *args: Any) -> T:
@@ -518,6 +536,7 @@ class _Generation:
         params: SamplingParams,
         n: int,
         logprobs: int | None,
+        constraint: Constraint | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.remaining = n * len(prompts)  # sequences not yet finished
@@ -528,7 +547,15 @@ class _Generation:
             for i, prompt in enumerate(prompts):
                 deliver = functools.partial(self._deliver, loop, i * n)
                 self.jobs.append(
-                    scheduler.submit(prompt, params, n=n, logprobs=logprobs, on_event=deliver, group=self)
+                    scheduler.submit(
+                        prompt,
+                        params,
+                        n=n,
+                        logprobs=logprobs,
+                        on_event=deliver,
+                        group=self,
+                        constraint=constraint,
+                    )
                 )
         except QueueFullError as e:
             self.cancel()

@@ -106,6 +106,8 @@ MAX_CONTENT_PARTS = 16  # content parts per chat message (x MAX_MESSAGES: each i
 MAX_PROMPTS = 2048  # prompts per completion request (ServerLimits.max_rows counts them with n, in app.py)
 MAX_PROMPT_IDS = 2**20  # token ids per prompt: a bound on validation work; app.py checks the context
 MAX_TOOL_CALLS = 64  # tool calls per assistant message in a conversation
+MAX_SCHEMA_NAME_CHARS = 64  # response_format.json_schema.name (OpenAI's limit); the schema: structured.py's
+MAX_SCHEMA_DESCRIPTION_CHARS = 4096  # response_format.json_schema.description (not used: kept for clients)
 
 
 def _at_most(limit: int) -> BeforeValidator:
@@ -151,6 +153,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must follow (``strict`` is accepted; every
+    schema is enforced strictly here)."""
+
+    name: str = Field(default="response", max_length=MAX_SCHEMA_NAME_CHARS)
+    description: str | None = Field(default=None, max_length=MAX_SCHEMA_DESCRIPTION_CHARS)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatRequest(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def as_dict(self) -> dict[str, Any] | None:
+        """The form ``structured.response_format_constraint`` takes (None: free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.json_schema is None:
+            raise APIError(
+                400, "response_format json_schema needs a 'json_schema' object", param="response_format"
+            )
+        return {"type": "json_schema", "json_schema": {"schema": self.json_schema.schema_}}
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions (unknown fields are ignored, as OpenAI does).
 
@@ -172,6 +203,7 @@ class GenerationRequest(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormatRequest | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """The request's ``SamplingParams`` (OpenAI's defaults: temperature 1, top_p 1)."""

@@ -20,6 +20,8 @@ once (``warm_up``: all at start, before the first request) and no step waits for
 
 Tokens are picked with ``generate.next_tokens`` and text is assembled with ``generate.CompletionBuilder`` (a
 ``TextStream``: no character is ever cut, stop strings are held back) — the pieces ``LLM.generate_text`` uses.
+A job with a ``Constraint`` (``response_format``) gives each of its sequences a ``ConstraintState`` that masks
+that row's logits before sampling; rows with and without one decode in the same batch.
 Output goes to each job's ``on_event`` callback, from the scheduler thread.
 """
 
@@ -46,6 +48,7 @@ from lmforge.generate import (
     sampling_generator,
 )
 from lmforge.model import KVCache, SlotKVCache
+from lmforge.structured import Constraint, ConstraintState, mask_logits
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
@@ -99,6 +102,7 @@ class Job:
     budget: int  # new tokens each sequence may produce (max_tokens, cut by the context)
     cancelled: bool = False  # set from any thread; the scheduler frees the job's slots before its next step
     group: object = None  # the request the job belongs to (None: itself); admission takes turns between them
+    constraint: Constraint | None = None  # each sequence's tokens masked to this grammar (lmforge.structured)
 
 
 class _Running:
@@ -114,6 +118,7 @@ class _Running:
         self.slot = -1  # its row in the slot cache, once it has one
         self.next_input = -1  # the token sampled last; the next step feeds it
         self.unreported: list[TokenLogprob] = []
+        self.state: ConstraintState | None = job.constraint.start() if job.constraint is not None else None
 
 
 @dataclass(eq=False)
@@ -190,9 +195,11 @@ class Scheduler:
         n: int = 1,
         logprobs: int | None = None,
         group: object = None,
+        constraint: Constraint | None = None,
     ) -> Job:
-        """Queue a request (``group``: the jobs of one client request share it); raises ``QueueFullError``
-        when its ``n`` sequences do not fit the queue's ``max_queue``, ``LmforgeError`` when invalid."""
+        """Queue a request (``group``: the jobs of one client request share it; ``constraint``: a grammar each
+        of its sequences follows); raises ``QueueFullError`` when its ``n`` sequences do not fit the queue's
+        ``max_queue``, ``LmforgeError`` when invalid."""
         if not 1 <= n <= self.max_batch:
             raise LmforgeError(
                 f"n={n} sequences do not fit the server's batch of {self.max_batch}",
@@ -203,7 +210,7 @@ class Scheduler:
                 f"top logprobs={logprobs} is out of range", hint=f"ask for 0 to {MAX_TOP_LOGPROBS}"
             )
         budget = generation_budget(len(prompt), params, self.model.config.block_size)
-        job = Job(list(prompt), params, n, logprobs, on_event, budget, group=group)
+        job = Job(list(prompt), params, n, logprobs, on_event, budget, group=group, constraint=constraint)
         with self._lock:
             if self._closing:
                 raise LmforgeError("the server is shutting down", hint="retry once it is back")
@@ -484,9 +491,15 @@ class Scheduler:
         seen = None
         if job.params.repetition_penalty != 1.0:
             seen = torch.tensor([job.prompt + builder.tokens], device=row.device)
-        token = int(next_tokens(row, job.params, seq.generator, seen))
+        # A constrained row samples among the tokens its grammar allows; logprobs stay the model's own.
+        allowed = row if seq.state is None else mask_logits(row, [seq.state])
+        token = int(next_tokens(allowed, job.params, seq.generator, seen))
+        if seq.state is not None:
+            seq.state.advance(token)
         produced = len(builder.tokens)
         piece = builder.push(token)
+        if seq.state is not None and seq.state.finished and not builder.done:
+            piece += builder.end("stop")  # the grammar is complete: only end-of-sequence could follow
         if job.logprobs is not None and len(builder.tokens) > produced:  # an EOS token is not output
             seq.unreported.append(self._logprob(row[0], token, job.logprobs))
         if piece or builder.done:
