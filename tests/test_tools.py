@@ -145,7 +145,21 @@ def test_call_schema_is_the_whole_call_for_one_function_or_any_tool():
         functions, resolve_choice(functions, {"type": "function", "function": {"name": "get_weather"}})
     )
     assert named["properties"]["name"] == {"const": "get_weather"}
-    assert named["properties"]["arguments"] == WEATHER["function"]["parameters"]
+    # the function's parameters, closed to the properties they list (a subset of what they allow)
+    assert named["properties"]["arguments"] == {
+        **WEATHER["function"]["parameters"],
+        "additionalProperties": False,
+    }
+    nested = {"type": "object", "properties": {"a": {"type": "array", "items": {"properties": {"b": {}}}}}}
+    closed = call_schema(
+        parse_tools([{"function": {"name": "f", "parameters": nested}}]), ToolChoice("required")
+    )
+    assert closed["properties"]["arguments"]["properties"]["a"]["items"]["additionalProperties"] is False
+    open_one = {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}}
+    kept = call_schema(
+        parse_tools([{"function": {"name": "f", "parameters": open_one}}]), ToolChoice("required")
+    )
+    assert kept["properties"]["arguments"]["additionalProperties"] == {"type": "integer"}
     assert named["required"] == ["name", "arguments"] and named["additionalProperties"] is False
     anyof = call_schema(functions, ToolChoice("required"))["anyOf"]
     assert [s["properties"]["name"]["const"] for s in anyof] == ["get_weather", "get_time"]

@@ -30,6 +30,11 @@ A request that runs past its timeout gets 504 (mid-stream: an error event) and f
 client that goes away; a task (embeddings, classify, summarize) stops before its next batch in both cases.
 Connections (half-sent requests, idle keep-alives, their number) are bounded in ``serve/limits.py``. Every
 error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
+
+Why one module: every route here is translation onto one ``_Service`` (the scheduler, the limits, the
+timeouts and the streaming it shares); what a request asks for is decided below the server (the chat
+template and tools in ``lmforge.tools``, constraints in ``lmforge.structured``, the work in the scheduler and
+the services), so splitting the routes would only spread that shared state over several files.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ from lmforge.serve.protocol import (
 from lmforge.serve.scheduler import Event, QueueFullError, Scheduler, TokenLogprob
 from lmforge.structured import Constraint, response_format_constraint
 from lmforge.tokenizer import Tokenizer
-from lmforge.tools import tool_calling
+from lmforge.tools import ToolCalling, tool_calling
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
@@ -230,7 +235,7 @@ class _Service:
         messages = [m.as_dict() for m in body.messages]
         self._check_rows(1, body.n)
         self._check_chars([sum(m.chars for m in body.messages)], self.max_prompt_chars, "messages")
-        calling = tool_calling(body.tools, body.tool_choice, messages)
+        calling, constraint = await self._tools(body, messages)
         if calling is None:
             prompt = await self._prepare(self.llm.prompt_ids, messages)
         else:
@@ -241,7 +246,25 @@ class _Service:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         tools = None if calling is None else (calling.functions, calling.choice)
         fmt = ResponseFormat(chat=True, model_id=self.model_id, token_text=self.token_text, tools=tools)
-        return await self._generate(request, body, [prompt], max_tokens, logprobs, fmt)
+        return await self._generate(request, body, [prompt], max_tokens, logprobs, fmt, constraint)
+
+    async def _tools(
+        self, body: ChatRequest, messages: list[dict[str, Any]]
+    ) -> tuple[ToolCalling | None, Constraint | None]:
+        """The request's tool calling (``lmforge.tools``) and, for a forced call, its compiled call schema; a
+        bad tool or tool_choice is a 400 naming the problem."""
+        try:
+            calling = tool_calling(body.tools, body.tool_choice, messages)
+            if calling is None or calling.schema is None:
+                return calling, None
+            if body.response_format is not None:
+                raise LmforgeError(
+                    "response_format cannot be combined with tool_choice 'required' or a named function"
+                )
+            return calling, await self._prepare(calling.constraint, self.llm.tokenizer)
+        except LmforgeError as e:
+            param = "tool_choice" if e.message.startswith("tool_choice") else "tools"
+            raise APIError(400, str(e), param=param, code="invalid_tools") from None
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         if body.echo:
@@ -321,13 +344,15 @@ class _Service:
         max_tokens: int,
         logprobs: int | None,
         fmt: ResponseFormat,
+        constraint: Constraint | None = None,
     ) -> Response:
+        """Run the request's sequences; ``constraint`` (a forced tool call's) stands in for response_format's."""
         started = time.monotonic()
         if self.llm.config.is_encoder:
             raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
         self._check_fits(prompts, max_tokens)
         params = body.sampling(max_tokens)
-        constraint = await self._constraint(body)
+        constraint = constraint or await self._constraint(body)
         generation = _Generation(self.scheduler, prompts, params, body.n, logprobs, constraint)
         deadline = started + self.request_timeout_s
         prompt_tokens = sum(len(p) for p in prompts)
