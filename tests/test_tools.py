@@ -200,7 +200,15 @@ def test_the_fallback_prompt_lists_the_functions_and_writes_calls_and_results_as
     functions = parse_tools(TOOLS)
     prompt = render_prompt(tokenizer, conversation('{"city": "巴黎"}'), functions, ToolChoice("auto"))
     turns = prompt.split("<|im_start|>")[1:]
-    assert [t.split("\n", 1)[0] for t in turns] == ["system", "user", "assistant", "user", "assistant"]
+    # a template that writes any role gets the results as tool turns
+    assert [t.split("\n", 1)[0] for t in turns] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "tool",
+        "assistant",
+    ]
     system = turns[0]
     for function in functions:
         spec = {"name": function.name, "description": function.description, "parameters": function.parameters}
@@ -208,12 +216,26 @@ def test_the_fallback_prompt_lists_the_functions_and_writes_calls_and_results_as
     assert "To call a function" in system and system.rstrip().endswith("Be brief.<|im_end|>")
     assert f'{OPEN}\n{{"name": "get_weather", "arguments": {{"city": "巴黎"}}}}\n{CLOSE}' in turns[2]
     assert f'{OPEN}\n{{"name": "get_time", "arguments": {{}}}}\n{CLOSE}' in turns[2]
-    assert (
-        turns[3]
-        == 'user\n<tool_response>\n{"温度": 21}\n</tool_response>\n<tool_response>\n12:00\n</tool_response><|im_end|>\n'
-    )
+    assert turns[3:5] == ['tool\n{"温度": 21}<|im_end|>\n', "tool\n12:00<|im_end|>\n"]
     none = render_prompt(tokenizer, conversation("{}"), functions, ToolChoice("none"))
     assert "To call a function" not in none and none.startswith("<|im_start|>system\nBe brief.")
+    # templates that drop or refuse a role they do not know get the results as one user turn of tags
+    known = "{% if message['role'] in ['system', 'user', 'assistant'] %}"
+    dropping = PLAIN_TEMPLATE.replace("{{'<|im_start|>'", known + "{{'<|im_start|>'").replace(
+        "{% endfor %}", "{% endif %}{% endfor %}"
+    )
+    refusing = PLAIN_TEMPLATE.replace(
+        "{% for message in messages %}",
+        "{% for message in messages %}{% if message['role'] == 'tool' %}{{ raise_exception('no') }}{% endif %}",
+    )
+    for template in (dropping, refusing):
+        text = render_prompt(
+            with_template(tiny_tokenizer, template), conversation("{}"), functions, ToolChoice("auto")
+        )
+        turns = text.split("<|im_start|>")[1:]
+        assert [t.split("\n", 1)[0] for t in turns] == ["system", "user", "assistant", "user", "assistant"]
+        results = '<tool_response>\n{"温度": 21}\n</tool_response>\n<tool_response>\n12:00\n</tool_response>'
+        assert turns[3] == f"user\n{results}<|im_end|>\n"
 
 
 # ------------------------------------------------------------------ parsing

@@ -52,8 +52,8 @@ FALLBACK_INTRO = (
 FALLBACK_HOW = (
     "To call a function, reply with only this, one block per call:\n"
     f'{OPEN}\n{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}\n{CLOSE}\n'
-    "Function results come back inside <tool_response></tool_response> tags. When no function is needed, "
-    "answer normally."
+    "Function results come back from the tool, or inside <tool_response></tool_response> tags. When no "
+    "function is needed, answer normally."
 )
 
 
@@ -298,11 +298,14 @@ def fallback_system(functions: Sequence[Function]) -> str:
 
 
 def _fallback_messages(
-    messages: Sequence[Mapping[str, Any]], functions: Sequence[Function]
+    messages: Sequence[Mapping[str, Any]], functions: Sequence[Function], tool_role: bool
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for m in messages:
         role, content = str(m.get("role", "")), m.get("content") or ""
+        if role == "tool" and tool_role:
+            out.append({"role": "tool", "content": content})
+            continue
         if role == "tool":
             block = f"<tool_response>\n{content}\n</tool_response>"
             if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
@@ -321,6 +324,25 @@ def _fallback_messages(
     return out
 
 
+def _fallback_prompt(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], functions: Sequence[Function]
+) -> str:
+    """Tool results as ``tool`` turns when the template writes such a turn out (SmolLM2's writes any role, and
+    its model answers from a tool turn where it only echoes a user turn of tags), else as user turns of
+    ``<tool_response>`` blocks (a template may refuse or silently drop a role it does not know)."""
+    results = [m.get("content") or "" for m in messages if m.get("role") == "tool"]
+    if results:
+        try:
+            text = tokenizer.apply_chat_template(_fallback_messages(messages, functions, tool_role=True))
+            others = [m for m in messages if m.get("role") != "tool"]
+            without = tokenizer.apply_chat_template(_fallback_messages(others, functions, tool_role=True))
+        except LmforgeError:
+            text = without = ""
+        if all(text.count(r) > without.count(r) for r in results):  # each result is in the text
+            return text
+    return tokenizer.apply_chat_template(_fallback_messages(messages, functions, tool_role=False))
+
+
 def render_prompt(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],
@@ -334,7 +356,7 @@ def render_prompt(
         extra = {"tools": [f.as_tool() for f in shown]} if shown else {}
         text = tokenizer.apply_chat_template(_native_messages(messages), **extra)
     else:
-        text = tokenizer.apply_chat_template(_fallback_messages(messages, shown))
+        text = _fallback_prompt(tokenizer, messages, shown)
     return text + OPEN + "\n" if choice.constrained else text
 
 
