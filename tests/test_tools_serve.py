@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 
+from lmforge.errors import LmforgeError
 from lmforge.serve import ServerLimits, create_app
 from lmforge.tokenizer import Tokenizer
 from lmforge.tools import tool_calling
@@ -157,6 +158,21 @@ def test_a_named_tool_choice_gives_valid_arguments_on_every_sampled_try(tiny):
     assert len({json.dumps(a, sort_keys=True) for a in arguments}) > TRIES // 5  # really sampled
 
 
+def test_llm_chat_gives_the_same_forced_calls_in_python(tiny):
+    llm, _ = tiny
+    messages = [{"role": "user", "content": "巴黎明天的天气？"}]
+    for seed in range(3):
+        reply = llm.chat(messages, tools=[WEATHER, TIME], tool_choice=NAMED, temperature=1.0, seed=seed)
+        (call,) = reply.tool_calls
+        assert reply.content is None and reply.finish_reason == "tool_calls" and call.name == "get_weather"
+        jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
+        assert reply.message()["tool_calls"][0] == call.as_dict()
+    with pytest.raises(LmforgeError, match="not among the tools"):
+        llm.chat(
+            messages, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}
+        )
+
+
 def test_required_calls_one_of_the_tools_with_its_schema(tiny):
     _, client = tiny
     answer = client.chat.completions.create(
@@ -189,6 +205,22 @@ def test_an_unknown_tool_name_is_one_400_naming_the_known_tools(tiny):
     error = caught.value.body
     assert error["param"] == "tool_choice" and "get_wether" in error["message"]
     assert "known: get_weather, get_time" in error["message"] and "\n" not in error["message"]
+    bad = [
+        ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools", "letters, digits"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", "tool_choice must be"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tools",
+            "cannot be combined",
+        ),
+    ]
+    for fields, param, message in bad:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, **fields
+            )
+        assert caught.value.status_code == 400
+        assert caught.value.body["param"] == param and message in caught.value.body["message"]
     # nothing else harmed: the next request is answered
     ok = client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
