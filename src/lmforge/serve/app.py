@@ -31,10 +31,11 @@ client that goes away; a task (embeddings, classify, summarize) stops before its
 Connections (half-sent requests, idle keep-alives, their number) are bounded in ``serve/limits.py``. Every
 error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
 
-Why one module: every route here is translation onto one ``_Service`` (the scheduler, the limits, the
-timeouts and the streaming it shares); what a request asks for is decided below the server (the chat
-template and tools in ``lmforge.tools``, constraints in ``lmforge.structured``, the work in the scheduler and
-the services), so splitting the routes would only spread that shared state over several files.
+Why one module: the routes are thin translations onto one ``_Service`` state (the scheduler, the limits, the
+latency histograms), and the checks above run in one order for every generation route; split by route, each
+file would import and thread that state again. What can stand alone already does: the wire shapes
+(``protocol.py``), the guard (``guard.py``), connection limits (``limits.py``), decoding (``scheduler.py``) and
+constraints (``lmforge.structured``) and tool calling (``lmforge.tools``).
 """
 
 from __future__ import annotations
