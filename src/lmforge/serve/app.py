@@ -34,7 +34,7 @@ error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"
 Why one module: the routes are thin translations onto one ``_Service`` state (the scheduler, the limits, the
 latency histograms), and the checks above run in one order for every generation route; split by route, each
 file would import and thread that state again. What can stand alone already does: the wire shapes
-(``protocol.py``), the guard (``guard.py``), connection limits (``limits.py``), decoding (``scheduler.py``) and
+(``protocol.py``), the guard (``guard.py``), connection limits (``limits.py``), decoding (``scheduler.py``),
 constraints (``lmforge.structured``) and tool calling (``lmforge.tools``).
 """
 
