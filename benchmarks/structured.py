@@ -162,7 +162,7 @@ def serve(samples: int, max_tokens: int, per_request: int) -> None:
                 n=per_request,
                 temperature=1.0,
                 max_tokens=max_tokens,
-                seed=seed,
+                seed=seed * per_request,  # sequence i of a request samples with seed + i: no two share one
             )
             return [(c.message.content or "", c.finish_reason) for c in answer.choices]
 
