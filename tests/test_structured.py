@@ -99,6 +99,20 @@ def test_finished_state_allows_only_eos_and_model_vocab_padding_is_masked(tiny_t
     state.advance(tiny_tokenizer.eos_id)  # nothing happens once finished
 
 
+def test_numbers_get_bounded_decimals_and_data_stays_data(tiny_tokenizer):
+    """An endless fraction would run a sampled answer to the token limit: six decimals at most, no exponent."""
+    number = compile_constraint(tiny_tokenizer, json_schema={"type": "number", "maximum": 50})
+    assert all(walk(tiny_tokenizer, number, "-7.123456"))
+    assert not all(walk(tiny_tokenizer, number, "7.1234567"))
+    assert not all(walk(tiny_tokenizer, number, "1e3"))
+    quarter = compile_constraint(tiny_tokenizer, json_schema={"type": ["number", "null"], "multipleOf": 0.25})
+    assert all(walk(tiny_tokenizer, quarter, "0.75")) and not all(walk(tiny_tokenizer, quarter, "0.3"))
+    const = {"const": {"type": "number"}}  # a value that looks like a schema is data: left as it is
+    assert all(
+        walk(tiny_tokenizer, compile_constraint(tiny_tokenizer, json_schema=const), '{"type": "number"}')
+    )
+
+
 def test_regex_and_choices(tiny_tokenizer):
     regex = compile_constraint(tiny_tokenizer, regex=r"[0-9]{3}-[a-z]{2}")
     assert all(walk(tiny_tokenizer, regex, "123-ab"))

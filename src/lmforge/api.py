@@ -10,18 +10,20 @@ llm = LLM.load("HuggingFaceTB/SmolLM2-135M-Instruct")   # a Hugging Face hub id 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmforge import inference
+from lmforge.errors import LmforgeError
 from lmforge.export import export_model
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
 from lmforge.loading import LoadedModel
 from lmforge.structured import requested_constraint
 from lmforge.tokenizer import Message
+from lmforge.tools import ToolCalling, ToolReply, tool_calling
 
 
 class LLM(LoadedModel):
@@ -77,16 +79,30 @@ class LLM(LoadedModel):
         *,
         max_length: int | None = None,
         response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
         **options: Any,
-    ) -> str:
+    ) -> str | ToolReply:
         """Answer a conversation (rendered with the model's own chat template) in up to ``max_new_tokens``.
 
         ``response_format`` as in OpenAI's API (``{"type": "json_object"}``, ``{"type": "json_schema",
         "json_schema": {"name": ..., "schema": {...}}}``) or a pydantic model class constrains the answer to
-        that JSON (``Model.model_validate_json(answer)`` parses it)."""
+        that JSON (``Model.model_validate_json(answer)`` parses it).
+
+        ``tools`` (OpenAI's list of functions) and ``tool_choice`` ("auto", "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}``) make the answer a ``ToolReply`` (``.content``,
+        ``.tool_calls``, ``.message()`` to append to the conversation before the ``tool`` results); see
+        ``lmforge.tools``. A conversation holding tool calls or results is rendered the same way."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         budget = _new_tokens(max_new_tokens, max_length)
+        calling = tool_calling(tools, tool_choice, messages)
+        if calling is not None:
+            if response_format is not None:
+                raise LmforgeError(
+                    "response_format cannot be combined with tools", hint="ask for one or the other"
+                )
+            return self._tool_reply(calling, messages, max_new_tokens=budget, **options)
         constrained = {"response_format": response_format}
         return self._complete([messages], constrained, max_new_tokens=budget, **options)[0].text
 
@@ -146,6 +162,14 @@ class LLM(LoadedModel):
             constraints=states,
             prefix_cache=self.prefix_cache,
         )
+
+    def _tool_reply(self, calling: ToolCalling, messages: Sequence[Message], **options: Any) -> ToolReply:
+        constraint = calling.constraint(self.tokenizer)
+        ids = [calling.prompt_ids(self.tokenizer, messages)]
+        states = None if constraint is None else [constraint.start()]
+        params = SamplingParams.from_kwargs(**options)
+        done = complete(self.model, self.tokenizer, ids, params, self.eos_ids, states)[0]
+        return calling.reply(done.text, done.finish_reason)
 
     # -------------------------------------------------------------------- tasks
     def classify_text(

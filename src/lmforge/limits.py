@@ -40,6 +40,13 @@ MAX_VOCAB = 1 << 22
 # at 1M tokens (Qwen2.5-1M's context fits).
 MAX_CONTEXT = 1 << 20
 
+# Tool calling (``lmforge.tools``): what one request's ``tools`` may hold. OpenAI's own caps: 128 tools, names of
+# 64 letters, digits, '_' or '-'. A tool's JSON (name, description, schema) is rendered into every prompt, so it
+# is capped too; the whole prompt is then bounded by the context.
+MAX_TOOLS = 128
+MAX_TOOL_NAME_CHARS = 64
+MAX_TOOL_CHARS = 32_768
+
 # Constrained decoding (lmforge.structured): a JSON schema, regex or choice list, as JSON text, at most this size.
 # OpenAI's structured outputs allow 100 object properties nested 5 deep; such a schema is about 10 KB.
 MAX_CONSTRAINT_BYTES = 64 * 1024

@@ -34,8 +34,8 @@ error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"
 Why one module: the routes are thin translations onto one ``_Service`` state (the scheduler, the limits, the
 latency histograms), and the checks above run in one order for every generation route; split by route, each
 file would import and thread that state again. What can stand alone already does: the wire shapes
-(``protocol.py``), the guard (``guard.py``), connection limits (``limits.py``), decoding (``scheduler.py``) and
-constraints (``lmforge.structured``).
+(``protocol.py``), the guard (``guard.py``), connection limits (``limits.py``), decoding (``scheduler.py``),
+constraints (``lmforge.structured``) and tool calling (``lmforge.tools``).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ from lmforge.serve.protocol import (
 from lmforge.serve.scheduler import Event, QueueFullError, Scheduler, TokenLogprob
 from lmforge.structured import Constraint, response_format_constraint
 from lmforge.tokenizer import Tokenizer
+from lmforge.tools import ToolCalling, tool_calling
 
 if TYPE_CHECKING:
     from lmforge.api import LLM
@@ -237,14 +238,37 @@ class _Service:
     async def chat(self, body: ChatRequest, request: Request) -> Response:
         messages = [m.as_dict() for m in body.messages]
         self._check_rows(1, body.n)
-        self._check_chars([sum(len(m["content"]) for m in messages)], self.max_prompt_chars, "messages")
-        prompt = await self._prepare(self.llm.prompt_ids, messages)
+        self._check_chars([sum(m.chars for m in body.messages)], self.max_prompt_chars, "messages")
+        calling, constraint = await self._tools(body, messages)
+        if calling is None:
+            prompt = await self._prepare(self.llm.prompt_ids, messages)
+        else:
+            prompt = await self._prepare(calling.prompt_ids, self.llm.tokenizer, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # OpenAI's chat default: whatever the context leaves
             max_tokens = max(1, self.max_context - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        fmt = ResponseFormat(chat=True, model_id=self.model_id, token_text=self.token_text)
-        return await self._generate(request, body, [prompt], max_tokens, logprobs, fmt)
+        tools = None if calling is None else (calling.functions, calling.choice)
+        fmt = ResponseFormat(chat=True, model_id=self.model_id, token_text=self.token_text, tools=tools)
+        return await self._generate(request, body, [prompt], max_tokens, logprobs, fmt, constraint)
+
+    async def _tools(
+        self, body: ChatRequest, messages: list[dict[str, Any]]
+    ) -> tuple[ToolCalling | None, Constraint | None]:
+        """The request's tool calling (``lmforge.tools``) and, for a forced call, its compiled call schema; a
+        bad tool or tool_choice is a 400 naming the problem."""
+        try:
+            calling = tool_calling(body.tools, body.tool_choice, messages)
+            if calling is None or calling.schema is None:
+                return calling, None
+            if body.response_format is not None:
+                raise LmforgeError(
+                    "response_format cannot be combined with tool_choice 'required' or a named function"
+                )
+            return calling, await self._prepare(calling.constraint, self.llm.tokenizer)
+        except LmforgeError as e:
+            param = "tool_choice" if e.message.startswith("tool_choice") else "tools"
+            raise APIError(400, str(e), param=param, code="invalid_tools") from None
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         if body.echo:
@@ -324,13 +348,15 @@ class _Service:
         max_tokens: int,
         logprobs: int | None,
         fmt: ResponseFormat,
+        constraint: Constraint | None = None,
     ) -> Response:
+        """Run the request's sequences; ``constraint`` (a forced tool call's) stands in for response_format's."""
         started = time.monotonic()
         if self.llm.config.is_encoder:
             raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
         self._check_fits(prompts, max_tokens)
         params = body.sampling(max_tokens)
-        constraint = await self._constraint(body)
+        constraint = constraint or await self._constraint(body)
         generation = _Generation(self.scheduler, prompts, params, body.n, logprobs, constraint)
         deadline = started + self.request_timeout_s
         prompt_tokens = sum(len(p) for p in prompts)
@@ -387,13 +413,12 @@ class _Service:
             async for index, event in events:
                 first = index not in started
                 started.add(index)
-                if event.text or event.logprobs or (first and fmt.chat):
-                    yield _sse(
-                        fmt.chunk(index, event.text, event.logprobs if with_logprobs else None, first=first)
-                    )
+                for chunk in fmt.pieces(index, event.text, event.logprobs if with_logprobs else None, first):
+                    yield _sse(chunk)
                 if event.completion is not None:
                     completion_tokens += len(event.completion.token_ids)
-                    yield _sse(fmt.chunk(index, "", None, finish_reason=event.completion.finish_reason))
+                    for chunk in fmt.ending(index, event.completion.finish_reason):
+                        yield _sse(chunk)
             if include_usage:
                 yield _sse(fmt.usage_chunk(usage(prompt_tokens, completion_tokens, generation.jobs)))
             yield "data: [DONE]\n\n"

@@ -19,9 +19,11 @@ from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
+from lmforge import limits
 from lmforge.generate import SamplingParams
 from lmforge.serve.scheduler import Job, TokenLogprob
 from lmforge.tokenizer import Tokenizer
+from lmforge.tools import Function, ToolChoice, ToolStream, parse_reply
 
 
 class APIError(Exception):
@@ -104,6 +106,7 @@ MAX_LABEL_CHARS = 256  # characters per classify label
 MAX_CONTENT_PARTS = 16  # content parts per chat message (x MAX_MESSAGES: each is a model to validate)
 MAX_PROMPTS = 2048  # prompts per completion request (ServerLimits.max_rows counts them with n, in app.py)
 MAX_PROMPT_IDS = 2**20  # token ids per prompt: a bound on validation work; app.py checks the context
+MAX_TOOL_CALLS = 64  # tool calls per assistant message in a conversation
 MAX_SCHEMA_NAME_CHARS = 64  # response_format.json_schema.name (OpenAI's limit); the schema: structured.py's
 MAX_SCHEMA_DESCRIPTION_CHARS = 4096  # response_format.json_schema.description (not used: kept for clients)
 
@@ -233,6 +236,19 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """A call in an earlier assistant turn (``id`` pairs it with the ``tool`` message answering it)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str
     content: (
@@ -240,15 +256,36 @@ class ChatMessage(BaseModel):
         | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS), _at_most(MAX_CONTENT_PARTS)]
         | None
     ) = None
+    tool_calls: Annotated[list[ToolCallIn], _at_most(MAX_TOOL_CALLS)] | None = Field(
+        default=None, max_length=MAX_TOOL_CALLS
+    )
+    tool_call_id: str | None = None
+    name: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         if isinstance(self.content, list):
             if any(part.type != "text" for part in self.content):
                 raise APIError(400, "only text content parts are supported", param="messages")
             text = "".join(part.text or "" for part in self.content)
         else:
             text = self.content or ""
-        return {"role": self.role, "content": text}
+        message: dict[str, Any] = {"role": self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+    @property
+    def chars(self) -> int:
+        """Characters this message brings to the prompt (its text and its calls' names and arguments)."""
+        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        content = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(p.text or "" for p in self.content or ())
+        )
+        return len(content) + calls
 
 
 class ChatRequest(GenerationRequest):
@@ -258,6 +295,14 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI's tools (``lmforge.tools`` checks each one's shape and size); tool_choice: "auto", "none",
+    # "required" or {"type": "function", "function": {"name": ...}}. parallel_tool_calls is accepted: a free
+    # reply may hold several calls, a forced one holds one.
+    tools: Annotated[list[dict[str, Any]], _at_most(limits.MAX_TOOLS)] | None = Field(
+        default=None, max_length=limits.MAX_TOOLS
+    )
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(GenerationRequest):
@@ -348,10 +393,18 @@ class TokenText:
 class ResponseFormat:
     """Builds the JSON of one generation request, for chat (``chat.completion``) or text completions."""
 
-    def __init__(self, chat: bool, model_id: str, token_text: TokenText) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        model_id: str,
+        token_text: TokenText,
+        tools: tuple[list[Function], ToolChoice] | None = None,
+    ) -> None:
         self.chat = chat
         self.model_id = model_id
         self.token_text = token_text
+        self.tools = tools  # (functions, choice): the reply is parsed into tool calls (lmforge.tools)
+        self._tool_streams: dict[int, ToolStream] = {}
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -408,6 +461,35 @@ class ResponseFormat:
         choice["finish_reason"] = finish_reason
         return {**self._envelope(stream=True), "choices": [choice]}
 
+    def pieces(
+        self, index: int, text: str, logprobs: list[TokenLogprob] | None, first: bool
+    ) -> list[dict[str, Any]]:
+        """The chunks for one streamed piece: one as ``chunk`` makes it, or, with tools, OpenAI's deltas
+        (content and ``tool_calls`` pieces, ``lmforge.tools.ToolStream``; logprobs are not sent with them)."""
+        if self.tools is None:
+            if text or logprobs or (first and self.chat):
+                return [self.chunk(index, text, logprobs, first=first)]
+            return []
+        stream = self._tool_streams.setdefault(index, ToolStream(*self.tools))
+        deltas = stream.feed(text)
+        if first:
+            deltas = [{"role": "assistant", **(deltas[0] if deltas else {"content": ""})}, *deltas[1:]]
+        return [self._delta_chunk(index, delta) for delta in deltas]
+
+    def ending(self, index: int, finish_reason: str) -> list[dict[str, Any]]:
+        """The chunks that end choice ``index``: held text (with tools), then the finish reason."""
+        stream = self._tool_streams.pop(index, None)
+        if stream is None:
+            return [self.chunk(index, "", None, finish_reason=finish_reason)]
+        chunks = [self._delta_chunk(index, delta) for delta in stream.finish()]
+        return [*chunks, self._delta_chunk(index, {}, stream.finish_reason(finish_reason))]
+
+    def _delta_chunk(
+        self, index: int, delta: dict[str, Any], finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._envelope(stream=True), "choices": [choice]}
+
     def usage_chunk(self, counts: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(stream=True), "choices": [], "usage": counts}
 
@@ -418,7 +500,10 @@ class ResponseFormat:
         out = []
         for index, (text, logprobs, finish_reason) in enumerate(choices):
             choice: dict[str, Any] = {"index": index}
-            if self.chat:
+            if self.chat and self.tools is not None:
+                reply = parse_reply(text, *self.tools, finish_reason=finish_reason)
+                choice["message"], finish_reason = reply.message(), reply.finish_reason
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
