@@ -62,6 +62,25 @@ def sequence_logprobs(
     return out
 
 
+@torch.inference_mode()
+def prompt_logprobs(
+    llm: LoadedModel, ids: list[int], top: int = 0
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each token after the first, log p(ids[t] | ids[:t]) and the ``top`` most likely tokens there as
+    (token_id, logprob), best first: what OpenAI's legacy ``echo`` with ``logprobs`` returns for a prompt (the
+    server's /v1/completions scores prompts with it, so a hosted client scores labels as ``classify`` does)."""
+    batch, mask = _padded(llm, [ids], hint="shorten the prompt (nothing is truncated)")
+    logits, _ = llm.model(batch, attention_mask=mask)
+    logprobs = logits[0, :-1].float().log_softmax(-1)  # (T-1, V): position t predicts token t+1
+    chosen = logprobs.gather(1, batch[0, 1:].unsqueeze(1)).squeeze(1).tolist()
+    if top:
+        values, indices = logprobs.topk(top, dim=-1)
+        tops = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
+    else:
+        tops = [[] for _ in chosen]
+    return list(zip(chosen, tops, strict=True))
+
+
 def _length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
     """Indices into ``lengths`` in batches of similar length: left padding then wastes little compute."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)

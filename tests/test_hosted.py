@@ -1,0 +1,205 @@
+"""Hosted models (``LLM.load("openai:...")``) against a live ``lmforge serve`` of the bundled SmolLM2 and MiniLM:
+the same answers as the local models, retries against a scripted fake endpoint, one-line errors, and the key
+written nowhere."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from lmforge import LLM, hosted
+from lmforge.errors import LmforgeError
+from lmforge.hosted import HostedLLM
+from lmforge.loading import EMBEDDING_MODEL, resolve
+from lmforge.serve import create_app
+
+from .serving import serving
+
+KEY = "sk-lmforge-test-6f1d0c9a"  # the secret that must appear in no file
+LABELS = ["spam", "ham"]
+TEXTS = ["WINNER!! Claim your free prize now, call 0900", "这个周末我们一起去公园散步吧"]
+ARTICLE = (
+    "The city council voted on Tuesday to build a new library downtown. Construction starts next spring "
+    "and will cost 20 million dollars."
+)
+
+
+@pytest.fixture(scope="module")
+def smol_url(smollm2: LLM) -> Iterator[str]:
+    """The bundled SmolLM2 behind `lmforge serve`'s app, guarded by the key."""
+    with serving(create_app(smollm2, api_key=KEY, max_batch=4)) as base:
+        yield base + "/v1"
+
+
+@pytest.fixture(scope="module")
+def hosted_smol(smol_url: str) -> HostedLLM:
+    return LLM.load("openai:default", base_url=smol_url, api_key=KEY)
+
+
+def test_hosted_smollm2_answers_as_the_local_model(smollm2: LLM, hosted_smol: HostedLLM, one_thread) -> None:
+    assert hosted_smol.source == "openai:SmolLM2-135M-Instruct.Q4_1"  # openai:default: the first model listed
+    # Label scoring: /completions with echo scores the prompt the local model scores, token for token.
+    remote = hosted_smol.classify_text(TEXTS, labels=LABELS)
+    local = smollm2.classify_text(TEXTS, labels=LABELS)
+    for r, loc in zip(remote, local, strict=True):
+        assert r["label"] == loc["label"]
+        for label in LABELS:
+            assert r["probabilities"][label] == pytest.approx(loc["probabilities"][label], abs=1e-4)
+    # The same summarization prompt, greedy: the same words.
+    assert hosted_smol.summarize(ARTICLE, max_length=12) == smollm2.summarize(ARTICLE, max_length=12)
+    assert hosted_smol.generate_text("The capital of France is", 6) == smollm2.generate_text(
+        "The capital of France is", 6
+    )
+    assert hosted_smol.chat("你好", 6) == smollm2.chat("你好", 6)
+    assert "".join(hosted_smol.stream("Once upon a time", 6)) == smollm2.generate_text("Once upon a time", 6)
+    assert hosted_smol.usage["completion_tokens"] > 0 and KEY not in repr(hosted_smol)
+
+
+def test_echo_scores_a_prompt_as_the_model_does(smollm2: LLM, smol_url: str, one_thread) -> None:
+    import httpx
+
+    from lmforge.inference import sequence_logprobs
+
+    prompt = "The capital of France is Paris"
+    answer = httpx.post(
+        smol_url + "/completions",
+        json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()
+    logprobs = answer["choices"][0]["logprobs"]
+    ids = smollm2.tokenizer.encode(prompt)
+    assert answer["choices"][0]["text"] == prompt and len(logprobs["tokens"]) == len(ids)
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    expected = sequence_logprobs(smollm2, [ids[:1]], [ids[1:]])[0]
+    assert sum(logprobs["token_logprobs"][1:]) == pytest.approx(expected, abs=1e-3)
+    assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
+    refused = httpx.post(
+        smol_url + "/completions",
+        json={"prompt": prompt, "max_tokens": 3, "echo": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert refused.status_code == 400 and "max_tokens=0" in refused.json()["error"]["message"]
+
+
+def test_hosted_embeddings_match_the_local_encoder(one_thread) -> None:
+    local = LLM.load(EMBEDDING_MODEL, dtype="float32", device="cpu")
+    texts = ["A cat sits on the mat.", "一只猫坐在垫子上。", "Stock markets fell sharply today."]
+    with serving(create_app(local)) as base:
+        remote = LLM.load("openai:default", base_url=base + "/v1")
+        vectors = remote.embed(texts)
+        assert vectors.shape == (3, local.config.n_embd)
+        np.testing.assert_allclose(vectors, local.embed(texts), atol=1e-5)
+        assert remote.similarity(texts[0], texts[1]) == pytest.approx(
+            local.similarity(texts[0], texts[1]), abs=1e-5
+        )
+
+
+def test_the_name_resolves_to_a_hosted_model_with_nothing_to_load() -> None:
+    assert resolve("openai:gpt-4o-mini").kind == "hosted"
+    with pytest.raises(LmforgeError, match="hosted model"):
+        LLM.load("openai:x", base_url="http://127.0.0.1:9/v1", quant="int4")
+    with pytest.raises(LmforgeError, match="for hosted models"):
+        LLM.load("default", base_url="http://127.0.0.1:9/v1")
+
+
+# ----------------------------------------------------------------- a fake endpoint
+class _Script:
+    """Answers to give, in order: (status, headers, JSON body); the requests seen."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str], dict]]) -> None:
+        self.answers = answers
+        self.seen: list[dict] = []
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[_Script, str]]:
+    script = _Script([])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            length = int(self.headers.get("Content-Length", 0))
+            script.seen.append(
+                {"auth": self.headers.get("Authorization"), **json.loads(self.rfile.read(length))}
+            )
+            status, headers, body = script.answers.pop(0)
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield script, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _completion(text: str) -> dict:
+    return {"choices": [{"index": 0, "text": text}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+def _error(message: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": "x", "param": None, "code": code}}
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        (429, {"Retry-After": "0.05"}, _error("slow down")),
+        (500, {}, _error("boom")),
+        (503, {}, _error("busy")),
+    ],
+)
+def test_429_and_5xx_are_retried(fake, first, monkeypatch) -> None:
+    monkeypatch.setattr(hosted, "BACKOFF_S", 0.01)
+    script, url = fake
+    script.answers = [first, first, (200, {}, _completion(" Paris"))]
+    llm = LLM.load("openai:m", base_url=url, api_key=KEY)
+    assert llm.generate_text("The capital of France is", 2) == " Paris"
+    assert len(script.seen) == 3 and all(s["auth"] == f"Bearer {KEY}" for s in script.seen)
+    assert script.seen[0]["temperature"] == 0.0 and script.seen[0]["max_tokens"] == 2  # greedy, as LLM
+    assert llm.usage == {"prompt_tokens": 3, "completion_tokens": 2, "requests": 1}
+
+
+def test_retries_are_bounded_and_errors_are_one_line_without_the_key(fake, monkeypatch) -> None:
+    monkeypatch.setattr(hosted, "BACKOFF_S", 0.01)
+    script, url = fake
+    llm = LLM.load("openai:m", base_url=url, api_key=KEY)
+    script.answers = [(500, {}, _error("boom"))] * hosted.MAX_ATTEMPTS
+    with pytest.raises(LmforgeError, match=f"HTTP 500: boom \\(after {hosted.MAX_ATTEMPTS} tries") as e:
+        llm.generate_text("x", 2)
+    assert script.answers == [] and "\n" not in str(e.value)
+    # A Retry-After beyond the total wait fails at once; a 401 is not retried, and its echo of the key is redacted.
+    script.answers = [(429, {"Retry-After": "3600"}, _error("quota"))]
+    with pytest.raises(LmforgeError, match="HTTP 429: quota \\(after 1 tries"):
+        llm.generate_text("x", 2)
+    script.answers = [(401, {}, _error(f"Incorrect API key provided: {KEY}"))]
+    with pytest.raises(LmforgeError, match="HTTP 401") as e:
+        llm.chat("x", 2)
+    assert KEY not in str(e.value) and "[key]" in str(e.value) and "API key" in str(e.value)
+
+
+def test_an_endpoint_that_is_down_is_one_line_naming_the_url() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(LmforgeError) as e:
+        LLM.load("openai:default", base_url=url)
+    text = str(e.value)
+    assert text.startswith(f"cannot reach {url}/models") and "lmforge serve" in text and "\n" not in text
