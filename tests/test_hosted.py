@@ -9,16 +9,20 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lmforge import LLM, hosted
+from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.hosted import HostedLLM
 from lmforge.loading import EMBEDDING_MODEL, resolve
 from lmforge.serve import create_app
+from lmforge.sizing import memory
 
+from .conftest import tiny_llm
 from .serving import serving
 
 KEY = "sk-lmforge-test-6f1d0c9a"  # the secret that must appear in no file
@@ -53,11 +57,11 @@ def test_hosted_smollm2_answers_as_the_local_model(smollm2: LLM, hosted_smol: Ho
             assert r["probabilities"][label] == pytest.approx(loc["probabilities"][label], abs=1e-4)
     # The same summarization prompt, greedy: the same words.
     assert hosted_smol.summarize(ARTICLE, max_length=12) == smollm2.summarize(ARTICLE, max_length=12)
-    assert hosted_smol.generate_text("The capital of France is", 6) == smollm2.generate_text(
-        "The capital of France is", 6
+    assert hosted_smol.generate_text("The capital of France is", 4) == smollm2.generate_text(
+        "The capital of France is", 4
     )
-    assert hosted_smol.chat("你好", 6) == smollm2.chat("你好", 6)
-    assert "".join(hosted_smol.stream("Once upon a time", 6)) == smollm2.generate_text("Once upon a time", 6)
+    assert hosted_smol.chat("你好", 4) == smollm2.chat("你好", 4)
+    assert "".join(hosted_smol.stream("Once upon a time", 4)) == smollm2.generate_text("Once upon a time", 4)
     assert hosted_smol.usage["completion_tokens"] > 0 and KEY not in repr(hosted_smol)
 
 
@@ -203,3 +207,70 @@ def test_an_endpoint_that_is_down_is_one_line_naming_the_url() -> None:
         LLM.load("openai:default", base_url=url)
     text = str(e.value)
     assert text.startswith(f"cannot reach {url}/models") and "lmforge serve" in text and "\n" not in text
+
+
+def test_select_and_eval_rank_a_local_and_a_hosted_model_and_write_no_key(
+    smol_url: str, tiny_tokenizer, tmp_path: Path, monkeypatch, capsys, one_thread
+) -> None:
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LMFORGE_TEST_KEY", KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # Sizing is test_select's subject: a fixed runtime baseline spares this test its fresh-process measurement.
+    monkeypatch.setattr(memory, "runtime_baseline", lambda: {"infer": 300 * 2**20, "train": 400 * 2**20})
+    local = str(tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "tiny"))
+    data = tmp_path / "spam.jsonl"
+    rows = [("Free entry! Win cash now", "spam"), ("See you at lunch", "ham"), ("中奖了！立即领取", "spam")]
+    data.write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
+    hosted_flags = [
+        "--base-url",
+        smol_url,
+        "--api-key-env",
+        "LMFORGE_TEST_KEY",
+        "--price",
+        "openai:default=0.15,0.6",
+    ]
+    argv = ["select", "--task", "classify", "--data", str(data), "--candidates", f"{local},openai:default"]
+    assert main([*argv, "--sample", "2", *hosted_flags]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| rank"))
+    assert "tokens (in+out)" in header and "cost (USD)" in header
+    found = {
+        line.split("|")[2].strip(): line
+        for line in table.splitlines()
+        if line.startswith("| 1") or line.startswith("| 2")
+    }
+    assert set(found) == {local, "openai:SmolLM2-135M-Instruct.Q4_1"}, table
+    hosted_row = [c.strip() for c in found["openai:SmolLM2-135M-Instruct.Q4_1"].split("|")]
+    tokens_in, tokens_out = map(int, hosted_row[header.split("|").index(" tokens (in+out) ")].split("+"))
+    assert tokens_in > 100 and tokens_out == 0  # label scoring generates nothing
+    assert float(hosted_row[header.split("|").index(" cost (USD) ")]) == pytest.approx(
+        tokens_in / 1000 * 0.15, abs=1e-4
+    )
+    argv = [
+        "eval",
+        local,
+        "openai:default",
+        "--task",
+        "classify",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "report"),
+    ]
+    assert main([*argv, *hosted_flags]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == [
+        f"{local} (zero-shot)",
+        "openai:SmolLM2-135M-Instruct.Q4_1 (zero-shot)",
+    ]
+    assert report["rows"][1]["examples"] == 3 and "+" in report["rows"][1]["tokens"]
+    assert "ms/example" in report["columns"] and report["comparisons"]
+    printed = capsys.readouterr()
+    # The key went over HTTP only: no file lmforge wrote (reports, store, caches) and nothing printed holds it.
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 3 and not [p for p in written if KEY.encode() in p.read_bytes()]
+    assert KEY not in printed.out + printed.err
+    # Without the variable the key is named by, one line says so.
+    monkeypatch.delenv("LMFORGE_TEST_KEY")
+    assert main([*argv[:1], *argv[2:], *hosted_flags]) == 2  # the hosted model alone
+    assert "LMFORGE_TEST_KEY holds no API key" in capsys.readouterr().err

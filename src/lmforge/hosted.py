@@ -45,6 +45,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
@@ -117,6 +118,54 @@ class TextModel(Protocol):
     def embed(self, texts: str | Sequence[str]) -> np.ndarray: ...
 
     def similarity(self, a: str, b: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where ``eval`` and ``select`` find their hosted candidates: a base URL and the *name* of the environment
+    variable that holds the key (never the key: these settings may be printed or recorded)."""
+
+    base_url: str | None = None
+    api_key_env: str | None = None  # None: $OPENAI_API_KEY when set
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def open(self, name: str) -> HostedLLM:
+        key = None
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise LmforgeError(
+                    f"the environment variable {self.api_key_env} holds no API key",
+                    hint=f"export {self.api_key_env}=... before running, or name another with --api-key-env",
+                )
+        return HostedLLM.load(name, base_url=self.base_url, api_key=key, timeout_s=self.timeout_s)
+
+
+Price = tuple[float, float]  # USD per 1,000 prompt tokens and per 1,000 completion tokens
+
+
+def parse_prices(specs: Sequence[str]) -> dict[str, Price]:
+    """``["openai:x=0.15,0.60"]`` -> ``{"openai:x": (0.15, 0.6)}``: prices per 1k prompt and completion tokens."""
+    prices: dict[str, Price] = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        parts = values.split(",")
+        try:
+            price = (float(parts[0]), float(parts[1])) if len(parts) == 2 and name.strip() else None
+        except ValueError:
+            price = None
+        if price is None or not all(math.isfinite(p) and p >= 0 for p in price):
+            raise LmforgeError(
+                f"price {spec!r} is not MODEL=INPUT,OUTPUT",
+                hint="give USD per 1k prompt and completion tokens, e.g. --price openai:gpt-4o-mini=0.15,0.60",
+            )
+        prices[name.strip()] = price
+    return prices
+
+
+def cost(usage: dict[str, int], price: Price) -> float:
+    """What ``usage`` (a HostedLLM's token counts) costs at ``price``."""
+    return usage["prompt_tokens"] / 1000 * price[0] + usage["completion_tokens"] / 1000 * price[1]
 
 
 class ContextExceededError(LmforgeError):

@@ -276,7 +276,7 @@ class _Service:
         top = body.logprobs
 
         def score() -> list[Any]:
-            return [None if top is None else prompt_logprobs(self.llm, ids, top) for ids in prompts]
+            return [None] * len(prompts) if top is None else prompt_logprobs(self.llm, prompts, top)
 
         scored = await self._in_thread(request, score)
         shown = texts if len(texts) == len(prompts) else [self.llm.tokenizer.decode(ids) for ids in prompts]
