@@ -274,3 +274,51 @@ def test_select_and_eval_rank_a_local_and_a_hosted_model_and_write_no_key(
     monkeypatch.delenv("LMFORGE_TEST_KEY")
     assert main([*argv[:1], *argv[2:], *hosted_flags]) == 2  # the hosted model alone
     assert "LMFORGE_TEST_KEY holds no API key" in capsys.readouterr().err
+
+
+def _chat(content: str) -> dict:
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+
+
+def test_an_endpoint_that_cannot_score_is_asked_to_choose(fake) -> None:
+    script, url = fake
+    llm = LLM.load("openai:m", base_url=url, api_key=KEY)
+    llm._mode = "plain"  # a model without a chat template: labels are scored on /completions first
+    script.answers = [(400, {}, _error("echo is not supported")), (200, {}, _chat('{"label": "spam"}'))]
+    assert llm.classify_text("WIN CASH", labels=LABELS) == {
+        "label": "spam",
+        "probabilities": {"spam": 1.0, "ham": 0.0},
+    }
+    scoring, choosing = script.seen
+    assert scoring["echo"] is True and scoring["max_tokens"] == 0 and scoring["prompt"][1].endswith("\n spam")
+    schema = choosing["response_format"]["json_schema"]["schema"]
+    assert (
+        schema["properties"]["label"]["enum"] == LABELS and "WIN CASH" in choosing["messages"][0]["content"]
+    )
+    llm._mode = "chat"  # no rendering endpoint: straight to the choice; a server without formats answers text
+    script.answers = [
+        (200, {}, _chat("Ham.")),
+        (200, {}, _chat("我觉得是 spam")),
+        (200, {}, _chat("no idea")),
+    ]
+    found = llm.classify_text(["see you", "中奖了", "?"], labels=LABELS)
+    assert [f["label"] for f in found] == ["ham", "spam", None]
+
+
+def test_a_text_beyond_the_context_is_summarized_in_halves_and_merged(fake) -> None:
+    script, url = fake
+    llm = LLM.load("openai:m", base_url=url, api_key=KEY)
+    llm._mode = "chat"
+    too_long = (400, {}, _error("prompt of 900 tokens exceeds the context", code="context_length_exceeded"))
+    script.answers = [
+        too_long,
+        (200, {}, _chat("First part.")),
+        (200, {}, _chat("Second.")),
+        (200, {}, _chat("Both.")),
+    ]
+    text = "word " * 400
+    with pytest.warns(UserWarning, match="two halves"):
+        assert llm.summarize(text, max_length=8) == "Both."
+    prompts = [s["messages"][0]["content"] for s in script.seen]
+    assert "First part.\nSecond." in prompts[3] and all(s["stop"] == ["\n\n"] for s in script.seen)
+    assert len(prompts[1]) < len(prompts[0]) and len(prompts[2]) < len(prompts[0])
