@@ -219,7 +219,7 @@ def test_select_and_eval_rank_a_local_and_a_hosted_model_and_write_no_key(
     monkeypatch.setattr(memory, "runtime_baseline", lambda: {"infer": 300 * 2**20, "train": 400 * 2**20})
     local = str(tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "tiny"))
     data = tmp_path / "spam.jsonl"
-    rows = [("Free entry! Win cash now", "spam"), ("See you at lunch", "ham"), ("中奖了！立即领取", "spam")]
+    rows = [("中奖了！立即领取", "spam"), ("See you at lunch", "ham"), ("Free entry! Win cash now", "spam")]
     data.write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
     hosted_flags = [
         "--base-url",
@@ -256,6 +256,8 @@ def test_select_and_eval_rank_a_local_and_a_hosted_model_and_write_no_key(
         str(data),
         "--out",
         str(tmp_path / "report"),
+        "--limit",
+        "2",
     ]
     assert main([*argv, *hosted_flags]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -263,7 +265,7 @@ def test_select_and_eval_rank_a_local_and_a_hosted_model_and_write_no_key(
         f"{local} (zero-shot)",
         "openai:SmolLM2-135M-Instruct.Q4_1 (zero-shot)",
     ]
-    assert report["rows"][1]["examples"] == 3 and "+" in report["rows"][1]["tokens"]
+    assert report["rows"][1]["examples"] == 2 and "+" in report["rows"][1]["tokens"]
     assert "ms/example" in report["columns"] and report["comparisons"]
     printed = capsys.readouterr()
     # The key went over HTTP only: no file lmforge wrote (reports, store, caches) and nothing printed holds it.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmforge import inference
 from lmforge.errors import LmforgeError
@@ -37,18 +38,23 @@ class LLM(LoadedModel):
         cls,
         name_or_path: str | Path | None = None,
         *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        quant: str = "auto",
+        compile: bool | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        **options: Any,
     ) -> Any:  # an LLM, or a HostedLLM for "openai:MODEL"
         """``LoadedModel.load``'s names and options (dtype, device, quant, compile), and ``openai:MODEL``: a
         hosted model at ``base_url`` (default ``$OPENAI_BASE_URL``, else OpenAI's) with ``api_key`` (default
         ``$OPENAI_API_KEY``); ``timeout_s`` bounds each HTTP request."""
         if hosted_model(name_or_path) is not None:
-            if options:
+            local = {"dtype": dtype != "auto", "device": device != "auto", "quant": quant != "auto"}
+            local["compile"] = compile is not None
+            if any(local.values()):
                 raise LmforgeError(
-                    f"{', '.join(sorted(options))} do not apply to a hosted model",
+                    f"{', '.join(k for k, given in local.items() if given)} do not apply to a hosted model",
                     hint="leave them out: the endpoint decides how its model runs",
                 )
             return HostedLLM.load(str(name_or_path), base_url=base_url, api_key=api_key, timeout_s=timeout_s)
@@ -57,7 +63,7 @@ class LLM(LoadedModel):
                 "base_url and api_key are for hosted models",
                 hint="name one as openai:MODEL, or leave them out",
             )
-        return super().load(name_or_path, **options)
+        return super().load(name_or_path, dtype=dtype, device=device, quant=quant, compile=compile)
 
     def export(
         self,
