@@ -186,7 +186,6 @@ class HostedLLM:
         base_url: str | None = None,
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not model:
             raise LmforgeError(
@@ -208,8 +207,9 @@ class HostedLLM:
                 hint="set OPENAI_API_KEY, or pass api_key=...; for a local server give its base_url",
             )
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        # The key lives in the client's headers only; ``_redact`` keeps it out of every message raised.
-        self._client = httpx.Client(headers=headers, timeout=timeout_s, transport=transport)
+        # The key lives in the client's headers, and in ``_secret`` only for ``_redact`` to keep it out of every
+        # message raised.
+        self._client = httpx.Client(headers=headers, timeout=timeout_s)
         self._secret = key or ""
         self.timeout_s = float(timeout_s)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
@@ -599,7 +599,7 @@ class HostedLLM:
         detail = body.get("error") if isinstance(body, dict) else None
         message = detail.get("message") if isinstance(detail, dict) else None
         code = detail.get("code") if isinstance(detail, dict) else None
-        text = self._redact(" ".join(str(message or body or "").split())[:300])
+        text = self._redact(" ".join(str(message or body or "").split()))[:300]  # redacted, then cut
         where = f"{self.base_url}{path}" + (f" answered HTTP {status}" if status else " sent an error")
         if code == "context_length_exceeded":
             return ContextExceededError(f"{where}: {text}", hint="shorten the input")
@@ -609,7 +609,7 @@ class HostedLLM:
         return LmforgeError(f"{where}: {text}", hint=hint or "see the endpoint's message")
 
     def _unreachable(self, path: str, error: Exception) -> LmforgeError:
-        reason = self._redact(" ".join(str(error).split())[:200]) or type(error).__name__
+        reason = self._redact(" ".join(str(error).split()))[:200] or type(error).__name__
         return LmforgeError(
             f"cannot reach {self.base_url}{path}: {reason}",
             hint="start the server (e.g. `lmforge serve`) or fix base_url / --base-url",
