@@ -31,7 +31,7 @@ The API key (``api_key=``, else ``$OPENAI_API_KEY``) is sent as a header and wri
 ``source`` and ``usage`` (what reports and the store see) never hold it, and any text that comes back from the
 endpoint (an error message echoing the key) is redacted before it is raised.
 
-Why one module of ~620 lines: it is one client. The methods and the HTTP layer under them (retries, one-line
+Why one module of ~670 lines: it is one client. The methods and the HTTP layer under them (retries, one-line
 errors, redaction) share one connection and the key in its headers; split apart, the key would have to travel
 between modules, which is what this module exists to prevent.
 """
