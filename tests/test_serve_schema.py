@@ -36,7 +36,14 @@ def test_the_schema_has_every_endpoint_with_its_request_model(api_schema):
     operations = {
         (op.method.upper(), op.path): op for op in (r.ok() for r in api_schema.get_all_operations())
     }
-    posts = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/summarize"]
+    posts = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/apply-template",
+        "/v1/embeddings",
+        "/v1/classify",
+        "/v1/summarize",
+    ]
     assert set(operations) == {("GET", p) for p in ("/v1/models", "/health", "/metrics")} | {
         ("POST", p) for p in posts
     }

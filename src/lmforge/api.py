@@ -6,6 +6,8 @@ llm = LLM.load("runs/my-model")        # an lmforge / Hugging Face model folder
 llm = LLM.load("model.Q4_K_M.gguf")    # a llama.cpp GGUF file
 llm = LLM.load("spam-filter:v1")       # a model in the local store (`lmforge list`; no tag means :latest)
 llm = LLM.load("HuggingFaceTB/SmolLM2-135M-Instruct")   # a Hugging Face hub id (needs network)
+llm = LLM.load("openai:gpt-4o-mini")   # a hosted model (key from $OPENAI_API_KEY): the same methods
+llm = LLM.load("openai:default", base_url="http://127.0.0.1:8000/v1")   # e.g. another `lmforge serve`
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmforge import inference
 from lmforge.errors import LmforgeError
 from lmforge.export import export_model
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
-from lmforge.loading import LoadedModel
+from lmforge.hosted import DEFAULT_TIMEOUT_S, HostedLLM
+from lmforge.loading import LoadedModel, hosted_model
 from lmforge.structured import requested_constraint
 from lmforge.tokenizer import Message
 from lmforge.tools import ToolCalling, ToolReply, tool_calling
@@ -28,7 +32,40 @@ from lmforge.tools import ToolCalling, ToolReply, tool_calling
 
 class LLM(LoadedModel):
     """A loaded model with everything users do with it. ``LLM.load(...)`` (see ``lmforge.loading``) finds it;
-    ``complete``, ``prompt_ids`` and ``eos_ids`` come from ``LoadedModel``."""
+    ``complete``, ``prompt_ids`` and ``eos_ids`` come from ``LoadedModel``. ``LLM.load("openai:MODEL")``
+    returns a ``HostedLLM`` instead: the same methods (``lmforge.hosted.TextModel``), answered by an endpoint."""
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        quant: str = "auto",
+        compile: bool | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Any:  # an LLM, or a HostedLLM for "openai:MODEL"
+        """``LoadedModel.load``'s names and options (dtype, device, quant, compile), and ``openai:MODEL``: a
+        hosted model at ``base_url`` (default ``$OPENAI_BASE_URL``, else OpenAI's) with ``api_key`` (default
+        ``$OPENAI_API_KEY``); ``timeout_s`` bounds each HTTP request."""
+        if hosted_model(name_or_path) is not None:
+            local = {"dtype": dtype != "auto", "device": device != "auto", "quant": quant != "auto"}
+            local["compile"] = compile is not None
+            if any(local.values()):
+                raise LmforgeError(
+                    f"{', '.join(k for k, given in local.items() if given)} do not apply to a hosted model",
+                    hint="leave them out: the endpoint decides how its model runs",
+                )
+            return HostedLLM.load(str(name_or_path), base_url=base_url, api_key=api_key, timeout_s=timeout_s)
+        if base_url is not None or api_key is not None:
+            raise LmforgeError(
+                "base_url and api_key are for hosted models",
+                hint="name one as openai:MODEL, or leave them out",
+            )
+        return super().load(name_or_path, dtype=dtype, device=device, quant=quant, compile=compile)
 
     def export(
         self,

@@ -127,6 +127,38 @@ def _add_loading(parser: argparse.ArgumentParser, *, compile_default: bool | Non
     _add_speed(parser, compile_default=compile_default)
 
 
+def _add_hosted(parser: argparse.ArgumentParser) -> None:
+    """--base-url, --api-key-env, --price: where ``openai:MODEL`` candidates are answered, and what they cost.
+    The key is named by its environment variable, never given as a flag (shell history, ``ps`` show flags)."""
+    hosted = parser.add_argument_group("hosted models (openai:MODEL)")
+    hosted.add_argument(
+        "--base-url",
+        help="the OpenAI-compatible API of the openai:MODEL models, e.g. http://127.0.0.1:8000/v1 "
+        "(default: $OPENAI_BASE_URL, else OpenAI's)",
+    )
+    hosted.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding their API key (default: OPENAI_API_KEY when set)",
+    )
+    hosted.add_argument(
+        "--price",
+        action="append",
+        metavar="MODEL=IN,OUT",
+        help="USD per 1k prompt and completion tokens of a hosted model, for the cost column "
+        "(repeatable; e.g. openai:gpt-4o-mini=0.15,0.60; default: no cost shown)",
+    )
+
+
+def _hosted_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from lmforge.hosted import Endpoint, parse_prices
+
+    return {
+        "endpoint": Endpoint(base_url=args.base_url, api_key_env=args.api_key_env),
+        "prices": parse_prices(args.price or []),
+    }
+
+
 def _add_speed(
     parser: argparse.ArgumentParser, *, compile_default: bool | None = False, old_file_types: bool = False
 ) -> None:
@@ -460,6 +492,7 @@ def cmd_select(args: argparse.Namespace) -> None:
         summary_field=args.summary_field,
         quant=args.quant,
         compile=args.compile,
+        **_hosted_settings(args),
     )
     print(result.table())
 
@@ -629,7 +662,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.evaluate import comparison_lines, markdown_table
-    from lmforge.recipes.evaluate import COLUMNS, evaluate_models
+    from lmforge.recipes.evaluate import evaluate_models
 
     report = evaluate_models(
         [*args.models, *(args.model_flags or [])] or ["default"],
@@ -646,8 +679,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         stride=args.stride,
         quant=args.quant,
         compile=args.compile,
+        **_hosted_settings(args),
     )
-    print(markdown_table(report["rows"], COLUMNS[args.task]))
+    print(markdown_table(report["rows"], report["columns"]))
     print("\n[low, high]: 95 % bootstrap interval")
     if report["comparisons"]:
         print("paired tests on the same examples (p < 0.05 is significant):")
@@ -988,7 +1022,10 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         "eval", help="evaluate models side by side: perplexity | classify | summarize | choice"
     )
     p.add_argument(
-        "models", nargs="*", metavar="MODEL", help="models to compare (default: the bundled model)"
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="models to compare, openai:MODEL for a hosted one (default: the bundled model)",
     )
     p.add_argument(
         "-m",
@@ -1023,6 +1060,7 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
     _deprecated(p, "--out-dir", "--out", dest="out")
     _add_speed(p, compile_default=None)
+    _add_hosted(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("list", help="models in the local store (~/.lmforge, or $LMFORGE_HOME)")
@@ -1182,7 +1220,9 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="classify | generate | summarize | embed (required)")
     p.add_argument("--data", required=True, help=".jsonl / .csv file with your examples (required)")
     p.add_argument(
-        "--candidates", required=True, help="comma-separated models (folder, .gguf, name, hub id; required)"
+        "--candidates",
+        required=True,
+        help="comma-separated models (folder, .gguf, name, hub id, openai:MODEL; required)",
     )
     p.add_argument("--max-ram", help="memory limit, e.g. 4GB or 512MiB (default: RAM free now)")
     p.add_argument(
@@ -1194,6 +1234,7 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--label-field", default="label", help="classify: field holding the label")
     p.add_argument("--summary-field", default="summary", help="summarize: field holding the reference")
     _add_speed(p, compile_default=None)
+    _add_hosted(p)
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser(

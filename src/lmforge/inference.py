@@ -71,6 +71,33 @@ def sequence_logprobs(
     return out
 
 
+@torch.inference_mode()
+def prompt_logprobs(
+    llm: LoadedModel, rows: Sequence[list[int]], top: int = 0
+) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """For each row, each token after the first: log p(row[t] | row[:t]) and the ``top`` most likely tokens
+    there as (token_id, logprob), best first. What OpenAI's legacy ``echo`` with ``logprobs`` returns for a
+    prompt: the server's /v1/completions scores prompts with it, so a hosted client scores labels as
+    ``classify`` does (rows in left-padded batches, as ``sequence_logprobs``)."""
+    out: list[list[tuple[float, list[tuple[int, float]]]]] = [[] for _ in rows]
+    for chunk in _length_batches([len(r) for r in rows], 8):
+        ids, mask = _padded(llm, [rows[i] for i in chunk], hint="shorten the prompt (nothing is truncated)")
+        logits, _ = llm.model(ids, attention_mask=mask)
+        for r, i in enumerate(chunk):
+            n = len(rows[i])
+            logprobs = logits[r, ids.shape[1] - n : -1].float().log_softmax(-1)  # position t predicts t+1
+            chosen = logprobs.gather(1, ids[r, ids.shape[1] - n + 1 :].unsqueeze(1)).squeeze(1).tolist()
+            tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+            if top:
+                values, indices = logprobs.topk(top, dim=-1)
+                tops = [
+                    list(zip(a.tolist(), b.tolist(), strict=True))
+                    for a, b in zip(indices, values, strict=True)
+                ]
+            out[i] = list(zip(chosen, tops, strict=True))
+    return out
+
+
 def _length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
     """Indices into ``lengths`` in batches of similar length: left padding then wastes little compute."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)

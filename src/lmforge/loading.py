@@ -8,6 +8,10 @@ ask here), in this order:
     a store entry      "spam:v1", "spam" (= spam:latest)              see lmforge.store
     a hub id           "org/name"                                     downloaded (safetensors and JSON only)
 
+A name starting ``openai:`` comes before all of these: a hosted model behind an OpenAI-compatible API
+(``openai:MODEL``; ``openai:default`` is the first model the endpoint lists). It has no files: ``LLM.load``
+opens it as ``lmforge.hosted.HostedLLM``, and everything that needs weights says so in one line.
+
 So a folder ``./spam`` wins over the stored ``spam:latest``, which wins over the hub.
 
 ``LoadedModel`` is a network with its tokenizer and generation defaults; ``lmforge.LLM`` is the same object with
@@ -69,7 +73,8 @@ DTYPES = {
     "fp16": torch.float16,
 }
 
-SourceKind = Literal["packaged", "gguf", "folder", "store", "hub"]
+SourceKind = Literal["packaged", "gguf", "folder", "store", "hub", "hosted"]
+HOSTED_SCHEME = "openai:"
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -119,6 +124,8 @@ class Source:
 def resolve(name_or_path: str | Path | None, store: Store | None = None) -> Source:
     """Which model ``name_or_path`` means (see the module docstring for the order); downloads nothing."""
     name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if hosted_model(name) is not None:
+        return Source("hosted", name, None)
     if name == "default":
         name = DEFAULT_MODEL
     if name in PACKAGED_MODELS:
@@ -142,6 +149,12 @@ def resolve(name_or_path: str | Path | None, store: Store | None = None) -> Sour
     )
 
 
+def hosted_model(name: str | Path | None) -> str | None:
+    """The MODEL of a hosted model's name ``openai:MODEL``; None when ``name`` names no hosted model."""
+    text = str(name) if name is not None else ""
+    return text[len(HOSTED_SCHEME) :] if text.startswith(HOSTED_SCHEME) else None
+
+
 def locate_model(name_or_path: str | Path | None) -> tuple[str, Path]:
     """Where a model's files are: ("gguf", file), ("folder", dir), ("store", checked dir), ("hub", downloaded
     dir); a packaged model is a "gguf" or a "folder". Downloads a hub model."""
@@ -152,6 +165,12 @@ def model_files(source: Source) -> tuple[str, Path]:
     """``locate_model`` for a name already resolved."""
     if source.kind == "hub":
         return "hub", download_from_hub(source.name)
+    if source.kind == "hosted":
+        raise LmforgeError(
+            f"{source.name} is a hosted model: it has no weights or files here",
+            hint="open it with lmforge.LLM.load (generation, classify, summarize, embed), "
+            "or rank it with eval / select",
+        )
     assert source.path is not None
     if source.kind == "packaged":
         return ("folder" if source.path.is_dir() else "gguf"), source.path
@@ -169,8 +188,8 @@ def describe_source(name: str, store: Store | None = None) -> dict[str, Any]:
     if source.kind == "store":
         manifest = store.get(name)
         return {"ref": f"{manifest['name']}:{manifest['tag']}", "id": manifest.get("id")}
-    if source.kind == "hub":
-        return {"hub": name}
+    if source.kind in ("hub", "hosted"):
+        return {source.kind: name}
     assert source.path is not None
     record: dict[str, Any] = {"path": str(source.path.resolve())}
     if source.kind == "packaged":

@@ -21,6 +21,11 @@ def chat_or_plain(tokenizer: Tokenizer, user: str, answer_prefix: str = "") -> s
     """The prompt text for a user message: the model's chat template when it has one, else plain text."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": user}]) + answer_prefix
+    return plain_prompt(user, answer_prefix)
+
+
+def plain_prompt(user: str, answer_prefix: str = "") -> str:
+    """The prompt text for a model without a chat template (a hosted one's too: ``lmforge.hosted``)."""
     return user + "\n" + answer_prefix
 
 

@@ -29,8 +29,9 @@ from lmforge.evaluate import (
     rouge_per_example,
     write_report,
 )
+from lmforge.hosted import Endpoint, HostedLLM, Price, cost
 from lmforge.inference import classify, summarize
-from lmforge.loading import LoadedModel, add_metrics_if_stored
+from lmforge.loading import LoadedModel, add_metrics_if_stored, hosted_model
 from lmforge.stats import Comparison, mcnemar
 
 EvalTask = Literal["perplexity", "classify", "summarize", "choice"]
@@ -40,6 +41,7 @@ COLUMNS = {
     "summarize": ["model", "rouge1", "rouge2", "rougeL", "examples", "seconds"],
     "choice": ["model", "accuracy", "examples", "seconds"],
 }
+HOSTED_COLUMNS = ["ms/example", "tokens", "cost"]  # added when a hosted model is in the report
 
 
 def evaluate_models(
@@ -59,10 +61,14 @@ def evaluate_models(
     max_length: int = 60,
     quant: str = "auto",
     compile: bool | None = None,
+    endpoint: Endpoint | None = None,
+    prices: dict[str, Price] | None = None,
 ) -> dict[str, Any]:
     """Evaluate each of ``models`` (loaded with ``quant`` and ``compile``, as ``LoadedModel.load`` takes them)
     on ``data``. Models packed on request (``quant`` int8 / int4) are reported, and their scores stored, under
-    the name with the kind added, ``spam:v1 (int4)``, beside the float model's."""
+    the name with the kind added, ``spam:v1 (int4)``, beside the float model's. Hosted models
+    (``openai:MODEL`` at ``endpoint``; classify and summarize) add latency per example, tokens, and their cost
+    where ``prices`` names them (USD per 1k prompt and completion tokens); the report lists its ``columns``."""
     if task not in COLUMNS:
         raise LmforgeError(f"unknown evaluation task {task!r}", hint=f"use one of {', '.join(COLUMNS)}")
     out = Path(out_dir)
@@ -91,8 +97,29 @@ def evaluate_models(
             )
             rows.append(_row("baseline: tf-idf + logistic regression", metrics, len(texts), start))
             answers.append(predicted)
+    hosted: list[int] = []  # the rows of hosted models (nothing of theirs goes into the store)
     for name in models:
         start = time.perf_counter()
+        if hosted_model(name) is not None:
+            rows.append(
+                _hosted_row(
+                    name,
+                    task,
+                    data,
+                    endpoint or Endpoint(),
+                    (prices or {}).get(name),
+                    texts=texts,
+                    truth=truth,
+                    labels=names,
+                    text_field=text_field,
+                    summary_field=summary_field,
+                    limit=limit,
+                    max_length=max_length,
+                )
+            )
+            answers.append(rows[-1].pop("answers"))
+            hosted.append(len(rows) - 1)
+            continue
         llm = LoadedModel.load(name, quant=quant, compile=compile)
         label = f"{name} ({quant})" if quant in ("int8", "int4") else name
         if task == "perplexity":
@@ -143,17 +170,70 @@ def evaluate_models(
         scores["data"] = str(Path(data).resolve())
         suffix = label[len(name) :]  # packed scores are kept beside the float model's, not over them
         stored.append((llm.source, f"{task}:{Path(data).name}{suffix}", scores))
-    baseline = len(rows) > len(stored)  # the baseline row comes first
+    baseline = bool(train_file) and task == "classify"  # the baseline row comes first
     comparisons = _paired_tests(task, rows, answers, truth=truth, labels=names, baseline=baseline)
-    report: dict[str, Any] = {"task": task, "data": str(data), "rows": rows, "comparisons": comparisons}
+    columns = COLUMNS[task] + (HOSTED_COLUMNS if hosted else [])
+    report: dict[str, Any] = {
+        "task": task,
+        "data": str(data),
+        "rows": rows,
+        "comparisons": comparisons,
+        "columns": columns,
+    }
     # A model from the store keeps its scores, intervals and paired verdicts: `lmforge show` and its card list
     # them. Written once every model is scored, as the verdicts need them all.
-    for row, (source, key, scores) in zip(rows[int(baseline) :], stored, strict=True):
+    local_rows = [r for i, r in enumerate(rows) if i >= int(baseline) and i not in hosted]
+    for row, (source, key, scores) in zip(local_rows, stored, strict=True):
         paired = _paired_with(row["model"], comparisons)
         add_metrics_if_stored(source, {key: {**scores, **({"paired": paired} if paired else {})}})
-    json_path, md_path = write_report(report, out, COLUMNS[task])
+    json_path, md_path = write_report(report, out, columns)
     report["files"] = [str(json_path), str(md_path)]
     return report
+
+
+def _hosted_row(
+    name: str,
+    task: str,
+    data: str | Path,
+    endpoint: Endpoint,
+    price: Price | None,
+    *,
+    texts: list[str],
+    truth: list[str],
+    labels: list[str],
+    text_field: str,
+    summary_field: str,
+    limit: int | None,
+    max_length: int,
+) -> dict[str, Any]:
+    """A hosted model's row (with its answers under ``answers``, for the paired tests): the local models'
+    questions through its endpoint, with latency, tokens and cost."""
+    if task not in ("classify", "summarize"):
+        raise LmforgeError(
+            f"eval --task {task} needs the model's own token probabilities, which {name} does not give here",
+            hint="evaluate hosted models with --task classify or --task summarize",
+        )
+    start = time.perf_counter()
+    llm: HostedLLM = endpoint.open(name)
+    try:
+        if task == "classify":
+            found = llm.classify_text(texts, labels)
+            predicted = [str(f["label"]) for f in found]
+            metrics = classification_metrics(truth, predicted, labels)
+            row = _row(llm.source + " (zero-shot)", metrics, len(texts), start)
+            answers: Any = predicted
+        else:
+            records = read_records(data, [text_field, summary_field])[:limit]
+            summaries = llm.summarize([str(r[text_field]) for r in records], max_length)
+            answers = rouge_per_example(summaries, [str(r[summary_field]) for r in records])
+            row = {"model": llm.source, **rouge_means(answers), "examples": len(records)}
+            row["seconds"] = time.perf_counter() - start
+    finally:
+        llm.close()
+    row["ms/example"] = f"{row['seconds'] * 1000 / max(1, row['examples']):.0f}"
+    row["tokens"] = f"{llm.usage['prompt_tokens']}+{llm.usage['completion_tokens']}"
+    row["cost"] = f"{cost(llm.usage, price):.4f}" if price is not None else "-"
+    return {**row, "answers": answers}
 
 
 def _paired_tests(

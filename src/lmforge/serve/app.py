@@ -60,6 +60,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
+from lmforge.inference import prompt_logprobs
 from lmforge.progress import stop_when
 from lmforge.quant import packing_summary
 from lmforge.serve.access_log import TOKENS, AccessLog
@@ -77,6 +78,7 @@ from lmforge.serve.protocol import (
     GenerationRequest,
     ResponseFormat,
     SummarizeRequest,
+    TemplateRequest,
     TokenText,
     usage,
 )
@@ -153,6 +155,7 @@ def create_app(
     streams = {"response_model": None, "responses": STREAMED_RESPONSE}
     app.add_api_route("/v1/chat/completions", service.chat, methods=["POST"], **streams)
     app.add_api_route("/v1/completions", service.completions, methods=["POST"], **streams)
+    app.add_api_route("/v1/apply-template", service.apply_template, methods=["POST"])
     app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
     app.add_api_route("/v1/classify", service.classify, methods=["POST"])
     app.add_api_route("/v1/summarize", service.summarize, methods=["POST"])
@@ -272,7 +275,7 @@ class _Service:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+            return await self._echo(body, request)
         prompt = body.prompt
         texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
         one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
@@ -282,6 +285,43 @@ class _Service:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         fmt = ResponseFormat(chat=False, model_id=self.model_id, token_text=self.token_text)
         return await self._generate(request, body, prompts, max_tokens, body.logprobs, fmt)
+
+    async def _echo(self, body: CompletionRequest, request: Request) -> JSONResponse:
+        """OpenAI's legacy ``echo``: the prompts back with their tokens' logprobs (``logprobs``: how many top
+        tokens too), generating nothing. Scoring a text this way is what a hosted client's ``classify_text``
+        does (``lmforge.hosted``), so it answers as the local model's label scoring does."""
+        if body.max_tokens != 0 or body.stream or body.n != 1:
+            raise APIError(
+                400,
+                "echo is supported for scoring prompts: with max_tokens=0, n=1 and no stream",
+                param="echo",
+            )
+        if self.llm.config.is_encoder:
+            raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
+        prompt = body.prompt
+        texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+        one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
+        self._check_rows(1 if one else len(prompt), 1)
+        self._check_chars([len(t) for t in texts], self.max_prompt_chars, "prompt")
+        prompts = await self._prepare(self._completion_prompts, prompt)
+        self._check_fits(prompts, 0)
+        top = body.logprobs
+
+        def score() -> list[Any]:
+            return [None] * len(prompts) if top is None else prompt_logprobs(self.llm, prompts, top)
+
+        scored = await self._in_thread(request, score)
+        shown = texts if len(texts) == len(prompts) else [self.llm.tokenizer.decode(ids) for ids in prompts]
+        fmt = ResponseFormat(chat=False, model_id=self.model_id, token_text=self.token_text)
+        counts = usage(sum(len(ids) for ids in prompts), 0)
+        return JSONResponse(fmt.echo(list(zip(shown, prompts, scored, strict=True)), counts))
+
+    async def apply_template(self, body: TemplateRequest) -> dict[str, str]:
+        """The text ``messages`` render to with the model's chat template, ready for /v1/completions
+        (llama.cpp's /apply-template): a hosted client builds its prompts exactly as the local model does."""
+        messages = [m.as_dict() for m in body.messages]
+        self._check_chars([sum(len(m["content"]) for m in messages)], self.max_prompt_chars, "messages")
+        return {"prompt": await self._prepare(self.llm.tokenizer.apply_chat_template, messages)}
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """A prompt is text, a list of texts, token ids, or a list of token-id lists."""

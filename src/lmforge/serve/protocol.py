@@ -315,7 +315,15 @@ class CompletionRequest(GenerationRequest):
         | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS)]
     )
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = False  # with max_tokens=0: the prompt's own token logprobs (OpenAI's legacy scoring)
+
+
+class TemplateRequest(BaseModel):
+    """/v1/apply-template (llama.cpp's /apply-template): the prompt text chat messages render to."""
+
+    messages: Annotated[list[ChatMessage], _at_most(MAX_MESSAGES)] = Field(
+        min_length=1, max_length=MAX_MESSAGES
+    )
 
 
 class EmbeddingRequest(BaseModel):
@@ -492,6 +500,26 @@ class ResponseFormat:
 
     def usage_chunk(self, counts: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(stream=True), "choices": [], "usage": counts}
+
+    def echo(
+        self,
+        prompts: list[tuple[str, list[int], list[tuple[float, list[tuple[int, float]]]] | None]],
+        counts: dict[str, int],
+    ) -> dict[str, Any]:
+        """Prompts echoed back, nothing generated: (text, token ids, each later token's (logprob, top) or None
+        without ``logprobs``). The first token has no logprob (nothing comes before it), as in OpenAI's API."""
+        text = self.token_text.text
+        out = []
+        for index, (prompt, ids, scored) in enumerate(prompts):
+            logprobs = None
+            if scored is not None:
+                logprobs = {
+                    "tokens": [text(i) for i in ids],
+                    "token_logprobs": [None, *(lp for lp, _ in scored)],
+                    "top_logprobs": [None, *({text(i): lp for i, lp in top} for _, top in scored)],
+                }
+            out.append({"index": index, "text": prompt, "logprobs": logprobs, "finish_reason": "length"})
+        return {**self._envelope(stream=False), "choices": out, "usage": counts}
 
     def response(
         self, choices: list[tuple[str, list[TokenLogprob] | None, str]], counts: dict[str, int]

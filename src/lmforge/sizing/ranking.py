@@ -28,9 +28,10 @@ from lmforge.config import Config
 from lmforge.data.labelled import encode_conversation, format_instruction, read_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import classification_metrics, markdown_table, rouge_means, rouge_per_example
+from lmforge.hosted import Endpoint, HostedLLM, Price, cost
 from lmforge.inference import classify, embed, sequence_logprobs, summarize
 from lmforge.info import ModelHeader, read_header
-from lmforge.loading import LoadedModel
+from lmforge.loading import LoadedModel, hosted_model
 from lmforge.prompts import chat_or_plain, classification_prompt, summarization_prompt
 from lmforge.quant import QUANT_CHOICES
 from lmforge.sizing.measure import decode_speed
@@ -52,6 +53,8 @@ class Candidate:
     status: str = "ok"  # ok, or why the candidate cannot be recommended
     details: dict[str, Any] = field(default_factory=dict)
     quality_ci95: tuple[float, float] | None = None
+    tokens: tuple[int, int] | None = None  # a hosted candidate's prompt and completion tokens on the sample
+    cost: float | None = None  # what they cost, when the user gave the model's prices
     # Per-example results on the sample, for the paired tests: right/wrong (accuracies), ROUGE-L, or
     # (bits, bytes) of each row (bits per byte).
     per_example: Any = field(default=None, repr=False)
@@ -91,6 +94,11 @@ class Selection:
             for i, c in enumerate(self.candidates)
         ]
         columns = ["rank", "candidate", "params", "memory (est.)", self.latency_unit, self.metric, "status"]
+        if any(c.tokens for c in self.candidates):  # hosted candidates: what they used (and cost)
+            for row, c in zip(rows, self.candidates, strict=True):
+                row["tokens (in+out)"] = f"{c.tokens[0]}+{c.tokens[1]}" if c.tokens else "-"
+                row["cost (USD)"] = f"{c.cost:.4f}" if c.cost is not None else "-"
+            columns[-1:-1] = ["tokens (in+out)", "cost (USD)"]
         limits = f"max RAM {format_size(self.max_ram)}" + (
             f", max latency {self.max_latency_ms:g} {self.latency_unit}" if self.max_latency_ms else ""
         )
@@ -131,6 +139,8 @@ def select(
     seed: int = 0,
     quant: str = "auto",
     compile: bool | None = None,
+    endpoint: Endpoint | None = None,
+    prices: dict[str, Price] | None = None,
 ) -> Selection:
     """Rank ``candidates`` (any name ``LoadedModel.load`` takes) for ``task`` on a sample of ``data``.
 
@@ -144,7 +154,9 @@ def select(
     other scored one on the same sample (``stats``). Candidates load on the CPU with ``quant`` and ``compile``
     (``LoadedModel.load``'s), so speed and quality are those of the model as the user will run it, and the
     memory check sizes them as loaded: packed layers at their packed size, a compiled decode step's memory
-    where scoring decodes.
+    where scoring decodes. Hosted candidates (``openai:MODEL`` at ``endpoint``) are scored on the same sample
+    (classify, summarize, embed) with their tokens, and their cost where ``prices`` names them (USD per 1k
+    prompt and completion tokens); they use no memory here.
     """
     compile = runtime.compile_by_default() if compile is None else compile  # as LLM.load decides
     check_choice("task", task, allowed=SELECT_TASKS)
@@ -170,8 +182,11 @@ def select(
         label_field=label_field,
         summary_field=summary_field,
     )
+    prices = prices or {}
     results = [
-        _evaluate_candidate(
+        _evaluate_hosted(name, job, endpoint or Endpoint(), max_latency_ms, prices.get(name))
+        if hosted_model(name) is not None
+        else _evaluate_candidate(
             name, job, limit=limit, max_latency_ms=max_latency_ms, quant=quant, compile=compile
         )
         for name in names
@@ -297,14 +312,17 @@ class _Job:
         return "embed", 16, max(len(tok.encode(t)) for t in texts)
 
     # ------------------------------------------------------------- scoring
-    def score(self, llm: LoadedModel) -> tuple[float | None, float, dict[str, Any], Any]:
+    def score(self, llm: LoadedModel | HostedLLM) -> tuple[float | None, float, dict[str, Any], Any]:
         """(quality, latency in ms per example or per token, details, per-example results) of a loaded model
-        on the sample."""
+        (or a hosted one: classify, summarize and embed) on the sample."""
         start = time.perf_counter()
         if self.task == "classify":
             texts = [r["text"] for r in self.rows]
-            head = self.uses_head(llm.config)
-            if head:
+            head = not isinstance(llm, HostedLLM) and self.uses_head(llm.config)
+            if isinstance(llm, HostedLLM):
+                found = llm.classify_text(texts, self.labels, self.examples)
+                assert isinstance(found, list)
+            elif head:
                 found = classify(llm, texts)
             else:  # zero-shot, also for a model whose head knows other labels
                 found = classify(llm, texts, self.labels, self.examples, zero_shot=True)
@@ -325,16 +343,22 @@ class _Job:
                 [t == p for t, p in zip(truth, predicted, strict=True)],
             )
         if self.task == "summarize":
-            summaries = summarize(llm, [r["text"] for r in self.rows], max_length=SUMMARY_TOKENS)
+            texts = [r["text"] for r in self.rows]
+            if isinstance(llm, HostedLLM):
+                summaries = llm.summarize(texts, max_length=SUMMARY_TOKENS)
+            else:
+                summaries = summarize(llm, texts, max_length=SUMMARY_TOKENS)
             latency = (time.perf_counter() - start) * 1000 / len(self.rows)
             per_example = rouge_per_example(summaries, [r["summary"] for r in self.rows])
             scores = rouge_means(per_example)
             return scores["rougeL"], latency, scores, per_example["rougeL"]
         if self.task == "generate":
+            assert not isinstance(llm, HostedLLM)  # _evaluate_hosted does not score generate
             bits, size = _bits_and_bytes(llm, self.rows)
             tokens_per_s, how = decode_speed(llm)
             return sum(bits) / max(1, sum(size)), 1000 / tokens_per_s, {"speed": how}, (bits, size)
-        vectors = embed(llm, [r["text"] for r in self.rows])
+        texts = [r["text"] for r in self.rows]
+        vectors = llm.embed(texts) if isinstance(llm, HostedLLM) else embed(llm, texts)
         latency = (time.perf_counter() - start) * 1000 / len(self.rows)
         if not self.labels:
             return None, latency, {"note": "the data has no labels, so quality is not scored"}, None
@@ -455,6 +479,36 @@ def _evaluate_candidate(
     except LmforgeError as e:
         candidate.status = f"failed: {e.message}"
         return candidate
+    if max_latency_ms is not None and candidate.latency_ms > max_latency_ms:
+        candidate.status = f"too slow: {candidate.latency_ms:.0f} > {max_latency_ms:g} {job.latency_unit}"
+    return candidate
+
+
+def _evaluate_hosted(
+    name: str, job: _Job, endpoint: Endpoint, max_latency_ms: float | None, price: Price | None
+) -> Candidate:
+    """Score a hosted candidate on the sample through its endpoint; its errors mark only its row."""
+    candidate = Candidate(name)
+    if job.task == "generate":
+        candidate.status = (
+            "failed: bits per byte needs the model's own tokens; hosted models are ranked on classify, "
+            "summarize and embed"
+        )
+        return candidate
+    try:
+        llm = endpoint.open(name)
+        try:
+            candidate.quality, candidate.latency_ms, candidate.details, candidate.per_example = job.score(llm)
+        finally:
+            llm.close()
+    except LmforgeError as e:
+        candidate.status = f"failed: {e.message}"
+        return candidate
+    candidate.name = llm.source  # openai:default -> the model it means
+    candidate.tokens = (llm.usage["prompt_tokens"], llm.usage["completion_tokens"])
+    candidate.cost = cost(llm.usage, price) if price is not None else None
+    if candidate.per_example is not None:
+        candidate.quality_ci95 = interval(*job.statistic(candidate.per_example))
     if max_latency_ms is not None and candidate.latency_ms > max_latency_ms:
         candidate.status = f"too slow: {candidate.latency_ms:.0f} > {max_latency_ms:g} {job.latency_unit}"
     return candidate
