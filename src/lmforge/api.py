@@ -205,7 +205,15 @@ class LLM(LoadedModel):
         ids = [calling.prompt_ids(self.tokenizer, messages)]
         states = None if constraint is None else [constraint.start()]
         params = SamplingParams.from_kwargs(**options)
-        done = complete(self.model, self.tokenizer, ids, params, self.eos_ids, states)[0]
+        done = complete(
+            self.model,
+            self.tokenizer,
+            ids,
+            params,
+            self.eos_ids,
+            constraints=states,
+            prefix_cache=self.prefix_cache,
+        )[0]
         return calling.reply(done.text, done.finish_reason)
 
     # -------------------------------------------------------------------- tasks
