@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge import LLM, LmforgeError
+from lmforge.cli import main
 from lmforge.config import Config
 from lmforge.data.mlm import MaskedLanguageModelingObjective, mask_tokens
 from lmforge.data.text import TokenShards, prepare_corpus
@@ -19,12 +20,12 @@ from lmforge.generate import left_pad
 from lmforge.loading import EMBEDDING_MODEL, bundled_model_path
 from lmforge.lora import LoRAConfig
 from lmforge.model import IGNORE_INDEX
+from lmforge.recipes.evaluate import evaluate_models
 from lmforge.recipes.finetune import finetune
 from lmforge.recipes.pretrain import pretrain
+from lmforge.sizing import select
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.methods import add_classifier, choose_trainable
-
-from .test_errors import assert_one_line_error, run_cli
 
 TEXTS = [
     "WINNER!! Claim your free prize now",
@@ -169,8 +170,7 @@ def shards(bert_tokenizer, tmp_path_factory):
         f"Document {i}: the quick brown fox jumps over the lazy dog. 今天天气很好，我们去公园散步。"
         for i in range(60)
     ]
-    tok = Tokenizer(bert_tokenizer.backend, eos_token="[SEP]", pad_token="[PAD]")
-    prepare_corpus(iter(docs), tok, folder, val_fraction=0.2, show_progress=False)
+    prepare_corpus(iter(docs), bert_tokenizer, folder, val_fraction=0.2, show_progress=False)
     return folder
 
 
@@ -218,12 +218,15 @@ def encoder_folder(bert_tokenizer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,pooling", [("full", "cls"), ("lora", None)])
-def test_finetune_classify_on_an_encoder(encoder_folder, spam_files, tmp_path, method, pooling, one_thread):
+def test_finetune_classify_on_an_encoder(
+    encoder_folder, spam_files, tmp_path, monkeypatch, method, pooling, one_thread
+):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
     train = {"max_steps": 4, "micro_batch_size": 4, "eval_every": 2, "lr": 1e-3, "warmup_steps": 0,
              "progress": False, "out_dir": str(tmp_path / "run")}  # fmt: skip
     result = finetune(
         str(encoder_folder), spam_files / "train.jsonl", task="classify", method=method, pooling=pooling,
-        lora={"rank": 4}, train=train,
+        lora={"rank": 4}, train=train, save_as=f"spam-encoder:{method}",
     )  # fmt: skip
     assert (tmp_path / "run" / "validation.json").is_file() and result.best is not None
     tuned = LLM.load(result.model_dir, dtype="float32", device="cpu")
@@ -232,6 +235,15 @@ def test_finetune_classify_on_an_encoder(encoder_folder, spam_files, tmp_path, m
     assert all(set(r["probabilities"]) == {"ham", "spam"} for r in out)
     if method == "lora":
         assert (tmp_path / "run" / "adapter").is_dir()
+        return
+    # the store, eval and select take an encoder classifier as they take a decoder one
+    stored = LLM.load("spam-encoder:full", dtype="float32", device="cpu")
+    assert stored.classify_text(["我到家了"]) == tuned.classify_text(["我到家了"])
+    test = spam_files / "test.jsonl"
+    report = evaluate_models(["spam-encoder:full"], test, task="classify", out_dir=tmp_path / "eval")
+    assert report["rows"][0]["examples"] == 8 and 0 <= report["rows"][0]["accuracy"] <= 1
+    ranked = select("classify", test, candidates=["spam-encoder:full"], sample=8, compile=False)
+    assert ranked.candidates[0].status == "ok" and ranked.candidates[0].details.get("head") is not False
 
 
 def test_freeze_and_lora_train_only_the_last_blocks_and_the_head(bert_tokenizer):
@@ -249,7 +261,9 @@ def test_freeze_and_lora_train_only_the_last_blocks_and_the_head(bert_tokenizer)
     assert all(".lora_" in n or n.startswith(("pooler.", "score.")) for n in trainable)
 
 
-def test_an_encoder_given_a_decoder_only_job_is_one_clear_line(encoder_folder, spam_files, shards, tmp_path):
+def test_an_encoder_given_a_decoder_only_job_is_one_clear_line(
+    encoder_folder, spam_files, shards, tmp_path, capsys
+):
     llm = LLM.load(encoder_folder, dtype="float32", device="cpu")
     for attempt in (lambda: llm.generate_text("Hello"), lambda: llm.chat("你好")):
         with pytest.raises(LmforgeError, match="sentence encoder"):
@@ -260,10 +274,8 @@ def test_an_encoder_given_a_decoder_only_job_is_one_clear_line(encoder_folder, s
         pretrain(
             shards, arch="tiny-llama", objective="mlm", train={"max_steps": 1, "out_dir": str(tmp_path / "q")}
         )
-    assert_one_line_error(
-        run_cli(
-            "finetune", str(encoder_folder), "--data", str(spam_files / "train.jsonl"), "--task", "summarize"
-        ),
-        "sentence encoder",
-        "--task summarize",
-    )
+    argv = ["finetune", str(encoder_folder), "--data", str(spam_files / "train.jsonl"), "--task", "summarize"]
+    assert main(argv) == 2  # the command line: exit 2 and one line, no traceback
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "sentence encoder" in lines[0], lines
+    assert "--task summarize" in lines[0] and "Traceback" not in lines[0]
