@@ -79,7 +79,7 @@ def test_mlm_loss_equals_bert_for_masked_lm(bert_tokenizer, tmp_path, one_thread
         generator=generator, probability=0.3,
     )  # fmt: skip
     assert (targets != IGNORE_INDEX).sum() >= 4
-    save_model_folder(tmp_path / "mlm", model.config, model.state_dict(), bert_tokenizer)
+    LLM(model, bert_tokenizer, source="bert-tiny").export(tmp_path / "mlm", format="hf")
     assert json.loads((tmp_path / "mlm" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
     hf = AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm", dtype=torch.float32).eval()
     assert type(hf).__name__ == "BertForMaskedLM"
@@ -106,7 +106,7 @@ def test_classifier_export_gives_bert_for_sequence_classification_logits(
     with torch.no_grad():
         model.score.bias.normal_(0, 0.5)
     assert model.lm_head is None and model.pooler is not None  # the classifier replaces the MLM head
-    save_model_folder(tmp_path / "clf", model.config, model.state_dict(), bert_tokenizer)
+    LLM(model, bert_tokenizer, source="bert-tiny").export(tmp_path / "clf", format="hf")
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf", dtype=torch.float32).eval()
     assert hf.config.id2label == {0: "ham", 1: "spam", 2: "other"}
     ids, attention = right_padded(bert_tokenizer, TEXTS)
@@ -243,7 +243,10 @@ def test_finetune_classify_on_an_encoder(
     report = evaluate_models(["spam-encoder:full"], test, task="classify", out_dir=tmp_path / "eval")
     assert report["rows"][0]["examples"] == 8 and 0 <= report["rows"][0]["accuracy"] <= 1
     ranked = select("classify", test, candidates=["spam-encoder:full"], sample=8, compile=False)
-    assert ranked.candidates[0].status == "ok" and ranked.candidates[0].details.get("head") is not False
+    chosen = ranked.candidates[0]
+    assert (
+        chosen.status == "ok" and chosen.quality is not None and chosen.details["method"] == "fine-tuned head"
+    )
 
 
 def test_freeze_and_lora_train_only_the_last_blocks_and_the_head(bert_tokenizer):
