@@ -5,6 +5,10 @@
 ``freeze`` trains only the last ``train_last_blocks`` blocks, the final norm and the task head ("LLMs from
 scratch" ch. 6) and keeps the rest frozen; ``lora`` trains low-rank adapters (plus the head for classification) and saves them in PEFT's layout.
 
+An encoder (BERT-style, e.g. all-MiniLM-L6-v2) fine-tunes for ``classify`` only, with BERT's head
+(``encoder.py``) on its tokens pooled by ``pooling`` (mean, or [CLS] through BERT's pooler); the other tasks
+write text, which an encoder cannot, and are one clear error.
+
 Validation by default: ``val_split`` (10 %) of the training data is held out (stratified by label for
 classification, at random for instructions and summaries, the same rows for the same seed), or ``val_file``
 is read instead; the Trainer evaluates on it every ``eval_every`` steps and the final model is the evaluation
