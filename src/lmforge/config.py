@@ -50,7 +50,8 @@ class Config:
     tie_embeddings: bool = True
     sliding_window: int | None = None  # Mistral-style local attention window
     type_vocab_size: int = 0  # BERT's segment embeddings (sentence A / B)
-    pooling: Literal["mean", "cls"] = "mean"  # how embed() turns token states into one vector
+    pooling: Literal["mean", "cls"] = "mean"  # how embed() and an encoder's classifier pool token states
+    masked_lm: bool = False  # an encoder with BERT's masked-language-model head (cls.predictions)
     dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -170,6 +171,10 @@ class Config:
         total += self.block_size * d if self.position == "learned" else 0
         total += self.type_vocab_size * d
         total += 0 if self.tie_embeddings or self.is_encoder else self.vocab_size * d
+        if self.is_encoder and self.masked_lm:  # dense, LayerNorm, the vocabulary bias (an untied decoder)
+            total += d * d + d + 2 * d + self.vocab_size + (0 if self.tie_embeddings else self.vocab_size * d)
+        if self.is_encoder and self.labels:  # BERT's pooler ([CLS] pooling), then the head with its bias
+            total += (d * d + d if self.pooling == "cls" else 0) + (d + 1) * len(self.labels)
         return total
 
     # ------------------------------------------------------------- HF mapping
@@ -204,6 +209,9 @@ class Config:
                     "this BERT config uses relative positions or is a decoder",
                     hint="lmforge reads BERT-style encoders with absolute positions (e.g. all-MiniLM-L6-v2)",
                 )
+            # BertForMaskedLM / BertForPreTraining folders carry the MLM head (cls.predictions), tied by default.
+            heads = [a for a in hf.get("architectures") or [] if isinstance(a, str)]
+            masked_lm = any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in heads)
             return cls(
                 **common,
                 block_size=hf.get("max_position_embeddings", 512),
@@ -217,9 +225,10 @@ class Config:
                 gated_mlp=False,
                 activation=_activation_from_hf(hf.get("hidden_act", "gelu")),
                 bias=True,
-                tie_embeddings=False,
+                tie_embeddings=masked_lm and hf.get("tie_word_embeddings", True),
                 type_vocab_size=hf.get("type_vocab_size", 2),
                 pooling=pooling,
+                masked_lm=masked_lm,
             )
         if model_type == "gpt2":
             if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
@@ -289,7 +298,7 @@ class Config:
         }
         if self.is_encoder:
             hf.update(
-                architectures=["BertModel"],
+                architectures=[self._bert_class()],
                 max_position_embeddings=self.block_size,
                 num_hidden_layers=self.n_layer,
                 num_attention_heads=self.n_head,
@@ -355,6 +364,11 @@ class Config:
                 **({"labels": self.labels, "regression": self.regression} if self.labels else {}),
             }
         return hf
+
+    def _bert_class(self) -> str:
+        """The head decides the class transformers builds: the classifier, the MLM head, or none."""
+        heads = "BertForSequenceClassification" if self.labels else "BertForMaskedLM"
+        return heads if self.labels or self.masked_lm else "BertModel"
 
     def _check_exportable_as_gpt2(self) -> None:
         if not (self.position == "learned" and self.norm == "layernorm" and not self.gated_mlp and self.bias):
@@ -456,6 +470,11 @@ _SIZE_BOUNDS = {
 }
 _OPTIONAL_SIZES = ("n_kv_head", "head_dim", "intermediate_size", "sliding_window")
 _LLAMA = dict(model_type="llama", position="rope", norm="rmsnorm", gated_mlp=True, activation="silu")
+# BERT encoders for masked-language-model pretraining (``lmforge pretrain --objective mlm --arch bert-mini``):
+# post-norm LayerNorm blocks, learned positions, segment embeddings, the MLM head tied to the word embeddings.
+_BERT = dict(model_type="bert", position="learned", norm="layernorm", norm_eps=1e-12, gated_mlp=False)
+_BERT |= dict(activation="gelu", bias=True, type_vocab_size=2, vocab_size=30522, block_size=512)
+_BERT |= dict(pooling="cls", masked_lm=True, tie_embeddings=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768},
@@ -555,6 +574,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "intermediate_size": 160,
         "tie_embeddings": False,
     },
+    # Google's compact BERTs (Turc et al. 2019): tiny 2x128, mini 4x256, small 4x512; base 12x768.
+    "bert-tiny": {**_BERT, "n_layer": 2, "n_head": 2, "n_embd": 128},
+    "bert-mini": {**_BERT, "n_layer": 4, "n_head": 4, "n_embd": 256},
+    "bert-small": {**_BERT, "n_layer": 4, "n_head": 8, "n_embd": 512},
+    "bert-base": {**_BERT, "n_layer": 12, "n_head": 12, "n_embd": 768},
     "tiny-qwen2": {
         **_LLAMA,
         "model_type": "qwen2",

@@ -306,6 +306,10 @@ def build_from_state(
         if model.rope is not None:
             with torch.device("cpu"):
                 model.rope = type(model.rope)(config)
+    elif isinstance(model, Encoder) and model.lm_head is not None and config.tie_embeddings:
+        model.lm_head.weight = (
+            model.wte.weight
+        )  # assign=True loaded the shared table twice: one parameter again
     if packed:
         pack_model(model, packed)
     return model.to(device=device, dtype=dtype)

@@ -237,9 +237,9 @@ def prepare_corpus(
 ) -> dict[str, Any]:
     """Tokenize a corpus into train/val token shards in ``out_dir``; returns what it writes to ``meta.json``.
 
-    Every document is followed by the tokenizer's eos id. The val split takes whole documents, each with
-    probability ``val_fraction`` from a hash of ``(seed, document index)``; when that gives fewer than half of
-    ``val_fraction`` of all tokens (a single-file corpus such as Shakespeare, a handful of documents), the
+    Every document is followed by the tokenizer's eos id (a BERT tokenizer's [SEP]: it has no eos). The val
+    split takes whole documents, each with probability ``val_fraction`` from a hash of ``(seed, document
+    index)``; when that gives fewer than half of ``val_fraction`` of all tokens (a single-file corpus such as Shakespeare, a handful of documents), the
     shortfall is cut from the end of the train stream instead, nanoGPT's 90/10 split. The output depends only
     on the corpus, the tokenizer, ``val_fraction``, ``seed`` and ``shard_tokens``: ``workers`` (processes
     encoding in parallel) changes the speed, never a byte. The tokenizer is saved in ``out_dir`` too, so the
@@ -249,7 +249,7 @@ def prepare_corpus(
         raise LmforgeError(f"val_fraction {val_fraction} is not in [0, 1)", hint="e.g. val_fraction=0.005")
     if workers < 1 or shard_tokens < 1:
         raise LmforgeError("workers and shard_tokens must be at least 1", hint="e.g. workers=4")
-    eos_id = tokenizer.eos_id
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.token_to_id("[SEP]")
     if eos_id is None:
         raise LmforgeError(
             "the tokenizer has no eos token to separate documents",
@@ -313,7 +313,7 @@ def prepare_corpus(
         "vocab_size": vocab_size,
         "dtype": dtype.name,
         "eos_id": eos_id,
-        "eos_token": tokenizer.eos_token,
+        "eos_token": tokenizer.eos_token or "[SEP]",
         "documents": documents,
         "val_documents": val_documents,
         "tokens": {split: writers[split].tokens for split in SPLITS},

@@ -81,6 +81,19 @@ _BERT_TOP = {
     "wtt.weight": "embeddings.token_type_embeddings.weight",
     "embed_norm.weight": "embeddings.LayerNorm.weight",
     "embed_norm.bias": "embeddings.LayerNorm.bias",
+    "pooler.weight": "pooler.dense.weight",
+    "pooler.bias": "pooler.dense.bias",
+}
+# An encoder's heads sit beside the body ("bert."), under BertForSequenceClassification's / BertForMaskedLM's names.
+_BERT_HEADS = {
+    "score.weight": "classifier.weight",
+    "score.bias": "classifier.bias",
+    "mlm.dense.weight": "cls.predictions.transform.dense.weight",
+    "mlm.dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "mlm.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "lm_head.weight": "cls.predictions.decoder.weight",
+    "lm_head.bias": "cls.predictions.bias",
 }
 _LAYER_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -96,6 +109,8 @@ def _name_maps(config: Config) -> tuple[dict[str, str], dict[str, str], str]:
 
 def to_hf_state(state: StateDict, config: Config) -> StateDict:
     """lmforge parameter names and layouts -> transformers' (for saving)."""
+    if config.is_encoder:
+        return _encoder_to_hf_state(state, config)
     out: StateDict = {}
     gpt2 = config.model_type == "gpt2"
     top, layer_map, prefix = _name_maps(config)
@@ -126,6 +141,40 @@ def to_hf_state(state: StateDict, config: Config) -> StateDict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _encoder_body(config: Config) -> str:
+    """The prefix of an encoder's body: "bert." when a head sits beside it (as transformers' BertFor* save it)."""
+    return "bert." if config.labels or config.masked_lm else ""
+
+
+def _encoder_to_hf_state(state: StateDict, config: Config) -> StateDict:
+    """An encoder's names: the body as BertModel's (under ``_encoder_body``) and the heads under theirs; the
+    tied MLM decoder is the embeddings, not saved twice."""
+    body = _encoder_body(config)
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if name in _BERT_HEADS:
+            out[_BERT_HEADS[name]] = tensor
+        elif name in _BERT_TOP:
+            out[body + _BERT_TOP[name]] = tensor
+        elif (match := _LAYER_KEY.match(name)) is not None:
+            out[f"{body}encoder.layer.{match.group(1)}.{_BERT_LAYER[match.group(2)]}"] = tensor
+        else:
+            raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _encoder_heads(config: Config) -> dict[str, str]:
+    """transformers' name -> ours, for the heads this encoder's config builds (a checkpoint's others, such as
+    a classifier's pooler read as a plain encoder or BERT's next-sentence head, are left out)."""
+    wanted = {"pooler."} if config.labels and config.pooling == "cls" else set()
+    wanted |= {"score."} if config.labels else set()
+    wanted |= {"mlm.", "lm_head."} if config.masked_lm else set()
+    heads = {**_BERT_HEADS, "pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"}
+    return {theirs: ours for ours, theirs in heads.items() if ours.startswith(tuple(wanted))}
+
+
 def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
     """transformers' parameter names and layouts -> lmforge's (for loading)."""
     gpt2 = config.model_type == "gpt2"
@@ -134,9 +183,15 @@ def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
     reverse_layer = {v: k for k, v in layer_map.items()}
     layer_key = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
     out: StateDict = {}
+    if config.is_encoder:
+        heads = _encoder_heads(config)
+        reverse_top = {k: v for k, v in reverse_top.items() if not k.startswith("pooler.")}
     for name, tensor in hf_state.items():
         if config.is_encoder:
             name = name.removeprefix("bert.")  # BertFor* checkpoints nest the encoder under "bert."
+            if name in heads:
+                out[heads[name]] = tensor
+                continue
         if gpt2 and not name.startswith(("transformer.", "lm_head.", "score.")):
             name = "transformer." + name  # original GPT-2 checkpoints have no "transformer." prefix
         if name in ("lm_head.weight", "score.weight"):
@@ -297,20 +352,24 @@ def read_hf_weights(folder: Path) -> StateDict:
 def hf_module_name(name: str, config: Config) -> str:
     """Our module name (``blocks.3.attn.q_proj``) -> transformers' (``model.layers.3.self_attn.q_proj``)."""
     match = _LAYER_KEY.match(name)
-    if config.model_type == "gpt2" or config.is_encoder or match is None:
+    if config.model_type == "gpt2" or match is None:
         raise UnsupportedError(
             f"no transformers module for {name!r} in a {config.model_type} model",
-            hint="PEFT-layout adapters are written for Llama-family models (llama, qwen2, mistral)",
+            hint="PEFT-layout adapters are written for Llama-family models and BERT encoders",
         )
     i, rest = match.groups()
+    if config.is_encoder:
+        return f"{_encoder_body(config)}encoder.layer.{i}.{_BERT_LAYER[rest + '.weight'].removesuffix('.weight')}"
     return f"model.layers.{i}.{_LLAMA_LAYER[rest + '.weight'].removesuffix('.weight')}"
 
 
 def lmforge_module_name(hf_name: str, config: Config) -> str:
     """transformers' module name -> ours (the inverse of ``hf_module_name``)."""
-    reverse = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in _LLAMA_LAYER.items()}
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
-    if config.model_type == "gpt2" or config.is_encoder or match is None or match.group(2) not in reverse:
+    layers = _BERT_LAYER if config.is_encoder else _LLAMA_LAYER
+    reverse = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in layers.items()}
+    prefix = r"(?:bert\.)?encoder\.layer" if config.is_encoder else r"model\.layers"
+    match = re.match(rf"^{prefix}\.(\d+)\.(.+)$", hf_name)
+    if config.model_type == "gpt2" or match is None or match.group(2) not in reverse:
         raise UnsupportedError(
             f"unknown transformers module {hf_name!r}", hint="use an adapter for this model type"
         )

@@ -5,6 +5,10 @@
 ``freeze`` trains only the last ``train_last_blocks`` blocks, the final norm and the task head ("LLMs from
 scratch" ch. 6) and keeps the rest frozen; ``lora`` trains low-rank adapters (plus the head for classification) and saves them in PEFT's layout.
 
+An encoder (BERT-style, e.g. all-MiniLM-L6-v2) fine-tunes for ``classify`` only, with BERT's head
+(``encoder.py``) on its tokens pooled by ``pooling`` (mean, or [CLS] through BERT's pooler); the other tasks
+write text, which an encoder cannot, and are one clear error.
+
 Validation by default: ``val_split`` (10 %) of the training data is held out (stratified by label for
 classification, at random for instructions and summaries, the same rows for the same seed), or ``val_file``
 is read instead; the Trainer evaluates on it every ``eval_every`` steps and the final model is the evaluation
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge.config import Config
 from lmforge.data.labelled import (
     ClassificationObjective,
     SequenceObjective,
@@ -118,6 +123,15 @@ class FinetuneSettings:
         default="none", metadata={"help": "classify, imbalanced classes: weight the loss or resample"}
     )
     regression: bool = field(default=False, metadata={"help": "classify: predict a number (MSE)"})
+    pooling: Literal["mean", "cls"] | None = field(
+        default=None,
+        metadata={
+            "help": "classify with an encoder (BERT-style): pool its tokens by their mean, or by [CLS] through "
+            "BERT's pooler (what transformers' BertForSequenceClassification does, so its export loads there "
+            "with the same logits)",
+            "default_help": "the encoder's own: mean for all-minilm-l6-v2",
+        },
+    )
     include_prompt: bool = field(
         default=False, metadata={"help": "instruct/summarize: train on the prompt tokens too"}
     )
@@ -183,6 +197,9 @@ def run_finetune(
     selection = _selection(s)
     llm = llm or LoadedModel.load(s.model, dtype="float32", device="cpu")
     net, tok = llm.model, llm.tokenizer
+    check_encoder_task(net.config, s.task, s.pooling)
+    if s.pooling:
+        net.config.pooling = s.pooling
     block = min(s.block_size or 512, net.config.block_size)
     fields = {"text_field": s.text_field, "label_field": s.label_field, "regression": s.regression}
     if s.task == "classify":
@@ -254,6 +271,23 @@ def run_finetune(
         data_files = [f for f in (s.data, s.val_file) if f]
         store_run(result, s.save_as, parent=llm.source, recipe=recipe, data=data_files)
     return result
+
+
+def check_encoder_task(config: Config, task: str, pooling: str | None) -> None:
+    """An encoder fine-tunes for classification only; ``pooling`` is an encoder's choice (a decoder reads its
+    last token)."""
+    if config.is_encoder and task != "classify":
+        raise LmforgeError(
+            f"{config.name} is a sentence encoder (BERT-style): it cannot learn to write, so --task {task} "
+            "(a decoder-only recipe) does not apply",
+            hint="fine-tune it with --task classify, or give a language model (e.g. the default) for this task",
+        )
+    if pooling and not config.is_encoder:
+        raise LmforgeError(
+            f"--pooling {pooling} applies to encoders; {config.name} is a decoder and classifies from its "
+            "last token",
+            hint="drop --pooling",
+        )
 
 
 def _selection(s: FinetuneSettings) -> Selection:

@@ -9,15 +9,16 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lmforge.config import Config
+from lmforge.data.mlm import MaskedLanguageModelingObjective, prepare_for_mlm
 from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
-from lmforge.loading import LoadedModel
-from lmforge.model import Transformer
+from lmforge.loading import LoadedModel, build_network
+from lmforge.model import Network
 from lmforge.recipes.settings import (
     given_settings,
     load_yaml,
@@ -73,6 +74,13 @@ class PretrainSettings:
     tokenizer: str | Path | None = field(
         default=None, metadata={"help": "tokenizer folder", "default_help": "the one saved with the data"}
     )
+    objective: Literal["lm", "mlm"] = field(
+        default="lm",
+        metadata={
+            "help": "lm: next-token prediction (decoders); mlm: BERT's masked tokens (0.15 of them chosen, "
+            "then 80/10/10 [MASK]/random/kept) (encoders: --arch bert-mini, --init all-minilm-l6-v2)"
+        },
+    )
     train: TrainConfig = field(
         default_factory=TrainConfig,
         metadata={"flag_prefix": "", "title": "training (override the YAML file's train: section)"},
@@ -95,7 +103,7 @@ def load_recipe(path: str | Path) -> PretrainSettings:
 
 def build_model(
     tokenizer: Tokenizer, arch: str | None, model_config: dict[str, Any] | None, seed: int
-) -> Transformer:
+) -> Network:
     """A freshly initialised model from a preset and/or explicit sizes; the vocabulary follows the tokenizer."""
     overrides = dict(model_config or {})
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
@@ -109,7 +117,7 @@ def build_model(
             f"invalid model setting: {e}", hint="see lmforge.Config for the field names"
         ) from None
     torch.manual_seed(seed)  # the initial weights are part of what a seed reproduces
-    return Transformer(config)
+    return build_network(config)
 
 
 def pretrain(data: str | Path, **options: Any) -> TrainResult:
@@ -156,7 +164,21 @@ def run_pretrain(settings: PretrainSettings, *, given: Collection[str] | None = 
         lineage["preset"] = s.arch or "custom"
     shards = TokenShards(s.data, tok)
     block = train_config.block_size or net.config.block_size
-    task = LanguageModelingObjective(shards, train_config.micro_batch_size, block, seed=train_config.seed)
+    task: Any
+    if s.objective == "mlm":
+        prepare_for_mlm(net, train_config.seed)
+        lineage["objective"] = "mlm"
+        task = MaskedLanguageModelingObjective(
+            shards, tok, train_config.micro_batch_size, block, seed=train_config.seed
+        )
+    elif net.config.is_encoder:
+        raise LmforgeError(
+            f"{net.config.name} is an encoder (BERT-style): it sees the whole text at once, so it cannot "
+            "learn next-token prediction (--objective lm)",
+            hint="pretrain it with --objective mlm",
+        )
+    else:
+        task = LanguageModelingObjective(shards, train_config.micro_batch_size, block, seed=train_config.seed)
     trainer = Trainer(net, tok, task, train_config, lineage=lineage, settings=settings_record(s))
     result = trainer.fit(resume=s.resume)
     if s.save_as:

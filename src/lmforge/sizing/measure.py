@@ -40,7 +40,7 @@ from lmforge.model import Transformer, shell_device
 from lmforge.quant import QUANT_CHOICES
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig, Trainer, make_optimizer
-from lmforge.train.methods import choose_trainable
+from lmforge.train.methods import add_classifier, choose_trainable
 
 MEASURE_TOKENS = 256  # tokens per training step when measuring speed: enough to be matmul-bound, quick
 
@@ -274,8 +274,7 @@ def train_speed(
     """
     model = llm.model.train()
     if task == "classify":
-        model.config.labels = [str(i) for i in range(num_labels)]
-        model.score = nn.Linear(model.config.n_embd, num_labels, bias=False)
+        add_classifier(model, [str(i) for i in range(num_labels)], regression=False, seed=0)
     targets = list(lora_targets) if lora_targets else LoRAConfig().targets
     choose_trainable(model, mode, train_last_blocks, LoRAConfig(rank=lora_rank, targets=targets))
     optimizer = make_optimizer(model, TrainConfig(lr=1e-5), torch.device("cpu"))

@@ -42,7 +42,7 @@ from lmforge.model import Network, shell_device
 from lmforge.sizing.measure import PROBE, compile_overhead, runtime_baseline
 from lmforge.sizing.units import Component, MiB, format_size
 from lmforge.sizing.weights import held_weights, load_transient
-from lmforge.train.methods import choose_trainable
+from lmforge.train.methods import add_classifier, choose_trainable
 
 MODES = ("infer", "full", "freeze", "lora")
 # What the model computes. Inference: decode with a KV cache (generate), log-likelihoods over whole sequences
@@ -126,16 +126,20 @@ def model_shell(
     num_labels: int = 2,
 ) -> Network:
     """The model on the meta device (no memory), with fine-tuning's own choice of what trains."""
-    if config.is_encoder and (mode != "infer" or task != "embed"):
+    # An encoder embeds, and classifies once it has a trained head (no zero-shot: it cannot score text). Its
+    # training is not sized: the activation model below is the decoder's.
+    classifies = task == "classify" and bool(config.labels)
+    if config.is_encoder and not (mode == "infer" and (classifies or task == "embed")):
         raise UnsupportedError(
-            f"this model is a sentence encoder: it only embeds, so {mode} / {task} does not apply",
-            hint="size it with --task embed (inference)",
+            f"this model is a sentence encoder: it embeds (and classifies with a fine-tuned head), so "
+            f"{mode} / {task} is not sized",
+            hint="size it with --task embed, or --task classify once it has a classification head",
         )
     config = config.replace(extra=dict(config.extra))  # inject_lora records itself in the config
     with shell_device():
         net = build_network(config)
         if task == "classify":
-            net.score = nn.Linear(config.n_embd, num_labels, bias=False)
+            add_classifier(net, [str(i) for i in range(num_labels)], regression=False, seed=0)
     if mode == "infer":
         net.requires_grad_(False)
     else:

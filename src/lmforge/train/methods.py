@@ -10,28 +10,42 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError
 from lmforge.lora import LoRAConfig, inject_lora
-from lmforge.model import Transformer
+from lmforge.model import Network
 
 Method = Literal["full", "freeze", "lora"]
 
 
-def add_classifier(model: Transformer, labels: list[str], regression: bool, seed: int) -> None:
-    """Give the model a fresh head with one output per label (one for regression)."""
+def add_classifier(model: Network, labels: list[str], regression: bool, seed: int) -> None:
+    """Give the model a fresh head with one output per label (one for regression).
+
+    An encoder gets BERT's (``encoder.Encoder``): pooled by its ``config.pooling``, through a fresh pooler for
+    [CLS], into a linear layer with bias; a masked-LM head it had is dropped (the classifier replaces it)."""
     model.config.labels, model.config.regression = list(labels), regression
     torch.manual_seed(seed)
+    if isinstance(model, Encoder):
+        model.config.masked_lm, model.config.tie_embeddings = False, False
+        model.mlm = model.lm_head = None
+        width, kind = model.config.n_embd, {"device": model.device, "dtype": model.dtype}
+        model.pooler = nn.Linear(width, width, **kind) if model.config.pooling == "cls" else None
+        model.score = nn.Linear(width, len(labels), **kind)
+        for layer in (model.pooler, model.score):
+            if layer is not None:
+                nn.init.normal_(layer.weight, std=0.02)  # BERT's initializer_range
+                nn.init.zeros_(layer.bias)
+        return
     model.score = nn.Linear(
         model.config.n_embd, len(labels), bias=False, device=model.device, dtype=model.dtype
     )
     nn.init.normal_(model.score.weight, std=0.02)
 
 
-def choose_trainable(
-    model: Transformer, method: Method, train_last_blocks: int, lora: LoRAConfig | None
-) -> int:
+def choose_trainable(model: Network, method: Method, train_last_blocks: int, lora: LoRAConfig | None) -> int:
     """Set requires_grad for the method; returns the number of trainable parameters."""
     head = ["score."] if model.score is not None else []
+    head += ["pooler."] if getattr(model, "pooler", None) is not None else []  # an encoder's [CLS] pooler
     if method == "full":
         for name, p in model.named_parameters():
             # A classifier reads its score head: an untied LM head gets no gradient, and a parameter the
