@@ -56,7 +56,8 @@ class LLM(LoadedModel):
     ) -> str | list[str]:
         """Continue ``prompt`` (or each of a list of prompts) by up to ``max_new_tokens`` new tokens.
 
-        Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop.
+        Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop;
+        num_beams > 1 searches beams instead (length_penalty, early_stopping, no_repeat_ngram_size).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         budget = _new_tokens(max_new_tokens, max_length)
@@ -86,7 +87,13 @@ class LLM(LoadedModel):
         **options: Any,
     ) -> Iterator[str]:
         """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
-        params = self.sampling(max_new_tokens=_new_tokens(max_new_tokens, max_length), **options)
+        budget = _new_tokens(max_new_tokens, max_length)
+        if (options.get("num_beams") or 1) > 1:  # the best beam is known only at the end: one piece
+            text = self.complete([prompt], max_new_tokens=budget, **options)[0].text
+            if text:
+                yield text
+            return
+        params = self.sampling(max_new_tokens=budget, **options)
         ids = [self.prompt_ids(prompt)]
         for _, piece, _ in stream_completions(self.model, self.tokenizer, ids, params, self.eos_ids):
             if piece:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge import runtime
+from lmforge.beam import beam_complete, split_beam_options
 from lmforge.config import Config
 from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError, ModelFormatError
@@ -405,11 +406,24 @@ class LoadedModel:
 
         Options are ``SamplingParams`` fields: ``max_new_tokens`` (new tokens, not prompt + new as in
         transformers' ``max_length``), temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed,
-        stop.
+        stop; and beam search's (``lmforge.beam.BeamParams``): num_beams, length_penalty, early_stopping,
+        no_repeat_ngram_size (the best beam of each prompt).
         """
-        params = SamplingParams.from_kwargs(**options)
+        if (options.get("num_beams") or 1) > 1:
+            return [found[0] for found in self.complete_beams(prompts, **options)]
+        sampling, _ = split_beam_options(options)
+        params = SamplingParams.from_kwargs(**sampling)
         ids = [self.prompt_ids(p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, params, self.eos_ids)
+
+    def complete_beams(
+        self, prompts: Sequence[str | Sequence[Message]], **options: Any
+    ) -> list[list[Completion]]:
+        """Beam search: ``num_return_sequences`` completions per prompt, best first (``complete``'s options)."""
+        sampling, beams = split_beam_options(options)
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = [self.prompt_ids(p) for p in prompts]
+        return beam_complete(self.model, self.tokenizer, ids, params, beams, self.eos_ids)
 
     def __repr__(self) -> str:
         c = self.config

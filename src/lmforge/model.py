@@ -274,6 +274,14 @@ class StaticKVCache(KVCache):
         self.column.add_(self.live)
         self.positions.add_(self.live[:, None])
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows ``index`` in that order, repeats allowed (beam search copies a row per beam, then follows
+        the beams kept): the keys and values and each row's columns, position and mask go together."""
+        super().reorder(index)
+        self.key_ok, self.column = self.key_ok.index_select(0, index), self.column.index_select(0, index)
+        self.positions, self.live = self.positions.index_select(0, index), self.live.index_select(0, index)
+        self._mark_columns_dynamic()
+
 
 class SlotKVCache(StaticKVCache):
     """The slots of continuous batching: every row an independent sequence, at its own column and position.

@@ -28,6 +28,10 @@ A request that runs past its timeout gets 504 (mid-stream: an error event) and f
 client that goes away; a task (embeddings, classify, summarize) stops before its next batch in both cases.
 Connections (half-sent requests, idle keep-alives, their number) are bounded in ``serve/limits.py``. Every
 error is an OpenAI error object, ``{"error": {"message", "type", "param", "code"}}``.
+
+Why one module: every route here is a few lines of translation over one ``_Service`` that holds the shared
+limits, the scheduler and the task threads; the checks above read in order only next to the routes that run
+them, and a route split off would take half of ``_Service`` with it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from lmforge.beam import BeamParams, beam_complete
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
 from lmforge.progress import stop_when
@@ -245,7 +250,34 @@ class _Service:
         prompts = await self._prepare(self._completion_prompts, prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         fmt = ResponseFormat(chat=False, model_id=self.model_id, token_text=self.token_text)
+        beams = body.beams()
+        if beams is not None:
+            return await self._beams(request, body, prompts, max_tokens, beams, fmt)
         return await self._generate(request, body, prompts, max_tokens, body.logprobs, fmt)
+
+    async def _beams(
+        self,
+        request: Request,
+        body: CompletionRequest,
+        prompts: list[list[int]],
+        max_tokens: int,
+        beams: BeamParams,
+        fmt: ResponseFormat,
+    ) -> Response:
+        """Beam search (``best_of`` beams at temperature 0) in a task thread: the best ``n`` per prompt."""
+        if self.llm.config.is_encoder:
+            raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
+        self._check_rows(len(prompts), beams.num_beams)
+        self._check_fits(prompts, max_tokens)
+        llm, params = self.llm, body.sampling(max_tokens)
+        found = await self._in_thread(
+            request, beam_complete, llm.model, llm.tokenizer, prompts, params, beams, llm.eos_ids
+        )
+        completions = [c for per_prompt in found for c in per_prompt]
+        tokens = sum(len(c.token_ids) for c in completions)
+        setattr(request.state, TOKENS, tokens)
+        choices = [(c.text, None, c.finish_reason) for c in completions]
+        return JSONResponse(fmt.response(choices, usage(sum(len(p) for p in prompts), tokens)))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """A prompt is text, a list of texts, token ids, or a list of token-id lists."""
