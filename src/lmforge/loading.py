@@ -46,6 +46,7 @@ from lmforge.quant import (
     packing_summary,
     quantize_model,
 )
+from lmforge.seq2seq import Seq2SeqTransformer, seq2seq_complete
 from lmforge.store import Manifest, Store, hash_file, parse_ref
 from lmforge.tokenizer import Message, Tokenizer
 
@@ -233,7 +234,10 @@ def download_from_hub(repo_id: str) -> Path:
 
 # ------------------------------------------------------------------- building
 def build_network(config: Config) -> Network:
-    """The network a config describes: a decoder ``Transformer``, or an ``Encoder`` for BERT-style models."""
+    """The network a config describes: a decoder ``Transformer``, an ``Encoder`` for BERT-style models, or a
+    ``Seq2SeqTransformer`` for encoder–decoders (T5, BART)."""
+    if config.is_seq2seq:
+        return Seq2SeqTransformer(config)
     return Encoder(config) if config.is_encoder else Transformer(config)
 
 
@@ -286,6 +290,8 @@ def build_from_state(
         if model.rope is not None:
             with torch.device("cpu"):
                 model.rope = type(model.rope)(config)
+    if isinstance(model, Seq2SeqTransformer) and config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
     if packed:
         pack_model(model, packed)
     return model.to(device=device, dtype=dtype)
@@ -409,7 +415,7 @@ class LoadedModel:
         stop; and beam search's (``lmforge.beam.BeamParams``): num_beams, length_penalty, early_stopping,
         no_repeat_ngram_size (the best beam of each prompt).
         """
-        if (options.get("num_beams") or 1) > 1:
+        if (options.get("num_beams") or 1) > 1 or self.config.is_seq2seq:
             return [found[0] for found in self.complete_beams(prompts, **options)]
         sampling, _ = split_beam_options(options)
         params = SamplingParams.from_kwargs(**sampling)
@@ -419,10 +425,13 @@ class LoadedModel:
     def complete_beams(
         self, prompts: Sequence[str | Sequence[Message]], **options: Any
     ) -> list[list[Completion]]:
-        """Beam search: ``num_return_sequences`` completions per prompt, best first (``complete``'s options)."""
+        """Beam search: ``num_return_sequences`` completions per prompt, best first (``complete``'s options).
+        An encoder–decoder's prompts are its inputs, and its outputs come with or without beams."""
         sampling, beams = split_beam_options(options)
         params = SamplingParams.from_kwargs(**sampling)
         ids = [self.prompt_ids(p) for p in prompts]
+        if isinstance(self.model, Seq2SeqTransformer):
+            return seq2seq_complete(self.model, self.tokenizer, ids, params, beams, self.eos_ids)
         return beam_complete(self.model, self.tokenizer, ids, params, beams, self.eos_ids)
 
     def __repr__(self) -> str:
