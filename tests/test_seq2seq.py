@@ -6,8 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from lmforge import LLM, Config
-from lmforge.seq2seq import Seq2SeqTransformer
+from lmforge import LLM, Config, beam
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.model import shell_device
+from lmforge.seq2seq import Seq2SeqTransformer, padding_mask, right_pad
+from lmforge.serve import create_app
+from lmforge.store import Store
 
 from .conftest import SAMPLE_TEXT
 
@@ -61,8 +66,6 @@ def pair(request, tiny_tokenizer, tmp_path_factory):
 
 
 def _batch(llm, texts):
-    from lmforge.seq2seq import right_pad
-
     return right_pad([llm.tokenizer.encode(t) for t in texts], llm.config.pad_token_id)
 
 
@@ -83,6 +86,19 @@ def test_logits_match_transformers(pair, one_thread):
     assert abs(loss.item() - theirs.loss.item()) <= 1e-5
 
 
+def test_mbart_logits_match_transformers(tiny_tokenizer, tmp_path, one_thread):
+    """mBART: BART's parts, pre-norm, a norm after each stack, scaled embeddings."""
+    llm = tiny_seq2seq("tiny-mbart", tiny_tokenizer)
+    hf = AutoModelForSeq2SeqLM.from_pretrained(llm.save(tmp_path / "mbart"), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MBartForConditionalGeneration"
+    ids, mask = _batch(llm, INPUTS[6:9])
+    decoder = torch.randint(0, llm.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        ours, _ = llm.model(ids, attention_mask=mask, decoder_ids=decoder)
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+    assert ours.std() > 0.5 and (ours - theirs).abs().max().item() <= 1e-4
+
+
 def test_cached_decoding_equals_the_full_forward(pair, one_thread):
     llm, _, _ = pair
     model = llm.model
@@ -91,8 +107,6 @@ def test_cached_decoding_equals_the_full_forward(pair, one_thread):
     with torch.no_grad():
         full, _ = model(ids, attention_mask=mask, decoder_ids=decoder)
         memory = model.memory(model.encode(ids, mask))
-        from lmforge.seq2seq import padding_mask
-
         cache = model.new_cache(3, 10)
         first = model.decode(decoder[:, :4], memory, padding_mask(mask, model.dtype), cache)
         steps = [
@@ -141,8 +155,53 @@ def test_folder_round_trip_keeps_outputs(pair, one_thread):
     assert again.generate_text(texts, 8, num_beams=2) == llm.generate_text(texts, 8, num_beams=2)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, "tiny-mbart", "t5-small", "bart-base"])
 def test_config_round_trip_and_parameter_count(preset):
     config = Config.from_name(preset)
     assert Config.from_hf(config.to_hf(), name=preset) == config
-    assert Seq2SeqTransformer(config).num_parameters() == config.num_parameters()
+    with shell_device():  # shapes only: the full-size presets would take seconds to initialise
+        assert Seq2SeqTransformer(config).num_parameters() == config.num_parameters()
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_tokenizer):
+    return tiny_seq2seq("tiny-t5", tiny_tokenizer, seed=1)
+
+
+def test_summarize_and_stream_give_the_output_itself(t5, one_thread):
+    text = "今天天气很好，我们一起去公园散步。"
+    output = t5.generate_text(text, 12)
+    assert t5.summarize(text, max_length=12) == output.strip()
+    assert "".join(t5.stream(text, 12)) == output
+
+
+def test_the_store_holds_an_encoder_decoder(t5, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    Store().put(t5.save(tmp_path / "t5"), "tiny-t5:v1")
+    stored = LLM.load("tiny-t5:v1", dtype="float32", device="cpu")
+    assert stored.config.is_seq2seq
+    assert stored.generate_text("人工智能是", 8, num_beams=3) == t5.generate_text(
+        "人工智能是", 8, num_beams=3
+    )
+
+
+def test_cli_generate_prints_the_output_alone(t5, tmp_path, capsys):
+    folder = t5.save(tmp_path / "t5")
+    argv = ["--threads", "1", "generate", str(folder), "-p", "床前明月光，", "--max-tokens", "6", "--quiet"]
+    assert main([*argv, "--no-compile"]) == 0
+    assert capsys.readouterr().out == t5.generate_text("床前明月光，", 6) + "\n"
+    assert main([*argv, "--no-compile", "--chat"]) == 2
+    err = capsys.readouterr().err
+    assert "encoder–decoder without a chat template" in err and err.count("\n") == 1
+
+
+def test_bad_input_is_one_line(t5, monkeypatch):
+    with pytest.raises(LmforgeError, match="without a chat template") as caught:
+        t5.chat("你好")
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr(beam, "available_bytes", lambda device: 1 << 16)
+    with pytest.raises(LmforgeError, match=r"beam search over 24 rows \(prompts x beams\)") as caught:
+        t5.generate_text(["a"] * 6, 32, num_beams=4)
+    assert "fewer beams" in caught.value.hint
+    with pytest.raises(LmforgeError, match="an encoder–decoder: lmforge serve runs decoder-only"):
+        create_app(t5)

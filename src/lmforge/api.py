@@ -88,7 +88,8 @@ class LLM(LoadedModel):
     ) -> Iterator[str]:
         """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe)."""
         budget = _new_tokens(max_new_tokens, max_length)
-        if (options.get("num_beams") or 1) > 1:  # the best beam is known only at the end: one piece
+        # The best beam is known only at the end, and an encoder–decoder's output comes whole: one piece.
+        if (options.get("num_beams") or 1) > 1 or self.config.is_seq2seq:
             text = self.complete([prompt], max_new_tokens=budget, **options)[0].text
             if text:
                 yield text

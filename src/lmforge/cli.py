@@ -298,7 +298,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.chat:
         _print_stream(llm, llm.stream([{"role": "user", "content": prompt}], **options), quiet=args.quiet)
     else:
-        sys.stdout.write(prompt)
+        if not llm.config.is_seq2seq:  # a decoder continues the prompt; an encoder–decoder answers it
+            sys.stdout.write(prompt)
         _print_stream(llm, llm.stream(prompt, **options), quiet=args.quiet)
 
 

@@ -743,6 +743,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-t5": {**_T5, **_TINY_SEQ2SEQ, "head_dim": 8, "intermediate_size": 96},
     "tiny-t5-v1.1": {**_T5_V1_1, **_TINY_SEQ2SEQ, "head_dim": 8, "intermediate_size": 96},
     "tiny-bart": {**_BART, **_TINY_SEQ2SEQ, "intermediate_size": 96},
+    # mBART: BART's parts, pre-norm with a norm after each stack, embeddings scaled by sqrt(n_embd).
+    "tiny-mbart": {
+        **_BART,
+        **_TINY_SEQ2SEQ,
+        "model_type": "mbart",
+        "intermediate_size": 96,
+        "post_norm": False,
+        "final_norm": True,
+        "scale_embeddings": True,
+    },
     "tiny-qwen2": {
         **_LLAMA,
         "model_type": "qwen2",

@@ -398,6 +398,12 @@ class LoadedModel:
         """The token ids a prompt (plain text, or messages rendered with the chat template) starts from."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if self.config.is_seq2seq and not self.tokenizer.chat_template:
+            raise LmforgeError(
+                f"this {self.config.model_type} model is an encoder–decoder without a chat template: it maps an "
+                "input text to an output, it does not chat",
+                hint="give it the text itself (generate_text, summarize, `lmforge generate -p TEXT`)",
+            )
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
 
     @property

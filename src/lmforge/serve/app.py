@@ -118,6 +118,11 @@ def create_app(
     ``uvicorn.Server(lmforge.serve.uvicorn_config(app)).run()``, which also applies the connection limits.
     """
     limits = limits or ServerLimits()
+    if llm.config.is_seq2seq:  # the scheduler's slots are a decoder's cache
+        raise LmforgeError(
+            f"{llm.config.model_type} is an encoder–decoder: lmforge serve runs decoder-only models and encoders",
+            hint="use LLM.generate_text / summarize or `lmforge generate` with it",
+        )
     context = llm.config.block_size
     if max_context is not None and not 1 <= max_context <= context:
         raise LmforgeError(
