@@ -66,18 +66,22 @@ def _ours_as_theirs(completion, llm, length: int) -> list[int]:
     [
         {"num_beams": 4},
         {"num_beams": 3, "length_penalty": 0.5, "no_repeat_ngram_size": 2, "early_stopping": True},
+        {"num_beams": 2, "length_penalty": 2.0, "early_stopping": "never", "repetition_penalty": 1.3},
     ],
-    ids=["4-beams", "3-beams-options"],
+    ids=["4-beams", "3-beams-options", "2-beams-never"],
 )
 def test_beams_identical_to_transformers(pair, options, one_thread):
     llm, hf = pair
-    ours = llm.complete(PROMPTS, max_new_tokens=10, **options)  # one batch, left-padded
+    # All ten prompts with transformers' defaults; five (en, zh, code) for each set of options, to save time.
+    prompts = PROMPTS if options == {"num_beams": 4} else PROMPTS[::2]
+    ours = llm.complete(prompts, max_new_tokens=10, **options)  # one batch, left-padded
     ended = 0
-    for prompt, completion in zip(PROMPTS, ours, strict=True):
+    for prompt, completion in zip(prompts, ours, strict=True):
         theirs = _theirs(hf, llm, prompt, 10, **options)
         assert _ours_as_theirs(completion, llm, len(theirs)) == theirs, prompt
         ended += completion.finish_reason == "stop"
-    assert 0 < ended < len(PROMPTS)  # both ways of ending were compared
+    if options == {"num_beams": 4}:
+        assert 0 < ended < len(prompts)  # both ways of ending were compared
 
 
 def test_beams_return_sequences_best_first(pair, one_thread):

@@ -173,6 +173,8 @@ def test_summarize_and_stream_give_the_output_itself(t5, one_thread):
     output = t5.generate_text(text, 12)
     assert t5.summarize(text, max_length=12) == output.strip()
     assert "".join(t5.stream(text, 12)) == output
+    with pytest.raises(LmforgeError, match="an encoder–decoder summarizes the text alone"):
+        t5.summarize(text, examples=[("a", "b")])
 
 
 def test_the_store_holds_an_encoder_decoder(t5, tmp_path, monkeypatch, one_thread):
@@ -205,3 +207,17 @@ def test_bad_input_is_one_line(t5, monkeypatch):
     assert "fewer beams" in caught.value.hint
     with pytest.raises(LmforgeError, match="an encoder–decoder: lmforge serve runs decoder-only"):
         create_app(t5)
+
+
+def test_export_hf_loads_in_transformers_and_gguf_is_one_line(t5, tmp_path, one_thread):
+    folder = t5.export(tmp_path / "hf", dtype="f32")
+    hf = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, mask = _batch(t5, INPUTS[:2])
+    decoder = torch.zeros(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        ours, _ = t5.model(ids, attention_mask=mask, decoder_ids=decoder)
+        theirs = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    with pytest.raises(LmforgeError, match="is an encoder–decoder") as caught:
+        t5.export(tmp_path / "t5.gguf", format="gguf")
+    assert "--format hf" in caught.value.hint
