@@ -195,6 +195,11 @@ def test_cli_generate_prints_the_output_alone(t5, tmp_path, capsys):
     assert main([*argv, "--no-compile", "--chat"]) == 2
     err = capsys.readouterr().err
     assert "encoder–decoder without a chat template" in err and err.count("\n") == 1
+    assert main(["estimate", str(folder)]) == 2
+    assert "t5 is an encoder–decoder" in capsys.readouterr().err
+    assert main(["info", str(folder), "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "t5 encoder–decoder (2 + 2 layers" in out and "relative (32 buckets" in out
 
 
 def test_bad_input_is_one_line(t5, monkeypatch):
