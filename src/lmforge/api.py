@@ -25,7 +25,7 @@ from lmforge.export import export_model
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
 from lmforge.hosted import DEFAULT_TIMEOUT_S, HostedLLM
 from lmforge.loading import LoadedModel, hosted_model
-from lmforge.structured import requested_constraint
+from lmforge.structured import Constraint, requested_constraint
 from lmforge.tokenizer import Message
 from lmforge.tools import ToolCalling, ToolReply, tool_calling
 
@@ -99,7 +99,8 @@ class LLM(LoadedModel):
     ) -> str | list[str]:
         """Continue ``prompt`` (or each of a list of prompts) by up to ``max_new_tokens`` new tokens.
 
-        Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop.
+        Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty, seed, stop;
+        num_beams > 1 searches beams instead (length_penalty, early_stopping, no_repeat_ngram_size).
         ``json_schema`` (a dict or its JSON text), ``regex`` or ``choices`` (a list of strings) constrain the
         output to match it (``lmforge.structured``); a complete match ends the text.
         """
@@ -158,14 +159,17 @@ class LLM(LoadedModel):
         """Yield the answer piece by piece; pieces never split a character (Chinese, emoji are safe).
         ``json_schema``, ``regex``, ``choices`` or ``response_format`` constrain it as in ``generate_text`` and
         ``chat``."""
-        params = self.sampling(max_new_tokens=_new_tokens(max_new_tokens, max_length), **options)
-        constraint = requested_constraint(
-            self.tokenizer,
-            json_schema=json_schema,
-            regex=regex,
-            choices=choices,
-            response_format=response_format,
+        budget = _new_tokens(max_new_tokens, max_length)
+        constraint = self._constraint(
+            options, json_schema=json_schema, regex=regex, choices=choices, response_format=response_format
         )
+        # The best beam is known only at the end, and an encoder–decoder's output comes whole: one piece.
+        if _searches_beams(options) or self.config.is_seq2seq:
+            text = self.complete([prompt], max_new_tokens=budget, **options)[0].text
+            if text:
+                yield text
+            return
+        params = self.sampling(max_new_tokens=budget, **options)
         ids = [self.prompt_ids(prompt)]
         states = [constraint.start()] if constraint is not None else None
         for _, piece, _ in stream_completions(
@@ -184,7 +188,7 @@ class LLM(LoadedModel):
         self, prompts: Sequence[str | Sequence[Message]], constrained: dict[str, Any], **options: Any
     ) -> list[Completion]:
         """``complete``, each row under the constraint the keywords in ``constrained`` ask for (if any)."""
-        constraint = requested_constraint(self.tokenizer, **constrained)
+        constraint = self._constraint(options, **constrained)
         if constraint is None:
             return self.complete(prompts, **options)
         params = SamplingParams.from_kwargs(**options)
@@ -199,6 +203,18 @@ class LLM(LoadedModel):
             constraints=states,
             prefix_cache=self.prefix_cache,
         )
+
+    def _constraint(self, options: dict[str, Any], **constrained: Any) -> Constraint | None:
+        """The constraint the keywords ask for, if any; token masks apply to one sampled or greedy sequence a
+        row, so beams and encoder–decoders are one clear error."""
+        constraint = requested_constraint(self.tokenizer, **constrained)
+        if constraint is not None and (_searches_beams(options) or self.config.is_seq2seq):
+            raise LmforgeError(
+                "constrained output (json_schema, regex, choices, response_format) decodes one sequence a row "
+                "of a decoder model, not beams or an encoder–decoder",
+                hint="drop num_beams, or the constraint",
+            )
+        return constraint
 
     def _tool_reply(self, calling: ToolCalling, messages: Sequence[Message], **options: Any) -> ToolReply:
         constraint = calling.constraint(self.tokenizer)
@@ -257,3 +273,7 @@ class LLM(LoadedModel):
 def _new_tokens(max_new_tokens: int, max_length: int | None) -> int:
     """The new-token budget from either spelling (``max_length`` wins when given: it is the older name)."""
     return max_new_tokens if max_length is None else max_length
+
+
+def _searches_beams(options: dict[str, Any]) -> bool:
+    return (options.get("num_beams") or 1) > 1

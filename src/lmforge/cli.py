@@ -72,6 +72,29 @@ def _add_sampling(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group.add_argument("--quiet", action="store_true", help="do not print tokens/s to stderr")
 
 
+def _add_beams(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("beam search")
+    group.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="keep the N likeliest continuations and print the best (default: 1, no beam search; with N > 1 "
+        "the text comes at the end, not streamed)",
+    )
+    group.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam scores are divided by length ** this: > 0 favours longer texts (default: 1.0)",
+    )
+    group.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="beams never repeat an n-gram of this many tokens (default: 0, off)",
+    )
+
+
 MODEL_HELP = (
     "model folder, .gguf file, stored NAME[:TAG] or hub id (default: the bundled SmolLM2-135M-Instruct)"
 )
@@ -203,9 +226,17 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
         seed=args.seed,
         stop=args.stop,
     )
+    from lmforge.beam import check_beam_sampling, split_beam_options
     from lmforge.generate import SamplingParams
 
-    SamplingParams.from_kwargs(**options)
+    if getattr(args, "num_beams", 1) != 1:
+        options.update(
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+        )
+    sampling, beams = split_beam_options(options)
+    check_beam_sampling(SamplingParams.from_kwargs(**sampling), beams)
     return options
 
 
@@ -300,7 +331,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.chat:
         _print_stream(llm, llm.stream([{"role": "user", "content": prompt}], **options), quiet=args.quiet)
     else:
-        sys.stdout.write(prompt)
+        if not llm.config.is_seq2seq:  # a decoder continues the prompt; an encoder–decoder answers it
+            sys.stdout.write(prompt)
         _print_stream(llm, llm.stream(prompt, **options), quiet=args.quiet)
 
 
@@ -895,6 +927,7 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", help="the prompt (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(p, max_tokens=100)
+    _add_beams(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with streaming answers")

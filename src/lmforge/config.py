@@ -5,7 +5,14 @@ are encoded, which norm, which MLP, where biases sit, whether keys/values are sh
 the output head reuses the embedding. Each switch is a field here, so the model file never forks per family.
 BERT-style sentence encoders (``model_type="bert"``, e.g. all-MiniLM-L6-v2) reuse the same fields; what makes
 them encoders (bidirectional attention, post-norm blocks) is ``is_encoder`` and lives in ``encoder.py``.
+Encoder–decoders (T5, BART, mBART) are ``n_decoder_layer`` > 0 plus the switches they need: T5's relative
+position buckets and unscaled attention, BART's offset learned positions, post-norm blocks and embedding norm
+(``seq2seq.py`` builds them from model.py's parts).
 ``from_hf`` / ``to_hf`` translate Hugging Face ``config.json`` dictionaries; named presets cover common models.
+
+Why one module: the fields, the presets and both directions of the ``config.json`` mapping are one table read
+side by side; each family's ``from_hf`` must stay the inverse of its ``to_hf`` (tests/test_model.py round-trips
+every preset), which is easiest to keep true where the two sit next to the fields they fill.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any, Literal
 from lmforge import limits
 from lmforge.errors import LmforgeError, ModelFormatError, UnsupportedError
 
-HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert")
+HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "t5", "bart", "mbart")
 # ``LLM.load``'s quant modes (``lmforge.quant`` packs the weights). Here rather than in quant.py, which imports
 # torch, so that the command line lists them in ``--help`` without importing torch.
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
@@ -29,7 +36,7 @@ QUANT_CHOICES = ("auto", "none", "int8", "int4")
 class Config:
     name: str = "custom"
     # Which Hugging Face model_type this maps to; decides the weight names on export.
-    model_type: Literal["gpt2", "llama", "qwen2", "mistral", "bert"] = "llama"
+    model_type: Literal["gpt2", "llama", "qwen2", "mistral", "bert", "t5", "bart", "mbart"] = "llama"
     vocab_size: int = 32000
     block_size: int = 2048  # context length in tokens
     n_layer: int = 12
@@ -38,7 +45,7 @@ class Config:
     n_embd: int = 768
     head_dim: int | None = None  # None means n_embd // n_head
     intermediate_size: int | None = None  # None means 4 * n_embd
-    position: Literal["learned", "rope"] = "rope"
+    position: Literal["learned", "rope", "relative"] = "rope"  # relative: T5's buckets, a bias per head
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # HF rope_scaling: "linear" or "llama3"
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
@@ -53,6 +60,19 @@ class Config:
     pooling: Literal["mean", "cls"] = "mean"  # how embed() and an encoder's classifier pool token states
     masked_lm: bool = False  # an encoder with BERT's masked-language-model head (cls.predictions)
     dropout: float = 0.0
+    # Encoder–decoders: n_layer encoder blocks, then n_decoder_layer decoder blocks with cross-attention.
+    n_decoder_layer: int = 0
+    decoder_start_token_id: int | None = None  # the token the decoder starts from (T5: pad, BART: eos)
+    position_offset: int = 0  # learned positions read row position + this (BART: 2)
+    relative_buckets: int = 32  # T5: buckets of key - query distances ...
+    relative_max_distance: int = 128  # ... logarithmic up to this distance
+    attention_scale: float | None = None  # scores scaled by this; None: 1 / sqrt(head_dim) (T5: 1.0)
+    post_norm: bool = False  # norm(x + f(x)) (BART) instead of x + f(norm(x))
+    embedding_norm: bool = False  # a norm right after the embeddings (BART's layernorm_embedding)
+    final_norm: bool = True  # a norm after the last block (BART has none)
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd) (mBART, BART's scale_embedding)
+    scale_head_input: bool = False  # hidden states times n_embd ** -0.5 before a tied head (T5)
+    logits_bias: bool = False  # a bias over the vocabulary added to the logits (BART's final_logits_bias)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -150,6 +170,11 @@ class Config:
         return self.model_type == "bert"
 
     @property
+    def is_seq2seq(self) -> bool:
+        """An encoder–decoder: the input is encoded once, the output written while attending to it."""
+        return self.n_decoder_layer > 0
+
+    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
@@ -167,6 +192,15 @@ class Config:
         mlp += (self.intermediate_size + d) if self.bias else 0
         norm = d * (2 if self.norm == "layernorm" else 1)
         block = attn + mlp + 2 * norm
+        if self.is_seq2seq:  # decoder blocks add cross-attention and its norm; each stack its own extras
+            stacks = layers * block + self.n_decoder_layer * (block + attn + norm)
+            norms = 2 * norm * (int(self.final_norm) + int(self.embedding_norm))
+            positions = {
+                "learned": 2 * (self.block_size + self.position_offset) * d,
+                "relative": 2 * self.relative_buckets * self.n_head,
+            }.get(self.position, 0)
+            head = 0 if self.tie_embeddings else self.vocab_size * d
+            return stacks + norms + positions + self.vocab_size * d + head
         total = layers * block + self.vocab_size * d + norm
         total += self.block_size * d if self.position == "learned" else 0
         total += self.type_vocab_size * d
@@ -203,6 +237,8 @@ class Config:
             regression=regression,
             extra=lmforge_extra,
         )
+        if model_type in ("t5", "bart", "mbart"):
+            return cls(**common, **_seq2seq_from_hf(hf))
         if model_type == "bert":
             if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
                 raise UnsupportedError(
@@ -296,7 +332,9 @@ class Config:
             "tie_word_embeddings": self.tie_embeddings,
             "torch_dtype": "float32",
         }
-        if self.is_encoder:
+        if self.is_seq2seq:
+            hf.update(self._seq2seq_to_hf())
+        elif self.is_encoder:
             hf.update(
                 architectures=[self._bert_class()],
                 max_position_embeddings=self.block_size,
@@ -370,6 +408,52 @@ class Config:
         heads = "BertForSequenceClassification" if self.labels else "BertForMaskedLM"
         return heads if self.labels or self.masked_lm else "BertModel"
 
+    def _seq2seq_to_hf(self) -> dict[str, Any]:
+        common = dict(
+            d_model=self.n_embd,
+            decoder_start_token_id=self.decoder_start_token_id,
+            is_encoder_decoder=True,
+            forced_eos_token_id=None,  # lmforge forces no token; transformers' BART default would
+        )
+        if self.model_type == "t5":
+            if not (self.position == "relative" and self.norm == "rmsnorm" and not self.bias):
+                raise UnsupportedError(f"config {self.name!r} is not T5 shaped", hint="use a t5 preset")
+            act = "gelu" if self.activation == "gelu_tanh" and self.gated_mlp else self.activation
+            return dict(
+                common,
+                architectures=["T5ForConditionalGeneration"],
+                n_positions=self.block_size,
+                num_layers=self.n_layer,
+                num_decoder_layers=self.n_decoder_layer,
+                num_heads=self.n_head,
+                d_kv=self.head_dim,
+                d_ff=self.intermediate_size,
+                feed_forward_proj=("gated-" if self.gated_mlp else "") + act,
+                relative_attention_num_buckets=self.relative_buckets,
+                relative_attention_max_distance=self.relative_max_distance,
+                layer_norm_epsilon=self.norm_eps,
+                dropout_rate=self.dropout,
+            )
+        if not (self.position == "learned" and self.norm == "layernorm" and self.bias and not self.gated_mlp):
+            raise UnsupportedError(f"config {self.name!r} is not BART shaped", hint="use a bart preset")
+        arch = {"bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration"}
+        return dict(
+            common,
+            architectures=[arch[self.model_type]],
+            max_position_embeddings=self.block_size,
+            encoder_layers=self.n_layer,
+            decoder_layers=self.n_decoder_layer,
+            encoder_attention_heads=self.n_head,
+            decoder_attention_heads=self.n_head,
+            encoder_ffn_dim=self.intermediate_size,
+            decoder_ffn_dim=self.intermediate_size,
+            activation_function=_activation_to_hf(self.activation, gpt2=True),
+            scale_embedding=self.scale_embeddings,
+            dropout=self.dropout,
+            attention_dropout=self.dropout,
+            activation_dropout=0.0,
+        )
+
     def _check_exportable_as_gpt2(self) -> None:
         if not (self.position == "learned" and self.norm == "layernorm" and not self.gated_mlp and self.bias):
             raise UnsupportedError(
@@ -421,6 +505,63 @@ class Config:
             raise type(e)(f"{path}: {e.message}", hint=e.hint) from None
 
 
+def _seq2seq_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """The Config fields of a T5, BART or mBART ``config.json`` (beyond the ones every family shares)."""
+    if hf["model_type"] == "t5":
+        ff = hf.get("feed_forward_proj", "relu")
+        gated = ff.startswith("gated-")
+        act = "gelu_new" if ff == "gated-gelu" else ff.removeprefix("gated-")
+        tied = hf.get("tie_word_embeddings", True) is not False
+        return dict(
+            block_size=hf.get("n_positions", 512),
+            n_layer=hf["num_layers"],
+            n_decoder_layer=hf.get("num_decoder_layers") or hf["num_layers"],
+            n_head=hf["num_heads"],
+            n_embd=hf["d_model"],
+            head_dim=hf["d_kv"],
+            intermediate_size=hf["d_ff"],
+            position="relative",
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128),
+            attention_scale=1.0,
+            norm="rmsnorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+            gated_mlp=gated,
+            activation=_activation_from_hf(act),
+            tie_embeddings=tied,
+            scale_head_input=tied,
+            decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
+        )
+    heads, ffn = hf["encoder_attention_heads"], hf["encoder_ffn_dim"]
+    if hf.get("decoder_attention_heads", heads) != heads or hf.get("decoder_ffn_dim", ffn) != ffn:
+        raise UnsupportedError(
+            "this BART config gives its encoder and decoder different heads or MLP sizes",
+            hint="lmforge reads BART models whose two stacks have the same shape",
+        )
+    mbart = hf["model_type"] == "mbart"
+    return dict(
+        block_size=hf.get("max_position_embeddings", 1024),
+        n_layer=hf["encoder_layers"],
+        n_decoder_layer=hf["decoder_layers"],
+        n_head=heads,
+        n_embd=hf["d_model"],
+        intermediate_size=ffn,
+        position="learned",
+        position_offset=2,
+        norm="layernorm",
+        gated_mlp=False,
+        activation=_activation_from_hf(hf.get("activation_function", "gelu")),
+        bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
+        post_norm=not mbart,  # mBART: pre-norm, with a norm after each stack
+        final_norm=mbart,
+        embedding_norm=True,
+        scale_embeddings=bool(hf.get("scale_embedding", False)),
+        logits_bias=True,
+        decoder_start_token_id=hf.get("decoder_start_token_id", 2),
+    )
+
+
 def _activation_from_hf(name: str) -> str:
     table = {
         "gelu_new": "gelu_tanh",
@@ -467,6 +608,10 @@ _SIZE_BOUNDS = {
     "intermediate_size": (1, limits.MAX_INTERMEDIATE),
     "type_vocab_size": (0, limits.MAX_VOCAB),
     "sliding_window": (1, limits.MAX_CONTEXT),
+    "n_decoder_layer": (0, limits.MAX_LAYERS),
+    "position_offset": (0, limits.MAX_CONTEXT),
+    "relative_buckets": (1, limits.MAX_CONTEXT),
+    "relative_max_distance": (1, limits.MAX_CONTEXT),
 }
 _OPTIONAL_SIZES = ("n_kv_head", "head_dim", "intermediate_size", "sliding_window")
 _LLAMA = dict(model_type="llama", position="rope", norm="rmsnorm", gated_mlp=True, activation="silu")
@@ -475,6 +620,25 @@ _LLAMA = dict(model_type="llama", position="rope", norm="rmsnorm", gated_mlp=Tru
 _BERT = dict(model_type="bert", position="learned", norm="layernorm", norm_eps=1e-12, gated_mlp=False)
 _BERT |= dict(activation="gelu", bias=True, type_vocab_size=2, vocab_size=30522, block_size=512)
 _BERT |= dict(pooling="cls", masked_lm=True, tie_embeddings=True)
+_TINY_SEQ2SEQ = dict(vocab_size=512, block_size=128, n_layer=2, n_decoder_layer=2, n_head=4, n_embd=64)
+# T5 v1.0: ReLU MLP, tied head (scaled); v1.1: gated-GELU, untied head. Both: relative buckets, RMS norm.
+_T5 = dict(
+    model_type="t5", position="relative", attention_scale=1.0, norm="rmsnorm", norm_eps=1e-6,
+    gated_mlp=False, activation="relu", tie_embeddings=True, scale_head_input=True,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+_T5_V1_1 = {
+    **_T5,
+    "gated_mlp": True,
+    "activation": "gelu_tanh",
+    "tie_embeddings": False,
+    "scale_head_input": False,
+}
+_BART = dict(
+    model_type="bart", position="learned", position_offset=2, norm="layernorm", gated_mlp=False,
+    activation="gelu", bias=True, tie_embeddings=True, post_norm=True, final_norm=False, embedding_norm=True,
+    logits_bias=True, bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+)  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768},
@@ -579,6 +743,40 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-mini": {**_BERT, "n_layer": 4, "n_head": 4, "n_embd": 256},
     "bert-small": {**_BERT, "n_layer": 4, "n_head": 8, "n_embd": 512},
     "bert-base": {**_BERT, "n_layer": 12, "n_head": 12, "n_embd": 768},
+    "t5-small": {
+        **_T5,
+        "vocab_size": 32128,
+        "block_size": 512,
+        "n_layer": 6,
+        "n_decoder_layer": 6,
+        "n_head": 8,
+        "n_embd": 512,
+        "head_dim": 64,
+        "intermediate_size": 2048,
+    },
+    "bart-base": {
+        **_BART,
+        "vocab_size": 50265,
+        "block_size": 1024,
+        "n_layer": 6,
+        "n_decoder_layer": 6,
+        "n_head": 12,
+        "n_embd": 768,
+        "intermediate_size": 3072,
+    },
+    "tiny-t5": {**_T5, **_TINY_SEQ2SEQ, "head_dim": 8, "intermediate_size": 96},
+    "tiny-t5-v1.1": {**_T5_V1_1, **_TINY_SEQ2SEQ, "head_dim": 8, "intermediate_size": 96},
+    "tiny-bart": {**_BART, **_TINY_SEQ2SEQ, "intermediate_size": 96},
+    # mBART: BART's parts, pre-norm with a norm after each stack, embeddings scaled by sqrt(n_embd).
+    "tiny-mbart": {
+        **_BART,
+        **_TINY_SEQ2SEQ,
+        "model_type": "mbart",
+        "intermediate_size": 96,
+        "post_norm": False,
+        "final_norm": True,
+        "scale_embeddings": True,
+    },
     "tiny-qwen2": {
         **_LLAMA,
         "model_type": "qwen2",

@@ -201,6 +201,13 @@ def summarize(
     """One summary per text. Texts that fit the context are summarized together, ``batch_size`` at a time and
     grouped by length (little padding); a longer text is summarized in chunks whose summaries are then merged,
     with a warning — never silently truncated."""
+    if llm.config.is_seq2seq:  # an encoder–decoder maps the text itself to its summary: no prompt around it
+        if examples:
+            raise LmforgeError(
+                "examples are for a decoder's prompt; an encoder–decoder summarizes the text alone",
+                hint="drop the examples (or fine-tune the model on them)",
+            )
+        return [c.text.strip() for c in llm.complete(list(texts), max_new_tokens=max_length, **options)]
     tok = llm.tokenizer
     # The prompt's own tokens, in the longer of its two languages ("中" picks the Chinese prompt).
     overhead = max(

@@ -52,11 +52,17 @@ def model_info(name_or_path: str | Path | None) -> dict[str, str]:
         file_format = "model folder (Hugging Face layout)"
     template = tokenizer.chat_template
     attention = f"{config.n_head} heads, {config.n_kv_head} key/value heads, head dim {config.head_dim}"
-    position = f"RoPE (theta {config.rope_theta:g})" if config.position == "rope" else "learned absolute"
+    position = {
+        "rope": f"RoPE (theta {config.rope_theta:g})",
+        "relative": f"relative ({config.relative_buckets} buckets up to {config.relative_max_distance})",
+    }.get(config.position, "learned absolute")
     return {
         "source": str(header.path),
         "format": file_format,
-        "architecture": f"{config.model_type} ({config.n_layer} layers, {config.n_embd} hidden)",
+        "architecture": f"{config.model_type} ({config.n_layer} layers, {config.n_embd} hidden)"
+        if not config.is_seq2seq
+        else f"{config.model_type} encoder–decoder ({config.n_layer} + {config.n_decoder_layer} layers, "
+        f"{config.n_embd} hidden)",
         "attention": attention,
         "positions": position,
         "parameters": f"{config.num_parameters():,} ({config.num_parameters() / 1e6:.1f}M)",

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge import runtime
+from lmforge.beam import beam_complete, split_beam_options
 from lmforge.config import Config
 from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError, ModelFormatError
@@ -51,6 +52,7 @@ from lmforge.quant import (
     packing_summary,
     quantize_model,
 )
+from lmforge.seq2seq import Seq2SeqTransformer, seq2seq_complete
 from lmforge.store import Manifest, Store, hash_file, parse_ref
 from lmforge.tokenizer import Message, Tokenizer
 
@@ -253,7 +255,10 @@ def download_from_hub(repo_id: str) -> Path:
 
 # ------------------------------------------------------------------- building
 def build_network(config: Config) -> Network:
-    """The network a config describes: a decoder ``Transformer``, or an ``Encoder`` for BERT-style models."""
+    """The network a config describes: a decoder ``Transformer``, an ``Encoder`` for BERT-style models, or a
+    ``Seq2SeqTransformer`` for encoder–decoders (T5, BART)."""
+    if config.is_seq2seq:
+        return Seq2SeqTransformer(config)
     return Encoder(config) if config.is_encoder else Transformer(config)
 
 
@@ -307,9 +312,10 @@ def build_from_state(
             with torch.device("cpu"):
                 model.rope = type(model.rope)(config)
     elif isinstance(model, Encoder) and model.lm_head is not None and config.tie_embeddings:
-        model.lm_head.weight = (
-            model.wte.weight
-        )  # assign=True loaded the shared table twice: one parameter again
+        # assign=True loaded the shared table twice: one parameter again
+        model.lm_head.weight = model.wte.weight
+    elif isinstance(model, Seq2SeqTransformer) and config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
     if packed:
         pack_model(model, packed)
     return model.to(device=device, dtype=dtype)
@@ -422,6 +428,12 @@ class LoadedModel:
         """The token ids a prompt (plain text, or messages rendered with the chat template) starts from."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if self.config.is_seq2seq and not self.tokenizer.chat_template:
+            raise LmforgeError(
+                f"this {self.config.model_type} model is an encoder–decoder without a chat template: it maps an "
+                "input text to an output, it does not chat",
+                hint="give it the text itself (generate_text, summarize, `lmforge generate -p TEXT`)",
+            )
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
 
     @property
@@ -436,11 +448,27 @@ class LoadedModel:
 
         Options are ``SamplingParams`` fields: ``max_new_tokens`` (new tokens, not prompt + new as in
         transformers' ``max_length``), temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed,
-        stop.
+        stop; and beam search's (``lmforge.beam.BeamParams``): num_beams, length_penalty, early_stopping,
+        no_repeat_ngram_size (the best beam of each prompt).
         """
-        params = SamplingParams.from_kwargs(**options)
+        if (options.get("num_beams") or 1) > 1 or self.config.is_seq2seq:
+            return [found[0] for found in self.complete_beams(prompts, **options)]
+        sampling, _ = split_beam_options(options)
+        params = SamplingParams.from_kwargs(**sampling)
         ids = [self.prompt_ids(p) for p in prompts]
         return complete(self.model, self.tokenizer, ids, params, self.eos_ids, prefix_cache=self.prefix_cache)
+
+    def complete_beams(
+        self, prompts: Sequence[str | Sequence[Message]], **options: Any
+    ) -> list[list[Completion]]:
+        """Beam search: ``num_return_sequences`` completions per prompt, best first (``complete``'s options).
+        An encoder–decoder's prompts are its inputs, and its outputs come with or without beams."""
+        sampling, beams = split_beam_options(options)
+        params = SamplingParams.from_kwargs(**sampling)
+        ids = [self.prompt_ids(p) for p in prompts]
+        if isinstance(self.model, Seq2SeqTransformer):
+            return seq2seq_complete(self.model, self.tokenizer, ids, params, beams, self.eos_ids)
+        return beam_complete(self.model, self.tokenizer, ids, params, beams, self.eos_ids)
 
     def __repr__(self) -> str:
         c = self.config

@@ -274,6 +274,14 @@ class StaticKVCache(KVCache):
         self.column.add_(self.live)
         self.positions.add_(self.live[:, None])
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows ``index`` in that order, repeats allowed (beam search copies a row per beam, then follows
+        the beams kept): the keys and values and each row's columns, position and mask go together."""
+        super().reorder(index)
+        self.key_ok, self.column = self.key_ok.index_select(0, index), self.column.index_select(0, index)
+        self.positions, self.live = self.positions.index_select(0, index), self.live.index_select(0, index)
+        self._mark_columns_dynamic()
+
 
 class SlotKVCache(StaticKVCache):
     """The slots of continuous batching: every row an independent sequence, at its own column and position.
@@ -418,6 +426,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.scale = config.attention_scale  # None: SDPA's 1 / sqrt(D)
 
     def forward(
         self,
@@ -434,7 +443,14 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
-        if T == 1 and mask is not None and not self.training:  # a decode step
+        # A decode step; a float mask (an additive bias: T5's positions) and a custom scale take SDPA's path.
+        if (
+            T == 1
+            and mask is not None
+            and mask.dtype == torch.bool
+            and self.scale is None
+            and not self.training
+        ):
             return self.o_proj(single_query_attention(q, k, v, mask))
         # A query with no past (fresh prompt, no padding) can use the fused causal kernel.
         causal = mask is None and T > 1
@@ -446,6 +462,7 @@ class Attention(nn.Module):
             is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
+            scale=self.scale,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)  # (B, T, C)

@@ -44,7 +44,9 @@ RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"  # a freeze / LoRA checkpoint's weights: only the ones that train
 TRAINER_FILES = (OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE, TRAINABLE_FILE)
-_BLOCK_KEY = re.compile(r"^blocks\.(\d{1,9})\.")  # more digits than any layer count: not a layer
+# A decoder's blocks, or an encoder–decoder's encoder blocks (n_layer counts those); more digits than any
+# layer count is not a layer.
+_BLOCK_KEY = re.compile(r"^(?:encoder\.)?blocks\.(\d{1,9})\.")
 
 
 def write_model_files(

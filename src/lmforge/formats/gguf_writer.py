@@ -176,6 +176,12 @@ def _architecture(config: Config) -> str:
             f"{config.name} is a sentence encoder; lmforge writes GGUF for language models only",
             hint="export it with --format hf (sentence-transformers and transformers load that folder)",
         )
+    if config.is_seq2seq:
+        raise UnsupportedError(
+            f"{config.name} is an encoder–decoder ({config.model_type}); lmforge writes GGUF for decoder-only "
+            "models (llama.cpp's T5 layout is not written yet)",
+            hint="export it with --format hf (transformers' AutoModelForSeq2SeqLM loads that folder)",
+        )
     if config.labels:
         raise UnsupportedError(
             f"{config.name} is a classifier (a 'score' head over {len(config.labels)} labels); GGUF holds "

@@ -98,6 +98,76 @@ _BERT_HEADS = {
 _LAYER_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+_T5_ATTENTION = {f"{p}_proj": p for p in "qkvo"}
+_BART_ATTENTION = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "out_proj"}
+
+
+def _seq2seq_names(config: Config) -> dict[str, str]:
+    """Every lmforge name of a T5 / BART / mBART network -> transformers' name (``seq2seq.Seq2SeqTransformer``)."""
+    t5 = config.model_type == "t5"
+    top = "" if t5 else "model."
+    names = {"wte.weight": f"{top}shared.weight"}
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    if config.logits_bias:
+        names["logits_bias"] = "final_logits_bias"
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    for stack, layers in (("encoder", config.n_layer), ("decoder", config.n_decoder_layer)):
+        decoder = stack == "decoder"
+        parts: dict[str, str] = {}  # our stack-level module -> theirs
+        if t5:
+            prefix = f"{stack}.block"
+            mlp = "layer.2" if decoder else "layer.1"
+            if config.position == "relative":
+                parts["relative_bias"] = f"{prefix}.0.layer.0.SelfAttention.relative_attention_bias"
+            if config.final_norm:
+                parts["norm"] = f"{stack}.final_layer_norm"
+            block = {
+                "attn_norm": "layer.0.layer_norm",
+                **{f"attn.{o}": f"layer.0.SelfAttention.{t}" for o, t in _T5_ATTENTION.items()},
+                "mlp_norm": f"{mlp}.layer_norm",
+                "mlp.down_proj": f"{mlp}.DenseReluDense.wo",
+                **(
+                    {
+                        "mlp.gate_proj": f"{mlp}.DenseReluDense.wi_0",
+                        "mlp.up_proj": f"{mlp}.DenseReluDense.wi_1",
+                    }
+                    if config.gated_mlp
+                    else {"mlp.up_proj": f"{mlp}.DenseReluDense.wi"}
+                ),
+            }
+            if decoder:
+                block["cross_norm"] = "layer.1.layer_norm"
+                block.update({f"cross.{o}": f"layer.1.EncDecAttention.{t}" for o, t in _T5_ATTENTION.items()})
+        else:
+            prefix = f"model.{stack}.layers"
+            if config.position == "learned":
+                parts["wpe"] = f"model.{stack}.embed_positions"
+            if config.embedding_norm:
+                parts["embedding_norm"] = f"model.{stack}.layernorm_embedding"
+            if config.final_norm:
+                parts["norm"] = f"model.{stack}.layer_norm"
+            block = {
+                "attn_norm": "self_attn_layer_norm",
+                **{f"attn.{o}": f"self_attn.{t}" for o, t in _BART_ATTENTION.items()},
+                "mlp_norm": "final_layer_norm",
+                "mlp.up_proj": "fc1",
+                "mlp.down_proj": "fc2",
+            }
+            if decoder:
+                block["cross_norm"] = "encoder_attn_layer_norm"
+                block.update({f"cross.{o}": f"encoder_attn.{t}" for o, t in _BART_ATTENTION.items()})
+        for ours, theirs in parts.items():
+            # Position tables are embeddings (no bias); norms have one when the family has biases.
+            for kind in ("weight",) if ours in ("wpe", "relative_bias") else kinds:
+                names[f"{stack}.{ours}.{kind}"] = f"{theirs}.{kind}"
+        for i in range(layers):
+            for ours, theirs in block.items():
+                for kind in kinds:
+                    names[f"{stack}.blocks.{i}.{ours}.{kind}"] = f"{prefix}.{i}.{theirs}.{kind}"
+    return names
+
+
 def _name_maps(config: Config) -> tuple[dict[str, str], dict[str, str], str]:
     """(top-level names, per-layer names, transformers' layer prefix) for this model family."""
     if config.is_encoder:
@@ -111,6 +181,15 @@ def to_hf_state(state: StateDict, config: Config) -> StateDict:
     """lmforge parameter names and layouts -> transformers' (for saving)."""
     if config.is_encoder:
         return _encoder_to_hf_state(state, config)
+    if config.is_seq2seq:
+        names = _seq2seq_names(config)
+        unknown = sorted(set(state) - set(names) - {"lm_head.weight"})
+        if unknown:
+            raise KeyError(f"no Hugging Face name for parameter {unknown[0]!r}")
+        seq2seq = {names[k]: v for k, v in state.items() if k in names}
+        if "final_logits_bias" in seq2seq:
+            seq2seq["final_logits_bias"] = seq2seq["final_logits_bias"].reshape(1, -1)  # transformers' (1, V)
+        return {k: v.contiguous() for k, v in seq2seq.items()}
     out: StateDict = {}
     gpt2 = config.model_type == "gpt2"
     top, layer_map, prefix = _name_maps(config)
@@ -177,6 +256,13 @@ def _encoder_heads(config: Config) -> dict[str, str]:
 
 def from_hf_state(hf_state: StateDict, config: Config) -> StateDict:
     """transformers' parameter names and layouts -> lmforge's (for loading)."""
+    if config.is_seq2seq:
+        reverse = {v: k for k, v in _seq2seq_names(config).items()}
+        # Tied copies (encoder/decoder embed_tokens) and anything else transformers keeps are not ours.
+        loaded = {reverse[k]: v for k, v in hf_state.items() if k in reverse}
+        if "logits_bias" in loaded:
+            loaded["logits_bias"] = loaded["logits_bias"].reshape(-1)
+        return loaded
     gpt2 = config.model_type == "gpt2"
     top, layer_map, prefix = _name_maps(config)
     reverse_top = {v: k for k, v in top.items()}

@@ -58,6 +58,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from lmforge.beam import BeamParams, beam_complete
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
 from lmforge.inference import prompt_logprobs
@@ -125,6 +126,11 @@ def create_app(
     ``uvicorn.Server(lmforge.serve.uvicorn_config(app)).run()``, which also applies the connection limits.
     """
     limits = limits or ServerLimits()
+    if llm.config.is_seq2seq:  # the scheduler's slots are a decoder's cache
+        raise LmforgeError(
+            f"{llm.config.model_type} is an encoder–decoder: lmforge serve runs decoder-only models and encoders",
+            hint="use LLM.generate_text / summarize or `lmforge generate` with it",
+        )
     context = llm.config.block_size
     if max_context is not None and not 1 <= max_context <= context:
         raise LmforgeError(
@@ -274,36 +280,35 @@ class _Service:
             raise APIError(400, str(e), param=param, code="invalid_tools") from None
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        if body.echo:
-            return await self._echo(body, request)
+        if body.echo and (body.max_tokens != 0 or body.stream or body.n != 1):
+            raise APIError(
+                400,
+                "echo is supported for scoring prompts: with max_tokens=0, n=1 and no stream",
+                param="echo",
+            )
+        beams = body.beams()
         prompt = body.prompt
         texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
         one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
         self._check_rows(1 if one else len(prompt), body.n)
         self._check_chars([len(t) for t in texts], self.max_prompt_chars, "prompt")
         prompts = await self._prepare(self._completion_prompts, prompt)
+        if body.echo:
+            return await self._echo(body, request, texts, prompts)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         fmt = ResponseFormat(chat=False, model_id=self.model_id, token_text=self.token_text)
+        if beams is not None:
+            return await self._beams(request, body, prompts, max_tokens, beams, fmt)
         return await self._generate(request, body, prompts, max_tokens, body.logprobs, fmt)
 
-    async def _echo(self, body: CompletionRequest, request: Request) -> JSONResponse:
+    async def _echo(
+        self, body: CompletionRequest, request: Request, texts: list[str], prompts: list[list[int]]
+    ) -> JSONResponse:
         """OpenAI's legacy ``echo``: the prompts back with their tokens' logprobs (``logprobs``: how many top
         tokens too), generating nothing. Scoring a text this way is what a hosted client's ``classify_text``
         does (``lmforge.hosted``), so it answers as the local model's label scoring does."""
-        if body.max_tokens != 0 or body.stream or body.n != 1:
-            raise APIError(
-                400,
-                "echo is supported for scoring prompts: with max_tokens=0, n=1 and no stream",
-                param="echo",
-            )
         if self.llm.config.is_encoder:
             raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
-        prompt = body.prompt
-        texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
-        one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
-        self._check_rows(1 if one else len(prompt), 1)
-        self._check_chars([len(t) for t in texts], self.max_prompt_chars, "prompt")
-        prompts = await self._prepare(self._completion_prompts, prompt)
         self._check_fits(prompts, 0)
         top = body.logprobs
 
@@ -322,6 +327,30 @@ class _Service:
         messages = [m.as_dict() for m in body.messages]
         self._check_chars([sum(len(m["content"]) for m in messages)], self.max_prompt_chars, "messages")
         return {"prompt": await self._prepare(self.llm.tokenizer.apply_chat_template, messages)}
+
+    async def _beams(
+        self,
+        request: Request,
+        body: CompletionRequest,
+        prompts: list[list[int]],
+        max_tokens: int,
+        beams: BeamParams,
+        fmt: ResponseFormat,
+    ) -> Response:
+        """Beam search (``best_of`` beams at temperature 0) in a task thread: the best ``n`` per prompt."""
+        if self.llm.config.is_encoder:
+            raise APIError(400, "this model is a sentence encoder: it serves /v1/embeddings, not completions")
+        self._check_rows(len(prompts), beams.num_beams)
+        self._check_fits(prompts, max_tokens)
+        llm, params = self.llm, body.sampling(max_tokens)
+        found = await self._in_thread(
+            request, beam_complete, llm.model, llm.tokenizer, prompts, params, beams, llm.eos_ids
+        )
+        completions = [c for per_prompt in found for c in per_prompt]
+        tokens = sum(len(c.token_ids) for c in completions)
+        setattr(request.state, TOKENS, tokens)
+        choices = [(c.text, None, c.finish_reason) for c in completions]
+        return JSONResponse(fmt.response(choices, usage(sum(len(p) for p in prompts), tokens)))
 
     def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """A prompt is text, a list of texts, token ids, or a list of token-id lists."""

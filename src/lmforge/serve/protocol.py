@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from tokenizers import decoders
 
 from lmforge import limits
+from lmforge.beam import MAX_BEAMS, BeamParams
 from lmforge.generate import SamplingParams
 from lmforge.serve.scheduler import Job, TokenLogprob
 from lmforge.tokenizer import Tokenizer
@@ -316,6 +317,27 @@ class CompletionRequest(GenerationRequest):
     )
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False  # with max_tokens=0: the prompt's own token logprobs (OpenAI's legacy scoring)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_BEAMS)
+
+    def beams(self) -> BeamParams | None:
+        """``best_of`` > 1 at temperature 0 is beam search with ``best_of`` beams, returning the best ``n``;
+        None when the request samples as usual."""
+        best_of = self.best_of or 1
+        if best_of == 1:
+            return None
+        for wrong, message in (
+            (self.temperature != 0, "best_of > 1 runs beam search: set temperature to 0"),
+            (self.n > best_of, f"n={self.n} must be at most best_of={best_of}"),
+            (self.stream, "best_of > 1 cannot stream: the best beams are known only at the end"),
+            (self.logprobs is not None, "logprobs are not given with best_of > 1"),
+            (
+                self.response_format is not None and self.response_format.type != "text",
+                "response_format constrains sampled rows, not beams (best_of > 1)",
+            ),
+        ):
+            if wrong:
+                raise APIError(400, message, param="best_of")
+        return BeamParams(num_beams=best_of, num_return_sequences=self.n)
 
 
 class TemplateRequest(BaseModel):

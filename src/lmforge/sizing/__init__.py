@@ -110,6 +110,11 @@ def estimate(
     torch_dtype = resolve_dtype("float32" if training else dtype, torch.device("cpu"))
     quant = load_quant(quant, dtype=dtype, training=training)
     header = read_header(model)
+    if header.config.is_seq2seq:
+        raise UnsupportedError(
+            f"{header.config.model_type} is an encoder–decoder: estimate and select size decoders and encoders",
+            hint="size it by its parameters in `lmforge info` for now",
+        )
     if header.config.is_encoder and quant in ("int8", "int4"):
         quant = "none"  # the loader packs decoders only
     task = task or ("embed" if header.config.is_encoder else "generate")
