@@ -336,11 +336,14 @@ class LoadedModel:
         self.generation_config = generation_config or {}
         self.source = source
         # Kept across calls: prompts that start alike (a system prompt, few-shot examples) prefill once.
-        self.prefix_cache: PrefixCache | None = PrefixCache.megabytes(self.model, DEFAULT_PREFIX_CACHE_MB)
+        self.prefix_cache: PrefixCache | None = None
+        self.set_prefix_cache(DEFAULT_PREFIX_CACHE_MB)
 
     def set_prefix_cache(self, megabytes: float) -> None:
-        """Give the prefix cache (``lmforge.prefix_cache``) a new budget in MiB, emptying it; 0 turns it off."""
-        self.prefix_cache = PrefixCache.megabytes(self.model, megabytes)
+        """Give the prefix cache (``lmforge.prefix_cache``) a new budget in MiB, emptying it; 0 turns it off.
+        Encoders and encoder–decoders have none: their prompts go through no decoder KV cache to reuse."""
+        reusable = isinstance(self.model, Transformer)  # not an Encoder or a Seq2SeqTransformer
+        self.prefix_cache = PrefixCache.megabytes(self.model, megabytes if reusable else 0)
 
     @property
     def config(self) -> Config:

@@ -65,10 +65,11 @@ def block_names(tokens: Sequence[int], block_size: int, count: int) -> list[byte
 
 
 def weights_version(model: torch.nn.Module) -> tuple[int, ...]:
-    """Changes whenever a weight is written in place or replaced (its version counter, its storage)."""
+    """Changes whenever a weight is written in place or replaced (its version counter, its storage). Tensors
+    made under ``torch.inference_mode`` keep no version counter: they cannot be written in place outside it."""
     state = []
     for t in [*model.parameters(), *model.buffers()]:
-        state += [t.data_ptr(), t._version]
+        state += [t.data_ptr(), -1 if t.is_inference() else t._version]
     return tuple(state)
 
 
