@@ -105,6 +105,12 @@ def test_numbers_get_bounded_decimals_and_data_stays_data(tiny_tokenizer):
     assert all(walk(tiny_tokenizer, number, "-7.123456"))
     assert not all(walk(tiny_tokenizer, number, "7.1234567"))
     assert not all(walk(tiny_tokenizer, number, "1e3"))
+    integer = compile_constraint(tiny_tokenizer, json_schema={"type": "integer", "minimum": 10**12})
+    assert all(walk(tiny_tokenizer, integer, str(10**12 + 10**15 - 1)))  # a bound near the one given
+    assert not all(walk(tiny_tokenizer, integer, str(10**12 + 10**15)))
+    unbounded = compile_constraint(tiny_tokenizer, json_schema={"type": "integer"})
+    assert all(walk(tiny_tokenizer, unbounded, "-999999999999999"))
+    assert not all(walk(tiny_tokenizer, unbounded, "1000000000000000"))  # 16 digits: the length is bounded
     quarter = compile_constraint(tiny_tokenizer, json_schema={"type": ["number", "null"], "multipleOf": 0.25})
     assert all(walk(tiny_tokenizer, quarter, "0.75")) and not all(walk(tiny_tokenizer, quarter, "0.3"))
     const = {"const": {"type": "number"}}  # a value that looks like a schema is data: left as it is

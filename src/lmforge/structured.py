@@ -11,10 +11,12 @@ depends on nothing (xgrammar's needs transformers and triton). Nothing here pars
     logits[~state.allowed(vocab_size)] = -inf; token = sample(logits); state.advance(token)
     state.finished                           # the grammar is complete: only end-of-sequence may follow
 
-JSON comes out compact with a space after ``,`` and ``:`` (``json.dumps``'s default layout), and numbers a schema
-does not give a ``multipleOf`` get at most ``NUMBER_DECIMALS`` digits after the point and no exponent: free
-whitespace or an endless fraction (SmolLM2 sampled ``7.0322579027690256346950922664...``) would let a sampled
-answer run to the token limit and break off. Every such answer still satisfies the schema as given. Compiled constraints are cached per tokenizer
+JSON comes out compact with a space after ``,`` and ``:`` (``json.dumps``'s default layout); numbers a schema
+does not give a ``multipleOf`` get at most ``NUMBER_DECIMALS`` digits after the point and no exponent, and numbers
+without a bound stay within ``NUMBER_BOUND`` of zero (or of the one bound given): free whitespace, an endless
+fraction or an endless integer (SmolLM2 sampled ``7.0322579027690256346950922664...`` and
+``"lat": 4124792265275372318881863085...``) would let a sampled answer run to the token limit and break off.
+Every such answer still satisfies the schema as given. Compiled constraints are cached per tokenizer
 (``CACHED_CONSTRAINTS`` specs each, least recently used dropped first), so a server answering many requests with
 one schema compiles it once. Specs are bounded (``limits.MAX_CONSTRAINT_BYTES``) and so is the engine's work per
 token (llguidance's parser limits, its defaults).
@@ -41,6 +43,7 @@ CACHED_CONSTRAINTS = 64  # compiled specs kept per tokenizer
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_JSON_OBJECT = {"type": "object"}
 NUMBER_DECIMALS = 6  # digits after the point of a JSON number whose schema sets no multipleOf
+NUMBER_BOUND = 10**15  # |number| below this where the schema sets no bound (a double holds 15 digits exactly)
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples"})  # keywords whose values are data
 
 
@@ -174,10 +177,28 @@ def _bounded_numbers(schema: Any) -> Any:
         return schema
     out = {key: value if key in _NOT_SCHEMAS else _bounded_numbers(value) for key, value in schema.items()}
     kind = schema.get("type")
-    numeric = kind == "number" or (isinstance(kind, list) and "number" in kind)
-    if numeric and "multipleOf" not in schema:
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "number" in kinds and "multipleOf" not in schema:
         out["multipleOf"] = 10.0**-NUMBER_DECIMALS
+    if "number" in kinds or "integer" in kinds:
+        low = _bound(schema, "minimum", "exclusiveMinimum")
+        high = _bound(schema, "maximum", "exclusiveMaximum")
+        if high is None and low is not False:
+            out["maximum"] = max(0, low or 0) + NUMBER_BOUND - 1
+        if low is None and high is not False:
+            out["minimum"] = min(0, high or 0) - NUMBER_BOUND + 1
     return out
+
+
+def _bound(schema: dict[str, Any], inclusive: str, exclusive: str) -> float | None | bool:
+    """The schema's bound on one side; None when it sets none, False when it sets one that is not a number
+    (left for llguidance to name)."""
+    values = [schema[key] for key in (inclusive, exclusive) if key in schema]
+    if not values:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        return False
+    return values[0]
 
 
 def _choices(choices: Sequence[str] | None) -> list[str]:
