@@ -117,6 +117,16 @@ class FinetuneSettings:
     balance: Literal["none", "weights", "sample"] = field(
         default="none", metadata={"help": "classify, imbalanced classes: weight the loss or resample"}
     )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "classify: train toward (1 - e) on the label and e spread over all labels; 0: none"
+        },
+    )
+    pool: Literal["last", "mean"] = field(
+        default="last",
+        metadata={"help": "classify: the head reads the last token's state or the mean of all tokens'"},
+    )
     regression: bool = field(default=False, metadata={"help": "classify: predict a number (MSE)"})
     include_prompt: bool = field(
         default=False, metadata={"help": "instruct/summarize: train on the prompt tokens too"}
@@ -191,9 +201,15 @@ def run_finetune(
         data, val, held_out = _hold_out(s, data, classes)
         if s.val_file:
             val = load_classification(s.val_file, tok, block, **fields, labels=data.labels)
-        add_classifier(net, data.labels, s.regression, cfg.seed)
+        add_classifier(net, data.labels, s.regression, cfg.seed, s.pool)
         job: Any = ClassificationObjective(
-            data, val, cfg.micro_batch_size, cfg.seed, balance=s.balance, group_by_length=s.group_by_length
+            data,
+            val,
+            cfg.micro_batch_size,
+            cfg.seed,
+            balance=s.balance,
+            group_by_length=s.group_by_length,
+            label_smoothing=s.label_smoothing,
         )
     elif s.task in ("instruct", "summarize"):
 

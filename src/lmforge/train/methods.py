@@ -17,9 +17,13 @@ from lmforge.model import Transformer
 Method = Literal["full", "freeze", "lora"]
 
 
-def add_classifier(model: Transformer, labels: list[str], regression: bool, seed: int) -> None:
-    """Give the model a fresh head with one output per label (one for regression)."""
+def add_classifier(
+    model: Transformer, labels: list[str], regression: bool, seed: int, pool: Literal["last", "mean"] = "last"
+) -> None:
+    """Give the model a fresh head with one output per label (one for regression), reading the last real
+    token's state or (``pool="mean"``) the mean of the real tokens' states."""
     model.config.labels, model.config.regression = list(labels), regression
+    model.config.head_pooling = pool
     torch.manual_seed(seed)
     model.score = nn.Linear(
         model.config.n_embd, len(labels), bias=False, device=model.device, dtype=model.dtype
