@@ -279,31 +279,38 @@ def screening_table(result: dict[str, Any]) -> str:
 def final(
     args: argparse.Namespace, folder: Path, fit: Path, val: Path, test_file: Path, labels: list[str]
 ) -> None:
-    """The screening's winner (or ``--recipe``) trained on all of fit.jsonl, its checkpoint chosen on
-    val.jsonl; then the test file, read here for the first and only time, against the baseline trained on all
-    of train.jsonl with its CV-chosen C."""
+    """The screening's winner (or ``--recipe``) trained on fit.jsonl (``--final-limit`` examples of it), its
+    checkpoint chosen on val.jsonl, or with ``--from-screen`` the screened model itself; then the test file, read
+    here for the first and only time, against the baseline trained on all of train.jsonl with its CV-chosen C."""
     screening = json.loads((folder / "screening.json").read_text("utf-8"))
     name = args.recipe or screening["winner"]
     recipe = BASE_RECIPE | CANDIDATES[name]
-    run = folder / "final"
-    data = subset(fit, args.final_limit, run / "train.jsonl", args.seed)
-    minutes = train_recipe(args, recipe, data, val, run / "run", evaluations=args.evaluations)
+    if args.from_screen:  # the screened model itself: chosen on validation already, no second run
+        model = folder / "screen" / name / "run" / "model"
+        row = screening["rows"][name]
+        minutes, examples = row["minutes"], screening["fit_examples"]
+        kept = {k: row[k] for k in ("val_loss", "accuracy", "macro_f1")} | {"step": "last"}
+    else:
+        run = folder / "final"
+        data = subset(fit, args.final_limit, run / "train.jsonl", args.seed)
+        minutes = train_recipe(args, recipe, data, val, run / "run", evaluations=args.evaluations)
+        model, examples = run / "run" / "model", len(read_records(data, ["text", "label"]))
+        kept = json.loads((run / "run" / "validation.json").read_text("utf-8"))["best"]
     train_file = args.data / CLASSIFY[args.job][0] / "train.jsonl"
     c, cv = choose_baseline_c(train_file, args.seed)
     texts, truth = texts_labels(test_file)
     baseline = baseline_predictions(*texts_labels(train_file), texts, c=c)
-    tuned, _ = predict(run / "run" / "model", texts)
+    tuned, _ = predict(model, texts)
     tests = compare_classifiers(truth, tuned, baseline, labels)
-    validation = json.loads((run / "run" / "validation.json").read_text("utf-8"))
     result = {
         "job": args.job,
         "recipe_name": name,
         "recipe": recipe,
         "chosen_by": "validation macro-F1 (screening.json)" if not args.recipe else "--recipe",
-        "train_examples": len(read_records(data, ["text", "label"])),
+        "train_examples": examples,
         "epochs": args.epochs,
         "minutes": minutes,
-        "validation_best": validation["best"],
+        "validation_kept": kept,
         "test_examples": len(truth),
         "fine_tuned": scored(truth, tuned, labels),
         "baseline": {"C": c, "cv_macro_f1": cv, **scored(truth, baseline, labels)},
@@ -312,8 +319,8 @@ def final(
     (folder / "result.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), "utf-8")
     text = "\n".join(
         [
-            f"{args.job}: {name} ({result['train_examples']} examples, {args.epochs:g} epoch(s), {minutes:.1f} min; "
-            f"checkpoint of step {validation['best']['step']} by validation macro-F1)",
+            f"{args.job}: {name} ({examples} examples, {args.epochs:g} epoch(s), {minutes:.1f} min; "
+            f"step kept: {kept['step']}, validation macro-F1 {100 * kept['macro_f1']:.2f})",
             "",
             "| model | test accuracy % [95 % CI] | test macro-F1 % [95 % CI] |",
             "| --- | --- | --- |",
@@ -459,6 +466,11 @@ def main() -> None:
     parser.add_argument("--recipe", choices=list(CANDIDATES), help="final: this recipe, not the winner")
     parser.add_argument("--final-limit", type=int, help="final: train on this many examples of fit.jsonl")
     parser.add_argument("--evaluations", type=int, default=4, help="final: validation evaluations per run")
+    parser.add_argument(
+        "--from-screen",
+        action="store_true",
+        help="final: test the screened winner itself, without retraining",
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--lang", default="en", choices=["en", "zh"])
     parser.add_argument("--epochs", type=float, default=2.0)
