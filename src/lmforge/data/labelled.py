@@ -255,6 +255,15 @@ def load_classification(
     return ClassificationData(ids, targets, names, regression)
 
 
+def check_label_smoothing(value: float) -> float:
+    """``value`` if it is a label-smoothing weight (0 <= e < 1), else the error naming it."""
+    if not 0 <= value < 1:
+        raise LmforgeError(
+            f"label smoothing {value} must be at least 0 and below 1", hint="use e.g. 0.1, or 0"
+        )
+    return value
+
+
 class ClassificationObjective(_ExampleObjective):
     """Cross-entropy (optionally class-weighted) or MSE on the head at the last real token."""
 
@@ -269,11 +278,7 @@ class ClassificationObjective(_ExampleObjective):
         label_smoothing: float = 0.0,
     ) -> None:
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
-        if not 0 <= label_smoothing < 1:
-            raise LmforgeError(
-                f"label smoothing {label_smoothing} must be at least 0 and below 1", hint="use e.g. 0.1, or 0"
-            )
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.class_weights = None
         sample_weights = None
         if not train.regression and balance != "none":

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from lmforge.data.labelled import (
     ClassificationObjective,
     SequenceObjective,
+    check_label_smoothing,
     load_classification,
     load_sequences,
     pack,
@@ -191,6 +192,7 @@ def run_finetune(
     if s.save_as:
         parse_ref(s.save_as)  # a bad name fails now, not after the run
     selection = _selection(s)
+    check_label_smoothing(s.label_smoothing)  # before the model loads, so a bad value costs nothing
     llm = llm or LoadedModel.load(s.model, dtype="float32", device="cpu")
     net, tok = llm.model, llm.tokenizer
     block = min(s.block_size or 512, net.config.block_size)
