@@ -3,6 +3,7 @@
     python benchmarks/finetune_quality.py spam --stage screen --train-limit 1500 --epochs 1   # recipes on val
     python benchmarks/finetune_quality.py spam --stage final --epochs 2   # the winner, then test once
     python benchmarks/finetune_quality.py sentiment --stage both --train-limit 2000 --block-size 256
+    python benchmarks/finetune_quality.py sentiment --stage baseline      # TF-IDF alone: C by CV, then test
     python benchmarks/finetune_quality.py spam --method zero-shot         # classify_text(labels=...), no training
     python benchmarks/finetune_quality.py instruct --lang zh
     python benchmarks/finetune_quality.py summarize --lang en
@@ -350,6 +351,15 @@ def classify(args: argparse.Namespace) -> None:
         predicted = [r["label"] for r in llm.classify_text(texts, labels=labels)]
         print(json.dumps(scored(truth, predicted, labels), indent=1))
         return
+    if args.stage == "baseline":  # the TF-IDF baseline alone: C by 5-fold CV on train, then test once
+        c, cv = choose_baseline_c(train_file, args.seed)
+        texts, truth = texts_labels(test_file)
+        predicted = baseline_predictions(*texts_labels(train_file), texts, c=c)
+        result = {"C": c, "cv_macro_f1": cv, **scored(truth, predicted, labels)}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "baseline.json").write_text(json.dumps(result, indent=1), "utf-8")
+        print(json.dumps(result, indent=1))
+        return
     fit, val = carve_validation(train_file, folder, args.val_split, args.seed)
     if args.stage in ("screen", "both"):
         screen(args, folder, fit, val, labels)
@@ -454,7 +464,12 @@ def main() -> None:
         help="instruct/summarize: the method; spam/sentiment: zero-shot scores test without training, others are "
         "chosen by --stage screen",
     )
-    parser.add_argument("--stage", default="both", choices=["screen", "final", "both"], help="spam/sentiment")
+    parser.add_argument(
+        "--stage",
+        default="both",
+        choices=["screen", "final", "both", "baseline"],
+        help="spam/sentiment: screen recipes on validation, test the winner, or both; baseline: the TF-IDF one alone",
+    )
     parser.add_argument(
         "--candidates",
         nargs="+",
