@@ -79,6 +79,8 @@ class Config:
     # A classification head ("score", on the last real token) exists when labels are set; regression: one score.
     labels: list[str] | None = None
     regression: bool = False
+    # What the head reads: the last real token's state, or the mean of every real token's ("mean").
+    head_pooling: Literal["last", "mean"] = "last"
     # Lineage, LoRA settings and other records travel with the config (saved under "lmforge" in config.json).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,6 +105,10 @@ class Config:
         if self.pooling not in ("mean", "cls"):
             raise UnsupportedError(
                 f"pooling {self.pooling!r} is not supported", hint="use mean or cls pooling"
+            )
+        if self.head_pooling not in ("last", "mean"):
+            raise UnsupportedError(
+                f"head pooling {self.head_pooling!r} is not supported", hint="use last or mean"
             )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -226,6 +232,7 @@ class Config:
         labels = lmforge_extra.pop("labels", None)
         regression = bool(lmforge_extra.pop("regression", False))
         pooling = lmforge_extra.pop("pooling", "mean")
+        head_pooling = lmforge_extra.pop("head_pooling", "last")
         common = dict(
             name=name,
             model_type=model_type,
@@ -235,6 +242,7 @@ class Config:
             pad_token_id=hf.get("pad_token_id"),
             labels=labels,
             regression=regression,
+            head_pooling=head_pooling,
             extra=lmforge_extra,
         )
         if model_type in ("t5", "bart", "mbart"):
@@ -400,6 +408,10 @@ class Config:
                 **self.extra,
                 **({"pooling": self.pooling} if self.is_encoder else {}),
                 **({"labels": self.labels, "regression": self.regression} if self.labels else {}),
+                # transformers' *ForSequenceClassification reads the last token only: written when it differs
+                **(
+                    {"head_pooling": self.head_pooling} if self.labels and self.head_pooling != "last" else {}
+                ),
             }
         return hf
 

@@ -33,10 +33,14 @@ class LoRAConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": f"linear layers to adapt, comma-separated, among {','.join(LINEAR_NAMES)}"},
+        metadata={
+            "help": f"linear layers to adapt, comma-separated, among {','.join(LINEAR_NAMES)}; all: every one"
+        },
     )
 
     def __post_init__(self) -> None:
+        if list(self.targets) in (["all"], ["all-linear"]):  # PEFT's name for every linear layer
+            self.targets = list(LINEAR_NAMES)
         unknown = sorted(set(self.targets) - set(LINEAR_NAMES))
         if unknown or not self.targets:
             raise LmforgeError(

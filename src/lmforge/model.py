@@ -597,11 +597,17 @@ class Transformer(Network):
         return logits, loss
 
     def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T), left-padded -> head outputs (B, num_labels) read at the last position (a real token)."""
+        """idx (B, T), left-padded -> head outputs (B, num_labels) read at the last position (a real token), or
+        on the mean of the real tokens' states with ``config.head_pooling == "mean"``."""
         if self.score is None:
             raise ValueError("this model has no classification head (its config has no labels)")
         x = self.hidden_states(idx, attention_mask=attention_mask)  # (B, T, C)
-        return self.score(x[:, -1])  # (B, L)
+        if self.config.head_pooling == "last":
+            return self.score(x[:, -1])  # (B, L)
+        if attention_mask is None:
+            return self.score(x.mean(1))
+        real = attention_mask[:, -x.shape[1] :, None].to(x.dtype)  # (B, T, 1): pads weigh nothing
+        return self.score((x * real).sum(1) / real.sum(1).clamp(min=1))
 
     def hidden_states(
         self,

@@ -255,6 +255,15 @@ def load_classification(
     return ClassificationData(ids, targets, names, regression)
 
 
+def check_label_smoothing(value: float) -> float:
+    """``value`` if it is a label-smoothing weight (0 <= e < 1), else the error naming it."""
+    if not 0 <= value < 1:
+        raise LmforgeError(
+            f"label smoothing {value} must be at least 0 and below 1", hint="use e.g. 0.1, or 0"
+        )
+    return value
+
+
 class ClassificationObjective(_ExampleObjective):
     """Cross-entropy (optionally class-weighted) or MSE on the head at the last real token."""
 
@@ -266,8 +275,10 @@ class ClassificationObjective(_ExampleObjective):
         seed: int = 1337,
         balance: str = "none",  # none | weights (class-weighted loss) | sample (balanced sampling)
         group_by_length: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.class_weights = None
         sample_weights = None
         if not train.regression and balance != "none":
@@ -297,18 +308,19 @@ class ClassificationObjective(_ExampleObjective):
     def _scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return _unwrap(model).classify(batch["input_ids"], batch.get("attention_mask")).float()
 
-    def _loss(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, scores: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         if self.train.regression:
             return F.mse_loss(scores[:, 0], targets.float())
         weight = self.class_weights.to(scores.device) if self.class_weights is not None else None
-        return F.cross_entropy(scores, targets.long(), weight=weight)
+        return F.cross_entropy(scores, targets.long(), weight=weight, label_smoothing=smoothing)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self._loss(self._scores(model, batch), batch["targets"])
+        return self._loss(self._scores(model, batch), batch["targets"], self.label_smoothing)
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         """Mean loss, and for labels accuracy and macro-F1 (sklearn's: classes absent from both the truth
-        and the predictions count as F1 0), from one forward pass per batch."""
+        and the predictions count as F1 0), from one forward pass per batch. The loss is plain cross-entropy
+        even with label smoothing, so validation losses of runs with and without it compare."""
         losses, predicted, truth = [], [], []
         for batch in batches:
             scores = self._scores(model, batch)

@@ -31,6 +31,7 @@ from lmforge.config import Config
 from lmforge.data.labelled import (
     ClassificationObjective,
     SequenceObjective,
+    check_label_smoothing,
     load_classification,
     load_sequences,
     pack,
@@ -122,14 +123,21 @@ class FinetuneSettings:
     balance: Literal["none", "weights", "sample"] = field(
         default="none", metadata={"help": "classify, imbalanced classes: weight the loss or resample"}
     )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "classify: train toward (1 - e) on the label and e spread over all labels; 0: none"
+        },
+    )
     regression: bool = field(default=False, metadata={"help": "classify: predict a number (MSE)"})
-    pooling: Literal["mean", "cls"] | None = field(
+    pooling: Literal["last", "mean", "cls"] | None = field(
         default=None,
         metadata={
-            "help": "classify with an encoder (BERT-style): pool its tokens by their mean, or by [CLS] through "
-            "BERT's pooler (what transformers' BertForSequenceClassification does, so its export loads there "
-            "with the same logits)",
-            "default_help": "the encoder's own: mean for all-minilm-l6-v2",
+            "help": "classify: what the head reads. A decoder: the last real token's state, or the mean of all "
+            "tokens' (saved in config.json). An encoder (BERT-style): the mean, or [CLS] through BERT's pooler "
+            "(what transformers' BertForSequenceClassification does, so its export loads there with the same "
+            "logits)",
+            "default_help": "last for a decoder; the encoder's own for an encoder (mean for all-minilm-l6-v2)",
         },
     )
     include_prompt: bool = field(
@@ -195,10 +203,11 @@ def run_finetune(
     if s.save_as:
         parse_ref(s.save_as)  # a bad name fails now, not after the run
     selection = _selection(s)
+    check_label_smoothing(s.label_smoothing)  # before the model loads, so a bad value costs nothing
     llm = llm or LoadedModel.load(s.model, dtype="float32", device="cpu")
     net, tok = llm.model, llm.tokenizer
     check_encoder_task(net.config, s.task, s.pooling)
-    if s.pooling:
+    if s.pooling and net.config.is_encoder:
         net.config.pooling = s.pooling
     block = min(s.block_size or 512, net.config.block_size)
     fields = {"text_field": s.text_field, "label_field": s.label_field, "regression": s.regression}
@@ -208,9 +217,16 @@ def run_finetune(
         data, val, held_out = _hold_out(s, data, classes)
         if s.val_file:
             val = load_classification(s.val_file, tok, block, **fields, labels=data.labels)
-        add_classifier(net, data.labels, s.regression, cfg.seed)
+        # an encoder's pooling is in its config (set above); a decoder's head reads the last token unless told
+        add_classifier(net, data.labels, s.regression, cfg.seed, "mean" if s.pooling == "mean" else "last")
         job: Any = ClassificationObjective(
-            data, val, cfg.micro_batch_size, cfg.seed, balance=s.balance, group_by_length=s.group_by_length
+            data,
+            val,
+            cfg.micro_batch_size,
+            cfg.seed,
+            balance=s.balance,
+            group_by_length=s.group_by_length,
+            label_smoothing=s.label_smoothing,
         )
     elif s.task in ("instruct", "summarize"):
 
@@ -274,19 +290,20 @@ def run_finetune(
 
 
 def check_encoder_task(config: Config, task: str, pooling: str | None) -> None:
-    """An encoder fine-tunes for classification only; ``pooling`` is an encoder's choice (a decoder reads its
-    last token)."""
+    """An encoder fine-tunes for classification only; ``pooling`` is last or mean for a decoder, mean or cls
+    for an encoder."""
     if config.is_encoder and task != "classify":
         raise LmforgeError(
             f"{config.name} is a sentence encoder (BERT-style): it cannot learn to write, so --task {task} "
             "(a decoder-only recipe) does not apply",
             hint="fine-tune it with --task classify, or give a language model (e.g. the default) for this task",
         )
-    if pooling and not config.is_encoder:
+    allowed = ("mean", "cls") if config.is_encoder else ("last", "mean")
+    if pooling and pooling not in allowed:
+        kind = "a sentence encoder (BERT-style)" if config.is_encoder else "a decoder"
         raise LmforgeError(
-            f"--pooling {pooling} applies to encoders; {config.name} is a decoder and classifies from its "
-            "last token",
-            hint="drop --pooling",
+            f"--pooling {pooling} does not apply to {config.name}, {kind}",
+            hint=f"use --pooling {' or '.join(allowed)}",
         )
 
 

@@ -18,11 +18,15 @@ from lmforge.model import Network
 Method = Literal["full", "freeze", "lora"]
 
 
-def add_classifier(model: Network, labels: list[str], regression: bool, seed: int) -> None:
+def add_classifier(
+    model: Network, labels: list[str], regression: bool, seed: int, pooling: Literal["last", "mean"] = "last"
+) -> None:
     """Give the model a fresh head with one output per label (one for regression).
 
-    An encoder gets BERT's (``encoder.Encoder``): pooled by its ``config.pooling``, through a fresh pooler for
-    [CLS], into a linear layer with bias; a masked-LM head it had is dropped (the classifier replaces it)."""
+    A decoder's head reads the last real token's state or (``pooling="mean"``) the mean of the real tokens'
+    states. An encoder gets BERT's (``encoder.Encoder``): pooled by its ``config.pooling``, through a fresh
+    pooler for [CLS], into a linear layer with bias; a masked-LM head it had is dropped (the classifier
+    replaces it)."""
     model.config.labels, model.config.regression = list(labels), regression
     torch.manual_seed(seed)
     if isinstance(model, Encoder):
@@ -36,6 +40,7 @@ def add_classifier(model: Network, labels: list[str], regression: bool, seed: in
                 nn.init.normal_(layer.weight, std=0.02)  # BERT's initializer_range
                 nn.init.zeros_(layer.bias)
         return
+    model.config.head_pooling = pooling
     model.score = nn.Linear(
         model.config.n_embd, len(labels), bias=False, device=model.device, dtype=model.dtype
     )
