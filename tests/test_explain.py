@@ -25,7 +25,7 @@ def tiny(tiny_tokenizer) -> LLM:
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tiny_tokenizer) -> LLM:
-    return tiny_llm("tiny-gpt2", tiny_tokenizer, seed=3, labels=["ham", "spam"])
+    return tiny_llm("tiny-gpt2", tiny_tokenizer, seed=3, labels=["ham", "spam"], block_size=512)
 
 
 def _check_greedy(llm: LLM, prompt, max_new_tokens: int) -> None:
@@ -243,3 +243,24 @@ def test_classify_explain_cli(folders, tmp_path, capsys) -> None:
     assert "<span" in page and "明月" in page
     assert main(["classify", "-m", str(classifier), "--out", str(html_file), "hi"]) == 2
     assert "--explain" in capsys.readouterr().err
+
+
+def test_eval_explains_the_most_confident_errors(folders, tmp_path) -> None:
+    import json
+
+    from lmforge.recipes.evaluate import evaluate_models
+
+    from .conftest import TEST_DATA
+
+    _, classifier = folders
+    report = evaluate_models(
+        [str(classifier)], TEST_DATA / "sms_spam" / "test.jsonl", task="classify", out_dir=tmp_path, limit=8,
+        explain=1,
+    )  # fmt: skip
+    errors = report["explained_errors"][str(classifier)]
+    assert len(errors) == 1  # a random head gets some of 8 wrong
+    assert errors[0]["predicted"] != errors[0]["label"]
+    assert errors[0]["attribution"]["completeness_error"] < 0.01
+    saved = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert saved["explained_errors"][str(classifier)][0]["text"] == errors[0]["text"]
+    assert "Most confident errors" in (tmp_path / "report.md").read_text(encoding="utf-8")

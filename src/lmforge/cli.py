@@ -678,6 +678,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         stride=args.stride,
         quant=args.quant,
         compile=args.compile,
+        explain=args.explain,
     )
     print(markdown_table(report["rows"], COLUMNS[args.task]))
     print("\n[low, high]: 95 % bootstrap interval")
@@ -1076,6 +1077,14 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--stride", type=int, help="perplexity: tokens between windows (default: half a window)")
     p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="classification: add each model's N most confident errors, with the words that pushed them, "
+        "to the report (default: 0, none)",
+    )
     _deprecated(p, "--out-dir", "--out", dest="out")
     _add_speed(p, compile_default=None)
     p.set_defaults(func=cmd_eval)
