@@ -8,10 +8,13 @@ The score ``f`` is one number per text:
 - the next token: its log-probability after the text (the greedy next token unless one is given).
 
 Integrated gradients (Sundararajan et al., 2017) integrate the gradient along the straight path from a
-baseline embedding (zeros, or the pad token's) to the text's embeddings. The integral is taken by
-Gauss-Legendre quadrature, which for the smooth paths of these networks is exact to far better than a
-Riemann sum of the same number of steps; ``completeness_error`` reports |sum(a) - (f(x) - f(baseline))| /
-|f(x) - f(baseline)|. Occlusion replaces one token's embedding by the baseline at a time.
+baseline embedding (zeros, or the pad token's) to the text's embeddings, by Gauss-Legendre quadrature of
+``steps`` nodes; ``completeness_error`` reports |sum(a) - (f(x) - f(baseline))| / |f(x) - f(baseline)|, so a
+too coarse integral shows. Measured: on the tests' tiny models 32 nodes leave < 0.1 %; on SmolLM2 fine-tuned
+as a spam classifier (benchmarks/explain_faithfulness.py) the zero baseline's path starts steeply (near a zero
+input every norm's eps dominates), and one message left 25 % at 32 nodes, 3.6 % at 64; the pad baseline's
+path was rougher still (146 % at 32, 34 % at 128). Raise ``steps`` until the error is small enough for the use.
+Occlusion replaces one token's embedding by the baseline at a time.
 
 The embeddings are swapped through a forward hook on the network's ``wte``: positions, masks and every block
 run exactly as in the model's own forward.
