@@ -11,7 +11,7 @@ from lmforge import LLM
 from lmforge.cli import main
 from lmforge.explain import render
 from lmforge.explain.attention import recording_attention
-from lmforge.explain.tokens import piece_spans, token_text
+from lmforge.explain.tokens import TokenExplanation, piece_spans, token_text
 
 from .conftest import SAMPLE_TEXT, tiny_llm
 
@@ -28,7 +28,7 @@ def tiny_classifier(tiny_tokenizer) -> LLM:
     return tiny_llm("tiny-gpt2", tiny_tokenizer, seed=3, labels=["ham", "spam"], block_size=512)
 
 
-def _check_greedy(llm: LLM, prompt, max_new_tokens: int) -> None:
+def _check_greedy(llm: LLM, prompt, max_new_tokens: int) -> TokenExplanation:
     explanation = llm.explain_generation(prompt, max_new_tokens=max_new_tokens)
     steps = explanation.steps
     assert steps, "nothing was generated"
@@ -47,6 +47,7 @@ def _check_greedy(llm: LLM, prompt, max_new_tokens: int) -> None:
     assert "\ufffd" not in explanation.text
     if "\ufffd" not in expected.text:  # a random model writes invalid UTF-8 too: shown as its bytes
         assert explanation.text == expected.text
+    return explanation
 
 
 @pytest.mark.parametrize("prompt", ["The quick brown", ZH_PROMPT, "我们今天去北京吃烤鸭 🦆"])
@@ -56,8 +57,7 @@ def test_greedy_top1_is_the_chosen_token_and_no_broken_character_tiny(tiny, prom
 
 def test_greedy_smollm2_chinese(smollm2, one_thread) -> None:
     prompt = [{"role": "user", "content": "用中文介绍一下北京。"}]
-    _check_greedy(smollm2, prompt, 12)
-    explanation = smollm2.explain_generation(prompt, max_new_tokens=12)
+    explanation = _check_greedy(smollm2, prompt, 12)
     assert any(len(piece.steps) > 1 for piece in explanation.tokens), "no character took several tokens"
 
 
@@ -135,9 +135,8 @@ def test_attention_of_the_sentence_encoder(tiny_tokenizer, one_thread) -> None:
 def test_chinese_heatmap_png(smollm2, tmp_path, one_thread) -> None:
     maps = smollm2.explain_attention(ZH_PROMPT)
     assert all("\ufffd" not in label for label in maps.labels)
-    rollout = render.attention_png(maps, tmp_path / "rollout.png")
     head = render.attention_png(maps, tmp_path / "head.png", layer=3, head=2)
-    assert rollout.stat().st_size > 10_000 and head.stat().st_size > 10_000
+    assert head.stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------ attributions

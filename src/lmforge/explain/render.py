@@ -159,8 +159,8 @@ def attention_png(
     size = max(4.0, 0.35 * T + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0)
-    ax.set_xticks(range(T), [label.replace("\n", "\\n") for label in maps.labels], rotation=90)
-    ax.set_yticks(range(T), [label.replace("\n", "\\n") for label in maps.labels])
+    ax.set_xticks(range(T), [_label(label) for label in maps.labels], rotation=90)
+    ax.set_yticks(range(T), [_label(label) for label in maps.labels])
     ax.set_xlabel("attended token (key)")
     ax.set_ylabel("token (query)")
     ax.set_title(title)
@@ -189,7 +189,7 @@ def attribution_png(attributions: Sequence[Attribution], out: str | Path) -> Pat
             label = fig.text(
                 x,
                 y,
-                piece.replace("\n", " "),
+                _label(piece),
                 fontsize=12,
                 va="top",
                 bbox={"facecolor": shade, "edgecolor": "none", "pad": 1},
@@ -225,14 +225,19 @@ def lens_png(lens: LogitLens, out: str | Path) -> Path:
     ax.imshow(probs, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
     for layer, row in enumerate(lens.rows):
         for t, top in enumerate(row.top):
-            ax.text(t, layer, top[0][0].replace("\n", "\\n")[:10], ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(T), [label.replace("\n", "\\n") for label in lens.labels], rotation=90)
+            ax.text(t, layer, _label(top[0][0])[:10], ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(T), [_label(label) for label in lens.labels], rotation=90)
     ax.set_yticks(range(L), [str(r.layer) for r in lens.rows])
     ax.set_xlabel("input token (the prediction is of the token after it)")
     ax.set_ylabel("after block (0 = embeddings)")
     ax.set_title("logit lens")
     fig.tight_layout()
     return _save(fig, plt, out)
+
+
+def _label(text: str) -> str:
+    """Text a figure can draw: control characters (no font has glyphs for them) as escapes, newlines as \\n."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _save(fig: Any, plt: Any, out: str | Path) -> Path:
