@@ -35,6 +35,7 @@ from lmforge.tokenizer import Message, Tokenizer
 MAX_ALTERNATIVES = 50  # alternatives per token: enough to read, bounded so a response stays small
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 UTF8_MAX_BYTES = 4  # a character never needs more tokens than this in any byte-level vocabulary
+WINDOW = 16  # tokens of left context a piece is decoded after: decoding is local, this is ample
 
 
 @dataclass
@@ -133,24 +134,30 @@ def piece_spans(
 ) -> list[tuple[int, int, str]]:
     """Split ``ids`` into readable pieces: ``(start, end, text)`` per run of tokens that makes whole characters.
 
-    Text is taken as the difference of decoding ``context + ids[:end]`` and ``context + ids[:start]``, so
-    decoders that treat the first token specially (SentencePiece's leading space) give the text as it reads
-    in place. A run still incomplete after ``UTF8_MAX_BYTES`` tokens (or at the end) is shown as its bytes.
+    A piece's text is the difference of decoding it after the ``WINDOW`` tokens before it (from ``context``
+    first) and decoding those alone: decoders that treat the first token specially (SentencePiece's leading
+    space) give the text as it reads in place, and the cost grows with the length, not its square. A run still
+    incomplete after ``UTF8_MAX_BYTES`` tokens (or at the end) is shown as its bytes.
     """
-    context = list(context)
+    ids, context = list(ids), list(context)[-WINDOW:]
+    full, offset = context + ids, len(context)
     spans: list[tuple[int, int, str]] = []
-    before = tokenizer.decode(context)
     start = 0
-    for end in range(1, len(ids) + 1):
-        text = tokenizer.decode(context + list(ids[:end]))
-        complete = not text.endswith("\ufffd") and text.startswith(before)
-        if not complete and end < len(ids) and end - start < UTF8_MAX_BYTES:
-            continue
+    while start < len(ids):
+        prefix = full[max(0, offset + start - WINDOW) : offset + start]
+        before = tokenizer.decode(prefix)
+        end = start + 1
+        while True:
+            text = tokenizer.decode(prefix + ids[start:end])
+            complete = text.startswith(before) and not text.endswith("\ufffd")
+            if complete or end == len(ids) or end - start >= UTF8_MAX_BYTES:
+                break
+            end += 1
         piece = text[len(before) :] if text.startswith(before) else ""
-        if "\ufffd" in piece or not complete:
+        if not complete or "\ufffd" in piece:
             piece = show_bytes(b"".join(token_bytes(tokenizer, i) for i in ids[start:end]))
         spans.append((start, end, piece))
-        before, start = (text if complete else tokenizer.decode(context + list(ids[:end]))), end
+        start = end
     return spans
 
 
