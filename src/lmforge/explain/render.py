@@ -62,16 +62,29 @@ def _signed_rgb(value: float, scale: float) -> tuple[int, int, int]:
 
 
 def tokens_terminal(explanation: TokenExplanation, *, colour: bool, top: int = 3) -> str:
-    """The generated text with every piece shaded by its probability, then one line per piece."""
+    """The generated text with every piece shaded by its probability, then one line per piece.
+
+    A character made of several tokens lists its first token's alternatives; that token itself shows as the
+    character with its share (``实[1/2]``), the rest as their bytes (``\\xe5\\xae``)."""
     shown = [
         _background(t.text, _probability_rgb(t.probability)) if colour else t.text for t in explanation.tokens
     ]
     lines = [explanation.prompt + "".join(shown), ""]
-    lines.append(f"{'token':<16} {'p':>6} {'rank':>5} {'entropy':>7}  alternatives")
+    lines.append(f"{'token':<12} {'p':>6} {'rank':>5} {'entropy':>7}  alternatives")
     for t in explanation.tokens:
-        rivals = ", ".join(f"{a.text!r} {a.probability:.3f}" for a in t.alternatives[:top])
-        lines.append(f"{t.text!r:<16} {t.probability:6.3f} {t.rank:5d} {t.entropy:7.3f}  {rivals}")
+        first = t.steps[0].token_id if t.steps else None
+        rivals = []
+        for a in t.alternatives[:top]:
+            text = f"{t.text}[1/{len(t.steps)}]" if a.token_id == first and len(t.steps) > 1 else a.text
+            rivals.append(f"{_quoted(text)} {a.probability:.3f}")
+        lines.append(
+            f"{_quoted(t.text):<12} {t.probability:6.3f} {t.rank:5d} {t.entropy:7.3f}  {', '.join(rivals)}"
+        )
     return "\n".join(lines)
+
+
+def _quoted(text: str) -> str:
+    return "'" + _label(text) + "'"
 
 
 def attribution_terminal(attribution: Attribution, *, colour: bool) -> str:
