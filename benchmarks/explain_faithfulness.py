@@ -17,21 +17,22 @@ Prints one row per method (integrated gradients with its median completeness err
 benchmarks/output/explain/faithfulness.md, every 5 messages (a long run can be stopped with its table).
 
 The test set has 112 spam messages of at least 4 words, not 200. Measured 2026-11-30 on a 2-core CPU shared
-with other jobs (one thread, ~2 min a message: integrated gradients runs 32 forward and backward passes of
-the 135M model), fine-tuning 10.8 min (100 steps, train loss 0.012); only the first 10 messages fitted the
-time (``--limit 15`` stopped at 10):
+with other jobs (one thread, ~1.6 min a message: integrated gradients runs 32 forward and backward passes of
+the 135M model), fine-tuning 10.8 min (100 steps, train loss 0.012); only 15 messages fitted the time
+(``--limit 15``, 24.7 min):
 
     | method               | top-3 deletion lowers the log-odds more than random | mean drop, top-3 | random |
-    | integrated_gradients | 70.0% (7/10)                                       | 0.83             | 0.36   |
-    | gradient_x_input     | 50.0% (5/10)                                       | 0.73             | 0.19   |
-    | occlusion            | 100.0% (10/10)                                     | 2.61             | 0.43   |
-    | attention_rollout    | 30.0% (3/10)                                       | 0.43             | 0.48   |
+    | integrated_gradients | 80.0% (12/15)                                      | 1.40             | 0.52   |
+    | gradient_x_input     | 53.3% (8/15)                                       | 0.68             | 0.34   |
+    | occlusion            | 100.0% (15/15)                                     | 2.99             | 0.55   |
+    | attention_rollout    | 46.7% (7/15)                                       | 0.87             | 0.50   |
 
-    integrated gradients (32 Gauss-Legendre steps, zero baseline): completeness error median 42 %, max 332 %
+    integrated gradients (32 Gauss-Legendre steps, zero baseline): completeness error median 47 %, max 431 %
 
-Integrated gradients fall short of the 80 % goal here, and their completeness error says why: 32 nodes do
-not integrate this model's path from the zero baseline (see lmforge/explain/attribution.py; 64 nodes left
-3.6 % on one message). Ten messages are too few to call any figure but occlusion's.
+Integrated gradients reach the 80 % goal only at its edge on these 15 (70 % after 10), with a completeness
+error that says 32 nodes do not integrate this model's path from the zero baseline (see
+lmforge/explain/attribution.py; 64 nodes left 3.6 % on one message). Fifteen messages are too few to call any
+figure but occlusion's; the 112-message run needs about three hours on one such core.
 """
 
 from __future__ import annotations
