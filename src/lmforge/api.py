@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge import inference
+from lmforge import explain, inference
 from lmforge.errors import LmforgeError
 from lmforge.export import export_model
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
@@ -268,6 +268,60 @@ class LLM(LoadedModel):
     def similarity(self, a: str, b: str) -> float:
         """Cosine similarity of two texts' embeddings."""
         return inference.similarity(self, a, b)
+
+    # ------------------------------------------------------------ explanations
+    def explain_generation(
+        self,
+        prompt: str | Sequence[Message],
+        max_new_tokens: int = 50,
+        *,
+        alternatives: int = 5,
+        **options: Any,
+    ) -> explain.TokenExplanation:
+        """Generate (greedy unless sampling options say otherwise) and explain every token: probability, rank,
+        entropy and the ``alternatives`` likeliest rivals; the tokens of one character (Chinese, emoji) grouped.
+        Sampling options as ``generate_text``'s (``top_k`` there is sampling's, not the alternatives')."""
+        return explain.explain_generation(
+            self, prompt, alternatives=alternatives, max_new_tokens=max_new_tokens, **options
+        )
+
+    def explain_text(self, text: str, *, alternatives: int = 5) -> explain.TokenExplanation:
+        """How likely the model found each token of a given text, with the alternatives it preferred."""
+        return explain.explain_text(self, text, alternatives=alternatives)
+
+    def explain_attention(self, text: str) -> explain.AttentionMaps:
+        """Attention weights (layers, heads, T, T) over ``text``, token labels and ``.rollout()``."""
+        return explain.attention_maps(self, text)
+
+    def explain_classification(
+        self,
+        text: str,
+        labels: Sequence[str] | None = None,
+        *,
+        method: str = "integrated_gradients",
+        label: str | None = None,
+        zero_shot: bool = False,
+        steps: int = explain.DEFAULT_STEPS,
+        baseline: str = "zeros",
+    ) -> explain.Attribution:
+        """Which tokens of ``text`` pushed the classification to ``label`` (default: the predicted one): the
+        fine-tuned head when the model has one, else (or with ``zero_shot``) zero-shot scoring of ``labels``.
+        ``method``: integrated_gradients (completeness error reported), gradient_x_input, occlusion,
+        attention_rollout."""
+        kind = "head" if self.config.labels and not zero_shot else "zero_shot"
+        return explain.attribute(
+            self, text, method=method, kind=kind, labels=labels, label=label, steps=steps, baseline=baseline
+        )
+
+    def explain_next_token(
+        self, text: str, *, token: int | None = None, method: str = "integrated_gradients", steps: int = 32
+    ) -> explain.Attribution:
+        """Which tokens of ``text`` made its next token (``token``, default the likeliest) likely."""
+        return explain.attribute(self, text, method=method, kind="next_token", token=token, steps=steps)
+
+    def logit_lens(self, text: str, *, top_k: int = 3) -> explain.LogitLens:
+        """The top tokens the residual stream predicts at every position after every block."""
+        return explain.logit_lens(self, text, top_k=top_k)
 
 
 def _new_tokens(max_new_tokens: int, max_length: int | None) -> int:

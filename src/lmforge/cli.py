@@ -327,13 +327,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt if args.prompt is not None else _read_text(None, "continue")
     if not prompt.strip():
         raise LmforgeError("empty prompt", hint="give some text with -p/--prompt or on stdin")
+    if args.out and not args.logit_lens:
+        raise LmforgeError("--out is where --logit-lens draws its PNG", hint="add --logit-lens or drop --out")
     llm = _load(args)
+    if args.explain or args.logit_lens:
+        _explain_generation(llm, args, prompt, options)
+        return
     if args.chat:
         _print_stream(llm, llm.stream([{"role": "user", "content": prompt}], **options), quiet=args.quiet)
     else:
         if not llm.config.is_seq2seq:  # a decoder continues the prompt; an encoder–decoder answers it
             sys.stdout.write(prompt)
         _print_stream(llm, llm.stream(prompt, **options), quiet=args.quiet)
+
+
+def _explain_generation(llm, args: argparse.Namespace, prompt: str, options: dict[str, object]) -> None:
+    from lmforge.explain import render
+
+    if args.logit_lens:
+        lens = llm.logit_lens(prompt)
+        print(render.lens_table(lens))
+        if args.out:
+            print(f"logit lens: {render.lens_png(lens, args.out)}", file=sys.stderr)
+    if args.explain:
+        messages = [{"role": "user", "content": prompt}] if args.chat else prompt
+        explanation = llm.explain_generation(messages, **options)
+        print(render.tokens_terminal(explanation, colour=render.use_colour(sys.stdout)))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -647,11 +666,34 @@ def _print_stored(save_as: str | None) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     texts = _texts(args, "classify")
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    if args.out and not args.explain:
+        raise LmforgeError(
+            "--out is where --explain writes its shaded texts", hint="add --explain or drop --out"
+        )
+    if args.out and not args.out.endswith((".html", ".png")):
+        raise LmforgeError(
+            f"--out {args.out}: not an .html or .png file", hint="name a file ending .html or .png"
+        )
     llm = _load(args)
     results = llm.classify_text(texts, labels=labels, zero_shot=args.zero_shot)
+    if args.explain:
+        from lmforge.explain import render
+    explained = []
     for text, result in zip(texts, results, strict=True):
         probs = " ".join(f"{k}={v:.3f}" for k, v in result.get("probabilities", {}).items())
         print(f"{result['label']}\t{probs}\t{text}")
+        if args.explain:
+            attribution = llm.explain_classification(
+                text, labels, method=args.explain_method, label=result["label"], zero_shot=args.zero_shot
+            )
+            explained.append(attribution)
+            print(render.attribution_terminal(attribution, colour=render.use_colour(sys.stdout)))
+    if args.out:
+        if args.out.endswith(".png"):
+            render.attribution_png(explained, args.out)
+        else:
+            Path(args.out).write_text(render.attribution_html(explained), encoding="utf-8")
+        print(f"explanations: {args.out}", file=sys.stderr)
 
 
 def cmd_summarize(args: argparse.Namespace) -> None:
@@ -712,6 +754,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         quant=args.quant,
         compile=args.compile,
         **_hosted_settings(args),
+        explain=args.explain,
     )
     print(markdown_table(report["rows"], report["columns"]))
     print("\n[low, high]: 95 % bootstrap interval")
@@ -926,6 +969,17 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     _add_loading(p)
     p.add_argument("-p", "--prompt", help="the prompt (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="show every generated token's probability, rank, entropy and alternatives (coloured in a terminal)",
+    )
+    p.add_argument(
+        "--logit-lens",
+        action="store_true",
+        help="show the top token the prompt's residual stream predicts after every block",
+    )
+    p.add_argument("--out", help="with --logit-lens: also draw it into this PNG file (default: none)")
     _add_sampling(p, max_tokens=100)
     _add_beams(p)
     p.set_defaults(func=cmd_generate)
@@ -1034,6 +1088,18 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="score --labels by likelihood even when the model has a fine-tuned head",
     )
+    p.add_argument(
+        "--explain", action="store_true", help="shade every text's tokens by how much they pushed its label"
+    )
+    p.add_argument(
+        "--explain-method",
+        default="integrated_gradients",
+        choices=["integrated_gradients", "gradient_x_input", "occlusion", "attention_rollout"],
+        help="how --explain attributes (default: integrated_gradients, its completeness error shown)",
+    )
+    p.add_argument(
+        "--out", help="with --explain: write the shaded texts to this .html or .png file (default: none)"
+    )
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("summarize", help="summarize texts, a text file or stdin")
@@ -1091,6 +1157,14 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--stride", type=int, help="perplexity: tokens between windows (default: half a window)")
     p.add_argument("--out", default="reports/eval", help="folder for report.json, report.md and PNGs")
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="classification: add each model's N most confident errors, with the words that pushed them, "
+        "to the report (default: 0, none)",
+    )
     _deprecated(p, "--out-dir", "--out", dest="out")
     _add_speed(p, compile_default=None)
     _add_hosted(p)

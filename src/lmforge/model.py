@@ -416,6 +416,16 @@ def single_query_attention(
 
 
 class Attention(nn.Module):
+    """Multi-head (grouped-query) self-attention through SDPA, or ``single_query_attention`` for a decode step.
+
+    ``record_weights`` is the opt-in return path of ``lmforge.explain``: while True (set on the instance, never
+    by the normal paths), the block computes softmax(q k^T / sqrt(D)) explicitly and keeps it in ``weights``
+    (B, H, T, S). SDPA does not hand its weights out; when False, the forward is the unchanged fused one.
+    """
+
+    record_weights = False
+    weights: torch.Tensor | None = None
+
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -443,6 +453,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
+        if self.record_weights:
+            return self.o_proj(self._attention_keeping_weights(q, k, v, mask))
         # A decode step; a float mask (an additive bias: T5's positions) and a custom scale take SDPA's path.
         if (
             T == 1
@@ -466,6 +478,26 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)  # (B, T, C)
+
+    def _attention_keeping_weights(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same attention written out (no dropout: explanations run in eval), keeping its weights."""
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+        scale = D**-0.5 if self.scale is None else self.scale  # T5 scales nothing (attention_scale 1.0)
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+        if mask is None:  # no past (SDPA's is_causal) or one query that sees every key
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:  # an additive bias, as SDPA takes it (T5's relative positions)
+            scores = scores + mask
+        self.weights = scores.float().softmax(-1).to(q.dtype)
+        y = self.weights @ v  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):

@@ -29,6 +29,7 @@ from lmforge.evaluate import (
     rouge_per_example,
     write_report,
 )
+from lmforge.explain import attribute
 from lmforge.hosted import Endpoint, HostedLLM, Price, cost
 from lmforge.inference import classify, summarize
 from lmforge.loading import LoadedModel, add_metrics_if_stored, hosted_model
@@ -63,14 +64,21 @@ def evaluate_models(
     compile: bool | None = None,
     endpoint: Endpoint | None = None,
     prices: dict[str, Price] | None = None,
+    explain: int = 0,
 ) -> dict[str, Any]:
     """Evaluate each of ``models`` (loaded with ``quant`` and ``compile``, as ``LoadedModel.load`` takes them)
     on ``data``. Models packed on request (``quant`` int8 / int4) are reported, and their scores stored, under
     the name with the kind added, ``spam:v1 (int4)``, beside the float model's. Hosted models
     (``openai:MODEL`` at ``endpoint``; classify and summarize) add latency per example, tokens, and their cost
-    where ``prices`` names them (USD per 1k prompt and completion tokens); the report lists its ``columns``."""
+    where ``prices`` names them (USD per 1k prompt and completion tokens); the report lists its ``columns``.
+    ``explain`` (classify): each local model's that many most confident errors, with integrated-gradients
+    attributions, go into the report."""
     if task not in COLUMNS:
         raise LmforgeError(f"unknown evaluation task {task!r}", hint=f"use one of {', '.join(COLUMNS)}")
+    if not 0 <= explain <= MAX_EXPLAINED:
+        raise LmforgeError(f"explain={explain} is out of range", hint=f"use 0 to {MAX_EXPLAINED}")
+    if explain and task != "classify":
+        raise LmforgeError("explaining errors is for --task classify", hint="drop --explain for this task")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -80,6 +88,7 @@ def evaluate_models(
     stored: list[tuple[str, str, dict[str, Any]]] = []  # (store entry, metrics key, scores): written last
     truth: list[str] = []
     names: list[str] = []
+    explained: dict[str, list[dict[str, Any]]] = {}  # model -> its most confident errors, explained
     if task == "classify":
         records = read_records(data, [text_field, label_field])[:limit]
         truth = [str(r[label_field]) for r in records]
@@ -139,7 +148,10 @@ def evaluate_models(
                     f"{data}: labels {unknown} are unknown to model {name}",
                     hint="evaluate on data with its labels",
                 )
-            predicted = [r["label"] for r in classify(llm, texts, zero_shot)]
+            results = classify(llm, texts, zero_shot)
+            predicted = [r["label"] for r in results]
+            if explain:
+                explained[label] = confident_errors(llm, texts, truth, results, explain, zero_shot)
             metrics = classification_metrics(truth, predicted, names)
             plot_confusion(metrics, out / f"confusion-{_slug(name)}.png", name)
             rows.append(_row(label + (" (zero-shot)" if zero_shot else ""), metrics, len(texts), start))
@@ -180,6 +192,8 @@ def evaluate_models(
         "comparisons": comparisons,
         "columns": columns,
     }
+    if explain:
+        report["explained_errors"] = explained
     # A model from the store keeps its scores, intervals and paired verdicts: `lmforge show` and its card list
     # them. Written once every model is scored, as the verdicts need them all.
     local_rows = [r for i, r in enumerate(rows) if i >= int(baseline) and i not in hosted]
@@ -187,6 +201,9 @@ def evaluate_models(
         paired = _paired_with(row["model"], comparisons)
         add_metrics_if_stored(source, {key: {**scores, **({"paired": paired} if paired else {})}})
     json_path, md_path = write_report(report, out, columns)
+    if explain:
+        with md_path.open("a", encoding="utf-8") as f:
+            f.write(errors_markdown(explained))
     report["files"] = [str(json_path), str(md_path)]
     return report
 
@@ -234,6 +251,59 @@ def _hosted_row(
     row["tokens"] = f"{llm.usage['prompt_tokens']}+{llm.usage['completion_tokens']}"
     row["cost"] = f"{cost(llm.usage, price):.4f}" if price is not None else "-"
     return {**row, "answers": answers}
+
+
+MAX_EXPLAINED = 100  # errors explained per model: each costs an integrated-gradients run
+
+
+def confident_errors(
+    llm: LoadedModel,
+    texts: list[str],
+    truth: list[str],
+    results: list[dict[str, Any]],
+    n: int,
+    zero_shot: list[str] | None,
+) -> list[dict[str, Any]]:
+    """The ``n`` wrong answers given with the highest probability, each with the words that pushed it."""
+    wrong = [i for i, r in enumerate(results) if r["label"] != truth[i]]
+    wrong.sort(key=lambda i: -results[i]["probabilities"][results[i]["label"]])
+    out = []
+    for i in wrong[:n]:
+        predicted = results[i]["label"]
+        attribution = attribute(
+            llm,
+            texts[i],
+            kind="zero_shot" if zero_shot else "head",
+            labels=zero_shot,
+            label=predicted,
+        )
+        out.append(
+            {
+                "text": texts[i],
+                "label": truth[i],
+                "predicted": predicted,
+                "probability": results[i]["probabilities"][predicted],
+                "top_words": sorted(attribution.words(), key=lambda w: -w[1])[:5],
+                "attribution": attribution.to_dict(),
+            }
+        )
+    return out
+
+
+def errors_markdown(explained: dict[str, list[dict[str, Any]]]) -> str:
+    """The report's section: per model, its most confident errors and the words that pushed each answer."""
+    lines = ["", "## Most confident errors, explained", ""]
+    lines.append("Integrated gradients of the predicted label's log-odds; the words that pushed it most.")
+    for model, errors in explained.items():
+        lines += ["", f"### {model}", ""]
+        if not errors:
+            lines.append("No errors.")
+        for e in errors:
+            words = ", ".join(f"{w} ({v:+.2f})" for w, v in e["top_words"])
+            text = e["text"].replace("\n", " ").replace("|", "\\|")
+            lines.append(f"- **{e['predicted']}** (p={e['probability']:.3f}, truly {e['label']}): {text}")
+            lines.append(f"  - pushed by: {words}")
+    return "\n".join(lines) + "\n"
 
 
 def _paired_tests(

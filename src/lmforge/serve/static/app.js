@@ -23,6 +23,9 @@ const TEXT = {
     info: (m) => `${m.id} · ${m.lmforge.architecture} · ${(m.lmforge.parameters / 1e6).toFixed(0)}M params · ` +
       `context ${m.max_model_len} · ${m.lmforge.dtype} on ${m.lmforge.device}`,
     offline: "server unreachable",
+    alternatives: "Alternatives",
+    clickToken: "Click a word of an answer to see the tokens the model weighed for it.",
+    chosen: "chosen",
   },
   zh: {
     playground: "演练场",
@@ -45,6 +48,9 @@ const TEXT = {
     info: (m) => `${m.id} · ${m.lmforge.architecture} · ${(m.lmforge.parameters / 1e6).toFixed(0)}M 参数 · ` +
       `上下文 ${m.max_model_len} · ${m.lmforge.dtype}（${m.lmforge.device}）`,
     offline: "无法连接服务器",
+    alternatives: "候选词",
+    clickToken: "点击回答中的字词，查看模型在该处考虑过的候选词元及其概率。",
+    chosen: "已选",
   },
 };
 
@@ -162,18 +168,23 @@ async function send(text) {
         temperature: Number($("temperature").value),
         top_p: Number($("top-p").value),
         max_tokens: Number($("max-tokens").value),
+        logprobs: true, // every token's probability and its top alternatives: clicking a word shows them
+        top_logprobs: 5,
       }),
     });
     if (!response.ok) {
       const body = await response.json().catch(() => ({ error: { message: response.statusText } }));
       throw new Error(body.error.message);
     }
+    let pending = []; // logprobs of tokens whose text is still held back (part of a character)
     for await (const chunk of sseEvents(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
-      const delta = chunk.choices.length ? chunk.choices[0].delta : {};
-      if (delta.content) {
-        output.textContent += delta.content;
+      const choice = chunk.choices.length ? chunk.choices[0] : { delta: {} };
+      if (choice.logprobs && choice.logprobs.content) pending.push(...choice.logprobs.content);
+      if (choice.delta.content) {
+        output.append(tokenSpan(choice.delta.content, pending));
+        pending = [];
         output.scrollIntoView({ block: "end" });
       }
     }
@@ -188,6 +199,47 @@ async function send(text) {
   } finally {
     output.classList.remove("streaming");
     setBusy(false);
+  }
+}
+
+// A piece of the answer (whole characters: the server never splits one) with the tokens that made it.
+function tokenSpan(text, logprobs) {
+  const span = document.createElement("span");
+  span.className = "token";
+  span.textContent = text;
+  span.tokens = logprobs;
+  if (logprobs.length) {
+    const p = Math.exp(logprobs.reduce((sum, e) => sum + e.logprob, 0));
+    span.title = `${(100 * p).toFixed(1)}%`;
+    span.addEventListener("click", () => showAlternatives(span));
+  }
+  return span;
+}
+
+function percent(logprob) {
+  return `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+}
+
+function showAlternatives(span) {
+  for (const el of document.querySelectorAll(".token.selected")) el.classList.remove("selected");
+  span.classList.add("selected");
+  const panel = $("alternatives");
+  panel.replaceChildren();
+  for (const entry of span.tokens) {
+    const head = document.createElement("div");
+    head.className = "alt-chosen";
+    head.textContent = `${JSON.stringify(entry.token)} ${percent(entry.logprob)}`;
+    const list = document.createElement("ol");
+    for (const alt of entry.top_logprobs) {
+      const item = document.createElement("li");
+      item.textContent = `${JSON.stringify(alt.token)} ${percent(alt.logprob)}`;
+      if (alt.token === entry.token) {
+        item.classList.add("chosen");
+        item.title = t("chosen");
+      }
+      list.append(item);
+    }
+    panel.append(head, list);
   }
 }
 
@@ -222,6 +274,7 @@ $("clear").addEventListener("click", () => {
   turns.length = 0;
   for (const el of document.querySelectorAll(".message")) el.remove();
   $("empty").hidden = false;
+  $("alternatives").replaceChildren();
   lastRun = null;
   showStats();
 });

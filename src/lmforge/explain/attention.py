@@ -1,0 +1,159 @@
+"""Attention maps, attention rollout and the logit lens: where the heads look, and what each block predicts.
+
+The weights come from the model itself: ``model.Attention.record_weights`` makes each block compute
+softmax(q k^T / sqrt(D)) explicitly for one forward pass and keep it (the normal, fused path never does).
+The logit lens reads the residual stream after every block through forward hooks on the blocks and applies
+the final norm and the language-model head to it (nostalgebraist, 2020).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmforge.encoder import Encoder
+from lmforge.errors import LmforgeError
+from lmforge.explain.tokens import piece_spans, token_text
+from lmforge.loading import LoadedModel
+from lmforge.model import Attention, Network, Transformer
+
+MAX_LENS_TOP_K = 20
+
+
+@dataclass
+class AttentionMaps:
+    """``weights`` (layers, heads, T, T) of one text; ``labels`` the T tokens as text (a character split into
+    several tokens is labelled ``char[i/n]``)."""
+
+    token_ids: list[int]
+    labels: list[str]
+    weights: torch.Tensor
+
+    def rollout(self) -> torch.Tensor:
+        """Attention rollout (Abnar & Zuidema, 2020): (T, T), how much each position draws on each input token
+        through all layers, the residual counted as half of every layer (heads averaged, rows renormalised)."""
+        T = self.weights.shape[-1]
+        eye = torch.eye(T, dtype=torch.float64)
+        rolled = eye
+        for layer in self.weights.double():
+            mixed = 0.5 * layer.mean(0) + 0.5 * eye
+            mixed = mixed / mixed.sum(-1, keepdim=True)
+            rolled = mixed @ rolled
+        return rolled.float()
+
+
+@contextlib.contextmanager
+def recording_attention(model: Network) -> Iterator[list[Attention]]:
+    """Within the block, every attention layer of ``model`` keeps its weights (``Attention.weights``)."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    try:
+        for layer in layers:
+            layer.record_weights = True
+        yield layers
+    finally:
+        for layer in layers:
+            layer.record_weights = False
+            layer.weights = None
+
+
+def token_labels(llm: LoadedModel, ids: list[int]) -> list[str]:
+    """One label per token; the tokens of one character share its text, numbered (``明[1/3]``)."""
+    labels: list[str] = []
+    for start, end, text in piece_spans(llm.tokenizer, ids):
+        if end - start == 1:
+            labels.append(text if text else token_text(llm.tokenizer, ids[start]))
+        else:
+            labels += [f"{text}[{i + 1}/{end - start}]" for i in range(end - start)]
+    return labels
+
+
+def encode_checked(llm: LoadedModel, text: str) -> list[int]:
+    ids = llm.tokenizer.encode(text)
+    if not ids:
+        raise LmforgeError("no tokens to explain", hint="give some text")
+    if len(ids) > llm.config.block_size:
+        raise LmforgeError(
+            f"text of {len(ids)} tokens exceeds the model's context of {llm.config.block_size}",
+            hint="shorten the text",
+        )
+    return ids
+
+
+@torch.inference_mode()
+def attention_maps(llm: LoadedModel, text: str) -> AttentionMaps:
+    """Every layer's and head's attention weights over ``text``: decoders (causal) and sentence encoders."""
+    return attention_maps_of_ids(llm, encode_checked(llm, text))
+
+
+@torch.inference_mode()
+def attention_maps_of_ids(llm: LoadedModel, ids: list[int]) -> AttentionMaps:
+    """``attention_maps`` of token ids as they are (a prompt built by a service, say)."""
+    model = llm.model
+    idx = torch.tensor([ids], device=model.device)
+    with recording_attention(model) as layers:
+        model.hidden_states(idx)
+        weights = torch.stack([layer.weights[0].float().cpu() for layer in layers])  # (L, H, T, T)
+    return AttentionMaps(ids, token_labels(llm, ids), weights)
+
+
+@dataclass
+class LensRow:
+    """After block ``layer`` (0 = the embeddings): the top tokens predicted at every position, with
+    probabilities: ``top[t]`` is a list of (text, probability)."""
+
+    layer: int
+    top: list[list[tuple[str, float]]]
+
+
+@dataclass
+class LogitLens:
+    labels: list[str]
+    rows: list[LensRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "rows": [{"layer": r.layer, "top": r.top} for r in self.rows]}
+
+
+@torch.inference_mode()
+def logit_lens(llm: LoadedModel, text: str, *, top_k: int = 3) -> LogitLens:
+    """The top ``top_k`` next tokens the residual stream predicts at every position, after every block."""
+    if not 1 <= top_k <= MAX_LENS_TOP_K:
+        raise LmforgeError(f"top_k={top_k} is out of range", hint=f"use 1 to {MAX_LENS_TOP_K}")
+    model = llm.model
+    if isinstance(model, Encoder) or not isinstance(model, Transformer):
+        raise LmforgeError(
+            "the logit lens needs a language-model head; this model is a sentence encoder",
+            hint="load a language model (e.g. the default)",
+        )
+    ids = encode_checked(llm, text)
+    residuals: list[torch.Tensor] = []
+    hooks = [model.wte.register_forward_hook(lambda _m, _i, out: residuals.append(out))]
+    hooks += [
+        block.register_forward_hook(lambda _m, _i, out: residuals.append(out)) for block in model.blocks
+    ]
+    try:
+        model.hidden_states(torch.tensor([ids], device=model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if model.wpe is not None:  # learned positions join the stream before the first block
+        positions = torch.arange(len(ids), device=model.device)
+        residuals[0] = residuals[0] + model.wpe(positions)
+    rows = []
+    for layer, residual in enumerate(residuals):
+        probs = model.lm_head(model.norm(residual[0])).float().softmax(-1)  # (T, V)
+        top = torch.topk(probs, top_k)
+        rows.append(
+            LensRow(
+                layer,
+                [
+                    [(token_text(llm.tokenizer, int(i)), float(p)) for p, i in zip(ps, ix, strict=True)]
+                    for ps, ix in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                ],
+            )
+        )
+    return LogitLens(token_labels(llm, ids), rows)
