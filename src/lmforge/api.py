@@ -25,7 +25,7 @@ from lmforge.export import export_model
 from lmforge.generate import Completion, SamplingParams, complete, stream_completions
 from lmforge.hosted import DEFAULT_TIMEOUT_S, HostedLLM
 from lmforge.loading import LoadedModel, hosted_model
-from lmforge.structured import Constraint, requested_constraint
+from lmforge.structured import Constraint, ConstraintState, requested_constraint
 from lmforge.tokenizer import Message
 from lmforge.tools import ToolCalling, ToolReply, tool_calling
 
@@ -191,9 +191,14 @@ class LLM(LoadedModel):
         constraint = self._constraint(options, **constrained)
         if constraint is None:
             return self.complete(prompts, **options)
-        params = SamplingParams.from_kwargs(**options)
         ids = [self.prompt_ids(p) for p in prompts]
-        states = [constraint.start() for _ in ids]
+        return self._constrained(ids, [constraint.start() for _ in ids], **options)
+
+    def _constrained(
+        self, ids: list[list[int]], states: list[ConstraintState] | None, **options: Any
+    ) -> list[Completion]:
+        """``generate.complete`` of token ids, each row under its constraint state (None: all free)."""
+        params = SamplingParams.from_kwargs(**options)
         return complete(
             self.model,
             self.tokenizer,
@@ -219,17 +224,7 @@ class LLM(LoadedModel):
     def _tool_reply(self, calling: ToolCalling, messages: Sequence[Message], **options: Any) -> ToolReply:
         constraint = calling.constraint(self.tokenizer)
         ids = [calling.prompt_ids(self.tokenizer, messages)]
-        states = None if constraint is None else [constraint.start()]
-        params = SamplingParams.from_kwargs(**options)
-        done = complete(
-            self.model,
-            self.tokenizer,
-            ids,
-            params,
-            self.eos_ids,
-            constraints=states,
-            prefix_cache=self.prefix_cache,
-        )[0]
+        done = self._constrained(ids, None if constraint is None else [constraint.start()], **options)[0]
         return calling.reply(done.text, done.finish_reason)
 
     # -------------------------------------------------------------------- tasks
