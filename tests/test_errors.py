@@ -88,9 +88,9 @@ def unknown_arch_gguf(tmp_path) -> Path:
 
 @pytest.fixture()
 def unknown_arch_folder(tmp_path, tiny_tokenizer) -> Path:
-    folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "t5-folder")
+    folder = tiny_llm("tiny-llama", tiny_tokenizer).save(tmp_path / "mamba-folder")
     config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "t5"
+    config["model_type"] = "mamba"
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -101,7 +101,7 @@ CASES = [
     ("random_bytes", "not a GGUF file"),
     ("lying_safetensors", "not a valid safetensors file"),
     ("unknown_arch_gguf", "unsupported architecture 'bert'"),
-    ("unknown_arch_folder", "unsupported architecture: model_type='t5'"),
+    ("unknown_arch_folder", "unsupported architecture: model_type='mamba'"),
 ]
 
 
