@@ -45,8 +45,11 @@ lint: install-dev
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
 
+# Two workers, a test file each at a time (module fixtures load once): while one waits on a child process or a
+# server, the other computes. Each worker then runs torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: lint browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-dev
 	$(PY) benchmarks/generate.py

@@ -16,8 +16,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge import LLM, Config, Tokenizer, Transformer, runtime
 from lmforge.loading import bundled_model_path
 
-# Two threads at most, here and in `lmforge` commands run in-process or as children (they read the variable).
-os.environ.setdefault(runtime.THREADS_ENV, str(min(2, os.cpu_count() or 1)))
+# Two threads at most, here and in `lmforge` commands run in-process or as children (they read the variable); under
+# pytest-xdist (`make test` runs two workers) the workers share the cores instead of oversubscribing them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault(runtime.THREADS_ENV, str(max(1, min(2, (os.cpu_count() or 1) // _workers))))
 runtime.set_threads()
 # Decode eagerly unless a test asks for the compiled step (tests/test_generate.py checks it against eager): each new
 # model shape would otherwise wait for inductor, and the suite has to fit 15 minutes on 2 cores.
