@@ -127,3 +127,18 @@ def hf_smollm2(smollm2_gguf: Path):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tokenizer
+
+
+def songci_next_verse_items(n: int) -> list[dict]:
+    """Chinese multiple choice built from 宋词 (public domain; CMMLU is non-commercial, so not in tests/data):
+    which of four verses follows a ci's first verse. Ci i's second verse is the answer, at position i % 4,
+    among the second verses of three later ci."""
+    text = (TEST_DATA / "text" / "songci.txt").read_text(encoding="utf-8")
+    ci = [block.split("\n") for block in text.split("\n\n")[: 4 * n]]  # title line, then one verse a line
+    items = []
+    for i in range(n):
+        choices = [lines[2] for lines in ci[n + 3 * i : n + 3 * i + 3]]
+        choices.insert(i % 4, ci[i][2])
+        question = f"{ci[i][0]}\n{ci[i][1]}\n下一句是？"
+        items.append({"question": question, "choices": choices, "answer": i % 4})
+    return items

@@ -1,4 +1,5 @@
-"""Evaluation against references: transformers' sliding-window perplexity recipe and log-likelihood scoring."""
+"""Evaluation: classification metrics and the TF-IDF baseline, ROUGE against rouge-score, intervals and paired tests,
+and `lmforge eval` (the transformers parity of perplexity and multiple choice: test_evaluate_transformers.py)."""
 
 from __future__ import annotations
 
@@ -6,94 +7,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from rouge_score import rouge_scorer
 
 from lmforge.evaluate import (
     baseline_predictions,
-    choice_prompt,
     classification_metrics,
     compare_rouge,
-    multiple_choice,
-    perplexity,
     plot_confusion,
     rouge,
     rouge_per_example,
 )
 
-from .conftest import TEST_DATA
-
-
-def _hf_sliding_window_nll(model, ids: list[int], window: int, stride: int) -> float:
-    """transformers' documented perplexity recipe (docs: 'Perplexity of fixed-length models')."""
-    seq = torch.tensor([ids])
-    nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    for begin in range(0, seq.size(1), stride):
-        end = min(begin + window, seq.size(1))
-        trg_len = end - prev_end
-        input_ids = seq[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(input_ids, labels=target_ids).loss
-        valid = (target_ids[:, 1:] != -100).sum().item()
-        nll_sum += loss.item() * valid
-        n_tokens += valid
-        prev_end = end
-        if end == seq.size(1):
-            break
-    return nll_sum / n_tokens
-
-
-def test_perplexity_matches_the_transformers_recipe(smollm2, hf_smollm2):
-    hf_model, _ = hf_smollm2
-    # Several windows of each text (the sliding-window recipe is what is compared): ~400 tokens of English and
-    # ~1,100 of Chinese (a Chinese character is ~1.8 tokens of SmolLM2's), so 3 and 8 windows.
-    for name, characters in (("tinyshakespeare.txt", 1500), ("luxun.txt", 600)):
-        text = (TEST_DATA / "text" / name).read_text(encoding="utf-8")[:characters]
-        ours = perplexity(smollm2, text, window=256, stride=128)
-        ids = smollm2.tokenizer.encode(text, add_special_tokens=False)
-        theirs = np.exp(_hf_sliding_window_nll(hf_model, ids, 256, 128))
-        assert abs(ours["perplexity"] - theirs) / theirs < 0.005, (name, ours, theirs)
-        assert 0 < ours["bits_per_byte"] < 8
-
-
-def _mc_items(name: str, n: int) -> list[dict]:
-    with (TEST_DATA / name / "test.jsonl").open(encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
-
-
-def _songci_next_verse_items(n: int) -> list[dict]:
-    """Chinese multiple choice built from 宋词 (public domain; CMMLU is non-commercial, so not in tests/data):
-    which of four verses follows a ci's first verse. Ci i's second verse is the answer, at position i % 4,
-    among the second verses of three later ci."""
-    text = (TEST_DATA / "text" / "songci.txt").read_text(encoding="utf-8")
-    ci = [block.split("\n") for block in text.split("\n\n")[: 4 * n]]  # title line, then one verse a line
-    items = []
-    for i in range(n):
-        choices = [lines[2] for lines in ci[n + 3 * i : n + 3 * i + 3]]
-        choices.insert(i % 4, ci[i][2])
-        question = f"{ci[i][0]}\n{ci[i][1]}\n下一句是？"
-        items.append({"question": question, "choices": choices, "answer": i % 4})
-    return items
-
-
-def test_multiple_choice_equals_transformers_log_likelihood(smollm2, hf_smollm2):
-    hf_model, hf_tokenizer = hf_smollm2
-    for name, items in (("mc_en", _mc_items("mc_en", 6)), ("songci_zh", _songci_next_verse_items(6))):
-        ours = multiple_choice(smollm2, items)
-        predicted = []
-        for item in items:
-            prompt = hf_tokenizer(choice_prompt(item["question"], item["choices"])).input_ids
-            scores = []
-            for choice in item["choices"]:
-                cont = hf_tokenizer(" " + str(choice)).input_ids
-                with torch.no_grad():
-                    logits = hf_model(torch.tensor([prompt + cont])).logits[0].float()
-                logprobs = logits.log_softmax(-1)[len(prompt) - 1 : -1]
-                scores.append(float(logprobs.gather(1, torch.tensor(cont)[:, None]).sum()) / len(cont))
-            predicted.append(int(np.argmax(scores)))
-        assert ours["predicted"] == predicted, name
+from .conftest import TEST_DATA, songci_next_verse_items
 
 
 def test_classification_metrics_and_baseline_on_chinese_and_english():
@@ -307,7 +232,7 @@ def test_eval_choice_tests_the_pair_with_mcnemar(tmp_path, tiny_tokenizer, capsy
         tiny_llm("tiny-llama", tiny_tokenizer, seed=s, block_size=1024).save(tmp_path / f"m{s}")
         for s in (1, 2)
     ]
-    items = _songci_next_verse_items(4)
+    items = songci_next_verse_items(4)
     data = tmp_path / "songci_mc.jsonl"
     data.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
     out = tmp_path / "report"
