@@ -2,11 +2,13 @@
 ~2,000-token prompt arriving mid-run holds up the streams already decoding.
 
     python benchmarks/serve.py [--max-tokens 64] [--rounds 3] [--threads N] [--model PATH] [--float32]
+                               [--batch-weights auto|packed|bf16]
                                [--long-prompt-tokens 2000] [--long-streams 4] [--time-limit 1800]
 
 Starts `lmforge serve` on SmolLM2-135M-Instruct in its own process (client and server do not share an
 interpreter), loaded the default way: packed weights, compiled decode step (--float32: fp32 weights, eager
-steps, for comparison). Before timing, one short round at each level (and at 2 streams) lets the server
+steps, for comparison; --batch-weights packed: batches of 5+ streams through the packed kernel too, not the bf16
+copy `auto` keeps on CPUs with bf16 units). Before timing, one short round at each level (and at 2 streams) lets the server
 compile its decode step for every slot bucket it will use.
 
 Throughput: at each level, that many client streams send chat requests back to back (greedy, EOS ignored so
@@ -187,6 +189,7 @@ def start_server(port: int, args: argparse.Namespace, replicas: int | None = Non
     argv = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     if args.float32:
         argv += ["--dtype", "float32", "--quant", "none", "--no-compile"]
+    argv += ["--batch-weights", args.batch_weights]
     if replicas is not None:
         argv += ["--ray", "--replicas", str(replicas), "--replica-threads", str(args.replica_threads)]
     argv += [args.model] if args.model else []
@@ -215,8 +218,10 @@ def wait_until_serving(base: str, server: subprocess.Popen) -> None:
 
 def describe(model: dict, args: argparse.Namespace, threads: str) -> str:
     info = model["lmforge"]
+    copy = info.get("batch_weights_bytes", 0)
+    batch = f"bf16 copy for batches ({copy / 2**20:.0f} MiB)" if copy else "packed kernel at every batch size"
     return (
-        f"{model['id']} ({info['dtype']}, {info.get('packing', '?')}, "
+        f"{model['id']} ({info['dtype']}, {info.get('packing', '?')}, {batch}, "
         f"{'compiled' if info.get('compiled_decode') else 'eager'} steps, {info['device']}, {threads}), "
         f"{args.max_tokens} tokens per answer, {args.rounds} requests per stream"
     )
@@ -260,6 +265,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="the server's intra-op threads")
     parser.add_argument("--model", help="model to serve (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--float32", action="store_true", help="fp32 weights and eager steps (the old path)")
+    parser.add_argument(
+        "--batch-weights",
+        default="auto",
+        choices=("auto", "packed", "bf16"),
+        help="`lmforge serve --batch-weights`",
+    )
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
     parser.add_argument("--long-streams", type=int, default=4, help="streams decoding when it arrives")
     parser.add_argument("--time-limit", type=int, default=1800, help="seconds before the server ends itself")

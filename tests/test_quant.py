@@ -163,6 +163,47 @@ def test_long_inputs_run_a_gemm_over_slices_of_rows(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_dense_copy_multiplies_batches_of_several_rows(kind):
+    """``keep_dense_copy``: from DENSE_ROWS rows on, the bf16 copy of the same dequantized weight (a GEMM, as
+    the kernel computes: bf16 in, within two bf16 roundings of float32); fewer rows still run the kernel, bit
+    for bit as before; the copy is never saved and not counted as the packed weight's bytes."""
+    n, k = 300, 160  # padded to 304 rows: the copy holds the real 300
+    layer = PackedLinear(quantize_weight(random_weight(n, k, seed=8), kind), torch.randn(n))
+    w, packed_bytes, state = layer.dequantize(), layer.weight_bytes, set(layer.state_dict())
+    x = torch.randn(quant.DENSE_ROWS, k, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        before_few, before_many = layer(x[:-1]), layer(x)
+        assert layer.keep_dense_copy() == 2 * n * k
+        assert torch.equal(layer.dense, w.bfloat16())
+        after_few, after_many = layer(x[:-1]), layer(x)
+    exact = F.linear(x, w, layer.bias)
+    bound = 2 * BF16_EPS * (F.linear(x, w).abs() + x.abs() @ w.abs().T) + 1e-6
+    assert ((after_many - exact).abs() <= bound).all()
+    assert torch.equal(after_many, (F.linear(x.bfloat16(), w.bfloat16()).float() + layer.bias))
+    assert not torch.equal(after_many, before_many)  # the copy, not the kernel, multiplied these rows
+    assert torch.equal(after_few, before_few)
+    assert layer.weight_bytes == packed_bytes and set(layer.state_dict()) == state
+
+
+def test_keep_dense_copies_follows_the_setting_and_the_cpu(monkeypatch, tiny_tokenizer):
+    def packed_tiny() -> nn.Module:
+        return quant.quantize_model(tiny_llm("tiny-llama", tiny_tokenizer).model, "int4")
+
+    model = packed_tiny()
+    layers = {id(m): m for m in quant.packed_layers(model).values()}.values()
+    weights = sum(m.out_features * m.in_features for m in layers)
+    assert quant.keep_dense_copies(model, "packed") == 0 and quant.dense_copy_bytes(model) == 0
+    monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
+    assert quant.keep_dense_copies(model, "auto") == 0  # bf16 emulated: slower than the kernel
+    monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
+    assert quant.keep_dense_copies(model, "auto", max_batch=quant.DENSE_ROWS - 1) == 0  # never that many rows
+    assert quant.keep_dense_copies(model, "auto") == 2 * weights == quant.dense_copy_bytes(model)
+    assert quant.keep_dense_copies(packed_tiny(), "bf16") == 2 * weights
+    with pytest.raises(LmforgeError, match="unknown batch weights"):
+        quant.keep_dense_copies(model, "fp8")
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_exact_top_rescores_a_heads_best_logits_in_float32(kind):
     """The head's top logits come out in float32 arithmetic, so a near-tie the bf16 output would blur stays
     ordered as the dequantized weights order it; the other logits stay the kernel's."""

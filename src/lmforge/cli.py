@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import QUANT_CHOICES
+from lmforge.config import BATCH_WEIGHTS, QUANT_CHOICES
 from lmforge.errors import LmforgeError
 from lmforge.limits import DEFAULT_PREFIX_CACHE_MB, check_prefix_cache_mb
 
@@ -429,6 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allowed_hosts=[args.host, *args.allowed_host] if args.allowed_host or not api_key else None,
         warm_up=True,  # a server runs for long: compile every batch size's step before the first request
         access_log=_log_line if args.access_log else None,
+        batch_weights=args.batch_weights,
     )
     url = f"http://{args.host}:{args.port}"
     print(f"serving {llm!r} (threads: {args.threads})\n  playground: {url}/   API: {url}/v1")
@@ -461,6 +462,7 @@ def _serve_on_ray(args: argparse.Namespace, api_key: str | None) -> None:
         max_context=args.max_context,
         cors_origins=tuple(args.cors or ()),
         allowed_hosts=(args.host, *args.allowed_host) if args.allowed_host or not api_key else None,
+        batch_weights=args.batch_weights,
     )
 
     def ready(url: str) -> None:
@@ -1235,6 +1237,14 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         help="print a line per request: method, path, status, tokens generated, latency in ms",
     )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument(
+        "--batch-weights",
+        choices=BATCH_WEIGHTS,
+        default="auto",
+        help="packed (int4/int8) models: keep a bf16 copy of the weights for batches of 5 streams or more, "
+        "which the packed kernel multiplies slowly (2 bytes a weight more memory; auto: when the CPU has bf16 "
+        "units and the copy fits a quarter of free memory; default: auto)",
+    )
     p.add_argument(
         "--max-queue",
         type=int,

@@ -36,12 +36,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import psutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge import runtime
-from lmforge.config import QUANT_CHOICES
+from lmforge.config import BATCH_WEIGHTS, QUANT_CHOICES
 from lmforge.errors import LmforgeError, UnsupportedError
 
 GROUP = 32  # values per quantization group (one scale, and for int4 one zero, each)
@@ -60,6 +61,10 @@ GEMM_ROWS: dict[str, int] = {"int4": 384, "int8": 128}
 GEMM_DEQUANT_WEIGHTS = (
     1 << 21
 )  # weights dequantized at a time on that path: 8 MiB of float32 (not a 113 MB head)
+# A layer with a dense bf16 copy (``keep_dense_copy``: a server decoding many streams) multiplies this many rows
+# and more with it. The kernel tiles rows by 4 and unpacks the weights again per tile, so 8 rows cost ~3x one row;
+# a bf16 GEMM at 8 rows reads 2 bytes a weight once, ~2x one row through the kernel (docs/architecture.md).
+DENSE_ROWS = 5
 # per group of 32 values and plane: 16 bytes of codes (two a byte) and a bf16 scale and zero
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2) for kind, planes in PLANES.items()}
 
@@ -265,6 +270,9 @@ class PackedLinear(nn.Module):
     """
 
     exact_top: int = 0
+    dense: (
+        torch.Tensor | None
+    )  # the bf16 copy for batches of ``DENSE_ROWS`` rows and more (``keep_dense_copy``)
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -295,6 +303,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("scale_bits", scales_zeros.view(torch.int16))
         # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
         self.register_buffer("bias", bias.detach() if bias is not None else None)
+        self.register_buffer("dense", None, persistent=False)  # a cache, never saved
 
     @property
     def shape(self) -> torch.Size:
@@ -308,7 +317,10 @@ class PackedLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the packed weight (codes, scales, zeros, bias), not of a dense copy kept for batches."""
+        return sum(
+            b.numel() * b.element_size() for b in (self.packed, self.scale_bits, self.bias) if b is not None
+        )
 
     @property
     def scales_zeros(self) -> torch.Tensor:
@@ -321,7 +333,12 @@ class PackedLinear(nn.Module):
         if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
-            y = self.gemm(x2) if x2.shape[0] >= GEMM_ROWS[self.kind] else self.kernel_matmul(x2)
+            if self.dense is not None and x2.shape[0] >= DENSE_ROWS:
+                y = F.linear(x2.to(self.dense.dtype), self.dense).to(x.dtype)
+            elif x2.shape[0] >= GEMM_ROWS[self.kind]:
+                y = self.gemm(x2)
+            else:
+                y = self.kernel_matmul(x2)
             if self.exact_top:
                 y = self._rescore_top(x2, y)
         if self.bias is not None:
@@ -350,6 +367,20 @@ class PackedLinear(nn.Module):
             w = dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes, dtype)
             parts.append(F.linear(xd, w))
         return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
+
+    def keep_dense_copy(self) -> int:
+        """Keep the weight dequantized to bf16 beside the codes, for batches of ``DENSE_ROWS`` rows and more;
+        returns its bytes (2 a weight). Dequantized a slice of rows at a time (few float32 temporaries)."""
+        if self.dense is None:
+            dense = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
+            block = self.layout[1]
+            rows = max(block, GEMM_DEQUANT_WEIGHTS // self.in_features // block * block)
+            for start in range(0, self.out_features, rows):
+                stop = min(start + rows, self.out_features)
+                codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
+                dense[start:stop] = dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes)
+            self.dense = dense
+        return self.dense.numel() * self.dense.element_size()
 
     def _rescore_top(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (M, N) with each row's ``exact_top`` largest values recomputed in float32: x (M, K) @ their rows."""
@@ -481,6 +512,38 @@ def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def keep_dense_copies(model: nn.Module, batch_weights: str = "auto", max_batch: int = 8) -> int:
+    """Give every packed layer of ``model`` a bf16 copy for batched decoding (a server's many streams); returns
+    the bytes added (0 when none is kept).
+
+    ``packed``: never (memory stays at the packed size); ``bf16``: always; ``auto``: when the CPU multiplies
+    bf16 in hardware (elsewhere a bf16 GEMM is emulated and slower than the kernel), batches can reach
+    ``DENSE_ROWS`` rows, and the copies take at most a quarter of the memory available now.
+    """
+    if batch_weights not in BATCH_WEIGHTS:
+        raise LmforgeError(
+            f"unknown batch weights {batch_weights!r}", hint=f"use one of: {', '.join(BATCH_WEIGHTS)}"
+        )
+    layers = list({id(m): m for m in packed_layers(model).values()}.values())
+    if not layers or batch_weights == "packed":
+        return 0
+    if batch_weights == "auto":
+        needed = sum(2 * layer.out_features * layer.in_features for layer in layers)
+        if (
+            max_batch < DENSE_ROWS
+            or not runtime.bf16_matmul_units()
+            or needed > psutil.virtual_memory().available // 4
+        ):
+            return 0
+    return sum(layer.keep_dense_copy() for layer in layers)
+
+
+def dense_copy_bytes(model: nn.Module) -> int:
+    """Bytes of the bf16 copies ``keep_dense_copies`` gave the model's packed layers (0: none)."""
+    layers = {id(m): m for m in packed_layers(model).values()}.values()
+    return sum(m.dense.numel() * m.dense.element_size() for m in layers if m.dense is not None)
 
 
 def packing_summary(model: nn.Module) -> str:

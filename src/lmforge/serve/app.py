@@ -63,7 +63,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams
 from lmforge.inference import prompt_logprobs
 from lmforge.progress import stop_when
-from lmforge.quant import packing_summary
+from lmforge.quant import dense_copy_bytes, keep_dense_copies, packing_summary
 from lmforge.serve.access_log import TOKENS, AccessLog
 from lmforge.serve.guard import LOCAL_HOSTS, Guard, ParsedOffLoop, answer_errors
 from lmforge.serve.limits import ServerLimits
@@ -113,6 +113,7 @@ def create_app(
     model_name: str | None = None,
     warm_up: bool = False,
     access_log: Callable[[str], None] | None = None,
+    batch_weights: str = "auto",
 ) -> FastAPI:
     """The server for ``llm``: OpenAI's /v1 API, /health, /metrics and the playground at /.
 
@@ -122,7 +123,8 @@ def create_app(
     ::1 ("*": any) — None accepts any Host when there is an API key and only those three when there is not;
     ``warm_up`` compiles the decode step for every batch size the scheduler uses when it starts (requests wait
     meanwhile) instead of when a batch first needs one (every stream waits then); ``access_log`` is given one
-    line per request (``serve.access_log``). Run it with
+    line per request (``serve.access_log``); ``batch_weights`` keeps a bf16 copy of packed weights for batches of
+    several streams (``quant.keep_dense_copies``: auto, packed or bf16). Run it with
     ``uvicorn.Server(lmforge.serve.uvicorn_config(app)).run()``, which also applies the connection limits.
     """
     limits = limits or ServerLimits()
@@ -137,6 +139,8 @@ def create_app(
             f"max_context={max_context} is outside the model's context of {context} tokens",
             hint=f"use a value from 1 to {context}",
         )
+    # before the scheduler compiles its steps: a batch of several streams then reads the dense copies
+    keep_dense_copies(llm.model, batch_weights, max_batch)
     scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue, warm_up=warm_up)
     scheduler.prefix_cache = (
         llm.prefix_cache
@@ -592,6 +596,9 @@ class _Service:
                 "parameters": model.num_parameters(),
                 "dtype": str(model.dtype).removeprefix("torch."),
                 "packing": packing_summary(model),
+                "batch_weights_bytes": dense_copy_bytes(
+                    model
+                ),  # a bf16 copy for batches; 0: the packed kernel
                 "compiled_decode": bool(getattr(model, "compile_decode", False)),
                 "device": str(model.device),
                 "context_length": config.block_size,

@@ -96,6 +96,7 @@ class ReplicaSpec:
     allowed_hosts: tuple[str, ...] | None = None
     model_name: str | None = None
     warm_up: bool = True  # compile every batch size's step before the replica takes requests
+    batch_weights: str = "auto"  # quant.keep_dense_copies
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class LmforgeReplica:
             allowed_hosts=spec.allowed_hosts,
             model_name=spec.model_name,
             warm_up=spec.warm_up,
+            batch_weights=spec.batch_weights,
         )
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         self.server = app
