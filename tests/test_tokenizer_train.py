@@ -236,3 +236,12 @@ def test_error_bad_files_and_arguments(tmp_path: Path) -> None:
         train_tokenizer(iter(["a"]), 500, kind="wordpiece", show_progress=False)  # type: ignore[arg-type]
     with pytest.raises(LmforgeError, match="special_tokens is empty"):
         train_tokenizer(iter(["a"]), 500, special_tokens=(), show_progress=False)
+
+
+@pytest.mark.parametrize("text", ["床前龘𠮷光", "naïve 🦆 café"])
+def test_token_bytes_rebuild_the_text_token_by_token(mixed: Tokenizer, text: str) -> None:
+    """Each token's own bytes, also of tokens that are only part of a character (which decode alone to U+FFFD),
+    join into the text's UTF-8: what streams, logprobs and explanations build characters from."""
+    ids = mixed.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in mixed.decode([i]) for i in ids)  # some token holds part of a character
+    assert b"".join(mixed.token_bytes(i) for i in ids) == text.encode("utf-8")

@@ -10,7 +10,9 @@ nanoGPT-style experiments, one token per character.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +28,21 @@ from lmforge.corpus import Inputs, text_pieces
 from lmforge.errors import LmforgeError, ModelFormatError
 
 Message = dict[str, str]
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (a printable stand-in character for each of the 256 bytes), inverted."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
 class Tokenizer:
@@ -84,6 +101,20 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when it is only part of a character (where ``decode`` gives
+        U+FFFD): a byte-level BPE piece read through GPT-2's alphabet, a SentencePiece byte-fallback token
+        (``<0xE4>``) as its byte, anything else as its decoded text."""
+        piece = self.backend.id_to_token(token_id) or ""
+        byte = _BYTE_TOKEN.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        if isinstance(self.backend.decoder, decoders.ByteLevel):
+            alphabet = _byte_level_alphabet()
+            if piece and all(ch in alphabet for ch in piece):
+                return bytes(alphabet[ch] for ch in piece)
+        return self.decode([token_id]).encode("utf-8")
 
     # ------------------------------------------------------------ chat template
     def apply_chat_template(

@@ -13,7 +13,6 @@ as its bytes (``\\xe4``), never as U+FFFD.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,7 +32,6 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Message, Tokenizer
 
 MAX_ALTERNATIVES = 50  # alternatives per token: enough to read, bounded so a response stays small
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 UTF8_MAX_BYTES = 4  # a character never needs more tokens than this in any byte-level vocabulary
 WINDOW = 16  # tokens of left context a piece is decoded after: decoding is local, this is ample
 
@@ -94,28 +92,7 @@ class TokenExplanation:
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
     """The bytes one token stands for, also when it is part of a character (where decoding gives U+FFFD)."""
     text = tokenizer.decode([token_id])
-    if "\ufffd" not in text:
-        return text.encode("utf-8")
-    piece = tokenizer.backend.id_to_token(token_id) or ""
-    byte = _BYTE_TOKEN.fullmatch(piece)
-    if byte:
-        return bytes([int(byte.group(1), 16)])
-    alphabet = _byte_level_alphabet()
-    if piece and all(ch in alphabet for ch in piece):
-        return bytes(alphabet[ch] for ch in piece)
-    return text.encode("utf-8")
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-ins for bytes (what byte-level BPE vocabularies are written in), reversed."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, n = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+    return text.encode("utf-8") if "\ufffd" not in text else tokenizer.token_bytes(token_id)
 
 
 def show_bytes(data: bytes) -> str:

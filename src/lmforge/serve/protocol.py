@@ -9,7 +9,6 @@ with ``max_length``, and a 4 MB body holds a million small items, seconds of val
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,7 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
-from tokenizers import decoders
 
 from lmforge import limits
 from lmforge.beam import MAX_BEAMS, BeamParams
@@ -381,35 +379,17 @@ def usage(prompt_tokens: int, completion_tokens: int, jobs: Sequence[Job] = ()) 
     }
 
 
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (a printable stand-in character for each of the 256 bytes), inverted."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
-
-
 class TokenText:
     """A token's exact bytes and display string: half a character shows as ``bytes:\\xe4\\xbd`` (as OpenAI
     does), so logprobs never carry U+FFFD and clients can rebuild the text from ``bytes``."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel)
         self._bytes: dict[int, bytes] = {}  # at most one entry per vocabulary token
 
     def bytes(self, token_id: int) -> bytes:
         if token_id not in self._bytes:
-            piece = self.tokenizer.backend.id_to_token(token_id) or ""
-            alphabet = _byte_level_alphabet()
-            if self.byte_level and all(ch in alphabet for ch in piece):
-                self._bytes[token_id] = bytes(alphabet[ch] for ch in piece)
-            else:
-                self._bytes[token_id] = self.tokenizer.decode([token_id]).encode("utf-8")
+            self._bytes[token_id] = self.tokenizer.token_bytes(token_id)
         return self._bytes[token_id]
 
     def text(self, token_id: int) -> str:
