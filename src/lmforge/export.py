@@ -25,6 +25,7 @@ from lmforge import lora
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.folder import atomic_write_folder, write_model_files
+from lmforge.formats.gguf_t5 import write_t5_gguf
 from lmforge.formats.gguf_writer import check_file_type, write_gguf
 from lmforge.formats.peft import save_adapter
 from lmforge.loading import LoadedModel
@@ -59,6 +60,10 @@ def export_model(
     if lora.lora_layers(transformer):
         # Merge a copy: the caller's model keeps its adapters (and can still be trained or exported unmerged).
         transformer = lora.merge_lora(copy.deepcopy(transformer))
+    if (
+        format == "gguf" and transformer.config.is_seq2seq
+    ):  # llama.cpp's t5 (BART: one line, why and what to do)
+        return write_t5_gguf(out, transformer.config, _gguf_state(transformer), llm.tokenizer, file_type)
     if format == "gguf":
         return write_gguf(out, transformer.config, _gguf_state(transformer), llm.tokenizer, file_type)
     state = float_state_dict(transformer)  # packed int4/int8 layers as float weights, the form files take
