@@ -1,23 +1,27 @@
 """T5 exported to GGUF runs in llama.cpp itself (llama-cpp-python): same tokens, same logits as lmforge.
 
-Random small T5s (v1.0: ReLU, tied head; v1.1: gated GELU, untied head) with a SentencePiece-style unigram
-tokenizer trained here on English and Chinese text; llama.cpp tokenizes, runs the encoder once and the decoder
-for 8 greedy steps, and every step's logits are compared with lmforge's.
+Random small T5s (v1.0: ReLU, tied head; v1.1: gated GELU, untied head) with unigram tokenizers trained here on
+English and Chinese text (``tokenizers``' trainer, and SentencePiece itself laid out as T5's tokenizer.json);
+llama.cpp tokenizes, runs the encoder once and the decoder for 8 greedy steps, and every step's logits are
+compared with lmforge's. Needs llama-cpp-python (a dev dependency).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 from collections.abc import Iterator
 
 import llama_cpp
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 import torch.nn.functional as F
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge import LLM, Config
 from lmforge.cli import main
@@ -49,6 +53,41 @@ def unigram() -> Tokenizer:
     backend.train_from_iterator((SAMPLE_TEXT + TEXTS) * 10, trainer=trainer)
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return Tokenizer(backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def t5_sentencepiece() -> tuple[Tokenizer, sentencepiece.SentencePieceProcessor]:
+    """A tokenizer laid out as T5's own tokenizer.json (converted by transformers from SentencePiece): pieces and
+    scores of a SentencePiece unigram model trained here, its NFKC character map, runs of spaces collapsed."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter((SAMPLE_TEXT + TEXTS + ["ＦＵＬＬ width ｔｅｘｔ １２３"]) * 10),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=200,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    backend = HFTokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=2))
+    backend.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = Tokenizer(backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return tokenizer, sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
 
 
 def random_t5(preset: str, tokenizer: Tokenizer, **overrides) -> LLM:
@@ -147,6 +186,23 @@ def test_llama_cpp_runs_the_exported_t5(preset, unigram, tmp_path, one_thread):
             assert inputs[1:] == ours[0].argmax(-1)[:-1].tolist()  # the same greedy tokens
             assert _relative(ours[0], theirs) <= 1e-3
             assert _relative(emulated[0], theirs) <= 1e-4
+
+
+def test_a_sentencepiece_t5_tokenizer_splits_as_sentencepiece_does(t5_sentencepiece, tmp_path, one_thread):
+    tokenizer, reference = t5_sentencepiece
+    llm = random_t5("tiny-t5-v1.1", tokenizer)
+    with llama_cpp_model(llm.export(tmp_path / "t5.gguf", format="gguf")) as (model, ctx):
+        # full-width letters and digits (NFKC, from the character map), runs of spaces, Chinese
+        for text in [*TEXTS, "ＦＵＬＬ width ｔｅｘｔ １２３", "the   lazy  dog", "床前明月光"]:
+            expected = [*reference.encode(text), 1]
+            assert tokenizer.encode(text) == expected, text
+            assert llama_cpp_tokens(model, text) == expected, text
+        ids = tokenizer.encode(TEXTS[1])
+        inputs, theirs = llama_cpp_greedy(model, ctx, ids, llm.config.vocab_size)
+        with torch.no_grad():
+            ours, _ = llm.model(torch.tensor([ids]), decoder_ids=torch.tensor([inputs]))
+        assert inputs[1:] == ours[0].argmax(-1)[:-1].tolist()
+        assert _relative(ours[0], theirs) <= 1e-3
 
 
 def test_a_byte_level_bpe_t5_runs_too(tiny_tokenizer, tmp_path, one_thread):
