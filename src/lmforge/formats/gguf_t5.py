@@ -22,7 +22,7 @@ import base64
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ def _stack(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Any:
+def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Callable[[gguf.GGUFWriter], None]:
     """A function that writes the tokenizer's metadata; the checks run now, before any file is opened."""
     spec = json.loads(tokenizer.backend.to_str())
     if spec["model"]["type"] == "Unigram":
