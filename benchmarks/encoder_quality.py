@@ -1,15 +1,25 @@
 """An encoder classifier's quality: all-MiniLM-L6-v2 fine-tuned on SMS spam with `lmforge finetune`'s recipe.
 
-    python benchmarks/encoder_quality.py                          # full fine-tune, mean pooling, 2 epochs
-    python benchmarks/encoder_quality.py --method lora --lr 1e-3  # or freeze / --pooling cls
+    python benchmarks/encoder_quality.py --epochs 1 --pooling mean --lr 1e-4   # the recipe measured below
+    python benchmarks/encoder_quality.py --screen --epochs 1 --pooling cls --lr 1e-4 --name screen-cls
+    python benchmarks/encoder_quality.py --method lora --lr 1e-3  # or freeze; --balance sample|weights
 
 The recipe holds 10 % of train.jsonl out (stratified) to choose the evaluation kept (macro-F1); test.jsonl is
-read once, by `lmforge eval`'s own code, after training. Prints accuracy and macro-F1 with 95 % bootstrap
+read once, by `lmforge eval`'s own code, after training (``--screen``: not at all, the validation figures only,
+for choosing a recipe). Prints accuracy and macro-F1 with 95 % bootstrap
 intervals next to the TF-IDF baseline, McNemar's exact p of the model against it, and the training minutes.
-The same run on the command line:
 
-    lmforge finetune all-minilm-l6-v2 --data sms_spam/train.jsonl --task classify --method full --lr 5e-5 \\
-        --micro-batch-size 16 --max-steps 440 --warmup-steps 40 --eval-every 110 --out runs/spam-minilm
+Measured (2026-12-01, one thread on 2 cores shared with other jobs, full fine-tune, 128-token blocks, batch 16,
+1 epoch = 220 steps). Screening on the 390 held-out messages (validation macro-F1 / loss of the kept step):
+mean pooling lr 1e-4 98.9 / 0.023 (5.2 min); [CLS] pooling lr 1e-4 98.9 / 0.034 (5.5 min); mean + ``--balance
+sample`` 98.9 / 0.027 (9.8 min, a busier machine). All tie; mean pooling kept (lowest loss, the encoder's own
+pooling). Final run, test read once: accuracy 98.80 % [98.09, 99.52], macro-F1 97.36 [95.60, 98.82], 5.1 min;
+TF-IDF baseline 98.33 % / 96.19; McNemar p = 0.29 (6 vs 2 discordant): a tie. The earlier 2-epoch lr 5e-5 run:
+98.1 % in 14.9 min. The same run on the command line:
+
+    lmforge finetune all-minilm-l6-v2 --data sms_spam/train.jsonl --task classify --method full --lr 1e-4 \\
+        --pooling mean --block-size 128 --micro-batch-size 16 --max-steps 220 --warmup-steps 22 \\
+        --weight-decay 0.01 --eval-every 55 --out runs/spam-minilm
     lmforge eval runs/spam-minilm/model --task classify --data sms_spam/test.jsonl --train-file sms_spam/train.jsonl
 
 Data comes from ../shared/data, or --data DIR laid out the same (benchmarks may read it; the product never needs
@@ -46,7 +56,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--balance", default="none", choices=["none", "weights", "sample"])
     parser.add_argument("--name", default=None, help="run folder under benchmarks/output/encoder/")
+    parser.add_argument(
+        "--screen", action="store_true", help="validation figures only: test.jsonl is not read"
+    )
     args = parser.parse_args()
 
     train_file, test_file = data_files(args.data, "sms_spam/train.jsonl", "sms_spam/test.jsonl")
@@ -62,6 +76,7 @@ def main() -> None:
         task="classify",
         method=args.method,
         pooling=args.pooling,
+        balance=args.balance,
         block_size=args.block_size,
         lora={"rank": 16, "alpha": 32.0, "dropout": 0.0},
         train={
@@ -77,6 +92,11 @@ def main() -> None:
         },
     )
     minutes = (time.perf_counter() - start) / 60
+    if args.screen:  # choosing a recipe: the held-out 10 % of train.jsonl only
+        for evaluation in result.evaluations:
+            print({k: round(v, 4) for k, v in evaluation.items()})
+        print(f"kept {result.best}; trained {minutes:.1f} min; model in {result.model_dir}")
+        return
     report = evaluate_models(
         [str(result.model_dir)], test_file, task="classify", out_dir=run / "report", train_file=train_file
     )

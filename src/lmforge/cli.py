@@ -336,9 +336,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.chat:
         _print_stream(llm, llm.stream([{"role": "user", "content": prompt}], **options), quiet=args.quiet)
     else:
-        if not llm.config.is_seq2seq:  # a decoder continues the prompt; an encoder–decoder answers it
+        echo = not llm.config.is_seq2seq  # a decoder continues the prompt; an encoder–decoder answers it
+        if echo:
             sys.stdout.write(prompt)
-        _print_stream(llm, llm.stream(prompt, **options), quiet=args.quiet)
+        try:
+            _print_stream(llm, llm.stream(prompt, **options), quiet=args.quiet)
+        except LmforgeError:
+            if echo:  # e.g. beams over the memory estimate: the error starts its own line, not the prompt's
+                sys.stdout.write("\n")
+            raise
 
 
 def _explain_generation(llm, args: argparse.Namespace, prompt: str, options: dict[str, object]) -> None:
@@ -358,6 +364,7 @@ def _explain_generation(llm, args: argparse.Namespace, prompt: str, options: dic
 def cmd_chat(args: argparse.Namespace) -> None:
     options = _sampling(args)
     llm = _load(args)
+    llm.check_chat()  # a model that cannot chat says so before the banner and the first prompt
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})

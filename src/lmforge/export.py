@@ -25,6 +25,7 @@ from lmforge import lora
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.folder import atomic_write_folder, write_model_files
+from lmforge.formats.gguf_t5 import write_t5_gguf
 from lmforge.formats.gguf_writer import check_file_type, write_gguf
 from lmforge.formats.peft import save_adapter
 from lmforge.loading import LoadedModel
@@ -47,7 +48,7 @@ def export_model(
 
     ``format="hf"``: a model folder that ``transformers`` loads (``dtype`` f32 / f16 / bf16, default f32).
     ``format="gguf"``: one GGUF file for llama.cpp, with ``dtype`` f32 / f16 / bf16 or ``quant`` q8_0 / q4_0 /
-    q4_1 / q5_0 / q5_1 (default f32, lossless).
+    q4_1 / q5_0 / q5_1 (default f32, lossless); a decoder, or a T5 as llama.cpp's ``t5`` (``formats/gguf_t5``).
     ``merge_lora=False``: write only the model's LoRA adapter, as a PEFT adapter folder.
     """
     out, format = Path(out).expanduser(), format.lower()
@@ -59,6 +60,9 @@ def export_model(
     if lora.lora_layers(transformer):
         # Merge a copy: the caller's model keeps its adapters (and can still be trained or exported unmerged).
         transformer = lora.merge_lora(copy.deepcopy(transformer))
+    # an encoder–decoder as llama.cpp's t5 (BART, mBART: one line saying why, and to export an HF folder)
+    if format == "gguf" and transformer.config.is_seq2seq:
+        return write_t5_gguf(out, transformer.config, _gguf_state(transformer), llm.tokenizer, file_type)
     if format == "gguf":
         return write_gguf(out, transformer.config, _gguf_state(transformer), llm.tokenizer, file_type)
     state = float_state_dict(transformer)  # packed int4/int8 layers as float weights, the form files take

@@ -439,6 +439,14 @@ class LoadedModel:
             )
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
 
+    def check_chat(self) -> None:
+        """The one-line error a chat would meet (an encoder; an encoder–decoder without a chat template), raised
+        before a conversation starts rather than at its first message."""
+        if self.config.is_encoder:
+            self.model.new_cache()  # an encoder's own refusal: it has no language-model head
+        if self.config.is_seq2seq:
+            self.prompt_ids([{"role": "user", "content": "?"}])
+
     @property
     def eos_ids(self) -> list[int]:
         ids = set(self.config.eos_token_ids)

@@ -178,8 +178,8 @@ def _architecture(config: Config) -> str:
         )
     if config.is_seq2seq:
         raise UnsupportedError(
-            f"{config.name} is an encoder–decoder ({config.model_type}); lmforge writes GGUF for decoder-only "
-            "models (llama.cpp's T5 layout is not written yet)",
+            f"{config.name} is an encoder–decoder ({config.model_type}); this writer is for decoder-only "
+            "models (export_model writes a T5 with gguf_t5)",
             hint="export it with --format hf (transformers' AutoModelForSeq2SeqLM loads that folder)",
         )
     if config.labels:
