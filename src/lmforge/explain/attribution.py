@@ -26,7 +26,13 @@ made by measurement (2026-12-01, one thread):
   the pieces with the largest errors are halved, so the nodes gather where the integrand is steep
   (SmolLM2's paths have narrow steep stretches, where a fixed rule of even 64 nodes left up to 300 %). It stops
   at MAX_STEPS gradient evaluations and reports the error it reached and ``steps`` used. A given ``steps`` is
-  one piece of that many nodes, as before. Measured figures: benchmarks/explain_faithfulness.py.
+  one piece of that many nodes, as before.
+
+Measured with the defaults: SmolLM2's next token after five texts (two spam SMS, "The capital of France is",
+床前明月光，疑是地上霜, 我们今天去北京吃烤鸭) 0.32 %, 0.83 %, 0.016 %, 0.87 % in 448, 384, 224 and 96 gradient
+evaluations (15-80 s each on one loaded CPU thread), and 5.8 % for the last when the 512 were spent, where the zero baseline with 32 fixed nodes left 219 %, 42 % and 71 % on
+three of them, and 56-1494 % when refined up to 512 evaluations; a MiniLM spam classifier (benchmarks/
+explain_faithfulness.py) median 0.047 %, max 0.87 %, 200 of 200 messages within 1 %, in 32-48 evaluations.
 Occlusion replaces one token's embedding by the baseline at a time.
 
 The embeddings are swapped through a forward hook on the network's ``wte``: positions, masks and every block
