@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from lmforge import LLM
 from lmforge.cli import main
-from lmforge.explain import render
+from lmforge.explain import attribute, render
 from lmforge.explain.attention import recording_attention
 from lmforge.explain.tokens import TokenExplanation, piece_spans, token_text
 
@@ -163,7 +163,7 @@ def test_integrated_gradients_completeness_zero_shot_and_next_token(tiny, one_th
 
 def test_occlusion_and_gradient_x_input(tiny_classifier, one_thread) -> None:
     text = SAMPLE_TEXT[1]
-    occlusion = tiny_classifier.explain_classification(text, method="occlusion")
+    occlusion = tiny_classifier.explain_classification(text, method="occlusion", baseline="zeros")
     ids = tiny_classifier.tokenizer.encode(text)
     with torch.no_grad():
         embeds = tiny_classifier.model.wte(torch.tensor([ids]))
@@ -180,6 +180,54 @@ def test_occlusion_and_gradient_x_input(tiny_classifier, one_thread) -> None:
     assert len(gxi.scores) == len(occlusion.scores) and any(s != 0 for s in gxi.scores)
     rollout = tiny_classifier.explain_classification(text, method="attention_rollout")
     assert sum(rollout.scores) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_adaptive_integrated_gradients_refine_until_the_tolerance(tiny_classifier, one_thread) -> None:
+    text = SAMPLE_TEXT[3]
+    fine = tiny_classifier.explain_classification(text, steps=256)  # one piece, 256 nodes: the reference
+    assert fine.steps == 256 and fine.completeness_error < 1e-4
+    strict = attribute(tiny_classifier, text, tolerance=1e-6)
+    assert strict.steps > 32, "a tolerance the first pieces miss must make the rule halve some"
+    assert strict.completeness_error <= 1e-6 or strict.steps > 512 - 8
+    # the pieces' integrals add up to the same attributions as the single fine integral
+    assert strict.scores == pytest.approx(fine.scores, abs=1e-3 * max(map(abs, fine.scores)))
+    default = tiny_classifier.explain_classification(text)
+    assert default.steps == 32 and default.completeness_error < 0.01  # a smooth path: no refinement needed
+    zeros = tiny_classifier.explain_classification(text, baseline="zeros")
+    assert zeros.baseline_score != default.baseline_score and zeros.completeness_error < 0.01
+
+
+def test_attributions_of_an_encoder_classifier(one_thread) -> None:
+    from lmforge import Config
+    from lmforge.encoder import Encoder
+    from lmforge.errors import LmforgeError
+    from lmforge.loading import EMBEDDING_MODEL, bundled_model_path
+    from lmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(bundled_model_path(EMBEDDING_MODEL))  # MiniLM's: it adds [CLS] and [SEP]
+    torch.manual_seed(0)
+    text = "Claim your FREE prize 恭喜中奖"
+    ids = tokenizer.encode(text)
+    for pooling in ("mean", "cls"):
+        config = Config.from_name(
+            "bert-tiny", vocab_size=tokenizer.vocab_size, labels=["ham", "spam"], pooling=pooling
+        )
+        llm = LLM(Encoder(config).eval(), tokenizer)
+        ig = llm.explain_classification(text, label="spam")
+        assert ig.completeness_error < 0.01
+        assert len(ig.pieces) == len(ids) - 2 and not any("[CLS]" in p or "[SEP]" in p for p in ig.pieces)
+        words = [w for w, _ in ig.words()]  # MiniLM's vocabulary lacks some characters: [UNK]
+        assert words[:4] == ["claim", "your", "free", "prize"] and len(words) == 8 and "中" in words
+        probs = llm.classify_text(text)["probabilities"]
+        assert ig.score == pytest.approx(torch.tensor(probs["spam"]).logit().item(), abs=1e-4)
+        occlusion = llm.explain_classification(text, method="occlusion", label="spam")
+        assert len(occlusion.scores) == len(ig.scores) and any(s != 0 for s in occlusion.scores)
+        rollout = llm.explain_classification(text, method="attention_rollout", label="spam")
+        rolled = llm.explain_attention(text).rollout()
+        read = rolled.mean(0) if pooling == "mean" else rolled[0]  # where the head reads
+        assert rollout.scores == pytest.approx(read[1:-1].tolist(), abs=1e-5)
+    with pytest.raises(LmforgeError, match="sentence encoder"):
+        llm.explain_classification(text, ["ham", "spam"], zero_shot=True)
 
 
 def test_bad_requests_are_errors_that_say_the_fix(tiny, tiny_classifier) -> None:

@@ -43,6 +43,7 @@ def test_the_schema_has_every_endpoint_with_its_request_model(api_schema):
         "/v1/embeddings",
         "/v1/classify",
         "/v1/summarize",
+        "/v1/explain/attention",
     ]
     assert set(operations) == {("GET", p) for p in ("/v1/models", "/health", "/metrics")} | {
         ("POST", p) for p in posts

@@ -296,20 +296,26 @@ class LLM(LoadedModel):
         method: str = "integrated_gradients",
         label: str | None = None,
         zero_shot: bool = False,
-        steps: int = explain.DEFAULT_STEPS,
-        baseline: str = "zeros",
+        steps: int | None = explain.DEFAULT_STEPS,
+        baseline: str = explain.DEFAULT_BASELINE,
     ) -> explain.Attribution:
         """Which tokens of ``text`` pushed the classification to ``label`` (default: the predicted one): the
         fine-tuned head when the model has one, else (or with ``zero_shot``) zero-shot scoring of ``labels``.
         ``method``: integrated_gradients (completeness error reported), gradient_x_input, occlusion,
-        attention_rollout."""
+        attention_rollout. ``steps=None`` (the default) refines integrated gradients until the completeness
+        error is within 1 %; ``baseline``: mean (the average token embedding), zeros or pad."""
         kind = "head" if self.config.labels and not zero_shot else "zero_shot"
         return explain.attribute(
             self, text, method=method, kind=kind, labels=labels, label=label, steps=steps, baseline=baseline
         )
 
     def explain_next_token(
-        self, text: str, *, token: int | None = None, method: str = "integrated_gradients", steps: int = 32
+        self,
+        text: str,
+        *,
+        token: int | None = None,
+        method: str = "integrated_gradients",
+        steps: int | None = explain.DEFAULT_STEPS,
     ) -> explain.Attribution:
         """Which tokens of ``text`` made its next token (``token``, default the likeliest) likely."""
         return explain.attribute(self, text, method=method, kind="next_token", token=token, steps=steps)

@@ -11,10 +11,11 @@ check, gradient x input, occlusion, attention rollout as a score), ``render`` (t
 """
 
 from lmforge.explain.attention import AttentionMaps, LogitLens, attention_maps, logit_lens
-from lmforge.explain.attribution import DEFAULT_STEPS, METHODS, Attribution, attribute
+from lmforge.explain.attribution import DEFAULT_BASELINE, DEFAULT_STEPS, METHODS, Attribution, attribute
 from lmforge.explain.tokens import TokenExplanation, explain_generation, explain_text
 
 __all__ = [
+    "DEFAULT_BASELINE",
     "DEFAULT_STEPS",
     "METHODS",
     "AttentionMaps",

@@ -22,6 +22,7 @@ from lmforge.loading import LoadedModel
 from lmforge.model import Attention, Network, Transformer
 
 MAX_LENS_TOP_K = 20
+MAX_VIEW_TOKENS = 128  # one head's map in the playground: at most 128 x 128 cells, still a readable heatmap
 
 
 @dataclass
@@ -98,6 +99,32 @@ def attention_maps_of_ids(llm: LoadedModel, ids: list[int]) -> AttentionMaps:
         model.hidden_states(idx)
         weights = torch.stack([layer.weights[0].float().cpu() for layer in layers])  # (L, H, T, T)
     return AttentionMaps(ids, token_labels(llm, ids), weights)
+
+
+def attention_head(llm: LoadedModel, text: str, *, layer: int, head: int) -> dict[str, Any]:
+    """One layer's and head's weights over ``text`` (at most MAX_VIEW_TOKENS tokens) as plain lists, with the
+    token labels and the model's layer and head counts: what the playground's attention view draws."""
+    ids = encode_checked(llm, text)
+    if len(ids) > MAX_VIEW_TOKENS:
+        raise LmforgeError(
+            f"text of {len(ids)} tokens is over the attention view's limit of {MAX_VIEW_TOKENS}",
+            hint="shorten the text",
+        )
+    layers, heads = llm.config.n_layer, llm.config.n_head
+    if not 0 <= layer < layers or not 0 <= head < heads:
+        raise LmforgeError(
+            f"layer {layer}, head {head} is not in this model",
+            hint=f"use layer 0-{layers - 1}, head 0-{heads - 1}",
+        )
+    maps = attention_maps_of_ids(llm, ids)
+    return {
+        "layer": layer,
+        "head": head,
+        "layers": layers,
+        "heads": heads,
+        "tokens": maps.labels,
+        "weights": maps.weights[layer, head].tolist(),  # (T, T): row = the token looking, column = looked at
+    }
 
 
 @dataclass

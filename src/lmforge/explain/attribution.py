@@ -8,12 +8,31 @@ The score ``f`` is one number per text:
 - the next token: its log-probability after the text (the greedy next token unless one is given).
 
 Integrated gradients (Sundararajan et al., 2017) integrate the gradient along the straight path from a
-baseline embedding (zeros, or the pad token's) to the text's embeddings, by Gauss-Legendre quadrature of
-``steps`` nodes; ``completeness_error`` reports |sum(a) - (f(x) - f(baseline))| / |f(x) - f(baseline)|, so a
-too coarse integral shows. Measured: on the tests' tiny models 32 nodes leave < 0.1 %; on SmolLM2 fine-tuned
-as a spam classifier (benchmarks/explain_faithfulness.py) the zero baseline's path starts steeply (near a zero
-input every norm's eps dominates), and one message left 25 % at 32 nodes, 3.6 % at 64; the pad baseline's
-path was rougher still (146 % at 32, 34 % at 128). Raise ``steps`` until the error is small enough for the use.
+baseline embedding to the text's embeddings; ``completeness_error`` reports
+|sum(a) - (f(x) - f(baseline))| / |f(x) - f(baseline)|, so a too coarse integral shows. Two choices, both
+made by measurement (2026-12-01, one thread):
+
+- **The baseline is the average token** (the mean row of the embedding matrix), not zeros. On SmolLM2 the
+  zero baseline cannot be integrated at all: with no biases and RMSNorm, the network is homogeneous near a
+  zero input, every norm works in its eps regime, and f(alpha * x) keeps swinging by several nats as alpha
+  goes 1e-1, 1e-3, ..., 1e-39 ("The capital of France is", next token: -12.5, -12.0, -14.8, -17.1, -11.1, ...)
+  while f(0) is log(1/vocab) = -10.8: f has no limit at the baseline, and 32 Gauss-Legendre nodes left 42-71 %
+  completeness error on three texts (25-47 % on a fine-tuned SmolLM2 classifier). The average token has a
+  typical norm, so the path never nears that point. Encoders (MiniLM) add position and segment vectors and
+  normalise them, so either baseline integrates there (< 1 % at 32 nodes on every message tried).
+- **The nodes adapt** (``steps=None``, the default). The path is cut into 8 pieces of 4 Gauss-Legendre nodes
+  (32 gradient evaluations, the old fixed default). On a piece [a, b] the exact sum is known: the attributions
+  must add up to f(b) - f(a), two forward passes. While the completeness error is above ``tolerance`` (1 %),
+  the pieces with the largest errors are halved, so the nodes gather where the integrand is steep
+  (SmolLM2's paths have narrow steep stretches, where a fixed rule of even 64 nodes left up to 300 %). It stops
+  at MAX_STEPS gradient evaluations and reports the error it reached and ``steps`` used. A given ``steps`` is
+  one piece of that many nodes, as before.
+
+Measured with the defaults: SmolLM2's next token after five texts (two spam SMS, "The capital of France is",
+床前明月光，疑是地上霜, 我们今天去北京吃烤鸭) 0.32 %, 0.83 %, 0.016 %, 0.87 % in 448, 384, 224 and 96 gradient
+evaluations (15-80 s each on one loaded CPU thread), and 5.8 % for the last when the 512 were spent, where the zero baseline with 32 fixed nodes left 219 %, 42 % and 71 % on
+three of them, and 56-1494 % when refined up to 512 evaluations; a MiniLM spam classifier (benchmarks/
+explain_faithfulness.py) median 0.047 %, max 0.87 %, 200 of 200 messages within 1 %, in 32-48 evaluations.
 Occlusion replaces one token's embedding by the baseline at a time.
 
 The embeddings are swapped through a forward hook on the network's ``wte``: positions, masks and every block
@@ -31,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError
 from lmforge.explain.attention import attention_maps_of_ids, encode_checked
 from lmforge.explain.tokens import piece_spans, token_text
@@ -39,8 +59,13 @@ from lmforge.model import Transformer
 from lmforge.prompts import chat_or_plain, classification_prompt, is_chinese
 
 METHODS = ("integrated_gradients", "gradient_x_input", "occlusion", "attention_rollout")
-DEFAULT_STEPS = 32
-MAX_STEPS = 512
+DEFAULT_STEPS: int | None = None  # integrated gradients adapt the path's nodes to the tolerance
+TOLERANCE = 0.01  # the completeness error the adaptive rule aims for
+MAX_STEPS = 512  # gradient evaluations, adaptive or not
+DEFAULT_BASELINE = "mean"
+BASELINES = ("mean", "zeros", "pad")
+NODES_PER_PIECE = 4  # Gauss-Legendre nodes on each piece of the path
+FIRST_PIECES = 8  # the path's first split: 32 gradient evaluations before any refinement
 BATCH_ROWS = 16  # rows of one forward/backward: bounds memory whatever the step count
 
 
@@ -57,6 +82,7 @@ class Attribution:
     score: float  # f(x)
     baseline_score: float | None = None  # f(baseline), integrated gradients only
     completeness_error: float | None = None  # relative, integrated gradients only
+    steps: int | None = None  # gradient evaluations integrated gradients used
     extra: dict[str, Any] = field(default_factory=dict)
 
     def words(self) -> list[tuple[str, float]]:
@@ -80,6 +106,7 @@ class Attribution:
             "score": self.score,
             "baseline_score": self.baseline_score,
             "completeness_error": self.completeness_error,
+            "steps": self.steps,
         }
 
 
@@ -95,7 +122,7 @@ class _Target:
     span: list[int]  # token positions attributed (into T)
     name: str
     reduce: Callable[[torch.Tensor], torch.Tensor]  # embeds (N * R, T, C) -> scores (N,)
-    read_at: int  # the position whose output the score reads (attention rollout starts there)
+    read_at: int | None  # the position whose output the score reads (rollout starts there); None: all, pooled
 
 
 @contextlib.contextmanager
@@ -133,7 +160,20 @@ def _head_target(llm: LoadedModel, text: str, label: str | None) -> _Target:
         with _embeddings(model, lambda _: embeds):
             return _log_odds(model.classify(idx.expand(embeds.shape[0], -1)).float(), index)
 
-    return _Target(idx, list(range(len(ids))), label, reduce, len(ids) - 1)
+    # Where the head reads: the last token (a decoder's default), the first ([CLS] of an encoder), or all.
+    pooled = llm.config.pooling if isinstance(model, Encoder) else llm.config.head_pooling
+    read_at = {"last": len(ids) - 1, "cls": 0}.get(pooled)
+    return _Target(idx, _text_positions(llm, text), label, reduce, read_at)
+
+
+def _text_positions(llm: LoadedModel, text: str) -> list[int]:
+    """The positions of the text's own tokens: special tokens the tokenizer adds ([CLS], [SEP], a BOS) stay as
+    they are, so every attributed piece is part of the text and deleting a word is a real edit."""
+    mask = llm.tokenizer.backend.encode(text).special_tokens_mask
+    positions = [i for i, special in enumerate(mask) if not special]
+    if not positions:
+        raise LmforgeError("the text has no tokens of its own to explain", hint="give some text")
+    return positions
 
 
 def _zero_shot_target(llm: LoadedModel, text: str, labels: Sequence[str], label: str | None) -> _Target:
@@ -200,7 +240,7 @@ def _next_token_target(llm: LoadedModel, text: str, token: int | None) -> _Targe
             logits = model(idx.expand(embeds.shape[0], -1), last_logits_only=True)[0][:, -1]
         return logits.float().log_softmax(-1)[:, token]
 
-    return _Target(idx, list(range(len(ids))), token_text(llm.tokenizer, token), reduce, len(ids) - 1)
+    return _Target(idx, _text_positions(llm, text), token_text(llm.tokenizer, token), reduce, len(ids) - 1)
 
 
 def make_target(
@@ -212,17 +252,20 @@ def make_target(
     label: str | None = None,
     token: int | None = None,
 ) -> _Target:
-    if not isinstance(llm.model, Transformer):
-        raise LmforgeError(
-            "attributions need a language model or a classifier; this model is a sentence encoder",
-            hint="load a language model (e.g. the default)",
-        )
     if kind == "head":
         if not llm.config.labels:
-            raise LmforgeError(
-                "this model has no classification head", hint="give labels for zero-shot scoring"
+            hint = (
+                "fine-tune it as a classifier: lmforge finetune MODEL --task classify"
+                if isinstance(llm.model, Encoder)
+                else "give labels for zero-shot scoring"
             )
+            raise LmforgeError("this model has no classification head", hint=hint)
         return _head_target(llm, text, label)
+    if not isinstance(llm.model, Transformer):  # zero-shot scoring and the next token need a language model
+        raise LmforgeError(
+            "these attributions need a language model or a classifier; this model is a sentence encoder",
+            hint="fine-tune it as a classifier (lmforge finetune MODEL --task classify) or load a language model",
+        )
     if kind == "zero_shot":
         if not labels:
             raise LmforgeError("zero-shot attributions need candidate labels", hint="pass labels=['a', 'b']")
@@ -234,6 +277,8 @@ def make_target(
 
 # ------------------------------------------------------------------ the methods
 def _baseline(llm: LoadedModel, embeds: torch.Tensor, baseline: str) -> torch.Tensor:
+    if baseline == "mean":
+        return llm.model.wte.weight.detach().mean(0).to(embeds.dtype).expand_as(embeds).clone()
     if baseline == "zeros":
         return torch.zeros_like(embeds)
     if baseline == "pad":
@@ -241,7 +286,7 @@ def _baseline(llm: LoadedModel, embeds: torch.Tensor, baseline: str) -> torch.Te
         if pad is None:
             raise LmforgeError("the tokenizer has no pad or end-of-text token", hint="use baseline='zeros'")
         return llm.model.wte.weight[pad].detach().expand_as(embeds).clone()
-    raise LmforgeError(f"unknown baseline {baseline!r}", hint="use 'zeros' or 'pad'")
+    raise LmforgeError(f"unknown baseline {baseline!r}", hint=f"use one of: {', '.join(BASELINES)}")
 
 
 def _scores_in_batches(target: _Target, batches: Iterator[torch.Tensor], grad: bool) -> tuple[list, list]:
@@ -262,6 +307,78 @@ def _scores_in_batches(target: _Target, batches: Iterator[torch.Tensor], grad: b
     return values, grads
 
 
+def _integrated_gradients(
+    target: _Target, x: torch.Tensor, base: torch.Tensor, score: float, *, steps: int | None, tolerance: float
+) -> tuple[torch.Tensor, float, int]:
+    """Integrated gradients of ``target`` from ``base`` to ``x`` (R, T, C): per-token attributions (T,),
+    f(base) and the gradient evaluations used.
+
+    The path [0, 1] is cut into pieces, each integrated by Gauss-Legendre. On a piece [a, b] the exact answer
+    is known: the attributions must sum to f(b) - f(a), which two forward passes give. While all pieces
+    together miss f(x) - f(base) by more than ``tolerance`` of it, the pieces with the largest errors are
+    halved: the nodes go where the integrand is steep. ``steps`` given: one piece of that many nodes, no refinement."""
+    R, T, C = x.shape
+    diff = x - base
+    k = steps if steps is not None else NODES_PER_PIECE
+    gl_nodes, gl_weights = np.polynomial.legendre.leggauss(k)
+
+    def values(alphas: list[float]) -> list[float]:
+        chunk = max(1, BATCH_ROWS // R)
+        batches = (
+            base[None]
+            + torch.tensor(alphas[i : i + chunk], dtype=x.dtype, device=x.device)[:, None, None, None]
+            * diff[None]
+            for i in range(0, len(alphas), chunk)
+        )
+        out, _ = _scores_in_batches(target, batches, grad=False)
+        return torch.cat(out).float().tolist()
+
+    def integrals(pieces: list[tuple[float, float]]) -> list[torch.Tensor]:
+        """Each piece's integral of the per-token integrand, (T,) each."""
+        alphas = np.concatenate([a + (b - a) * (gl_nodes + 1) / 2 for a, b in pieces])
+        weights = np.concatenate([(b - a) * gl_weights / 2 for a, b in pieces])
+        chunk = max(1, BATCH_ROWS // R)
+        grid = torch.tensor(alphas, dtype=x.dtype, device=x.device)
+        batches = (
+            base[None] + grid[i : i + chunk, None, None, None] * diff[None]
+            for i in range(0, len(grid), chunk)
+        )
+        _, grads = _scores_in_batches(target, batches, grad=True)
+        per_node = (diff[None] * torch.cat(grads)).sum(-1).sum(1).double()  # (nodes, T)
+        weighted = per_node * torch.tensor(weights, dtype=torch.float64, device=x.device)[:, None]
+        return list(weighted.view(len(pieces), k, T).sum(1))
+
+    (base_score,) = values([0.0])
+    if steps is not None:
+        (per_token,) = integrals([(0.0, 1.0)])
+        return per_token, base_score, steps
+    goal = tolerance * max(abs(score - base_score), 1e-6)
+    cuts = [i / FIRST_PIECES for i in range(FIRST_PIECES + 1)]
+    f = dict(zip(cuts, [base_score, *values(cuts[1:-1]), score], strict=True))
+    pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
+    found = dict(zip(pieces, integrals(pieces), strict=True))
+    used = k * len(pieces)
+
+    def error(piece: tuple[float, float]) -> float:
+        return abs(float(found[piece].sum()) - (f[piece[1]] - f[piece[0]]))
+
+    per_round = max(1, BATCH_ROWS // (2 * k * R))  # halve this many pieces per round: one full batch
+
+    def completeness() -> float:  # what the caller is told: the whole path's error, signed errors summed
+        return abs(sum(float(v.sum()) for v in found.values()) - (score - base_score))
+
+    while used + 2 * k <= MAX_STEPS and completeness() > goal:
+        worst = sorted(found, key=error, reverse=True)[: min(per_round, (MAX_STEPS - used) // (2 * k))]
+        middles = [(a + b) / 2 for a, b in worst]
+        f.update(zip(middles, values(middles), strict=True))
+        halves = [half for (a, b), m in zip(worst, middles, strict=True) for half in ((a, m), (m, b))]
+        for piece in worst:
+            del found[piece]
+        found.update(zip(halves, integrals(halves), strict=True))
+        used += k * len(halves)
+    return torch.stack(list(found.values())).sum(0).float(), base_score, used
+
+
 def attribute(
     llm: LoadedModel,
     text: str,
@@ -271,14 +388,19 @@ def attribute(
     labels: Sequence[str] | None = None,
     label: str | None = None,
     token: int | None = None,
-    steps: int = DEFAULT_STEPS,
-    baseline: str = "zeros",
+    steps: int | None = DEFAULT_STEPS,
+    baseline: str = DEFAULT_BASELINE,
+    tolerance: float = TOLERANCE,
 ) -> Attribution:
-    """Attribute one score (see the module's docstring for ``kind``) to the tokens of ``text``."""
+    """Attribute one score (see the module's docstring for ``kind``) to the tokens of ``text``. Integrated
+    gradients: ``steps=None`` refines the path until the completeness error is at most ``tolerance`` (or
+    MAX_STEPS gradient evaluations are spent); a number is that many Gauss-Legendre nodes on the whole path."""
     if method not in METHODS:
         raise LmforgeError(f"unknown attribution method {method!r}", hint=f"use one of: {', '.join(METHODS)}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise LmforgeError(f"steps={steps} is out of range", hint=f"use 1 to {MAX_STEPS}")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise LmforgeError(f"steps={steps} is out of range", hint=f"use 1 to {MAX_STEPS}, or None to adapt")
+    if not 0 < tolerance < 1:
+        raise LmforgeError(f"tolerance={tolerance} is out of range", hint="use a fraction such as 0.01")
     target = make_target(llm, text, kind=kind, labels=labels, label=label, token=token)
     model = llm.model
     with torch.no_grad():
@@ -292,21 +414,11 @@ def attribute(
     )  # the baseline replaces the attributed tokens only
     (value,), _ = _scores_in_batches(target, iter([x[None]]), grad=False)
     result_extra: dict[str, Any] = {}
-    baseline_score = completeness = None
+    baseline_score = completeness = used = None
     if method == "integrated_gradients":
-        nodes, weights = np.polynomial.legendre.leggauss(steps)
-        alphas = torch.tensor((nodes + 1) / 2, dtype=x.dtype, device=x.device)
-        w = torch.tensor(weights / 2, dtype=x.dtype, device=x.device)
-        chunk = max(1, BATCH_ROWS // R)
-        batches = (
-            base[None] + alphas[i : i + chunk, None, None, None] * (x - base)[None]
-            for i in range(0, steps, chunk)
+        per_token, baseline_score, used = _integrated_gradients(
+            target, x, base, float(value[0]), steps=steps, tolerance=tolerance
         )
-        _, grads = _scores_in_batches(target, batches, grad=True)
-        mean_grad = (torch.cat(grads) * w[:, None, None, None]).sum(0)  # (R, T, C)
-        per_token = ((x - base) * mean_grad).sum(-1).sum(0)  # (T,)
-        (base_value,), _ = _scores_in_batches(target, iter([base[None]]), grad=False)
-        baseline_score = float(base_value[0])
         delta = float(value[0]) - baseline_score
         completeness = abs(float(per_token.sum()) - delta) / max(abs(delta), 1e-9)
     elif method == "gradient_x_input":
@@ -348,13 +460,18 @@ def attribute(
         score=float(value[0]),
         baseline_score=baseline_score,
         completeness_error=completeness,
+        steps=used,
         extra=result_extra,
     )
 
 
 def _rollout_scores(llm: LoadedModel, target: _Target) -> torch.Tensor:
-    """Attention rollout at the position the score reads (T,): how much it draws on each token."""
-    ids = target.ids[0, : target.read_at + 1].tolist()
+    """Attention rollout at the position the score reads (T,): how much it draws on each token (the mean
+    over positions when the score pools them all)."""
+    causal = not isinstance(llm.model, Encoder)  # a decoder's row read_at sees nothing after it: cut there
+    end = target.read_at + 1 if causal and target.read_at is not None else target.ids.shape[1]
+    ids = target.ids[0, :end].tolist()
+    rolled = attention_maps_of_ids(llm, ids).rollout()  # (T', T')
     per_token = torch.zeros(target.ids.shape[1])
-    per_token[: len(ids)] = attention_maps_of_ids(llm, ids).rollout()[-1]
+    per_token[: len(ids)] = rolled.mean(0) if target.read_at is None else rolled[target.read_at]
     return per_token

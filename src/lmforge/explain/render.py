@@ -102,7 +102,7 @@ def attribution_terminal(attribution: Attribution, *, colour: bool) -> str:
         )
     note = f"{attribution.method} for {attribution.target!r} (score {attribution.score:.3f}"
     if attribution.completeness_error is not None:
-        note += f", completeness error {attribution.completeness_error:.2%}"
+        note += f", completeness error {attribution.completeness_error:.2%} in {attribution.steps} steps"
     return f"{body}\n  {note})"
 
 
@@ -117,7 +117,7 @@ def attribution_html(attributions: Sequence[Attribution]) -> str:
         )
         note = html.escape(f"{a.method} for {a.target!r}, score {a.score:.3f}")
         if a.completeness_error is not None:
-            note += f", completeness error {a.completeness_error:.2%}"
+            note += f", completeness error {a.completeness_error:.2%} in {a.steps} steps"
         rows.append(f"<p>{spans}<br><small>{note}</small></p>")
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>lmforge attributions</title></head>'

@@ -18,8 +18,9 @@ Limits are checked before any work starts, cheapest first (README.md's serve sec
   (422).
 - Characters, before tokenizing: a prompt (all chat messages together) longer than ``max_context`` times
   the longest vocabulary entry's characters (``longest_token_chars``) cannot fit, since no token covers more;
-  nor can a text to embed or classify longer than the model's context times that, or a text to summarize
-  longer than ``SUMMARY_CONTEXTS`` contexts' worth (400 ``context_length_exceeded``).
+  nor can a text to embed, classify or explain longer than the model's context times that, or a text to
+  summarize longer than ``SUMMARY_CONTEXTS`` contexts' worth (400 ``context_length_exceeded``). The attention
+  view then takes at most ``explain.attention.MAX_VIEW_TOKENS`` tokens and a layer and head the model has (400).
 - ``response_format``: a schema of at most ``limits.MAX_CONSTRAINT_BYTES`` as JSON text, compiled in a worker
   thread; a malformed or unsatisfiable one is a 400 ``invalid_schema`` naming the problem (``structured.py``).
 - Sequences: prompts x n at most ``ServerLimits.max_rows`` and at most the queue (400 ``too_many_sequences``);
@@ -60,6 +61,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lmforge.beam import BeamParams, beam_complete
 from lmforge.errors import LmforgeError
+from lmforge.explain.attention import attention_head
 from lmforge.generate import SamplingParams
 from lmforge.inference import prompt_logprobs
 from lmforge.progress import stop_when
@@ -72,6 +74,7 @@ from lmforge.serve.protocol import (
     ERROR_RESPONSES,
     STREAMED_RESPONSE,
     APIError,
+    AttentionRequest,
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
@@ -169,6 +172,7 @@ def create_app(
     app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
     app.add_api_route("/v1/classify", service.classify, methods=["POST"])
     app.add_api_route("/v1/summarize", service.summarize, methods=["POST"])
+    app.add_api_route("/v1/explain/attention", service.attention, methods=["POST"])
     app.add_api_route("/health", service.health, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", service.metrics, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route(
@@ -581,6 +585,13 @@ class _Service:
         self._check_chars([len(body.input)], SUMMARY_CONTEXTS * self.max_text_chars, "input")
         summary = await self._in_thread(request, self.llm.summarize, body.input, body.max_tokens)
         return {"object": "summary", "model": self.model_id, "summary": summary}
+
+    async def attention(self, body: AttentionRequest, request: Request) -> dict[str, Any]:
+        self._check_chars([len(body.input)], self.max_text_chars, "input")
+        view = await self._in_thread(
+            request, functools.partial(attention_head, layer=body.layer, head=body.head), self.llm, body.input
+        )
+        return {"object": "attention", "model": self.model_id, **view}
 
     # ----------------------------------------------------------- information
     async def models(self) -> dict[str, Any]:

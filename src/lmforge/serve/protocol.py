@@ -361,6 +361,15 @@ class ClassifyRequest(BaseModel):
     model: str | None = None
 
 
+class AttentionRequest(BaseModel):
+    """One layer's and head's attention over a text (the playground's attention view)."""
+
+    input: str
+    layer: int = Field(default=0, ge=0)
+    head: int = Field(default=0, ge=0)
+    model: str | None = None
+
+
 class SummarizeRequest(BaseModel):
     input: str
     max_tokens: int = Field(default=80, ge=1)

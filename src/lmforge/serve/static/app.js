@@ -26,6 +26,15 @@ const TEXT = {
     alternatives: "Alternatives",
     clickToken: "Click a word of an answer to see the tokens the model weighed for it.",
     chosen: "chosen",
+    attention: "Attention",
+    attentionOpen: "Where a head looks",
+    attentionHint: "One layer and head at a time, for a text of up to 128 tokens. Row: the token looking; " +
+      "column: the token it looks at; darker = more weight.",
+    attentionPlaceholder: "A text to look at, e.g. 床前明月光，疑是地上霜。",
+    layer: "Layer",
+    head: "Head",
+    show: "Show",
+    close: "Close",
   },
   zh: {
     playground: "演练场",
@@ -51,6 +60,14 @@ const TEXT = {
     alternatives: "候选词",
     clickToken: "点击回答中的字词，查看模型在该处考虑过的候选词元及其概率。",
     chosen: "已选",
+    attention: "注意力",
+    attentionOpen: "查看注意力头",
+    attentionHint: "每次显示一层的一个注意力头，文本最多 128 个词元。行：发出注意的词元；列：被注意的词元；颜色越深权重越大。",
+    attentionPlaceholder: "要查看的文本，例如：床前明月光，疑是地上霜。",
+    layer: "层",
+    head: "头",
+    show: "显示",
+    close: "关闭",
   },
 };
 
@@ -243,6 +260,71 @@ function showAlternatives(span) {
   }
 }
 
+// The attention view: one layer's and head's weights over a text, drawn as a token x token grid.
+async function showAttention() {
+  const text = $("attention-text").value.trim();
+  if (!text) return;
+  $("attention-error").textContent = "";
+  try {
+    const response = await fetch("/v1/explain/attention", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({
+        model: model ? model.id : "default",
+        input: text,
+        layer: Number($("attention-layer").value),
+        head: Number($("attention-head").value),
+      }),
+    });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error.message);
+    fillSelect($("attention-layer"), body.layers, body.layer);
+    fillSelect($("attention-head"), body.heads, body.head);
+    drawHeatmap(body);
+  } catch (err) {
+    $("attention-map").replaceChildren();
+    $("attention-error").textContent = `${t("error")}: ${err.message}`;
+  }
+}
+
+function fillSelect(select, count, value) {
+  if (select.options.length !== count) {
+    select.replaceChildren(...Array.from({ length: count }, (_, i) => new Option(String(i), String(i))));
+  }
+  select.value = String(value);
+}
+
+function drawHeatmap(view) {
+  const top = Math.max(...view.weights.flat(), 1e-9); // the darkest cell is the head's largest weight
+  const grid = document.createElement("div");
+  grid.className = "heatmap-grid";
+  grid.style.gridTemplateColumns = `max-content repeat(${view.tokens.length}, 1.5rem)`;
+  grid.append(document.createElement("div"));
+  for (const token of view.tokens) {
+    const label = document.createElement("div");
+    label.className = "col-label";
+    label.textContent = token;
+    grid.append(label);
+  }
+  view.weights.forEach((row, i) => {
+    const label = document.createElement("div");
+    label.className = "row-label";
+    label.textContent = view.tokens[i];
+    grid.append(label);
+    row.forEach((weight, j) => {
+      const cell = document.createElement("div");
+      cell.className = "cell";
+      cell.style.background = `rgba(37, 99, 235, ${(weight / top).toFixed(3)})`;
+      cell.title = `${view.tokens[i]} → ${view.tokens[j]}: ${(100 * weight).toFixed(1)}%`;
+      grid.append(cell);
+    });
+  });
+  const caption = document.createElement("p");
+  caption.className = "hint";
+  caption.textContent = `${t("layer")} ${view.layer} · ${t("head")} ${view.head}`;
+  $("attention-map").replaceChildren(caption, grid);
+}
+
 function setBusy(busy) {
   $("send").hidden = busy;
   $("stop").hidden = !busy;
@@ -270,6 +352,10 @@ $("prompt").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", () => controller?.abort());
+$("attention-open").addEventListener("click", () => $("attention-dialog").showModal());
+$("attention-show").addEventListener("click", showAttention);
+$("attention-layer").addEventListener("change", showAttention);
+$("attention-head").addEventListener("change", showAttention);
 $("clear").addEventListener("click", () => {
   turns.length = 0;
   for (const el of document.querySelectorAll(".message")) el.remove();
