@@ -23,6 +23,7 @@ from lmforge.data.seq2seq import (
 )
 from lmforge.data.text import TokenShards, prepare_corpus
 from lmforge.formats.hf import hf_module_name
+from lmforge.formats.peft import load_adapter, save_adapter
 from lmforge.lora import LoRAConfig, lora_layers
 from lmforge.model import IGNORE_INDEX
 from lmforge.recipes.finetune import finetune
@@ -178,7 +179,7 @@ def pairs_file(tmp_path_factory):
     return path
 
 
-def test_lora_wraps_encoder_decoder_and_cross_attention(t5_folder, tiny_tokenizer):
+def test_lora_wraps_encoder_decoder_and_cross_attention(t5_folder, tmp_path):
     llm = LLM.load(t5_folder, dtype="float32", device="cpu")
     choose_trainable(llm.model, "lora", 1, LoRAConfig(rank=2, targets=["q_proj", "v_proj"]))
     wrapped = set(lora_layers(llm.model))
@@ -195,6 +196,13 @@ def test_lora_wraps_encoder_decoder_and_cross_attention(t5_folder, tiny_tokenize
         hf_module_name("decoder.blocks.1.cross.q_proj", llm.config)
         == "decoder.block.1.layer.1.EncDecAttention.q"
     )
+    with torch.no_grad():  # adapters that change something, saved in PEFT's layout and read back
+        for layer in lora_layers(llm.model).values():
+            layer.lora_B.weight.normal_()
+    reloaded = LLM.load(t5_folder, dtype="float32", device="cpu").model
+    load_adapter(reloaded, save_adapter(llm.model, tmp_path / "adapter"))
+    ours, theirs = llm.model.state_dict(), reloaded.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     frozen = LLM.load(t5_folder, dtype="float32", device="cpu")
     choose_trainable(frozen.model, "freeze", 1, None)
     trainable = {n for n, p in frozen.model.named_parameters() if p.requires_grad}
@@ -251,3 +259,12 @@ def test_finetune_summarize_cli_on_a_tiny_t5_with_chinese(
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--packing" in lines[0], lines
+
+
+def test_summarize_cuts_an_input_longer_than_the_encoder_with_a_warning(t5_folder, one_thread):
+    llm = LLM.load(t5_folder, dtype="float32", device="cpu")
+    long = ZH * 12
+    assert len(llm.tokenizer.encode(long)) > llm.config.block_size
+    with pytest.warns(UserWarning, match="1 of 2 texts were longer than the encoder's 128 tokens"):
+        summaries = llm.summarize([long, PAIRS[0]["text"]], max_length=4)
+    assert len(summaries) == 2 and all(isinstance(t, str) for t in summaries)
