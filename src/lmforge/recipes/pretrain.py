@@ -35,7 +35,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer, checkpoint
 from lmforge.train.loop import TrainResult
 
-MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
+MODEL_SIZES = ("n_layer", "n_decoder_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
 
 
 @dataclass
