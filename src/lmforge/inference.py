@@ -190,6 +190,23 @@ def _classify_with_head(llm: LoadedModel, texts: Sequence[str]) -> list[dict[str
 
 
 # ----------------------------------------------------------------- summarize
+def _fit_encoder(llm: LoadedModel, texts: Sequence[str]) -> list[str]:
+    """Texts for an encoder–decoder, each cut to the encoder's context (as transformers' ``truncation=True``:
+    a summary of the start beats an error), with one warning saying how many were cut."""
+    limit, tok, out = llm.config.block_size, llm.tokenizer, []
+    for text in texts:
+        ids = tok.encode(text)
+        # one token spare: the tokenizer may add its end token again to the shortened text
+        out.append(tok.decode(ids[: limit - 1], skip_special_tokens=True) if len(ids) > limit else text)
+    if cut := sum(a is not b for a, b in zip(out, texts, strict=True)):
+        warnings.warn(
+            f"{cut} of {len(texts)} texts were longer than the encoder's {limit} tokens: each was cut to its "
+            "first tokens",
+            stacklevel=3,
+        )
+    return out
+
+
 def summarize(
     llm: LoadedModel,
     texts: Sequence[str],
@@ -207,7 +224,10 @@ def summarize(
                 "examples are for a decoder's prompt; an encoder–decoder summarizes the text alone",
                 hint="drop the examples (or fine-tune the model on them)",
             )
-        return [c.text.strip() for c in llm.complete(list(texts), max_new_tokens=max_length, **options)]
+        return [
+            c.text.strip()
+            for c in llm.complete(_fit_encoder(llm, texts), max_new_tokens=max_length, **options)
+        ]
     tok = llm.tokenizer
     # The prompt's own tokens, in the longer of its two languages ("中" picks the Chinese prompt).
     overhead = max(

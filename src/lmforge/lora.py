@@ -108,7 +108,9 @@ def _targets(model: Transformer, targets: Sequence[str]) -> list[tuple[nn.Module
     for name, module in model.named_modules():
         for attr in targets:
             child = getattr(module, attr, None)
-            if isinstance(child, nn.Linear | PackedLinear) and name.startswith("blocks."):
+            # a decoder's blocks; an encoder–decoder's encoder and decoder blocks (cross-attention included)
+            in_block = name.startswith(("blocks.", "encoder.blocks.", "decoder.blocks."))
+            if isinstance(child, nn.Linear | PackedLinear) and in_block:
                 found.append((module, attr, f"{name}.{attr}"))
     return found
 

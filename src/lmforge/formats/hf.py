@@ -437,6 +437,8 @@ def read_hf_weights(folder: Path) -> StateDict:
 
 def hf_module_name(name: str, config: Config) -> str:
     """Our module name (``blocks.3.attn.q_proj``) -> transformers' (``model.layers.3.self_attn.q_proj``)."""
+    if config.is_seq2seq and f"{name}.weight" in (names := _seq2seq_names(config)):
+        return names[f"{name}.weight"].removesuffix(".weight")
     match = _LAYER_KEY.match(name)
     if config.model_type == "gpt2" or match is None:
         raise UnsupportedError(
@@ -451,6 +453,12 @@ def hf_module_name(name: str, config: Config) -> str:
 
 def lmforge_module_name(hf_name: str, config: Config) -> str:
     """transformers' module name -> ours (the inverse of ``hf_module_name``)."""
+    if config.is_seq2seq:
+        reverse = {
+            v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in _seq2seq_names(config).items()
+        }
+        if hf_name in reverse:
+            return reverse[hf_name]
     layers = _BERT_LAYER if config.is_encoder else _LLAMA_LAYER
     reverse = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in layers.items()}
     prefix = r"(?:bert\.)?encoder\.layer" if config.is_encoder else r"model\.layers"

@@ -37,6 +37,7 @@ from lmforge.data.labelled import (
     pack,
     split_validation,
 )
+from lmforge.data.seq2seq import PairObjective, load_pairs
 from lmforge.errors import LmforgeError
 from lmforge.formats.folder import save_model_folder
 from lmforge.formats.peft import save_adapter
@@ -231,6 +232,12 @@ def run_finetune(
     elif s.task in ("instruct", "summarize"):
 
         def load(path: str | Path) -> Any:
+            if (
+                net.config.is_seq2seq
+            ):  # input → output pairs: the encoder reads the input, no prompt around it
+                return load_pairs(
+                    path, tok, block, kind=s.task, text_field=s.text_field, summary_field=s.summary_field
+                )
             return load_sequences(
                 path,
                 tok,
@@ -244,11 +251,19 @@ def run_finetune(
         data, val, held_out = _hold_out(s, load(s.data), None)
         if s.val_file:
             val = load(s.val_file)
+        if s.packing and net.config.is_seq2seq:
+            raise LmforgeError(
+                "--packing joins examples into one sequence, and an encoder–decoder reads each input apart",
+                hint="drop --packing (--group-by-length batches similar lengths instead)",
+            )
         if s.packing:
             data = pack(data, block)
-        job = SequenceObjective(
-            data, val, cfg.micro_batch_size, cfg.seed, s.group_by_length and not s.packing
-        )
+        if net.config.is_seq2seq:
+            job = PairObjective(net, data, val, cfg.micro_batch_size, cfg.seed, s.group_by_length)
+        else:
+            job = SequenceObjective(
+                data, val, cfg.micro_batch_size, cfg.seed, s.group_by_length and not s.packing
+            )
     else:
         raise LmforgeError(f"unknown task {s.task!r}", hint="use classify, instruct or summarize")
     trainable = choose_trainable(net, s.method, s.train_last_blocks, s.lora)
@@ -292,6 +307,12 @@ def run_finetune(
 def check_encoder_task(config: Config, task: str, pooling: str | None) -> None:
     """An encoder fine-tunes for classification only; ``pooling`` is last or mean for a decoder, mean or cls
     for an encoder."""
+    if config.is_seq2seq and task == "classify":
+        raise LmforgeError(
+            f"{config.name} is an encoder–decoder (T5/BART-style): lmforge fine-tunes it to write an output "
+            "(--task summarize or instruct), not with a classification head",
+            hint="use --task summarize (input → output pairs), or an encoder (all-minilm-l6-v2) for classify",
+        )
     if config.is_encoder and task != "classify":
         raise LmforgeError(
             f"{config.name} is a sentence encoder (BERT-style): it cannot learn to write, so --task {task} "

@@ -15,6 +15,7 @@ import torch
 
 from lmforge.config import Config
 from lmforge.data.mlm import MaskedLanguageModelingObjective, prepare_for_mlm
+from lmforge.data.seq2seq import CorruptionObjective
 from lmforge.data.text import TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.loading import LoadedModel, build_network
@@ -34,7 +35,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer, checkpoint
 from lmforge.train.loop import TrainResult
 
-MODEL_SIZES = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
+MODEL_SIZES = ("n_layer", "n_decoder_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")
 
 
 @dataclass
@@ -74,11 +75,14 @@ class PretrainSettings:
     tokenizer: str | Path | None = field(
         default=None, metadata={"help": "tokenizer folder", "default_help": "the one saved with the data"}
     )
-    objective: Literal["lm", "mlm"] = field(
+    objective: Literal["lm", "mlm", "span", "denoise"] = field(
         default="lm",
         metadata={
             "help": "lm: next-token prediction (decoders); mlm: BERT's masked tokens (0.15 of them chosen, "
-            "then 80/10/10 [MASK]/random/kept) (encoders: --arch bert-mini, --init all-minilm-l6-v2)"
+            "then 80/10/10 [MASK]/random/kept) (encoders: --arch bert-mini, --init all-minilm-l6-v2); "
+            "span: T5's span corruption (15 % of the tokens, spans of mean 3, <extra_id_k> sentinels); "
+            "denoise: BART's text infilling (30 % in Poisson(3) spans, one <mask> each) (encoder–decoders: "
+            "--arch tiny-t5 / tiny-bart)"
         },
     )
     train: TrainConfig = field(
@@ -110,6 +114,13 @@ def build_model(
     overrides.setdefault("bos_token_id", tokenizer.bos_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_id)
     overrides.setdefault("pad_token_id", tokenizer.pad_id)
+    preset = Config.from_name(arch) if arch else None
+    if preset is not None and preset.decoder_start_token_id is not None:
+        # The preset's decoder starts from its pad (T5) or its eos (BART): the same role in this vocabulary.
+        same_as_pad = preset.decoder_start_token_id == preset.pad_token_id
+        overrides.setdefault(
+            "decoder_start_token_id", overrides["pad_token_id" if same_as_pad else "eos_token_id"]
+        )
     try:
         config = Config.from_name(arch, **overrides) if arch else Config(name="custom", **overrides)
     except TypeError as e:
@@ -170,6 +181,17 @@ def run_pretrain(settings: PretrainSettings, *, given: Collection[str] | None = 
         lineage["objective"] = "mlm"
         task = MaskedLanguageModelingObjective(
             shards, tok, train_config.micro_batch_size, block, seed=train_config.seed
+        )
+    elif s.objective in ("span", "denoise"):
+        lineage["objective"] = s.objective
+        task = CorruptionObjective(
+            shards, tok, net, s.objective, train_config.micro_batch_size, block, seed=train_config.seed
+        )
+    elif net.config.is_seq2seq:
+        raise LmforgeError(
+            f"{net.config.name} is an encoder–decoder (T5/BART-style): it learns from corrupted text, not "
+            "next-token prediction (--objective lm)",
+            hint="pretrain it with --objective span (T5) or --objective denoise (BART)",
         )
     elif net.config.is_encoder:
         raise LmforgeError(

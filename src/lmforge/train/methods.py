@@ -49,7 +49,7 @@ def add_classifier(
 
 def choose_trainable(model: Network, method: Method, train_last_blocks: int, lora: LoRAConfig | None) -> int:
     """Set requires_grad for the method; returns the number of trainable parameters."""
-    head = ["score."] if model.score is not None else []
+    head = ["score."] if getattr(model, "score", None) is not None else []  # an encoder–decoder has none
     head += ["pooler."] if getattr(model, "pooler", None) is not None else []  # an encoder's [CLS] pooler
     if method == "full":
         for name, p in model.named_parameters():
@@ -57,14 +57,18 @@ def choose_trainable(model: Network, method: Method, train_last_blocks: int, lor
             # optimizer never steps has no state to checkpoint (resume needs one for every trainable tensor).
             p.requires_grad_(not (head and name.startswith("lm_head.")))
     elif method == "freeze":
-        if not 1 <= train_last_blocks <= model.config.n_layer:
+        # An encoder–decoder trains the last blocks of its decoder (the ones nearest the output).
+        seq2seq = model.config.is_seq2seq
+        blocks = model.config.n_decoder_layer if seq2seq else model.config.n_layer
+        prefix = "decoder." if seq2seq else ""
+        if not 1 <= train_last_blocks <= blocks:
             raise LmforgeError(
                 f"train_last_blocks={train_last_blocks} must be between 1 and the model's "
-                f"{model.config.n_layer} blocks",
+                f"{blocks} {'decoder ' if seq2seq else ''}blocks",
                 hint="e.g. --train-last-blocks 2 trains the last two blocks",
             )
-        first = model.config.n_layer - train_last_blocks
-        trainable = [f"blocks.{i}." for i in range(first, model.config.n_layer)] + ["norm."] + head
+        first = blocks - train_last_blocks
+        trainable = [f"{prefix}blocks.{i}." for i in range(first, blocks)] + [f"{prefix}norm."] + head
         if not head and not model.config.tie_embeddings:
             trainable.append("lm_head.")
         for name, p in model.named_parameters():
