@@ -216,9 +216,8 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", ...}, whole run
     best: dict[str, float] | None = None  # the best of them
     stopped_early: bool = False  # the Selection's patience ran out
-    averaged: dict[str, Any] | None = (
-        None  # average_last: {"steps": averaged, validation figures of the mean}
-    )
+    # average_last: {"steps": those averaged into the final model, and the mean's validation figures}
+    averaged: dict[str, Any] | None = None
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -409,7 +408,8 @@ class Trainer:
                 **self.lineage,
                 **self.objective.describe(),
                 "steps": done,
-                **({"selected": best} if self.selection is not None and best is not None else {}),
+                # the final weights: the best evaluation's, or the mean of the last ones
+                **({"selected": best} if self.selection is not None and best and not averaged else {}),
                 **({"averaged": averaged} if averaged else {}),
             }
             with self._resumable():
