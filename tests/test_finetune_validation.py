@@ -19,7 +19,12 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from lmforge import LLM, LmforgeError
 from lmforge.cli import main
-from lmforge.data.labelled import classification_scores, load_classification, split_validation
+from lmforge.data.labelled import (
+    ClassificationObjective,
+    classification_scores,
+    load_classification,
+    split_validation,
+)
 from lmforge.recipes.finetune import finetune
 
 from .conftest import TEST_DATA, tiny_llm
@@ -194,6 +199,7 @@ def diverging_run(
     resume_run=False,
     method="full",
     override=(),
+    average_last=None,
     **train,
 ):
     """A learning rate far too large: validation loss falls for two steps, then jumps (0.48, 0.36, 3.2, 1.4,
@@ -201,8 +207,8 @@ def diverging_run(
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
     settings = {**FAST, "out_dir": str(out), "lr": 0.03, "decay": "constant", "eval_every": 1, **train}
     return finetune(llm, data, task="classify", method=method, select_by=select_by, patience=patience,
-                    val_split=0.25, block_size=32, resume=resume_run, override=list(override),
-                    train=settings)  # fmt: skip
+                    average_last=average_last, val_split=0.25, block_size=32, resume=resume_run,
+                    override=list(override), train=settings)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +271,43 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(
     assert json.loads((run / "validation.json").read_text())["stopped_early"] is True
 
 
+def test_average_last_saves_the_mean_of_the_last_evaluations_trained_weights(
+    spam_small, tiny_tokenizer, tmp_path
+):
+    run = tmp_path / "run"
+    result = diverging_run(
+        tiny_tokenizer,
+        spam_small,
+        run,
+        max_steps=5,
+        method="freeze",
+        average_last=3,
+        save_every=1,
+        keep_last=9,
+    )
+    assert result.averaged["steps"] == [3, 4, 5] and "macro_f1" in result.averaged
+    # every step's checkpoint holds what trains at that step (evaluations are at every step here)
+    steps = [
+        load_file(str(run / "checkpoints" / f"step-{n:06d}" / "trainable.safetensors")) for n in (3, 4, 5)
+    ]
+    model = LLM.load(result.model_dir, dtype="float32").model.eval()
+    saved = model.state_dict()
+    for name in steps[0]:
+        mean = (steps[0][name].double() + steps[1][name].double() + steps[2][name].double()) / 3
+        assert torch.allclose(saved[name].double(), mean, rtol=0, atol=1e-6), name
+        assert not torch.equal(saved[name], steps[2][name]), name  # not simply the last step's
+    lineage = json.loads((result.model_dir / "config.json").read_text())["lmforge"]["lineage"]
+    assert lineage["averaged"]["steps"] == [3, 4, 5]
+    assert json.loads((run / "validation.json").read_text())["averaged"] == result.averaged
+    # the figures recorded are the saved model's: scored again on the held-out rows, they are the same
+    held = json.loads((run / "validation.json").read_text())["split"]["rows"]
+    val = load_classification(spam_small, tiny_tokenizer, 32).subset(held)
+    objective = ClassificationObjective(val, val, 8)
+    with torch.no_grad():
+        again = objective.evaluate(model, objective.val_batches(None))
+    assert again == pytest.approx({k: v for k, v in result.averaged.items() if k != "steps"}, abs=1e-5)
+
+
 def test_a_resumed_run_selects_and_stops_as_an_uninterrupted_one(spam_small, tiny_tokenizer, tmp_path):
     run = functools.partial(diverging_run, tiny_tokenizer, spam_small, method="full", patience=2)
     whole = run(tmp_path / "whole", max_steps=30)
@@ -310,6 +353,9 @@ def test_no_validation_with_val_split_zero_keeps_the_last_step(spam_small, tiny_
         (["--regression", "--select-by", "macro_f1"], "error: --select-by macro_f1 needs class labels"),
         (["--patience", "0"], "error: --patience 0 must be at least 1"),
         (["--eval-every", "0", "--patience", "3"], "error: --patience needs evaluations"),
+        (["--average-last", "1"], "error: --average-last 1 must be at least 2"),
+        (["--eval-every", "0", "--average-last", "3"], "error: --average-last needs evaluations"),
+        (["--val-split", "0", "--average-last", "2"], "error: --average-last needs validation data"),
         (["--select-by", "f1"], "invalid choice: 'f1'"),
     ],
 )

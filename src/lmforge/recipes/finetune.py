@@ -12,8 +12,9 @@ write text, which an encoder cannot, and are one clear error.
 Validation by default: ``val_split`` (10 %) of the training data is held out (stratified by label for
 classification, at random for instructions and summaries, the same rows for the same seed), or ``val_file``
 is read instead; the Trainer evaluates on it every ``eval_every`` steps and the final model is the evaluation
-with the best ``select_by`` figure, stopping early after ``patience`` evaluations without a better one. The
-run folder's ``validation.json`` says which rows were held out, the validation curve and the step chosen. No
+with the best ``select_by`` figure, stopping early after ``patience`` evaluations without a better one (or, with
+``average_last`` K, the mean of the trainable weights at the last K evaluations). The run folder's
+``validation.json`` says which rows were held out, the validation curve and the step chosen (or averaged). No
 test file is read: a test set is for ``lmforge eval`` on the finished model, once.
 """
 
@@ -97,6 +98,14 @@ class FinetuneSettings:
         metadata={
             "help": "stop after N evaluations in a row without a better --select-by figure",
             "default_help": "train all --max-steps",
+        },
+    )
+    average_last: int | None = field(
+        default=None,
+        metadata={
+            "help": "the final model is the mean of the trained weights at the last N evaluations (checkpoint "
+            "averaging; method lora averages the adapters), not the best evaluation's",
+            "default_help": "the best evaluation's weights",
         },
     )
     task: TaskName = field(
@@ -298,6 +307,7 @@ def run_finetune(
             validation={"val_file": str(s.val_file)} if s.val_file else {"val_split": s.val_split},
             select_by=selected.metric if selected else None,
             patience=selected.patience if selected else None,
+            average_last=selected.average_last if selected else None,
         )
         data_files = [f for f in (s.data, s.val_file) if f]
         store_run(result, s.save_as, parent=llm.source, recipe=recipe, data=data_files)
@@ -345,17 +355,19 @@ def _selection(s: FinetuneSettings) -> Selection:
             f"--val-split {s.val_split} must be at least 0 and below 1",
             hint="use e.g. 0.1 (10 %), or 0 for no validation",
         )
-    for flag, value in (("--select-by", s.select_by), ("--patience", s.patience)):
+    given = (("--select-by", s.select_by), ("--patience", s.patience), ("--average-last", s.average_last))
+    for flag, value in given:
         if value is not None and not (s.val_file or s.val_split):
             raise LmforgeError(
                 f"{flag} needs validation data, and --val-split 0 gave none",
                 hint="give a --val-split above 0 or a --val-file",
             )
-    if s.patience is not None and s.train.eval_every == 0:
-        raise LmforgeError(
-            "--patience needs evaluations, and --eval-every 0 turns them off", hint="give --eval-every N"
-        )
-    return Selection(metric, s.patience)
+    for flag, value in (("--patience", s.patience), ("--average-last", s.average_last)):
+        if value is not None and s.train.eval_every == 0:
+            raise LmforgeError(
+                f"{flag} needs evaluations, and --eval-every 0 turns them off", hint="give --eval-every N"
+            )
+    return Selection(metric, s.patience, s.average_last)
 
 
 def _hold_out(s: FinetuneSettings, data: Any, classes: list[int] | None) -> tuple[Any, Any, dict | None]:
@@ -390,6 +402,7 @@ def _write_validation(
         "select_by": selection.metric,
         "patience": selection.patience,
         "best": result.best,
+        "averaged": result.averaged,  # average_last: the evaluations averaged into the final model, its figures
         "stopped_early": result.stopped_early,
         "curve": result.evaluations,
     }

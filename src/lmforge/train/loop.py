@@ -8,7 +8,8 @@ sensible weight-decay groups, warmup + cosine schedule, gradient accumulation an
 CSV/TensorBoard/PNG metrics and a progress bar.
 
 Evaluation keeps ``checkpoints/best``; with a ``Selection`` (fine-tuning, ``selection.py``) the run ends with
-that evaluation's weights and may stop early, without one (pretraining) it ends with the last step's.
+that evaluation's weights (or, with ``average_last``, the mean of the last evaluations' trainable weights, kept
+in memory) and may stop early, without one (pretraining) it ends with the last step's.
 
 Failures lose nothing: a NaN/Inf loss or gradient is caught before the optimizer applies it (``on_nan``: stop
 the run, or skip that step), so no checkpoint ever holds poisoned weights; a checkpoint that cannot be written
@@ -29,6 +30,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +216,8 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", ...}, whole run
     best: dict[str, float] | None = None  # the best of them
     stopped_early: bool = False  # the Selection's patience ran out
+    # average_last: {"steps": those averaged into the final model, and the mean's validation figures}
+    averaged: dict[str, Any] | None = None
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -270,6 +274,11 @@ class Trainer:
 
     def _check_fit(self) -> None:
         model_config = self.model.config
+        if self.selection and self.selection.average_last and self.config.fsdp:
+            raise LmforgeError(
+                "--average-last averages whole copies of what trains, and --fsdp shards them across processes",
+                hint="drop one of --average-last and --fsdp",
+            )
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise LmforgeError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -328,6 +337,14 @@ class Trainer:
         train_loss = val_loss = float("nan")
         started = time.perf_counter()
         done = start_step
+        # average_last: the trainable weights at the last K evaluations, on the CPU (a partial run's are small)
+        snapshots: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=select.average_last or 1)
+        if select.average_last and resume and info.is_main:
+            tqdm.write(
+                "warning: --average-last keeps its evaluations' weights in memory: the resumed run averages "
+                "only the evaluations from here on",
+                file=sys.stderr,
+            )
         model.train()
         for step in range(start_step, cfg.max_steps):
             if select.stopped(progress):  # a resumed run that had stopped early stays stopped
@@ -349,6 +366,8 @@ class Trainer:
                 val_loss = values["val_loss"]
                 if select.record(progress, {"step": done, **values}):
                     self._save(wrapped, optimizer, done, progress, info, name="best", val_loss=val_loss)
+                if select.average_last:
+                    snapshots.append((done, self._trainable_weights()))
                 self._sample(model, metrics, done, info)
             if done % cfg.log_every == 0 or values:
                 metrics.log(
@@ -377,7 +396,10 @@ class Trainer:
         bar.close()
         best = progress["best"]
         self._save(wrapped, optimizer, done, progress, info)  # the last step's: where --resume continues
-        if self.selection is not None and best is not None and best["step"] != done:
+        averaged = None
+        if self.selection is not None and snapshots and select.average_last:
+            averaged = self._average(snapshots, forward_model, info)
+        elif self.selection is not None and best is not None and best["step"] != done:
             self._load_best(wrapped)
         model_dir = self.run_dir / "model"
         state = self._full_model_state(wrapped, optimizer)  # collective under FSDP: every rank calls it
@@ -386,7 +408,9 @@ class Trainer:
                 **self.lineage,
                 **self.objective.describe(),
                 "steps": done,
-                **({"selected": best} if self.selection is not None and best is not None else {}),
+                # the final weights: the best evaluation's, or the mean of the last ones
+                **({"selected": best} if self.selection is not None and best and not averaged else {}),
+                **({"averaged": averaged} if averaged else {}),
             }
             with self._resumable():
                 atomic_write_folder(
@@ -408,7 +432,30 @@ class Trainer:
             evaluations=progress["evaluations"],
             best=best,
             stopped_early=select.stopped(progress),
+            averaged=averaged,
         )
+
+    def _trainable_weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of what trains (every rank holds all of it: averaging refuses FSDP's shards)."""
+        return {
+            n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad
+        }
+
+    @torch.no_grad()
+    def _average(
+        self,
+        snapshots: Iterable[tuple[int, dict[str, torch.Tensor]]],
+        forward_model: nn.Module,
+        info: distributed.DistInfo,
+    ) -> dict[str, Any]:
+        """Set what trains to the mean of ``snapshots`` (the frozen rest is the same in all of them) and score
+        the mean on validation once: the figures the final model really has."""
+        steps, states = zip(*snapshots, strict=True)
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                mean = torch.stack([state[name].double() for state in states]).mean(0)
+                param.copy_(mean.to(param.dtype))
+        return {"steps": list(steps), **self._evaluate(forward_model, info)}
 
     def _load_best(self, wrapped: nn.Module) -> None:
         """Put the best evaluation's weights (``checkpoints/best``) back into the model, on every process."""

@@ -2,7 +2,9 @@
 
 The Trainer keeps ``checkpoints/best`` by it. With a ``Selection`` (fine-tuning) "best" is by the metric it names
 (validation loss, accuracy or macro-F1), the run stops after ``patience`` evaluations without a better one, and
-the final model is the best evaluation's weights, not the last step's.
+the final model is the best evaluation's weights, not the last step's. With ``average_last`` K it is instead the
+mean of the trainable weights at the last K evaluations (checkpoint averaging: several nearby points of one run
+usually generalize better than any one of them, at no training cost).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ HIGHER_IS_BETTER = {"val_loss": False, "accuracy": True, "macro_f1": True}  # wh
 class Selection:
     """Which weights a run ends with: those of the evaluation with the best ``metric`` (a tie on accuracy or
     macro-F1 goes to the lower validation loss: small validation sets tie often), stopping once ``patience``
-    evaluations in a row brought no better one (None: never early)."""
+    evaluations in a row brought no better one (None: never early). ``average_last`` K: end with the mean of the
+    trainable weights at the last K evaluations instead (None: the best evaluation's)."""
 
     metric: str = "val_loss"
     patience: int | None = None
+    average_last: int | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in HIGHER_IS_BETTER:
@@ -33,6 +37,11 @@ class Selection:
         if self.patience is not None and self.patience < 1:
             raise LmforgeError(
                 f"patience={self.patience} must be at least 1", hint="leave it out to never stop early"
+            )
+        if self.average_last is not None and self.average_last < 2:
+            raise LmforgeError(
+                f"average_last={self.average_last} must be at least 2",
+                hint="leave it out to keep the best evaluation's weights",
             )
 
     def better(self, values: dict[str, float], best: dict[str, float] | None) -> bool:
