@@ -11,6 +11,7 @@ from lmforge import LLM
 from lmforge.cli import main
 from lmforge.explain import attribute, render
 from lmforge.explain.attention import recording_attention
+from lmforge.explain.attribution import MAX_STEPS
 from lmforge.explain.tokens import TokenExplanation, piece_spans, token_text
 
 from .conftest import SAMPLE_TEXT, tiny_llm
@@ -188,7 +189,7 @@ def test_adaptive_integrated_gradients_refine_until_the_tolerance(tiny_classifie
     assert fine.steps == 256 and fine.completeness_error < 1e-4
     strict = attribute(tiny_classifier, text, tolerance=1e-6)
     assert strict.steps > 32, "a tolerance the first pieces miss must make the rule halve some"
-    assert strict.completeness_error <= 1e-6 or strict.steps > 512 - 8
+    assert strict.completeness_error <= 1e-6 or strict.steps > MAX_STEPS - 8
     # the pieces' integrals add up to the same attributions as the single fine integral
     assert strict.scores == pytest.approx(fine.scores, abs=1e-3 * max(map(abs, fine.scores)))
     default = tiny_classifier.explain_classification(text)
@@ -228,6 +229,20 @@ def test_attributions_of_an_encoder_classifier(one_thread) -> None:
         assert rollout.scores == pytest.approx(read[1:-1].tolist(), abs=1e-5)
     with pytest.raises(LmforgeError, match="sentence encoder"):
         llm.explain_classification(text, ["ham", "spam"], zero_shot=True)
+
+
+def test_integrated_gradients_on_the_real_minilm_are_complete_at_the_default(one_thread) -> None:
+    """The bundled all-MiniLM-L6-v2 with a classification head (seeded, untrained: the path's shape is the
+    encoder's): the default integrated gradients close to 1 % (SmolLM2's figures: explain/attribution.py)."""
+    from lmforge.loading import EMBEDDING_MODEL
+    from lmforge.train.methods import add_classifier
+
+    llm = LLM.load(EMBEDDING_MODEL, dtype="float32", device="cpu")
+    add_classifier(llm.model, ["ham", "spam"], regression=False, seed=0)
+    attribution = llm.explain_classification("URGENT! You have won a FREE prize, 恭喜您中奖了", label="spam")
+    assert attribution.completeness_error <= 0.01 and attribution.steps >= 32
+    delta = attribution.score - attribution.baseline_score
+    assert sum(attribution.scores) == pytest.approx(delta, rel=0.01)
 
 
 def test_bad_requests_are_errors_that_say_the_fix(tiny, tiny_classifier) -> None:

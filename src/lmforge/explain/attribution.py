@@ -30,7 +30,8 @@ made by measurement (2026-12-01, one thread):
 
 Measured with the defaults: SmolLM2's next token after five texts (two spam SMS, "The capital of France is",
 床前明月光，疑是地上霜, 我们今天去北京吃烤鸭) 0.32 %, 0.83 %, 0.016 %, 0.87 % in 448, 384, 224 and 96 gradient
-evaluations (15-80 s each on one loaded CPU thread), and 5.8 % for the last when the 512 were spent, where the zero baseline with 32 fixed nodes left 219 %, 42 % and 71 % on
+evaluations (15-80 s each on one loaded CPU thread) and 0.44 % in 528 for the last (5.8 % after 512, so
+MAX_STEPS is 1024), where the zero baseline with 32 fixed nodes left 219 %, 42 % and 71 % on
 three of them, and 56-1494 % when refined up to 512 evaluations; a MiniLM spam classifier (benchmarks/
 explain_faithfulness.py) median 0.047 %, max 0.87 %, 200 of 200 messages within 1 %, in 32-48 evaluations.
 Occlusion replaces one token's embedding by the baseline at a time.
@@ -61,7 +62,7 @@ from lmforge.prompts import chat_or_plain, classification_prompt, is_chinese
 METHODS = ("integrated_gradients", "gradient_x_input", "occlusion", "attention_rollout")
 DEFAULT_STEPS: int | None = None  # integrated gradients adapt the path's nodes to the tolerance
 TOLERANCE = 0.01  # the completeness error the adaptive rule aims for
-MAX_STEPS = 512  # gradient evaluations, adaptive or not
+MAX_STEPS = 1024  # gradient evaluations, adaptive or not (SmolLM2 needed up to 528: see above)
 DEFAULT_BASELINE = "mean"
 BASELINES = ("mean", "zeros", "pad")
 NODES_PER_PIECE = 4  # Gauss-Legendre nodes on each piece of the path
