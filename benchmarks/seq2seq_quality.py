@@ -5,15 +5,33 @@
 
 1. prepare: a character-level tokenizer (with <mask> and <extra_id_0..99>) trained on the CSL training
    abstracts and titles and on Lu Xun (../shared/data/text/luxun.txt); the same texts as token shards.
-2. pretrain: ``lmforge pretrain --objective denoise`` (BART's text infilling) of a new BART-shaped model,
-   4 + 4 layers, d = 256, 4 heads, on 128-token windows.
-3. finetune: ``lmforge finetune --task summarize --method full`` on the 1,400 training abstract → title pairs.
+2. pretrain: ``lmforge pretrain --objective denoise`` (BART's text infilling) of a new BART-shaped model with
+   mBART's pre-norm blocks (``tiny-mbart`` sizes overridden: 4 + 4 layers, d = 256, 4 heads), on 96-token windows.
+3. finetune: ``lmforge finetune --task summarize --method full`` on the 1,400 training abstract → title pairs
+   (5 % held out for validation; abstracts cut to ``--input-tokens``).
 4. evaluate: ``lmforge.evaluate_models(task="summarize")`` (character-level ROUGE for Chinese) on the first 100
    test items after the seed-0 shuffle, the same 100 items ``finetune_quality.py summarize --lang zh`` scores
    (its ``subset``), so the figure stands next to SmolLM2-135M's LoRA figure in the README (ROUGE-L 0.390).
 
 Measured (2026-12-01, 2 CPU cores shared with four other jobs, one thread, fp32; minutes are wall-clock):
-MEASURED_PLACEHOLDER
+
+- prepare: 4,932 characters and specials, 773,963 training tokens.
+- pretrain (350 steps of 16 x 96 tokens, lr 1e-3): 14.5 min, val loss 5.261 (a unigram model: about 6.6).
+  A first try with BART's post-norm blocks (``tiny-bart``) at the same lr stayed at the unigram loss (6.5-6.6
+  from step 40 to step 200, 13 min) and was stopped; the pre-norm blocks learn at that rate.
+- finetune, the defaults (lr 1e-3, 160 input tokens, 400 steps): 14.3 min, best val loss 4.850.
+  An earlier run (lr 5e-4, 256 input tokens, 250 steps, 17.0 min, best val loss 4.960) scored ROUGE-L 0.065
+  greedy.
+- evaluate, 100 test items: ROUGE-L 0.045 greedy; 0.109 with 4 beams and no repeated trigram (ROUGE-1 0.120,
+  ROUGE-2 0.035). SmolLM2-135M-Instruct LoRA-tuned on 400 abstracts, same items: 0.390 (README).
+- the first five titles (4 beams), valid Chinese in the shape of CSL titles, rarely about their abstract: half an
+  hour of CPU pretraining does not teach a model to copy from its input::
+
+    一种基于SSSA的一种算法研究进展          (reference: 出口活动、贸易强度与制造业行业生产率——来自我国中部地区的经验数据)
+    中国经济发展中的关系研究进展            (reference: 退耕还林工程社会影响比较评价)
+    一种基于SSSAR系统的一种算法研究进展     (reference: 无线通信技术在温室测控系统中的应用研究)
+    中国经济发展中的思想                    (reference: 关于外资并购我国企业的争论)
+    中国经济发展中的历史研究进展            (reference: 关于油气保存单元)
 """
 
 from __future__ import annotations
