@@ -47,7 +47,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from _data import add_data_option, data_files
 from lmforge import Config, Tokenizer, Transformer
-from lmforge.train.loop import LanguageModelingObjective, TrainConfig, Trainer
+from lmforge.data.text import LanguageModelingObjective
+from lmforge.train.loop import TrainConfig, Trainer
 
 BLOCK = 256
 SEED = 1337

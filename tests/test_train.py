@@ -35,10 +35,11 @@ from safetensors.torch import load_file
 import lmforge.train.checkpoint as checkpoint
 from lmforge import Config, LmforgeError, Tokenizer, Transformer, progress
 from lmforge.data import TokenShards, prepare_corpus
+from lmforge.data.text import LanguageModelingObjective
 from lmforge.formats.folder import load_model_folder, save_model_folder
 from lmforge.progress import progress_bar, tracked
 from lmforge.tokenizer import train_tokenizer
-from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer
+from lmforge.train import TrainConfig, Trainer
 from lmforge.train.schedule import learning_rate
 
 from .conftest import TEST_DATA, one_intra_op_thread
@@ -63,7 +64,8 @@ import torch
 def build(shards_dir, settings):
     from lmforge import Config, Transformer
     from lmforge.data import TokenShards
-    from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer
+    from lmforge.data.text import LanguageModelingObjective
+    from lmforge.train import TrainConfig, Trainer
 
     settings = dict(settings)
     preset, dropout, seed = settings.pop("preset"), settings.pop("dropout", 0.0), settings.pop("data_seed")
@@ -83,7 +85,7 @@ def build(shards_dir, settings):
 def main(argv):
     import lmforge.train.loop as loop_mod
     import lmforge.train.checkpoint as ckpt
-    from lmforge.train import LanguageModelingObjective
+    from lmforge.data.text import LanguageModelingObjective
 
     torch.set_num_threads(1)
     shards_dir, settings, resume = argv[0], json.loads(argv[1]), "--resume" in argv

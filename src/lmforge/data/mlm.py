@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lmforge.data.text import Batch, WindowObjective
 from lmforge.encoder import Encoder, MaskedLMTransform
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 
-Batch = dict[str, torch.Tensor]
 MASK_TOKENS = ("[MASK]", "<mask>", "<|mask|>")  # BERT's, RoBERTa's, and a spelling train_tokenizer users pick
 
 
@@ -64,11 +64,11 @@ def mask_tokens(
     return inputs, targets
 
 
-class MaskedLanguageModelingObjective:
+class MaskedLanguageModelingObjective(WindowObjective):
     """BERT's masked-token prediction on prepared token shards, for the one Trainer (an encoder with
     ``config.masked_lm``: ``Encoder.forward`` gives the loss over the masked positions)."""
 
-    EVAL_BATCHES = 20  # as causal pretraining: a fixed sample of the val split's windows per evaluation
+    TASK = "masked-language-modeling"
 
     def __init__(
         self,
@@ -83,12 +83,8 @@ class MaskedLanguageModelingObjective:
             raise LmforgeError(
                 f"mask probability {probability} must be between 0 and 1", hint="BERT uses 0.15"
             )
-        self.shards, self.micro_batch_size, self.seed, self.probability = (
-            shards,
-            micro_batch_size,
-            seed,
-            probability,
-        )
+        super().__init__(shards, micro_batch_size, seed)
+        self.probability = probability
         self.mask_id = mask_token_id(tokenizer)
         self.vocab_size = tokenizer.vocab_size
         self.special_ids = set(tokenizer.special_ids) | {self.mask_id}
@@ -99,7 +95,7 @@ class MaskedLanguageModelingObjective:
         if self.window < 1:
             raise LmforgeError(f"block_size {block_size} leaves no room for text", hint="use e.g. 128")
 
-    def _masked(self, split: str, batch_size: int, seed: int, index: int) -> Batch:
+    def batch(self, split: str, batch_size: int, seed: int, index: int) -> Batch:
         x, _ = self.shards.batch(split, batch_size, self.window, seed, index)
         if self.frame:
             cls_id, sep_id = self.frame
@@ -116,32 +112,8 @@ class MaskedLanguageModelingObjective:
         )
         return {"input_ids": inputs, "targets": targets}
 
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        # Draw the global batch and take this rank's rows: N processes see exactly what one process would.
-        b = self.micro_batch_size
-        batch = self._masked("train", b * world_size, self.seed, index)
-        return {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
-
-    def val_batches(self, count: int | None) -> Iterable[Batch]:
-        for i in range(self.EVAL_BATCHES if count is None else count):
-            yield self._masked("val", self.micro_batch_size, self.seed + 1, i)
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(batch["input_ids"], targets=batch["targets"])[1]
-
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        losses = [self.loss(model, batch).float() for batch in batches]
-        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
-
     def describe(self) -> dict[str, Any]:
-        meta = self.shards.meta
-        return {
-            "task": "masked-language-modeling",
-            "mask_probability": self.probability,
-            "data": str(self.shards.folder),
-            "data_tokens": meta.get("tokens"),
-            "tokenizer_sha256": meta.get("tokenizer_sha256"),
-        }
+        return {**super().describe(), "mask_probability": self.probability}
 
 
 def prepare_for_mlm(model: nn.Module, seed: int) -> None:

@@ -24,7 +24,7 @@ of (seed, split, i), so a resumed run sees exactly what the uninterrupted run wo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,11 +32,11 @@ import torch.nn as nn
 
 from lmforge.data.labelled import SequenceData, _EpochSampler, _ExampleObjective, read_records
 from lmforge.data.mlm import MASK_TOKENS
+from lmforge.data.text import Batch, WindowObjective
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 
-Batch = dict[str, torch.Tensor]
 Corruption = Literal["span", "denoise"]
 SENTINEL = "<extra_id_{}>"
 
@@ -193,10 +193,8 @@ def _ids_of(model_or_config: Any) -> tuple[int, int]:
     return pad, config.decoder_start_token_id
 
 
-class CorruptionObjective:
+class CorruptionObjective(WindowObjective):
     """Seq2seq pretraining on token shards for the one Trainer: ``span`` (T5) or ``denoise`` (BART)."""
-
-    EVAL_BATCHES = 20  # as causal pretraining: a fixed sample of the val split's windows per evaluation
 
     def __init__(
         self,
@@ -218,13 +216,9 @@ class CorruptionObjective:
             raise LmforgeError(
                 "the tokenizer has no eos token", hint="use a tokenizer made by train_tokenizer"
             )
-        self.shards, self.kind, self.micro_batch_size, self.seed, self.eos = (
-            shards,
-            kind,
-            micro_batch_size,
-            seed,
-            eos,
-        )
+        super().__init__(shards, micro_batch_size, seed)
+        self.kind, self.eos = kind, eos
+        self.TASK = "span-corruption" if kind == "span" else "text-infilling"
         self.pad, self.start = _ids_of(model)
         # Window lengths such that input and target fit the context with their eos: span corruption shortens
         # the input (spans -> one sentinel each); infilling can lengthen it by its insertions (about 1.5 %).
@@ -240,38 +234,15 @@ class CorruptionObjective:
             return span_corrupt(window, self.sentinels, self.eos, generator)
         return text_infill(window, self.mask_id, generator) + [self.eos], [*window, self.eos]
 
-    def _batch(self, split: str, batch_size: int, seed: int, index: int) -> Batch:
+    def batch(self, split: str, batch_size: int, seed: int, index: int) -> Batch:
         x, _ = self.shards.batch(split, batch_size, self.window, seed, index)
         key = hashlib.shake_128(f"lmforge-{self.kind}:{seed}:{split}:{index}".encode()).digest(8)
         generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
         pairs = [self.corrupt(row, generator) for row in x.tolist()]
         return pad_batch([p[0] for p in pairs], [p[1] for p in pairs], pad_id=self.pad, start_id=self.start)
 
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        # Draw the global batch and take this rank's rows: N processes see exactly what one process would.
-        b = self.micro_batch_size
-        batch = self._batch("train", b * world_size, self.seed, index)
-        return {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
-
-    def val_batches(self, count: int | None) -> Iterable[Batch]:
-        for i in range(self.EVAL_BATCHES if count is None else count):
-            yield self._batch("val", self.micro_batch_size, self.seed + 1, i)
-
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return seq2seq_loss(model, batch)
-
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        losses = [self.loss(model, batch).float() for batch in batches]
-        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
-
-    def describe(self) -> dict[str, Any]:
-        meta = self.shards.meta
-        return {
-            "task": "span-corruption" if self.kind == "span" else "text-infilling",
-            "data": str(self.shards.folder),
-            "data_tokens": meta.get("tokens"),
-            "tokenizer_sha256": meta.get("tokenizer_sha256"),
-        }
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -22,7 +22,7 @@ import math
 import multiprocessing as mp
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -479,6 +479,66 @@ class TokenShards:
         state = self.__dict__.copy()
         state["_maps"] = {}  # each process maps the files itself
         return state
+
+
+# --------------------------------------------------------------- objectives over shards
+Batch = dict[str, torch.Tensor]
+
+
+class WindowObjective:
+    """What every pretraining objective on ``TokenShards`` shares, for the one Trainer (``train.Objective``):
+    random windows of the shards, a global batch drawn per step with each process taking its rows (N processes
+    see exactly what one process would), a fixed sample of validation windows per evaluation, and ``val_loss``
+    their mean loss. A subclass says what a batch of windows becomes (``batch``)."""
+
+    EVAL_BATCHES = 20  # the val shard's windows are countless: a fixed sample of them per evaluation
+    TASK = ""  # the lineage's name for the objective
+
+    def __init__(self, shards: TokenShards, micro_batch_size: int, seed: int = 1337) -> None:
+        self.shards, self.micro_batch_size, self.seed = shards, micro_batch_size, seed
+
+    def batch(self, split: str, batch_size: int, seed: int, index: int) -> Batch:
+        """Batch ``index`` of ``batch_size`` windows of ``split`` (a pure function of its arguments)."""
+        raise NotImplementedError
+
+    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
+        b = self.micro_batch_size
+        batch = self.batch("train", b * world_size, self.seed, index)
+        return {k: v[rank * b : (rank + 1) * b] for k, v in batch.items()}
+
+    def val_batches(self, count: int | None) -> Iterator[Batch]:
+        for i in range(self.EVAL_BATCHES if count is None else count):
+            yield self.batch("val", self.micro_batch_size, self.seed + 1, i)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["input_ids"], targets=batch["targets"])[1]
+
+    def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        losses = [self.loss(model, batch).float() for batch in batches]
+        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.shards.meta
+        return {
+            "task": self.TASK,
+            "data": str(self.shards.folder),
+            "data_tokens": meta.get("tokens"),
+            "tokenizer_sha256": meta.get("tokenizer_sha256"),
+        }
+
+
+class LanguageModelingObjective(WindowObjective):
+    """Next-token prediction on prepared token shards (random windows, nanoGPT style)."""
+
+    TASK = "language-modeling"
+
+    def __init__(self, shards: TokenShards, micro_batch_size: int, block_size: int, seed: int = 1337) -> None:
+        super().__init__(shards, micro_batch_size, seed)
+        self.block_size = block_size
+
+    def batch(self, split: str, batch_size: int, seed: int, index: int) -> Batch:
+        x, y = self.shards.batch(split, batch_size, self.block_size, seed, index)
+        return {"input_ids": x, "targets": y}
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:

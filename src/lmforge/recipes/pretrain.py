@@ -16,7 +16,7 @@ import torch
 from lmforge.config import Config
 from lmforge.data.mlm import MaskedLanguageModelingObjective, prepare_for_mlm
 from lmforge.data.seq2seq import CorruptionObjective
-from lmforge.data.text import TokenShards
+from lmforge.data.text import LanguageModelingObjective, TokenShards
 from lmforge.errors import LmforgeError
 from lmforge.loading import LoadedModel, build_network
 from lmforge.model import Network
@@ -32,7 +32,7 @@ from lmforge.recipes.settings import (
 from lmforge.recipes.storing import store_run, training_recipe
 from lmforge.store import parse_ref
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import LanguageModelingObjective, TrainConfig, Trainer, checkpoint
+from lmforge.train import TrainConfig, Trainer, checkpoint
 from lmforge.train.loop import TrainResult
 
 MODEL_SIZES = ("n_layer", "n_decoder_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "dropout")

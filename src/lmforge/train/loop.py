@@ -162,47 +162,6 @@ class Objective(Protocol):
         ...
 
 
-class LanguageModelingObjective:
-    """Next-token prediction on prepared token shards (random windows, nanoGPT style)."""
-
-    EVAL_BATCHES = 20  # the val shard's windows are countless: a fixed sample of them per evaluation
-
-    def __init__(self, shards: Any, micro_batch_size: int, block_size: int, seed: int = 1337) -> None:
-        self.shards, self.micro_batch_size, self.block_size, self.seed = (
-            shards,
-            micro_batch_size,
-            block_size,
-            seed,
-        )
-
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        # Draw the global batch and take this rank's rows: N processes see exactly what one process would.
-        b = self.micro_batch_size
-        x, y = self.shards.batch("train", b * world_size, self.block_size, self.seed, index)
-        return {"input_ids": x[rank * b : (rank + 1) * b], "targets": y[rank * b : (rank + 1) * b]}
-
-    def val_batches(self, count: int | None) -> Iterable[Batch]:
-        for i in range(self.EVAL_BATCHES if count is None else count):
-            x, y = self.shards.batch("val", self.micro_batch_size, self.block_size, self.seed + 1, i)
-            yield {"input_ids": x, "targets": y}
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return model(batch["input_ids"], targets=batch["targets"])[1]
-
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
-        losses = [self.loss(model, batch).float() for batch in batches]
-        return {"val_loss": float(torch.stack(losses).mean())} if losses else {}
-
-    def describe(self) -> dict[str, Any]:
-        meta = self.shards.meta
-        return {
-            "task": "language-modeling",
-            "data": str(self.shards.folder),
-            "data_tokens": meta.get("tokens"),
-            "tokenizer_sha256": meta.get("tokenizer_sha256"),
-        }
-
-
 @dataclass
 class TrainResult:
     steps: int  # the last step trained (below max_steps when the run stopped early)
