@@ -1,5 +1,6 @@
-"""Atomic folder writes: everything goes to a temporary sibling folder, is fsynced, then renamed into place,
-so a crash or a full disk mid-save leaves the previous folder intact. Every model-folder writer goes through here.
+"""Atomic writes: everything goes to a temporary sibling folder (or file), is fsynced, then renamed into place,
+so a crash or a full disk mid-save leaves the previous one intact. Every model-folder and GGUF writer goes
+through here.
 
 Files get the mode the user's umask gives any new file (0644 under umask 022, 0640 under 027): safetensors
 creates its files 0600 whatever the umask, which made weights unreadable to the user's group.
@@ -57,6 +58,35 @@ def atomic_write_folder(target: str | Path, write: Callable[[Path], None]) -> Pa
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def atomic_write_file(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_file)`` (a temporary sibling of ``target``), fsync it, then rename it over ``target``.
+
+    If ``write`` fails (a check of the finished file too) the target is untouched and the temporary file removed.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(
+            f"cannot create {target.parent}: {e.strerror}", hint="choose a writable location"
+        ) from None
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LmforgeError(
+            f"could not write {target}: {e.strerror or e}", hint="check free disk space and write permission"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return target
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from gguf import TokenType
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
+from lmforge.formats.atomic import atomic_write_file
 from lmforge.formats.gguf import GGUFFile
 from lmforge.formats.gguf_writer import (
     FILE_TYPES,
@@ -111,9 +110,8 @@ def write_t5_gguf(
     vocab = _vocabulary(tokenizer, config.vocab_size)
     qtype, ftype = FILE_TYPES[file_type]
     tensors = dict(t5_tensors(config, state))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, "t5")
         _add_metadata(writer, config)
         writer.add_file_type(ftype)
@@ -128,18 +126,8 @@ def write_t5_gguf(
         writer.write_tensors_to_file()
         writer.close()
         _check_read_back(tmp, tensors)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LmforgeError(
-            f"could not write {path}: {e.strerror or e}", hint="check free disk space and write permission"
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write_file(path, write)
 
 
 def _add_metadata(writer: gguf.GGUFWriter, config: Config) -> None:

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -40,6 +38,7 @@ from gguf import LlamaFileType, TokenType
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError, UnsupportedError
+from lmforge.formats.atomic import atomic_write_file
 from lmforge.formats.gguf import _LAYER_TENSORS, _TOP_TENSORS, GGUFFile
 from lmforge.formats.gguf_tokenizer import _GPT2, _PRE_TOKENIZERS
 from lmforge.quant import GROUP, QuantizedWeight
@@ -142,9 +141,8 @@ def write_gguf(
     arch = _architecture(config)
     fields = tokenizer_fields(tokenizer, config.vocab_size)
     qtype, ftype = FILE_TYPES[file_type]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
         _add_model_metadata(writer, config, ftype)
         _add_tokenizer_metadata(writer, fields, tokenizer)
@@ -156,18 +154,8 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
         _check_round_trip(tmp, config, tokenizer)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LmforgeError(
-            f"could not write {path}: {e.strerror or e}", hint="check free disk space and write permission"
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write_file(path, write)
 
 
 def _architecture(config: Config) -> str:
