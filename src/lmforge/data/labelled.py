@@ -418,6 +418,17 @@ def _fit_to_length(prompt_ids: list[int], answer_ids: list[int], limit: int) -> 
     return prompt, answer
 
 
+def read_task_records(
+    path: str | Path, kind: str, text_field: str = "text", summary_field: str = "summary"
+) -> list[dict[str, Any]]:
+    """The rows of a ``summarize`` file (text and summary fields) or an ``instruct`` file (chat ``messages``,
+    or Alpaca ``instruction``/``output``, whichever its first row has)."""
+    if kind == "summarize":
+        return read_records(path, [text_field, summary_field])
+    first = read_records(path, [])[0]
+    return read_records(path, ["messages"] if "messages" in first else ["instruction", "output"])
+
+
 def load_sequences(
     path: str | Path,
     tokenizer: Tokenizer,
@@ -428,12 +439,10 @@ def load_sequences(
     summary_field: str = "summary",
     include_prompt: bool = False,
 ) -> SequenceData:
+    rows = read_task_records(path, kind, text_field, summary_field)
     if kind == "summarize":
-        rows = read_records(path, [text_field, summary_field])
         conversations = [summary_messages(str(r[text_field]), str(r[summary_field])) for r in rows]
     else:
-        first = read_records(path, [])[0]
-        rows = read_records(path, ["messages"] if "messages" in first else ["instruction", "output"])
         conversations = [format_instruction(r) for r in rows]
     inputs, targets, shortened = [], [], 0
     for messages in conversations:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from lmforge.data.labelled import SequenceData, _EpochSampler, _ExampleObjective, read_records
+from lmforge.data.labelled import SequenceData, _EpochSampler, _ExampleObjective, read_task_records
 from lmforge.data.mlm import MASK_TOKENS
 from lmforge.data.text import Batch, WindowObjective
 from lmforge.errors import LmforgeError
@@ -268,11 +268,7 @@ def load_pairs(
     """Input → output rows (summaries: text and summary fields; instructions: Alpaca or messages rows) ->
     encoder inputs (encoded as generation encodes them) and outputs ending with eos, each cut to
     ``block_size`` (the input's end, the output's end keeps its eos)."""
-    if kind == "summarize":
-        rows = read_records(path, [text_field, summary_field])
-    else:
-        first = read_records(path, [])[0]
-        rows = read_records(path, ["messages"] if "messages" in first else ["instruction", "output"])
+    rows = read_task_records(path, kind, text_field, summary_field)
     eos = tokenizer.eos_id
     inputs, outputs = [], []
     for row in rows:
