@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from lmforge import LLM, LmforgeError
 from lmforge.cli import main
@@ -233,8 +234,15 @@ def test_finetune_classify_on_an_encoder(
     assert tuned.config.labels == ["ham", "spam"] and tuned.config.pooling == (pooling or "mean")
     out = tuned.classify_text(["Claim your free prize", "我到家了"])
     assert all(set(r["probabilities"]) == {"ham", "spam"} for r in out)
-    if method == "lora":
-        assert (tmp_path / "run" / "adapter").is_dir()
+    if (
+        method == "lora"
+    ):  # PEFT's layout: transformers' module names (BERT's query, value), a classifier's task
+        peft_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+        assert peft_config["task_type"] == "SEQ_CLS"
+        hf_leaves = {
+            name.rsplit(".", 1)[-1] for name, _ in AutoModel.from_pretrained(encoder_folder).named_modules()
+        }
+        assert peft_config["target_modules"] and set(peft_config["target_modules"]) <= hf_leaves
         return
     # the store, eval and select take an encoder classifier as they take a decoder one
     stored = LLM.load("spam-encoder:full", dtype="float32", device="cpu")

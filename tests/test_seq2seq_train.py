@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForSeq2SeqLM
 
 from lmforge import LLM, LmforgeError
@@ -203,6 +204,15 @@ def test_lora_wraps_encoder_decoder_and_cross_attention(t5_folder, tmp_path):
     load_adapter(reloaded, save_adapter(llm.model, tmp_path / "adapter"))
     ours, theirs = llm.model.state_dict(), reloaded.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # PEFT itself puts the adapters on transformers' T5 (its seq2seq wrapper) and computes our logits
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert type(peft_model).__name__ == "PeftModelForSeq2SeqLM"
+    ids = torch.tensor([llm.tokenizer.encode("今天天气很好 and the sun")])
+    decoder = torch.tensor([[llm.config.decoder_start_token_id, 5, 9, 3]])
+    with torch.no_grad():
+        adapted, _ = llm.model(ids, decoder_ids=decoder)
+        theirs_logits = peft_model(input_ids=ids, decoder_input_ids=decoder).logits
+    assert (adapted - theirs_logits).abs().max().item() <= 1e-4
     frozen = LLM.load(t5_folder, dtype="float32", device="cpu")
     choose_trainable(frozen.model, "freeze", 1, None)
     trainable = {n for n, p in frozen.model.named_parameters() if p.requires_grad}

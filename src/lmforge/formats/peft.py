@@ -26,15 +26,26 @@ def has_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file()
 
 
-def _peft_config(config: LoRAConfig, base_model: str) -> dict[str, Any]:
+def _task_type(model_config: Any) -> str:
+    """The PEFT task whose model class wraps transformers' class for this model: an encoder–decoder's adapters
+    go on ``*ForConditionalGeneration`` (``PeftModelForSeq2SeqLM``), an encoder's on its classifier or its bare
+    model; a decoder's on ``*ForCausalLM``, also when it classifies (its head is ours, saved beside)."""
+    if model_config.is_seq2seq:
+        return "SEQ_2_SEQ_LM"
+    if model_config.is_encoder:
+        return "SEQ_CLS" if model_config.labels else "FEATURE_EXTRACTION"
+    return "CAUSAL_LM"
+
+
+def _peft_config(config: LoRAConfig, base_model: str, task_type: str, targets: list[str]) -> dict[str, Any]:
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model,
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": sorted(config.targets),
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -48,13 +59,15 @@ def write_adapter_files(
 ) -> None:
     """PEFT's two files (``adapter_config.json``, ``adapter_model.safetensors``) for our adapter tensors."""
     config = LoRAConfig(**model_config.extra["lora"])
-    tensors = {}
+    tensors, targets = {}, set()
     for name, tensor in adapters.items():
         layer, part = name.rsplit(".lora_", 1)  # part: "A.weight" / "B.weight"
-        key = f"base_model.model.{hf_module_name(layer, model_config)}.lora_{part}"
-        tensors[key] = tensor.detach().float().cpu().contiguous()
+        hf_layer = hf_module_name(layer, model_config)
+        tensors[f"base_model.model.{hf_layer}.lora_{part}"] = tensor.detach().float().cpu().contiguous()
+        targets.add(hf_layer.rsplit(".", 1)[-1])  # PEFT matches transformers' names (T5: q, v; not q_proj)
     save_file(tensors, str(folder / ADAPTER_WEIGHTS))
-    text = json.dumps(_peft_config(config, base_model), indent=2) + "\n"
+    peft_config = _peft_config(config, base_model, _task_type(model_config), sorted(targets))
+    text = json.dumps(peft_config, indent=2) + "\n"
     (folder / ADAPTER_CONFIG).write_text(text, encoding="utf-8")
 
 
@@ -114,9 +127,12 @@ def load_adapter(model: Transformer, folder: str | Path) -> Transformer:
             f"lora_alpha; it has {targets!r}, {rank!r}, {alpha!r}",
             hint="re-save the adapter",
         )
-    config = LoRAConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets)
-    inject_lora(model, config)
     state = read_adapter_state(folder, model.config)
+    # The layers to wrap, under our names, from the tensors themselves: target_modules holds transformers'
+    # names (T5's q and v, BERT's query and value), which are not ours.
+    layers = sorted({name.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for name in state})
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=0.0, targets=layers)
+    inject_lora(model, config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(".lora_" in m for m in missing):
         raise LmforgeError(
