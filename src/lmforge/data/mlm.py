@@ -27,16 +27,17 @@ from lmforge.tokenizer import Tokenizer
 MASK_TOKENS = ("[MASK]", "<mask>", "<|mask|>")  # BERT's, RoBERTa's, and a spelling train_tokenizer users pick
 
 
-def mask_token_id(tokenizer: Tokenizer) -> int:
-    """The tokenizer's mask token, or a clear error: MLM needs one the model can read."""
+def mask_token_id(
+    tokenizer: Tokenizer,
+    purpose: str = "masked-language-model pretraining",
+    hint: str = "train one with special_tokens=['<|endoftext|>', '[MASK]'], or use a BERT model's tokenizer",
+) -> int:
+    """The tokenizer's mask token, or a clear error naming what needs it (MLM, BART's infilling)."""
     for token in MASK_TOKENS:
         found = tokenizer.token_to_id(token)
         if found is not None:
             return found
-    raise LmforgeError(
-        "the tokenizer has no mask token ([MASK] or <mask>) for masked-language-model pretraining",
-        hint="train one with special_tokens=['<|endoftext|>', '[MASK]'], or use a BERT model's tokenizer",
-    )
+    raise LmforgeError(f"the tokenizer has no mask token ([MASK] or <mask>) for {purpose}", hint=hint)
 
 
 def mask_tokens(

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.data.labelled import SequenceData, _EpochSampler, _ExampleObjective, read_task_records
-from lmforge.data.mlm import MASK_TOKENS
+from lmforge.data.mlm import mask_token_id
 from lmforge.data.text import Batch, WindowObjective
 from lmforge.errors import LmforgeError
 from lmforge.model import IGNORE_INDEX
@@ -53,17 +53,6 @@ def sentinel_ids(tokenizer: Tokenizer, needed: int) -> list[int]:
             "block_size",
         )
     return [i for i in ids if i is not None]
-
-
-def mask_id_of(tokenizer: Tokenizer) -> int:
-    for token in MASK_TOKENS:
-        found = tokenizer.token_to_id(token)
-        if found is not None:
-            return found
-    raise LmforgeError(
-        "the tokenizer has no <mask> token for BART's text infilling (--objective denoise)",
-        hint="train the tokenizer with the special token <mask>, or use --objective span",
-    )
 
 
 def _segments(items: int, parts: int, generator: torch.Generator) -> list[int]:
@@ -227,7 +216,11 @@ class CorruptionObjective(WindowObjective):
             self.sentinels = sentinel_ids(tokenizer, span_counts(self.window)[1])
         else:
             self.window = block_size - 1 - max(2, block_size // 16)
-            self.mask_id = mask_id_of(tokenizer)
+            self.mask_id = mask_token_id(
+                tokenizer,
+                "BART's text infilling (--objective denoise)",
+                hint="train the tokenizer with the special token <mask>, or use --objective span",
+            )
 
     def corrupt(self, window: Sequence[int], generator: torch.Generator) -> tuple[list[int], list[int]]:
         if self.kind == "span":
