@@ -185,7 +185,9 @@ def test_llama_cpp_runs_the_exported_t5(preset, unigram, tmp_path, one_thread):
                 emulated, _ = ggml_like.model(torch.tensor([ids]), decoder_ids=torch.tensor([inputs]))
             assert inputs[1:] == ours[0].argmax(-1)[:-1].tolist()  # the same greedy tokens
             assert _relative(ours[0], theirs) <= 1e-3
-            assert _relative(emulated[0], theirs) <= 1e-4
+            # not exact: an input within a few fp32 ulps of an fp16 rounding boundary may take the neighbouring
+            # table entry in one engine and not the other (1e-5 on an AVX-512 Xeon, 1.1e-4 on CI's CPU)
+            assert _relative(emulated[0], theirs) <= 5e-4
 
 
 def test_a_sentencepiece_t5_tokenizer_splits_as_sentencepiece_does(t5_sentencepiece, tmp_path, one_thread):
