@@ -550,3 +550,52 @@ def test_adapter_saved_with_a_float_model_loads_onto_a_packed_one(float_folders,
     assert isinstance(next(iter(layers.values())), LoRALinear)
     a, b = logits(packed, SAMPLE_TEXT[0]), logits(llm, SAMPLE_TEXT[0])
     assert cosine(a, b).min() > 0.9995
+
+
+# ------------------------------------------------------------------------------- joined projections
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenizer):
+    """A block's q/k/v and gate/up run as one kernel call (``JoinedLinear``) over the parts' own codes (views,
+    held once), bit for bit what the parts compute one by one; a LoRA wrapper on a part ends the join there."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256)
+    model = quant.quantize_model(llm.model, kind)
+    groups = quant.joined_layers(model)
+    assert len(groups) == 2 * model.config.n_layer
+    for group in groups:
+        start = group.layer.packed.data_ptr()
+        for part in group.parts:  # the codes are views into the joined layer's, one after the other
+            assert part.packed.untyped_storage().data_ptr() == group.layer.packed.untyped_storage().data_ptr()
+            assert part.packed.data_ptr() == start
+            start += part.packed.numel()
+    ids = torch.tensor([tiny_tokenizer.encode(SAMPLE_TEXT[0])[:10], tiny_tokenizer.encode(CHINESE[0])[:10]])
+    with torch.no_grad():
+        joined, _ = model(ids)
+        one_row, _ = model(ids[:, :1])  # a decode-sized input: the kernel
+        for block in model.blocks:  # the parts one by one
+            block.attn.joined_qkv = block.mlp.joined_gate_up = None
+        alone, _ = model(ids)
+        one_row_alone, _ = model(ids[:, :1])
+    assert torch.equal(joined, alone) and torch.equal(one_row, one_row_alone)
+    assert set(model.state_dict()) == {n for n in model.state_dict() if "joined" not in n}
+
+    llm = tiny_llm("tiny-llama", tiny_tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256)
+    model = quant.quantize_model(llm.model, kind)
+    inject_lora(model, LoRAConfig(rank=4, targets=["q_proj"]))
+    attn = model.blocks[0].attn
+    assert not attn.joined_qkv.serves(attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.no_grad():
+        wrapped, _ = model(ids)  # LoRA's B starts at zero: the same output, through the parts
+    assert torch.equal(wrapped, joined)
+
+
+def test_dense_copies_of_joined_parts_are_views(monkeypatch, tiny_tokenizer):
+    model = quant.quantize_model(
+        tiny_llm("tiny-llama", tiny_tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256).model, "int4"
+    )
+    layers = {id(m): m for m in quant.packed_layers(model).values()}.values()
+    weights = sum(m.out_features * m.in_features for m in layers)
+    assert quant.keep_dense_copies(model, "bf16") == 2 * weights  # each weight's copy counted once
+    group = quant.joined_layers(model)[0]
+    assert group.parts[1].dense.data_ptr() == group.layer.dense[group.sizes[0] :].data_ptr()
+    for part in group.parts:
+        assert torch.equal(part.dense, part.dequantize().bfloat16())

@@ -425,6 +425,7 @@ class Attention(nn.Module):
 
     record_weights = False
     weights: torch.Tensor | None = None
+    joined_qkv = None  # a packed model's q, k and v layers joined (``quant.join_projections``)
 
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
@@ -446,9 +447,10 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = self._project(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -478,6 +480,13 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)  # (B, T, C)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k and v of x: one kernel call when a packed model joined the three (``quant.JoinedLinear``)."""
+        joined = self.joined_qkv
+        if joined is not None and joined.serves(self.q_proj, self.k_proj, self.v_proj):
+            return joined(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _attention_keeping_weights(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -512,10 +521,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]
 
+    joined_gate_up = None  # a packed model's gate and up layers joined (``quant.join_projections``)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        joined = self.joined_gate_up
+        if joined is not None and joined.serves(self.gate_proj, self.up_proj):
+            gate, up = joined(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
