@@ -553,12 +553,21 @@ def test_adapter_saved_with_a_float_model_loads_onto_a_packed_one(float_folders,
 
 
 # ------------------------------------------------------------------------------- joined projections
+def joinable_model(tokenizer, kind: str) -> nn.Module:
+    """A packed tiny Llama whose q/k/v and gate/up rows are whole blocks of every layout (64), with Qwen's
+    q/k/v biases (not zero)."""
+    llm = tiny_llm("tiny-llama", tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256, qkv_bias=True)
+    for block in llm.model.blocks:
+        for layer in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+            nn.init.normal_(layer.bias, generator=torch.Generator().manual_seed(layer.out_features))
+    return quant.quantize_model(llm.model, kind)
+
+
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenizer):
     """A block's q/k/v and gate/up run as one kernel call (``JoinedLinear``) over the parts' own codes (views,
     held once), bit for bit what the parts compute one by one; a LoRA wrapper on a part ends the join there."""
-    llm = tiny_llm("tiny-llama", tiny_tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256)
-    model = quant.quantize_model(llm.model, kind)
+    model = joinable_model(tiny_tokenizer, kind)
     groups = quant.joined_layers(model)
     assert len(groups) == 2 * model.config.n_layer
     for group in groups:
@@ -578,8 +587,7 @@ def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenize
     assert torch.equal(joined, alone) and torch.equal(one_row, one_row_alone)
     assert set(model.state_dict()) == {n for n in model.state_dict() if "joined" not in n}
 
-    llm = tiny_llm("tiny-llama", tiny_tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256)
-    model = quant.quantize_model(llm.model, kind)
+    model = joinable_model(tiny_tokenizer, kind)
     inject_lora(model, LoRAConfig(rank=4, targets=["q_proj"]))
     attn = model.blocks[0].attn
     assert not attn.joined_qkv.serves(attn.q_proj, attn.k_proj, attn.v_proj)
@@ -589,9 +597,7 @@ def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenize
 
 
 def test_dense_copies_of_joined_parts_are_views(monkeypatch, tiny_tokenizer):
-    model = quant.quantize_model(
-        tiny_llm("tiny-llama", tiny_tokenizer, n_embd=128, n_kv_head=2, intermediate_size=256).model, "int4"
-    )
+    model = joinable_model(tiny_tokenizer, "int4")
     layers = {id(m): m for m in quant.packed_layers(model).values()}.values()
     weights = sum(m.out_features * m.in_features for m in layers)
     assert quant.keep_dense_copies(model, "bf16") == 2 * weights  # each weight's copy counted once

@@ -470,7 +470,7 @@ class JoinedLinear:
         self.parts = parts
         self.sizes = [p.out_features for p in parts]
         first = parts[0]
-        # no bias: the parts have none (``can_join``)
+        # no bias: each part adds its own after the split (it follows the model's dtype, as the part's does)
         self.layer = PackedLinear.from_packed(
             first.kind,
             first.in_features,
@@ -484,7 +484,7 @@ class JoinedLinear:
 
     @staticmethod
     def can_join(parts: tuple[nn.Module, ...]) -> bool:
-        """Packed alike, one input width, and rows in whole blocks of the layout (none padded), no biases."""
+        """Packed alike, one input width, and rows in whole blocks of the layout (none padded)."""
         if not all(isinstance(p, PackedLinear) for p in parts):
             return False
         first = parts[0]
@@ -493,7 +493,6 @@ class JoinedLinear:
             and p.in_features == first.in_features
             and p.out_features % p.layout[1] == 0
             and p.out_features % KERNEL_ROWS == 0
-            and p.bias is None
             and not p.exact_top
             and p.dense is None
             for p in parts  # type: ignore[union-attr]
@@ -505,7 +504,8 @@ class JoinedLinear:
         )
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.layer(x).split(self.sizes, dim=-1)
+        outputs = self.layer(x).split(self.sizes, dim=-1)
+        return tuple(y if p.bias is None else y + p.bias for y, p in zip(outputs, self.parts, strict=True))
 
     def keep_dense_copy(self) -> None:
         """The joined layer's bf16 copy, its parts' copies views of it."""
