@@ -191,6 +191,13 @@ COMPILED_SHAPES = 64  # compiled variants dynamo keeps of the decode step before
 COMPILE_NOTICE_S = 2.0  # a first call slower than this was a compile (not a cache hit): say so, once
 
 
+# Inductor computes a cheap expression again inside each consumer rather than storing it, up to 50 ops on a CPU:
+# the attention scores' reduction over a key's 64 values then recomputed the query's RoPE for every key column
+# (~400 us a layer for 8 rows, against ~60 us stored). Stored from 8 ops on, SmolLM2's decode step went from
+# 17.3 to 13.4 ms at batch 1 and 47.5 to 40.5 ms at batch 8 (2 threads, docs/architecture.md).
+STEP_COMPILE_OPTIONS = {"realize_opcount_threshold": 8}
+
+
 class CompiledStep:
     """``model.decode_step`` through ``torch.compile``, telling the user once per shape what the wait was.
 
@@ -203,7 +210,7 @@ class CompiledStep:
     def __init__(self, model: Transformer) -> None:
         self.model = model
         self.step: Callable[..., torch.Tensor] = torch.compile(
-            model.decode_step, dynamic=False, fullgraph=True
+            model.decode_step, dynamic=False, fullgraph=True, options=STEP_COMPILE_OPTIONS
         )
         self.batch_sizes: set[int] = set()
         # Every model shares decode_step's code object, and each (model shape, batch size) is one entry.
