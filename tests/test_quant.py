@@ -572,8 +572,12 @@ def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenize
     assert len(groups) == 2 * model.config.n_layer
     for group in groups:
         start = group.layer.packed.data_ptr()
-        for part in group.parts:  # the codes are views into the joined layer's, one after the other
+        for part in group.parts:  # codes and scales are views into the joined layer's, one after the other
             assert part.packed.untyped_storage().data_ptr() == group.layer.packed.untyped_storage().data_ptr()
+            assert (
+                part.scale_bits.untyped_storage().data_ptr()
+                == group.layer.scale_bits.untyped_storage().data_ptr()
+            )
             assert part.packed.data_ptr() == start
             start += part.packed.numel()
     ids = torch.tensor([tiny_tokenizer.encode(SAMPLE_TEXT[0])[:10], tiny_tokenizer.encode(CHINESE[0])[:10]])
@@ -592,7 +596,9 @@ def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenize
     attn = model.blocks[0].attn
     assert not attn.joined_qkv.serves(attn.q_proj, attn.k_proj, attn.v_proj)
     with torch.no_grad():
-        wrapped, _ = model(ids)  # LoRA's B starts at zero: the same output, through the parts
+        wrapped, _ = model(
+            ids
+        )  # LoRA's B starts at zero: the same output, through the parts (strided scales)
     assert torch.equal(wrapped, joined)
 
 

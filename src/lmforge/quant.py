@@ -365,7 +365,9 @@ class PackedLinear(nn.Module):
         xb = x.to(torch.bfloat16)
         if self.planes == 2:
             xb = torch.cat([xb, xb], dim=-1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
+        # a joined part's scales are a strided view (``JoinedLinear``); the kernel reads them densely
+        scales_zeros = self.scales_zeros.contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, scales_zeros)
         return y[:, : self.out_features].to(x.dtype)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
@@ -459,10 +461,9 @@ class JoinedLinear:
     join) next to the ~40 us of reading a layer, and a wider layer divides its rows among the threads better.
     On SmolLM2's shapes (2 threads) the 30 blocks' calls took 6.5 ms a token as 7 layers and 5.3 ms as 4.
 
-    The parts stay in the model as they are (their names, export, LoRA): each part's codes become a view of
-    its rows of the joined layer's (the layout packs whole blocks of rows, so the joined codes are the parts'
-    codes one after the other); only the scales and zeros are copied (an eighth of the codes' bytes). The
-    module calls the joined layer only while ``serves`` its current parts (a LoRA wrapper in place of one ends
+    The parts stay in the model as they are (their names, export, LoRA): each part's codes, scales and zeros
+    become views of its rows of the joined layer's (the layout packs whole blocks of rows, so the joined codes
+    are the parts' codes one after the other), so memory stays the same. The module calls the joined layer only while ``serves`` its current parts (a LoRA wrapper in place of one ends
     that). Not a submodule: the model's state and ``packed_layers`` see the parts alone.
     """
 
@@ -478,8 +479,9 @@ class JoinedLinear:
             torch.cat([p.scale_bits for p in parts], dim=1),
         )
         start = 0
-        for part, size in zip(parts, self.sizes, strict=True):
-            part.packed = self.layer.packed[start : start + size]  # a view: the codes are held once
+        for part, size in zip(parts, self.sizes, strict=True):  # views: every weight is held once
+            part.packed = self.layer.packed[start : start + size]
+            part.scale_bits = self.layer.scale_bits[:, start : start + size]
             start += size
 
     @staticmethod
