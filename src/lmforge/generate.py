@@ -193,8 +193,9 @@ COMPILE_NOTICE_S = 2.0  # a first call slower than this was a compile (not a cac
 
 # Inductor computes a cheap expression again inside each consumer rather than storing it, up to 50 ops on a CPU:
 # the attention scores' reduction over a key's 64 values then recomputed the query's RoPE for every key column
-# (~400 us a layer for 8 rows, against ~60 us stored). Stored from 8 ops on, SmolLM2's decode step went from
-# 17.3 to 13.4 ms at batch 1 and 47.5 to 40.5 ms at batch 8 (2 threads, docs/architecture.md).
+# (~390 us a layer for 8 rows, ~260 us stored). Stored from 8 ops on, SmolLM2's decode step took 13.8 against
+# 14.2 ms at batch 1 and 51.0 against 53.9 ms at batch 8 (medians of 8 alternating rounds in one process,
+# 2 threads): a small gain, largest where batches are (docs/architecture.md).
 STEP_COMPILE_OPTIONS = {"realize_opcount_threshold": 8}
 
 
