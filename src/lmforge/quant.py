@@ -27,6 +27,11 @@ and a QLoRA backward.
 
 ``PackedLinear`` replaces ``nn.Linear`` inside the same ``Transformer`` (``pack_model``); LoRA wraps it like
 any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
+
+Why one module of ~680 lines: everything here reads or writes one thing, the kernel's packed layout (codes
+in blocks of rows, scales and zeros beside them). The layer, its joined form, the embedding table that shares
+the head's codes and the whole-model packing each depend on how ``unpack_codes`` and ``kernel_layout`` read it;
+split apart, each piece would import the layout's details from the others.
 """
 
 from __future__ import annotations
