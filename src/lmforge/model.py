@@ -512,6 +512,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GPT-2: down(act(up(x))). Llama family (gated): down(act(gate(x)) * up(x))."""
 
+    joined_gate_up = None  # a packed model's gate and up layers joined (``quant.join_projections``)
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.gate_proj = (
@@ -520,8 +522,6 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]
-
-    joined_gate_up = None  # a packed model's gate and up layers joined (``quant.join_projections``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
