@@ -12,7 +12,7 @@ import torch
 from lmforge import LLM, LmforgeError
 from lmforge.cli import build_parser, main
 from lmforge.data.labelled import (
-    _EpochSampler,
+    EpochSampler,
     encode_conversation,
     load_classification,
     load_sequences,
@@ -222,17 +222,17 @@ def test_length_grouping_sees_every_example_once_per_epoch_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(5, 200) for _ in range(400)]
 
-    def epoch(sampler: _EpochSampler) -> list[list[int]]:
+    def epoch(sampler: EpochSampler) -> list[list[int]]:
         return [sampler.indices(i, 8) for i in range(50)]  # 50 batches of 8 = one epoch
 
     def padding(batches: list[list[int]]) -> int:
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
-    grouped, plain = epoch(_EpochSampler(400, 3, lengths=lengths)), epoch(_EpochSampler(400, 3))
+    grouped, plain = epoch(EpochSampler(400, 3, lengths=lengths)), epoch(EpochSampler(400, 3))
     assert sorted(i for b in grouped for i in b) == list(range(400))
     assert padding(grouped) < 0.2 * padding(plain)
-    assert epoch(_EpochSampler(400, 3, lengths=lengths)) == grouped  # stateless: resume draws the same
-    assert epoch(_EpochSampler(400, 4, lengths=lengths)) != grouped  # the seed matters
+    assert epoch(EpochSampler(400, 3, lengths=lengths)) == grouped  # stateless: resume draws the same
+    assert epoch(EpochSampler(400, 4, lengths=lengths)) != grouped  # the seed matters
 
 
 # Two optimizer steps on the tiny model: enough to run the whole recipe, CLI to saved folder, in about a second.

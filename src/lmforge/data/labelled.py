@@ -102,7 +102,7 @@ def split_validation(
     return [row for row in range(count) if row not in kept], sorted(held)
 
 
-class _EpochSampler:
+class EpochSampler:
     """Deterministic example indices for global batch ``i`` (stateless, so resume is exact).
 
     With ``lengths``, each epoch's shuffled order is regrouped so a batch holds examples of similar length
@@ -151,14 +151,14 @@ class _EpochSampler:
         return out
 
 
-class _ExampleObjective:
+class ExampleObjective:
     """Shared by the fine-tuning objectives: epoch-shuffled training rows; the validation rows, if any, for
     evaluation (never training rows: a figure measured on them would say nothing about unseen data)."""
 
     train: Any
     val: Any
     micro_batch_size: int
-    sampler: _EpochSampler
+    sampler: EpochSampler
 
     def _batch(self, data: Any, rows: Sequence[int]) -> Batch:
         raise NotImplementedError
@@ -264,7 +264,7 @@ def check_label_smoothing(value: float) -> float:
     return value
 
 
-class ClassificationObjective(_ExampleObjective):
+class ClassificationObjective(ExampleObjective):
     """Cross-entropy (optionally class-weighted) or MSE on the head at the last real token."""
 
     def __init__(
@@ -293,7 +293,7 @@ class ClassificationObjective(_ExampleObjective):
             else:
                 raise LmforgeError(f"unknown balance mode {balance!r}", hint="use none, weights or sample")
         lengths = [len(ids) for ids in train.ids] if group_by_length else None
-        self.sampler = _EpochSampler(len(train.ids), seed, sample_weights, lengths)
+        self.sampler = EpochSampler(len(train.ids), seed, sample_weights, lengths)
 
     def _ids(self, data: ClassificationData) -> list[list[int]]:
         return data.ids
@@ -472,7 +472,7 @@ def pack(data: SequenceData, block_size: int) -> SequenceData:
     return SequenceData(inputs, targets)
 
 
-class SequenceObjective(_ExampleObjective):
+class SequenceObjective(ExampleObjective):
     """Next-token loss on answer tokens only (prompt positions carry IGNORE_INDEX); right-padded batches."""
 
     def __init__(
@@ -485,7 +485,7 @@ class SequenceObjective(_ExampleObjective):
     ) -> None:
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
         lengths = [len(ids) for ids in train.input_ids] if group_by_length else None
-        self.sampler = _EpochSampler(len(train.input_ids), seed, lengths=lengths)
+        self.sampler = EpochSampler(len(train.input_ids), seed, lengths=lengths)
 
     def _ids(self, data: SequenceData) -> list[list[int]]:
         return data.input_ids

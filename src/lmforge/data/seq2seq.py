@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from lmforge.data.labelled import SequenceData, _EpochSampler, _ExampleObjective, read_task_records
+from lmforge.data.labelled import EpochSampler, ExampleObjective, SequenceData, read_task_records
 from lmforge.data.mlm import mask_token_id
 from lmforge.data.text import Batch, WindowObjective
 from lmforge.errors import LmforgeError
@@ -272,7 +272,7 @@ def load_pairs(
     return SequenceData(inputs, outputs)
 
 
-class PairObjective(_ExampleObjective):
+class PairObjective(ExampleObjective):
     """Fine-tuning an encoder–decoder on input → output pairs: teacher forcing, the loss on output tokens."""
 
     def __init__(
@@ -288,7 +288,7 @@ class PairObjective(_ExampleObjective):
         self.train, self.val, self.micro_batch_size, self.seed = train, val, micro_batch_size, seed
         self.pad, self.start = _ids_of(model)
         lengths = [len(ids) for ids in train.input_ids] if group_by_length else None
-        self.sampler = _EpochSampler(len(train.input_ids), seed, lengths=lengths)
+        self.sampler = EpochSampler(len(train.input_ids), seed, lengths=lengths)
 
     def _ids(self, data: SequenceData) -> list[list[int]]:
         return data.input_ids
