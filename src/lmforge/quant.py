@@ -37,6 +37,7 @@ split apart, each piece would import the layout's details from the others.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -468,13 +469,17 @@ class JoinedLinear:
 
     The parts stay in the model as they are (their names, export, LoRA): each part's codes, scales and zeros
     become views of its rows of the joined layer's (the layout packs whole blocks of rows, so the joined codes
-    are the parts' codes one after the other), so memory stays the same. The module calls the joined layer only while ``serves`` its current parts (a LoRA wrapper in place of one ends
-    that). Not a submodule: the model's state and ``packed_layers`` see the parts alone.
+    are the parts' codes one after the other), so memory stays the same. The module calls the joined layer
+    only while it ``serves`` its current parts (a LoRA wrapper in place of one ends that). Not a submodule:
+    the model's state and ``packed_layers`` see the parts alone.
     """
 
     def __init__(self, parts: tuple[PackedLinear, ...]) -> None:
         self.parts = parts
         self.sizes = [p.out_features for p in parts]
+        ends = list(itertools.accumulate(self.sizes))
+        # each part's rows of the joined layer
+        self.rows = [slice(end - size, end) for size, end in zip(self.sizes, ends, strict=True)]
         first = parts[0]
         # no bias: each part adds its own after the split (it follows the model's dtype, as the part's does)
         self.layer = PackedLinear.from_packed(
@@ -483,11 +488,8 @@ class JoinedLinear:
             torch.cat([p.packed for p in parts]),
             torch.cat([p.scale_bits for p in parts], dim=1),
         )
-        start = 0
-        for part, size in zip(parts, self.sizes, strict=True):  # views: every weight is held once
-            part.packed = self.layer.packed[start : start + size]
-            part.scale_bits = self.layer.scale_bits[:, start : start + size]
-            start += size
+        for part, rows in zip(parts, self.rows, strict=True):  # views: every weight is held once
+            part.packed, part.scale_bits = self.layer.packed[rows], self.layer.scale_bits[:, rows]
 
     @staticmethod
     def can_join(parts: tuple[nn.Module, ...]) -> bool:
@@ -517,15 +519,12 @@ class JoinedLinear:
     def keep_dense_copy(self) -> None:
         """The joined layer's bf16 copy, its parts' copies views of it."""
         self.layer.keep_dense_copy()
-        start = 0
-        for part, size in zip(self.parts, self.sizes, strict=True):
-            part.dense = self.layer.dense[start : start + size]
-            start += size
+        for part, rows in zip(self.parts, self.rows, strict=True):
+            part.dense = self.layer.dense[rows]
 
 
-def join_projections(model: nn.Module) -> int:
-    """Join every block's q/k/v and gate/up packed layers (``JoinedLinear``); returns how many were joined."""
-    joined = 0
+def join_projections(model: nn.Module) -> None:
+    """Join every block's q/k/v and gate/up packed layers that can be (``JoinedLinear``)."""
     for block in getattr(model, "blocks", []):
         groups = [(block.attn, "joined_qkv", ("q_proj", "k_proj", "v_proj"))]
         if getattr(block.mlp, "gate_proj", None) is not None:
@@ -534,8 +533,6 @@ def join_projections(model: nn.Module) -> int:
             parts = tuple(getattr(owner, n, None) for n in names)
             if JoinedLinear.can_join(parts):  # type: ignore[arg-type]
                 setattr(owner, attr, JoinedLinear(parts))  # type: ignore[arg-type]
-                joined += 1
-    return joined
 
 
 def joined_layers(model: nn.Module) -> list[JoinedLinear]:
