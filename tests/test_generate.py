@@ -21,6 +21,7 @@ from lmforge.generate import (
     generate_tokens,
     left_pad,
     prefill,
+    prefill_rows,
 )
 
 from .conftest import tiny_llm
@@ -237,3 +238,38 @@ def test_chunked_prefill_equals_one_shot(preset, overrides, tiny_tokenizer):
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert caches[1].length == ids.shape[1]
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"), [("tiny-gpt2", {}), ("tiny-llama", {"sliding_window": 12})], ids=str
+)
+def test_rows_prefilled_together_equal_each_alone(preset, overrides, tiny_tokenizer):
+    """Prompts of different lengths, each with a different number of tokens already cached (0 for a new one),
+    continued in one pass (the server's burst of arrivals): every row's last logits and keys and values equal
+    its own prefill's, in English and Chinese, and with a sliding window shorter than the rows."""
+    llm = tiny_llm(preset, tiny_tokenizer, **overrides)
+    model = llm.model
+    texts = (
+        "To be, or not to be, that is the question.",
+        "床前明月光，疑是地上霜。举头望明月",
+        "a b",
+        "明月",
+    )
+    prompts = [tiny_tokenizer.encode(t) * 2 for t in texts]
+    cached = [9, 0, 3, 0]  # tokens each row's cache holds before the pass
+    with torch.inference_mode():
+        alone, together = [], []
+        for prompt, had in zip(prompts, cached, strict=True):
+            cache = model.new_cache(1, len(prompt))
+            alone.append((prefill(model, torch.tensor([prompt]), None, cache)[0], cache))
+            cache = model.new_cache(1, len(prompt))
+            if had:
+                prefill(model, torch.tensor([prompt[:had]]), None, cache)
+            together.append(cache)
+        pieces = [prompt[had:] for prompt, had in zip(prompts, cached, strict=True)]
+        logits = prefill_rows(model, together, pieces)
+    for row, (expected, cache) in enumerate(alone):
+        assert torch.allclose(logits[row], expected, atol=1e-5), row
+        assert together[row].length == len(prompts[row])
+        for a, b in zip(cache.keys + cache.values, together[row].keys + together[row].values, strict=True):
+            assert torch.allclose(a, b, atol=1e-5), row

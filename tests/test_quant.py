@@ -164,13 +164,13 @@ def test_long_inputs_run_a_gemm_over_slices_of_rows(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_a_dense_copy_multiplies_batches_of_several_rows(kind):
-    """``keep_dense_copy``: from DENSE_ROWS rows on, the bf16 copy of the same dequantized weight (a GEMM, as
+    """``keep_dense_copy``: from DENSE_ROWS[kind] rows on, the bf16 copy of the same dequantized weight (a GEMM, as
     the kernel computes: bf16 in, within two bf16 roundings of float32); fewer rows still run the kernel, bit
     for bit as before; the copy is never saved and not counted as the packed weight's bytes."""
     n, k = 300, 160  # padded to 304 rows: the copy holds the real 300
     layer = PackedLinear(quantize_weight(random_weight(n, k, seed=8), kind), torch.randn(n))
     w, packed_bytes, state = layer.dequantize(), layer.weight_bytes, set(layer.state_dict())
-    x = torch.randn(quant.DENSE_ROWS, k, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(quant.DENSE_ROWS[kind], k, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         before_few, before_many = layer(x[:-1]), layer(x)
         assert layer.keep_dense_copy() == 2 * n * k
@@ -196,7 +196,9 @@ def test_keep_dense_copies_follows_the_setting_and_the_cpu(monkeypatch, tiny_tok
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
     assert quant.keep_dense_copies(model, "auto") == 0  # bf16 emulated: slower than the kernel
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
-    assert quant.keep_dense_copies(model, "auto", max_batch=quant.DENSE_ROWS - 1) == 0  # never that many rows
+    assert (
+        quant.keep_dense_copies(model, "auto", max_batch=min(quant.DENSE_ROWS.values()) - 1) == 0
+    )  # never that many rows
     assert quant.keep_dense_copies(model, "auto") == 2 * weights == quant.dense_copy_bytes(model)
     assert quant.keep_dense_copies(packed_tiny(), "bf16") == 2 * weights
     with pytest.raises(LmforgeError, match="unknown batch weights"):

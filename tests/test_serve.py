@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from lmforge import LLM, SamplingParams
 from lmforge.cli import build_parser
 from lmforge.generate import generate_tokens
+from lmforge.prefix_cache import PrefixCache
 from lmforge.serve import ServerLimits, create_app
 from lmforge.serve import scheduler as scheduling
 from lmforge.serve.scheduler import Scheduler
@@ -344,6 +345,29 @@ def test_slot_rows_joining_at_different_steps_decode_as_if_alone(
     assert tokens == [_solo(llm, p, sp) for p, sp in zip(prompts, params, strict=True)]
     slots, columns = {s for s, _ in shapes}, {c for _, c in shapes}
     assert slots == {1, 2, 4} and {16, 48} <= columns  # rows and columns grew and shrank by buckets
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_prompts_arriving_together_prefill_in_one_pass_and_decode_as_if_alone(
+    one_thread, tiny_tokenizer, preset
+):
+    """Five prompts (en, zh) arrive in one round while another decodes, two of them sharing a start a prefix cache
+    holds (so their caches begin at different lengths): one forward pass prefills all five, and every sequence
+    gets its solo tokens."""
+    llm = tiny_llm(preset, tiny_tokenizer)
+    prompts = [tiny_tokenizer.encode(t) for t in TEXTS]
+    shared = tiny_tokenizer.encode("To be, or not to be, that is the question: 床前明月光，")
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    scheduler = Scheduler(llm, max_batch=8, prefix_cache=PrefixCache(llm.model, 1 << 24, 4))
+    passes: list[int] = []  # rows of each prefill pass
+    llm.model.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    burst = [(p, params) for p in [shared + prompts[0], *prompts[1:4], shared + prompts[1]]]
+    arrivals = {0: [(shared + prompts[2], params)], 2: burst}
+    tokens, _ = _iterate(scheduler, arrivals)
+    assert passes == [1, 5]
+    assert scheduler.prefix_cache.stats.hits >= 2
+    expected = [_solo(llm, p, sp) for p, sp in arrivals[0] + burst]
+    assert tokens == expected
 
 
 def test_compiled_slot_steps_equal_eager_tokens_and_compile_once_per_bucket(

@@ -283,6 +283,48 @@ def prefill(
     return logits[:, -1]
 
 
+def prefill_rows(
+    model: Transformer, caches: Sequence[KVCache], pieces: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Continue one-row caches, each by its own next prompt tokens, in one forward pass; last logits (B, V).
+
+    ``caches[i]`` (batch 1) holds the first ``caches[i].length`` tokens of a prompt and ``pieces[i]`` (at least
+    one token) are its next ones. A lone row runs in its own cache: what ``prefill`` computes. Several rows run
+    side by side in a batch cache made for the pass: each row's past right-aligned at a common column P, its new
+    tokens right-aligned at the end, the columns between masked (they take no position: positions count real
+    tokens). Each row's new keys and values are then copied back into its own cache. The server prefills the
+    prompts that arrive together this way: a short prompt's pass costs about what reading the weights does, so
+    8 chat prompts read them once instead of 8 times (docs/architecture.md).
+    """
+    if len(caches) == 1:
+        ids = torch.tensor([list(pieces[0])], device=model.device)
+        logits, _ = model(ids, cache=caches[0], last_logits_only=True)
+        return logits[:, -1]
+    past = max(cache.length for cache in caches)
+    new = max(len(piece) for piece in pieces)
+    batch = model.new_cache(len(caches), past + new)
+    ids = torch.zeros(len(caches), new, dtype=torch.long)
+    mask = torch.zeros(len(caches), past + new, dtype=torch.long)
+    for row, (cache, piece) in enumerate(zip(caches, pieces, strict=True)):
+        had, n = cache.length, len(piece)
+        ids[row, new - n :] = torch.tensor(list(piece), dtype=torch.long)
+        mask[row, past - had : past] = 1
+        mask[row, past + new - n :] = 1
+        for mine, theirs in zip(cache.keys + cache.values, batch.keys + batch.values, strict=True):
+            theirs[row, :, past - had : past] = mine[0, :, :had]
+    batch.length = past
+    logits, _ = model(
+        ids.to(model.device), attention_mask=mask.to(model.device), cache=batch, last_logits_only=True
+    )
+    for row, (cache, piece) in enumerate(zip(caches, pieces, strict=True)):
+        had, n = cache.length, len(piece)
+        cache.reserve(had + n)
+        for mine, theirs in zip(cache.keys + cache.values, batch.keys + batch.values, strict=True):
+            mine[0, :, had : had + n] = theirs[row, :, past + new - n :]
+        cache.advance(n)
+    return logits[:, -1]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer,

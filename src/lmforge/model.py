@@ -720,16 +720,19 @@ class Transformer(Network):
             if (past == 0 or T == 1) and not needs_window:
                 return positions, None  # plain causal attention: SDPA's is_causal, or one query sees all
             key_ok = torch.ones(B, S, dtype=torch.bool, device=device)
+            key_positions = torch.arange(S, device=device).expand(B, S)  # (B, S)
         else:
             key_ok = attention_mask.bool()  # (B, S)
-            # Count positions over real tokens only, so left padding does not shift them.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            # Count positions over real tokens only, so padding does not shift them: left padding, or the columns
+            # between a row's cached and new tokens when rows of different lengths prefill together (prefill_rows).
+            key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            positions = key_positions[:, past:]  # (B, T)
         query_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
         key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-        allowed = key_pos <= query_pos  # (T, S) causal
-        if needs_window:
-            allowed = allowed & (query_pos - key_pos < window)
-        mask = allowed[None] & key_ok[:, None, :]  # (B, T, S)
+        allowed = (key_pos <= query_pos)[None]  # (1, T, S) causal
+        if needs_window:  # a window over positions, not columns (they differ where padding sits between)
+            allowed = allowed & (positions[:, :, None] - key_positions[:, None, :] < window)  # (B, T, S)
+        mask = allowed & key_ok[:, None, :]  # (B, T, S)
         # A padding query would see no key at all, and SDPA returns NaN for that row; let it see itself.
         mask = mask | (key_pos == query_pos)[None]
         return positions, mask.unsqueeze(1)  # (B, 1, T, S)

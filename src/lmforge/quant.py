@@ -68,9 +68,11 @@ GEMM_DEQUANT_WEIGHTS = (
     1 << 21
 )  # weights dequantized at a time on that path: 8 MiB of float32 (not a 113 MB head)
 # A layer with a dense bf16 copy (``keep_dense_copy``: a server decoding many streams) multiplies this many rows
-# and more with it. The kernel tiles rows by 4 and unpacks the weights again per tile, so 8 rows cost ~3x one row;
-# a bf16 GEMM at 8 rows reads 2 bytes a weight once, ~2x one row through the kernel (docs/architecture.md).
-DENSE_ROWS = 5
+# and more with it. The kernel tiles rows by 4 and unpacks the weights again per tile: SmolLM2's 30 joined blocks
+# took 5.3 / 8.2 / 16.2 / 28.4 ms through the kernel for 1 / 4 / 8 / 12 rows and ~19-24 ms with the copy at 8-16
+# rows (2 threads, AMX Xeon), so int4 switches after 8 rows; int8 runs the kernel on two planes, twice the work:
+# 25.6 ms at 8 rows against the copy's 22.8, so it switches from 5 (docs/architecture.md).
+DENSE_ROWS: dict[str, int] = {"int4": 9, "int8": 5}
 # per group of 32 values and plane: 16 bytes of codes (two a byte) and a bf16 scale and zero
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2) for kind, planes in PLANES.items()}
 
@@ -276,9 +278,7 @@ class PackedLinear(nn.Module):
     """
 
     exact_top: int = 0
-    dense: (
-        torch.Tensor | None
-    )  # the bf16 copy for batches of ``DENSE_ROWS`` rows and more (``keep_dense_copy``)
+    dense: torch.Tensor | None  # the bf16 copy for ``DENSE_ROWS[kind]`` rows and more (``keep_dense_copy``)
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -354,7 +354,7 @@ class PackedLinear(nn.Module):
         if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
-            if self.dense is not None and x2.shape[0] >= DENSE_ROWS:
+            if self.dense is not None and x2.shape[0] >= DENSE_ROWS[self.kind]:
                 y = F.linear(x2.to(self.dense.dtype), self.dense).to(x.dtype)
             elif x2.shape[0] >= GEMM_ROWS[self.kind]:
                 y = self.gemm(x2)
@@ -392,7 +392,7 @@ class PackedLinear(nn.Module):
         return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
 
     def keep_dense_copy(self) -> int:
-        """Keep the weight dequantized to bf16 beside the codes, for batches of ``DENSE_ROWS`` rows and more;
+        """Keep the weight dequantized to bf16 beside the codes, for ``DENSE_ROWS[kind]`` rows and more;
         returns its bytes (2 a weight). Dequantized a slice of rows at a time (few float32 temporaries)."""
         if self.dense is None:
             dense = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
@@ -628,8 +628,9 @@ def keep_dense_copies(model: nn.Module, batch_weights: str = "auto", max_batch: 
     the bytes added (0 when none is kept).
 
     ``packed``: never (memory stays at the packed size); ``bf16``: always; ``auto``: when the CPU multiplies
-    bf16 in hardware (elsewhere a bf16 GEMM is emulated and slower than the kernel), batches can reach
-    ``DENSE_ROWS`` rows, and the copies take at most a quarter of the memory available now.
+    bf16 in hardware (elsewhere a bf16 GEMM is emulated and slower than the kernel), batches can reach a kind's
+    ``DENSE_ROWS`` (prompts' prefill chunks use the copies too), and the copies take at most a quarter of the
+    memory available now.
     """
     if batch_weights not in BATCH_WEIGHTS:
         raise LmforgeError(
@@ -641,7 +642,7 @@ def keep_dense_copies(model: nn.Module, batch_weights: str = "auto", max_batch: 
     if batch_weights == "auto":
         needed = sum(2 * layer.out_features * layer.in_features for layer in layers)
         if (
-            max_batch < DENSE_ROWS
+            max_batch < min(DENSE_ROWS.values())
             or not runtime.bf16_matmul_units()
             or needed > psutil.virtual_memory().available // 4
         ):

@@ -3,10 +3,11 @@
 Requests (``Job``: prompt ids, ``SamplingParams``, ``n`` sequences) wait in a queue bounded in sequences
 (``max_queue``). Between decode steps the scheduler admits waiting jobs into free slots, taking turns between
 requests (``Job.group``: the job of the request holding the fewest slots goes first, oldest first among
-equals, so one request's many prompts cannot keep others out), and prefills their prompts alone (the
-computation ``LLM.generate_text`` does), a chunk between two decode steps, so a long prompt does not stall the
-running sequences: at most ``prefill_chunk`` tokens, and while sequences are decoding, no more than the
-measured prefill rate gets through in ``prefill_pause_s`` seconds. A prompt once prefilled gives each sequence
+equals, so one request's many prompts cannot keep others out), and prefills their prompts a chunk between two
+decode steps, so a long prompt does not stall the running sequences: at most ``prefill_chunk`` tokens, and while
+sequences are decoding, no more than the measured prefill rate gets through in ``prefill_pause_s`` seconds.
+Prompts waiting together are prefilled in one forward pass (``generate.prefill_rows``: a lone prompt computes
+what ``LLM.generate_text`` does), so that a burst of short prompts reads the weights once. A prompt once prefilled gives each sequence
 its first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
 the running batch at its own position. With a ``PrefixCache``, a prompt's start already cached (a shared system
 prompt, few-shot examples, the earlier turns of a chat) is copied into its prefill cache instead of computed
@@ -47,6 +48,7 @@ from lmforge.generate import (
     decode_step_function,
     generation_budget,
     next_tokens,
+    prefill_rows,
     sampling_generator,
 )
 from lmforge.model import KVCache, SlotKVCache
@@ -392,28 +394,56 @@ class Scheduler:
         """Prefill a round's budget of prompt tokens, oldest job first; finished prompts join the batch."""
         budget = self._prefill_budget()
         while self._prefilling and budget > 0:
-            work = self._prefilling[0]
-            prompt = work.job.prompt
-            end = min(len(prompt), work.done + budget)
+            works, ends = self._prefill_group(budget)
+            pieces = [work.job.prompt[work.done : end] for work, end in zip(works, ends, strict=True)]
             try:
-                ids = torch.tensor([prompt[work.done : end]], device=self.model.device)
                 start = time.perf_counter()
-                logits, _ = self.model(ids, cache=work.cache, last_logits_only=True)  # (1, 1, V)
-                rate = (end - work.done) / max(time.perf_counter() - start, 1e-6)
-                if end == len(prompt) and self.prefix_cache is not None:
-                    self.prefix_cache.store(work.cache, [prompt], len(prompt))
+                logits = prefill_rows(self.model, [work.cache for work in works], pieces)  # (rows, V)
+                seconds = max(time.perf_counter() - start, 1e-6)
             except Exception as e:  # noqa: BLE001
-                self._prefilling.popleft()
-                self._fail(work.job, e)
+                for work in works:
+                    self._fail(work.job, e)
+                self._prefilling = deque(p for p in self._prefilling if p not in works)
                 continue
-            if end - work.done >= MIN_PREFILL_TOKENS:  # short prompts say little about the rate
+            # The rate of one prompt alone (the slowest way in): it sizes the rounds of a long prompt.
+            if len(works) == 1 and len(pieces[0]) >= MIN_PREFILL_TOKENS:  # short ones say little
+                rate = len(pieces[0]) / seconds
                 old = self._prefill_rate
                 self._prefill_rate = rate if old is None else (old + rate) / 2
-            budget -= end - work.done
-            work.done = end
-            if end == len(prompt):
-                self._prefilling.popleft()
-                self._join(work, logits[0, -1])
+            budget -= sum(len(piece) for piece in pieces)
+            for row, (work, end) in enumerate(zip(works, ends, strict=True)):
+                work.done = end
+                if end == len(work.job.prompt):
+                    self._prefilling.remove(work)
+                    try:
+                        if self.prefix_cache is not None:
+                            self.prefix_cache.store(work.cache, [work.job.prompt], end)
+                    except Exception as e:  # noqa: BLE001
+                        self._fail(work.job, e)
+                        continue
+                    self._join(work, logits[row])
+
+    def _prefill_group(self, budget: int) -> tuple[list[_Prefill], list[int]]:
+        """The prompts to prefill in one pass, and where each stops: the oldest, and the ones queued behind it
+        while the pass's rows x new tokens stay within ``prefill_chunk`` (its activations) and the tokens within
+        ``budget``. A prompt with more than a chunk already in its cache goes alone (``prefill_rows`` copies a
+        row's past into the pass)."""
+        works: list[_Prefill] = []
+        ends: list[int] = []
+        width = 0  # the longest piece
+        for work in self._prefilling:
+            take = min(len(work.job.prompt) - work.done, budget)
+            if works and (
+                take < 1
+                or max(work.done, works[0].done) > self.prefill_chunk
+                or (len(works) + 1) * max(width, take) > self.prefill_chunk
+            ):
+                break
+            works.append(work)
+            ends.append(work.done + take)
+            width = max(width, take)
+            budget -= take
+        return works, ends
 
     def _join(self, work: _Prefill, logits: torch.Tensor) -> None:
         """Pick each sequence's first token from the prompt's last logits (V,); the survivors get a slot."""
