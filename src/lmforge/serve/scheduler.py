@@ -7,9 +7,9 @@ equals, so one request's many prompts cannot keep others out), and prefills thei
 decode steps, so a long prompt does not stall the running sequences: at most ``prefill_chunk`` tokens, and while
 sequences are decoding, no more than the measured prefill rate gets through in ``prefill_pause_s`` seconds.
 Prompts waiting together are prefilled in one forward pass (``generate.prefill_rows``: a lone prompt computes
-what ``LLM.generate_text`` does), so that a burst of short prompts reads the weights once. A prompt once prefilled gives each sequence
-its first token, and its keys and values are copied into a row of a ``SlotKVCache``, where the newcomer joins
-the running batch at its own position. With a ``PrefixCache``, a prompt's start already cached (a shared system
+what ``LLM.generate_text`` does), so that a burst of short prompts reads the weights once. A prompt once
+prefilled gives each sequence its first token, and its keys and values are copied into a row of a
+``SlotKVCache``, where the newcomer joins the running batch at its own position. With a ``PrefixCache``, a prompt's start already cached (a shared system
 prompt, few-shot examples, the earlier turns of a chat) is copied into its prefill cache instead of computed
 (``Job.cached_tokens`` says how much), and its full blocks are kept once it is in. A sequence gives its slot
 back the step it ends (EOS, stop string, length limit) or its job is cancelled (the client went away or timed
@@ -394,8 +394,7 @@ class Scheduler:
         """Prefill a round's budget of prompt tokens, oldest job first; finished prompts join the batch."""
         budget = self._prefill_budget()
         while self._prefilling and budget > 0:
-            works, ends = self._prefill_group(budget)
-            pieces = [work.job.prompt[work.done : end] for work, end in zip(works, ends, strict=True)]
+            works, pieces = self._prefill_group(budget)
             try:
                 start = time.perf_counter()
                 logits = prefill_rows(self.model, [work.cache for work in works], pieces)  # (rows, V)
@@ -411,39 +410,39 @@ class Scheduler:
                 old = self._prefill_rate
                 self._prefill_rate = rate if old is None else (old + rate) / 2
             budget -= sum(len(piece) for piece in pieces)
-            for row, (work, end) in enumerate(zip(works, ends, strict=True)):
-                work.done = end
-                if end == len(work.job.prompt):
+            for row, (work, piece) in enumerate(zip(works, pieces, strict=True)):
+                work.done += len(piece)
+                if work.done == len(work.job.prompt):
                     self._prefilling.remove(work)
                     try:
                         if self.prefix_cache is not None:
-                            self.prefix_cache.store(work.cache, [work.job.prompt], end)
+                            self.prefix_cache.store(work.cache, [work.job.prompt], work.done)
                     except Exception as e:  # noqa: BLE001
                         self._fail(work.job, e)
                         continue
                     self._join(work, logits[row])
 
-    def _prefill_group(self, budget: int) -> tuple[list[_Prefill], list[int]]:
-        """The prompts to prefill in one pass, and where each stops: the oldest, and the ones queued behind it
-        while the pass's rows x new tokens stay within ``prefill_chunk`` (its activations) and the tokens within
-        ``budget``. A prompt with more than a chunk already in its cache goes alone (``prefill_rows`` copies a
-        row's past into the pass)."""
+    def _prefill_group(self, budget: int) -> tuple[list[_Prefill], list[list[int]]]:
+        """The prompts to prefill in one pass and the tokens each takes in it: the oldest, and the ones queued
+        behind it while the pass's rows x new tokens stay within ``prefill_chunk`` (its activations) and the
+        tokens within ``budget``. A prompt with more than a chunk already in its cache goes alone
+        (``prefill_rows`` copies a row's past into the pass)."""
         works: list[_Prefill] = []
-        ends: list[int] = []
+        pieces: list[list[int]] = []
         width = 0  # the longest piece
         for work in self._prefilling:
-            take = min(len(work.job.prompt) - work.done, budget)
+            piece = work.job.prompt[work.done : work.done + budget]
             if works and (
-                take < 1
+                not piece
                 or max(work.done, works[0].done) > self.prefill_chunk
-                or (len(works) + 1) * max(width, take) > self.prefill_chunk
+                or (len(works) + 1) * max(width, len(piece)) > self.prefill_chunk
             ):
                 break
             works.append(work)
-            ends.append(work.done + take)
-            width = max(width, take)
-            budget -= take
-        return works, ends
+            pieces.append(piece)
+            width = max(width, len(piece))
+            budget -= len(piece)
+        return works, pieces
 
     def _join(self, work: _Prefill, logits: torch.Tensor) -> None:
         """Pick each sequence's first token from the prompt's last logits (V,); the survivors get a slot."""
