@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge import LLM, LmforgeError
 from lmforge.cli import build_parser, main
@@ -23,6 +26,7 @@ from lmforge.model import IGNORE_INDEX
 from lmforge.recipes.finetune import add_classifier, choose_trainable, finetune
 
 from .conftest import tiny_llm
+from .test_train import child_env, free_port
 
 
 def write_jsonl(path, rows):
@@ -304,3 +308,26 @@ def test_freeze_last_still_trains_the_last_blocks_with_a_deprecation(
             llm, train, method="freeze", freeze_last=1, train={**QUICK, "out_dir": str(tmp_path / "py")}
         )
     assert lineage_of(result.model_dir.parent)["trainable_parameters"] == one_block
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_fine_tune_a_classifier_as_one_does(fsdp, spam_files, tiny_model_dir, tmp_path):
+    """Two processes of 2 rows a micro-batch (DDP, or FSDP's shards) end a classifier fine-tune (en and zh
+    texts) with the weights one process of 4 rows reaches: the head runs through the wrapper's forward, so
+    gradients are averaged. Called as a method of the model inside, DDP averaged nothing and FSDP read its
+    1-D shards ("'weight' must be 2-D")."""
+    flags = ["--data", str(spam_files[0]), "--task", "classify", "--method", "full", *QUICK_FLAGS]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["finetune", str(tiny_model_dir), *flags, "--micro-batch-size", "4", "--out", str(one)]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    command += [f"--master_port={free_port()}", "-m", "lmforge", "finetune", str(tiny_model_dir), *flags]
+    command += ["--micro-batch-size", "2", "--out", str(two), *(["--fsdp"] if fsdp else [])]
+    proc = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    expected = load_file(str(one / "model" / "model.safetensors"))
+    trained = load_file(str(two / "model" / "model.safetensors"))
+    assert sorted(trained) == sorted(expected)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(expected[name], base[name]) for name in base)  # the steps moved weights
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-5, msg=name)

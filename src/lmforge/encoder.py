@@ -112,10 +112,15 @@ class Encoder(Network):
         attention_mask: torch.Tensor | None = None,
         cache: object = None,
         last_logits_only: bool = False,
+        classify: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Masked-LM logits (B, T, V) at every position and, with ``targets`` (B, T: the original id where a
         token was masked, IGNORE_INDEX elsewhere), the mean cross-entropy over the masked positions.
-        ``cache`` / ``last_logits_only`` are a decoder's (generation): an encoder refuses them."""
+        ``cache`` / ``last_logits_only`` are a decoder's (generation): an encoder refuses them.
+        ``classify=True``: the classification head's outputs (B, num_labels) instead, no loss (as
+        ``Transformer.forward``: what a DDP or FSDP wrapper is called with)."""
+        if classify:
+            return self.classify(idx, attention_mask), None
         if cache is not None or last_logits_only:
             self.new_cache()
         if self.mlm is None or self.lm_head is None:

@@ -629,12 +629,18 @@ class Transformer(Network):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_logits_only: bool = False,
+        classify: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with ``last_logits_only``) and the loss.
 
         ``targets`` (B, T) are the ids each position should predict (already shifted; IGNORE_INDEX skips one).
         ``attention_mask`` (B, S) is 1 for real tokens and 0 for left padding, covering cached tokens too.
+        ``classify=True``: the classification head's outputs (B, num_labels) instead (``classify``), no loss.
+        Training calls it so, through its DDP or FSDP wrapper: they gather and synchronise parameters only
+        around ``forward`` (a method called past them reads FSDP's shards, and DDP averages no gradient).
         """
+        if classify:
+            return self.classify(idx, attention_mask), None
         x = self.hidden_states(idx, attention_mask=attention_mask, cache=cache)  # (B, T, C)
         if last_logits_only:
             x = x[:, -1:]

@@ -306,7 +306,9 @@ class ClassificationObjective(ExampleObjective):
         return batch
 
     def _scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return _unwrap(model).classify(batch["input_ids"], batch.get("attention_mask")).float()
+        # Through forward, and so through a DDP / FSDP wrapper (which a method of the model inside would skip).
+        scores, _ = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), classify=True)
+        return scores.float()
 
     def _loss(self, scores: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         if self.train.regression:
@@ -345,13 +347,6 @@ def classification_scores(truth: torch.Tensor, predicted: torch.Tensor, classes:
     # F1 of a class = 2 TP / (2 TP + FP + FN) = 2 TP / (its true count + its predicted count); 0 when both are 0
     f1 = torch.where(right > 0, 2 * right / (pairs.sum(1) + pairs.sum(0)).clamp(min=1), 0.0)
     return {"accuracy": float(right.sum() / len(truth)), "macro_f1": float(f1.mean())}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Transformer inside DDP / torch.compile wrappers (task heads are methods of it)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 # ------------------------------------------------------ instructions, summaries
