@@ -310,13 +310,77 @@ def test_freeze_last_still_trains_the_last_blocks_with_a_deprecation(
     assert lineage_of(result.model_dir.parent)["trainable_parameters"] == one_block
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_fine_tune_a_classifier_as_one_does(fsdp, spam_files, tiny_model_dir, tmp_path):
-    """Two processes of 2 rows a micro-batch (DDP, or FSDP's shards) end a classifier fine-tune (en and zh
-    texts) with the weights one process of 4 rows reaches: the head runs through the wrapper's forward, so
-    gradients are averaged. Called as a method of the model inside, DDP averaged nothing and FSDP read its
-    1-D shards ("'weight' must be 2-D")."""
-    flags = ["--data", str(spam_files[0]), "--task", "classify", "--method", "full", *QUICK_FLAGS]
+INSTRUCTIONS = [  # answers of very different lengths: micro-batches hold very different numbers of targets
+    {"instruction": "Say yes.", "output": "Yes."},
+    {
+        "instruction": "把这句话翻译成英文：你好",
+        "output": "Hello, it is very nice to meet you, and welcome to the town.",
+    },
+    {"instruction": "Name a colour.", "output": "Red"},
+    {
+        "instruction": "用一句话介绍北京。",
+        "output": "北京是中国的首都，有三千多年的历史，故宫和长城都在这里。",
+    },
+]
+
+
+@pytest.fixture()
+def instruction_file(tmp_path):
+    return write_jsonl(tmp_path / "instructions.jsonl", INSTRUCTIONS * 4)
+
+
+def _trained_weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _assert_same_weights(trained: dict, expected: dict, base: dict) -> None:
+    assert sorted(trained) == sorted(expected)
+    assert any(not torch.equal(expected[name], base[name]) for name in base)  # the steps moved weights
+    # 1e-4: Adam's update divides by the gradient's size, so where a gradient is tiny, the rounding of other
+    # matmul shapes (2 rows, not 4) moves a weight by ~4e-5 at this learning rate. A step off by one token's
+    # weighting, or with gradients not averaged, lands 2e-3 to 3e-2 away.
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-4, msg=name)
+
+
+def test_gradient_accumulation_follows_the_mean_over_all_target_tokens(
+    instruction_file, tiny_model_dir, tmp_path
+):
+    """Instruction tuning with 2 micro-batches of 2 per step ends where 1 micro-batch of 4 does, though the
+    micro-batches hold very different numbers of answer tokens (en, zh): each step follows the mean over all
+    its target tokens, not the mean of its micro-batches' means."""
+    flags = [
+        "--data",
+        str(instruction_file),
+        "--task",
+        "instruct",
+        "--method",
+        "full",
+        "--no-group-by-length",
+    ]
+    flags += [*QUICK_FLAGS, "--lr", "1e-2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert (
+        main(["finetune", str(tiny_model_dir), *flags, "--micro-batch-size", "4", "--out", str(whole)]) == 0
+    )
+    args = ["finetune", str(tiny_model_dir), *flags, "--micro-batch-size", "2", "--grad-accum", "2"]
+    assert main([*args, "--out", str(split)]) == 0
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    _assert_same_weights(_trained_weights(split), _trained_weights(whole), base)
+
+
+@pytest.mark.parametrize(
+    ("task", "fsdp"), [("classify", False), ("classify", True), ("instruct", False)], ids=str
+)
+def test_two_processes_fine_tune_as_one_does(
+    task, fsdp, spam_files, instruction_file, tiny_model_dir, tmp_path
+):
+    """Two processes of 2 rows a micro-batch (DDP, or FSDP's shards) end a fine-tune (en and zh texts) with the
+    weights one process of 4 rows reaches. A classifier's head runs through the wrapper's forward, so its
+    gradients are averaged (called as a method of the model inside, DDP averaged nothing and FSDP read its 1-D
+    shards: "'weight' must be 2-D"); instructions weigh every target token alike across processes."""
+    data = spam_files[0] if task == "classify" else instruction_file
+    flags = ["--data", str(data), "--task", task, "--method", "full", *QUICK_FLAGS, "--lr", "1e-2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["finetune", str(tiny_model_dir), *flags, "--micro-batch-size", "4", "--out", str(one)]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
@@ -324,10 +388,5 @@ def test_two_processes_fine_tune_a_classifier_as_one_does(fsdp, spam_files, tiny
     command += ["--micro-batch-size", "2", "--out", str(two), *(["--fsdp"] if fsdp else [])]
     proc = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    expected = load_file(str(one / "model" / "model.safetensors"))
-    trained = load_file(str(two / "model" / "model.safetensors"))
-    assert sorted(trained) == sorted(expected)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert any(not torch.equal(expected[name], base[name]) for name in base)  # the steps moved weights
-    for name, value in expected.items():
-        torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-5, msg=name)
+    _assert_same_weights(_trained_weights(two), _trained_weights(one), base)

@@ -60,6 +60,11 @@ def shell_device() -> Iterator[None]:
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, masked prompts)
 
 
+def loss_terms(targets: torch.Tensor) -> int:
+    """How many targets a cross-entropy that skips IGNORE_INDEX averages over."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
 def perplexity_from_loss(loss: float) -> float:
     """exp(mean cross-entropy in nats): the perplexity every report shows (capped so a diverged run reads inf-free)."""
     return math.exp(min(loss, 50.0))

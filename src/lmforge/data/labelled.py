@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import left_pad
-from lmforge.model import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX, loss_terms
 from lmforge.prompts import summarization_prompt
 from lmforge.tokenizer import Tokenizer
 
@@ -186,6 +186,10 @@ class ExampleObjective:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_terms(self, batch: Batch) -> int:
+        """The target tokens (instruction and seq2seq objectives: a token-level loss)."""
+        return loss_terms(batch["targets"])
+
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         """The mean loss over the batches, the figure every task has."""
         losses = [self.loss(model, batch).float() for batch in batches]
@@ -318,6 +322,9 @@ class ClassificationObjective(ExampleObjective):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self._loss(self._scores(model, batch), batch["targets"], self.label_smoothing)
+
+    def loss_terms(self, batch: Batch) -> int:
+        return len(batch["targets"])  # rows (a regression target may be any number)
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         """Mean loss, and for labels accuracy and macro-F1 (sklearn's: classes absent from both the truth

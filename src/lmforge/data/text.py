@@ -33,6 +33,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.corpus import Inputs, resolve_inputs, text_pieces
 from lmforge.errors import LmforgeError
+from lmforge.model import loss_terms
 from lmforge.progress import progress_bar
 from lmforge.tokenizer import Tokenizer
 
@@ -512,6 +513,9 @@ class WindowObjective:
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch["input_ids"], targets=batch["targets"])[1]
+
+    def loss_terms(self, batch: Batch) -> int:
+        return loss_terms(batch["targets"])
 
     def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         losses = [self.loss(model, batch).float() for batch in batches]

@@ -110,6 +110,9 @@ class _OneBatch:
     def loss(self, model: Transformer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch["input_ids"], targets=batch["targets"])[1]
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["targets"].numel()
+
     def describe(self) -> dict[str, Any]:
         return {}
 

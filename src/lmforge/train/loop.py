@@ -153,6 +153,10 @@ class Objective(Protocol):
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
+    def loss_terms(self, batch: Batch) -> int:
+        """How many terms ``loss`` averages over for ``batch`` (target tokens, rows): its weight in a step."""
+        ...
+
     def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         """``val_loss`` over ``batches`` and the task's other figures (``accuracy``...); {} for no batches."""
         ...
@@ -461,8 +465,11 @@ class Trainer:
         micro_losses = []
         tokens = 0
         first = step * cfg.grad_accum  # the data order's number of this step's first micro-batch
+        terms = 0  # what this process's losses average over (target tokens, rows)
         for micro in range(cfg.grad_accum):
             batch = self.objective.train_batch(first + micro, info.rank, info.world_size)
+            count = self.objective.loss_terms(batch)
+            terms += count
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             batch = {k: v.to(info.device) for k, v in batch.items()}
@@ -470,10 +477,11 @@ class Trainer:
             # Gradients are averaged across processes only once per step, on the last micro-batch.
             sync = contextlib.nullcontext() if last or not info.distributed else wrapped.no_sync()
             with sync, self._autocast(info.device):
-                loss = self.objective.loss(forward_model, batch) / cfg.grad_accum
+                loss = self.objective.loss(forward_model, batch) * count  # the sum over its terms
                 loss.backward()
             total += loss.detach()
             micro_losses.append(loss.detach())
+        total *= self._to_step_mean(terms, info)
         # The norm is wanted even without clipping, to catch an Inf/NaN gradient behind a finite loss; a
         # max_norm of inf scales by exactly 1.0, which leaves every finite gradient as it was.
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -496,6 +504,22 @@ class Trainer:
             problem += f" in batch {bad[0]}" if len(bad) == 1 else f" in batches {bad[0]}-{bad[-1]}"
         optimizer.zero_grad(set_to_none=True)
         return mean, tokens, problem
+
+    def _to_step_mean(self, terms: int, info: distributed.DistInfo) -> float:
+        """Divide the step's gradients (of summed losses) by its terms on every process; return the factor.
+
+        The step then follows the mean over all its terms (target tokens, rows), as one process holding the
+        whole batch would, however they fall into micro-batches and processes. Instruction data's targets vary
+        by example: a mean of each micro-batch's mean would weigh a token of a short-answer micro-batch more.
+        DDP and FSDP average gradients over processes, hence the factor of their number."""
+        everywhere = round(
+            distributed.mean_across(torch.tensor(float(terms), device=info.device), info) * info.world_size
+        )
+        scale = info.world_size / everywhere if everywhere else 1.0  # no term anywhere: the loss is NaN
+        for parameter in self.model.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+        return scale
 
     def _non_finite(self, problem: str, step: int, info: distributed.DistInfo) -> None:
         """Stop (the default) or, with ``on_nan: skip``, warn and go on: the step's update was not applied."""
