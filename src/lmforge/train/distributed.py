@@ -61,13 +61,17 @@ def wrap(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
 
 
-def mean_across(value: torch.Tensor, info: DistInfo) -> float:
-    """The mean of a scalar over all processes (the value itself when there is one)."""
+def sum_across(value: torch.Tensor, info: DistInfo) -> float:
+    """The sum of a scalar over all processes (the value itself when there is one)."""
     if info.distributed:
         value = value.detach().clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world_size
     return float(value)
+
+
+def mean_across(value: torch.Tensor, info: DistInfo) -> float:
+    """The mean of a scalar over all processes (the value itself when there is one)."""
+    return sum_across(value, info) / info.world_size
 
 
 def barrier(info: DistInfo) -> None:

@@ -512,9 +512,7 @@ class Trainer:
         whole batch would, however they fall into micro-batches and processes. Instruction data's targets vary
         by example: a mean of each micro-batch's mean would weigh a token of a short-answer micro-batch more.
         DDP and FSDP average gradients over processes, hence the factor of their number."""
-        everywhere = round(
-            distributed.mean_across(torch.tensor(float(terms), device=info.device), info) * info.world_size
-        )
+        everywhere = round(distributed.sum_across(torch.tensor(float(terms), device=info.device), info))
         scale = info.world_size / everywhere if everywhere else 1.0  # no term anywhere: the loss is NaN
         for parameter in self.model.parameters():
             if parameter.grad is not None:
