@@ -36,7 +36,7 @@ from lmforge.config import Config
 from lmforge.generate import SamplingParams, generate_tokens
 from lmforge.loading import LoadedModel
 from lmforge.lora import LoRAConfig
-from lmforge.model import Transformer, shell_device
+from lmforge.model import Transformer, loss_terms, shell_device
 from lmforge.quant import QUANT_CHOICES
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig, Trainer, make_optimizer
@@ -111,7 +111,7 @@ class _OneBatch:
         return model(batch["input_ids"], targets=batch["targets"])[1]
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["targets"].numel()
+        return loss_terms(batch["targets"])
 
     def describe(self) -> dict[str, Any]:
         return {}
