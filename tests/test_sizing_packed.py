@@ -50,7 +50,8 @@ def test_packed_bytes_are_the_layers_buffers(kind: str, shape: tuple[int, int]) 
     assert packed_bytes(kind, *shape) == layer.weight_bytes  # type: ignore[arg-type]
     rows = -(-shape[0] // 16) * 16  # the kernel's tile: 24 rows are held as 32
     per_weight = layer.weight_bytes / (rows * shape[1])
-    assert per_weight == (0.625 if kind == "int4" else 1.25)  # per 4-bit plane: 1/2 byte + 1/8 of scale, zero
+    # per 4-bit plane: 1/2 byte + 1/8 of scale, zero (bf16) + 1/8 of their fixes (bf16)
+    assert per_weight == (0.75 if kind == "int4" else 1.5)
 
 
 @pytest.mark.parametrize("quant", ["auto", "int8", "int4", "none"])
@@ -62,7 +63,7 @@ def test_weights_of_the_bundled_gguf_are_what_loading_holds(smollm2_gguf: Path, 
     assert held.bytes == held_bytes(llm.model)
     if quant == "auto":  # 210 Q4_1 layers as int4, the tied Q8_0 table and head as one int8 layer
         assert held.packing() == "210 int4 + 1 int8 layers packed"
-        assert isinstance(llm.model.wte, PackedEmbedding) and held.bytes < 100 * 2**20
+        assert isinstance(llm.model.wte, PackedEmbedding) and held.bytes < 120 * 2**20  # the file: 92 MiB
     if quant == "none":
         assert held.bytes == 134_515_008 * 4 and not held.packed
 
@@ -97,7 +98,9 @@ def test_packed_estimates_are_smaller_and_compile_is_counted(smollm2_gguf: Path)
         q: next(c.bytes for c in sized[q, False].components if c.name == "weights")
         for q in ("auto", "none", "int8")
     }
-    assert weights["auto"] < weights["int8"] < weights["none"] / 3
+    assert (
+        weights["auto"] < weights["int8"] < weights["none"] / 2.5
+    )  # int8: 1.5 bytes a weight, with its fixes
     assert "210 int4 + 1 int8 layers packed" in sized["auto", False].table()
     for quant in ("auto", "none", "int8"):
         compiled = sized[quant, True]
@@ -149,8 +152,8 @@ def test_select_sizes_packed_candidates_as_packed() -> None:
     assert packed.status.startswith("does not fit") and floats.status.startswith(
         "does not fit"
     )  # never loaded
-    # SmolLM2's layers packed (~94 MiB) instead of float32 (513 MiB)
-    assert 400 * 2**20 < floats.memory - packed.memory < 430 * 2**20
+    # SmolLM2's layers packed (~117 MiB with their scales' fixes) instead of float32 (513 MiB)
+    assert 380 * 2**20 < floats.memory - packed.memory < 410 * 2**20
 
 
 # ------------------------------------------------------------ against the real peak

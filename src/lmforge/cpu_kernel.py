@@ -1,0 +1,136 @@
+"""lmforge's own float32 matvec over packed 4-bit weights (``packed_matvec.cpp``), built on first use.
+
+Why a kernel of our own: PyTorch's ``_weight_int4pack_mm_for_cpu`` (what ``lmforge.quant`` runs packed layers
+through) takes bf16 activations, bf16 scales and returns bf16. Each rounding is up to 1/256 of a value, and on
+SmolLM2 they put the packed path ~0.09 logits (RMS, over each position's 8 best) away from the fp32 path:
+teacher-forced, the scales' rounding alone gave 0.044-0.065, the inputs' 0.049, the outputs' 0.06-0.087. Greedy
+decoding then flipped near-ties (top-2 gaps of 0.001-0.05) in half the chat answers. Its float32 variant is
+exact but ~10x slower. This kernel reads the same packed bytes and bf16 scales and zeros, with a bf16
+correction per scale and zero that restores the values packed (a GGUF file's fp16 scales exactly), and
+multiplies in float32 with AVX2 (or AVX-512) FMA: it computes with exactly the weight
+``PackedLinear.dequantize`` returns, at the bf16 kernel's speed for one row (docs/architecture.md). A decode
+step of one sequence runs its blocks through it; several rows, and the output head (whose best logits are
+computed again in float32 anyway), keep PyTorch's kernel, which tiles rows.
+
+It is C++ compiled here, once, with the compiler ``torch.compile`` needs anyway (``g++``); the library lands
+beside inductor's cache (``lmforge.runtime.configure_compile_cache``) under a name that hashes its source, the
+flags and the torch version. Where it cannot be built or run (no compiler, no AVX2, another layout) packed
+layers keep PyTorch's kernel: the same results to within bf16 rounding, and one line on stderr says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge import runtime
+
+SOURCE = Path(__file__).with_name("packed_matvec.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw"]  # added where the CPU has them: vectors of 16 rows
+BLOCKS = (32, 64)  # rows per block of the "split" layouts the kernel reads (AVX2 and AVX-512 PyTorch builds)
+BUILD_TIMEOUT_S = 300
+
+
+@functools.cache
+def available() -> bool:
+    """Whether ``packed_matvec`` can run here: an x86 CPU with AVX2 and FMA, and the library built (or cached).
+    Builds it on the first call of a process that finds no cached library (~20 s, once per machine)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        torch.ops.load_library(str(_library()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(
+            f"warning: packed layers use PyTorch's bf16 kernel: lmforge's float32 one did not build ({reason})",
+            file=sys.stderr,
+        )
+        return False
+    torch.library.register_fake("lmforge::packed_matvec")(_shape_only)
+    return True
+
+
+def packed_matvec(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_bits: torch.Tensor,
+    fix_bits: torch.Tensor,
+    block: int,
+    rows: int,
+) -> torch.Tensor:
+    """x (M, K) float32 @ the first ``rows`` rows of a packed weight -> (M, rows) float32.
+
+    ``packed`` (>= rows, K/2) uint8 in the "split" layout of ``block`` rows; ``scale_bits`` (K/32, >= rows, 2)
+    and ``fix_bits`` (>= rows/block, K/32, block, 2): the bf16 bits (as int16) of each group's (scale, zero), as
+    PyTorch's kernel reads them, and of the (scale, min) corrections back to the values packed
+    (``lmforge.quant.PackedLinear``), contiguous. ``rows``: whole blocks."""
+    return torch.ops.lmforge.packed_matvec(x, packed, scale_bits, fix_bits, block, rows)
+
+
+def _shape_only(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_bits: torch.Tensor,
+    fix_bits: torch.Tensor,
+    block: int,
+    rows: int,
+) -> torch.Tensor:
+    """What torch.compile needs to trace a call: the output's shape and type."""
+    return x.new_empty(x.shape[0], rows)
+
+
+def _library() -> Path:
+    """The built library's path: from the cache, or compiled now under a lock (one build for all processes)."""
+    from filelock import FileLock
+    from torch.utils import cpp_extension
+
+    flags = [*FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        flags += AVX512_FLAGS
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode()])
+    ).hexdigest()[:16]
+    folder = runtime.configure_compile_cache() / "lmforge-kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"packed_matvec-{key}.so"
+    with FileLock(str(folder / f"{target.name}.lock")):
+        if target.exists():
+            return target
+        print("building lmforge's float32 int4 kernel (once, ~20 s)", file=sys.stderr)
+        fd, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            subprocess.run(
+                [
+                    "g++",
+                    *flags,
+                    *(f"-I{p}" for p in cpp_extension.include_paths()),
+                    str(SOURCE),
+                    "-o",
+                    scratch,
+                    *(f"-L{p}" for p in cpp_extension.library_paths()),
+                    "-lc10",
+                    "-ltorch_cpu",
+                    "-ltorch",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+            )
+            os.replace(scratch, target)  # whole or not at all: another process never loads half a library
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(e.stderr.strip() or "g++ failed") from e
+        finally:
+            if os.path.exists(scratch):
+                os.unlink(scratch)
+    return target
