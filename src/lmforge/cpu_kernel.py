@@ -8,14 +8,15 @@ decoding then flipped near-ties (top-2 gaps of 0.001-0.05) in half the chat answ
 exact but ~10x slower. This kernel reads the same packed bytes and bf16 scales and zeros, with a bf16
 correction per scale and zero that restores the values packed (a GGUF file's fp16 scales exactly), and
 multiplies in float32 with AVX2 (or AVX-512) FMA: it computes with exactly the weight
-``PackedLinear.dequantize`` returns, at the bf16 kernel's speed for one row (docs/architecture.md). A decode
+``PackedLinear.dequantize`` returns, at least as fast as the bf16 kernel for one row (docs/architecture.md). A decode
 step of one sequence runs its blocks through it; several rows, and the output head (whose best logits are
 computed again in float32 anyway), keep PyTorch's kernel, which tiles rows.
 
 It is C++ compiled here, once, with the compiler ``torch.compile`` needs anyway (``g++``); the library lands
 beside inductor's cache (``lmforge.runtime.configure_compile_cache``) under a name that hashes its source, the
-flags and the torch version. Where it cannot be built or run (no compiler, no AVX2, another layout) packed
-layers keep PyTorch's kernel: the same results to within bf16 rounding, and one line on stderr says why.
+flags and the torch version. Where it does not run, packed layers keep PyTorch's kernel (the same results to
+within bf16 rounding): on a CPU without AVX2 or a layout it does not read, silently; where it fails to build
+(no compiler), with one line on stderr saying why.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def packed_matvec(
     """x (M, K) float32 @ the first ``rows`` rows of a packed weight -> (M, rows) float32.
 
     ``packed`` (>= rows, K/2) uint8 in the "split" layout of ``block`` rows; ``scale_bits`` (K/32, >= rows, 2)
-    and ``fix_bits`` (>= rows/block, K/32, block, 2): the bf16 bits (as int16) of each group's (scale, zero), as
+    and ``fix_bits`` (>= rows/16, K/32, 16, 2): the bf16 bits (as int16) of each group's (scale, zero), as
     PyTorch's kernel reads them, and of the (scale, min) corrections back to the values packed
     (``lmforge.quant.PackedLinear``), contiguous. ``rows``: whole blocks."""
     return torch.ops.lmforge.packed_matvec(x, packed, scale_bits, fix_bits, block, rows)
