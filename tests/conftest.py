@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge import LLM, Config, Tokenizer, Transformer, runtime
+from lmforge import LLM, Config, Tokenizer, Transformer, cpu_kernel, runtime
 from lmforge.loading import bundled_model_path
 
 # Two threads at most, here and in `lmforge` commands run in-process or as children (they read the variable); under
@@ -26,6 +26,9 @@ runtime.set_threads()
 os.environ.setdefault(runtime.COMPILE_ENV, "0")
 # Compiled decoding caches its kernels here, not under the user's ~/.lmforge (LLM.load's default).
 os.environ.setdefault(runtime.INDUCTOR_CACHE_ENV, str(Path(tempfile.gettempdir()) / "lmforge-tests-inductor"))
+# The first packed layer on a machine builds lmforge's float32 kernel (~20 s, once; the other workers wait for it):
+# here, before any test times a load or a parse (tests/test_fuzz_readers.py counts a parse over 5 s as a hang).
+cpu_kernel.available()
 
 
 @contextlib.contextmanager
