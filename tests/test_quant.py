@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as QType
 from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lmforge import LLM, quant
+from lmforge import LLM, cpu_kernel, quant, runtime
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.gguf_quants import block_codes
 from lmforge.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora
@@ -137,6 +137,21 @@ def test_float32_kernel_computes_with_the_values_packed(kind, bias):
         # PyTorch's kernel is ~1e-3 away: bf16 inputs, scales and outputs
         layer.float32_kernel = False
         assert ((layer(x).double() - exact).norm() / exact.norm()).item() > 1e-4
+
+
+def test_kernel_library_loads_only_from_a_folder_of_this_user(tmp_path, monkeypatch):
+    """The kernel is native code lmforge runs: a cache folder everyone can write to (a planted library) is refused,
+    and packed layers keep PyTorch's kernel (``cpu_kernel.available`` says why, on one line)."""
+    shared = tmp_path / "inductor"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(runtime, "configure_compile_cache", lambda: shared)
+    with pytest.raises(RuntimeError, match="everyone can write"):
+        cpu_kernel._library()
+    shared.chmod(0o755)
+    (shared / "lmforge-kernels").chmod(0o777)
+    with pytest.raises(RuntimeError, match="everyone can write"):
+        cpu_kernel._library()
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])

@@ -101,10 +101,13 @@ def _library() -> Path:
         b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode()])
     ).hexdigest()[:16]
     folder = runtime.configure_compile_cache() / "lmforge-kernels"
-    folder.mkdir(parents=True, exist_ok=True)
+    for path in (folder.parent, folder):  # made private when made here (inductor writes to the first too)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(folder.parent, folder)
     target = folder / f"packed_matvec-{key}.so"
     with FileLock(str(folder / f"{target.name}.lock")):
         if target.exists():
+            _check_private(target)
             return target
         print("building lmforge's float32 int4 kernel (once, ~20 s)", file=sys.stderr)
         fd, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
@@ -135,3 +138,14 @@ def _library() -> Path:
             if os.path.exists(scratch):
                 os.unlink(scratch)
     return target
+
+
+def _check_private(*paths: Path) -> None:
+    """A library is code this process runs: load one only where no other user could have put it (a cache in a
+    shared temp folder, say), so each path must be this user's and not writable by everyone."""
+    if not hasattr(os, "getuid"):
+        return
+    for path in paths:
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o002:
+            raise RuntimeError(f"{path} belongs to another user or everyone can write to it")
