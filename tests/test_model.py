@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from lmforge import Config, Transformer
-from lmforge.model import IGNORE_INDEX
+from lmforge import Config, Transformer, cpu_kernel
+from lmforge.model import IGNORE_INDEX, single_query_attention
 
 from .conftest import tiny_llm
 
@@ -64,6 +65,43 @@ def test_kv_cache_equals_full_forward(pair):
         steps = [model(ids[:, t : t + 1], cache=cache)[0] for t in range(8, 20)]
     incremental = torch.cat([first, *steps], dim=1)
     assert (incremental - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "columns", "dim"),
+    [(1, 9, 3, 256, 64), (3, 8, 2, 37, 128), (2, 4, 4, 5, 32)],
+    ids=["smollm2", "gqa-4", "mha"],
+)
+def test_decode_attention_matches_sdpa(batch, heads, kv_heads, columns, dim):
+    """A decode step's attention on a CPU (``cpu_kernel.decode_attention``) computes SDPA's softmax(q k^T) v to
+    float32 rounding: over masks with holes (padding, unwritten columns, a window), a slice of a cache's
+    columns, one mask row for the whole batch, and compiled; a row that may see no column gets NaN, as SDPA's."""
+    assert cpu_kernel.available()  # x86 with AVX2 and g++: every machine CI runs on
+    g = torch.Generator().manual_seed(columns)
+    q = torch.randn(batch, heads, 1, dim, generator=g)
+    k, v = (torch.randn(batch, kv_heads, columns + 7, dim, generator=g) for _ in range(2))
+    k, v = k[:, :, :columns], v[:, :, :columns]  # a cache's first columns: rows of D apart, not contiguous
+    mask = torch.rand(batch, 1, 1, columns, generator=g) > 0.4
+    mask[..., -1] = True
+
+    def sdpa(mask: torch.Tensor) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
+        )  # (B, H, 1, D)
+        return y.transpose(1, 2).reshape(batch, 1, heads * dim)
+
+    compiled = torch.compile(single_query_attention, fullgraph=True, dynamic=False)
+    for m in (mask, mask[:1].expand(batch, -1, -1, -1)):
+        for attend in (single_query_attention, compiled):
+            assert (attend(q, k, v, m).double() - sdpa(m)).abs().max().item() <= 1e-6
+    blind = mask.clone()
+    blind[0] = False
+    out = single_query_attention(q, k, v, blind)
+    assert out[0].isnan().all() and not out[1:].isnan().any()
+    # the plain ops it replaces on a CPU (and runs on other devices) agree
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernel, "_loaded", False)
+        assert (single_query_attention(q, k, v, mask).double() - sdpa(mask)).abs().max().item() <= 1e-5
 
 
 def test_ignore_index_skips_positions(tiny_tokenizer):

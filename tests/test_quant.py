@@ -387,6 +387,13 @@ def test_smollm2_packed_matches_float(smollm2_packed, smollm2):
     packed, floats = smollm2_packed, smollm2
     assert packing_summary(packed.model).startswith("210 int4, 1 int8 linear layers")
     assert packed.model.lm_head.exact_top == HEAD_EXACT_TOP
+    # One sequence's step runs the head through lmforge's float32 kernel: every logit exact, not only the 8
+    # best that PyTorch's bf16 kernel gets rescored (it is ~1e-3 off elsewhere).
+    head = packed.model.lm_head
+    state = torch.randn(1, head.in_features, generator=torch.Generator().manual_seed(7))
+    exact = state.double() @ head.dequantize().double().T
+    with torch.no_grad():
+        assert ((head(state).double() - exact).norm() / exact.norm()).item() <= 1e-6
     assert packing_summary(floats.model) == "not packed (float weights)"
     # the tied table and head are one set of int8 codes
     assert isinstance(packed.model.wte, PackedEmbedding) and packed.model.wte._head[0] is packed.model.lm_head

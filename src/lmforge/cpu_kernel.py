@@ -1,4 +1,5 @@
-"""lmforge's own float32 matvec over packed 4-bit weights (``packed_matvec.cpp``), built on first use.
+"""lmforge's own float32 CPU kernels, built on first use: a matvec over packed 4-bit weights
+(``packed_matvec.cpp``) and a decode step's attention (``decode_attention.cpp``, see ``decode_attention``).
 
 Why a kernel of our own: PyTorch's ``_weight_int4pack_mm_for_cpu`` (what ``lmforge.quant`` runs packed layers
 through) takes bf16 activations, bf16 scales and returns bf16. Each rounding is up to 1/256 of a value, and on
@@ -9,14 +10,14 @@ exact but ~10x slower. This kernel reads the same packed bytes and bf16 scales a
 correction per scale and zero that restores the values packed (a GGUF file's fp16 scales exactly), and
 multiplies in float32 with AVX2 (or AVX-512) FMA: it computes with exactly the weight
 ``PackedLinear.dequantize`` returns, at least as fast as the bf16 kernel for one row (docs/architecture.md). A decode
-step of one sequence runs its blocks through it; several rows, and the output head (whose best logits are
-computed again in float32 anyway), keep PyTorch's kernel, which tiles rows.
+step of one sequence runs its blocks and its output head through it; several rows keep PyTorch's kernel, which
+tiles rows.
 
 It is C++ compiled here, once, with the compiler ``torch.compile`` needs anyway (``g++``); the library lands
 beside inductor's cache (``lmforge.runtime.configure_compile_cache``) under a name that hashes its source, the
 flags and the torch version. Where it does not run, packed layers keep PyTorch's kernel (the same results to
-within bf16 rounding): on a CPU without AVX2 or a layout it does not read, silently; where it fails to build
-(no compiler), with one line on stderr saying why.
+within bf16 rounding) and attention its torch ops (the same to float32 rounding): on a CPU without AVX2 or a
+layout it does not read, silently; where it fails to build (no compiler), with one line on stderr saying why.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from lmforge import runtime
 
-SOURCE = Path(__file__).with_name("packed_matvec.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("packed_matvec.cpp", "decode_attention.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw"]  # added where the CPU has them: vectors of 16 rows
 BLOCKS = (32, 64)  # rows per block of the "split" layouts the kernel reads (AVX2 and AVX-512 PyTorch builds)
@@ -56,7 +57,32 @@ def available() -> bool:
         )
         return False
     torch.library.register_fake("lmforge::packed_matvec")(_shape_only)
+    torch.library.register_fake("lmforge::decode_attention")(_attention_shape)
+    global _loaded
+    _loaded = True
     return True
+
+
+_loaded = (
+    False  # the library is loaded (``available`` returned True): read inside compiled code, a plain flag
+)
+
+
+def runs_decode_attention(q: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` takes a query like q: float32 on the CPU, once ``available`` loaded the
+    library (``generate.decode_step_function`` asks before a model decodes on the CPU)."""
+    return _loaded and q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """One query per row: q (B, H, D), keys and values (B, K, L, D), allowed (B, L) bool -> (B, H * D) float32,
+    softmax(q k^T / sqrt(D)) v over the allowed columns, grouped-query heads sharing their key/value head.
+
+    ``decode_attention.cpp``: it reads each allowed column once and skips the others (a bucketed cache's
+    unwritten columns cost nothing). k and v may be slices of a cache's columns."""
+    return torch.ops.lmforge.decode_attention(q.contiguous(), k, v, allowed)
 
 
 def packed_matvec(
@@ -88,6 +114,12 @@ def _shape_only(
     return x.new_empty(x.shape[0], rows)
 
 
+def _attention_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
 def _library() -> Path:
     """The built library's path: from the cache, or compiled now under a lock (one build for all processes)."""
     from filelock import FileLock
@@ -96,20 +128,19 @@ def _library() -> Path:
     flags = [*FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         flags += AVX512_FLAGS
-    source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode()])
+        b"\0".join([*(s.read_bytes() for s in SOURCES), " ".join(flags).encode(), torch.__version__.encode()])
     ).hexdigest()[:16]
     folder = runtime.configure_compile_cache() / "lmforge-kernels"
     for path in (folder.parent, folder):  # made private when made here (inductor writes to the first too)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(folder.parent, folder)
-    target = folder / f"packed_matvec-{key}.so"
+    target = folder / f"lmforge_kernels-{key}.so"
     with FileLock(str(folder / f"{target.name}.lock")):
         if target.exists():
             _check_private(target)
             return target
-        print("building lmforge's float32 int4 kernel (once, ~20 s)", file=sys.stderr)
+        print("building lmforge's float32 CPU kernels (once, ~20 s)", file=sys.stderr)
         fd, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
@@ -118,7 +149,7 @@ def _library() -> Path:
                     "g++",
                     *flags,
                     *(f"-I{p}" for p in cpp_extension.include_paths()),
-                    str(SOURCE),
+                    *(str(s) for s in SOURCES),
                     "-o",
                     scratch,
                     *(f"-L{p}" for p in cpp_extension.library_paths()),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge import cpu_kernel
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, StaticKVCache, Transformer
 from lmforge.prefix_cache import PrefixCache
@@ -253,7 +254,10 @@ _compiled_steps: weakref.WeakKeyDictionary[Transformer, CompiledStep] = weakref.
 
 def decode_step_function(model: Transformer) -> Callable[[torch.Tensor, StaticKVCache], torch.Tensor]:
     """The one-token step generation uses: ``CompiledStep`` when ``model.compile_decode`` (the loader's
-    default), else ``model.decode_step`` as it is (eager)."""
+    default), else ``model.decode_step`` as it is (eager). On a CPU, lmforge's kernels are built (or found) first:
+    the step's attention runs through ``cpu_kernel.decode_attention`` where they are."""
+    if model.device.type == "cpu":
+        cpu_kernel.available()
     if not model.compile_decode:
         return model.decode_step
     step = _compiled_steps.get(model)

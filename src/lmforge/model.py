@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lmforge import cpu_kernel
 from lmforge.config import Config
 
 _INITIALISERS = (
@@ -407,9 +408,14 @@ def single_query_attention(
 
     The same softmax(q k^T / sqrt(D)) v as SDPA, as plain reductions that torch.compile fuses: for one query,
     SDPA's flash kernel costs ~110 us a layer on a 2-core CPU, these ~50 us (a third of the attention time).
-    Query heads are grouped over their key/value head (GQA) instead of repeating keys.
+    Query heads are grouped over their key/value head (GQA) instead of repeating keys. Float32 on a CPU runs
+    ``cpu_kernel.decode_attention`` instead: the same arithmetic, reading only the columns the mask allows.
     """
     B, H, _, D = q.shape
+    if cpu_kernel.runs_decode_attention(q):
+        return cpu_kernel.decode_attention(q.view(B, H, D), k, v, mask[:, 0, 0].expand(B, -1)).view(
+            B, 1, H * D
+        )
     K = k.shape[1]
     qg = q.view(B, K, H // K, 1, D)  # (B, K, G, 1, D)
     scores = (qg * k[:, :, None]).sum(-1) * D**-0.5  # (B, K, G, S)

@@ -299,12 +299,13 @@ class PackedLinear(nn.Module):
     (N'/16, P*K/32, 16, 2): what bf16 dropped of each (``fixes``), also as int16 bits. P is the number of planes
     (1 for int4, 2 for int8), N' the rows padded to ``KERNEL_ROWS``.
 
-    ``exact_top`` (0: off; the output head gets ``HEAD_EXACT_TOP``): the kernel returns bf16, whose rounding is
+    ``exact_top`` (0: off; the output head gets ``HEAD_EXACT_TOP``): PyTorch's kernel returns bf16, whose rounding is
     up to 1/256 of a value, about 0.06 for a logit of 15, and greedy decoding's top-2 gaps are often smaller.
     Rounding the head's output flipped near-ties. Each row's ``exact_top`` highest logits are computed again in
     float32 from their rows' codes (a gather of 8 rows, not a second pass over the head); greedy chat answers
     equal to the fp32 path's went from 5/10 to 8/10 on SmolLM2 Q8_0 and from 4/10 to 8/10 on Q4_1 (eager, one
-    thread; docs/architecture.md has the compiled figures).
+    thread; docs/architecture.md has the compiled figures). One row through lmforge's float32 kernel (a decode
+    step of one sequence) is exact already, and is not rescored.
     """
 
     exact_top: int = 0
@@ -426,7 +427,7 @@ class PackedLinear(nn.Module):
                 y = self.gemm(x2)
             else:
                 y = self.kernel_matmul(x2)
-            if self.exact_top:
+            if self.exact_top and not self.computes_in_float32(x2):
                 y = self._rescore_top(x2, y)
         if self.bias is not None:
             y = y + self.bias
@@ -436,7 +437,7 @@ class PackedLinear(nn.Module):
         """x (M, K) -> (M, N) in x's dtype through a packed kernel: one row of a layer the float32 one can read
         (``float32_kernel``) through lmforge's (``lmforge.cpu_kernel``), anything else through PyTorch's,
         which computes in bf16."""
-        if self.float32_kernel and x.shape[0] == 1:
+        if self.computes_in_float32(x):
             xf = x.float()
             if self.planes == 2:
                 xf = torch.cat([xf, xf], dim=-1)
@@ -456,6 +457,11 @@ class PackedLinear(nn.Module):
         scales_zeros = self.scales_zeros.contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, scales_zeros)
         return y[:, : self.out_features].to(x.dtype)
+
+    def computes_in_float32(self, x: torch.Tensor) -> bool:
+        """Whether ``kernel_matmul`` takes x (M, K) through lmforge's float32 kernel: one row, a layout it reads
+        (its output is then exact: an ``exact_top`` head needs no rescoring)."""
+        return self.float32_kernel and x.shape[0] == 1
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype by GEMMs over the weight dequantized a slice of rows at a time: in
@@ -671,9 +677,6 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight | PackedL
             model.lm_head = table
     if isinstance(getattr(model, "lm_head", None), PackedLinear):
         model.lm_head.exact_top = HEAD_EXACT_TOP
-        # PyTorch's bf16 kernel was 2x faster than lmforge's float32 one on a 49k-row head, whose best logits are
-        # computed again in float32 anyway
-        model.lm_head.float32_kernel = False
     join_projections(model)
     return model
 
