@@ -14,9 +14,12 @@ Files: the shipped Q4_1 GGUF and an lmforge Q8_0 export of it (``_models.smollm2
 Per (file, engine) cell: decode tok/s (batch 1, greedy, --new-tokens after a short prompt, EOS ignored),
 prefill tok/s (one 512-token prompt, time to the first logits), "first-call s" (the untimed warm-up
 generation: for ``packed`` it includes torch.compile) and the peak RSS of the process. Each cell runs in its
-own subprocess (``--worker ENGINE FILE``, token ids on stdin, one JSON line out) so that the peak RSS is that
-engine's alone; every subprocess gets the same thread count. Timings are medians of --repeats runs after one
-warm-up. The parent tokenizes both prompts once per file, so every engine sees the same token ids.
+own subprocess (``--worker ENGINE FILE``: token ids on its first stdin line, then one command a line, one JSON
+line out for each) so that the peak RSS is that engine's alone; every subprocess gets the same thread count.
+The workers start and warm up one after another, then the timed runs go in rounds, every cell once a round
+(decode, then prefill), so that a machine whose speed drifts over minutes slows every engine alike: tok/s are
+medians over --repeats rounds, and the ratio columns are medians of each round's own ratio. The parent
+tokenizes both prompts once per file, so every engine sees the same token ids.
 """
 
 from __future__ import annotations
@@ -149,14 +152,10 @@ ENGINE_STEPS = {
 
 
 # ------------------------------------------------------------------------------------------ worker
-def measure(step: Step, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call, the warm-up; median seconds of the ``repeats`` calls after it)."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+def seconds(step: Step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def peak_rss_mib() -> float:
@@ -169,19 +168,20 @@ def peak_rss_mib() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
 
 
-def worker(engine: str, path: Path, args: argparse.Namespace) -> dict:
-    ids = json.load(sys.stdin)
-    decode, prefill = ENGINE_STEPS[engine](engine, path, ids, args)
-    first_call, decode_s = measure(decode, args.repeats)
-    _, prefill_s = measure(prefill, args.repeats)
-    return {
-        "engine": engine,
-        "file": str(path),
-        "decode": args.new_tokens / decode_s,
-        "prefill": PREFILL_TOKENS / prefill_s,
-        "first_call_s": first_call,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+def worker(engine: str, path: Path, args: argparse.Namespace) -> None:
+    """Set up, warm up (the first call of each step), answer ``{"first_call_s"}``; then for each command line
+    "decode" or "prefill" one timed run (``{"seconds"}``), and for "done" ``{"peak_rss_mib"}``."""
+    ids = json.loads(sys.stdin.readline())
+    steps = dict(zip(("decode", "prefill"), ENGINE_STEPS[engine](engine, path, ids, args), strict=True))
+    first_call = seconds(steps["decode"])
+    seconds(steps["prefill"])
+    print(json.dumps({"first_call_s": first_call}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "done":
+            print(json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
+            return
+        print(json.dumps({"seconds": seconds(steps[command])}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -198,17 +198,45 @@ def prompt_ids(path: Path) -> Ids:
     return {"prompt": tokenizer.encode(PROMPT), "long": long}
 
 
-def run_cell(engine: str, path: Path, ids: Ids, args: argparse.Namespace) -> dict | None:
-    options = [f"--threads={args.threads}", f"--repeats={args.repeats}", f"--new-tokens={args.new_tokens}"]
-    command = [sys.executable, __file__, "--worker", engine, str(path), *options]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(command, input=json.dumps(ids), capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        print(f"{ENGINES[engine]} on {path.name} failed:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
-        return None
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {ENGINES[engine]} on {path.name}: {result}", file=sys.stderr, flush=True)
-    return result
+class Cell:
+    """One (file, engine) worker process, asked for one timed run at a time."""
+
+    def __init__(self, engine: str, path: Path, ids: Ids, args: argparse.Namespace) -> None:
+        self.engine, self.path = engine, path
+        options = [f"--threads={args.threads}", f"--new-tokens={args.new_tokens}"]
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", engine, str(path), *options],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
+        self.times: dict[str, list[float]] = {"decode": [], "prefill": []}
+        self.first_call_s = self.ask(json.dumps(ids))["first_call_s"]
+
+    def ask(self, line: str) -> dict:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"{ENGINES[self.engine]} on {self.path.name} failed (its stderr is above)")
+        return json.loads(answer)
+
+    def run(self, step: str) -> None:
+        self.times[step].append(self.ask(step)["seconds"])
+
+    def finish(self, args: argparse.Namespace) -> dict:
+        result = {
+            "decode": args.new_tokens / statistics.median(self.times["decode"]),
+            "prefill": PREFILL_TOKENS / statistics.median(self.times["prefill"]),
+            "decode_runs": [args.new_tokens / s for s in self.times["decode"]],
+            "first_call_s": self.first_call_s,
+            "peak_rss_mib": self.ask("done")["peak_rss_mib"],
+        }
+        self.process.wait()
+        print(f"  {ENGINES[self.engine]} on {self.path.name}: {result}", file=sys.stderr, flush=True)
+        return result
 
 
 def machine_line(args: argparse.Namespace) -> str:
@@ -227,12 +255,16 @@ def machine_line(args: argparse.Namespace) -> str:
         f"SmolLM2-135M-Instruct on {model} (avx512_bf16: {'yes' if 'avx512_bf16' in flags else 'no'}, "
         f"amx: {','.join(amx) or 'no'}), {args.threads} threads, torch {package('torch')}, "
         f"llama_cpp {package('llama-cpp-python')}, transformers {package('transformers')}, "
-        f"medians of {args.repeats}"
+        f"medians of {args.repeats} rounds, every engine once a round"
     )
 
 
-def ratio(value: float, reference: dict | None) -> str:
-    return f"{value / reference['decode']:.2f}x" if reference else "–"
+def ratio(result: dict, reference: dict | None) -> str:
+    """The median of the rounds' decode ratios (each round ran both cells within a minute or so)."""
+    if not reference:
+        return "–"
+    pairs = zip(result["decode_runs"], reference["decode_runs"], strict=True)
+    return f"{statistics.median(a / b for a, b in pairs):.2f}x"
 
 
 def table(results: dict[tuple[str, str], dict | None], args: argparse.Namespace) -> list[str]:
@@ -247,8 +279,8 @@ def table(results: dict[tuple[str, str], dict | None], args: argparse.Namespace)
             continue
         lines.append(
             f"| {label} | {ENGINES[engine]} | {r['decode']:.1f} | {r['prefill']:.0f} | {r['first_call_s']:.1f} "
-            f"| {r['peak_rss_mib']:.0f} | {ratio(r['decode'], results.get((label, 'llamacpp')))} "
-            f"| {ratio(r['decode'], results.get((label, 'fp32')))} |"
+            f"| {r['peak_rss_mib']:.0f} | {ratio(r, results.get((label, 'llamacpp')))} "
+            f"| {ratio(r, results.get((label, 'fp32')))} |"
         )
     return lines
 
@@ -269,13 +301,23 @@ def parent(args: argparse.Namespace) -> None:
     if not set(labels) <= set(files):
         sys.exit(f"unknown file(s) {sorted(set(labels) - set(files))}: choose from {', '.join(files)}")
 
-    results = {}
+    cells: dict[tuple[str, str], Cell | None] = {}
     for label in labels:
         ids = prompt_ids(files[label])
         for engine in engines:
             if engine == "hf" and label != HF_FILE:
                 continue
-            results[(label, engine)] = run_cell(engine, files[label], ids, args)
+            try:
+                cells[(label, engine)] = Cell(engine, files[label], ids, args)
+            except RuntimeError as e:
+                print(e, file=sys.stderr, flush=True)
+                cells[(label, engine)] = None
+    for _ in range(args.repeats):
+        for cell in cells.values():
+            if cell is not None:
+                cell.run("decode")
+                cell.run("prefill")
+    results = {key: cell.finish(args) if cell else None for key, cell in cells.items()}
     print("\n" + machine_line(args))
     print("\n".join(table(results, args)))
 
@@ -291,7 +333,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         engine, path = args.worker
-        print(json.dumps(worker(engine, Path(path), args)))
+        worker(engine, Path(path), args)
     else:
         parent(args)
 
