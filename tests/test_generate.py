@@ -16,6 +16,7 @@ from lmforge import LmforgeError, SamplingParams
 from lmforge.generate import (
     TextStream,
     apply_repetition_penalty,
+    argmax_rows,
     complete,
     filter_logits,
     generate_tokens,
@@ -80,6 +81,19 @@ def test_seed_makes_sampling_reproducible(tiny_tokenizer):
     c = llm.generate_text("hello", max_length=20, temperature=1.0, seed=8)
     assert a == b
     assert a != c
+
+
+def test_argmax_rows_is_torch_argmax():
+    """Greedy picks (numpy's argmax on a CPU) agree with torch.argmax: the first of ties, NaN as the largest."""
+    logits = torch.randn(6, 49152, generator=torch.Generator().manual_seed(0))
+    logits[1, [7, 9000]] = 50.0  # a tie: the first wins
+    logits[2, 123] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, [5, 6]] = float("inf")
+    picked = argmax_rows(logits)
+    assert picked.dtype == torch.int64 and torch.equal(picked, logits.argmax(dim=-1))
+    assert picked[1] == 7 and picked[2] == 123
+    assert torch.equal(argmax_rows(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # a strided view
 
 
 def test_top_k_1_is_greedy(tiny_tokenizer):

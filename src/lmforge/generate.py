@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lmforge import cpu_kernel
@@ -120,6 +121,15 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) the index of each row's largest value, the first of ties (NaN counts as largest), as
+    ``torch.argmax``. On a CPU through numpy's: torch's took ~106 us for one 49k-token row on 2 threads,
+    numpy's vectorised one ~10 us, 1 % of a SmolLM2 decode step (and of each row of a server's batch)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(logits.detach().numpy(), axis=-1))
+    return logits.argmax(dim=-1)
+
+
 FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (a subnormal); anything below rounds to 0
 
 
@@ -134,7 +144,7 @@ def next_tokens(
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature < FLOAT32_TINIEST:  # 0, or a temperature float32 holds as 0 (dividing by it: NaN)
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     # Shifted so the largest is 0 before scaling: a tiny temperature (1e-45) then sends the others to -inf
     # (greedy) instead of sending every logit to +-inf (NaN probabilities). No filter or softmax sees a shift.
     probs = filter_logits(logits - logits.amax(dim=-1, keepdim=True), params).softmax(-1)
