@@ -98,6 +98,9 @@ def test_decode_attention_matches_sdpa(batch, heads, kv_heads, columns, dim):
     blind[0] = False
     out = single_query_attention(q, k, v, blind)
     assert out[0].isnan().all() and not out[1:].isnan().any()
+    # keys laid out as a projection's (B, S, K, D) transposed, not a cache's: copied, same result
+    kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    assert torch.equal(single_query_attention(q, kt, vt, mask), single_query_attention(q, k, v, mask))
     # the plain ops it replaces on a CPU (and runs on other devices) agree
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_kernel, "_loaded", False)

@@ -10,8 +10,9 @@ exact but ~10x slower. This kernel reads the same packed bytes and bf16 scales a
 correction per scale and zero that restores the values packed (a GGUF file's fp16 scales exactly), and
 multiplies in float32 with AVX2 (or AVX-512) FMA: it computes with exactly the weight
 ``PackedLinear.dequantize`` returns, at least as fast as the bf16 kernel for one row (docs/architecture.md). A decode
-step of one sequence runs its blocks and its output head through it; several rows keep PyTorch's kernel, which
-tiles rows.
+step of one sequence runs its blocks and its output head through it, and so do a few rows (a prompt, a server's
+batch: ``quant.FLOAT32_ROWS``) where it reads 64-row blocks (AVX-512), 4 at a time; elsewhere several rows keep
+PyTorch's kernel, which tiles rows.
 
 It is C++ compiled here, once, with the compiler ``torch.compile`` needs anyway (``g++``); the library lands
 beside inductor's cache (``lmforge.runtime.configure_compile_cache``) under a name that hashes its source, the
@@ -81,7 +82,8 @@ def decode_attention(
     softmax(q k^T / sqrt(D)) v over the allowed columns, grouped-query heads sharing their key/value head.
 
     ``decode_attention.cpp``: it reads each allowed column once and skips the others (a bucketed cache's
-    unwritten columns cost nothing). k and v may be slices of a cache's columns."""
+    unwritten columns cost nothing). k and v may be slices of a cache's columns; other layouts are copied."""
+    k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (k, v))
     return torch.ops.lmforge.decode_attention(q.contiguous(), k, v, allowed)
 
 

@@ -74,6 +74,10 @@ GEMM_DEQUANT_WEIGHTS = (
 # rows (2 threads, AMX Xeon), so int4 switches after 8 rows; int8 runs the kernel on two planes, twice the work:
 # 25.6 ms at 8 rows against the copy's 22.8, so it switches from 5 (docs/architecture.md).
 DENSE_ROWS: dict[str, int] = {"int4": 9, "int8": 5}
+# Up to this many input rows, a layer whose 64-row blocks lmforge's float32 kernel reads (AVX-512) goes there:
+# faster than PyTorch's kernel from 1 to 128 rows on SmolLM2's gate/up (8 rows 165 against 232 us, 64 rows
+# 1.2 against 1.7 ms; 256 rows 9.8 against 7.3), and exact (docs/architecture.md).
+FLOAT32_ROWS = 64
 # per group of 32 values and plane: 16 bytes of codes (two a byte), a bf16 scale and zero, and their bf16 fixes
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2 + 2 * 2) for kind, planes in PLANES.items()}
 
@@ -434,9 +438,8 @@ class PackedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) -> (M, N) in x's dtype through a packed kernel: one row of a layer the float32 one can read
-        (``float32_kernel``) through lmforge's (``lmforge.cpu_kernel``), anything else through PyTorch's,
-        which computes in bf16."""
+        """x (M, K) -> (M, N) in x's dtype through a packed kernel: lmforge's (``lmforge.cpu_kernel``) where
+        ``computes_in_float32``, else PyTorch's, which computes in bf16."""
         if self.computes_in_float32(x):
             xf = x.float()
             if self.planes == 2:
@@ -459,9 +462,11 @@ class PackedLinear(nn.Module):
         return y[:, : self.out_features].to(x.dtype)
 
     def computes_in_float32(self, x: torch.Tensor) -> bool:
-        """Whether ``kernel_matmul`` takes x (M, K) through lmforge's float32 kernel: one row, a layout it reads
-        (its output is then exact: an ``exact_top`` head needs no rescoring)."""
-        return self.float32_kernel and x.shape[0] == 1
+        """Whether ``kernel_matmul`` takes x (M, K) through lmforge's float32 kernel (its output is then exact:
+        an ``exact_top`` head needs no rescoring): a layout it reads, and one row, or up to ``FLOAT32_ROWS`` rows
+        where it has 64-row blocks (AVX-512: it converts each code once for 4 rows at a time)."""
+        rows = x.shape[0]
+        return self.float32_kernel and (rows == 1 or (self.layout[1] == 64 and rows <= FLOAT32_ROWS))
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype by GEMMs over the weight dequantized a slice of rows at a time: in
