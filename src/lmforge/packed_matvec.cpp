@@ -91,13 +91,24 @@ void block_row(const float* x, int64_t K, const uint8_t* codes, Pairs p, const f
 }
 
 #ifdef __AVX512F__
+// The exact scale and min of 16 rows' group (its bf16 pairs at pairs, their fixes at fixes; a bf16 is the top half
+// of a float32): scale = scale_bf16 + fix_scale, min = zero_bf16 - 8 * scale_bf16 + fix_min.
+inline void scales_mins_16(const uint16_t* pairs, const uint16_t* fixes, __m512& scale, __m512& min) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i pair = _mm512_loadu_si512(pairs);
+  const __m512i fix = _mm512_loadu_si512(fixes);
+  const __m512 scale_bf16 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+  const __m512 zero_bf16 = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
+  scale = _mm512_add_ps(scale_bf16, _mm512_castsi512_ps(_mm512_slli_epi32(fix, 16)));
+  min = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), scale_bf16, zero_bf16),
+                      _mm512_castsi512_ps(_mm512_and_si512(fix, high_half)));
+}
+
 // block_row<64> in vectors of 16 rows: half the instructions a weight, and two columns at a time (even and odd
 // k in their own sums, so the adds of one column do not wait for the previous one's).
 void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs p, const float* xsum,
                          float* out) {
   const __m512i low_nibble = _mm512_set1_epi32(15);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512 minus_eight = _mm512_set1_ps(-8.f);
   prefetch_pairs<64>(p.scales_zeros, K / kGroup, p.ld);
   __m512 acc[4];
   for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
@@ -126,13 +137,8 @@ void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs 
     const __m512 xs = _mm512_set1_ps(xsum[g]);
     const uint16_t* sz = p.scales_zeros + 2 * g * p.ld;
     for (int i = 0; i < 4; ++i) {
-      const __m512i pair = _mm512_loadu_si512(sz + 32 * i);
-      const __m512i fix = _mm512_loadu_si512(p.fix(g, 16 * i));
-      const __m512 scale_bf16 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero_bf16 = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
-      const __m512 scale = _mm512_add_ps(scale_bf16, _mm512_castsi512_ps(_mm512_slli_epi32(fix, 16)));
-      const __m512 min = _mm512_add_ps(_mm512_fmadd_ps(minus_eight, scale_bf16, zero_bf16),
-                                       _mm512_castsi512_ps(_mm512_and_si512(fix, high_half)));
+      __m512 scale, min;
+      scales_mins_16(sz + 32 * i, p.fix(g, 16 * i), scale, min);
       acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, _mm512_fmadd_ps(min, xs, acc[i]));
     }
   }
@@ -145,8 +151,6 @@ template <int R>
 void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs p, const float* xsum, float* out,
                           int64_t ldo) {
   const __m512i low_nibble = _mm512_set1_epi32(15);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512 minus_eight = _mm512_set1_ps(-8.f);
   const int64_t G = K / kGroup;
   prefetch_pairs<64>(p.scales_zeros, G, p.ld);
   for (int r = 0; r < R; ++r)
@@ -170,13 +174,8 @@ void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs
     }
     const uint16_t* sz = p.scales_zeros + 2 * g * p.ld;
     for (int i = 0; i < 4; ++i) {
-      const __m512i pair = _mm512_loadu_si512(sz + 32 * i);
-      const __m512i fix = _mm512_loadu_si512(p.fix(g, 16 * i));
-      const __m512 scale_bf16 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero_bf16 = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
-      const __m512 scale = _mm512_add_ps(scale_bf16, _mm512_castsi512_ps(_mm512_slli_epi32(fix, 16)));
-      const __m512 min = _mm512_add_ps(_mm512_fmadd_ps(minus_eight, scale_bf16, zero_bf16),
-                                       _mm512_castsi512_ps(_mm512_and_si512(fix, high_half)));
+      __m512 scale, min;
+      scales_mins_16(sz + 32 * i, p.fix(g, 16 * i), scale, min);
       for (int r = 0; r < R; ++r) {
         float* o = out + r * ldo + 16 * i;
         const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
