@@ -286,6 +286,17 @@ def test_exact_top_rescores_a_heads_best_logits_in_float32(kind):
     assert torch.equal(rescored.argmax(-1), exact.argmax(-1))
     # only the k best of each row change
     assert ((rescored != plain).sum(-1) <= 8).all()
+    # rows through a bf16 copy (a server's batch) are rescored too, also where lmforge's kernel would take them
+    head = PackedLinear(
+        quantize_weight(random_weight(320, k, seed=3), kind)
+    )  # whole blocks: its kernel reads it
+    head.exact_top = 8
+    head.keep_dense_copy()
+    rows = torch.randn(quant.DENSE_ROWS[kind], k, generator=torch.Generator().manual_seed(8)) * 4
+    exact = F.linear(rows, head.dequantize())
+    top = exact.topk(4, dim=-1).indices
+    with torch.no_grad():
+        assert torch.allclose(head(rows).gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
     # a vocabulary smaller than k is rescored whole
     small = PackedLinear(quantize_weight(random_weight(16, k, seed=5), kind))
     small.exact_top = 32

@@ -308,8 +308,8 @@ class PackedLinear(nn.Module):
     Rounding the head's output flipped near-ties. Each row's ``exact_top`` highest logits are computed again in
     float32 from their rows' codes (a gather of 8 rows, not a second pass over the head); greedy chat answers
     equal to the fp32 path's went from 5/10 to 8/10 on SmolLM2 Q8_0 and from 4/10 to 8/10 on Q4_1 (eager, one
-    thread; docs/architecture.md has the compiled figures). One row through lmforge's float32 kernel (a decode
-    step of one sequence) is exact already, and is not rescored.
+    thread; docs/architecture.md has the compiled figures). Rows through lmforge's float32 kernel (a decode step
+    of one sequence; a few rows on AVX-512) are exact already, and are not rescored; a bf16 copy's are.
     """
 
     exact_top: int = 0
@@ -425,13 +425,14 @@ class PackedLinear(nn.Module):
         if x2.requires_grad:
             y = _KernelMatmul.apply(x2, self)
         else:
+            exact = False  # computed in float32 from the values packed: no rescoring needed
             if self.dense is not None and x2.shape[0] >= DENSE_ROWS[self.kind]:
                 y = F.linear(x2.to(self.dense.dtype), self.dense).to(x.dtype)
             elif x2.shape[0] >= GEMM_ROWS[self.kind]:
                 y = self.gemm(x2)
             else:
-                y = self.kernel_matmul(x2)
-            if self.exact_top and not self.computes_in_float32(x2):
+                y, exact = self.kernel_matmul(x2), self.computes_in_float32(x2)
+            if self.exact_top and not exact:
                 y = self._rescore_top(x2, y)
         if self.bias is not None:
             y = y + self.bias
