@@ -98,9 +98,18 @@ def test_decode_attention_matches_sdpa(batch, heads, kv_heads, columns, dim):
     blind[0] = False
     out = single_query_attention(q, k, v, blind)
     assert out[0].isnan().all() and not out[1:].isnan().any()
-    # keys laid out as a projection's (B, S, K, D) transposed, not a cache's: copied, same result
+    # keys laid out as a projection's (B, S, K, D) transposed, not a cache's, and D values not contiguous
     kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     assert torch.equal(single_query_attention(q, kt, vt, mask), single_query_attention(q, k, v, mask))
+    kd, vd = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (k, v))
+    assert torch.equal(single_query_attention(q, kd, vd, mask), single_query_attention(q, k, v, mask))
+    # one column (a first decode step): a size-1 dimension's stride can be anything, and is read, not assumed
+    k1, v1 = (t[:, :, :1].transpose(2, 3).contiguous().transpose(2, 3) for t in (k, v))
+    m1 = torch.ones(batch, 1, 1, 1, dtype=torch.bool).transpose(0, 3).contiguous().transpose(0, 3)
+    one = F.scaled_dot_product_attention(q, k1, v1, attn_mask=m1, enable_gqa=True)
+    assert (
+        single_query_attention(q, k1, v1, m1) - one.transpose(1, 2).reshape(batch, 1, -1)
+    ).abs().max() <= 1e-6
     # the plain ops it replaces on a CPU (and runs on other devices) agree
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_kernel, "_loaded", False)

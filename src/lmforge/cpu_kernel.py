@@ -82,8 +82,9 @@ def decode_attention(
     softmax(q k^T / sqrt(D)) v over the allowed columns, grouped-query heads sharing their key/value head.
 
     ``decode_attention.cpp``: it reads each allowed column once and skips the others (a bucketed cache's
-    unwritten columns cost nothing). k and v may be slices of a cache's columns; other layouts are copied."""
-    k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (k, v))
+    unwritten columns cost nothing). It reads the strides of k, v and allowed (a slice of a cache's columns,
+    keys laid out as a projection's); k and v whose D values are not contiguous are copied first."""
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     return torch.ops.lmforge.decode_attention(q.contiguous(), k, v, allowed)
 
 

@@ -24,8 +24,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// q (B, H, D) contiguous; k, v (B, K, L, D) with rows of D contiguous (a cache, or a slice of its columns);
-// allowed (B, L) bool with contiguous rows -> (B, H * D). A row with no allowed column gets NaN, as SDPA's does.
+// q (B, H, D) contiguous; k, v (B, K, L, D) with each column's D values contiguous, any other strides (a cache, a
+// slice of its columns); allowed (B, L) bool, any strides -> (B, H * D). A row with no allowed column gets NaN, as
+// SDPA's does. (Strides are read, not assumed: a size-1 dimension's stride can be anything.)
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous (B, H, D) float32");
   TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kFloat && k.sizes() == v.sizes() &&
@@ -33,10 +34,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "k, v: (B, K, L, D) float32");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = k.size(1), L = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && K > 0 && H % K == 0, "k, v: (B, K, L, D) with H a multiple of K");
-  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D,
-              "k, v: each column's D values contiguous");
+  TORCH_CHECK((k.stride(3) == 1 && v.stride(3) == 1) || D == 1, "k, v: each column's D values contiguous");
   TORCH_CHECK(allowed.dim() == 2 && allowed.scalar_type() == at::kBool && allowed.size(0) == B &&
-                  allowed.size(1) == L && allowed.stride(1) == 1,
+                  allowed.size(1) == L,
               "allowed: (B, L) bool");
   at::Tensor out = at::empty({B, H * D}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -54,20 +54,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* keys = kp + b * k.stride(0) + kv * k.stride(1);
       const float* values = vp + b * v.stride(0) + kv * v.stride(1);
       const bool* ok = ap + b * allowed.stride(0);
+      const int64_t ok_step = allowed.stride(1), k_step = k.stride(2), v_step = v.stride(2);
       float* y = op + t * D;
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < L; ++j)
-        if (ok[j]) {
-          score[j] = dot(qv, keys + j * D, D) * scale;
+        if (ok[j * ok_step]) {
+          score[j] = dot(qv, keys + j * k_step, D) * scale;
           best = std::max(best, score[j]);
         }
       for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
       float total = 0.f;
       for (int64_t j = 0; j < L; ++j)
-        if (ok[j]) {
+        if (ok[j * ok_step]) {
           const float p = std::exp(score[j] - best);
           total += p;
-          const float* vj = values + j * D;
+          const float* vj = values + j * v_step;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) y[d] += p * vj[d];
         }
