@@ -18,6 +18,7 @@ from lmforge.generate import (
     apply_repetition_penalty,
     argmax_rows,
     complete,
+    decode_step_function,
     filter_logits,
     generate_tokens,
     left_pad,
@@ -151,6 +152,23 @@ def test_compiled_decode_step_equals_eager_and_full_recompute(preset, tiny_token
         patch.setattr("lmforge.generate.PREFILL_CHUNK", 17)
         chunked = [int(t) for t in generate_tokens(llm.model, [long_prompt], params)]
     assert chunked == whole
+    # Dynamo's guards run on the first step of a generation only (CompiledStep): twice for two generations
+    # one after the other, and on every step when two of them (two graphs: batch 2, batch 1) take turns.
+    checked = []
+    step = decode_step_function(llm.model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "_checked_step", lambda idx, cache: checked.append(1) or step.step(idx, cache))
+        assert [int(t) for t in generate_tokens(llm.model, [long_prompt], params)] == whole
+        assert torch.stack(list(generate_tokens(llm.model, prompts, params)), 1).tolist() == compiled
+        assert len(checked) == 2
+        pair, single = (
+            generate_tokens(llm.model, prompts, params),
+            generate_tokens(llm.model, [long_prompt], params),
+        )
+        turns = [(next(pair), next(single)) for _ in range(12)]
+    assert torch.stack([p for p, _ in turns], 1).tolist() == compiled
+    assert [int(s) for _, s in turns] == whole
+    assert len(checked) == 2 + 2 * 11  # 12 tokens: the first from the prefill, 11 steps each
 
 
 def test_context_limit_stops_generation(tiny_tokenizer):
