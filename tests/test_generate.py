@@ -152,8 +152,8 @@ def test_compiled_decode_step_equals_eager_and_full_recompute(preset, tiny_token
         patch.setattr("lmforge.generate.PREFILL_CHUNK", 17)
         chunked = [int(t) for t in generate_tokens(llm.model, [long_prompt], params)]
     assert chunked == whole
-    # Dynamo's guards run on the first step of a generation only (CompiledStep): twice for two generations
-    # one after the other, and on every step when two of them (two graphs: batch 2, batch 1) take turns.
+    # Dynamo looks up and checks guards on the first step of a generation only (CompiledStep): twice for two
+    # generations one after the other, on every step when two of them (two graphs: batch 2, 1) take turns.
     checked = []
     step = decode_step_function(llm.model)
     with pytest.MonkeyPatch.context() as patch:

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -208,7 +209,10 @@ COMPILE_NOTICE_S = 2.0  # a first call slower than this was a compile (not a cac
 # (~390 us a layer for 8 rows, ~260 us stored). Stored from 8 ops on, SmolLM2's decode step took 13.8 against
 # 14.2 ms at batch 1 and 51.0 against 53.9 ms at batch 8 (medians of 8 alternating rounds in one process,
 # 2 threads): a small gain, largest where batches are (docs/architecture.md).
-STEP_COMPILE_OPTIONS = {"realize_opcount_threshold": 8}
+# Inductor also checks every input's sizes and strides on each call (~640 tensors a SmolLM2 step: 0.56 ms of ~11,
+# paired medians of 20 alternating rounds). Dynamo's guards check the same on the first step of a generation, and
+# the steps after it reuse the very tensors (``CompiledStep``), so the step's code does not check them again.
+STEP_COMPILE_OPTIONS = {"realize_opcount_threshold": 8, "size_asserts": False}
 
 
 class CompiledStep:
@@ -220,9 +224,9 @@ class CompiledStep:
     ``StaticKVCache``): each batch size compiles once, and the server keeps its batch sizes to a few buckets.
     """
 
-    # The last call of any compiled step whose guards ran: (step, cache, the cache's first keys, idx's shape),
-    # the objects held weakly. ``__call__`` skips the guards of a call that repeats it.
-    _last_checked: tuple[tuple[weakref.ref, ...], torch.Size] | None = None
+    # The last call of any compiled step whose guards ran: (step, cache, the cache's first keys; idx's shape, grad
+    # and inference modes), the objects held weakly. ``__call__`` skips the guards of a call that repeats it.
+    _last_checked: tuple[tuple[weakref.ref, ...], tuple[object, ...]] | None = None
     _lock = threading.Lock()
 
     def __init__(self, model: Transformer) -> None:
@@ -231,28 +235,42 @@ class CompiledStep:
             model.decode_step, dynamic=False, fullgraph=True, options=STEP_COMPILE_OPTIONS
         )
         self.batch_sizes: set[int] = set()
+        self.guard_free: Callable[..., torch.Tensor] | None = None  # the code the last checked call ran
         # Every model shares decode_step's code object, and each (model shape, batch size) is one entry.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
 
     def __call__(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """The next step's logits. Dynamo checks its guards (~450 tensors' and modules' properties, 0.5-1 ms of
-        a ~12 ms SmolLM2 step) on the first step of a run of steps only: a step that follows this same step on the
-        same cache, with the same tensors in it and idx of the same shape, with no other compiled step between
-        (another model's, another cache's), has every guarded input as the previous one had, so it runs the
-        compiled code the previous one chose (``skip_guard_eval_unsafe``: dynamo's move-to-front puts that code
-        first). What could differ is a model changed between two steps of one generation, which nothing does.
-        The stance is process-wide, so compiled steps take turns (``_lock``): one thread's skipped guards never
-        meet another thread's first step."""
+        """The next step's logits. Dynamo looks the compiled code up and checks its guards (~450 tensors' and
+        modules' properties) on the first step of a run of steps only, ~1.5-2 ms of a ~12 ms SmolLM2 step: a
+        step that follows this same step on the same cache, with the same tensors in it, idx of the same shape
+        and the same grad mode, with no other compiled step between (another model's, another cache's), has
+        every guarded input the previous one had, so it calls the code the previous one ran directly
+        (``guard_free``: what dynamo's cache holds for it, found at the front, where dynamo moves the entry it
+        runs). What could differ is a model changed between two steps of one generation, which nothing does.
+        Compiled steps take turns (``_lock``), so one thread's steps never interleave with another's."""
         with CompiledStep._lock:
-            last, objects = CompiledStep._last_checked, (self, cache, cache.keys[0])
-            same = last is not None and all(r() is o for r, o in zip(last[0], objects, strict=True))
-            if same and last[1] == idx.shape:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self.step(idx, cache)
+            objects = (self, cache, cache.keys[0])
+            state = (idx.shape, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            last = CompiledStep._last_checked
+            repeated = last is not None and last[1] == state
+            if repeated and all(r() is o for r, o in zip(last[0], objects, strict=True)):
+                if self.guard_free is not None:
+                    return self.guard_free(self.model, idx, cache)
             CompiledStep._last_checked = None  # until this call's guards have passed
             logits = self._checked_step(idx, cache)
-            CompiledStep._last_checked = (tuple(weakref.ref(o) for o in objects), idx.shape)
+            self.guard_free = self._code_that_ran()
+            CompiledStep._last_checked = (tuple(weakref.ref(o) for o in objects), state)
             return logits
+
+    def _code_that_ran(self) -> Callable[..., torch.Tensor] | None:
+        """The compiled code of the step just run, without dynamo's lookup (None: the step runs eagerly)."""
+        if self.step == self.model.decode_step:  # a failed compile fell back to eager
+            return None
+        function = self.model.decode_step.__func__
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__)
+        if not entries or entries[0].code.co_freevars:
+            return None
+        return types.FunctionType(entries[0].code, function.__globals__)
 
     def _checked_step(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         batch = idx.shape[0]
