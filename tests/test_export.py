@@ -249,7 +249,7 @@ def gguf_blocks(path: Path) -> dict[str, tuple[GGMLQuantizationType, np.ndarray]
 
 def assert_q8_0_blocks_kept(before: np.ndarray, after: np.ndarray, name: str) -> None:
     """Q8_0 blocks (an fp16 d, 32 int8 codes): the same bytes, d included (a packed layer keeps each fp16 scale
-    as its bf16 rounding and a bf16 fix)."""
+    exactly, beside its bf16 rounding)."""
     assert np.array_equal(after, before), name
 
 

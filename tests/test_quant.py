@@ -36,6 +36,7 @@ from lmforge.quant import (
     QuantizedWeight,
     check_quant,
     dequantize_planes,
+    exact_scales_mins,
     kernel_layout,
     packed_layers,
     packing_summary,
@@ -73,14 +74,14 @@ def logits(llm: LLM, text: str | list[str]) -> torch.Tensor:
 
 
 def bf16_scaled_weight(layer: PackedLinear) -> torch.Tensor:
-    """The weight PyTorch's kernel multiplies by: the codes with the bf16 scales and zeros (no fixes)."""
+    """The weight PyTorch's kernel multiplies by: the codes with the bf16 scales and zeros."""
     N = layer.out_features
     codes = unpack_codes(layer.packed, layer.planes * layer.in_features, 0, N, layer.layout)
     return dequantize_planes(codes, layer.scales_zeros[:, :N], layer.planes)
 
 
-# Scales and zeros quantized here (float32) are kept to 16 significant bits: a bf16 and its bf16 correction.
-FIX_EPS = 2.0**-15
+# (q - 8) * scale + zero and q * scale + min of the same fp16 scale and min differ by float32 rounding only.
+FLOAT_EPS = 2.0**-22
 
 
 def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -167,17 +168,15 @@ def test_dequantized_weight_is_within_half_a_step_of_the_float_weight(kind):
     q = quantize_weight(weight, kind)
     step = q.scales.repeat_interleave(GROUP, 1)  # one quantization step per value
     assert ((q.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
-    # The layer keeps scales (and int4 zeros) to 16 bits: bf16 for PyTorch's kernel, and a bf16 fix each.
+    # quantize_weight's scales and mins are fp16 values, which the layer holds exactly (its fp16 pairs)
+    assert torch.equal(q.scales, q.scales.half().float())
     layer = PackedLinear(q)
     error = (layer.dequantize() - q.dequantize()).abs()
-    if kind == "int8":
-        bound = FIX_EPS * 128 * q.scales
-    else:
-        bound = FIX_EPS * (8 * q.scales + q.zeros.abs())
-    assert (error <= bound.repeat_interleave(GROUP, 1) + 1e-7).all()
+    size = 128 * q.scales if kind == "int8" else 8 * q.scales + q.zeros.abs()  # how large a value gets
+    assert (error <= FLOAT_EPS * size.repeat_interleave(GROUP, 1) + 1e-7).all()
     # what PyTorch's kernel reads: each rounded once to bf16 (BF16_EPS, relatively)
     error = (bf16_scaled_weight(layer) - q.dequantize()).abs()
-    assert (error <= bound.repeat_interleave(GROUP, 1) * BF16_EPS / FIX_EPS + 1e-7).all()
+    assert (error <= BF16_EPS * size.repeat_interleave(GROUP, 1) + 1e-7).all()
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
@@ -342,21 +341,27 @@ def test_block_codes_decode_like_llama_cpp(qtype):
 def test_unpacked_recovers_the_exact_codes(kind, n):
     k = 96
     g = torch.Generator().manual_seed(4)
+    scales = (torch.rand(n, k // GROUP, generator=g) + 0.01).half()  # fp16, as in a GGUF file
     if kind == "int4":
         codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-        zeros = torch.randn(n, k // GROUP, generator=g)
+        mins = torch.randn(n, k // GROUP, generator=g).half()  # Q4_1's m
+        zeros = mins.float() + 8 * scales.float()
     else:
         codes = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
         zeros = None
-    scales = (torch.rand(n, k // GROUP, generator=g) + 0.01).half()
     layer = PackedLinear(QuantizedWeight(kind, codes, scales, zeros))
     back = layer.unpacked()
     assert back.kind == kind and back.codes.dtype == codes.dtype and torch.equal(back.codes, codes)
-    assert torch.equal(
-        back.scales, scales.float()
-    )  # fp16, as in a GGUF file: bf16 and its fix hold it exactly
-    if zeros is not None:  # float32: to 16 bits
-        assert ((back.zeros - zeros).abs() <= FIX_EPS * (zeros.abs() + 8 * back.scales) + 1e-7).all()
+    assert torch.equal(back.scales, scales.float())
+    exact_scales, exact_mins = (
+        t.T for t in exact_scales_mins(layer.exact_of(slice(n)))
+    )  # the float32 kernel's
+    s = scales.float()
+    if kind == "int4":
+        assert torch.equal(exact_scales, s) and torch.equal(exact_mins, mins.float())
+    else:  # two planes, q = 16 hi + lo: the high one's (16 s, -128 s), the low one's (s, 0)
+        assert torch.equal(exact_scales, torch.cat([16 * s, s], 1))
+        assert torch.equal(exact_mins, torch.cat([-128 * s, torch.zeros_like(s)], 1))
 
 
 def test_packed_rows_need_whole_groups():
@@ -667,7 +672,7 @@ def test_joined_projections_compute_what_their_parts_compute(kind, tiny_tokenize
         start = group.layer.packed.data_ptr()
         for part in group.parts:  # codes and scales are views into the joined layer's, one after the other
             assert part.packed.untyped_storage().data_ptr() == group.layer.packed.untyped_storage().data_ptr()
-            for name in ("scale_bits", "fix_bits"):
+            for name in ("scale_bits", "exact_bits"):
                 assert (
                     getattr(part, name).untyped_storage().data_ptr()
                     == getattr(group.layer, name).untyped_storage().data_ptr()

@@ -126,7 +126,7 @@ def test_estimate_within_20_percent_of_measured_peak(cases: dict, case: str) -> 
 def test_estimate_breakdown_names_what_dominates(cases: dict) -> None:
     infer, lora, full = (cases[name][0] for name in ("infer", "lora", "full"))
     # SmolLM2's Q4_1 file (92 MiB) stays packed (quant="auto"): the weights in memory are the file's size and
-    # the bf16 fixes of its scales.
+    # the exact fp16 copies of its scales.
     weights = next(c for c in infer.components if c.name == "weights")
     assert weights.bytes < 120 * 2**20 and "210 int4 + 1 int8 layers packed" in weights.note
     # The suite decodes eagerly ($LMFORGE_COMPILE=0, as the estimate reads it): a short prompt peaks while loading.

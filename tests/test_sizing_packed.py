@@ -50,7 +50,7 @@ def test_packed_bytes_are_the_layers_buffers(kind: str, shape: tuple[int, int]) 
     assert packed_bytes(kind, *shape) == layer.weight_bytes  # type: ignore[arg-type]
     rows = -(-shape[0] // 16) * 16  # the kernel's tile: 24 rows are held as 32
     per_weight = layer.weight_bytes / (rows * shape[1])
-    # per 4-bit plane: 1/2 byte + 1/8 of scale, zero (bf16) + 1/8 of their fixes (bf16)
+    # per 4-bit plane: 1/2 byte + 1/8 of scale, zero (bf16) + 1/8 of the exact scale, min (fp16)
     assert per_weight == (0.75 if kind == "int4" else 1.5)
 
 
@@ -100,7 +100,7 @@ def test_packed_estimates_are_smaller_and_compile_is_counted(smollm2_gguf: Path)
     }
     assert (
         weights["auto"] < weights["int8"] < weights["none"] / 2.5
-    )  # int8: 1.5 bytes a weight, with its fixes
+    )  # int8: 1.5 bytes a weight, with its scales' two copies
     assert "210 int4 + 1 int8 layers packed" in sized["auto", False].table()
     for quant in ("auto", "none", "int8"):
         compiled = sized[quant, True]
@@ -152,7 +152,7 @@ def test_select_sizes_packed_candidates_as_packed() -> None:
     assert packed.status.startswith("does not fit") and floats.status.startswith(
         "does not fit"
     )  # never loaded
-    # SmolLM2's layers packed (~117 MiB with their scales' fixes) instead of float32 (513 MiB)
+    # SmolLM2's layers packed (~117 MiB with their scales' two copies) instead of float32 (513 MiB)
     assert 380 * 2**20 < floats.memory - packed.memory < 410 * 2**20
 
 

@@ -6,10 +6,10 @@ through) takes bf16 activations, bf16 scales and returns bf16. Each rounding is 
 SmolLM2 they put the packed path ~0.09 logits (RMS, over each position's 8 best) away from the fp32 path:
 teacher-forced, the scales' rounding alone gave 0.044-0.065, the inputs' 0.049, the outputs' 0.06-0.087. Greedy
 decoding then flipped near-ties (top-2 gaps of 0.001-0.05) in half the chat answers. Its float32 variant is
-exact but ~10x slower. This kernel reads the same packed bytes and bf16 scales and zeros, with a bf16
-correction per scale and zero that restores the values packed (a GGUF file's fp16 scales exactly), and
-multiplies in float32 with AVX2 (or AVX-512) FMA: it computes with exactly the weight
-``PackedLinear.dequantize`` returns, at least as fast as the bf16 kernel for one row (docs/architecture.md). A decode
+exact but ~10x slower. This kernel reads the same packed codes and each group's (scale, min) as fp16, the values
+packed (a GGUF file's fp16 scales exactly), and multiplies in float32 with AVX2 (or AVX-512) FMA: it computes
+with exactly the weight ``PackedLinear.dequantize`` returns, faster than the bf16 kernel for one row and up to
+``quant.FLOAT32_ROWS`` rows (docs/architecture.md). A decode
 step of one sequence runs its blocks and its output head through it, and so do a few rows (a prompt, a server's
 batch: ``quant.FLOAT32_ROWS``) where it reads 64-row blocks (AVX-512), 4 at a time; elsewhere several rows keep
 PyTorch's kernel, which tiles rows.
@@ -36,7 +36,7 @@ import torch
 from lmforge import runtime
 
 SOURCES = [Path(__file__).with_name(name) for name in ("packed_matvec.cpp", "decode_attention.cpp")]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw"]  # added where the CPU has them: vectors of 16 rows
 BLOCKS = (32, 64)  # rows per block of the "split" layouts the kernel reads (AVX2 and AVX-512 PyTorch builds)
 BUILD_TIMEOUT_S = 300
@@ -89,29 +89,18 @@ def decode_attention(
 
 
 def packed_matvec(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale_bits: torch.Tensor,
-    fix_bits: torch.Tensor,
-    block: int,
-    rows: int,
+    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int
 ) -> torch.Tensor:
     """x (M, K) float32 @ the first ``rows`` rows of a packed weight -> (M, rows) float32.
 
-    ``packed`` (>= rows, K/2) uint8 in the "split" layout of ``block`` rows; ``scale_bits`` (K/32, >= rows, 2)
-    and ``fix_bits`` (>= rows/16, K/32, 16, 2): the bf16 bits (as int16) of each group's (scale, zero), as
-    PyTorch's kernel reads them, and of the (scale, min) corrections back to the values packed
+    ``packed`` (>= rows, K/2) uint8 in the "split" layout of ``block`` rows; ``exact_bits`` (>= rows/16, K/32,
+    2, 16): the fp16 bits (as int16) of each group's scale and min, tile of 16 rows by tile
     (``lmforge.quant.PackedLinear``), contiguous. ``rows``: whole blocks."""
-    return torch.ops.lmforge.packed_matvec(x, packed, scale_bits, fix_bits, block, rows)
+    return torch.ops.lmforge.packed_matvec(x, packed, exact_bits, block, rows)
 
 
 def _shape_only(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale_bits: torch.Tensor,
-    fix_bits: torch.Tensor,
-    block: int,
-    rows: int,
+    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int
 ) -> torch.Tensor:
     """What torch.compile needs to trace a call: the output's shape and type."""
     return x.new_empty(x.shape[0], rows)

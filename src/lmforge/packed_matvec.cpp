@@ -2,12 +2,12 @@
 //
 // PyTorch's _weight_int4pack_mm_for_cpu takes bf16 activations and scales and returns bf16: about 1/256 of a
 // value at each layer's input, scales and output, which flips greedy near-ties (lmforge/cpu_kernel.py has the
-// figures). This kernel reads the same packed bytes (blocks of BLOCK rows stored column by column; in a block's
+// figures). This kernel reads the same packed codes (blocks of BLOCK rows stored column by column; in a block's
 // column, byte j holds row j in its low nibble and row j + BLOCK/2 in its high one: PyTorch's "split" layout on
-// AVX2 and AVX-512 builds) and the same bf16 (scale, zero) pairs, plus a bf16 (scale, min) correction pair
-// per group that restores the values the weight was packed from (a GGUF file's fp16 scales, exactly):
+// AVX2 and AVX-512 builds) and, instead of PyTorch's bf16 (scale, zero) pairs, each group's (scale, min) as
+// fp16: the values the weight was packed with (a GGUF file's fp16 scales, exactly), 4 bytes for 32 weights.
 //
-//   scale = scale_bf16 + fix_scale        min = zero_bf16 - 8 * scale_bf16 + fix_min        w = q * scale + min
+//   w = q * scale + min
 //   out[m, n] = sum_g  scale[g, n] * (sum_{k in g} q[n, k] x[m, k])  +  min[g, n] * (sum_{k in g} x[m, k])
 //
 // so each weight costs one float32 FMA, and a group's scale is applied once to its 32 products. Several input
@@ -29,35 +29,33 @@ constexpr int kGroup = 32;
 // 2 KiB 77, with 4 KiB 62.
 constexpr int kPrefetchBytes = 4096;
 
-// A block's pairs sit one group apart (ld rows, kilobytes): no hardware prefetcher follows that stride.
-template <int BLOCK>
-inline void prefetch_pairs(const uint16_t* pairs, int64_t groups, int64_t ld) {
-  for (int64_t g = 0; g < groups; ++g)
-    for (int line = 0; line < BLOCK * 4; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(pairs + 2 * g * ld) + line, _MM_HINT_T0);
-}
+constexpr int kTile = 16;  // rows a tile of (scale, min) pairs holds (lmforge.quant.KERNEL_ROWS)
 
-constexpr int kTile = 16;  // rows a tile of fixes holds (lmforge.quant.KERNEL_ROWS)
-
-// A block's (scale, zero) pairs: its first row's in group 0, and the next group's ld rows on. Its (fix_scale,
-// fix_min) pairs: tiles of 16 rows, each group after group (so that each tile's are read in one sweep).
-struct Pairs {
-  const uint16_t* scales_zeros;
-  const uint16_t* fixes;
-  int64_t ld;
+// Each group's fp16 (scale, min): a tile of 16 rows after another, and in a tile group after group, 16 scales
+// then 16 mins. A block's are BLOCK/16 sweeps of G * 64 bytes.
+struct Exact {
+  const uint16_t* pairs;  // the block's first tile
   int64_t groups;
-  // the fixes of group g for rows row..row+7 (or +15) of the block
-  const uint16_t* fix(int64_t g, int row) const { return fixes + 2 * (((row / kTile) * groups + g) * kTile + row % kTile); }
+  // the scales of group g for rows row..row+7 (or +15) of the block; their mins follow 16 values on
+  const uint16_t* at(int64_t g, int row) const {
+    return pairs + 2 * kTile * ((row / kTile) * groups + g) + row % kTile;
+  }
 };
+
+// Asked for at a block's start: no hardware prefetcher follows BLOCK/16 streams beside the codes'.
+template <int BLOCK>
+inline void prefetch_exact(Exact e) {
+  for (int t = 0; t < BLOCK / kTile; ++t)
+    for (int64_t byte = 0; byte < e.groups * 4 * kTile; byte += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(e.pairs + 2 * kTile * t * e.groups) + byte, _MM_HINT_T0);
+}
 
 // One block of BLOCK rows for one input row, in AVX2 vectors of 8 rows.
 template <int BLOCK>
-void block_row(const float* x, int64_t K, const uint8_t* codes, Pairs p, const float* xsum, float* out) {
+void block_row(const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum, float* out) {
   constexpr int HALF = BLOCK / 16;  // vectors of 8 rows per nibble
   const __m256i low_nibble = _mm256_set1_epi32(15);
-  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m256 minus_eight = _mm256_set1_ps(-8.f);
-  prefetch_pairs<BLOCK>(p.scales_zeros, K / kGroup, p.ld);
+  prefetch_exact<BLOCK>(e);
   __m256 acc[2 * HALF];
   for (int i = 0; i < 2 * HALF; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g) {
@@ -74,16 +72,10 @@ void block_row(const float* x, int64_t K, const uint8_t* codes, Pairs p, const f
       }
     }
     const __m256 xs = _mm256_set1_ps(xsum[g]);
-    const uint16_t* sz = p.scales_zeros + 2 * g * p.ld;
     for (int i = 0; i < 2 * HALF; ++i) {
-      // 8 rows' pairs; a bf16 is the top half of a float32
-      const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 16 * i));
-      const __m256i fix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.fix(g, 8 * i)));
-      const __m256 scale_bf16 = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-      const __m256 zero_bf16 = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
-      const __m256 scale = _mm256_add_ps(scale_bf16, _mm256_castsi256_ps(_mm256_slli_epi32(fix, 16)));
-      const __m256 min = _mm256_add_ps(_mm256_fmadd_ps(minus_eight, scale_bf16, zero_bf16),
-                                       _mm256_castsi256_ps(_mm256_and_si256(fix, high_half)));
+      const uint16_t* scales = e.at(g, 8 * i);  // 8 rows' fp16 scales, their mins kTile values on
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)));
+      const __m256 min = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + kTile)));
       acc[i] = _mm256_fmadd_ps(part[i], scale, _mm256_fmadd_ps(min, xs, acc[i]));
     }
   }
@@ -91,25 +83,18 @@ void block_row(const float* x, int64_t K, const uint8_t* codes, Pairs p, const f
 }
 
 #ifdef __AVX512F__
-// The exact scale and min of 16 rows' group (its bf16 pairs at pairs, their fixes at fixes; a bf16 is the top half
-// of a float32): scale = scale_bf16 + fix_scale, min = zero_bf16 - 8 * scale_bf16 + fix_min.
-inline void scales_mins_16(const uint16_t* pairs, const uint16_t* fixes, __m512& scale, __m512& min) {
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const __m512i pair = _mm512_loadu_si512(pairs);
-  const __m512i fix = _mm512_loadu_si512(fixes);
-  const __m512 scale_bf16 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-  const __m512 zero_bf16 = _mm512_castsi512_ps(_mm512_and_si512(pair, high_half));
-  scale = _mm512_add_ps(scale_bf16, _mm512_castsi512_ps(_mm512_slli_epi32(fix, 16)));
-  min = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(-8.f), scale_bf16, zero_bf16),
-                      _mm512_castsi512_ps(_mm512_and_si512(fix, high_half)));
+// The scale and min of a group's 16 rows (fp16, the mins kTile values after the scales).
+inline void scales_mins_16(const uint16_t* scales, __m512& scale, __m512& min) {
+  scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+  min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + kTile)));
 }
 
 // block_row<64> in vectors of 16 rows: half the instructions a weight, and two columns at a time (even and odd
 // k in their own sums, so the adds of one column do not wait for the previous one's).
-void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs p, const float* xsum,
+void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
                          float* out) {
   const __m512i low_nibble = _mm512_set1_epi32(15);
-  prefetch_pairs<64>(p.scales_zeros, K / kGroup, p.ld);
+  prefetch_exact<64>(e);
   __m512 acc[4];
   for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / kGroup; ++g) {
@@ -135,10 +120,9 @@ void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs 
       odd[3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), x1, odd[3]);
     }
     const __m512 xs = _mm512_set1_ps(xsum[g]);
-    const uint16_t* sz = p.scales_zeros + 2 * g * p.ld;
     for (int i = 0; i < 4; ++i) {
       __m512 scale, min;
-      scales_mins_16(sz + 32 * i, p.fix(g, 16 * i), scale, min);
+      scales_mins_16(e.at(g, 16 * i), scale, min);
       acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, _mm512_fmadd_ps(min, xs, acc[i]));
     }
   }
@@ -148,11 +132,11 @@ void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs 
 // R input rows (a prompt's, a server's batch) through one 64-row block: each code converted to float once and
 // multiplied into R rows' sums, which live in registers through a group and in out between groups.
 template <int R>
-void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs p, const float* xsum, float* out,
+void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum, float* out,
                           int64_t ldo) {
   const __m512i low_nibble = _mm512_set1_epi32(15);
   const int64_t G = K / kGroup;
-  prefetch_pairs<64>(p.scales_zeros, G, p.ld);
+  prefetch_exact<64>(e);
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + r * ldo + 16 * i, _mm512_setzero_ps());
   for (int64_t g = 0; g < G; ++g) {
@@ -172,10 +156,9 @@ void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs
         for (int i = 0; i < 4; ++i) part[r][i] = _mm512_fmadd_ps(w[i], xk, part[r][i]);
       }
     }
-    const uint16_t* sz = p.scales_zeros + 2 * g * p.ld;
     for (int i = 0; i < 4; ++i) {
       __m512 scale, min;
-      scales_mins_16(sz + 32 * i, p.fix(g, 16 * i), scale, min);
+      scales_mins_16(e.at(g, 16 * i), scale, min);
       for (int r = 0; r < R; ++r) {
         float* o = out + r * ldo + 16 * i;
         const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
@@ -188,7 +171,7 @@ void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Pairs
 constexpr int kRowsAtOnce = 4;
 
 // All M rows of x, kRowsAtOnce at a time, through one 64-row block.
-void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* codes, Pairs p, const float* xsum,
+void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
                         float* out, int64_t ldo) {
   const int64_t G = K / kGroup;
   for (int64_t m = 0; m < M; m += kRowsAtOnce) {
@@ -196,38 +179,33 @@ void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* cod
     const float* xs = xsum + m * G;
     float* o = out + m * ldo;
     switch (std::min<int64_t>(kRowsAtOnce, M - m)) {
-      case 4: block_rows_64_avx512<4>(xm, K, codes, p, xs, o, ldo); break;
-      case 3: block_rows_64_avx512<3>(xm, K, codes, p, xs, o, ldo); break;
-      case 2: block_rows_64_avx512<2>(xm, K, codes, p, xs, o, ldo); break;
-      default: block_rows_64_avx512<1>(xm, K, codes, p, xs, o, ldo); break;
+      case 4: block_rows_64_avx512<4>(xm, K, codes, e, xs, o, ldo); break;
+      case 3: block_rows_64_avx512<3>(xm, K, codes, e, xs, o, ldo); break;
+      case 2: block_rows_64_avx512<2>(xm, K, codes, e, xs, o, ldo); break;
+      default: block_rows_64_avx512<1>(xm, K, codes, e, xs, o, ldo); break;
     }
   }
 }
 #endif
 
-// x (M, K) float32; packed (>= rows, K/2) uint8; scales_zeros (K/32, ld, 2) and fixes (>= rows/16, K/32, 16, 2)
-// bf16 as their int16 bits (what lmforge.quant stores: no dtype view per call); rows: whole blocks.
-at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
-                         const at::Tensor& fixes, int64_t block, int64_t rows) {
+// x (M, K) float32; packed (>= rows, K/2) uint8; exact (>= rows/16, K/32, 2, 16): each group's fp16 (scale,
+// min) as their int16 bits (what lmforge.quant stores: no dtype view per call); rows: whole blocks.
+at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& exact, int64_t block,
+                         int64_t rows) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
-  TORCH_CHECK(scales_zeros.scalar_type() == at::kShort && scales_zeros.is_contiguous() &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(2) == 2,
-              "scales_zeros: contiguous (K/32, N, 2) bf16 bits (int16)");
-  TORCH_CHECK(fixes.scalar_type() == at::kShort && fixes.is_contiguous() && fixes.dim() == 4 &&
-                  fixes.size(2) == kTile && fixes.size(3) == 2,
-              "fixes: contiguous (N/16, K/32, 16, 2) bf16 bits (int16)");
+  TORCH_CHECK(exact.scalar_type() == at::kShort && exact.is_contiguous() && exact.dim() == 4 && exact.size(2) == 2 &&
+                  exact.size(3) == kTile,
+              "exact: contiguous (N/16, K/32, 2, 16) fp16 bits (int16)");
   TORCH_CHECK(block == 32 || block == 64, "block: 32 or 64 rows");
-  const int64_t M = x.size(0), K = x.size(1), ld = scales_zeros.size(1), G = K / kGroup;
-  TORCH_CHECK(K % kGroup == 0 && packed.size(1) * 2 == K && scales_zeros.size(0) == G && fixes.size(1) == G,
-              "shapes disagree");
-  TORCH_CHECK(rows % block == 0 && rows <= packed.size(0) && rows <= ld && rows / kTile <= fixes.size(0),
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  TORCH_CHECK(K % kGroup == 0 && packed.size(1) * 2 == K && exact.size(1) == G, "shapes disagree");
+  TORCH_CHECK(rows % block == 0 && rows <= packed.size(0) && rows / kTile <= exact.size(0),
               "rows: whole blocks of the weight");
   at::Tensor out = at::empty({M, rows}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = packed.data_ptr<uint8_t>();
-  const auto* sz = reinterpret_cast<const uint16_t*>(scales_zeros.data_ptr<int16_t>());
-  const auto* fx = reinterpret_cast<const uint16_t*>(fixes.data_ptr<int16_t>());
+  const auto* ex = reinterpret_cast<const uint16_t*>(exact.data_ptr<int16_t>());
   float* op = out.data_ptr<float>();
   std::vector<float> xsum(M * G);
   for (int64_t m = 0; m < M; ++m)
@@ -239,10 +217,10 @@ at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at
   at::parallel_for(0, rows / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* codes = cp + b * block * K / 2;
-      const Pairs p{sz + 2 * b * block, fx + 2 * b * G * block, ld, G};
+      const Exact e{ex + 2 * b * G * block, G};
 #ifdef __AVX512F__
       if (M > 1 && block == 64) {  // several rows at once: each code converted once for them
-        block_many_rows_64(M, xp, K, codes, p, xsum.data(), op + b * block, rows);
+        block_many_rows_64(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
         continue;
       }
 #endif
@@ -252,12 +230,12 @@ at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at
         float* o = op + m * rows + b * block;
         if (block == 64) {
 #ifdef __AVX512F__
-          block_row_64_avx512(xm, K, codes, p, xs, o);
+          block_row_64_avx512(xm, K, codes, e, xs, o);
 #else
-          block_row<64>(xm, K, codes, p, xs, o);
+          block_row<64>(xm, K, codes, e, xs, o);
 #endif
         } else {
-          block_row<32>(xm, K, codes, p, xs, o);
+          block_row<32>(xm, K, codes, e, xs, o);
         }
       }
     }
@@ -268,7 +246,7 @@ at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
-  m.def("packed_matvec(Tensor x, Tensor packed, Tensor scale_bits, Tensor fix_bits, int block, int rows) -> Tensor");
+  m.def("packed_matvec(Tensor x, Tensor packed, Tensor exact_bits, int block, int rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("packed_matvec", &packed_matvec); }

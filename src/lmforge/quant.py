@@ -18,9 +18,10 @@ layer twice as wide whose input is x twice:
 That reads one byte a weight through the same vectorised kernel, on every CPU PyTorch builds it for; it beat
 an inductor-compiled int8 dequantize-in-register matvec (which also needed one compile per layer shape) and
 ``_weight_int8pack_mm`` (one scale per row: no Q8_0 groups; compute-bound on AVX2). That kernel reads scales
-and zeros as bf16, so each pair keeps a bf16 fix beside it: a layer holds the codes and a GGUF file's fp16
-scales exactly (``dequantize``). One input row (a decode step) runs lmforge's own float32 kernel over the same
-bytes where it is built (``lmforge.cpu_kernel``); several rows run PyTorch's, which tiles them. The kernels are
+and zeros as bf16, so each group also keeps its exact (scale, min) as fp16: a layer holds the codes and a GGUF
+file's fp16 scales exactly (``dequantize``; scales quantized here are rounded to fp16 first, as llama.cpp's
+are). A decode step (and a few rows on AVX-512) runs lmforge's own float32 kernel over the codes and the fp16
+pairs where it is built (``lmforge.cpu_kernel``); more rows run PyTorch's, which tiles them. The kernels are
 built for a few rows (decoding); from ``GEMM_ROWS`` rows on (a long prompt's prefill chunk) a layer is
 dequantized, a slice of rows at a time, for a GEMM (bf16 where the CPU has bf16 units, float32 elsewhere).
 Codes come back out of the kernel's layout (``unpack_codes``) for that, export, an embedding table's lookups
@@ -78,7 +79,8 @@ DENSE_ROWS: dict[str, int] = {"int4": 9, "int8": 5}
 # faster than PyTorch's kernel from 1 to 128 rows on SmolLM2's gate/up (8 rows 165 against 232 us, 64 rows
 # 1.2 against 1.7 ms; 256 rows 9.8 against 7.3), and exact (docs/architecture.md).
 FLOAT32_ROWS = 64
-# per group of 32 values and plane: 16 bytes of codes (two a byte), a bf16 scale and zero, and their bf16 fixes
+# per group of 32 values and plane: 16 bytes of codes (two a byte), a bf16 scale and zero (PyTorch's kernel), and
+# the fp16 scale and min (lmforge's)
 PACKED_BYTES_PER_GROUP = {kind: planes * (GROUP // 2 + 2 * 2 + 2 * 2) for kind, planes in PLANES.items()}
 
 
@@ -140,7 +142,9 @@ class QuantizedWeight:
 
 
 def quantize_weight(weight: torch.Tensor, kind: Kind) -> QuantizedWeight:
-    """Round a float (N, K) weight to ``kind``: int8 symmetric per group (Q8_0), int4 min/max per group (Q4_1)."""
+    """Round a float (N, K) weight to ``kind``: int8 symmetric per group (Q8_0), int4 min/max per group (Q4_1).
+
+    Scales and mins are fp16 values, as a GGUF file's are, so a packed layer holds them exactly."""
     N, K = weight.shape
     if K % GROUP:
         raise UnsupportedError(
@@ -149,13 +153,24 @@ def quantize_weight(weight: torch.Tensor, kind: Kind) -> QuantizedWeight:
         )
     w = weight.detach().float().view(N, K // GROUP, GROUP)
     if kind == "int8":
-        scales = w.abs().amax(-1) / 127
+        scales = _fp16(w.abs().amax(-1) / 127)
         codes = torch.round(w / scales.clamp(min=1e-12)[..., None]).clamp(-127, 127).to(torch.int8)
         return QuantizedWeight("int8", codes.view(N, K), scales)
     low, high = w.amin(-1), w.amax(-1)
-    scales = (high - low) / 15
+    scales, low = _fp16((high - low) / 15), _fp16(low)
     codes = torch.round((w - low[..., None]) / scales.clamp(min=1e-12)[..., None]).clamp(0, 15)
     return QuantizedWeight("int4", codes.to(torch.uint8).view(N, K), scales, low + 8 * scales)
+
+
+def _fp16(values: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to fp16's, or one clear error where fp16 cannot hold them."""
+    rounded = values.half()
+    if not torch.isfinite(rounded).all():
+        raise UnsupportedError(
+            "a weight group's scale is beyond fp16's range (65504): it cannot be packed",
+            hint="load this model with quant='none'",
+        )
+    return rounded.float()
 
 
 # ------------------------------------------------------------ the kernel's packed layout
@@ -233,23 +248,18 @@ def gather_codes(packed: torch.Tensor, width: int, rows: torch.Tensor, layout: L
     return torch.where(high, values >> 4, values & 15)
 
 
-def _fixes(pairs: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """(..., 2) bf16 corrections (scale, min) to bf16 ``pairs`` of (scale, zero) rounded from float32 ``scales``
-    and ``zeros``: scale = bf16 scale + fix, min = bf16 zero - 8 * bf16 scale + fix (``exact_scales_mins``).
-
-    bf16 keeps 8 significant bits of a scale; a GGUF file's fp16 scale has 11, so what bf16 drops fits a second
-    bf16 exactly, and scales quantized here (float32) keep 16 bits this way."""
-    rounded = pairs.float()
-    fix_scale = scales - rounded[..., 0]
-    fix_min = (zeros - 8 * scales) - (rounded[..., 1] - 8 * rounded[..., 0])
-    return torch.stack([fix_scale, fix_min], dim=-1).bfloat16()
+def exact_pairs(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(..., 2) fp16 (scale, min) of float32 ``scales`` and ``zeros`` (w = q * scale + min, min = zero - 8 * scale):
+    what lmforge's float32 kernel reads. Exact for a GGUF file's fp16 scales and for ``quantize_weight``'s."""
+    mins = zeros.double() - 8 * scales.double()
+    return torch.stack([_fp16(scales.double()), _fp16(mins)], dim=-1).half()
 
 
-def exact_scales_mins(scales_zeros: torch.Tensor, fixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (scale, min) per group from the kernel's bf16 (scale, zero) pairs and their fixes: the values
-    packed, w = q * scale + min (what lmforge's float32 kernel computes with)."""
-    pairs, fix = scales_zeros.float(), fixes.float()
-    return pairs[..., 0] + fix[..., 0], pairs[..., 1] - 8 * pairs[..., 0] + fix[..., 1]
+def exact_scales_mins(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (scale, min) per group from fp16 (..., 2) pairs (``exact_pairs``): the values packed,
+    w = q * scale + min (what lmforge's float32 kernel computes with)."""
+    pairs = exact.float()
+    return pairs[..., 0], pairs[..., 1]
 
 
 def dequantize_planes(
@@ -257,19 +267,19 @@ def dequantize_planes(
     scales_zeros: torch.Tensor,
     planes: int,
     dtype: torch.dtype = torch.float32,
-    fixes: torch.Tensor | None = None,
+    exact: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(R, K) weights in ``dtype`` from codes (R, P*K) and the kernel's scales_zeros (P*K/32, R, 2): each
     plane's (q - 8) * scale + zero, the planes summed.
 
     Few passes over the weight (this is the prefill GEMM path's cost): two planes are joined into the int8 code
     in uint8 arithmetic (16 hi + lo, then the sign bit flipped: q = 16 (hi - 8) + lo), which one promoting
-    multiply scales; one plane is ``addcmul(min, code, scale)``. With ``fixes`` (float32 only: a bf16 weight
-    would round them away) the scales and mins are the values packed (``exact_scales_mins``), else the bf16
-    ones PyTorch's kernel reads."""
+    multiply scales; one plane is ``addcmul(min, code, scale)``. With ``exact`` (P*K/32, R, 2) fp16 pairs
+    (float32 only: a bf16 weight would round them) the scales and mins are the values packed
+    (``exact_scales_mins``), else the bf16 ones PyTorch's kernel reads."""
     R = codes.shape[0]
-    if fixes is not None and dtype == torch.float32:
-        scales, mins = exact_scales_mins(scales_zeros, fixes)  # (P*K/32, R)
+    if exact is not None and dtype == torch.float32:
+        scales, mins = exact_scales_mins(exact)  # (P*K/32, R)
     else:
         scales, zeros = scales_zeros.to(dtype).unbind(-1)
         mins = zeros - 8 * scales
@@ -298,10 +308,11 @@ class PackedLinear(nn.Module):
     """``nn.Linear`` with an int4 or int8 weight that stays packed; same call, same output shape and dtype.
 
     Buffers: ``packed`` (N', P*K/2) uint8 in the kernel's layout, ``scale_bits`` (P*K/32, N', 2): the bf16
-    scales and zeros stored as int16 bits, so that ``model.to(dtype)`` leaves them alone (it converts floating
-    buffers only; a round trip through float32 cost a copy of every layer's scales), and ``fix_bits``
-    (N'/16, P*K/32, 16, 2): what bf16 dropped of each (``fixes``), also as int16 bits. P is the number of planes
-    (1 for int4, 2 for int8), N' the rows padded to ``KERNEL_ROWS``.
+    scales and zeros PyTorch's kernel reads, stored as int16 bits so that ``model.to(dtype)`` leaves them alone
+    (it converts floating buffers only; a round trip through float32 cost a copy of every layer's scales), and
+    ``exact_bits`` (N'/16, P*K/32, 2, 16): each group's exact scale and min as fp16 (``exact``), also as int16
+    bits, what lmforge's float32 kernel reads. P is the number of planes (1 for int4, 2 for int8), N' the rows
+    padded to ``KERNEL_ROWS``.
 
     ``exact_top`` (0: off; the output head gets ``HEAD_EXACT_TOP``): PyTorch's kernel returns bf16, whose rounding is
     up to 1/256 of a value, about 0.06 for a logit of 15, and greedy decoding's top-2 gaps are often smaller.
@@ -330,7 +341,7 @@ class PackedLinear(nn.Module):
         width = self.planes * self.in_features
         packed = torch.empty(rows, width // 2, dtype=torch.uint8)
         scales_zeros = torch.empty(width // GROUP, rows, 2, dtype=torch.bfloat16)
-        fixes = torch.zeros(width // GROUP, rows, 2, dtype=torch.bfloat16)
+        exact = torch.zeros(width // GROUP, rows, 2, dtype=torch.float16)
         # PACK_ROWS rows at a time, into the buffers (the layout packs block by block): the int32 planes and
         # their temporaries are ~20 bytes a weight, 570 MB for all of a 49k-row head at once.
         for start in range(0, self.out_features, PACK_ROWS):
@@ -340,11 +351,12 @@ class PackedLinear(nn.Module):
             pad = stop - start - codes.shape[0]
             codes, scales, zeros = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scales, zeros))
             packed[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
-            pairs = torch.stack([scales.T, zeros.T], dim=-1).bfloat16()
-            scales_zeros[:, start:stop] = pairs
-            fixes[:, start:stop] = _fixes(pairs, scales.T, zeros.T)
-        fixes = fixes.view(width // GROUP, -1, KERNEL_ROWS, 2).transpose(0, 1).contiguous()  # by tile of rows
-        self._set_buffers(packed, scales_zeros.view(torch.int16), fixes.view(torch.int16), bias)
+            scales_zeros[:, start:stop] = torch.stack([scales.T, zeros.T], dim=-1).bfloat16()
+            exact[:, start:stop] = exact_pairs(scales.T, zeros.T)
+        exact = (
+            exact.view(width // GROUP, -1, KERNEL_ROWS, 2).permute(1, 0, 3, 2).contiguous()
+        )  # by tile of rows
+        self._set_buffers(packed, scales_zeros.view(torch.int16), exact.view(torch.int16), bias)
 
     @classmethod
     def from_packed(
@@ -353,22 +365,22 @@ class PackedLinear(nn.Module):
         in_features: int,
         packed: torch.Tensor,
         scale_bits: torch.Tensor,
-        fix_bits: torch.Tensor,
+        exact_bits: torch.Tensor,
     ) -> PackedLinear:
         """A layer over codes already in the kernel's layout (no padded rows), their ``scale_bits`` and
-        ``fix_bits``."""
+        ``exact_bits``."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.kind, layer.planes, layer.layout = kind, PLANES[kind], kernel_layout()
         layer.in_features, layer.out_features = in_features, packed.shape[0]
-        layer._set_buffers(packed, scale_bits, fix_bits, None)
+        layer._set_buffers(packed, scale_bits, exact_bits, None)
         return layer
 
     def _set_buffers(
         self,
         packed: torch.Tensor,
         scale_bits: torch.Tensor,
-        fix_bits: torch.Tensor,
+        exact_bits: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> None:
         # lmforge's float32 kernel reads "split" blocks, whole ones (a constant for torch.compile)
@@ -377,7 +389,7 @@ class PackedLinear(nn.Module):
         )
         self.register_buffer("packed", packed)
         self.register_buffer("scale_bits", scale_bits)
-        self.register_buffer("fix_bits", fix_bits)
+        self.register_buffer("exact_bits", exact_bits)
         # A buffer, not a parameter: a packed layer is frozen (LoRA trains beside it), so the bias is too.
         self.register_buffer("bias", bias.detach() if bias is not None else None)
         self.register_buffer("dense", None, persistent=False)  # a cache, never saved
@@ -397,7 +409,7 @@ class PackedLinear(nn.Module):
         """Bytes of the packed weight (codes, scales, zeros, bias), not of a dense copy kept for batches."""
         return sum(
             b.numel() * b.element_size()
-            for b in (self.packed, self.scale_bits, self.fix_bits, self.bias)
+            for b in (self.packed, self.scale_bits, self.exact_bits, self.bias)
             if b is not None
         )
 
@@ -407,17 +419,17 @@ class PackedLinear(nn.Module):
         return self.scale_bits.view(torch.bfloat16)
 
     @property
-    def fixes(self) -> torch.Tensor:
-        """(N'/16, P*K/32, 16, 2) bf16: what each group's scale and min (zero - 8 * scale) lack in bf16
-        (``_fixes``), a tile of ``KERNEL_ROWS`` rows after another: lmforge's kernel sweeps a tile's fixes group
-        by group (laid out as ``scales_zeros``, a block's were kilobytes apart: each step took ~1 ms longer)."""
-        return self.fix_bits.view(torch.bfloat16)
+    def exact(self) -> torch.Tensor:
+        """(N'/16, P*K/32, 2, 16) fp16: each group's scale and min (``exact_pairs``), a tile of ``KERNEL_ROWS``
+        rows after another, in a tile 16 scales then 16 mins a group: lmforge's kernel sweeps a tile's group by
+        group (laid out as ``scales_zeros``, a block's were kilobytes apart: each step took ~1 ms longer)."""
+        return self.exact_bits.view(torch.float16)
 
-    def fixes_of(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """(P*K/32, R, 2) bf16: the fixes of some rows, laid out as ``scales_zeros`` is."""
+    def exact_of(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """(P*K/32, R, 2) fp16: the (scale, min) pairs of some rows, laid out as ``scales_zeros`` is."""
         if isinstance(rows, slice):
-            rows = torch.arange(self.fixes.shape[0] * KERNEL_ROWS)[rows]
-        return self.fixes[rows // KERNEL_ROWS, :, rows % KERNEL_ROWS].transpose(0, 1)
+            rows = torch.arange(self.exact.shape[0] * KERNEL_ROWS)[rows]
+        return self.exact[rows // KERNEL_ROWS, :, :, rows % KERNEL_ROWS].transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -446,12 +458,7 @@ class PackedLinear(nn.Module):
             if self.planes == 2:
                 xf = torch.cat([xf, xf], dim=-1)
             y = cpu_kernel.packed_matvec(
-                xf.contiguous(),
-                self.packed,
-                self.scale_bits.contiguous(),  # a joined part's are a strided view (``JoinedLinear``)
-                self.fix_bits,
-                self.layout[1],
-                self.out_features,
+                xf.contiguous(), self.packed, self.exact_bits, self.layout[1], self.out_features
             )
             return y.to(x.dtype)
         xb = x.to(torch.bfloat16)
@@ -481,7 +488,7 @@ class PackedLinear(nn.Module):
             stop = min(start + rows, self.out_features)
             codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
             w = dequantize_planes(
-                codes, self.scales_zeros[:, start:stop], self.planes, dtype, self.fixes_of(slice(start, stop))
+                codes, self.scales_zeros[:, start:stop], self.planes, dtype, self.exact_of(slice(start, stop))
             )
             parts.append(F.linear(xd, w))
         return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
@@ -500,7 +507,7 @@ class PackedLinear(nn.Module):
                     codes,
                     self.scales_zeros[:, start:stop],
                     self.planes,
-                    fixes=self.fixes_of(slice(start, stop)),
+                    exact=self.exact_of(slice(start, stop)),
                 )
             self.dense = dense
         return self.dense.numel() * self.dense.element_size()
@@ -511,7 +518,7 @@ class PackedLinear(nn.Module):
         rows = top.reshape(-1)
         codes = gather_codes(self.packed, self.planes * self.in_features, rows, self.layout)
         w = dequantize_planes(
-            codes, self.scales_zeros[:, rows], self.planes, fixes=self.fixes_of(rows)
+            codes, self.scales_zeros[:, rows], self.planes, exact=self.exact_of(rows)
         )  # (M*k, K)
         exact = torch.bmm(w.view(*top.shape, -1), x.float()[:, :, None])[..., 0]  # (M, k)
         return y.scatter(-1, top, exact.to(y.dtype))
@@ -521,14 +528,13 @@ class PackedLinear(nn.Module):
         them; PyTorch's reads its scales and zeros rounded to bf16)."""
         N = self.out_features
         codes = unpack_codes(self.packed, self.planes * self.in_features, 0, N, self.layout)
-        return dequantize_planes(codes, self.scales_zeros[:, :N], self.planes, fixes=self.fixes_of(slice(N)))
+        return dequantize_planes(codes, self.scales_zeros[:, :N], self.planes, exact=self.exact_of(slice(N)))
 
     def unpacked(self) -> QuantizedWeight:
         """The integer codes, scales and zeros back (for export and tests)."""
         K, N = self.in_features, self.out_features
         codes = unpack_codes(self.packed, self.planes * K, 0, N, self.layout)
-        exact = exact_scales_mins(self.scales_zeros[:, :N], self.fixes_of(slice(N)))
-        scales, mins = (t.T.contiguous() for t in exact)
+        scales, mins = (t.T.contiguous() for t in exact_scales_mins(self.exact_of(slice(N))))
         zeros = mins + 8 * scales
         if self.kind == "int4":
             return QuantizedWeight("int4", codes, scales, zeros)
@@ -557,7 +563,7 @@ class PackedEmbedding(nn.Module):
         rows = idx.reshape(-1)
         codes = gather_codes(head.packed, head.planes * head.in_features, rows, head.layout)
         out = dequantize_planes(
-            codes, head.scales_zeros[:, rows], head.planes, fixes=head.fixes_of(rows)
+            codes, head.scales_zeros[:, rows], head.planes, exact=head.exact_of(rows)
         )  # (R, C)
         return out.view(*idx.shape, self.embedding_dim).to(self.dtype_probe.dtype)
 
@@ -595,11 +601,11 @@ class JoinedLinear:
             first.in_features,
             torch.cat([p.packed for p in parts]),
             torch.cat([p.scale_bits for p in parts], dim=1),
-            torch.cat([p.fix_bits for p in parts]),  # whole tiles of rows (``can_join``)
+            torch.cat([p.exact_bits for p in parts]),  # whole tiles of rows (``can_join``)
         )
         for part, rows in zip(parts, self.rows, strict=True):  # views: every weight is held once
             part.packed, part.scale_bits = self.layer.packed[rows], self.layer.scale_bits[:, rows]
-            part.fix_bits = self.layer.fix_bits[rows.start // KERNEL_ROWS : rows.stop // KERNEL_ROWS]
+            part.exact_bits = self.layer.exact_bits[rows.start // KERNEL_ROWS : rows.stop // KERNEL_ROWS]
 
     @staticmethod
     def can_join(parts: tuple[nn.Module, ...]) -> bool:
