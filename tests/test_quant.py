@@ -194,6 +194,25 @@ def test_compiled_packed_layer_runs_the_packed_kernel(kind):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_kernel_dequantizes_rows_as_their_codes_and_pairs_say(kind):
+    """``lmforge::dequantize_rows`` (a long prompt's GEMM weights, dense copies, ``dequantize``): bit for bit what
+    unpacking the codes with torch ops and scaling them by the fp16 pairs gives, in float32; in bf16 that rounded
+    once, for any slice of whole blocks."""
+    layer = PackedLinear(
+        quantize_weight(random_weight(192, 160, seed=8), kind)
+    )  # 192: whole blocks everywhere
+    assert layer.float32_kernel
+    n, k, block = layer.out_features, layer.in_features, layer.layout[1]
+    codes = unpack_codes(layer.packed, layer.planes * k, 0, n, layer.layout)
+    reference = dequantize_planes(
+        codes, layer.scales_zeros[:, :n], layer.planes, exact=layer.exact_of(slice(n))
+    )
+    assert torch.equal(layer.dequantize(), reference)
+    rows = layer.dequantized_rows(block, 3 * block, torch.bfloat16)
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, reference[block : 3 * block].bfloat16())
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_long_inputs_run_a_gemm_over_slices_of_rows(kind, monkeypatch):
     """From GEMM_ROWS input rows on, a layer dequantizes a slice of rows at a time for a GEMM: in float32 the
     product of the same dequantized weight, exactly, whichever slice a row falls in (the padded last block too);

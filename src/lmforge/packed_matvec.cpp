@@ -243,10 +243,65 @@ at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at
   return out;
 }
 
+// The weight rows start..stop of a packed layer as (stop - start, K) floats, float32 or bf16 (rounded once, to
+// nearest even): w = q * scale + min, its planes summed (int8: q = 16 hi + lo). What a long prompt's GEMM
+// multiplies by; start and stop are whole blocks. Each row gathers its codes from the block's columns (its byte
+// in each column, low or high nibble) and is written once, in float32, then converted.
+at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& exact, int64_t block, int64_t planes,
+                           int64_t start, int64_t stop, bool bf16) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2,
+              "packed: contiguous (N, P*K/2) uint8");
+  TORCH_CHECK(exact.scalar_type() == at::kShort && exact.is_contiguous() && exact.dim() == 4 && exact.size(2) == 2 &&
+                  exact.size(3) == kTile,
+              "exact: contiguous (N/16, P*K/32, 2, 16) fp16 bits (int16)");
+  TORCH_CHECK(block == 32 || block == 64, "block: 32 or 64 rows");
+  TORCH_CHECK(planes == 1 || planes == 2, "planes: 1 or 2");
+  const int64_t width = packed.size(1) * 2, K = width / planes, G = width / kGroup;
+  TORCH_CHECK(width % (kGroup * planes) == 0 && exact.size(1) == G, "shapes disagree");
+  TORCH_CHECK(0 <= start && start <= stop && start % block == 0 && stop % block == 0 && stop <= packed.size(0) &&
+                  stop / kTile <= exact.size(0),
+              "start, stop: whole blocks of the weight");
+  at::Tensor out = at::empty({stop - start, K}, packed.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
+  const auto* ex = reinterpret_cast<const uint16_t*>(exact.data_ptr<int16_t>());
+  const int64_t half = block / 2;
+  at::parallel_for(start / block, stop / block, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> row(K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* codes = cp + b * block * width / 2;
+      const Exact e{ex + 2 * b * G * block, G};
+      for (int r = 0; r < block; ++r) {
+        const uint8_t* bytes = codes + r % half;  // the row's byte in column c: bytes[c * half]
+        const int shift = r < half ? 0 : 4;
+        std::fill(row.begin(), row.end(), 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint16_t* pair = e.at(g, r);
+          const float scale = _cvtsh_ss(pair[0]), min = _cvtsh_ss(pair[kTile]);
+          const int64_t column = g * kGroup;
+          float* o = row.data() + column % K;  // a later plane adds to the same K values
+          for (int k = 0; k < kGroup; ++k) o[k] += static_cast<float>((bytes[(column + k) * half] >> shift) & 15) * scale + min;
+        }
+        const int64_t index = (b * block + r - start) * K;
+        if (bf16) {
+          at::BFloat16* o = out.data_ptr<at::BFloat16>() + index;
+          for (int64_t k = 0; k < K; ++k) o[k] = at::BFloat16(row[k]);
+        } else {
+          std::copy(row.begin(), row.end(), out.data_ptr<float>() + index);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("packed_matvec(Tensor x, Tensor packed, Tensor exact_bits, int block, int rows) -> Tensor");
+  m.def("dequantize_rows(Tensor packed, Tensor exact_bits, int block, int planes, int start, int stop, bool bf16) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("packed_matvec", &packed_matvec); }
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("packed_matvec", &packed_matvec);
+  m.impl("dequantize_rows", &dequantize_rows);
+}

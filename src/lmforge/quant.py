@@ -480,18 +480,27 @@ class PackedLinear(nn.Module):
         """x (M, K) -> (M, N) in x's dtype by GEMMs over the weight dequantized a slice of rows at a time: in
         bf16 where the CPU multiplies bf16 in hardware (as the kernel does), else in float32."""
         dtype = torch.bfloat16 if runtime.bf16_matmul_units() else torch.float32
-        block = self.layout[1]  # unpack_codes starts at a block's first row
+        block = self.layout[1]  # slices start at a block's first row
         rows = max(block, GEMM_DEQUANT_WEIGHTS // self.in_features // block * block)
         xd = x.to(dtype)
         parts = []
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
-            codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
-            w = dequantize_planes(
-                codes, self.scales_zeros[:, start:stop], self.planes, dtype, self.exact_of(slice(start, stop))
-            )
-            parts.append(F.linear(xd, w))
+            parts.append(F.linear(xd, self.dequantized_rows(start, stop, dtype)))
         return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
+
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows start..stop of the weight, (stop - start, K) in ``dtype`` (float32: the values packed; bf16: those
+        rounded once where lmforge's kernel reads the layout, else the bf16 scales and zeros PyTorch's kernel
+        reads). ``start`` is a block's first row."""
+        if self.float32_kernel:  # whole blocks: the last slice ends at out_features, a block's end
+            return cpu_kernel.dequantize_rows(
+                self.packed, self.exact_bits, self.layout[1], self.planes, start, stop, dtype
+            )
+        codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
+        return dequantize_planes(
+            codes, self.scales_zeros[:, start:stop], self.planes, dtype, self.exact_of(slice(start, stop))
+        )
 
     def keep_dense_copy(self) -> int:
         """Keep the weight dequantized to bf16 beside the codes, for ``DENSE_ROWS[kind]`` rows and more;
@@ -502,13 +511,7 @@ class PackedLinear(nn.Module):
             rows = max(block, GEMM_DEQUANT_WEIGHTS // self.in_features // block * block)
             for start in range(0, self.out_features, rows):
                 stop = min(start + rows, self.out_features)
-                codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
-                dense[start:stop] = dequantize_planes(
-                    codes,
-                    self.scales_zeros[:, start:stop],
-                    self.planes,
-                    exact=self.exact_of(slice(start, stop)),
-                )
+                dense[start:stop] = self.dequantized_rows(start, stop)
             self.dense = dense
         return self.dense.numel() * self.dense.element_size()
 
@@ -526,9 +529,7 @@ class PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as a float32 (N, K) matrix: the values packed (lmforge's float32 kernel computes with
         them; PyTorch's reads its scales and zeros rounded to bf16)."""
-        N = self.out_features
-        codes = unpack_codes(self.packed, self.planes * self.in_features, 0, N, self.layout)
-        return dequantize_planes(codes, self.scales_zeros[:, :N], self.planes, exact=self.exact_of(slice(N)))
+        return self.dequantized_rows(0, self.out_features)
 
     def unpacked(self) -> QuantizedWeight:
         """The integer codes, scales and zeros back (for export and tests)."""
