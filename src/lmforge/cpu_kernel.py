@@ -109,10 +109,12 @@ def dequantize_rows(
     stop: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Rows start..stop (whole blocks) of a packed weight as (stop - start, K) float32, or bf16 rounded once from
-    them: the values packed (``PackedLinear.dequantize``), planes summed. What a long prompt's GEMM multiplies by:
-    one pass over the codes, where unpacking them with torch ops and scaling took ~5 passes (SmolLM2's prefill
-    of 512 tokens spent ~0.67 s of ~1.4 s doing that)."""
+    """Rows start..stop (whole blocks) of a packed weight, transposed: (K, stop - start) float32, or bf16 rounded
+    once from them: the values packed (``PackedLinear.dequantize``), planes summed. What a long prompt's GEMM
+    multiplies by: one pass over the codes, where unpacking them with torch ops and scaling took ~5 passes
+    (SmolLM2's prefill of 512 tokens spent ~0.67 s of ~1.4 s doing that). Transposed, as a block stores its codes
+    column by column; a GEMM takes the transposed operand as it is.
+    """
     return torch.ops.lmforge.dequantize_rows(
         packed, exact_bits, block, planes, start, stop, dtype == torch.bfloat16
     )
@@ -129,7 +131,7 @@ def _rows_shape(
     packed: torch.Tensor, exact_bits: torch.Tensor, block: int, planes: int, start: int, stop: int, bf16: bool
 ) -> torch.Tensor:
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return packed.new_empty(stop - start, packed.shape[1] * 2 // planes, dtype=dtype)
+    return packed.new_empty(packed.shape[1] * 2 // planes, stop - start, dtype=dtype)
 
 
 def _attention_shape(

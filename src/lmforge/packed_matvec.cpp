@@ -243,10 +243,70 @@ at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at
   return out;
 }
 
-// The weight rows start..stop of a packed layer as (stop - start, K) floats, float32 or bf16 (rounded once, to
-// nearest even): w = q * scale + min, its planes summed (int8: q = 16 hi + lo). What a long prompt's GEMM
-// multiplies by; start and stop are whole blocks. Each row gathers its codes from the block's columns (its byte
-// in each column, low or high nibble) and is written once, in float32, then converted.
+// bf16 of 16 floats, rounded to nearest even (the weights are finite).
+#ifdef __AVX512F__
+inline __m256i bf16_16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// One 64-row block's weights, transposed: out[kcol * ldo + r] for its K columns, planes summed. A column's 32
+// bytes are the block's 64 codes (low nibbles rows 0-31, high rows 32-63), so each column is 4 vectors.
+template <bool BF16>
+void dequantize_block_64(const uint8_t* codes, Exact e, int64_t K, int64_t planes, void* out, int64_t ldo) {
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  for (int64_t g0 = 0; g0 < K / kGroup; ++g0) {
+    __m512 scale[2][4], min[2][4];
+    for (int64_t p = 0; p < planes; ++p)
+      for (int i = 0; i < 4; ++i) scales_mins_16(e.at(p * K / kGroup + g0, 16 * i), scale[p][i], min[p][i]);
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t kcol = g0 * kGroup + k;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t p = 0; p < planes; ++p) {
+        const uint8_t* column = codes + (p * K + kcol) * 32;
+        const __m512i a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
+        const __m512i a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16)));
+        const __m512i q[4] = {_mm512_and_si512(a0, low_nibble), _mm512_and_si512(a1, low_nibble),
+                              _mm512_srli_epi32(a0, 4), _mm512_srli_epi32(a1, 4)};
+        for (int i = 0; i < 4; ++i)
+          acc[i] = _mm512_add_ps(acc[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[i]), scale[p][i], min[p][i]));
+      }
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (BF16) {
+          auto* o = static_cast<at::BFloat16*>(out) + kcol * ldo + 16 * i;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bf16_16(acc[i]));
+        } else {
+          _mm512_storeu_ps(static_cast<float*>(out) + kcol * ldo + 16 * i, acc[i]);
+        }
+      }
+    }
+  }
+}
+#endif
+
+// The same for any block, one value at a time (AVX2 builds: blocks of 32).
+template <typename T>
+void dequantize_block(const uint8_t* codes, Exact e, int64_t block, int64_t K, int64_t planes, T* out, int64_t ldo) {
+  const int64_t half = block / 2;
+  for (int64_t kcol = 0; kcol < K; ++kcol)
+    for (int r = 0; r < block; ++r) {
+      float value = 0.f;
+      for (int64_t p = 0; p < planes; ++p) {
+        const int64_t column = p * K + kcol;
+        const uint16_t* pair = e.at(column / kGroup, r);
+        const int code = (codes[column * half + r % half] >> (r < half ? 0 : 4)) & 15;
+        value += static_cast<float>(code) * _cvtsh_ss(pair[0]) + _cvtsh_ss(pair[kTile]);
+      }
+      out[kcol * ldo + r] = T(value);
+    }
+}
+
+// The weight rows start..stop of a packed layer, transposed: (K, stop - start) floats, float32 or bf16 (rounded
+// once, to nearest even), w = q * scale + min with its planes summed (int8: q = 16 hi + lo). What a long prompt's
+// GEMM multiplies by (as x @ w.T, a transposed operand it takes as it is); start and stop are whole blocks.
+// Transposed because a block stores codes column by column: each column's codes are then one run of rows.
 at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& exact, int64_t block, int64_t planes,
                            int64_t start, int64_t stop, bool bf16) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2,
@@ -261,34 +321,28 @@ at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& exact, in
   TORCH_CHECK(0 <= start && start <= stop && start % block == 0 && stop % block == 0 && stop <= packed.size(0) &&
                   stop / kTile <= exact.size(0),
               "start, stop: whole blocks of the weight");
-  at::Tensor out = at::empty({stop - start, K}, packed.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const int64_t rows = stop - start;
+  at::Tensor out = at::empty({K, rows}, packed.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* cp = packed.data_ptr<uint8_t>();
   const auto* ex = reinterpret_cast<const uint16_t*>(exact.data_ptr<int16_t>());
-  const int64_t half = block / 2;
   at::parallel_for(start / block, stop / block, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> row(K);
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* codes = cp + b * block * width / 2;
       const Exact e{ex + 2 * b * G * block, G};
-      for (int r = 0; r < block; ++r) {
-        const uint8_t* bytes = codes + r % half;  // the row's byte in column c: bytes[c * half]
-        const int shift = r < half ? 0 : 4;
-        std::fill(row.begin(), row.end(), 0.f);
-        for (int64_t g = 0; g < G; ++g) {
-          const uint16_t* pair = e.at(g, r);
-          const float scale = _cvtsh_ss(pair[0]), min = _cvtsh_ss(pair[kTile]);
-          const int64_t column = g * kGroup;
-          float* o = row.data() + column % K;  // a later plane adds to the same K values
-          for (int k = 0; k < kGroup; ++k) o[k] += static_cast<float>((bytes[(column + k) * half] >> shift) & 15) * scale + min;
-        }
-        const int64_t index = (b * block + r - start) * K;
-        if (bf16) {
-          at::BFloat16* o = out.data_ptr<at::BFloat16>() + index;
-          for (int64_t k = 0; k < K; ++k) o[k] = at::BFloat16(row[k]);
-        } else {
-          std::copy(row.begin(), row.end(), out.data_ptr<float>() + index);
-        }
+      const int64_t first = b * block - start;  // the block's first row in out's columns
+#ifdef __AVX512F__
+      if (block == 64) {
+        if (bf16)
+          dequantize_block_64<true>(codes, e, K, planes, out.data_ptr<at::BFloat16>() + first, rows);
+        else
+          dequantize_block_64<false>(codes, e, K, planes, out.data_ptr<float>() + first, rows);
+        continue;
       }
+#endif
+      if (bf16)
+        dequantize_block(codes, e, block, K, planes, out.data_ptr<at::BFloat16>() + first, rows);
+      else
+        dequantize_block(codes, e, block, K, planes, out.data_ptr<float>() + first, rows);
     }
   });
   return out;

@@ -490,13 +490,13 @@ class PackedLinear(nn.Module):
         return (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(x.dtype)
 
     def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows start..stop of the weight, (stop - start, K) in ``dtype`` (float32: the values packed; bf16: those
-        rounded once where lmforge's kernel reads the layout, else the bf16 scales and zeros PyTorch's kernel
-        reads). ``start`` is a block's first row."""
+        """Rows start..stop of the weight, (stop - start, K) in ``dtype``: float32, the values packed; bf16, those
+        rounded once where lmforge's kernel reads the layout (it returns a transposed view), else from the bf16
+        scales and zeros PyTorch's kernel reads. ``start`` is a block's first row."""
         if self.float32_kernel:  # whole blocks: the last slice ends at out_features, a block's end
             return cpu_kernel.dequantize_rows(
                 self.packed, self.exact_bits, self.layout[1], self.planes, start, stop, dtype
-            )
+            ).T  # computed as (K, rows): a GEMM takes the transposed view as it is
         codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
         return dequantize_planes(
             codes, self.scales_zeros[:, start:stop], self.planes, dtype, self.exact_of(slice(start, stop))
@@ -529,7 +529,7 @@ class PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight as a float32 (N, K) matrix: the values packed (lmforge's float32 kernel computes with
         them; PyTorch's reads its scales and zeros rounded to bf16)."""
-        return self.dequantized_rows(0, self.out_features)
+        return self.dequantized_rows(0, self.out_features).contiguous()
 
     def unpacked(self) -> QuantizedWeight:
         """The integer codes, scales and zeros back (for export and tests)."""
