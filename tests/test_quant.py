@@ -395,7 +395,8 @@ def test_kernel_layout_is_read_right_on_other_cpus(capability, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
         "import torch\n"
-        "from lmforge.quant import PackedLinear, PackedEmbedding, quantize_weight, kernel_layout\n"
+        "from lmforge.quant import PackedLinear, PackedEmbedding, quantize_weight, kernel_layout, unpack_codes\n"
+        "from lmforge.quant import dequantize_planes\n"
         "for kind in ('int4', 'int8'):\n"
         "    w = torch.randn(208, 64)\n"  # three whole 64-row blocks (six of 32) and a partial one
         "    q = quantize_weight(w, kind)\n"
@@ -409,6 +410,12 @@ def test_kernel_layout_is_read_right_on_other_cpus(capability, tmp_path):
         "    exact = x.double() @ layer.dequantize().double().T\n"
         "    error = ((layer(x).double() - exact).norm() / exact.norm()).item()\n"
         "    assert error <= (1e-6 if layer.float32_kernel else 1e-2), (kind, error)\n"
+        # and its dequantize_rows (scalar on 32-row blocks): what unpacking with torch ops gives
+        "    if layer.float32_kernel:\n"
+        "        codes = unpack_codes(layer.packed, layer.planes * 64, 0, 192, layer.layout)\n"
+        "        ref = dequantize_planes(codes, layer.scales_zeros[:, :192], layer.planes, exact=layer.exact_of(slice(192)))\n"
+        "        assert torch.equal(layer.dequantize(), ref), kind\n"
+        "        assert torch.equal(layer.dequantized_rows(32, 96, torch.bfloat16), ref[32:96].bfloat16()), kind\n"
         "print(kernel_layout(), layer.float32_kernel)\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
