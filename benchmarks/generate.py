@@ -18,7 +18,8 @@ own subprocess (``--worker ENGINE FILE``: token ids on its first stdin line, the
 line out for each) so that the peak RSS is that engine's alone; every subprocess gets the same thread count.
 The workers start and warm up one after another, then the timed runs go in rounds, every cell once a round
 (decode, then prefill), so that a machine whose speed drifts over minutes slows every engine alike: tok/s are
-medians over --repeats rounds, and the ratio columns are medians of each round's own ratio. The parent
+medians over --repeats rounds, and the ratio columns (decode, and prefill against llama.cpp) are medians of each
+round's own ratio. The parent
 tokenizes both prompts once per file, so every engine sees the same token ids.
 """
 
@@ -231,6 +232,7 @@ class Cell:
             "decode": args.new_tokens / statistics.median(self.times["decode"]),
             "prefill": PREFILL_TOKENS / statistics.median(self.times["prefill"]),
             "decode_runs": [args.new_tokens / s for s in self.times["decode"]],
+            "prefill_runs": [PREFILL_TOKENS / s for s in self.times["prefill"]],
             "first_call_s": self.first_call_s,
             "peak_rss_mib": self.ask("done")["peak_rss_mib"],
         }
@@ -259,28 +261,30 @@ def machine_line(args: argparse.Namespace) -> str:
     )
 
 
-def ratio(result: dict, reference: dict | None) -> str:
-    """The median of the rounds' decode ratios (each round ran both cells within a minute or so)."""
+def ratio(result: dict, reference: dict | None, step: str = "decode") -> str:
+    """The median of the rounds' ratios of ``step`` (each round ran both cells within a minute or so)."""
     if not reference:
         return "–"
-    pairs = zip(result["decode_runs"], reference["decode_runs"], strict=True)
+    pairs = zip(result[f"{step}_runs"], reference[f"{step}_runs"], strict=True)
     return f"{statistics.median(a / b for a, b in pairs):.2f}x"
 
 
 def table(results: dict[tuple[str, str], dict | None], args: argparse.Namespace) -> list[str]:
     lines = [
         f"| file | engine | decode tok/s (batch 1, {args.new_tokens} new) | prefill {PREFILL_TOKENS} tok/s "
-        "| first-call s | peak RSS MiB | decode vs llama.cpp | decode vs lmforge fp32 eager |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| first-call s | peak RSS MiB | decode vs llama.cpp | decode vs lmforge fp32 eager "
+        "| prefill vs llama.cpp |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (label, engine), r in results.items():
         if r is None:
-            lines.append(f"| {label} | {ENGINES[engine]} | failed (see above) | | | | | |")
+            lines.append(f"| {label} | {ENGINES[engine]} | failed (see above) | | | | | | |")
             continue
+        llama_cpp = results.get((label, "llamacpp"))
         lines.append(
             f"| {label} | {ENGINES[engine]} | {r['decode']:.1f} | {r['prefill']:.0f} | {r['first_call_s']:.1f} "
-            f"| {r['peak_rss_mib']:.0f} | {ratio(r, results.get((label, 'llamacpp')))} "
-            f"| {ratio(r, results.get((label, 'fp32')))} |"
+            f"| {r['peak_rss_mib']:.0f} | {ratio(r, llama_cpp)} | {ratio(r, results.get((label, 'fp32')))} "
+            f"| {ratio(r, llama_cpp, 'prefill')} |"
         )
     return lines
 
