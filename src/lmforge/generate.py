@@ -4,6 +4,9 @@
 sequence per step through the KV cache. Everything else (batched text, streaming, stop strings) is built on it.
 The server's continuous-batching scheduler (serve/scheduler.py) runs its own loop over slots, with the same
 decode step (``decode_step_function``), ``next_tokens`` and ``CompletionBuilder``.
+
+Why one module of ~620 lines: the loop, the compiled step it calls (``CompiledStep``: when dynamo's guards run),
+sampling and the text it builds change together; the scheduler imports each of them from here.
 """
 
 from __future__ import annotations

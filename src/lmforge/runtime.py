@@ -32,9 +32,7 @@ INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 CPUINFO = Path("/proc/cpuinfo")
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _M_TOP_PAD = -2
-HEAP_TOP_PAD = (
-    256 << 20
-)  # bytes of freed heap top kept for the next allocations (return_freed_memory_to_the_system)
+HEAP_TOP_PAD = 32 << 20  # freed heap top kept for the next allocations (return_freed_memory_to_the_system)
 
 _threads: int | None = None  # what set_threads set, None until it runs
 _configured = False
@@ -127,8 +125,10 @@ def return_freed_memory_to_the_system() -> bool:
     bundled model's load left ~220 MB of freed memory in the process (``trim_heap`` after a load hands back the
     rest). The pad: with the threshold fixed, glibc returned the heap's top to the system whenever 128 KiB of it
     were free, and a forward pass's smaller temporaries faulted their pages in again each time: SmolLM2 Q8_0's
-    prefill of 512 tokens ran at ~550 tok/s without it and ~1,000 with it (2 threads, AMD EPYC, in a process
-    that had decoded). False where the C library is not glibc."""
+    prefill of 512 tokens ran at ~550 tok/s without it (2 threads, AMD EPYC, in a process
+    that had decoded); ~870 with 32 MiB. 256 MiB gave ~1,000 but raised a compiled load's measured peak from
+    ~590 to 650-720 MiB (a kept top is memory a later allocation elsewhere does not reuse). False where the C
+    library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20) and libc.mallopt(_M_TOP_PAD, HEAP_TOP_PAD))
