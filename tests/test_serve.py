@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 from lmforge import LLM, SamplingParams
 from lmforge.cli import build_parser
 from lmforge.generate import generate_tokens
+from lmforge.model import SlotKVCache
 from lmforge.prefix_cache import PrefixCache
 from lmforge.serve import ServerLimits, create_app
 from lmforge.serve import scheduler as scheduling
@@ -449,6 +450,50 @@ def test_prefill_rounds_take_about_the_pause_while_sequences_decode(one_thread, 
     assert chunks[0] == (0, 64)  # alone: a whole chunk (the other 36 tokens join in the next round)
     assert len(chunks) >= 3 and all(running == 2 and 32 <= n <= 50 for running, n in chunks[1:]), chunks
     assert tokens == [_solo(llm, p, params) for p in (long, short, long)]
+
+
+def test_a_round_that_grows_the_cache_prefills_less(one_thread, tiny_tokenizer, monkeypatch):
+    """Room for a prompt is made in the first round that can finish it, before that round's prefill, and the
+    time it took comes off the round's pause: with prompt tokens at 2 ms each and a 0.12 s pause, rounds
+    prefill about 58 tokens, but the round whose resize took 0.06 s only the least (32); the prompt joins
+    without a resize of its own."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    llm.model.register_forward_pre_hook(lambda module, args: time.sleep(0.002 * args[0].shape[1]))
+    resize = SlotKVCache.resize
+    now = 0  # the round running
+    resized: list[int] = []  # the rounds that resized the cache
+
+    def slow_resize(cache: SlotKVCache, slots: int, columns: int) -> dict[int, int]:
+        time.sleep(0.06)
+        resized.append(now)
+        return resize(cache, slots, columns)
+
+    monkeypatch.setattr(SlotKVCache, "resize", slow_resize)
+    long = (tiny_tokenizer.encode(" ".join(TEXTS)) * 4)[:100]
+    params = SamplingParams(max_new_tokens=12, stop_on_eos=False)
+    scheduler = Scheduler(llm, max_batch=4, prefill_chunk=128, prefill_pause_s=0.12)
+    chunks: dict[int, int] = {}  # round -> tokens of the second prompt it prefilled
+    joined_at = -1
+    done = 0
+
+    def watch(round: int) -> None:
+        nonlocal now, done, joined_at
+        prefilled = scheduler._prefilling[0].done if scheduler._prefilling else len(long) if done else 0
+        if round >= 3 and prefilled > done:
+            chunks[round] = prefilled - done
+        done = prefilled if scheduler._prefilling else 0
+        if joined_at < 0 and scheduler.running == 2:
+            joined_at = round
+        now = round + 1
+
+    tokens, _ = _iterate(scheduler, {0: [(long, params)], 3: [(long, params)]}, watch)
+    assert tokens == [_solo(llm, long, params)] * 2
+    grew = [r for r in resized if 3 <= r <= joined_at]  # (the first prompt's end shrinks it later)
+    assert len(grew) == 1 and joined_at == max(chunks), (resized, chunks)  # 1 -> 2 slots
+    assert chunks[grew[0]] == min(32, chunks[grew[0]] + sum(n for r, n in chunks.items() if r > grew[0])), (
+        chunks
+    )
+    assert all(n > 40 for r, n in chunks.items() if r < grew[0]), chunks
 
 
 def _slow_tiny(tiny_tokenizer, seconds_per_step: float) -> LLM:

@@ -136,6 +136,7 @@ class _Prefill:
     cache: KVCache
     done: int = 0  # prompt tokens in the cache so far
     rate: float | None = None  # prompt tokens per second of its last chunk (alone): sizes its next one
+    room: bool = False  # the slot cache holds its slots and columns (from the round that can finish it)
 
 
 def _group(job: Job) -> object:
@@ -328,7 +329,11 @@ class Scheduler:
             return False
         for job in admitted:
             self._admit(job)
-        self._prefill_chunk()
+        self._plan_joins(self._prefill_budget())
+        start = time.perf_counter()
+        if not self._make_room():
+            return True
+        self._prefill_chunk(spent=time.perf_counter() - start)
         if self._running:
             self._step()
         elif not self._prefilling:
@@ -381,9 +386,10 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
             self._fail(job, e)
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, spent: float = 0.0) -> int:
         """Prompt tokens to prefill this round: ``prefill_chunk``; while sequences are decoding, no more than
-        the measured rate gets through in ``prefill_pause_s`` (at least ``MIN_PREFILL_TOKENS``). The rate is the
+        the measured rate gets through in what is left of ``prefill_pause_s`` once the round has ``spent`` that
+        many seconds growing the cache (at least ``MIN_PREFILL_TOKENS``). The rate is the
         oldest prompt's own last chunk's, once it has one: a token costs more the more of the prompt is already
         in the cache (attention), and a rate averaged over short prompts let a long prompt's late chunks run
         longer than the pause. With it, a 2,000-token prompt went in chunks of 77-229 tokens, 0.24-0.35 s each,
@@ -394,12 +400,12 @@ class Scheduler:
         rate = own if own is not None else self._prefill_rate
         if rate is None:
             return min(self.prefill_chunk, MIN_PREFILL_TOKENS)
-        timed = int(rate * self.prefill_pause_s)
+        timed = int(rate * max(0.0, self.prefill_pause_s - spent))
         return min(self.prefill_chunk, max(MIN_PREFILL_TOKENS, timed))
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, spent: float = 0.0) -> None:
         """Prefill a round's budget of prompt tokens, oldest job first; finished prompts join the batch."""
-        budget = self._prefill_budget()
+        budget = self._prefill_budget(spent)
         while self._prefilling and budget > 0:
             works, pieces = self._prefill_group(budget)
             try:
@@ -452,14 +458,14 @@ class Scheduler:
         return works, pieces
 
     def _join(self, work: _Prefill, logits: torch.Tensor) -> None:
-        """Pick each sequence's first token from the prompt's last logits (V,); the survivors get a slot."""
+        """Pick each sequence's first token from the prompt's last logits (V,); the survivors take the slots
+        ``_make_room`` kept for them (the copy of the prompt's keys and values is the round's only cache work)."""
         job = work.job
         device = self.model.device
         try:
             for index, builder in enumerate(work.builders):
                 seq = _Running(job, index, builder, sampling_generator(job.params, device, offset=index))
                 if self._advance(seq, logits):
-                    self._fit(newcomer=len(job.prompt))
                     assert self._cache is not None
                     seq.slot = self._cache.add(work.cache, row=0)
                     self._running.append(seq)
@@ -467,19 +473,48 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001
             self._fail(job, e)
 
-    def _fit(self, newcomer: int = 0) -> None:
-        """Size the slot cache, in buckets (few shapes), for the running sequences' next step and, when
-        ``newcomer`` > 0, for one more sequence of that many tokens.
+    def _plan_joins(self, budget: int) -> None:
+        """Mark the prompts a round of ``budget`` tokens finishes (they are prefilled oldest first): ``_fit``
+        makes room for them before the round's prefill. A mark stays when the round ends up shorter."""
+        for work in self._prefilling:
+            budget -= len(work.job.prompt) - work.done
+            if budget < 0:
+                return
+            work.room = True
 
-        It grows when it must; it shrinks to fewer slots when no admitted job is about to join, and to fewer
-        columns when half of them would do (a long sequence left), so short sequences stop paying for them.
+    def _make_room(self) -> bool:
+        """Size the slot cache at the start of a round (``_fit``); False when that failed, and every job with
+        it (the cache may be half-copied)."""
+        if not self._running and not any(p.room for p in self._prefilling):
+            return True
+        try:
+            self._fit()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the jobs fail, the server goes on
+            for job in {*(seq.job for seq in self._running), *(p.job for p in self._prefilling)}:
+                self._fail(job, e)
+            self._running, self._prefilling, self._cache = [], deque(), None
+            return False
+        return True
+
+    def _fit(self) -> None:
+        """Size the slot cache, in buckets (few shapes), for the running sequences' next step and for the
+        prompts about to join (``_Prefill.room``): ``job.n`` slots each, at the prompt's length.
+
+        Room is made at the start of a round, before its prefill, and the time it took comes off the round's
+        prefill (``_prefill_budget``): growing copies and zero-fills the whole cache (8 slots x 2,048 columns
+        of SmolLM2 are ~755 MB, ~0.2 s), and on top of a prompt's last chunk it made the running sequences wait
+        0.6-0.7 s. Not earlier than the round that can finish the prompt: a bigger cache slows every step (8
+        slots compute 8 rows). It shrinks to fewer slots when fewer are held, and to fewer columns when half of
+        them would do (a long sequence left), so short sequences stop paying for them.
         """
         cache = self._cache
         lengths = list(cache.lengths().values()) if cache is not None else []
-        rows = len(lengths) + (newcomer > 0)
+        joining = [p for p in self._prefilling if p.room]
+        prompts = [len(p.job.prompt) for p in joining]
+        rows = len(lengths) + sum(p.job.n for p in joining)
         slots = slot_bucket(rows, self.max_batch)
         context = self.model.config.block_size
-        width = column_bucket(max([*lengths, newcomer]) + 1, context)
+        width = column_bucket(max([*lengths, *prompts]) + 1, context)
         if cache is None:
             self._cache = SlotKVCache(
                 self.model.config,
@@ -490,8 +525,6 @@ class Scheduler:
                 compiled=self.model.compile_decode,
             )
             return
-        if slots < cache.slots and self._prefilling:
-            slots = cache.slots
         if width > cache.max_len:  # grow by a quarter at least, so that copies stay rare
             width = max(width, column_bucket(cache.max_len * 5 // 4, context))
         elif 2 * width > cache.max_len:  # shrink to half or less only
@@ -505,7 +538,6 @@ class Scheduler:
         """Feed every running sequence its last token, pick the next ones, free the slots of those that end."""
         rows = list(self._running)
         try:
-            self._fit()
             cache = self._cache
             assert cache is not None
             ids = [0] * cache.slots  # free slots decode token 0; their outputs are ignored
