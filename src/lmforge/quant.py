@@ -498,9 +498,8 @@ class PackedLinear(nn.Module):
                 self.packed, self.exact_bits, self.layout[1], self.planes, start, stop, dtype
             ).T  # computed as (K, rows): a GEMM takes the transposed view as it is
         codes = unpack_codes(self.packed, self.planes * self.in_features, start, stop, self.layout)
-        return dequantize_planes(
-            codes, self.scales_zeros[:, start:stop], self.planes, dtype, self.exact_of(slice(start, stop))
-        )
+        exact = self.exact_of(slice(start, stop)) if dtype == torch.float32 else None  # bf16 would round them
+        return dequantize_planes(codes, self.scales_zeros[:, start:stop], self.planes, dtype, exact)
 
     def keep_dense_copy(self) -> int:
         """Keep the weight dequantized to bf16 beside the codes, for ``DENSE_ROWS[kind]`` rows and more;
