@@ -4,7 +4,10 @@ home folder and inductor's cache, and LLM.load setting them up once per process.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,56 @@ def test_an_invalid_env_fails_the_first_load(monkeypatch, tmp_path: Path, tiny_t
     monkeypatch.setattr(runtime, "_initial_threads", torch.get_num_threads())
     with pytest.raises(LmforgeError, match="LMFORGE_THREADS"):
         LLM.load(folder)
+
+
+RELEASE_SCRIPT = """
+import time, psutil, torch
+from lmforge import runtime
+
+torch.set_num_threads(2)
+me = psutil.Process()
+x = torch.randn(1 << 22)
+base = me.num_threads()
+
+
+def extra() -> int:  # threads beyond the start, once OpenMP's come and go (they stop asynchronously)
+    for _ in range(100):
+        n = me.num_threads() - base
+        if n == me.num_threads() - base:
+            return n
+        time.sleep(0.01)
+    return n
+
+
+x.exp()  # a parallel op: this thread's OpenMP team starts
+team = extra()
+released = runtime.release_openmp_threads()
+time.sleep(0.1)
+after = extra()
+x.exp()
+print(team, released, after, extra())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp, found through /proc/self/maps")
+def test_released_openmp_workers_stop_and_the_next_parallel_op_starts_them_again() -> None:
+    """The calling thread's OpenMP workers (one more thread for 2 intra-op threads) stop; the next parallel op
+    starts a team again. In a fresh process: the test process's threads have teams of their own."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True, text=True, timeout=120)
+    team, released, after, again = map(int, out.stdout.split())
+    assert (team, after, again) == (1, 0, 1) and released >= 1, out.stderr
+
+
+def test_a_scheduler_starting_stops_the_callers_openmp_workers(monkeypatch, tiny_tokenizer) -> None:
+    """The thread that starts a server's scheduler hands it the model: its own OpenMP team would keep the
+    scheduler's from spinning between ops (``release_openmp_threads``)."""
+    from lmforge.serve import scheduler as scheduling
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        scheduling, "release_openmp_threads", lambda: calls.append(threading.current_thread().name)
+    )
+    scheduler = scheduling.Scheduler(tiny_llm("tiny-llama", tiny_tokenizer))
+    scheduler.start()
+    scheduler.close()
+    assert calls == [threading.current_thread().name]

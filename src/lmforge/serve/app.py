@@ -66,6 +66,7 @@ from lmforge.generate import SamplingParams
 from lmforge.inference import prompt_logprobs
 from lmforge.progress import stop_when
 from lmforge.quant import dense_copy_bytes, keep_dense_copies, packing_summary
+from lmforge.runtime import release_openmp_threads
 from lmforge.serve.access_log import TOKENS, AccessLog
 from lmforge.serve.guard import LOCAL_HOSTS, Guard, ParsedOffLoop, answer_errors
 from lmforge.serve.limits import ServerLimits
@@ -527,8 +528,11 @@ class _Service:
         stop = threading.Event()
 
         def run() -> T:
-            with stop_when(stop):
-                return fn(*args)
+            try:
+                with stop_when(stop):
+                    return fn(*args)
+            finally:  # this worker's OpenMP team would slow the scheduler's down (see release_openmp_threads)
+                release_openmp_threads()
 
         work = asyncio.ensure_future(anyio.to_thread.run_sync(run, limiter=self.task_limiter))
         deadline = time.monotonic() + self.request_timeout_s

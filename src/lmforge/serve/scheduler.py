@@ -53,6 +53,7 @@ from lmforge.generate import (
 )
 from lmforge.model import KVCache, SlotKVCache
 from lmforge.prefix_cache import PrefixCache
+from lmforge.runtime import release_openmp_threads
 from lmforge.structured import Constraint, ConstraintState, mask_logits
 
 if TYPE_CHECKING:
@@ -267,6 +268,9 @@ class Scheduler:
         return tokens / RATE_WINDOW_S
 
     def start(self) -> None:
+        """Start the scheduler thread. The calling thread's OpenMP workers stop first: the scheduler's team is
+        fast only while it is the process's one (``runtime.release_openmp_threads``)."""
+        release_openmp_threads()
         self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
         self._thread.start()
 
