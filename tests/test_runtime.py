@@ -195,7 +195,6 @@ print(team, released, after, extra())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libgomp, found through /proc/self/maps")
 def test_released_openmp_workers_stop_and_the_next_parallel_op_starts_them_again() -> None:
     """The calling thread's OpenMP workers (one more thread for 2 intra-op threads) stop; the next parallel op
     starts a team again. In a fresh process: the test process's threads have teams of their own."""
