@@ -26,6 +26,10 @@ Tokens are picked with ``generate.next_tokens`` and text is assembled with ``gen
 A job with a ``Constraint`` (``response_format``) gives each of its sequences a ``ConstraintState`` that masks
 that row's logits before sampling; rows with and without one decode in the same batch.
 Output goes to each job's ``on_event`` callback, from the scheduler thread.
+
+Why one module of ~630 lines: admission, prefill and decode are one state machine that one thread owns, and
+its invariants span them (a prompt holds its slots from admission on; room for it is made before the round
+that can finish it; a resize moves the running rows' slots), so they are read together.
 """
 
 from __future__ import annotations
