@@ -90,14 +90,15 @@ def decode_attention(
 
 
 def packed_matvec(
-    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int
+    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int, planes: int = 1
 ) -> torch.Tensor:
     """x (M, K) float32 @ the first ``rows`` rows of a packed weight -> (M, rows) float32.
 
-    ``packed`` (>= rows, K/2) uint8 in the "split" layout of ``block`` rows; ``exact_bits`` (>= rows/16, K/32,
-    2, 16): the fp16 bits (as int16) of each group's scale and min, tile of 16 rows by tile
-    (``lmforge.quant.PackedLinear``), contiguous. ``rows``: whole blocks."""
-    return torch.ops.lmforge.packed_matvec(x, packed, exact_bits, block, rows)
+    ``packed`` (>= rows, P*K/2) uint8 in the "split" layout of ``block`` rows, ``planes`` P: 1 (int4) or 2 (int8:
+    the high nibbles' K columns, then the low ones'); ``exact_bits`` (>= rows/16, P*K/32, 2, 16): the fp16 bits
+    (as int16) of each group's scale and min, tile of 16 rows by tile (``lmforge.quant.PackedLinear``),
+    contiguous. ``rows``: whole blocks."""
+    return torch.ops.lmforge.packed_matvec(x, packed, exact_bits, block, rows, planes)
 
 
 def dequantize_rows(
@@ -121,7 +122,7 @@ def dequantize_rows(
 
 
 def _shape_only(
-    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int
+    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int, planes: int
 ) -> torch.Tensor:
     """What torch.compile needs to trace a call: the output's shape and type."""
     return x.new_empty(x.shape[0], rows)

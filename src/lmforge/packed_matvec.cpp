@@ -11,7 +11,9 @@
 //   out[m, n] = sum_g  scale[g, n] * (sum_{k in g} q[n, k] x[m, k])  +  min[g, n] * (sum_{k in g} x[m, k])
 //
 // so each weight costs one float32 FMA, and a group's scale is applied once to its 32 products. Several input
-// rows (AVX-512 builds) go 4 at a time, each code converted to float once for them.
+// rows (AVX-512 builds) go 4 at a time, each code converted to float once for them. int8 weights are two 4-bit
+// planes (lmforge/quant.py); AVX-512 builds join each weight's nibbles into its code, elsewhere the planes are
+// two 4-bit weights over [x, x].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -186,22 +188,103 @@ void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* cod
     }
   }
 }
+
+// int8 weights for R input rows through one 64-row block. They are stored as two 4-bit planes (q = 16 hi + lo in
+// 0..255, w = (q - 128) * scale; the hi plane's columns first, then the lo plane's, each plane's pairs (16 scale,
+// -128 scale) and (scale, 0)): each weight's two nibbles are joined into its code and converted to float once,
+// one FMA a row, where the planes as two 4-bit weights took two of each.
+template <int R>
+void int8_block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
+                               float* out, int64_t ldo) {
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  const __m512i high_nibble = _mm512_set1_epi32(0xF0);
+  const int64_t G = K / kGroup;
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + r * ldo + 16 * i, _mm512_setzero_ps());
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 part[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) part[r][i] = _mm512_setzero_ps();
+    const uint8_t* hi = codes + g * kGroup * 32;
+    const uint8_t* lo = codes + (K + g * kGroup) * 32;
+    for (int k = 0; k < kGroup; ++k, hi += 32, lo += 32) {
+      if (k % 2 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(hi) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(lo) + kPrefetchBytes, _MM_HINT_T0);
+      }
+      const __m512i h0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)));
+      const __m512i h1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + 16)));
+      const __m512i l0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
+      const __m512i l1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16)));
+      // rows 0-15 and 16-31 in the low nibbles, 32-47 and 48-63 in the high ones
+      const __m512 w[4] = {
+          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(h0, low_nibble), 4),
+                                             _mm512_and_si512(l0, low_nibble))),
+          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(h1, low_nibble), 4),
+                                             _mm512_and_si512(l1, low_nibble))),
+          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(h0, high_nibble), _mm512_srli_epi32(l0, 4))),
+          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(h1, high_nibble), _mm512_srli_epi32(l1, 4)))};
+      for (int r = 0; r < R; ++r) {
+        const __m512 xk = _mm512_set1_ps(x[r * K + g * kGroup + k]);
+        for (int i = 0; i < 4; ++i) part[r][i] = _mm512_fmadd_ps(w[i], xk, part[r][i]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      __m512 hi_scale, hi_min, scale, lo_min;
+      scales_mins_16(e.at(g, 16 * i), hi_scale, hi_min);   // (16 scale, -128 scale)
+      scales_mins_16(e.at(G + g, 16 * i), scale, lo_min);  // (scale, 0)
+      for (int r = 0; r < R; ++r) {
+        float* o = out + r * ldo + 16 * i;
+        const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(part[r][i], scale, _mm512_fmadd_ps(hi_min, xs, _mm512_loadu_ps(o))));
+      }
+    }
+  }
+}
+
+// All M rows of x, kRowsAtOnce at a time, through one 64-row int8 block.
+void int8_block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
+                             float* out, int64_t ldo) {
+  const int64_t G = K / kGroup;
+  prefetch_exact<64>(e);
+  for (int64_t m = 0; m < M; m += kRowsAtOnce) {
+    const float* xm = x + m * K;
+    const float* xs = xsum + m * G;
+    float* o = out + m * ldo;
+    switch (std::min<int64_t>(kRowsAtOnce, M - m)) {
+      case 4: int8_block_rows_64_avx512<4>(xm, K, codes, e, xs, o, ldo); break;
+      case 3: int8_block_rows_64_avx512<3>(xm, K, codes, e, xs, o, ldo); break;
+      case 2: int8_block_rows_64_avx512<2>(xm, K, codes, e, xs, o, ldo); break;
+      default: int8_block_rows_64_avx512<1>(xm, K, codes, e, xs, o, ldo); break;
+    }
+  }
+}
 #endif
 
 // x (M, K) float32; packed (>= rows, K/2) uint8; exact (>= rows/16, K/32, 2, 16): each group's fp16 (scale,
 // min) as their int16 bits (what lmforge.quant stores: no dtype view per call); rows: whole blocks.
-at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& exact, int64_t block,
-                         int64_t rows) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
+at::Tensor packed_matvec(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& exact, int64_t block,
+                         int64_t rows, int64_t planes) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kFloat && input.is_contiguous(),
+              "x: contiguous (M, K) float32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
   TORCH_CHECK(exact.scalar_type() == at::kShort && exact.is_contiguous() && exact.dim() == 4 && exact.size(2) == 2 &&
                   exact.size(3) == kTile,
-              "exact: contiguous (N/16, K/32, 2, 16) fp16 bits (int16)");
+              "exact: contiguous (N/16, P*K/32, 2, 16) fp16 bits (int16)");
   TORCH_CHECK(block == 32 || block == 64, "block: 32 or 64 rows");
-  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  TORCH_CHECK(K % kGroup == 0 && packed.size(1) * 2 == K && exact.size(1) == G, "shapes disagree");
+  TORCH_CHECK(planes == 1 || planes == 2, "planes: 1 (int4) or 2 (int8)");
+  const int64_t Kc = packed.size(1) * 2, Gc = Kc / kGroup;  // the codes' columns: planes x the input's
+  TORCH_CHECK(Kc % kGroup == 0 && input.size(1) * planes == Kc && exact.size(1) == Gc, "shapes disagree");
   TORCH_CHECK(rows % block == 0 && rows <= packed.size(0) && rows / kTile <= exact.size(0),
               "rows: whole blocks of the weight");
+#ifdef __AVX512F__
+  const bool joined = planes == 2 && block == 64;  // int8 codes joined from their planes (one FMA a weight)
+#else
+  const bool joined = false;
+#endif
+  // elsewhere two planes are two 4-bit weights over [x, x]
+  const at::Tensor x = planes == 2 && !joined ? at::cat({input, input}, 1) : input;
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   at::Tensor out = at::empty({M, rows}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = packed.data_ptr<uint8_t>();
@@ -216,9 +299,13 @@ at::Tensor packed_matvec(const at::Tensor& x, const at::Tensor& packed, const at
     }
   at::parallel_for(0, rows / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* codes = cp + b * block * K / 2;
-      const Exact e{ex + 2 * b * G * block, G};
+      const uint8_t* codes = cp + b * block * Kc / 2;
+      const Exact e{ex + 2 * b * Gc * block, Gc};
 #ifdef __AVX512F__
+      if (joined) {
+        int8_block_many_rows_64(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
+        continue;
+      }
       if (M > 1 && block == 64) {  // several rows at once: each code converted once for them
         block_many_rows_64(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
         continue;
@@ -351,7 +438,7 @@ at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& exact, in
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
-  m.def("packed_matvec(Tensor x, Tensor packed, Tensor exact_bits, int block, int rows) -> Tensor");
+  m.def("packed_matvec(Tensor x, Tensor packed, Tensor exact_bits, int block, int rows, int planes) -> Tensor");
   m.def("dequantize_rows(Tensor packed, Tensor exact_bits, int block, int planes, int start, int stop, bool bf16) -> Tensor");
 }
 

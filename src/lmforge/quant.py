@@ -454,11 +454,13 @@ class PackedLinear(nn.Module):
         """x (M, K) -> (M, N) in x's dtype through a packed kernel: lmforge's (``lmforge.cpu_kernel``) where
         ``computes_in_float32``, else PyTorch's, which computes in bf16."""
         if self.computes_in_float32(x):
-            xf = x.float()
-            if self.planes == 2:
-                xf = torch.cat([xf, xf], dim=-1)
             y = cpu_kernel.packed_matvec(
-                xf.contiguous(), self.packed, self.exact_bits, self.layout[1], self.out_features
+                x.float().contiguous(),
+                self.packed,
+                self.exact_bits,
+                self.layout[1],
+                self.out_features,
+                self.planes,
             )
             return y.to(x.dtype)
         xb = x.to(torch.bfloat16)
