@@ -274,10 +274,16 @@ def test_keep_dense_copies_follows_the_setting_and_the_cpu(monkeypatch, tiny_tok
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
     assert quant.keep_dense_copies(model, "auto") == 0  # bf16 emulated: slower than the kernel
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
+    fewest = min(quant.DENSE_ROWS.values())
     assert (
-        quant.keep_dense_copies(model, "auto", max_batch=min(quant.DENSE_ROWS.values()) - 1) == 0
-    )  # never that many rows
-    assert quant.keep_dense_copies(model, "auto") == 2 * weights == quant.dense_copy_bytes(model)
+        quant.keep_dense_copies(model, "auto", max_batch=fewest - 1) == 0
+    )  # never that many rows (default 8)
+    assert quant.keep_dense_copies(model, "auto") == 0
+    assert (
+        quant.keep_dense_copies(model, "auto", max_batch=fewest)
+        == 2 * weights
+        == quant.dense_copy_bytes(model)
+    )
     assert quant.keep_dense_copies(packed_tiny(), "bf16") == 2 * weights
     with pytest.raises(LmforgeError, match="unknown batch weights"):
         quant.keep_dense_copies(model, "fp8")

@@ -1248,9 +1248,9 @@ def build_parser(recipes: bool = True) -> argparse.ArgumentParser:
         "--batch-weights",
         choices=BATCH_WEIGHTS,
         default="auto",
-        help="packed (int4/int8) models: keep a bf16 copy of the weights for batches of 5 streams or more, "
-        "which the packed kernel multiplies slowly (2 bytes a weight more memory; auto: when the CPU has bf16 "
-        "units and the copy fits a quarter of free memory; default: auto)",
+        help="packed (int4/int8) models: keep a bf16 copy of the weights for batches of 9 streams or more, "
+        "which the packed kernel multiplies slowly (2 bytes a weight more memory; auto: when --max-batch "
+        "exceeds 8, the CPU has bf16 units and the copy fits a quarter of free memory; default: auto)",
     )
     p.add_argument(
         "--max-queue",

@@ -72,9 +72,10 @@ GEMM_DEQUANT_WEIGHTS = (
 # A layer with a dense bf16 copy (``keep_dense_copy``: a server decoding many streams) multiplies this many rows
 # and more with it. The kernel tiles rows by 4 and unpacks the weights again per tile: SmolLM2's 30 joined blocks
 # took 5.3 / 8.2 / 16.2 / 28.4 ms through the kernel for 1 / 4 / 8 / 12 rows and ~19-24 ms with the copy at 8-16
-# rows (2 threads, AMX Xeon), so int4 switches after 8 rows; int8 runs the kernel on two planes, twice the work:
-# 25.6 ms at 8 rows against the copy's 22.8, so it switches from 5 (docs/architecture.md).
-DENSE_ROWS: dict[str, int] = {"int4": 9, "int8": 5}
+# rows (2 threads, AMX Xeon), so int4 switches after 8 rows. int8 switched from 5 while the kernel ran its two
+# planes (25.6 ms at 8 rows against the copy's 22.8); joined on AVX-512, its 8-row head takes 4.3 ms against 5.9,
+# and a server's 8 streams ran as fast without any copy (AMD EPYC): after 8 rows too (docs/architecture.md).
+DENSE_ROWS: dict[str, int] = {"int4": 9, "int8": 9}
 # Up to this many input rows, a layer whose 64-row blocks lmforge's float32 kernel reads (AVX-512) goes there:
 # faster than PyTorch's kernel from 1 to 128 rows on SmolLM2's gate/up (8 rows 165 against 232 us, 64 rows
 # 1.2 against 1.7 ms; 256 rows 9.8 against 7.3), and exact (docs/architecture.md).
