@@ -131,12 +131,40 @@ void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact 
   for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
+// A column's 64 weights as floats, 4 vectors of 16 rows (bytes 0-15 hold rows 0-15 in their low nibbles and
+// 32-47 in their high ones, bytes 16-31 rows 16-31 and 48-63). int8 weights are two 4-bit planes (q = 16 hi + lo
+// in 0..255; the low plane's column K columns after the high one's): joined into each weight's code, converted
+// once, where the planes as two 4-bit weights took two conversions and two FMAs a row.
+template <bool INT8>
+inline void column_64(const uint8_t* column, int64_t K, __m512 w[4]) {
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  const __m512i a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
+  const __m512i a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16)));
+  if constexpr (INT8) {
+    const uint8_t* lo = column + K * 32;
+    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
+    const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16)));
+    const __m512i high_nibble = _mm512_set1_epi32(0xF0);
+    w[0] = _mm512_cvtepi32_ps(
+        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a0, low_nibble), 4), _mm512_and_si512(b0, low_nibble)));
+    w[1] = _mm512_cvtepi32_ps(
+        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a1, low_nibble), 4), _mm512_and_si512(b1, low_nibble)));
+    w[2] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(a0, high_nibble), _mm512_srli_epi32(b0, 4)));
+    w[3] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(a1, high_nibble), _mm512_srli_epi32(b1, 4)));
+  } else {
+    w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a0, low_nibble));
+    w[1] = _mm512_cvtepi32_ps(_mm512_and_si512(a1, low_nibble));
+    w[2] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a0, 4));
+    w[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a1, 4));
+  }
+}
+
 // R input rows (a prompt's, a server's batch) through one 64-row block: each code converted to float once and
-// multiplied into R rows' sums, which live in registers through a group and in out between groups.
-template <int R>
+// multiplied into R rows' sums, which live in registers through a group and in out between groups. int8 (INT8):
+// K is the input's width, the codes' columns 2K; its scale is the low plane's, its min (-128 scale) the high's.
+template <bool INT8, int R>
 void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum, float* out,
                           int64_t ldo) {
-  const __m512i low_nibble = _mm512_set1_epi32(15);
   const int64_t G = K / kGroup;
   prefetch_exact<64>(e);
   for (int r = 0; r < R; ++r)
@@ -147,12 +175,12 @@ void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact
       for (int i = 0; i < 4; ++i) part[r][i] = _mm512_setzero_ps();
     const uint8_t* column = codes + g * kGroup * 32;
     for (int k = 0; k < kGroup; ++k, column += 32) {
-      if (k % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(column) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512i a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
-      const __m512i a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16)));
-      const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_and_si512(a0, low_nibble)),
-                           _mm512_cvtepi32_ps(_mm512_and_si512(a1, low_nibble)),
-                           _mm512_cvtepi32_ps(_mm512_srli_epi32(a0, 4)), _mm512_cvtepi32_ps(_mm512_srli_epi32(a1, 4))};
+      if (k % 2 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(column) + kPrefetchBytes, _MM_HINT_T0);
+        if constexpr (INT8) _mm_prefetch(reinterpret_cast<const char*>(column + K * 32) + kPrefetchBytes, _MM_HINT_T0);
+      }
+      __m512 w[4];
+      column_64<INT8>(column, K, w);
       for (int r = 0; r < R; ++r) {
         const __m512 xk = _mm512_set1_ps(x[r * K + g * kGroup + k]);
         for (int i = 0; i < 4; ++i) part[r][i] = _mm512_fmadd_ps(w[i], xk, part[r][i]);
@@ -161,6 +189,10 @@ void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact
     for (int i = 0; i < 4; ++i) {
       __m512 scale, min;
       scales_mins_16(e.at(g, 16 * i), scale, min);
+      if constexpr (INT8) {
+        __m512 zero;
+        scales_mins_16(e.at(G + g, 16 * i), scale, zero);
+      }
       for (int r = 0; r < R; ++r) {
         float* o = out + r * ldo + 16 * i;
         const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
@@ -172,7 +204,8 @@ void block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact
 
 constexpr int kRowsAtOnce = 4;
 
-// All M rows of x, kRowsAtOnce at a time, through one 64-row block.
+// All M rows of x, kRowsAtOnce at a time, through one 64-row block (int8: its planes joined).
+template <bool INT8>
 void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
                         float* out, int64_t ldo) {
   const int64_t G = K / kGroup;
@@ -181,81 +214,10 @@ void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* cod
     const float* xs = xsum + m * G;
     float* o = out + m * ldo;
     switch (std::min<int64_t>(kRowsAtOnce, M - m)) {
-      case 4: block_rows_64_avx512<4>(xm, K, codes, e, xs, o, ldo); break;
-      case 3: block_rows_64_avx512<3>(xm, K, codes, e, xs, o, ldo); break;
-      case 2: block_rows_64_avx512<2>(xm, K, codes, e, xs, o, ldo); break;
-      default: block_rows_64_avx512<1>(xm, K, codes, e, xs, o, ldo); break;
-    }
-  }
-}
-
-// int8 weights for R input rows through one 64-row block. They are stored as two 4-bit planes (q = 16 hi + lo in
-// 0..255, w = (q - 128) * scale; the hi plane's columns first, then the lo plane's, each plane's pairs (16 scale,
-// -128 scale) and (scale, 0)): each weight's two nibbles are joined into its code and converted to float once,
-// one FMA a row, where the planes as two 4-bit weights took two of each.
-template <int R>
-void int8_block_rows_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
-                               float* out, int64_t ldo) {
-  const __m512i low_nibble = _mm512_set1_epi32(15);
-  const __m512i high_nibble = _mm512_set1_epi32(0xF0);
-  const int64_t G = K / kGroup;
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + r * ldo + 16 * i, _mm512_setzero_ps());
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 part[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) part[r][i] = _mm512_setzero_ps();
-    const uint8_t* hi = codes + g * kGroup * 32;
-    const uint8_t* lo = codes + (K + g * kGroup) * 32;
-    for (int k = 0; k < kGroup; ++k, hi += 32, lo += 32) {
-      if (k % 2 == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(hi) + kPrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(lo) + kPrefetchBytes, _MM_HINT_T0);
-      }
-      const __m512i h0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)));
-      const __m512i h1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + 16)));
-      const __m512i l0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
-      const __m512i l1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16)));
-      // rows 0-15 and 16-31 in the low nibbles, 32-47 and 48-63 in the high ones
-      const __m512 w[4] = {
-          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(h0, low_nibble), 4),
-                                             _mm512_and_si512(l0, low_nibble))),
-          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(h1, low_nibble), 4),
-                                             _mm512_and_si512(l1, low_nibble))),
-          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(h0, high_nibble), _mm512_srli_epi32(l0, 4))),
-          _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(h1, high_nibble), _mm512_srli_epi32(l1, 4)))};
-      for (int r = 0; r < R; ++r) {
-        const __m512 xk = _mm512_set1_ps(x[r * K + g * kGroup + k]);
-        for (int i = 0; i < 4; ++i) part[r][i] = _mm512_fmadd_ps(w[i], xk, part[r][i]);
-      }
-    }
-    for (int i = 0; i < 4; ++i) {
-      __m512 hi_scale, hi_min, scale, lo_min;
-      scales_mins_16(e.at(g, 16 * i), hi_scale, hi_min);   // (16 scale, -128 scale)
-      scales_mins_16(e.at(G + g, 16 * i), scale, lo_min);  // (scale, 0)
-      for (int r = 0; r < R; ++r) {
-        float* o = out + r * ldo + 16 * i;
-        const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(part[r][i], scale, _mm512_fmadd_ps(hi_min, xs, _mm512_loadu_ps(o))));
-      }
-    }
-  }
-}
-
-// All M rows of x, kRowsAtOnce at a time, through one 64-row int8 block.
-void int8_block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
-                             float* out, int64_t ldo) {
-  const int64_t G = K / kGroup;
-  prefetch_exact<64>(e);
-  for (int64_t m = 0; m < M; m += kRowsAtOnce) {
-    const float* xm = x + m * K;
-    const float* xs = xsum + m * G;
-    float* o = out + m * ldo;
-    switch (std::min<int64_t>(kRowsAtOnce, M - m)) {
-      case 4: int8_block_rows_64_avx512<4>(xm, K, codes, e, xs, o, ldo); break;
-      case 3: int8_block_rows_64_avx512<3>(xm, K, codes, e, xs, o, ldo); break;
-      case 2: int8_block_rows_64_avx512<2>(xm, K, codes, e, xs, o, ldo); break;
-      default: int8_block_rows_64_avx512<1>(xm, K, codes, e, xs, o, ldo); break;
+      case 4: block_rows_64_avx512<INT8, 4>(xm, K, codes, e, xs, o, ldo); break;
+      case 3: block_rows_64_avx512<INT8, 3>(xm, K, codes, e, xs, o, ldo); break;
+      case 2: block_rows_64_avx512<INT8, 2>(xm, K, codes, e, xs, o, ldo); break;
+      default: block_rows_64_avx512<INT8, 1>(xm, K, codes, e, xs, o, ldo); break;
     }
   }
 }
@@ -303,11 +265,11 @@ at::Tensor packed_matvec(const at::Tensor& input, const at::Tensor& packed, cons
       const Exact e{ex + 2 * b * Gc * block, Gc};
 #ifdef __AVX512F__
       if (joined) {
-        int8_block_many_rows_64(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
+        block_many_rows_64<true>(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
         continue;
       }
       if (M > 1 && block == 64) {  // several rows at once: each code converted once for them
-        block_many_rows_64(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
+        block_many_rows_64<false>(M, xp, K, codes, e, xsum.data(), op + b * block, rows);
         continue;
       }
 #endif
