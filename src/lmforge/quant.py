@@ -63,8 +63,8 @@ KERNEL_ROWS = 16  # the kernel tiles output rows by 16: a layer's rows are padde
 # The output head's best candidates per row are scored again in float32 (``PackedLinear.exact_top``).
 HEAD_EXACT_TOP = 8
 # From this many input rows on (a prefill chunk), a layer is dequantized for a GEMM instead (``gemm``): the kernel
-# is built for a few rows. Crossovers measured on SmolLM2's prefill (docs/architecture.md); int8 runs the kernel
-# on two planes, twice the work, so its GEMM pays off sooner.
+# is built for a few rows. Crossovers measured on SmolLM2's prefill (docs/architecture.md); int8's while the kernel
+# ran its two planes (twice the work: its GEMM paid off sooner), before AVX-512 builds joined them.
 GEMM_ROWS: dict[str, int] = {"int4": 384, "int8": 128}
 GEMM_DEQUANT_WEIGHTS = (
     1 << 21
