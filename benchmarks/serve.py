@@ -2,13 +2,13 @@
 ~2,000-token prompt arriving mid-run holds up the streams already decoding.
 
     python benchmarks/serve.py [--max-tokens 64] [--rounds 3] [--repeats 3] [--threads N] [--model PATH] [--float32]
-                               [--batch-weights auto|packed|bf16]
+                               [--batch-weights auto|packed|packed-bf16|bf16]
                                [--long-prompt-tokens 2000] [--long-streams 4] [--time-limit 1800]
 
 Starts `lmforge serve` on SmolLM2-135M-Instruct in its own process (client and server do not share an
 interpreter), loaded the default way: packed weights, compiled decode step (--float32: fp32 weights, eager
-steps, for comparison; --batch-weights packed: batches of 5+ streams through the packed kernel too, not the bf16
-copy `auto` keeps on CPUs with bf16 units). Before timing, one short round at each level (and at 2 streams) lets the server
+steps, for comparison; --batch-weights packed: batch steps in float32, not the bf16 dot products `auto` uses on
+CPUs with AVX512-BF16; see `lmforge serve --help`). Before timing, one short round at each level (and at 2 streams) lets the server
 compile its decode step for every slot bucket it will use.
 
 Throughput: at each level, that many client streams send chat requests back to back (greedy, EOS ignored so
@@ -47,6 +47,8 @@ import sys
 import time
 
 import httpx
+
+from lmforge.config import BATCH_WEIGHTS
 
 LEVELS = (1, 4, 8)
 REPLICA_HEADER = "X-Lmforge-Replica"  # lmforge.serve.ray.REPLICA_HEADER (importing it would import ray)
@@ -221,6 +223,7 @@ def describe(model: dict, args: argparse.Namespace, threads: str) -> str:
     info = model["lmforge"]
     copy = info.get("batch_weights_bytes", 0)
     batch = f"bf16 copy for batches ({copy / 2**20:.0f} MiB)" if copy else "packed kernel at every batch size"
+    batch += ", batch steps in bf16 dot products" if info.get("bf16_batches") else ", batch steps in float32"
     return (
         f"{model['id']} ({info['dtype']}, {info.get('packing', '?')}, {batch}, "
         f"{'compiled' if info.get('compiled_decode') else 'eager'} steps, {info['device']}, {threads}), "
@@ -270,7 +273,7 @@ def main() -> None:
     parser.add_argument(
         "--batch-weights",
         default="auto",
-        choices=("auto", "packed", "bf16"),
+        choices=BATCH_WEIGHTS,
         help="`lmforge serve --batch-weights`",
     )
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)

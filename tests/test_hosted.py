@@ -37,7 +37,7 @@ ARTICLE = (
 @pytest.fixture(scope="module")
 def smol_url(smollm2: LLM) -> Iterator[str]:
     """The bundled SmolLM2 behind `lmforge serve`'s app, guarded by the key."""
-    with serving(create_app(smollm2, api_key=KEY, max_batch=4)) as base:
+    with serving(create_app(smollm2, api_key=KEY, max_batch=4, batch_weights="packed")) as base:
         yield base + "/v1"
 
 

@@ -41,7 +41,7 @@ def _send_and_watch(page, text: str) -> list[str]:
 
 
 def test_playground_chats_in_chinese_and_english_with_streaming(smollm2):
-    with serving(create_app(smollm2)) as base, sync_playwright() as p:
+    with serving(create_app(smollm2, batch_weights="packed")) as base, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 760}, locale="en-US")

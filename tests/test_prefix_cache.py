@@ -194,7 +194,7 @@ QUESTIONS = {"en": ["Do you sell maps?", "Can I order a book?"], "zh": ["你们�
 
 @pytest.fixture(scope="module")
 def smol_server(smollm2):
-    app = create_app(smollm2, max_batch=4)
+    app = create_app(smollm2, max_batch=4, batch_weights="packed")  # float32 batches: answers as solo
     with serving(app) as base:
         yield smollm2, base
 

@@ -26,7 +26,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from lmforge import LLM, cpu_kernel, quant, runtime
 from lmforge.errors import LmforgeError, UnsupportedError
 from lmforge.formats.gguf_quants import block_codes
+from lmforge.generate import left_pad, prefill
 from lmforge.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora
+from lmforge.model import StaticKVCache
 from lmforge.quant import (
     GROUP,
     HEAD_EXACT_TOP,
@@ -41,6 +43,7 @@ from lmforge.quant import (
     packed_layers,
     packing_summary,
     quantize_weight,
+    set_batch_weights,
     unpack_codes,
 )
 
@@ -131,6 +134,7 @@ def test_float32_kernel_computes_with_the_values_packed(kind, bias, rows):
     b = torch.randn(n) if bias else None
     layer = PackedLinear(quantize_weight(random_weight(n, k, seed=5), kind), b)
     assert layer.float32_kernel  # x86 with AVX2 and g++: every machine CI runs on; it must build there
+    layer.bf16_dot = False  # float32 for every row count (bf16 dot products: the next test)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(6))
     assert layer.computes_in_float32(x) == (rows == 1 or kernel_layout() == ("split", 64))
     exact = x.double() @ layer.dequantize().double().T + (b.double() if bias else 0)
@@ -145,6 +149,45 @@ def test_float32_kernel_computes_with_the_values_packed(kind, bias, rows):
         # PyTorch's kernel is ~1e-3 away: bf16 inputs, scales and outputs
         layer.float32_kernel = False
         assert ((layer(x).double() - exact).norm() / exact.norm()).item() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [2, 5, 8])
+def test_a_batch_step_multiplies_in_bf16_dot_products_where_set_and_the_cpu_has_them(kind, rows):
+    """A step of several sequences, one position each (x (B, 1, K)), in a layer set to ``bf16_batches``: where
+    the kernel reads 64-row blocks and the CPU has AVX512-BF16, lmforge's kernel rounds x to bf16 and sums its
+    exact products with the values packed in float32 (float32 arithmetic's error against float64 products of
+    bf16(x), eager and compiled). A prompt's positions, one sequence's step, a layer not set and int8 layers stay
+    float32; so does everything on a CPU without them."""
+    n, k = 192, 160
+    b = torch.randn(n)
+    layer = PackedLinear(quantize_weight(random_weight(n, k, seed=7), kind), b)
+    bf16 = kind == "int4" and kernel_layout() == ("split", 64) and torch.cpu._is_avx512_bf16_supported()
+    assert layer.bf16_dot == bf16 and not layer.bf16_batches  # off unless a server sets it
+    step = torch.randn(rows, 1, k, generator=torch.Generator().manual_seed(rows))
+    w = layer.dequantize().double()
+    exact = step.double() @ w.T + b.double()
+    rounded = step.bfloat16().double() @ w.T + b.double()  # what bf16 dot products compute
+
+    def error(y: torch.Tensor, reference: torch.Tensor) -> float:
+        return ((y.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
+
+    with torch.no_grad():
+        assert error(layer(step), exact) <= 1e-6  # not set
+        layer.bf16_batches = True
+        assert layer.multiplies_in_bf16(step) == bf16
+        prompt, one = step.view(1, rows, k), step[:1]
+        assert not layer.multiplies_in_bf16(prompt) and not layer.multiplies_in_bf16(one)
+        assert error(layer(prompt), exact.view(1, rows, n)) <= 1e-6
+        assert error(layer(one), exact[:1]) <= 1e-6
+        # compiled for a server's batch: kernel_matmul, whose variants dynamo counts apart from forward's
+        compiled = torch.compile(layer.kernel_matmul, fullgraph=True, dynamic=False)
+        x2 = step.view(rows, k)
+        for y in (layer(step), compiled(x2, True).view(rows, 1, n) + b) if rows == 8 else (layer(step),):
+            if bf16:
+                assert error(y, rounded) <= 2e-6 and error(y, exact) > 1e-4  # bf16's rounding of x shows
+            else:
+                assert error(y, exact) <= 1e-6
 
 
 def test_kernel_library_loads_only_from_a_folder_of_this_user(tmp_path, monkeypatch):
@@ -263,30 +306,40 @@ def test_a_dense_copy_multiplies_batches_of_several_rows(kind):
     assert layer.weight_bytes == packed_bytes and set(layer.state_dict()) == state
 
 
-def test_keep_dense_copies_follows_the_setting_and_the_cpu(monkeypatch, tiny_tokenizer):
+def test_set_batch_weights_follows_the_setting_and_the_cpu(monkeypatch, tiny_tokenizer):
     def packed_tiny() -> nn.Module:
         return quant.quantize_model(tiny_llm("tiny-llama", tiny_tokenizer).model, "int4")
+
+    def batches_in_bf16(model: nn.Module) -> set[bool]:
+        layers = [*quant.packed_layers(model).values(), *(j.layer for j in quant.joined_layers(model))]
+        return {layer.bf16_batches for layer in layers}
 
     model = packed_tiny()
     layers = {id(m): m for m in quant.packed_layers(model).values()}.values()
     weights = sum(m.out_features * m.in_features for m in layers)
-    assert quant.keep_dense_copies(model, "packed") == 0 and quant.dense_copy_bytes(model) == 0
+    assert quant.set_batch_weights(model, "packed") == 0 and quant.dense_copy_bytes(model) == 0
+    assert batches_in_bf16(model) == {False}
+    assert quant.set_batch_weights(model, "packed-bf16") == 0 and batches_in_bf16(model) == {True}
+    assert quant.bf16_batches(model) == any(m.bf16_dot for m in layers)  # where the CPU has them
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: False)
-    assert quant.keep_dense_copies(model, "auto") == 0  # bf16 emulated: slower than the kernel
+    assert quant.set_batch_weights(model, "auto") == 0  # bf16 emulated: slower than the kernel
     monkeypatch.setattr(quant.runtime, "bf16_matmul_units", lambda: True)
     fewest = min(quant.DENSE_ROWS.values())
     assert (
-        quant.keep_dense_copies(model, "auto", max_batch=fewest - 1) == 0
+        quant.set_batch_weights(model, "auto", max_batch=fewest - 1) == 0
     )  # never that many rows (default 8)
-    assert quant.keep_dense_copies(model, "auto") == 0
+    assert quant.set_batch_weights(model, "auto") == 0 and batches_in_bf16(model) == {True}
     assert (
-        quant.keep_dense_copies(model, "auto", max_batch=fewest)
+        quant.set_batch_weights(model, "auto", max_batch=fewest)
         == 2 * weights
         == quant.dense_copy_bytes(model)
     )
-    assert quant.keep_dense_copies(packed_tiny(), "bf16") == 2 * weights
+    # set again: the copies go, and so do bf16 batches (exact: each stream's tokens are its solo run's)
+    assert quant.set_batch_weights(model, "packed") == 0 == quant.dense_copy_bytes(model)
+    assert batches_in_bf16(model) == {False} and not quant.bf16_batches(model)
+    assert quant.set_batch_weights(packed_tiny(), "bf16") == 2 * weights
     with pytest.raises(LmforgeError, match="unknown batch weights"):
-        quant.keep_dense_copies(model, "fp8")
+        quant.set_batch_weights(model, "fp8")
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
@@ -737,8 +790,41 @@ def test_dense_copies_of_joined_parts_are_views(monkeypatch, tiny_tokenizer):
     model = joinable_model(tiny_tokenizer, "int4")
     layers = {id(m): m for m in quant.packed_layers(model).values()}.values()
     weights = sum(m.out_features * m.in_features for m in layers)
-    assert quant.keep_dense_copies(model, "bf16") == 2 * weights  # each weight's copy counted once
+    assert quant.set_batch_weights(model, "bf16") == 2 * weights  # each weight's copy counted once
     group = quant.joined_layers(model)[0]
     assert group.parts[1].dense.data_ptr() == group.layer.dense[group.sizes[0] :].data_ptr()
     for part in group.parts:
         assert torch.equal(part.dense, part.dequantize().bfloat16())
+
+
+def test_smollm2_batch_step_in_bf16_stays_within_rounding_of_the_float32_step(smollm2_packed):
+    """A server's batch step (``set_batch_weights``): 4 sequences, en and zh, one decode step each. ``auto`` runs it
+    in bf16 dot products where the CPU has them: logits within bf16's rounding of the inputs of the float32
+    step's (``packed``), and the same greedy tokens wherever the float32 step's top-2 gap is not a near-tie. The
+    prompts' positions stay float32 under both; their last logits (the head's rows, one position each) are a
+    batch too, whose best logits the head computes again in float32 (``exact_top``)."""
+    llm = smollm2_packed
+    model = llm.model
+    prompts = ["The capital of France is", "中国的首都是", "def fibonacci(n):", "人工智能是"]
+    ids, mask = left_pad([llm.tokenizer.encode(p) for p in prompts], pad_id=0)
+    steps = {}
+    try:
+        for setting in ("packed", "auto"):
+            set_batch_weights(model, setting)
+            cache = StaticKVCache(model.config, len(prompts), 64, model.device, model.dtype)
+            with torch.no_grad():
+                first = prefill(model, ids, mask, cache)
+                cache.start_decoding(mask)
+                steps[setting] = (first, model.decode_step(first.argmax(-1)[:, None], cache))
+    finally:
+        set_batch_weights(model, "packed")
+    (first32, step32), (first, step) = steps["packed"], steps["auto"]
+    best, best32 = first.max(-1), first32.max(-1)
+    assert torch.equal(best.indices, best32.indices) and torch.allclose(best.values, best32.values, atol=1e-4)
+    bf16 = cpu_kernel.bf16_dot_products() and kernel_layout() == ("split", 64)
+    error = ((step - step32).norm(dim=-1) / step32.norm(dim=-1)).max().item()
+    # measured: 0.6-1.7 % (norm of each row's logits), up to 0.19 a logit: bf16's rounding of x through 30 blocks
+    assert (error > 0) == bf16 and error <= 3e-2
+    top2 = step32.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert torch.equal(step.argmax(-1)[clear], step32.argmax(-1)[clear]) and clear.sum() >= 2

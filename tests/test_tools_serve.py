@@ -59,7 +59,7 @@ def client(base: str) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with serving(create_app(smollm2, max_batch=2)) as base:
+    with serving(create_app(smollm2, max_batch=2, batch_weights="packed")) as base:  # float32: as solo
         yield smollm2, client(base)
 
 

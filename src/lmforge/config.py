@@ -30,7 +30,7 @@ HF_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert", "t5", "bart", "mb
 # ``LLM.load``'s quant modes (``lmforge.quant`` packs the weights). Here rather than in quant.py, which imports
 # torch, so that the command line lists them in ``--help`` without importing torch.
 QUANT_CHOICES = ("auto", "none", "int8", "int4")
-BATCH_WEIGHTS = ("auto", "packed", "bf16")  # quant.keep_dense_copies: packed weights' copy for batches
+BATCH_WEIGHTS = ("auto", "packed", "packed-bf16", "bf16")  # quant.set_batch_weights: how batches multiply
 
 
 @dataclass

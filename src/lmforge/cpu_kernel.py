@@ -12,7 +12,8 @@ with exactly the weight ``PackedLinear.dequantize`` returns, faster than the bf1
 ``quant.FLOAT32_ROWS`` rows (docs/architecture.md). A decode
 step of one sequence runs its blocks and its output head through it, and so do a few rows (a prompt, a server's
 batch: ``quant.FLOAT32_ROWS``) where it reads 64-row blocks (AVX-512), 4 at a time; elsewhere several rows keep
-PyTorch's kernel, which tiles rows.
+PyTorch's kernel, which tiles rows. Where the CPU has AVX512-BF16, a server's batch step can run in bf16 dot
+products instead (``bf16_dot_products``, ``quant.PackedLinear.multiplies_in_bf16``).
 
 It is C++ compiled here, once, with the compiler ``torch.compile`` needs anyway (``g++``); the library lands
 beside inductor's cache (``lmforge.runtime.configure_compile_cache``) under a name that hashes its source, the
@@ -38,6 +39,7 @@ from lmforge import runtime
 SOURCES = [Path(__file__).with_name(name) for name in ("packed_matvec.cpp", "decode_attention.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw"]  # added where the CPU has them: vectors of 16 rows
+BF16_FLAGS = ["-mavx512bf16", "-mavx512dq", "-mavx512vl"]  # and where it has AVX512-BF16: ``bf16_dot``
 BLOCKS = (32, 64)  # rows per block of the "split" layouts the kernel reads (AVX2 and AVX-512 PyTorch builds)
 BUILD_TIMEOUT_S = 300
 
@@ -70,6 +72,17 @@ _loaded = (
 )
 
 
+def _builds_bf16() -> bool:
+    """Whether the library is built for AVX512-BF16 here (``BF16_FLAGS``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.cpu._is_avx512_bf16_supported()
+
+
+@functools.cache
+def bf16_dot_products() -> bool:
+    """Whether ``packed_matvec(..., bf16=True)`` runs here: the library loaded, built for AVX512-BF16."""
+    return _builds_bf16() and available()
+
+
 def runs_decode_attention(q: torch.Tensor) -> bool:
     """Whether ``decode_attention`` takes a query like q: float32 on the CPU, once ``available`` loaded the
     library (``generate.decode_step_function`` asks before a model decodes on the CPU)."""
@@ -90,15 +103,23 @@ def decode_attention(
 
 
 def packed_matvec(
-    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int, planes: int = 1
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    exact_bits: torch.Tensor,
+    block: int,
+    rows: int,
+    planes: int = 1,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """x (M, K) float32 @ the first ``rows`` rows of a packed weight -> (M, rows) float32.
 
     ``packed`` (>= rows, P*K/2) uint8 in the "split" layout of ``block`` rows, ``planes`` P: 1 (int4) or 2 (int8:
     the high nibbles' K columns, then the low ones'); ``exact_bits`` (>= rows/16, P*K/32, 2, 16): the fp16 bits
     (as int16) of each group's scale and min, tile of 16 rows by tile (``lmforge.quant.PackedLinear``),
-    contiguous. ``rows``: whole blocks."""
-    return torch.ops.lmforge.packed_matvec(x, packed, exact_bits, block, rows, planes)
+    contiguous. ``rows``: whole blocks. ``bf16`` (where ``bf16_dot_products``; int4 in 64-row blocks): x rounded to bf16,
+    the weights exact, two products an instruction summed in float32 (a server's batch steps:
+    ``quant.PackedLinear.multiplies_in_bf16``)."""
+    return torch.ops.lmforge.packed_matvec(x, packed, exact_bits, block, rows, planes, bf16)
 
 
 def dequantize_rows(
@@ -122,7 +143,13 @@ def dequantize_rows(
 
 
 def _shape_only(
-    x: torch.Tensor, packed: torch.Tensor, exact_bits: torch.Tensor, block: int, rows: int, planes: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    exact_bits: torch.Tensor,
+    block: int,
+    rows: int,
+    planes: int,
+    bf16: bool,
 ) -> torch.Tensor:
     """What torch.compile needs to trace a call: the output's shape and type."""
     return x.new_empty(x.shape[0], rows)
@@ -148,7 +175,7 @@ def _library() -> Path:
 
     flags = [*FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
-        flags += AVX512_FLAGS
+        flags += AVX512_FLAGS + (BF16_FLAGS if _builds_bf16() else [])
     key = hashlib.sha256(
         b"\0".join([*(s.read_bytes() for s in SOURCES), " ".join(flags).encode(), torch.__version__.encode()])
     ).hexdigest()[:16]

@@ -13,7 +13,8 @@
 // so each weight costs one float32 FMA, and a group's scale is applied once to its 32 products. Several input
 // rows (AVX-512 builds) go 4 at a time, each code converted to float once for them. int8 weights are two 4-bit
 // planes (lmforge/quant.py); AVX-512 builds join each weight's nibbles into its code, elsewhere the planes are
-// two 4-bit weights over [x, x].
+// two 4-bit weights over [x, x]. With bf16 (a server's batch steps, built where the CPU has AVX512-BF16), x is
+// rounded to bf16 and the codes multiplied in bf16 dot products instead (block_rows_64_bf16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -223,10 +224,133 @@ void block_many_rows_64(int64_t M, const float* x, int64_t K, const uint8_t* cod
 }
 #endif
 
+#ifdef __AVX512BF16__
+// Several input rows with bf16 dot products (vdpbf16ps: two products a lane, summed in float32), on CPUs with
+// AVX512-BF16: half the multiply instructions of float32 FMAs, which bound a batch of 8 rows (a server's 8
+// streams), at the cost of rounding x to bf16 (the weights are exact, below). Each 32-bit lane holds one row's
+// weights at columns k and k+1, as bf16 128 + q: bf16's 7 mantissa bits count units from 128 up, so the code
+// ORed into bf16 128's bits is 128 + q exactly (q < 16). The 128s come back out through each group's min:
+//   sum_k (q s + m) x = s sum_k (128 + q) x + (m - 128 s) sum_k x        (x: the bf16 values, exact products)
+// Interleaving columns k and k+1 (unpack, then widen bytes to 16 bits) leaves a vector's 16 lanes holding rows
+// b..b+7 and b+16..b+23, with b = 0, 8, 32, 40 for its 4 vectors.
+constexpr int kPairBase[4][2] = {{0, 16}, {8, 24}, {32, 48}, {40, 56}};
+
+// the fp16 scales (or mins, at +kTile) of the 16 rows vector i holds, as floats
+inline __m512 permuted_16(Exact e, int64_t g, int i, int offset) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.at(g, kPairBase[i][0]) + offset));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.at(g, kPairBase[i][1]) + offset));
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1));
+}
+
+// R rows of x through one 64-row block: xpairs (R, K/2) bf16 pairs (columns 2j and 2j+1 in one 32-bit value),
+// xsum (R, K/32) each group's sum of those bf16 values.
+template <int R>
+void block_rows_64_bf16(const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
+                        float* out, int64_t ldo) {
+  const int64_t G = K / kGroup, pairs = K / 2;
+  const __m512i nibble = _mm512_set1_epi16(15);
+  const __m512i bf16_128 = _mm512_set1_epi16(0x4300);
+  prefetch_exact<64>(e);
+  alignas(64) float acc[R][4][16] = {};  // the rows' sums between groups, lanes as the vectors hold them
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 part[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) part[r][i] = _mm512_setzero_ps();
+    const uint8_t* column = codes + g * kGroup * 32;
+    for (int k = 0; k < kGroup; k += 2, column += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(column) + kPrefetchBytes, _MM_HINT_T0);
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column + 32));
+      const __m512i lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(a, b));  // rows 0-7 and 16-23, k and k + 1
+      const __m512i hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(a, b));  // rows 8-15 and 24-31
+      // (v & 15) | bf16 128, one instruction (0xEA: a & b | c)
+      const __m512bh w[4] = {
+          (__m512bh)_mm512_ternarylogic_epi32(lo, nibble, bf16_128, 0xEA),
+          (__m512bh)_mm512_ternarylogic_epi32(hi, nibble, bf16_128, 0xEA),
+          (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(lo, 4), nibble, bf16_128, 0xEA),
+          (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(hi, 4), nibble, bf16_128, 0xEA)};
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xk = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * pairs + (g * kGroup + k) / 2]));
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) part[r][i] = _mm512_dpbf16_ps(part[r][i], w[i], xk);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512 scale = permuted_16(e, g, i, 0);
+      const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), scale, permuted_16(e, g, i, kTile));
+      for (int r = 0; r < R; ++r) {
+        const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
+        _mm512_store_ps(acc[r][i],
+                        _mm512_fmadd_ps(part[r][i], scale, _mm512_fmadd_ps(offset, xs, _mm512_load_ps(acc[r][i]))));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) {
+      std::copy_n(acc[r][i], 8, out + r * ldo + kPairBase[i][0]);
+      std::copy_n(acc[r][i] + 8, 8, out + r * ldo + kPairBase[i][1]);
+    }
+}
+
+// All M rows, kRowsAtOnce at a time, through one 64-row block in bf16 dot products.
+void block_many_rows_64_bf16(int64_t M, const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e,
+                             const float* xsum, float* out, int64_t ldo) {
+  const int64_t G = K / kGroup, pairs = K / 2;
+  for (int64_t m = 0; m < M; m += kRowsAtOnce) {
+    const uint32_t* xm = xpairs + m * pairs;
+    const float* xs = xsum + m * G;
+    float* o = out + m * ldo;
+    switch (std::min<int64_t>(kRowsAtOnce, M - m)) {
+      case 4: block_rows_64_bf16<4>(xm, K, codes, e, xs, o, ldo); break;
+      case 3: block_rows_64_bf16<3>(xm, K, codes, e, xs, o, ldo); break;
+      case 2: block_rows_64_bf16<2>(xm, K, codes, e, xs, o, ldo); break;
+      default: block_rows_64_bf16<1>(xm, K, codes, e, xs, o, ldo); break;
+    }
+  }
+}
+#endif
+
+// packed_matvec in bf16 dot products (int4 weights: int8's two planes in bf16 were no faster than its joined
+// float32 kernel): x rounded to bf16 (to nearest even), each group's sum of those values, then every block's rows,
+// R at a time.
+at::Tensor packed_matvec_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& exact, int64_t block,
+                              int64_t rows, int64_t planes) {
+#ifdef __AVX512BF16__
+  TORCH_CHECK(block == 64 && planes == 1, "bf16: int4 weights in blocks of 64 rows");
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  std::vector<uint16_t> xb(M * K);
+  std::vector<float> xsum(M * G, 0.f);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const c10::BFloat16 v(xp[m * K + k]);
+      xb[m * K + k] = v.x;
+      xsum[m * G + k / kGroup] += static_cast<float>(v);
+    }
+  at::Tensor out = at::empty({M, rows}, x.options());
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
+  const auto* ex = reinterpret_cast<const uint16_t*>(exact.data_ptr<int16_t>());
+  float* op = out.data_ptr<float>();
+  const auto* xpairs = reinterpret_cast<const uint32_t*>(xb.data());
+  at::parallel_for(0, rows / block, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      block_many_rows_64_bf16(M, xpairs, K, cp + b * block * K / 2, Exact{ex + 2 * b * G * block, G}, xsum.data(),
+                              op + b * block, rows);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "bf16: lmforge's kernels were built without AVX512-BF16");
+  return {};
+#endif
+}
+
 // x (M, K) float32; packed (>= rows, K/2) uint8; exact (>= rows/16, K/32, 2, 16): each group's fp16 (scale,
 // min) as their int16 bits (what lmforge.quant stores: no dtype view per call); rows: whole blocks.
+// bf16: in bf16 dot products (block_rows_64_bf16), where the library was built with AVX512-BF16.
 at::Tensor packed_matvec(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& exact, int64_t block,
-                         int64_t rows, int64_t planes) {
+                         int64_t rows, int64_t planes, bool bf16) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kFloat && input.is_contiguous(),
               "x: contiguous (M, K) float32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
@@ -239,6 +363,7 @@ at::Tensor packed_matvec(const at::Tensor& input, const at::Tensor& packed, cons
   TORCH_CHECK(Kc % kGroup == 0 && input.size(1) * planes == Kc && exact.size(1) == Gc, "shapes disagree");
   TORCH_CHECK(rows % block == 0 && rows <= packed.size(0) && rows / kTile <= exact.size(0),
               "rows: whole blocks of the weight");
+  if (bf16) return packed_matvec_bf16(input, packed, exact, block, rows, planes);
 #ifdef __AVX512F__
   const bool joined = planes == 2 && block == 64;  // int8 codes joined from their planes (one FMA a weight)
 #else
@@ -400,7 +525,7 @@ at::Tensor dequantize_rows(const at::Tensor& packed, const at::Tensor& exact, in
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
-  m.def("packed_matvec(Tensor x, Tensor packed, Tensor exact_bits, int block, int rows, int planes) -> Tensor");
+  m.def("packed_matvec(Tensor x, Tensor packed, Tensor exact_bits, int block, int rows, int planes, bool bf16) -> Tensor");
   m.def("dequantize_rows(Tensor packed, Tensor exact_bits, int block, int planes, int start, int stop, bool bf16) -> Tensor");
 }
 

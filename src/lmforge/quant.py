@@ -21,7 +21,8 @@ an inductor-compiled int8 dequantize-in-register matvec (which also needed one c
 and zeros as bf16, so each group also keeps its exact (scale, min) as fp16: a layer holds the codes and a GGUF
 file's fp16 scales exactly (``dequantize``; scales quantized here are rounded to fp16 first, as llama.cpp's
 are). A decode step (and a few rows on AVX-512) runs lmforge's own float32 kernel over the codes and the fp16
-pairs where it is built (``lmforge.cpu_kernel``); more rows run PyTorch's, which tiles them. The kernels are
+pairs where it is built (``lmforge.cpu_kernel``; a server's batch steps in bf16 dot products where the CPU has
+them: ``set_batch_weights``); more rows run PyTorch's, which tiles them. The kernels are
 built for a few rows (decoding); from ``GEMM_ROWS`` rows on (a long prompt's prefill chunk) a layer is
 dequantized, a slice of rows at a time, for a GEMM (bf16 where the CPU has bf16 units, float32 elsewhere).
 Codes come back out of the kernel's layout (``unpack_codes``) for that, export, an embedding table's lookups
@@ -30,7 +31,7 @@ and a QLoRA backward.
 ``PackedLinear`` replaces ``nn.Linear`` inside the same ``Transformer`` (``pack_model``); LoRA wraps it like
 any linear layer (QLoRA's frozen 4-bit base). Packed layers run on the CPU.
 
-Why one module of ~680 lines: everything here reads or writes one thing, the kernel's packed layout (codes
+Why one module of ~840 lines: everything here reads or writes one thing, the kernel's packed layout (codes
 in blocks of rows, scales and zeros beside them). The layer, its joined form, the embedding table that shares
 the head's codes and the whole-model packing each depend on how ``unpack_codes`` and ``kernel_layout`` read it;
 split apart, each piece would import the layout's details from the others.
@@ -325,6 +326,9 @@ class PackedLinear(nn.Module):
     """
 
     exact_top: int = 0
+    # a step of several sequences, one position each, in bf16 dot products where the CPU has them (``bf16_dot``;
+    # set by ``set_batch_weights``: a server's batches)
+    bf16_batches: bool = False
     dense: torch.Tensor | None  # the bf16 copy for ``DENSE_ROWS[kind]`` rows and more (``keep_dense_copy``)
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
@@ -388,6 +392,15 @@ class PackedLinear(nn.Module):
         self.float32_kernel = (
             self.layout[0] == "split" and self.out_features % self.layout[1] == 0 and cpu_kernel.available()
         )
+        # bf16 dot products for a server's batches (``bf16_batches``), where the CPU has them; int4 only: int8's
+        # two planes in bf16 were no faster than its joined float32 kernel (SmolLM2's 576x1536 at 8 rows: 162
+        # against 117 us, the 49k-row head 3.2 against 3.6 ms; AMD EPYC, 2 threads)
+        self.bf16_dot = (
+            self.float32_kernel
+            and self.kind == "int4"
+            and self.layout[1] == 64
+            and cpu_kernel.bf16_dot_products()
+        )
         self.register_buffer("packed", packed)
         self.register_buffer("scale_bits", scale_bits)
         self.register_buffer("exact_bits", exact_bits)
@@ -444,16 +457,18 @@ class PackedLinear(nn.Module):
             elif x2.shape[0] >= GEMM_ROWS[self.kind]:
                 y = self.gemm(x2)
             else:
-                y, exact = self.kernel_matmul(x2), self.computes_in_float32(x2)
+                bf16 = self.multiplies_in_bf16(x)
+                y, exact = self.kernel_matmul(x2, bf16), self.computes_in_float32(x2) and not bf16
             if self.exact_top and not exact:
                 y = self._rescore_top(x2, y)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
-    def kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_matmul(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype through a packed kernel: lmforge's (``lmforge.cpu_kernel``) where
-        ``computes_in_float32``, else PyTorch's, which computes in bf16."""
+        ``computes_in_float32`` (in bf16 dot products instead with ``bf16``, where ``bf16_dot``), else
+        PyTorch's, which computes in bf16."""
         if self.computes_in_float32(x):
             y = cpu_kernel.packed_matvec(
                 x.float().contiguous(),
@@ -462,6 +477,7 @@ class PackedLinear(nn.Module):
                 self.layout[1],
                 self.out_features,
                 self.planes,
+                bf16=bf16 and self.bf16_dot,
             )
             return y.to(x.dtype)
         xb = x.to(torch.bfloat16)
@@ -478,6 +494,15 @@ class PackedLinear(nn.Module):
         where it has 64-row blocks (AVX-512: it converts each code once for 4 rows at a time)."""
         rows = x.shape[0]
         return self.float32_kernel and (rows == 1 or (self.layout[1] == 64 and rows <= FLOAT32_ROWS))
+
+    def multiplies_in_bf16(self, x: torch.Tensor) -> bool:
+        """Whether x, as ``forward`` gets it, goes through lmforge's kernel in bf16 dot products: a step of
+        several sequences one position each, x (B, 1, K) with B > 1, in a layer set to (``bf16_batches``) on a
+        CPU that has them (``bf16_dot``). A prompt's positions and a single sequence's step stay float32: every
+        later token reads the prompt's keys and values, and SmolLM2's greedy answers equal to the fp32 path's
+        rose from 8/10 to 10/10 once prompts ran in float32 rather than PyTorch's bf16 kernel
+        (docs/architecture.md)."""
+        return self.bf16_batches and self.bf16_dot and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) -> (M, N) in x's dtype by GEMMs over the weight dequantized a slice of rows at a time: in
@@ -742,39 +767,55 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def keep_dense_copies(model: nn.Module, batch_weights: str = "auto", max_batch: int = 8) -> int:
-    """Give every packed layer of ``model`` a bf16 copy for batched decoding (a server's many streams); returns
-    the bytes added (0 when none is kept).
+def set_batch_weights(model: nn.Module, batch_weights: str = "auto", max_batch: int = 8) -> int:
+    """How the packed layers of ``model`` multiply a step of several sequences (a server's streams); returns the
+    bytes of bf16 copies kept (0: none). Every layer is set, copies made or dropped, whatever it was before.
 
-    ``packed``: never (memory stays at the packed size); ``bf16``: always; ``auto``: when the CPU multiplies
-    bf16 in hardware (elsewhere a bf16 GEMM is emulated and slower than the kernel), batches can reach a kind's
-    ``DENSE_ROWS`` (prompts' prefill chunks use the copies too), and the copies take at most a quarter of the
-    memory available now.
+    ``packed``: lmforge's kernel in float32 (exact: each stream's tokens are its solo run's; memory stays at the
+    packed size); ``packed-bf16``: the same codes in bf16 dot products where the CPU has AVX512-BF16
+    (``PackedLinear.multiplies_in_bf16``; elsewhere as ``packed``); ``bf16``: those, and a bf16 copy of each
+    weight for a kind's ``DENSE_ROWS`` rows and more (prompts' prefill chunks use the copies too); ``auto``:
+    ``packed-bf16`` where the CPU has bf16 dot products, plus the copies when it multiplies bf16 in hardware
+    (elsewhere a bf16 GEMM is emulated and slower than the kernel), batches can reach ``DENSE_ROWS`` and the
+    copies take at most a quarter of the memory available now; ``packed`` elsewhere.
     """
     if batch_weights not in BATCH_WEIGHTS:
         raise LmforgeError(
             f"unknown batch weights {batch_weights!r}", hint=f"use one of: {', '.join(BATCH_WEIGHTS)}"
         )
     layers = list({id(m): m for m in packed_layers(model).values()}.values())
-    if not layers or batch_weights == "packed":
-        return 0
+    copies = batch_weights == "bf16"
     if batch_weights == "auto":
         needed = sum(2 * layer.out_features * layer.in_features for layer in layers)
-        if (
-            max_batch < min(DENSE_ROWS.values())
-            or not runtime.bf16_matmul_units()
-            or needed > psutil.virtual_memory().available // 4
-        ):
-            return 0
-    for group in joined_layers(model):  # first: their parts' copies are views of theirs
-        group.keep_dense_copy()
+        copies = (
+            max_batch >= min(DENSE_ROWS.values())
+            and runtime.bf16_matmul_units()
+            and needed <= psutil.virtual_memory().available // 4
+        )
     for layer in layers:
-        layer.keep_dense_copy()
+        layer.bf16_batches = batch_weights != "packed"
+        if not copies:
+            layer.dense = None
+    for group in joined_layers(model):
+        group.layer.bf16_batches = batch_weights != "packed"
+        if copies:  # first: their parts' copies are views of theirs
+            group.keep_dense_copy()
+        else:
+            group.layer.dense = None
+    if copies:
+        for layer in layers:
+            layer.keep_dense_copy()
     return dense_copy_bytes(model)
 
 
+def bf16_batches(model: nn.Module) -> bool:
+    """Whether ``model``'s packed layers multiply a step of several sequences in bf16 dot products
+    (``set_batch_weights`` asked for them and the CPU has them)."""
+    return any(m.bf16_batches and m.bf16_dot for m in packed_layers(model).values())
+
+
 def dense_copy_bytes(model: nn.Module) -> int:
-    """Bytes of the bf16 copies ``keep_dense_copies`` gave the model's packed layers (0: none)."""
+    """Bytes of the bf16 copies ``set_batch_weights`` gave the model's packed layers (0: none)."""
     layers = {id(m): m for m in packed_layers(model).values()}.values()
     return sum(m.dense.numel() * m.dense.element_size() for m in layers if m.dense is not None)
 

@@ -65,7 +65,7 @@ from lmforge.explain.attention import attention_head
 from lmforge.generate import SamplingParams
 from lmforge.inference import prompt_logprobs
 from lmforge.progress import stop_when
-from lmforge.quant import dense_copy_bytes, keep_dense_copies, packing_summary
+from lmforge.quant import bf16_batches, dense_copy_bytes, packing_summary, set_batch_weights
 from lmforge.runtime import release_openmp_threads
 from lmforge.serve.access_log import TOKENS, AccessLog
 from lmforge.serve.guard import LOCAL_HOSTS, Guard, ParsedOffLoop, answer_errors
@@ -127,8 +127,8 @@ def create_app(
     ::1 ("*": any) — None accepts any Host when there is an API key and only those three when there is not;
     ``warm_up`` compiles the decode step for every batch size the scheduler uses when it starts (requests wait
     meanwhile) instead of when a batch first needs one (every stream waits then); ``access_log`` is given one
-    line per request (``serve.access_log``); ``batch_weights`` keeps a bf16 copy of packed weights for batches of
-    several streams (``quant.keep_dense_copies``: auto, packed or bf16). Run it with
+    line per request (``serve.access_log``); ``batch_weights`` says how packed weights multiply a step of several
+    streams (``quant.set_batch_weights``: auto, packed, packed-bf16 or bf16). Run it with
     ``uvicorn.Server(lmforge.serve.uvicorn_config(app)).run()``, which also applies the connection limits.
     """
     limits = limits or ServerLimits()
@@ -143,8 +143,8 @@ def create_app(
             f"max_context={max_context} is outside the model's context of {context} tokens",
             hint=f"use a value from 1 to {context}",
         )
-    # before the scheduler compiles its steps: a batch of several streams then reads the dense copies
-    keep_dense_copies(llm.model, batch_weights, max_batch)
+    # before the scheduler compiles its steps, which read the setting
+    set_batch_weights(llm.model, batch_weights, max_batch)
     scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue, warm_up=warm_up)
     scheduler.prefix_cache = (
         llm.prefix_cache
@@ -614,6 +614,7 @@ class _Service:
                 "batch_weights_bytes": dense_copy_bytes(
                     model
                 ),  # a bf16 copy for batches; 0: the packed kernel
+                "bf16_batches": bf16_batches(model),  # batch steps in bf16 dot products
                 "compiled_decode": bool(getattr(model, "compile_decode", False)),
                 "device": str(model.device),
                 "context_length": config.block_size,

@@ -96,7 +96,7 @@ class ReplicaSpec:
     allowed_hosts: tuple[str, ...] | None = None
     model_name: str | None = None
     warm_up: bool = True  # compile every batch size's step before the replica takes requests
-    batch_weights: str = "auto"  # quant.keep_dense_copies
+    batch_weights: str = "auto"  # quant.set_batch_weights
 
 
 @dataclass(frozen=True)
