@@ -157,12 +157,12 @@ def test_a_batch_step_multiplies_in_bf16_dot_products_where_set_and_the_cpu_has_
     """A step of several sequences, one position each (x (B, 1, K)), in a layer set to ``bf16_batches``: where
     the kernel reads 64-row blocks and the CPU has AVX512-BF16, lmforge's kernel rounds x to bf16 and sums its
     exact products with the values packed in float32 (float32 arithmetic's error against float64 products of
-    bf16(x), eager and compiled). A prompt's positions, one sequence's step, a layer not set and int8 layers stay
-    float32; so does everything on a CPU without them."""
+    bf16(x), eager and compiled). A prompt's positions, one sequence's step and a layer not set stay float32; so
+    does everything on a CPU without them."""
     n, k = 192, 160
     b = torch.randn(n)
     layer = PackedLinear(quantize_weight(random_weight(n, k, seed=7), kind), b)
-    bf16 = kind == "int4" and kernel_layout() == ("split", 64) and torch.cpu._is_avx512_bf16_supported()
+    bf16 = kernel_layout() == ("split", 64) and torch.cpu._is_avx512_bf16_supported()
     assert layer.bf16_dot == bf16 and not layer.bf16_batches  # off unless a server sets it
     step = torch.randn(rows, 1, k, generator=torch.Generator().manual_seed(rows))
     w = layer.dequantize().double()

@@ -116,7 +116,7 @@ def packed_matvec(
     ``packed`` (>= rows, P*K/2) uint8 in the "split" layout of ``block`` rows, ``planes`` P: 1 (int4) or 2 (int8:
     the high nibbles' K columns, then the low ones'); ``exact_bits`` (>= rows/16, P*K/32, 2, 16): the fp16 bits
     (as int16) of each group's scale and min, tile of 16 rows by tile (``lmforge.quant.PackedLinear``),
-    contiguous. ``rows``: whole blocks. ``bf16`` (where ``bf16_dot_products``; int4 in 64-row blocks): x rounded to bf16,
+    contiguous. ``rows``: whole blocks. ``bf16`` (where ``bf16_dot_products``; 64-row blocks): x rounded to bf16,
     the weights exact, two products an instruction summed in float32 (a server's batch steps:
     ``quant.PackedLinear.multiplies_in_bf16``)."""
     return torch.ops.lmforge.packed_matvec(x, packed, exact_bits, block, rows, planes, bf16)

@@ -294,6 +294,101 @@ void block_rows_64_bf16(const uint32_t* xpairs, int64_t K, const uint8_t* codes,
     }
 }
 
+// Rows 32 half .. 32 half + 31 of an int8 column's joined codes as floats (two vectors of 16 rows), as
+// column_64<true> makes all 64.
+inline void column_32_int8(const uint8_t* column, int64_t K, int half, __m512 w[2]) {
+  const __m512i low_nibble = _mm512_set1_epi32(15), high_nibble = _mm512_set1_epi32(0xF0);
+  for (int v = 0; v < 2; ++v) {
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16 * v)));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + K * 32 + 16 * v)));
+    const __m512i q = half == 0 ? _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a, low_nibble), 4),
+                                                  _mm512_and_si512(b, low_nibble))
+                                : _mm512_or_si512(_mm512_and_si512(a, high_nibble), _mm512_srli_epi32(b, 4));
+    w[v] = _mm512_cvtepi32_ps(q);
+  }
+}
+
+// int8 weights for R rows (up to 8) in bf16 dot products. A joined code (0-255) has 8 significant bits, so its
+// float's high 16 bits are its bf16 exactly; one permute pairs columns k and k + 1 lane by lane, rows in order.
+// A group goes over its codes twice (from L1), 32 rows at a time, so 8 rows' sums stay in 16 registers. K is the
+// input's width (the codes' columns 2K); the scale is the low plane's, the min (-128 scale) the high plane's.
+template <int R>
+void block_rows_64_int8_bf16(const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
+                             float* out, int64_t ldo) {
+  const int64_t G = K / kGroup, pairs = K / 2;
+  alignas(64) static constexpr int16_t kPairs[32] = {1,  33, 3,  35, 5,  37, 7,  39, 9,  41, 11,
+                                                     43, 13, 45, 15, 47, 17, 49, 19, 51, 21, 53,
+                                                     23, 55, 25, 57, 27, 59, 29, 61, 31, 63};
+  const __m512i take = _mm512_load_si512(kPairs);  // element 2j: column k's bf16 of row j; 2j + 1: column k + 1's
+  prefetch_exact<64>(e);
+  alignas(64) float acc[R][4][16] = {};
+  for (int64_t g = 0; g < G; ++g) {
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      __m512 part[R][2];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm512_setzero_ps();
+      const uint8_t* column = codes + g * kGroup * 32;
+      for (int k = 0; k < kGroup; k += 2, column += 64) {
+        if (half == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(column) + kPrefetchBytes, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(column + K * 32) + kPrefetchBytes, _MM_HINT_T0);
+        }
+        __m512 now[2], next[2];
+        column_32_int8(column, K, half, now);
+        column_32_int8(column + 32, K, half, next);
+        __m512bh w[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; ++v)
+          w[v] = (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(now[v]), take, _mm512_castps_si512(next[v]));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512bh xk = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * pairs + (g * kGroup + k) / 2]));
+          part[r][0] = _mm512_dpbf16_ps(part[r][0], w[0], xk);
+          part[r][1] = _mm512_dpbf16_ps(part[r][1], w[1], xk);
+        }
+      }
+#pragma GCC unroll 2
+      for (int v = 0; v < 2; ++v) {
+        const int i = 2 * half + v;
+        __m512 scale, min, unused;
+        scales_mins_16(e.at(g, 16 * i), unused, min);
+        scales_mins_16(e.at(G + g, 16 * i), scale, unused);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512 xs = _mm512_set1_ps(xsum[r * G + g]);
+          _mm512_store_ps(acc[r][i], _mm512_fmadd_ps(part[r][v], scale, _mm512_fmadd_ps(min, xs, _mm512_load_ps(acc[r][i]))));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) std::copy_n(acc[r][i], 16, out + r * ldo + 16 * i);
+}
+
+constexpr int kInt8Bf16RowsAtOnce = 8;
+
+// All M rows of x, 8 at a time, through one 64-row block of int8 weights in bf16 dot products.
+void block_many_rows_64_int8_bf16(int64_t M, const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e,
+                                  const float* xsum, float* out, int64_t ldo) {
+  const int64_t G = K / kGroup, pairs = K / 2;
+  for (int64_t m = 0; m < M; m += kInt8Bf16RowsAtOnce) {
+    const uint32_t* xm = xpairs + m * pairs;
+    const float* xs = xsum + m * G;
+    float* o = out + m * ldo;
+    switch (std::min<int64_t>(kInt8Bf16RowsAtOnce, M - m)) {
+      case 8: block_rows_64_int8_bf16<8>(xm, K, codes, e, xs, o, ldo); break;
+      case 7: block_rows_64_int8_bf16<7>(xm, K, codes, e, xs, o, ldo); break;
+      case 6: block_rows_64_int8_bf16<6>(xm, K, codes, e, xs, o, ldo); break;
+      case 5: block_rows_64_int8_bf16<5>(xm, K, codes, e, xs, o, ldo); break;
+      case 4: block_rows_64_int8_bf16<4>(xm, K, codes, e, xs, o, ldo); break;
+      case 3: block_rows_64_int8_bf16<3>(xm, K, codes, e, xs, o, ldo); break;
+      case 2: block_rows_64_int8_bf16<2>(xm, K, codes, e, xs, o, ldo); break;
+      default: block_rows_64_int8_bf16<1>(xm, K, codes, e, xs, o, ldo); break;
+    }
+  }
+}
+
 // All M rows, kRowsAtOnce at a time, through one 64-row block in bf16 dot products.
 void block_many_rows_64_bf16(int64_t M, const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e,
                              const float* xsum, float* out, int64_t ldo) {
@@ -312,14 +407,13 @@ void block_many_rows_64_bf16(int64_t M, const uint32_t* xpairs, int64_t K, const
 }
 #endif
 
-// packed_matvec in bf16 dot products (int4 weights: int8's two planes in bf16 were no faster than its joined
-// float32 kernel): x rounded to bf16 (to nearest even), each group's sum of those values, then every block's rows,
-// R at a time.
+// packed_matvec in bf16 dot products: x rounded to bf16 (to nearest even), each group's sum of those values, then
+// every block's rows, R at a time (int8: its codes joined).
 at::Tensor packed_matvec_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& exact, int64_t block,
                               int64_t rows, int64_t planes) {
 #ifdef __AVX512BF16__
-  TORCH_CHECK(block == 64 && planes == 1, "bf16: int4 weights in blocks of 64 rows");
-  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  TORCH_CHECK(block == 64, "bf16: blocks of 64 rows");
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup, Gc = G * planes;
   std::vector<uint16_t> xb(M * K);
   std::vector<float> xsum(M * G, 0.f);
   const float* xp = x.data_ptr<float>();
@@ -335,9 +429,14 @@ at::Tensor packed_matvec_bf16(const at::Tensor& x, const at::Tensor& packed, con
   float* op = out.data_ptr<float>();
   const auto* xpairs = reinterpret_cast<const uint32_t*>(xb.data());
   at::parallel_for(0, rows / block, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      block_many_rows_64_bf16(M, xpairs, K, cp + b * block * K / 2, Exact{ex + 2 * b * G * block, G}, xsum.data(),
-                              op + b * block, rows);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* codes = cp + b * block * K * planes / 2;
+      const Exact e{ex + 2 * b * Gc * block, Gc};
+      if (planes == 2)
+        block_many_rows_64_int8_bf16(M, xpairs, K, codes, e, xsum.data(), op + b * block, rows);
+      else
+        block_many_rows_64_bf16(M, xpairs, K, codes, e, xsum.data(), op + b * block, rows);
+    }
   });
   return out;
 #else

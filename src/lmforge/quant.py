@@ -392,15 +392,8 @@ class PackedLinear(nn.Module):
         self.float32_kernel = (
             self.layout[0] == "split" and self.out_features % self.layout[1] == 0 and cpu_kernel.available()
         )
-        # bf16 dot products for a server's batches (``bf16_batches``), where the CPU has them; int4 only: int8's
-        # two planes in bf16 were no faster than its joined float32 kernel (SmolLM2's 576x1536 at 8 rows: 162
-        # against 117 us, the 49k-row head 3.2 against 3.6 ms; AMD EPYC, 2 threads)
-        self.bf16_dot = (
-            self.float32_kernel
-            and self.kind == "int4"
-            and self.layout[1] == 64
-            and cpu_kernel.bf16_dot_products()
-        )
+        # bf16 dot products for a server's batches (``bf16_batches``), where the CPU has them
+        self.bf16_dot = self.float32_kernel and self.layout[1] == 64 and cpu_kernel.bf16_dot_products()
         self.register_buffer("packed", packed)
         self.register_buffer("scale_bits", scale_bits)
         self.register_buffer("exact_bits", exact_bits)
