@@ -366,44 +366,27 @@ void block_rows_64_int8_bf16(const uint32_t* xpairs, int64_t K, const uint8_t* c
     for (int i = 0; i < 4; ++i) std::copy_n(acc[r][i], 16, out + r * ldo + 16 * i);
 }
 
-constexpr int kInt8Bf16RowsAtOnce = 8;
-
-// All M rows of x, 8 at a time, through one 64-row block of int8 weights in bf16 dot products.
-void block_many_rows_64_int8_bf16(int64_t M, const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e,
-                                  const float* xsum, float* out, int64_t ldo) {
-  const int64_t G = K / kGroup, pairs = K / 2;
-  for (int64_t m = 0; m < M; m += kInt8Bf16RowsAtOnce) {
-    const uint32_t* xm = xpairs + m * pairs;
-    const float* xs = xsum + m * G;
-    float* o = out + m * ldo;
-    switch (std::min<int64_t>(kInt8Bf16RowsAtOnce, M - m)) {
-      case 8: block_rows_64_int8_bf16<8>(xm, K, codes, e, xs, o, ldo); break;
-      case 7: block_rows_64_int8_bf16<7>(xm, K, codes, e, xs, o, ldo); break;
-      case 6: block_rows_64_int8_bf16<6>(xm, K, codes, e, xs, o, ldo); break;
-      case 5: block_rows_64_int8_bf16<5>(xm, K, codes, e, xs, o, ldo); break;
-      case 4: block_rows_64_int8_bf16<4>(xm, K, codes, e, xs, o, ldo); break;
-      case 3: block_rows_64_int8_bf16<3>(xm, K, codes, e, xs, o, ldo); break;
-      case 2: block_rows_64_int8_bf16<2>(xm, K, codes, e, xs, o, ldo); break;
-      default: block_rows_64_int8_bf16<1>(xm, K, codes, e, xs, o, ldo); break;
-    }
-  }
+// R rows (r <= R: the template for exactly r) through one 64-row block in bf16 dot products.
+template <bool INT8, int R>
+void rows_bf16(int64_t r, const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e, const float* xsum,
+               float* out, int64_t ldo) {
+  if constexpr (R > 1)
+    if (r < R) return rows_bf16<INT8, R - 1>(r, xpairs, K, codes, e, xsum, out, ldo);
+  if constexpr (INT8)
+    block_rows_64_int8_bf16<R>(xpairs, K, codes, e, xsum, out, ldo);
+  else
+    block_rows_64_bf16<R>(xpairs, K, codes, e, xsum, out, ldo);
 }
 
-// All M rows, kRowsAtOnce at a time, through one 64-row block in bf16 dot products.
+// All M rows through one 64-row block in bf16 dot products: int8's 8 at a time, int4's kRowsAtOnce.
+template <bool INT8>
 void block_many_rows_64_bf16(int64_t M, const uint32_t* xpairs, int64_t K, const uint8_t* codes, Exact e,
                              const float* xsum, float* out, int64_t ldo) {
+  constexpr int kAtOnce = INT8 ? 8 : kRowsAtOnce;
   const int64_t G = K / kGroup, pairs = K / 2;
-  for (int64_t m = 0; m < M; m += kRowsAtOnce) {
-    const uint32_t* xm = xpairs + m * pairs;
-    const float* xs = xsum + m * G;
-    float* o = out + m * ldo;
-    switch (std::min<int64_t>(kRowsAtOnce, M - m)) {
-      case 4: block_rows_64_bf16<4>(xm, K, codes, e, xs, o, ldo); break;
-      case 3: block_rows_64_bf16<3>(xm, K, codes, e, xs, o, ldo); break;
-      case 2: block_rows_64_bf16<2>(xm, K, codes, e, xs, o, ldo); break;
-      default: block_rows_64_bf16<1>(xm, K, codes, e, xs, o, ldo); break;
-    }
-  }
+  for (int64_t m = 0; m < M; m += kAtOnce)
+    rows_bf16<INT8, kAtOnce>(std::min<int64_t>(kAtOnce, M - m), xpairs + m * pairs, K, codes, e, xsum + m * G,
+                             out + m * ldo, ldo);
 }
 #endif
 
@@ -433,9 +416,9 @@ at::Tensor packed_matvec_bf16(const at::Tensor& x, const at::Tensor& packed, con
       const uint8_t* codes = cp + b * block * K * planes / 2;
       const Exact e{ex + 2 * b * Gc * block, Gc};
       if (planes == 2)
-        block_many_rows_64_int8_bf16(M, xpairs, K, codes, e, xsum.data(), op + b * block, rows);
+        block_many_rows_64_bf16<true>(M, xpairs, K, codes, e, xsum.data(), op + b * block, rows);
       else
-        block_many_rows_64_bf16(M, xpairs, K, codes, e, xsum.data(), op + b * block, rows);
+        block_many_rows_64_bf16<false>(M, xpairs, K, codes, e, xsum.data(), op + b * block, rows);
     }
   });
   return out;
