@@ -152,7 +152,7 @@ def test_float32_kernel_computes_with_the_values_packed(kind, bias, rows):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-@pytest.mark.parametrize("rows", [2, 5, 8])
+@pytest.mark.parametrize("rows", [2, 5, 8, 13])  # 13: int8's 8 rows at a time and 5 more, int4's 4s and 1
 def test_a_batch_step_multiplies_in_bf16_dot_products_where_set_and_the_cpu_has_them(kind, rows):
     """A step of several sequences, one position each (x (B, 1, K)), in a layer set to ``bf16_batches``: where
     the kernel reads 64-row blocks and the CPU has AVX512-BF16, lmforge's kernel rounds x to bf16 and sums its
