@@ -132,27 +132,34 @@ void block_row_64_avx512(const float* x, int64_t K, const uint8_t* codes, Exact 
   for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
+// Rows 32 half .. 32 half + 31 of an int8 column's joined codes as floats, two vectors of 16 rows (bytes 0-15
+// hold rows 0-15 in their low nibbles and 32-47 in their high ones, bytes 16-31 rows 16-31 and 48-63): q = 16 hi +
+// lo in 0..255, the low plane's column K columns after the high one's.
+inline void column_32_int8(const uint8_t* column, int64_t K, int half, __m512 w[2]) {
+  const __m512i low_nibble = _mm512_set1_epi32(15), high_nibble = _mm512_set1_epi32(0xF0);
+  for (int v = 0; v < 2; ++v) {
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16 * v)));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + K * 32 + 16 * v)));
+    const __m512i q = half == 0 ? _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a, low_nibble), 4),
+                                                  _mm512_and_si512(b, low_nibble))
+                                : _mm512_or_si512(_mm512_and_si512(a, high_nibble), _mm512_srli_epi32(b, 4));
+    w[v] = _mm512_cvtepi32_ps(q);
+  }
+}
+
 // A column's 64 weights as floats, 4 vectors of 16 rows (bytes 0-15 hold rows 0-15 in their low nibbles and
-// 32-47 in their high ones, bytes 16-31 rows 16-31 and 48-63). int8 weights are two 4-bit planes (q = 16 hi + lo
-// in 0..255; the low plane's column K columns after the high one's): joined into each weight's code, converted
-// once, where the planes as two 4-bit weights took two conversions and two FMAs a row.
+// 32-47 in their high ones, bytes 16-31 rows 16-31 and 48-63). int8 weights are two 4-bit planes, joined into each
+// weight's code (column_32_int8, both halves: inlined, the loads are shared), converted once, where the planes as
+// two 4-bit weights took two conversions and two FMAs a row.
 template <bool INT8>
 inline void column_64(const uint8_t* column, int64_t K, __m512 w[4]) {
-  const __m512i low_nibble = _mm512_set1_epi32(15);
-  const __m512i a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
-  const __m512i a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16)));
   if constexpr (INT8) {
-    const uint8_t* lo = column + K * 32;
-    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
-    const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16)));
-    const __m512i high_nibble = _mm512_set1_epi32(0xF0);
-    w[0] = _mm512_cvtepi32_ps(
-        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a0, low_nibble), 4), _mm512_and_si512(b0, low_nibble)));
-    w[1] = _mm512_cvtepi32_ps(
-        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a1, low_nibble), 4), _mm512_and_si512(b1, low_nibble)));
-    w[2] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(a0, high_nibble), _mm512_srli_epi32(b0, 4)));
-    w[3] = _mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(a1, high_nibble), _mm512_srli_epi32(b1, 4)));
+    column_32_int8(column, K, 0, w);
+    column_32_int8(column, K, 1, w + 2);
   } else {
+    const __m512i low_nibble = _mm512_set1_epi32(15);
+    const __m512i a0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
+    const __m512i a1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16)));
     w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a0, low_nibble));
     w[1] = _mm512_cvtepi32_ps(_mm512_and_si512(a1, low_nibble));
     w[2] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a0, 4));
@@ -292,20 +299,6 @@ void block_rows_64_bf16(const uint32_t* xpairs, int64_t K, const uint8_t* codes,
       std::copy_n(acc[r][i], 8, out + r * ldo + kPairBase[i][0]);
       std::copy_n(acc[r][i] + 8, 8, out + r * ldo + kPairBase[i][1]);
     }
-}
-
-// Rows 32 half .. 32 half + 31 of an int8 column's joined codes as floats (two vectors of 16 rows), as
-// column_64<true> makes all 64.
-inline void column_32_int8(const uint8_t* column, int64_t K, int half, __m512 w[2]) {
-  const __m512i low_nibble = _mm512_set1_epi32(15), high_nibble = _mm512_set1_epi32(0xF0);
-  for (int v = 0; v < 2; ++v) {
-    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + 16 * v)));
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + K * 32 + 16 * v)));
-    const __m512i q = half == 0 ? _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(a, low_nibble), 4),
-                                                  _mm512_and_si512(b, low_nibble))
-                                : _mm512_or_si512(_mm512_and_si512(a, high_nibble), _mm512_srli_epi32(b, 4));
-    w[v] = _mm512_cvtepi32_ps(q);
-  }
 }
 
 // int8 weights for R rows (up to 8) in bf16 dot products. A joined code (0-255) has 8 significant bits, so its
