@@ -785,12 +785,13 @@ def set_batch_weights(model: nn.Module, batch_weights: str = "auto", max_batch: 
             and runtime.bf16_matmul_units()
             and needed <= psutil.virtual_memory().available // 4
         )
+    bf16 = batch_weights != "packed"
     for layer in layers:
-        layer.bf16_batches = batch_weights != "packed"
+        layer.bf16_batches = bf16
         if not copies:
             layer.dense = None
     for group in joined_layers(model):
-        group.layer.bf16_batches = batch_weights != "packed"
+        group.layer.bf16_batches = bf16
         if copies:  # first: their parts' copies are views of theirs
             group.keep_dense_copy()
         else:
