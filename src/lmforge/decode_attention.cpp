@@ -4,24 +4,199 @@
 //
 // The same softmax(q k^T / sqrt(D)) v as SDPA for one query (grouped-query heads share their key/value head).
 // Written with torch ops, inductor materialised the (B, K, G, L, D) products of a decode step and reduced them
-// in passes: ~82 us a layer for SmolLM2 over 256 cached columns on 2 cores, a fifth of the whole step. Here each
-// (row, head) reads its keys and values once, and columns not allowed (not written yet, left padding, outside
-// a sliding window) are skipped, not read: a cache sized to a bucket costs what its written columns do.
+// in passes: ~82 us a layer for SmolLM2 over 256 cached columns on 2 cores, a fifth of the whole step. Here
+// columns not allowed (not written yet, left padding, outside a sliding window) are skipped, not read: a cache
+// sized to a bucket costs what its written columns do.
+//
+// Head sizes that are a multiple of 16 up to 128 take the vector path: the query heads that share a key/value
+// head (up to 16 vectors of 16 floats of them) read each key and value once, in three passes over the allowed
+// columns: scores, their exponentials 16 at a time, and the weighted sum of values kept in registers. For 8 rows
+// of SmolLM2 over 200 columns (2 cores, AVX-512) a layer took 53 us this way and 156 us in the plain loop (a head
+// at a time: a horizontal sum, a scalar exp and a store-and-reload of the output per column); 14 against 28 us
+// for one row. Other head sizes take the plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
+
+// 16 floats: an AVX-512 register, or two AVX2 ones (GCC's vector extensions, for either build)
+constexpr int64_t W = 16;
+using vf = float __attribute__((vector_size(W * sizeof(float))));
+using vi = int32_t __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+inline vf splat(float x) { return vf{} + x; }
+
+template <class To, class From>
+inline To bits(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+}
+
+inline float sum(vf v) {
+  using v8 = float __attribute__((vector_size(8 * sizeof(float))));
+  using v4 = float __attribute__((vector_size(4 * sizeof(float))));
+  v8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const v8 s8 = lo + hi;
+  v4 a, b;
+  std::memcpy(&a, &s8, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
+  const v4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// e^x for x <= 0 (a score minus the largest), to ~1e-7 relative (Cephes' expf polynomial); below -87, 2^-126
+// instead of a smaller value or 0 (a weight of 1e-38 next to the largest's 1).
+inline vf exp_nonpositive(vf x) {
+  x = x < -87.f ? splat(-87.f) : x;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer, held in the low bits
+  const vf t = x * 1.44269504088896341f + magic;
+  const vf n = t - magic;  // round(x / ln 2)
+  const vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const vi two_to_n = ((bits<vi>(t) - bits<vi>(magic)) + 127) << 23;
+  return y * bits<vf>(two_to_n);
+}
+
+struct Columns {  // one row's allowed columns
+  const int32_t* index;
+  int64_t count;
+};
+
+// NH query heads (q: NH x D contiguous, D = 16 * C) over one key/value head's allowed columns -> y (NH x D).
+// score: NH x the count rounded up to 16, scratch.
+template <int NH, int C>
+void attend(const float* q, const float* keys, const float* values, int64_t k_step, int64_t v_step, Columns cols,
+            float scale, float* score, float* y) {
+  constexpr int64_t D = C * W;
+  const int64_t n = cols.count, stride = (n + W - 1) / W * W;
+  if (n == 0) {  // no allowed column: NaN, as SDPA's
+    std::fill(y, y + NH * D, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  vf qv[NH][C];
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = load(q + h * D + c * W) * scale;
+  for (int64_t i = 0; i < n; ++i) {  // scores
+    const float* key = keys + cols.index[i] * k_step;
+    vf kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = load(key + c * W);
+    for (int h = 0; h < NH; ++h) {
+      vf a = qv[h][0] * kv[0];
+      for (int c = 1; c < C; ++c) a += qv[h][c] * kv[c];
+      score[h * stride + i] = sum(a);
+    }
+  }
+  vi lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  float inverse[NH];
+  for (int h = 0; h < NH; ++h) {  // the exponentials, 16 columns at a time; the tail's lanes are 0
+    float* s = score + h * stride;
+    for (int64_t i = n; i < stride; ++i) s[i] = -std::numeric_limits<float>::infinity();
+    vf best = load(s);
+    for (int64_t i = W; i < stride; i += W) {
+      const vf v = load(s + i);
+      best = v > best ? v : best;
+    }
+    float top = best[0];
+    for (int l = 1; l < W; ++l) top = std::max(top, best[l]);
+    vf total{};
+    for (int64_t i = 0; i < stride; i += W) {
+      vf p = exp_nonpositive(load(s + i) - top);
+      p = lane + static_cast<int32_t>(i) < static_cast<int32_t>(n) ? p : vf{};
+      total += p;
+      store(s + i, p);
+    }
+    inverse[h] = 1.f / sum(total);
+  }
+  vf acc[NH][C] = {};
+  for (int64_t i = 0; i < n; ++i) {  // the weighted sum of values
+    const float* value = values + cols.index[i] * v_step;
+    vf vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load(value + c * W);
+    for (int h = 0; h < NH; ++h) {
+      const vf p = splat(score[h * stride + i]);
+      for (int c = 0; c < C; ++c) acc[h][c] += p * vv[c];
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int c = 0; c < C; ++c) store(y + h * D + c * W, acc[h][c] * inverse[h]);
+}
+
+using Attend = void (*)(const float*, const float*, const float*, int64_t, int64_t, Columns, float, float*, float*);
+
+// the vector path's function for NH heads of D values (nullptr: the plain loop)
+template <int C>
+Attend attend_for(int64_t heads) {
+  switch (heads) {
+    case 1: return attend<1, C>;
+    case 2: return attend<2, C>;
+    case 3: return attend<3, C>;
+    case 4: return attend<4, C>;
+    default: return nullptr;
+  }
+}
+
+Attend vector_path(int64_t heads, int64_t D) {
+  switch (D) {
+    case 32: return attend_for<2>(heads);
+    case 64: return attend_for<4>(heads);
+    case 128: return heads <= 2 ? attend_for<8>(heads) : nullptr;
+    default: return nullptr;
+  }
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// one query head, any D (the plain loop)
+void attend_plain(const float* qv, const float* keys, const float* values, int64_t k_step, int64_t v_step,
+                  Columns cols, int64_t D, float scale, float* score, float* y) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < cols.count; ++i) {
+    score[i] = dot(qv, keys + cols.index[i] * k_step, D) * scale;
+    best = std::max(best, score[i]);
+  }
+  for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
+  float total = 0.f;
+  for (int64_t i = 0; i < cols.count; ++i) {
+    const float p = std::exp(score[i] - best);
+    total += p;
+    const float* vj = values + cols.index[i] * v_step;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) y[d] += p * vj[d];
+  }
+  const float inverse = 1.f / total;  // no allowed column: 0 / 0, NaN
+  for (int64_t d = 0; d < D; ++d) y[d] *= inverse;
 }
 
 // q (B, H, D) contiguous; k, v (B, K, L, D) with each column's D values contiguous, any other strides (a cache, a
@@ -38,6 +213,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(allowed.dim() == 2 && allowed.scalar_type() == at::kBool && allowed.size(0) == B &&
                   allowed.size(1) == L,
               "allowed: (B, L) bool");
+  TORCH_CHECK(L < std::numeric_limits<int32_t>::max(), "k, v: fewer than 2^31 columns");
   at::Tensor out = at::empty({B, H * D}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -46,34 +222,34 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   float* op = out.data_ptr<float>();
   const int64_t group = H / K;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> score(L);
+  std::vector<int32_t> index(B * L);  // each row's allowed columns, in order
+  std::vector<int64_t> count(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    int32_t* list = index.data() + b * L;
+    for (int64_t j = 0; j < L; ++j)
+      if (ap[b * allowed.stride(0) + j * allowed.stride(1)]) list[count[b]++] = static_cast<int32_t>(j);
+  }
+  // A task is a block of query heads that share a key/value head: as many as fit in registers, fewer when the
+  // tasks would not keep every thread busy (one row of SmolLM2: 3 key/value heads on 2 threads).
+  int64_t block = std::min<int64_t>(group, 4);
+  while (block > 1 && (vector_path(block, D) == nullptr || group % block ||
+                       B * K * (group / block) < 2 * at::get_num_threads()))
+    --block;
+  const Attend fast = vector_path(block, D);
+  const int64_t tasks = B * H / block, stride = (L + W - 1) / W * W;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> score(block * stride);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, kv = h / group;
-      const float* qv = qp + t * D;
+      const int64_t b = t * block / H, h = t * block % H, kv = h / group;
       const float* keys = kp + b * k.stride(0) + kv * k.stride(1);
       const float* values = vp + b * v.stride(0) + kv * v.stride(1);
-      const bool* ok = ap + b * allowed.stride(0);
-      const int64_t ok_step = allowed.stride(1), k_step = k.stride(2), v_step = v.stride(2);
-      float* y = op + t * D;
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < L; ++j)
-        if (ok[j * ok_step]) {
-          score[j] = dot(qv, keys + j * k_step, D) * scale;
-          best = std::max(best, score[j]);
-        }
-      for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
-      float total = 0.f;
-      for (int64_t j = 0; j < L; ++j)
-        if (ok[j * ok_step]) {
-          const float p = std::exp(score[j] - best);
-          total += p;
-          const float* vj = values + j * v_step;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) y[d] += p * vj[d];
-        }
-      const float inverse = 1.f / total;  // no allowed column: 0 / 0, NaN
-      for (int64_t d = 0; d < D; ++d) y[d] *= inverse;
+      const Columns cols{index.data() + b * L, count[b]};
+      const float* qv = qp + (b * H + h) * D;
+      float* y = op + (b * H + h) * D;
+      if (fast != nullptr)
+        fast(qv, keys, values, k.stride(2), v.stride(2), cols, scale, score.data(), y);
+      else
+        attend_plain(qv, keys, values, k.stride(2), v.stride(2), cols, D, scale, score.data(), y);
     }
   });
   return out;
