@@ -49,11 +49,13 @@ from lmforge.generate import (
     Completion,
     CompletionBuilder,
     SamplingParams,
+    argmax_rows,
     decode_step_function,
     generation_budget,
     next_tokens,
     prefill_rows,
     sampling_generator,
+    takes_argmax,
 )
 from lmforge.model import KVCache, SlotKVCache
 from lmforge.prefix_cache import PrefixCache
@@ -130,6 +132,8 @@ class _Running:
         self.next_input = -1  # the token sampled last; the next step feeds it
         self.unreported: list[TokenLogprob] = []
         self.state: ConstraintState | None = job.constraint.start() if job.constraint is not None else None
+        # its next token is its row's largest logit: a step picks those of all such rows at once (``_step``)
+        self.argmax = self.state is None and takes_argmax(job.params)
 
 
 @dataclass(eq=False)
@@ -563,25 +567,30 @@ class Scheduler:
                 self._fail(job, e)
             self._running, self._cache = [], None
             return
+        # One argmax for the rows that take their largest logit: a row at a time, numpy's took ~64 us a row of
+        # SmolLM2's 49k logits in a busy server (2 threads), 0.5 ms of an 8-row step; all at once ~0.1 ms.
+        best = argmax_rows(logits).tolist() if any(seq.argmax for seq in rows) else []
         for seq in rows:
             try:
-                if not self._advance(seq, logits[seq.slot]):
+                if not self._advance(seq, logits[seq.slot], best[seq.slot] if seq.argmax else None):
                     self._release(seq)
             except Exception as e:  # noqa: BLE001 - e.g. sampling settings that break on these logits
                 self._fail(seq.job, e)
                 self._release(seq)
         self._count_tokens(len(rows))
 
-    def _advance(self, seq: _Running, logits: torch.Tensor) -> bool:
-        """Pick ``seq``'s next token from its logits (V,), report it; return whether the sequence goes on."""
+    def _advance(self, seq: _Running, logits: torch.Tensor, token: int | None = None) -> bool:
+        """Pick ``seq``'s next token from its logits (V,) (``token``: picked already, its largest), report it;
+        return whether the sequence goes on."""
         job, builder = seq.job, seq.builder
         row = logits[None].float()  # (1, V)
-        seen = None
-        if job.params.repetition_penalty != 1.0:
-            seen = torch.tensor([job.prompt + builder.tokens], device=row.device)
-        # A constrained row samples among the tokens its grammar allows; logprobs stay the model's own.
-        allowed = row if seq.state is None else mask_logits(row, [seq.state])
-        token = int(next_tokens(allowed, job.params, seq.generator, seen))
+        if token is None:
+            seen = None
+            if job.params.repetition_penalty != 1.0:
+                seen = torch.tensor([job.prompt + builder.tokens], device=row.device)
+            # A constrained row samples among the tokens its grammar allows; logprobs stay the model's own.
+            allowed = row if seq.state is None else mask_logits(row, [seq.state])
+            token = int(next_tokens(allowed, job.params, seq.generator, seen))
         if seq.state is not None:
             seq.state.advance(token)
         produced = len(builder.tokens)
