@@ -26,6 +26,8 @@ from transformers import AutoTokenizer
 
 from lmforge.errors import ModelFormatError, UnsupportedError
 from lmforge.formats.gguf_tokenizer import special_tokens_from_gguf, tokenizer_from_gguf
+from lmforge.generate import TextStream
+from lmforge.tokenizer import Tokenizer as LmforgeTokenizer
 
 from .conftest import TEST_DATA
 
@@ -381,6 +383,25 @@ def test_sentencepiece_vocabulary_matches_sentencepiece(
     assert _mismatches(texts, ours, theirs) == []
     assert tokenizer.decode_batch(ours) == [processor.decode(ids) for ids in theirs]
     assert tokenizer.encode("hello").ids == [processor.bos_id(), *processor.encode("hello")]
+
+
+def test_streamed_pieces_join_into_the_decoded_text(
+    tokenizer: Tokenizer, corpus: list[str], sentencepiece_gguf: dict[str, Any]
+) -> None:
+    """A stream decodes one id at a time (``Tokenizer.decode_stream``): its pieces, joined, are the whole
+    sequence's decode, and none holds half a character, on SmolLM2's byte-level vocabulary and on a SentencePiece
+    one whose unseen Chinese characters come as byte-fallback tokens (3 a character)."""
+    texts = [*corpus[:100], "emoji 😀 ok", "中文English混合123", "  two  spaces ", "\n\nnew\nline\n", "鬱鬱蔥蔥"]
+    for backend in (tokenizer, tokenizer_from_gguf(sentencepiece_gguf)):
+        split = 0
+        for text in texts:
+            ids = backend.encode(text, add_special_tokens=False).ids
+            split += any("\ufffd" in backend.decode([i]) for i in ids)
+            stream = TextStream(LmforgeTokenizer(backend))
+            pieces = [stream.push(i) for i in ids] + [stream.finish()]
+            assert all("\ufffd" not in piece for piece in pieces), text
+            assert "".join(pieces) == backend.decode(ids), text
+        assert split >= 3  # characters really are split across ids in both vocabularies
 
 
 def test_sentencepiece_prefix_space_follows_special_tokens(sentencepiece_gguf: dict[str, Any]) -> None:

@@ -138,6 +138,11 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (a subnormal); anything below rounds to 0
 
 
+def takes_argmax(params: SamplingParams) -> bool:
+    """Whether ``next_tokens`` picks each row's largest logit as it is (greedy, no repetition penalty)."""
+    return params.temperature < FLOAT32_TINIEST and params.repetition_penalty == 1.0
+
+
 def next_tokens(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -465,20 +470,18 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
+        self.decode = tokenizer.decode_stream()
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
         self.text = ""  # everything decodable so far (before any stop string)
         self.emitted = 0  # how much of self.text has been handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         """Add a token; return the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        added = self.decode(token_id)
+        if added is None or self.stopped:
             return ""  # incomplete character: wait for the bytes that complete it
-        self.text = text
+        self.text += added
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
@@ -490,10 +493,8 @@ class TextStream:
         return piece
 
     def finish(self) -> str:
-        """Everything not yet handed out (called once the sequence ends)."""
-        if not self.stopped:
-            # A sequence cut off by the length limit can end inside a character: drop that partial tail.
-            self.text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        """Everything not yet handed out (called once the sequence ends). A sequence cut off by the length limit
+        can end inside a character: that partial tail, never decoded, is dropped."""
         piece = self.text[self.emitted :]
         self.emitted = len(self.text)
         return piece
