@@ -391,7 +391,14 @@ def test_streamed_pieces_join_into_the_decoded_text(
     """A stream decodes one id at a time (``Tokenizer.decode_stream``): its pieces, joined, are the whole
     sequence's decode, and none holds half a character, on SmolLM2's byte-level vocabulary and on a SentencePiece
     one whose unseen Chinese characters come as byte-fallback tokens (3 a character)."""
-    texts = [*corpus[:100], "emoji 😀 ok", "中文English混合123", "  two  spaces ", "\n\nnew\nline\n", "鬱鬱蔥蔥"]
+    texts = [
+        *corpus[:100],
+        "emoji 😀 ok",
+        "中文English混合123",
+        "  two  spaces ",
+        "\n\nnew\nline\n",
+        "鬱鬱蔥蔥",
+    ]
     for backend in (tokenizer, tokenizer_from_gguf(sentencepiece_gguf)):
         split = 0
         for text in texts:

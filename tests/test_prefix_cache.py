@@ -93,15 +93,31 @@ def test_the_last_prompt_token_is_always_computed(tiny):
     assert cache.stats.blocks == 1 and cache.stats.hit_tokens == BLOCK
 
 
-def test_changed_weights_empty_the_cache(tiny):
-    """Training or a merged adapter writes weights in place: stale keys and values are never reused."""
+def _scale_in_place(attn: torch.nn.Module) -> None:
+    attn.k_proj.weight.mul_(1.5)
+
+
+def _new_storage(attn: torch.nn.Module) -> None:
+    attn.k_proj.weight.data = attn.k_proj.weight.data * 1.5  # no registration: only its storage tells
+
+
+def _new_module(attn: torch.nn.Module) -> None:
+    old = attn.k_proj
+    attn.k_proj = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+
+
+@pytest.mark.parametrize("change", [_scale_in_place, _new_storage, _new_module], ids=lambda f: f.__name__[1:])
+def test_changed_weights_empty_the_cache(tiny, change):
+    """Training or a merged adapter writes weights in place, ``.data`` swaps their storage, an adapter replaces a
+    module: stale keys and values are never reused."""
     prompt = _random_tokens(random.Random(2), 40)
     cache = PrefixCache(tiny.model, 1 << 24, BLOCK)
     _tokens(tiny, [prompt], cache=cache)
+    assert _tokens(tiny, [prompt], cache=cache) == _tokens(tiny, [prompt]) and cache.stats.hits == 1
     with torch.no_grad():
-        tiny.model.blocks[0].attn.k_proj.weight.mul_(1.5)
+        change(tiny.model.blocks[0].attn)
     assert _tokens(tiny, [prompt], cache=cache) == _tokens(tiny, [prompt])
-    assert cache.stats.hits == 0
+    assert cache.stats.hits == 1
 
 
 def test_rows_sharing_a_prefix_join_a_running_batch_as_if_alone(tiny):
