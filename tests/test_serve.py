@@ -350,6 +350,24 @@ def test_slot_rows_joining_at_different_steps_decode_as_if_alone(
     assert slots == {1, 2, 4} and {16, 48} <= columns  # rows and columns grew and shrank by buckets
 
 
+def test_rows_picking_tokens_differently_in_one_step_each_get_their_solo_tokens(one_thread, tiny_tokenizer):
+    """Greedy rows take their tokens from one argmax over the step's logits; a greedy row with a repetition
+    penalty and a seeded sampled row pick their own. In one batch (en and zh prompts), each gets its solo
+    tokens."""
+    llm = tiny_llm("tiny-llama", tiny_tokenizer)
+    prompts = [tiny_tokenizer.encode(t) for t in TEXTS[:4]]
+    params = [
+        SamplingParams(max_new_tokens=14, stop_on_eos=False),
+        SamplingParams(max_new_tokens=14, stop_on_eos=False, repetition_penalty=1.5),
+        SamplingParams(max_new_tokens=14, stop_on_eos=False, temperature=0.9, seed=3),
+        SamplingParams(max_new_tokens=9, stop_on_eos=False),
+    ]
+    jobs = list(zip(prompts, params, strict=True))
+    tokens, _ = _iterate(Scheduler(llm, max_batch=4), {0: jobs})
+    assert tokens == [_solo(llm, p, sp) for p, sp in jobs]
+    assert tokens[1] != _solo(llm, prompts[1], params[0])  # the penalty changed that row's tokens
+
+
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
 def test_prompts_arriving_together_prefill_in_one_pass_and_decode_as_if_alone(
     one_thread, tiny_tokenizer, preset
