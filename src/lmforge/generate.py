@@ -480,7 +480,7 @@ class TextStream:
         """Add a token; return the new text that is safe to show (maybe empty)."""
         added = self.decode(token_id)
         if added is None or self.stopped:
-            return ""  # incomplete character: wait for the bytes that complete it
+            return ""  # an incomplete character (the next ids complete it), or past a stop string
         self.text += added
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))

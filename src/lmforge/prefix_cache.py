@@ -100,9 +100,8 @@ class WeightsVersion:
         self.model = model
         self._listed_at = -1  # the registration count when the tensors were listed
         self._tensors: list[torch.Tensor] = []
-        self._versioned: list[
-            torch.Tensor
-        ] = []  # those with a version counter (an inference tensor has none)
+        # those with a version counter (an inference tensor has none)
+        self._versioned: list[torch.Tensor] = []
 
     def current(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if self._listed_at != _registrations:
