@@ -8,12 +8,12 @@
 // columns not allowed (not written yet, left padding, outside a sliding window) are skipped, not read: a cache
 // sized to a bucket costs what its written columns do.
 //
-// Head sizes that are a multiple of 16 up to 128 take the vector path: the query heads that share a key/value
+// On AVX-512, head sizes of 32, 64 and 128 take the vector path: the query heads that share a key/value
 // head (up to 16 vectors of 16 floats of them) read each key and value once, in three passes over the allowed
 // columns: scores, their exponentials 16 at a time, and the weighted sum of values kept in registers. For 8 rows
 // of SmolLM2 over 200 columns (2 cores, AVX-512) a layer took 53 us this way and 156 us in the plain loop (a head
 // at a time: a horizontal sum, a scalar exp and a store-and-reload of the output per column); 14 against 28 us
-// for one row. Other head sizes take the plain loop.
+// for one row. Other head sizes, and AVX2 builds, take the plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,8 +27,17 @@
 
 namespace {
 
-// 16 floats: an AVX-512 register, or two AVX2 ones (GCC's vector extensions, for either build)
-constexpr int64_t W = 16;
+struct Columns {  // one row's allowed columns
+  const int32_t* index;
+  int64_t count;
+};
+
+using Attend = void (*)(const float*, const float*, const float*, int64_t, int64_t, Columns, float, float*, float*);
+
+constexpr int64_t W = 16;  // floats a vector of the vector path holds; its scores are padded to a multiple
+
+#if defined(__AVX512F__)
+// 16 floats: an AVX-512 register (GCC's vector extensions)
 using vf = float __attribute__((vector_size(W * sizeof(float))));
 using vi = int32_t __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -82,11 +91,6 @@ inline vf exp_nonpositive(vf x) {
   const vi two_to_n = ((bits<vi>(t) - bits<vi>(magic)) + 127) << 23;
   return y * bits<vf>(two_to_n);
 }
-
-struct Columns {  // one row's allowed columns
-  const int32_t* index;
-  int64_t count;
-};
 
 // NH query heads (q: NH x D contiguous, D = 16 * C) over one key/value head's allowed columns -> y (NH x D).
 // score: NH x the count rounded up to 16, scratch.
@@ -148,8 +152,6 @@ void attend(const float* q, const float* keys, const float* values, int64_t k_st
     for (int c = 0; c < C; ++c) store(y + h * D + c * W, acc[h][c] * inverse[h]);
 }
 
-using Attend = void (*)(const float*, const float*, const float*, int64_t, int64_t, Columns, float, float*, float*);
-
 // the vector path's function for NH heads of D values (nullptr: the plain loop)
 template <int C>
 Attend attend_for(int64_t heads) {
@@ -170,6 +172,12 @@ Attend vector_path(int64_t heads, int64_t D) {
     default: return nullptr;
   }
 }
+#else
+// An AVX2 build keeps the plain loop: there a vector of 16 floats is two 8-float registers, of which there are
+// 16, the accumulators spilled, and the vector path took 3x the plain loop's time (AMD EPYC, built without
+// -mavx512f).
+Attend vector_path(int64_t, int64_t) { return nullptr; }
+#endif
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
