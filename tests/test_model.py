@@ -117,6 +117,42 @@ def test_decode_attention_matches_sdpa(batch, heads, kv_heads, columns, dim):
         assert (single_query_attention(q, k, v, mask).double() - sdpa(mask)).abs().max().item() <= 1e-5
 
 
+AVX2_ATTENTION_CHECK = """
+import sys, torch, torch.nn.functional as F
+torch.ops.load_library(sys.argv[1])
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+for B, H, K, L, D in [(1, 9, 3, 70, 64), (8, 9, 3, 40, 64), (3, 8, 2, 37, 32), (2, 4, 4, 9, 16), (2, 8, 2, 20, 128),
+                      (2, 6, 2, 40, 24)]:
+    q = torch.randn(B, H, D, generator=g)
+    k, v = (torch.randn(B, K, L, D, generator=g) for _ in range(2))
+    allowed = torch.rand(B, L, generator=g) > 0.4
+    allowed[:, -1] = True
+    y = torch.ops.lmforge.decode_attention(q, k, v, allowed).double()
+    ref = F.scaled_dot_product_attention(q[:, :, None].double(), k.double(), v.double(),
+                                         attn_mask=allowed[:, None, None], enable_gqa=True)
+    error = (y - ref[:, :, 0].reshape(B, -1)).abs().max().item()
+    assert error <= 1e-6, (B, H, K, L, D, error)
+print("ok")
+"""
+
+
+def test_decode_attention_built_for_avx2_matches_sdpa(tmp_path):
+    """The kernel as a CPU without AVX-512 builds it (8-float vectors: head sizes 16, 32 and 64 take the vector
+    path, 24 and 128 the plain loop) computes SDPA's attention too: built here without the AVX-512 flags and run
+    in a subprocess (the library registers the same op as the one this process loaded)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "decode_attention_avx2.so"
+    source = next(s for s in cpu_kernel.SOURCES if s.name == "decode_attention.cpp")
+    cpu_kernel.compile_library([source], cpu_kernel.FLAGS, target)
+    run = subprocess.run(
+        [sys.executable, "-c", AVX2_ATTENTION_CHECK, str(target)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
 def test_ignore_index_skips_positions(tiny_tokenizer):
     model = Transformer(Config.from_name("tiny-llama"))
     ids = torch.randint(0, 512, (1, 10))

@@ -171,9 +171,8 @@ def _attention_shape(
 def _library() -> Path:
     """The built library's path: from the cache, or compiled now under a lock (one build for all processes)."""
     from filelock import FileLock
-    from torch.utils import cpp_extension
 
-    flags = [*FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    flags = list(FLAGS)
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         flags += AVX512_FLAGS + (BF16_FLAGS if _builds_bf16() else [])
     key = hashlib.sha256(
@@ -192,31 +191,40 @@ def _library() -> Path:
         fd, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
-            subprocess.run(
-                [
-                    "g++",
-                    *flags,
-                    *(f"-I{p}" for p in cpp_extension.include_paths()),
-                    *(str(s) for s in SOURCES),
-                    "-o",
-                    scratch,
-                    *(f"-L{p}" for p in cpp_extension.library_paths()),
-                    "-lc10",
-                    "-ltorch_cpu",
-                    "-ltorch",
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-            )
+            compile_library(SOURCES, flags, Path(scratch))
             os.replace(scratch, target)  # whole or not at all: another process never loads half a library
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(e.stderr.strip() or "g++ failed") from e
         finally:
             if os.path.exists(scratch):
                 os.unlink(scratch)
     return target
+
+
+def compile_library(sources: list[Path], flags: list[str], target: Path) -> None:
+    """g++ ``sources`` with ``flags`` into the shared library ``target``, against this torch (its C++ ABI)."""
+    from torch.utils import cpp_extension
+
+    try:
+        subprocess.run(
+            [
+                "g++",
+                *flags,
+                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                *(f"-I{p}" for p in cpp_extension.include_paths()),
+                *(str(s) for s in sources),
+                "-o",
+                str(target),
+                *(f"-L{p}" for p in cpp_extension.library_paths()),
+                "-lc10",
+                "-ltorch_cpu",
+                "-ltorch",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(e.stderr.strip() or "g++ failed") from e
 
 
 def _check_private(*paths: Path) -> None:

@@ -8,12 +8,13 @@
 // columns not allowed (not written yet, left padding, outside a sliding window) are skipped, not read: a cache
 // sized to a bucket costs what its written columns do.
 //
-// On AVX-512, head sizes of 32, 64 and 128 take the vector path: the query heads that share a key/value
-// head (up to 16 vectors of 16 floats of them) read each key and value once, in three passes over the allowed
-// columns: scores, their exponentials 16 at a time, and the weighted sum of values kept in registers. For 8 rows
-// of SmolLM2 over 200 columns (2 cores, AVX-512) a layer took 53 us this way and 156 us in the plain loop (a head
-// at a time: a horizontal sum, a scalar exp and a store-and-reload of the output per column); 14 against 28 us
-// for one row. Other head sizes, and AVX2 builds, take the plain loop.
+// Head sizes of 2, 4 or 8 vectors take the vector path (AVX-512: 32, 64, 128; AVX2: 16, 32, 64): the query heads
+// that share a key/value head (as many as fit in registers) read each key and value once, in three passes over
+// the allowed columns: scores, their exponentials a vector at a time, and the weighted sum of values kept in
+// registers. For 8 rows of SmolLM2 over 200 columns (2 cores) a layer took 41-53 us this way on AVX-512 and
+// 126-156 us in the plain loop (a head at a time: a horizontal sum, a scalar exp and a store-and-reload of the
+// output per column); 76 against 143 us built for AVX2. One row: 10-14 against 19-28 us (AVX2: 14 against 25).
+// Other head sizes take the plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,10 +35,16 @@ struct Columns {  // one row's allowed columns
 
 using Attend = void (*)(const float*, const float*, const float*, int64_t, int64_t, Columns, float, float*, float*);
 
-constexpr int64_t W = 16;  // floats a vector of the vector path holds; its scores are padded to a multiple
-
+// The vector path holds 16 floats a vector: an AVX-512 register. With AVX2 it holds 8 (one register; 16-float
+// vectors there were pairs, the accumulators spilled, and took 3x the plain loop's time), and it keeps half as
+// many in registers (16 of those against 32). GCC's vector extensions, so one source serves both.
 #if defined(__AVX512F__)
-// 16 floats: an AVX-512 register (GCC's vector extensions)
+constexpr int64_t W = 16;
+constexpr int kHeld = 16;  // vectors of queries (and of sums) a task keeps in registers
+#else
+constexpr int64_t W = 8;
+constexpr int kHeld = 8;
+#endif
 using vf = float __attribute__((vector_size(W * sizeof(float))));
 using vi = int32_t __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -60,16 +67,13 @@ inline To bits(From v) {
 }
 
 inline float sum(vf v) {
-  using v8 = float __attribute__((vector_size(8 * sizeof(float))));
   using v4 = float __attribute__((vector_size(4 * sizeof(float))));
-  v8 lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  const v8 s8 = lo + hi;
-  v4 a, b;
-  std::memcpy(&a, &s8, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
-  const v4 s4 = a + b;
+  v4 s4{};
+  for (int64_t i = 0; i < W; i += 4) {  // unrolled: whole 128-bit lanes, added
+    v4 part;
+    std::memcpy(&part, reinterpret_cast<const char*>(&v) + i * sizeof(float), sizeof part);
+    s4 += part;
+  }
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
@@ -152,32 +156,35 @@ void attend(const float* q, const float* keys, const float* values, int64_t k_st
     for (int c = 0; c < C; ++c) store(y + h * D + c * W, acc[h][c] * inverse[h]);
 }
 
-// the vector path's function for NH heads of D values (nullptr: the plain loop)
+// attend<NH, C> where its NH x C query vectors fit in the registers kept for them (else nullptr: the plain loop)
+template <int NH, int C>
+constexpr Attend fitting() {
+  if constexpr (NH * C <= kHeld)
+    return attend<NH, C>;
+  else
+    return nullptr;
+}
+
 template <int C>
 Attend attend_for(int64_t heads) {
   switch (heads) {
-    case 1: return attend<1, C>;
-    case 2: return attend<2, C>;
-    case 3: return attend<3, C>;
-    case 4: return attend<4, C>;
+    case 1: return fitting<1, C>();
+    case 2: return fitting<2, C>();
+    case 3: return fitting<3, C>();
+    case 4: return fitting<4, C>();
     default: return nullptr;
   }
 }
 
+// the vector path's function for NH heads of D values (nullptr: the plain loop)
 Attend vector_path(int64_t heads, int64_t D) {
-  switch (D) {
-    case 32: return attend_for<2>(heads);
-    case 64: return attend_for<4>(heads);
-    case 128: return heads <= 2 ? attend_for<8>(heads) : nullptr;
+  switch (D % W == 0 ? D / W : 0) {
+    case 2: return attend_for<2>(heads);
+    case 4: return attend_for<4>(heads);
+    case 8: return attend_for<8>(heads);
     default: return nullptr;
   }
 }
-#else
-// An AVX2 build keeps the plain loop: there a vector of 16 floats is two 8-float registers, of which there are
-// 16, the accumulators spilled, and the vector path took 3x the plain loop's time (AMD EPYC, built without
-// -mavx512f).
-Attend vector_path(int64_t, int64_t) { return nullptr; }
-#endif
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
