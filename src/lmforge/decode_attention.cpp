@@ -35,9 +35,9 @@ struct Columns {  // one row's allowed columns
 
 using Attend = void (*)(const float*, const float*, const float*, int64_t, int64_t, Columns, float, float*, float*);
 
-// The vector path holds 16 floats a vector: an AVX-512 register. With AVX2 it holds 8 (one register; 16-float
-// vectors there were pairs, the accumulators spilled, and took 3x the plain loop's time), and it keeps half as
-// many in registers (16 of those against 32). GCC's vector extensions, so one source serves both.
+// A vector of the vector path is a register: 16 floats with AVX-512, 8 with AVX2 (16-float vectors there were
+// pairs, the accumulators spilled, and took 3x the plain loop's time), which has half as many registers (16
+// against 32), so a task keeps half as many vectors in them. GCC's vector extensions: one source for both.
 #if defined(__AVX512F__)
 constexpr int64_t W = 16;
 constexpr int kHeld = 16;  // vectors of queries (and of sums) a task keeps in registers
