@@ -138,9 +138,15 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (a subnormal); anything below rounds to 0
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether ``next_tokens`` picks the largest (penalised) logit: a temperature of 0, or one float32 holds as 0
+    (dividing by it: NaN)."""
+    return params.temperature < FLOAT32_TINIEST
+
+
 def takes_argmax(params: SamplingParams) -> bool:
     """Whether ``next_tokens`` picks each row's largest logit as it is (greedy, no repetition penalty)."""
-    return params.temperature < FLOAT32_TINIEST and params.repetition_penalty == 1.0
+    return is_greedy(params) and params.repetition_penalty == 1.0
 
 
 def next_tokens(
@@ -153,7 +159,7 @@ def next_tokens(
     logits = logits.float()
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature < FLOAT32_TINIEST:  # 0, or a temperature float32 holds as 0 (dividing by it: NaN)
+    if is_greedy(params):
         return argmax_rows(logits)
     # Shifted so the largest is 0 before scaling: a tiny temperature (1e-45) then sends the others to -inf
     # (greedy) instead of sending every logit to +-inf (NaN probabilities). No filter or softmax sees a shift.

@@ -583,8 +583,8 @@ class Scheduler:
         """Pick ``seq``'s next token from its logits (V,) (``token``: picked already, its largest), report it;
         return whether the sequence goes on."""
         job, builder = seq.job, seq.builder
-        row = logits[None].float()  # (1, V)
         if token is None:
+            row = logits[None].float()  # (1, V)
             seen = None
             if job.params.repetition_penalty != 1.0:
                 seen = torch.tensor([job.prompt + builder.tokens], device=row.device)
@@ -598,7 +598,7 @@ class Scheduler:
         if seq.state is not None and seq.state.finished and not builder.done:
             piece += builder.end("stop")  # the grammar is complete: only end-of-sequence could follow
         if job.logprobs is not None and len(builder.tokens) > produced:  # an EOS token is not output
-            seq.unreported.append(self._logprob(row[0], token, job.logprobs))
+            seq.unreported.append(self._logprob(logits.float(), token, job.logprobs))
         if piece or builder.done:
             self._emit(job, Event(seq.index, piece, seq.unreported, builder.completion))
             seq.unreported = []
