@@ -3,6 +3,8 @@ eager attention, integrated gradients' completeness, the logit lens, and the fig
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -10,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from lmforge import LLM
 from lmforge.cli import main
 from lmforge.explain import attribute, render
-from lmforge.explain.attention import recording_attention
 from lmforge.explain.attribution import MAX_STEPS
 from lmforge.explain.tokens import TokenExplanation, piece_spans, token_text
+from lmforge.model import recording_attention
 
 from .conftest import SAMPLE_TEXT, tiny_llm
 
@@ -113,11 +115,47 @@ def test_recording_attention_leaves_the_outputs_and_the_normal_path_alone(tiny, 
     ids = torch.tensor([tiny.tokenizer.encode(SAMPLE_TEXT[1])])
     with torch.no_grad():
         plain, _ = tiny.model(ids)
-        with recording_attention(tiny.model) as layers:
+        with recording_attention() as records:
             recorded, _ = tiny.model(ids)
-            assert all(layer.weights is not None for layer in layers)
+            assert len(records) == tiny.config.n_layer
+            # another thread's forward on the same model (a server's scheduler) neither records nor changes
+            elsewhere = ThreadPoolExecutor(1).submit(lambda: tiny.model(ids)[0]).result()
+            assert len(records) == tiny.config.n_layer
+        tiny.model(ids)  # after the block: nothing more recorded
+    assert len(records) == tiny.config.n_layer
     assert (plain - recorded).abs().max().item() <= 1e-5
-    assert all(not layer.record_weights and layer.weights is None for layer in layers)
+    assert torch.equal(plain, elsewhere)
+
+
+def test_explanations_in_threads_beside_generation_equal_their_solo_runs(tiny, one_thread) -> None:
+    """A server explains in task threads while its scheduler decodes on the same model: every explanation
+    (attention maps, the logit lens, attributions) and every generation must come out as it does alone."""
+    texts = [ZH_PROMPT, SAMPLE_TEXT[1], "我们今天去北京吃烤鸭 🦆"]
+    jobs = {
+        **{("attention", t): lambda t=t: tiny.explain_attention(t).weights for t in texts},
+        **{("lens", t): lambda t=t: tiny.logit_lens(t, top_k=3).to_dict() for t in texts},
+        **{
+            ("attribute", t): lambda t=t: attribute(tiny, t, kind="next_token", steps=8).to_dict()
+            for t in texts[:2]
+        },
+        **{
+            ("rollout", t): lambda t=t: attribute(
+                tiny, t, kind="next_token", method="attention_rollout"
+            ).to_dict()
+            for t in texts[:2]
+        },
+        **{("generate", t): lambda t=t: tiny.complete([t], max_new_tokens=16)[0].token_ids for t in texts},
+    }
+    solo = {name: job() for name, job in jobs.items()}
+    rounds = 4
+    with ThreadPoolExecutor(4) as pool:
+        runs = [(name, pool.submit(job)) for _ in range(rounds) for name, job in jobs.items()]
+        for name, run in runs:
+            got, want = run.result(), solo[name]
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want), name
+            else:
+                assert got == want, name
 
 
 def test_attention_of_the_sentence_encoder(tiny_tokenizer, one_thread) -> None:

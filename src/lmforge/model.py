@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -426,16 +427,37 @@ def single_query_attention(
     return y.reshape(B, 1, H * D)
 
 
+class _AttentionRecords(threading.local):
+    """Per thread, the weights ``recording_attention`` collects (None: not recording). Per thread because a
+    server explains a text in a task thread while its scheduler decodes on the same model: a flag on the
+    shared modules would make the scheduler's steps record, and one explanation end another's recording."""
+
+    weights: dict[Attention, torch.Tensor] | None = None
+
+
+_RECORDS = _AttentionRecords()
+
+
+@contextlib.contextmanager
+def recording_attention() -> Iterator[dict[Attention, torch.Tensor]]:
+    """Within the block, forwards run in this thread record every self-attention layer's weights (B, H, T, S)
+    in the dict yielded, by layer module, in the order the layers ran."""
+    records: dict[Attention, torch.Tensor] = {}
+    outer, _RECORDS.weights = _RECORDS.weights, records
+    try:
+        yield records
+    finally:
+        _RECORDS.weights = outer
+
+
 class Attention(nn.Module):
     """Multi-head (grouped-query) self-attention through SDPA, or ``single_query_attention`` for a decode step.
 
-    ``record_weights`` is the opt-in return path of ``lmforge.explain``: while True (set on the instance, never
-    by the normal paths), the block computes softmax(q k^T / sqrt(D)) explicitly and keeps it in ``weights``
-    (B, H, T, S). SDPA does not hand its weights out; when False, the forward is the unchanged fused one.
+    Inside ``recording_attention`` (the opt-in return path of ``lmforge.explain``), a forward in that thread
+    computes softmax(q k^T / sqrt(D)) explicitly and records it (B, H, T, S); SDPA does not hand its weights
+    out. Elsewhere, and in every other thread, the forward is the unchanged fused one.
     """
 
-    record_weights = False
-    weights: torch.Tensor | None = None
     joined_qkv = None  # a packed model's q, k and v layers joined (``quant.join_projections``)
 
     def __init__(self, config: Config, layer: int) -> None:
@@ -466,8 +488,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
-        if self.record_weights:
-            return self.o_proj(self._attention_keeping_weights(q, k, v, mask))
+        records = None if torch.compiler.is_compiling() else _RECORDS.weights  # a compiled step never records
+        if records is not None:
+            y, records[self] = self._attention_keeping_weights(q, k, v, mask)
+            return self.o_proj(y)
         # A decode step; a float mask (an additive bias: T5's positions) and a custom scale take SDPA's path.
         if (
             T == 1
@@ -501,8 +525,8 @@ class Attention(nn.Module):
 
     def _attention_keeping_weights(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The same attention written out (no dropout: explanations run in eval), keeping its weights."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same attention written out (no dropout: explanations run in eval): (B, T, H*D) and its weights."""
         B, H, T, D = q.shape
         S = k.shape[2]
         group = self.n_head // self.n_kv_head
@@ -515,9 +539,9 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         else:  # an additive bias, as SDPA takes it (T5's relative positions)
             scores = scores + mask
-        self.weights = scores.float().softmax(-1).to(q.dtype)
-        y = self.weights @ v  # (B, H, T, D)
-        return y.transpose(1, 2).reshape(B, T, H * D)
+        weights = scores.float().softmax(-1).to(q.dtype)
+        y = weights @ v  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B, T, H * D), weights
 
 
 class MLP(nn.Module):

@@ -1,15 +1,16 @@
 """Attention maps, attention rollout and the logit lens: where the heads look, and what each block predicts.
 
-The weights come from the model itself: ``model.Attention.record_weights`` makes each block compute
-softmax(q k^T / sqrt(D)) explicitly for one forward pass and keep it (the normal, fused path never does).
+The weights come from the model itself: inside ``model.recording_attention`` each block computes
+softmax(q k^T / sqrt(D)) explicitly for one forward pass in that thread and records it (the normal, fused path
+never does).
 The logit lens reads the residual stream after every block through forward hooks on the blocks and applies
 the final norm and the language-model head to it (nostalgebraist, 2020).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError
 from lmforge.explain.tokens import piece_spans, token_text
 from lmforge.loading import LoadedModel
-from lmforge.model import Attention, Network, Transformer
+from lmforge.model import Transformer, recording_attention
 
 MAX_LENS_TOP_K = 20
 MAX_VIEW_TOKENS = 128  # one head's map in the playground: at most 128 x 128 cells, still a readable heatmap
@@ -47,18 +48,11 @@ class AttentionMaps:
         return rolled.float()
 
 
-@contextlib.contextmanager
-def recording_attention(model: Network) -> Iterator[list[Attention]]:
-    """Within the block, every attention layer of ``model`` keeps its weights (``Attention.weights``)."""
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    try:
-        for layer in layers:
-            layer.record_weights = True
-        yield layers
-    finally:
-        for layer in layers:
-            layer.record_weights = False
-            layer.weights = None
+def this_thread_only(hook: Callable[[torch.nn.Module, Any, Any], Any]) -> Callable[..., Any]:
+    """A forward hook that acts only in the thread that made it: a model is shared with other threads (a
+    server's scheduler decodes while a task thread explains), whose forwards must pass through untouched."""
+    owner = threading.get_ident()
+    return lambda module, args, out: hook(module, args, out) if threading.get_ident() == owner else None
 
 
 def token_labels(llm: LoadedModel, ids: list[int]) -> list[str]:
@@ -95,9 +89,9 @@ def attention_maps_of_ids(llm: LoadedModel, ids: list[int]) -> AttentionMaps:
     """``attention_maps`` of token ids as they are (a prompt built by a service, say)."""
     model = llm.model
     idx = torch.tensor([ids], device=model.device)
-    with recording_attention(model) as layers:
+    with recording_attention() as records:
         model.hidden_states(idx)
-        weights = torch.stack([layer.weights[0].float().cpu() for layer in layers])  # (L, H, T, T)
+    weights = torch.stack([layer[0].float().cpu() for layer in records.values()])  # (L, H, T, T)
     return AttentionMaps(ids, token_labels(llm, ids), weights)
 
 
@@ -158,9 +152,9 @@ def logit_lens(llm: LoadedModel, text: str, *, top_k: int = 3) -> LogitLens:
         )
     ids = encode_checked(llm, text)
     residuals: list[torch.Tensor] = []
-    hooks = [model.wte.register_forward_hook(lambda _m, _i, out: residuals.append(out))]
-    hooks += [
-        block.register_forward_hook(lambda _m, _i, out: residuals.append(out)) for block in model.blocks
+    keep = this_thread_only(lambda _m, _i, out: residuals.append(out))
+    hooks = [model.wte.register_forward_hook(keep)] + [
+        block.register_forward_hook(keep) for block in model.blocks
     ]
     try:
         model.hidden_states(torch.tensor([ids], device=model.device))

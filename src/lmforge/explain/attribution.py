@@ -53,7 +53,7 @@ import torch
 
 from lmforge.encoder import Encoder
 from lmforge.errors import LmforgeError
-from lmforge.explain.attention import attention_maps_of_ids, encode_checked
+from lmforge.explain.attention import attention_maps_of_ids, encode_checked, this_thread_only
 from lmforge.explain.tokens import piece_spans, token_text
 from lmforge.loading import LoadedModel
 from lmforge.model import Transformer
@@ -129,7 +129,7 @@ class _Target:
 @contextlib.contextmanager
 def _embeddings(model: torch.nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, the network's token embeddings are ``replace(its own embeddings)``."""
-    hook = model.wte.register_forward_hook(lambda _m, _i, out: replace(out))
+    hook = model.wte.register_forward_hook(this_thread_only(lambda _m, _i, out: replace(out)))
     try:
         yield
     finally:
