@@ -16,6 +16,21 @@ from .serving import serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
+# The page's fetch, with the answer to an attention request for layer 1, head 0 held back for 1.5 s.
+DELAY_LAYER_1_HEAD_0 = """() => {
+  const fetchNow = window.fetch;
+  window.fetch = async (url, options) => {
+    const response = await fetchNow(url, options);
+    const asked = options && options.body ? JSON.parse(options.body) : {};
+    if (String(url).endsWith("/v1/explain/attention") && asked.layer === 1 && asked.head === 0) {
+      window.heldBack = "held";
+      await new Promise((done) => setTimeout(done, 1500));
+      setTimeout(() => { window.heldBack = "answered"; }, 200);  // after the page has handled it
+    }
+    return response;
+  };
+}"""
+
 
 def test_clicking_a_generated_token_shows_its_alternatives(tiny_tokenizer, one_thread) -> None:
     llm = tiny_llm("tiny-llama", tiny_tokenizer)
@@ -79,11 +94,17 @@ def test_the_attention_view_draws_one_head_over_a_chinese_text(tiny_tokenizer, o
             cells = grid.locator(".cell")
             assert "rgb(37, 99, 235)" in (cells.nth(0).get_attribute("style") or "")
             assert "rgba(37, 99, 235, 0)" in (cells.nth(1).get_attribute("style") or "")
+            # layer 1, then head 2: two requests; the first one's answer (layer 1, head 0) is held back so
+            # it arrives last, and the view still shows what was asked for last
+            page.evaluate(DELAY_LAYER_1_HEAD_0)
             page.select_option("#attention-layer", "1")
             page.select_option("#attention-head", "2")
-            page.wait_for_function(
-                "document.querySelector('#attention-map .hint').textContent.endsWith(' 1 · 头 2')"
-            )
+            shown = "document.querySelector('#attention-map .hint').textContent"
+            page.wait_for_function(f"{shown}.endsWith(' 1 · 头 2')")
+            page.wait_for_function("window.heldBack === 'answered'")
+            assert page.evaluate(shown).endswith(" 1 · 头 2")
+            assert page.input_value("#attention-head") == "2" and page.input_value("#attention-layer") == "1"
+            assert page.text_content("#attention-error") == ""
             assert page.locator("#attention-layer option").count() == llm.config.n_layer
         finally:
             browser.close()

@@ -261,9 +261,14 @@ function showAlternatives(span) {
 }
 
 // The attention view: one layer's and head's weights over a text, drawn as a token x token grid.
+// Changing the layer and then the head sends two requests; only the last one asked for is drawn, whichever
+// answers first (a late answer for the old choice would reset the selects and draw the wrong head).
+let attentionAsked = 0;
+
 async function showAttention() {
   const text = $("attention-text").value.trim();
   if (!text) return;
+  const asked = ++attentionAsked;
   $("attention-error").textContent = "";
   try {
     const response = await fetch("/v1/explain/attention", {
@@ -277,11 +282,13 @@ async function showAttention() {
       }),
     });
     const body = await response.json();
+    if (asked !== attentionAsked) return;
     if (!response.ok) throw new Error(body.error.message);
     fillSelect($("attention-layer"), body.layers, body.layer);
     fillSelect($("attention-head"), body.heads, body.head);
     drawHeatmap(body);
   } catch (err) {
+    if (asked !== attentionAsked) return;
     $("attention-map").replaceChildren();
     $("attention-error").textContent = `${t("error")}: ${err.message}`;
   }
